@@ -1,0 +1,115 @@
+"""The one table that maps logical axis names to mesh axes, and the helpers that apply it.
+
+Model code names axes logically (`embed`, `heads`, ...); nothing in model/ mentions a mesh
+axis. Changing the parallelism of a run means editing RULES (or overriding entries from the
+config's `sharding_rules`), never the model.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter/optimizer sharding,
+ZeRO-3), `expert` (expert parallel; data parallel for everything that is not an expert), and
+`tensor` (Megatron-style sharding of heads and MLP width).
+"""
+
+import contextlib
+import contextvars
+import logging
+from typing import Mapping, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # Parameters.
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'heads': 'tensor',
+    'kv_heads': 'tensor',
+    'head_dim': None,
+    'mlp': 'tensor',
+    'expert': 'expert',
+    'expert_embed': 'fsdp',
+    'expert_mlp': 'tensor',
+    'norm': None,
+    'layers': None,
+    # Activations.
+    'batch': ('data', 'fsdp', 'expert'),
+    'length': None,  # Set to 'tensor' for sequence sharding of long contexts.
+    'act_embed': None,
+    'act_heads': 'tensor',
+    'act_kv_heads': 'tensor',
+    'act_mlp': 'tensor',
+    'act_vocab': 'tensor',
+    'act_expert': 'expert',
+    'capacity': None,
+}
+
+_rules = contextvars.ContextVar('meshlm_rules', default=RULES)
+log = logging.getLogger(__name__)
+
+
+def make_rules(overrides: Mapping[str, object] | None = None) -> dict:
+  """RULES with entries replaced by `overrides` (e.g. the config's `sharding_rules`)."""
+  rules = dict(RULES)
+  for name, target in (overrides or {}).items():
+    if name not in RULES:
+      raise ValueError(f'sharding_rules.{name}: unknown logical axis; known: {", ".join(RULES)}')
+    rules[name] = tuple(target) if isinstance(target, (list, tuple)) else target
+  return rules
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping[str, object]):
+  token = _rules.set(dict(rules))
+  try:
+    yield
+  finally:
+    _rules.reset(token)
+
+
+def current_rules() -> dict:
+  return _rules.get()
+
+
+def _mesh_axes(target) -> tuple[str, ...]:
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None,
+                    rules: Mapping[str, object] | None = None) -> PartitionSpec:
+  """PartitionSpec for logical `axes`. With `shape` and `mesh`, mesh axes that do not divide
+  a dimension (e.g. kv_heads=1 over tensor=2) or that are size 1 are dropped: that dimension
+  is replicated instead of failing deep inside XLA."""
+  rules = current_rules() if rules is None else rules
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(axes):
+    mesh_axes = [a for a in _mesh_axes(rules.get(name) if name else None) if a not in used]
+    if mesh is not None:
+      mesh_axes = [a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1]
+      if shape is not None:
+        kept, size = [], 1
+        for a in mesh_axes:
+          if shape[i] % (size * mesh.shape[a]) == 0:
+            kept.append(a)
+            size *= mesh.shape[a]
+        mesh_axes = kept
+    used.update(mesh_axes)
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+  return PartitionSpec(*spec)
+
+
+def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int],
+                   rules: Mapping[str, object] | None = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op when no mesh is set (e.g. notebooks)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))

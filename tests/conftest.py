@@ -1,0 +1,28 @@
+"""Test set-up: an emulated 8-device CPU mesh and a persistent compilation cache.
+
+The device count must be set before JAX starts, hence at the top of this file.
+"""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('MESHLM_JAX_CACHE', os.path.expanduser('~/.cache/meshlm/jax_cache')))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get('SHARED_DATA', REPO.parent / 'shared' / 'data'))
+
+
+@pytest.fixture
+def shared_data():
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f'shared data folder {SHARED_DATA} is absent (set SHARED_DATA to point at it)')
+  return SHARED_DATA
