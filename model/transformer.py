@@ -1,0 +1,178 @@
+"""Decoder-only transformer: pre-norm blocks of GQA attention and a SwiGLU (or MoE) MLP.
+
+Layers are stored stacked: every block parameter has a leading `layers` axis, whether the
+forward pass scans over them (`cfg.scan_layers`, compile time independent of depth) or unrolls
+a Python loop. The parameter tree is therefore identical in both modes.
+
+With `cfg.moe_every = m > 1`, the stacked unit is a group of m layers whose last is MoE
+(dense and MoE layers interleaved); otherwise the unit is one block.
+"""
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+from flax import nnx
+
+from model import attention as attention_lib
+from model.config import ModelConfig
+from model.layers import RMSNorm, Embed, SwiGLU, param, rope
+from model.sharding import constrain
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'attn_proj': jax.checkpoint_policies.save_only_these_names('q_proj', 'k_proj', 'v_proj',
+                                                               'attn_out'),
+}
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h, w = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.weight_dtype
+    self.cfg = cfg
+    self.q_dnh = param(rngs, (d, n, h), ('embed', 'heads', 'head_dim'), w)
+    self.k_dkh = param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), w)
+    self.v_dkh = param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), w)
+    self.o_nhd = param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), w, fan_in=n * h)
+
+  def project_qkv(self, x_btd, positions_bt):
+    dt, name = self.cfg.dtype, checkpoint_name
+    q_btnh = name(jnp.einsum('btd,dnh->btnh', x_btd, self.q_dnh[...].astype(dt)), 'q_proj')
+    k_btkh = name(jnp.einsum('btd,dkh->btkh', x_btd, self.k_dkh[...].astype(dt)), 'k_proj')
+    v_btkh = name(jnp.einsum('btd,dkh->btkh', x_btd, self.v_dkh[...].astype(dt)), 'v_proj')
+    q_btnh = constrain(rope(q_btnh, positions_bt, self.cfg.rope_theta),
+                       ('batch', 'length', 'act_heads', None))
+    k_btkh = constrain(rope(k_btkh, positions_bt, self.cfg.rope_theta),
+                       ('batch', 'length', 'act_kv_heads', None))
+    v_btkh = constrain(v_btkh, ('batch', 'length', 'act_kv_heads', None))
+    return q_btnh, k_btkh, v_btkh
+
+  def output(self, o_btnh):
+    out_btd = jnp.einsum('btnh,nhd->btd', o_btnh, self.o_nhd[...].astype(self.cfg.dtype))
+    return checkpoint_name(out_btd, 'attn_out')
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt):
+    q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd, positions_bt)
+    o_btnh = attention_lib.attention(
+        q_btnh, k_btkh, v_btkh, q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=segment_ids_bt,
+        q_positions_bt=positions_bt, kv_positions_bs=positions_bt,
+        implementation=self.cfg.attention, chunk_size=self.cfg.attention_chunk)
+    return self.output(o_btnh)
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a MoeBlock when `moe`."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
+    self.moe = moe
+    self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    if moe:
+      from model.moe import MoeBlock  # Imported lazily: dense models never need it.
+      self.mlp = MoeBlock(cfg, rngs)
+    else:
+      self.mlp = SwiGLU(cfg, rngs)
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt)
+    h_btd = self.mlp_norm(x_btd)
+    aux = {}
+    if self.moe:
+      h_btd, aux = self.mlp(h_btd, rngs=None if rng is None else nnx.Rngs(rng),
+                            deterministic=rng is None)
+    else:
+      h_btd = self.mlp(h_btd)
+    return constrain(x_btd + h_btd, ('batch', 'length', 'act_embed')), aux
+
+
+class Unit(nnx.Module):
+  """`moe_every` consecutive layers, the last one MoE: the repeated (stacked) piece."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.size = cfg.moe_every if cfg.is_moe else 1
+    for i in range(self.size):
+      setattr(self, f'block{i}', Block(cfg, rngs, moe=cfg.is_moe and i == self.size - 1))
+
+  def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None):
+    aux = {}
+    for i in range(self.size):
+      x_btd, block_aux = getattr(self, f'block{i}')(x_btd, positions_bt, segment_ids_bt, rng)
+      aux = aux or block_aux
+    return x_btd, aux
+
+
+def _stacked_units(cfg: ModelConfig, rngs: nnx.Rngs):
+  num_units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
+  unit_cls = Unit if cfg.is_moe and cfg.moe_every > 1 else Block
+
+  @nnx.split_rngs(splits=num_units)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return unit_cls(cfg, rngs, moe=cfg.is_moe) if unit_cls is Block else unit_cls(cfg, rngs)
+
+  units = create(rngs)
+  for _, var in nnx.iter_graph(units):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata('axes', ('layers',) + tuple(var.get_metadata()['axes']))
+  return units, num_units
+
+
+class Decoder(nnx.Module):
+  """tokens [b, t] (+ positions, segment ids) -> float32 logits [b, t, v] and an aux dict.
+
+  The aux dict is empty for dense models; for MoE it holds the router losses and statistics
+  averaged over MoE layers, and `aux_loss` (weighted, summed over layers) to add to the loss.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs)
+    self.layers, self.num_units = _stacked_units(cfg, rngs)
+    self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.head_dv = param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg.weight_dtype)
+
+  def hidden(self, tokens_bt, positions_bt=None, segment_ids_bt=None, rng=None):
+    """Final-normed hidden states [b, t, d] (reward and value heads read these)."""
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1], dtype=jnp.int32), tokens_bt.shape)
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones_like(tokens_bt, dtype=jnp.int32)
+    x_btd = self.embed(tokens_bt)
+    graphdef, state = nnx.split(self.layers)
+
+    def body(x_btd, xs):
+      unit_state, unit_rng = xs
+      unit = nnx.merge(graphdef, unit_state)
+      return unit(x_btd, positions_bt, segment_ids_bt, unit_rng)
+
+    policy = REMAT_POLICIES[self.cfg.remat]
+    if self.cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
+    rngs = None if rng is None else jax.random.split(rng, self.num_units)
+    if self.cfg.scan_layers:
+      x_btd, aux_l = jax.lax.scan(body, x_btd, (state, rngs))
+    else:
+      auxes = []
+      for i in range(self.num_units):
+        xs = jax.tree.map(lambda a: a[i], (state, rngs))
+        x_btd, aux = body(x_btd, xs)
+        auxes.append(aux)
+      aux_l = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else {}
+    aux = {k: (jnp.sum(v) if k == 'aux_loss' else jnp.mean(v)) for k, v in aux_l.items()}
+    return self.final_norm(x_btd), aux
+
+  def logits(self, h_btd):
+    if self.cfg.tie_embeddings:
+      logits_btv = self.embed.attend(h_btd)
+    else:
+      logits_btv = jnp.einsum('btd,dv->btv', h_btd, self.head_dv[...].astype(self.cfg.dtype))
+    return constrain(logits_btv.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, rng=None):
+    h_btd, aux = self.hidden(tokens_bt, positions_bt, segment_ids_bt, rng)
+    return self.logits(h_btd), aux

@@ -1,0 +1,103 @@
+"""Config defaults and validation. Experiment files start from `defaults()` and override.
+
+Every key a run reads is listed here, so a typo in an experiment file or a `--config.x=y`
+override is an error that names the key, and configs that cannot work fail before compiling.
+"""
+
+import dataclasses
+import math
+
+import ml_collections
+
+from model.config import ConfigError, ModelConfig
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = dataclasses.asdict(ModelConfig())
+  c.mesh = dict(data=1, fsdp=-1, expert=1, tensor=1)
+  c.sharding_rules = ml_collections.ConfigDict()  # Overrides of model/sharding.py RULES.
+  c.data = _data_defaults()
+  c.optim = dict(peak_lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                 weight_decay=0.1, clip_norm=1.0)
+  c.train = dict(
+      steps=1000,  # Optimiser steps; the cosine schedule ends here.
+      global_batch=8,  # Sequences per optimiser step, summed over accumulation steps and devices.
+      grad_accum=1,  # Micro-batches per step: micro-batch = global_batch // grad_accum.
+      seed=0,
+      log_every=10,
+      eval_every=0,  # 0: evaluate only at the end.
+      eval_batches=4,
+      ckpt_every=200,
+      ckpt_keep=3,
+      nan_policy='stop',  # 'stop': halt naming the step; 'skip': drop the update and count it.
+      init_from='',  # A checkpoint directory whose params start this run (SFT, RLHF).
+      progress=True,  # Progress bar on the terminal.
+      profile_steps='',  # e.g. '10:13' writes a jax.profiler trace of those steps.
+  )
+  c.hardware = dict(
+      name='',  # For the logs.
+      peak_tflops=0.0,  # Per-device peak for MFU; 0: from the device table, or measured on CPU.
+      device_memory_gb=0.0,  # Per-device memory the planner checks against (0: unknown).
+  )
+  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1)
+  return c
+
+
+def _data_defaults() -> dict:
+  try:
+    from data.config import default_config
+    return default_config()
+  except ImportError:  # Only while the data package is being written.
+    return dict(source='embedded', seq_len=256, tokenizer='', tokenizer_type='unigram', shuffle_seed=0)
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+               prefix: str = '') -> None:
+  """Every key of `config` must exist in the defaults (free-form sections excepted)."""
+  reference = defaults() if reference is None else reference
+  for key in config.keys():
+    name = f'{prefix}{key}'
+    if key not in reference:
+      raise ConfigError(f'unknown config key {name!r}; known keys here: {", ".join(sorted(reference.keys()))}')
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict) and len(ref) and isinstance(value, ml_collections.ConfigDict):
+      check_keys(value, ref, f'{name}.')
+
+
+def model_config(config) -> ModelConfig:
+  return ModelConfig.from_dict(config.model.to_dict())
+
+
+def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
+  """All static checks of a run; returns the ModelConfig. Runs before anything compiles."""
+  check_keys(config)
+  cfg = model_config(config)
+  from train.mesh import mesh_shape
+  sizes = mesh_shape(config.mesh, num_devices)
+  t = config.train
+  if t.grad_accum < 1 or t.global_batch % t.grad_accum:
+    raise ConfigError(f'train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}')
+  micro = t.global_batch // t.grad_accum
+  from model.sharding import make_rules
+  rules = make_rules(config.sharding_rules.to_dict())
+  target = rules['batch']
+  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  shards = math.prod(sizes[a] for a in axes)
+  if micro % shards:
+    raise ConfigError(f'micro-batch train.global_batch / train.grad_accum = {micro} is not divisible by '
+                      f'the {shards} batch shards (mesh axes {axes} of sizes {[sizes[a] for a in axes]})')
+  if micro % process_count:
+    raise ConfigError(f'micro-batch {micro} is not divisible by the {process_count} processes')
+  if sizes['tensor'] > 1 and cfg.num_heads % sizes['tensor']:
+    raise ConfigError(f'model.num_heads={cfg.num_heads} is not divisible by mesh.tensor={sizes["tensor"]}')
+  if sizes['expert'] > 1 and (not cfg.is_moe or cfg.num_experts % sizes['expert']):
+    raise ConfigError(f'mesh.expert={sizes["expert"]} must divide model.num_experts={cfg.num_experts}')
+  if t.nan_policy not in ('stop', 'skip'):
+    raise ConfigError(f"train.nan_policy={t.nan_policy!r}: use 'stop' or 'skip'")
+  if config.optim.warmup_steps > t.steps:
+    raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps} is longer than the whole run '
+                      f'(train.steps={t.steps})')
+  if t.steps < 1:
+    raise ConfigError(f'train.steps={t.steps} must be positive')
+  return cfg

@@ -1,0 +1,30 @@
+"""optax: linear warm-up then cosine decay; AdamW with decay masked off norms and biases;
+global-norm clipping."""
+
+import jax
+import optax
+
+
+def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+  """0 -> peak over `warmup_steps`, then cosine to `final_lr_frac * peak` at `total_steps`."""
+  peak = optim_cfg.peak_lr
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=optim_cfg.warmup_steps,
+      decay_steps=max(total_steps, optim_cfg.warmup_steps + 1),
+      end_value=optim_cfg.final_lr_frac * peak)
+
+
+def decay_mask(params):
+  """Weight decay on matrices only: norm scales and biases (rank <= 1 per layer) are exempt."""
+  def wants_decay(path, x):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    return not (name == 'scale' or name.startswith('bias'))
+  return jax.tree_util.tree_map_with_path(wants_decay, params)
+
+
+def make(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+  adamw = optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+                      eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+  if optim_cfg.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), adamw)
+  return adamw
