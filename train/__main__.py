@@ -1,0 +1,26 @@
+"""python -m train --config experiments/<name>.py --workdir DIR [--config.key=value ...]"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with a get_config().',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events and caches go here.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  from model.config import ConfigError
+  from train import compilation_cache, loop
+  compilation_cache.enable()
+  try:
+    loop.run(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, loop.NonFiniteError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,213 @@
+"""The training loop: config -> mesh -> data -> sharded state -> (resume) -> steps -> checkpoints.
+
+Importable from a notebook: `train.loop.run(config, workdir)` returns the final state and the
+metric history. `python -m train` is a thin wrapper around it.
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from model import training_flops_per_token
+from model.sharding import logical_to_spec, make_rules, use_rules
+from train import checkpoint as ckpt_lib
+from train import config as config_lib
+from train import metrics as metrics_lib
+from train import optimizer as optimizer_lib
+from train import state as state_lib
+from train import step as step_lib
+from train.mesh import make_mesh
+
+log = logging.getLogger('meshlm')
+
+
+@dataclasses.dataclass
+class RunResult:
+  state: dict
+  mdef: state_lib.ModelDef
+  history: list
+  tokenizer: object
+  mesh: object
+
+
+class NonFiniteError(FloatingPointError):
+  pass
+
+
+def run(config, workdir: str) -> RunResult:
+  setup_logging()
+  from train import distributed
+  distributed.maybe_initialize(config.distributed)
+  cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
+  t = config.train
+  mesh = make_mesh(config.mesh)
+  rules = make_rules(config.sharding_rules.to_dict())
+  log.info('mesh %s on %d %s devices, %d process(es)', dict(mesh.shape), jax.device_count(),
+           jax.devices()[0].platform, jax.process_count())
+  with jax.set_mesh(mesh), use_rules(rules):
+    data = make_data(config, cfg, workdir, split='train')
+    tx = optimizer_lib.make(config.optim, t.steps)
+    schedule = optimizer_lib.schedule(config.optim, t.steps)
+    state, shardings, mdef = state_lib.create(cfg, tx, mesh, t.seed)
+    log.info('parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state["params"])):,}')
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
+    if checkpointer.latest_step() is not None:
+      state, data_state = checkpointer.restore(state, shardings)
+      data.set_state(data_state)
+      log.info('resuming from step %d', int(state['step']))
+    elif t.init_from:
+      state['params'] = ckpt_lib.restore_params(t.init_from, state['params'], shardings['params'])
+      log.info('params initialised from %s', t.init_from)
+
+    batch_sharding = NamedSharding(mesh, logical_to_spec((None, 'batch', 'length'), rules=rules))
+    train_step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding,
+                                         use_router_noise=cfg.is_moe and cfg.router_jitter > 0)
+    eval_step = step_lib.jit_eval_step(mdef, shardings['params'], batch_sharding)
+    writer = metrics_lib.Writer(workdir)
+    flops = training_flops_per_token(cfg, config.data.seq_len)
+    peak, peak_source = metrics_lib.peak_flops(config.hardware)
+    log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
+             flops.per_token, flops.dense_equivalent, peak, peak_source)
+    throughput = metrics_lib.Throughput(flops.per_token, peak)
+    stop = StopSignal()
+    profile = parse_profile_steps(t.profile_steps)
+
+    start = int(state['step'])
+    pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
+    skipped = 0
+    progress = make_progress(t, start)
+    for step in range(start, t.steps):
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      batch = device_batch(next(data), t.grad_accum, batch_sharding)
+      state, metrics = train_step(state, batch)
+      if profile and step + 1 == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      skipped += check_finite(pending, t.nan_policy)
+      pending = (step, metrics)
+      throughput.update(t.global_batch * config.data.seq_len)
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        skipped += check_finite(pending, t.nan_policy)
+        pending = None
+        writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped})
+      if t.eval_every and done % t.eval_every == 0:
+        writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+      if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
+        checkpointer.save(done, state, data.get_state(), force=True)
+      if progress is not None:
+        progress.update(1)
+      if stop.requested:
+        log.warning('SIGTERM: saved a checkpoint at step %d, exiting', done)
+        break
+    skipped += check_finite(pending, t.nan_policy)
+    if not stop.requested and not t.eval_every:
+      writer.scalars(int(state['step']),
+                     evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+    checkpointer.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+    stop.restore()
+  return RunResult(state=state, mdef=mdef, history=writer.history, tokenizer=data.tokenizer, mesh=mesh)
+
+
+def make_data(config, cfg, workdir, split):
+  from data import pipeline
+  return pipeline.make_iterator(config.data, vocab_size=cfg.vocab_size,
+                                global_batch=config.train.global_batch, workdir=workdir, split=split,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                seed=config.train.seed)
+
+
+def device_batch(local: dict, grad_accum: int, sharding) -> dict:
+  """Process-local numpy [B_local, T] -> global jax arrays [accum, micro, T] on the mesh."""
+  out = {}
+  for name, x in local.items():
+    x = np.asarray(x)
+    x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    global_shape = (grad_accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+    out[name] = jax.make_array_from_process_local_data(sharding, x, global_shape)
+  return out
+
+
+def evaluate(config, cfg, workdir, params, eval_step, batch_sharding) -> dict:
+  data = make_data(config, cfg, workdir, split='eval')
+  nll, tokens = 0.0, 0.0
+  for _ in range(config.train.eval_batches):
+    batch = device_batch(next(data), 1, batch_sharding)
+    out = eval_step(params, {k: v[0] for k, v in batch.items()})
+    nll, tokens = nll + float(out['nll_sum']), tokens + float(out['tokens'])
+  loss = nll / max(tokens, 1.0)
+  return {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 50.0)))}
+
+
+def check_finite(pending, policy: str) -> int:
+  """1 if the pending step had a non-finite loss or gradient (its update was dropped)."""
+  if pending is None:
+    return 0
+  step, metrics = pending
+  if not float(metrics['nonfinite']):
+    return 0
+  message = (f'step {step}: non-finite loss or gradient (loss={float(metrics["loss"])}, '
+             f'grad_norm={float(metrics["grad_norm"])}); the update was not applied')
+  if policy == 'stop':
+    raise NonFiniteError(message + '. Resume from the last checkpoint with a lower optim.peak_lr, '
+                         'or set train.nan_policy=skip.')
+  log.warning('%s; skipping (train.nan_policy=skip)', message)
+  return 1
+
+
+class StopSignal:
+  """SIGTERM (and SIGINT) request a checkpoint and a clean exit after the current step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    try:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    except ValueError:  # Not the main thread (e.g. some notebook kernels): no handler.
+      pass
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def parse_profile_steps(spec: str):
+  if not spec:
+    return None
+  try:
+    first, last = (int(x) for x in spec.split(':'))
+  except ValueError:
+    raise config_lib.ConfigError(f"train.profile_steps={spec!r}: use 'FIRST:LAST', e.g. '10:13'")
+  return first, last
+
+
+def make_progress(t, start: int):
+  import sys
+  if not (t.progress and sys.stderr.isatty() and jax.process_index() == 0):
+    return None
+  from tqdm import tqdm
+  return tqdm(total=t.steps, initial=start, unit='step', dynamic_ncols=True)
+
+
+def setup_logging():
+  if not logging.getLogger().handlers:
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                        datefmt='%H:%M:%S')
+  logging.getLogger('meshlm').setLevel(logging.INFO)
+  for noisy in ('absl', 'orbax', 'jax._src'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,114 @@
+"""Throughput, model FLOP utilisation, and where metrics go (log, progress bar, TensorBoard).
+
+MFU = model FLOPs per second (model/flops.py) / peak FLOPs of all devices. The peak comes from
+`hardware.peak_tflops`, else from PEAK_TFLOPS by device kind; on CPU it is the matmul rate
+measured at start-up in the same process (`measure_matmul_flops`), so CPU MFU says how close
+the step is to the best this machine's XLA can do on one big matmul.
+"""
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger('meshlm')
+
+# Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
+PEAK_TFLOPS = {
+    'NVIDIA A100-SXM4-80GB': 312.0, 'NVIDIA A100-SXM4-40GB': 312.0, 'NVIDIA A100 80GB PCIe': 312.0,
+    'NVIDIA H100 80GB HBM3': 989.0, 'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0,
+    'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v6 lite': 918.0,
+}
+
+
+def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
+  """Best-of-`repeats` FLOP/s of one n x n x n matmul on one device (all its cores)."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def peak_flops(hardware_cfg) -> tuple[float, str]:
+  """(peak FLOP/s of the whole mesh, where the number came from)."""
+  devices = jax.devices()
+  if hardware_cfg.peak_tflops > 0:
+    return hardware_cfg.peak_tflops * 1e12 * len(devices), 'config hardware.peak_tflops'
+  kind = devices[0].device_kind
+  for name, tflops in PEAK_TFLOPS.items():
+    if kind.startswith(name):
+      return tflops * 1e12 * len(devices), f'device table ({kind})'
+  # CPU (or unknown): emulated CPU devices share the host's cores, so the measured rate of one
+  # matmul using all cores is the whole machine's peak, not per device.
+  return measure_matmul_flops(), f'matmul rate measured now on {kind}'
+
+
+class Throughput:
+  """Tokens/s, step time and MFU over the steps since the last report."""
+
+  def __init__(self, flops_per_token: float, peak: float):
+    self.flops_per_token, self.peak = flops_per_token, peak
+    self.reset()
+
+  def reset(self):
+    self.t0, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+
+  def update(self, tokens: float):
+    self.tokens += tokens
+    self.steps += 1
+
+  def report(self) -> dict:
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    tps = self.tokens / dt
+    out = {'perf/tokens_per_sec': tps, 'perf/step_time': dt / max(self.steps, 1),
+           'perf/mfu': tps * self.flops_per_token / self.peak}
+    self.reset()
+    return out
+
+
+class Writer:
+  """Scalars to the log line and TensorBoard (tensorboardX; no TensorFlow), process 0 only."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.tb = None
+    self.history: list[dict] = []
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def scalars(self, step: int, metrics: dict):
+    metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    self.history.append({'step': step, **metrics})
+    if not self.enabled:
+      return
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    shown = ' '.join(f'{k.split("/")[-1]}={_fmt(v)}' for k, v in metrics.items()
+                     if k in SHOWN or k.startswith('eval'))
+    log.info('step %d: %s', step, shown)
+
+  def text(self, step: int, tag: str, text: str):
+    if self.enabled:
+      self.tb.add_text(tag, text, step)
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+SHOWN = ('loss', 'learning_rate', 'grad_norm', 'perf/tokens_per_sec', 'perf/step_time', 'perf/mfu',
+         'moe/aux_loss', 'moe/dropped_fraction')
+
+
+def _fmt(v: float) -> str:
+  return f'{v:.4g}' if abs(v) < 1e5 else f'{v:.3e}'
