@@ -79,44 +79,46 @@ def run(config, workdir: str) -> RunResult:
     stop = StopSignal()
     profile = parse_profile_steps(t.profile_steps)
 
-    start = int(state['step'])
-    pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
-    skipped = 0
-    progress = make_progress(t, start)
-    for step in range(start, t.steps):
-      if profile and step == profile[0]:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-      batch = device_batch(next(data), t.grad_accum, batch_sharding)
-      state, metrics = train_step(state, batch)
-      if profile and step + 1 == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-      skipped += check_finite(pending, t.nan_policy)
-      pending = (step, metrics)
-      throughput.update(t.global_batch * config.data.seq_len)
-      done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
+    try:
+      start = int(state['step'])
+      pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
+      skipped = 0
+      progress = make_progress(t, start)
+      for step in range(start, t.steps):
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        batch = device_batch(next(data), t.grad_accum, batch_sharding)
+        state, metrics = train_step(state, batch)
+        if profile and step + 1 == profile[1]:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
         skipped += check_finite(pending, t.nan_policy)
-        pending = None
-        writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped})
-      if t.eval_every and done % t.eval_every == 0:
-        writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
-      if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
-        checkpointer.save(done, state, data.get_state(), force=True)
+        pending = (step, metrics)
+        throughput.update(t.global_batch * config.data.seq_len)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+          skipped += check_finite(pending, t.nan_policy)
+          pending = None
+          writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped})
+        if t.eval_every and done % t.eval_every == 0:
+          writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+        if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
+          checkpointer.save(done, state, data.get_state(), force=True)
+        if progress is not None:
+          progress.update(1)
+        if stop.requested:
+          log.warning('SIGTERM: saved a checkpoint at step %d, exiting', done)
+          break
+      skipped += check_finite(pending, t.nan_policy)
+      if not stop.requested and not t.eval_every:
+        writer.scalars(int(state['step']),
+                       evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+    finally:  # Also on errors: pending async checkpoint writes complete.
+      checkpointer.close()
+      writer.close()
+      stop.restore()
       if progress is not None:
-        progress.update(1)
-      if stop.requested:
-        log.warning('SIGTERM: saved a checkpoint at step %d, exiting', done)
-        break
-    skipped += check_finite(pending, t.nan_policy)
-    if not stop.requested and not t.eval_every:
-      writer.scalars(int(state['step']),
-                     evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
-    checkpointer.close()
-    writer.close()
-    if progress is not None:
-      progress.close()
-    stop.restore()
+        progress.close()
   return RunResult(state=state, mdef=mdef, history=writer.history, tokenizer=data.tokenizer, mesh=mesh)
 
 
@@ -144,7 +146,7 @@ def evaluate(config, cfg, workdir, params, eval_step, batch_sharding) -> dict:
   nll, tokens = 0.0, 0.0
   for _ in range(config.train.eval_batches):
     batch = device_batch(next(data), 1, batch_sharding)
-    out = eval_step(params, {k: v[0] for k, v in batch.items()})
+    out = eval_step(params, batch)
     nll, tokens = nll + float(out['nll_sum']), tokens + float(out['tokens'])
   loss = nll / max(tokens, 1.0)
   return {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 50.0)))}
@@ -205,9 +207,13 @@ def make_progress(t, start: int):
 
 
 def setup_logging():
-  if not logging.getLogger().handlers:
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
-                        datefmt='%H:%M:%S')
-  logging.getLogger('meshlm').setLevel(logging.INFO)
+  """meshlm's own handler: absl (used by the CLI) otherwise swallows INFO records."""
+  logger = logging.getLogger('meshlm')
+  if not logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(asctime)s %(message)s', datefmt='%H:%M:%S'))
+    logger.addHandler(handler)
+    logger.propagate = False
+  logger.setLevel(logging.INFO)
   for noisy in ('absl', 'orbax', 'jax._src'):
     logging.getLogger(noisy).setLevel(logging.WARNING)

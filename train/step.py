@@ -45,7 +45,8 @@ def accumulate_grads(params, batch, rng, mdef):
     grads, nll_sum, count, aux_sum = carry
     micro, i = xs
     micro = {k: constrain(v, ('batch', 'length')) for k, v in micro.items()}
-    g, (nll, n, aux) = grad_fn(params, micro, jax.random.fold_in(rng, i), mdef)
+    micro_rng = None if rng is None else jax.random.fold_in(rng, i)
+    g, (nll, n, aux) = grad_fn(params, micro, micro_rng, mdef)
     aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
     return (jax.tree.map(jnp.add, grads, g), nll_sum + nll, count + n, aux_sum), None
 
@@ -80,6 +81,8 @@ def train_step(state, batch, *, mdef, tx, schedule, use_router_noise: bool):
 
 
 def eval_step(params, batch, *, mdef):
+  """Summed NLL and token count of a batch shaped like a train batch with one micro-batch."""
+  batch = jax.tree.map(lambda x: x[0], batch)
   _, (nll_sum, count, _) = loss_sums(params, batch, None, mdef)
   return {'nll_sum': nll_sum, 'tokens': count}
 
