@@ -5,7 +5,6 @@ Each task result is a dict with at least `task` (str) and `metrics` (name -> flo
 """
 
 import json
-import math
 import os
 import pathlib
 import time
@@ -51,8 +50,7 @@ def format_table(results: list[dict], per_subject: bool = False) -> str:
   rows = [('task', 'metric', 'value', 'n')]
   for r in results:
     for name, value in r['metrics'].items():
-      shown = 'nan' if isinstance(value, float) and math.isnan(value) else f'{100 * value:.2f}%'
-      rows.append((r['task'], name, shown, _count(r)))
+      rows.append((r['task'], name, f'{100 * value:.2f}%', _count(r)))
     if per_subject:
       for subject, s in r.get('per_subject', {}).items():
         rows.append((f'  {subject}', 'accuracy', f'{100 * s["accuracy"]:.2f}%', str(s['count'])))

@@ -357,7 +357,8 @@ def _warn_once():
 
 
 def default_workers() -> int:
-  return max(1, min(4, os.cpu_count() or 1))
+  """Two per core, 2 to 8: a run is mostly process start-up latency, not compute."""
+  return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
 def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: str | None = None,
