@@ -5,6 +5,7 @@ import math
 import pytest
 
 from train.eval import humaneval
+from train.eval import lm
 from train.eval import sandbox
 
 
@@ -88,6 +89,7 @@ class _ScriptedModel:
 
 def test_evaluate_end_to_end(problems, shared_data):
   model = _ScriptedModel(problems)
+  assert isinstance(model, lm.LanguageModel)
   result = humaneval.evaluate(model, shared_data, num_samples=3, temperature=0.8, limit=6,
                               ks=(1, 2, 10))
   assert model.calls == [dict(max_new_tokens=512, stop=list(humaneval.STOP_SEQUENCES),

@@ -150,6 +150,17 @@ def test_timeout_is_quick():
   assert 0.5 <= outcome.seconds < 5
 
 
+def test_limits_bite():
+  """The process and memory limits (not just the timeout) stop a fork bomb and a memory hog."""
+  tier = sandbox.isolation_name()
+  fork, memory = sandbox.run_programs(
+      ['import os\nwhile True:\n  os.fork()',
+       'x = []\nwhile True:\n  x.append(bytearray(1 << 24))'],
+      isolation=tier, limits=sandbox.Limits(timeout_s=20))
+  assert fork.status == 'failed' and 'Resource temporarily unavailable' in fork.detail, fork
+  assert memory.status == 'failed' and 'MemoryError' in memory.detail, memory
+
+
 def test_isolation_name_is_strongest_available(monkeypatch):
   monkeypatch.delenv(sandbox.ENV_TIER, raising=False)
   name = sandbox.isolation_name()

@@ -133,6 +133,20 @@ def _slot_uid(slot: int) -> int | None:
   return 100_000 + os.getpid() * MAX_SLOTS + slot
 
 
+def _drop_to(uid: int | None) -> tuple[list[str], dict]:
+  """argv prefix and Popen kwargs that run the command as `uid` (nothing for None).
+
+  util-linux `setpriv` switches uid in the command line, so Popen can still vfork: with Popen's
+  own `user=` it must fork, copying the page tables of a parent that may hold a large model.
+  """
+  if uid is None:
+    return [], {}
+  setpriv = shutil.which('setpriv')
+  if setpriv:
+    return [setpriv, f'--reuid={uid}', f'--regid={uid}', '--clear-groups', '--'], {}
+  return [], dict(user=uid, group=uid, extra_groups=[])
+
+
 def _others_can_run(path: str) -> bool:
   """True when a stranger uid can traverse to and execute `path`."""
   p = pathlib.Path(path)
@@ -174,13 +188,13 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
             str(cpu_s), str(limits.open_files)]
   work = os.path.join(host_dir, 'work')
   if tier == 'bwrap':
-    wrap = ['bwrap', '--unshare-all', '--die-with-parent', '--new-session',
+    wrap = [shutil.which('bwrap') or 'bwrap', '--unshare-all', '--die-with-parent', '--new-session',
             '--ro-bind', '/', '/', '--dev', '/dev', '--proc', '/proc',
             '--size', str(limits.tmpfs_bytes), '--tmpfs', '/tmp', '--tmpfs', '/run',
             '--ro-bind', host_dir, inside_dir, '--chdir', '/tmp', '--setenv', 'HOME', '/tmp']
     return wrap + runner, '/'
   if tier == 'unshare':
-    wrap = ['unshare', '--map-root-user', '--net', '--pid', '--ipc', '--uts', '--fork',
+    wrap = [shutil.which('unshare') or 'unshare', '--map-root-user', '--net', '--pid', '--ipc', '--uts', '--fork',
             '--kill-child', '--mount-proc']
     return wrap + runner, work
   if tier == 'rlimits':
@@ -210,8 +224,9 @@ def _kill_uid(uid: int, python: str):
   for _ in range(100):
     if not _pids_of_uid(uid):
       return
-    subprocess.run([python, '-I', '-S', '-c', 'import os\nos.kill(-1, 9)'], user=uid, group=uid,
-                   extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    prefix, ids = _drop_to(uid)
+    subprocess.run(prefix + [python, '-I', '-S', '-c', 'import os\nos.kill(-1, 9)'], **ids,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, cwd='/', env={'PATH': '/usr/bin:/bin'}, timeout=30,
                    check=False)
     time.sleep(0.01)
@@ -258,11 +273,11 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
     read_fd, write_fd = os.pipe()
     argv, cwd = _command(tier, python, host_dir, write_fd, nonce, limits)
     env = {'PATH': '/usr/bin:/bin', 'LANG': 'C.UTF-8', 'HOME': cwd}
-    ids = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
+    prefix, ids = _drop_to(uid)
     output = os.path.join(host_dir, 'output.txt')
     try:
       with open(output, 'wb') as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=cwd, env=env,
                                 start_new_session=True, **ids)
     finally:
