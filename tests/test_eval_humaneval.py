@@ -32,6 +32,24 @@ def test_all_canonical_pass_and_wrong_fail(problems):
   print(f"164x2 programs in {result['sandbox_seconds']:.1f} s under {result['isolation']}")
 
 
+def test_hostile_completions_score_as_failing(problems, tmp_path):
+  canary = tmp_path / 'canary.txt'
+  canary.write_text('alive')
+  hostile = [
+      '    import time\n    time.sleep(10**6)\n',
+      '    return input()\n',
+      f'    import os\n    os.remove({str(canary)!r})\n    return True\n',
+      '    import os\n    while True:\n        os.fork()\n',
+      '    x = []\n    while True:\n        x.append(bytearray(1 << 24))\n',
+      '    import sys\n    sys.exit(0)\n',
+  ]
+  result = humaneval.score(problems[:1], [hostile], ks=(1,),
+                           limits=sandbox.Limits(timeout_s=1.0))
+  assert result['metrics'] == {'pass@1': 0.0}
+  assert 'passed' not in result['per_problem']['HumanEval/0']['statuses']
+  assert canary.read_text() == 'alive'
+
+
 def test_program_layout(problems):
   p = problems[0]
   text = humaneval.program(p, '    return 1\n')
@@ -97,7 +115,8 @@ def test_evaluate_end_to_end(problems, shared_data):
   # c = 2 of n = 3 on every problem; k = 10 > n is left out.
   assert result['metrics'] == {'pass@1': pytest.approx(2 / 3), 'pass@2': 1.0}
   assert result['num_problems'] == 6
-  assert all(r['statuses'] == ['passed', 'failed', 'passed'] for r in result['per_problem'].values())
+  for r in result['per_problem'].values():
+    assert r['statuses'] == ['passed', 'failed', 'passed']
   assert result['isolation'] == sandbox.isolation_name()
 
 

@@ -79,10 +79,11 @@ def _cases(private_canary, open_canary, port):
                             {'failed'}),
       'network': (f'import socket\nsocket.create_connection(("127.0.0.1", {port}), timeout=1)',
                   {'failed'}),
-      'pid_namespace': ('import os\nassert len([p for p in os.listdir("/proc") if p.isdigit()]) < 8',
-                        {'passed'}),
-      'private_tmp': ('import os\nassert not [f for f in os.listdir("/tmp") if f.startswith("pytest")]'
-                      '\nopen("/tmp/scratch", "w").write("ok")\nassert open("/tmp/scratch").read()',
+      'pid_namespace': ('import os\nassert len([p for p in os.listdir("/proc") if p.isdigit()])'
+                        ' < 8', {'passed'}),
+      'private_tmp': ('import os\nassert not [f for f in os.listdir("/tmp")'
+                      ' if f.startswith("pytest")]\nopen("/tmp/scratch", "w").write("ok")'
+                      '\nassert open("/tmp/scratch").read()',
                       {'passed'}),
   }
 

@@ -13,10 +13,12 @@ import time
 def _check(results: list[dict]):
   for i, r in enumerate(results):
     if not isinstance(r.get('task'), str) or not isinstance(r.get('metrics'), dict):
-      raise ValueError(f'result #{i} needs a "task" string and a "metrics" dict, got keys {list(r)}')
+      raise ValueError(f'result #{i} needs a "task" string and a "metrics" dict, '
+                       f'got keys {list(r)}')
 
 
-def write_json(results: list[dict], path: str | os.PathLike, extra: dict | None = None) -> pathlib.Path:
+def write_json(results: list[dict], path: str | os.PathLike,
+               extra: dict | None = None) -> pathlib.Path:
   """Writes {"created", "results", **extra} to `path` atomically; returns the path."""
   _check(results)
   path = pathlib.Path(path)

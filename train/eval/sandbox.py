@@ -104,7 +104,8 @@ class Limits:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       if getattr(self, field.name) <= 0:
-        raise ValueError(f'sandbox Limits.{field.name} must be > 0, got {getattr(self, field.name)}')
+        raise ValueError(f'sandbox Limits.{field.name} must be > 0, '
+                         f'got {getattr(self, field.name)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +187,16 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
   runner = [python, '-I', '-S', '-c', _RUNNER, str(fd), nonce, f'{inside_dir}/program.py',
             str(limits.memory_bytes), str(limits.max_processes), str(limits.file_bytes),
             str(cpu_s), str(limits.open_files)]
-  work = os.path.join(host_dir, 'work')
+  work = os.path.join(host_dir, 'work')  # Made by run_program for the tiers without a tmpfs.
   if tier == 'bwrap':
-    wrap = [shutil.which('bwrap') or 'bwrap', '--unshare-all', '--die-with-parent', '--new-session',
-            '--ro-bind', '/', '/', '--dev', '/dev', '--proc', '/proc',
+    wrap = [shutil.which('bwrap') or 'bwrap', '--unshare-all', '--die-with-parent',
+            '--new-session', '--ro-bind', '/', '/', '--dev', '/dev', '--proc', '/proc',
             '--size', str(limits.tmpfs_bytes), '--tmpfs', '/tmp', '--tmpfs', '/run',
             '--ro-bind', host_dir, inside_dir, '--chdir', '/tmp', '--setenv', 'HOME', '/tmp']
     return wrap + runner, '/'
   if tier == 'unshare':
-    wrap = [shutil.which('unshare') or 'unshare', '--map-root-user', '--net', '--pid', '--ipc', '--uts', '--fork',
-            '--kill-child', '--mount-proc']
+    wrap = [shutil.which('unshare') or 'unshare', '--map-root-user', '--net', '--pid', '--ipc',
+            '--uts', '--fork', '--kill-child', '--mount-proc']
     return wrap + runner, work
   if tier == 'rlimits':
     return runner, work
@@ -267,9 +268,10 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
     with open(program, 'w', encoding='utf-8') as f:
       f.write(source)
     os.chmod(program, 0o644)
-    os.mkdir(os.path.join(host_dir, 'work'), 0o700)
-    if uid is not None:
-      os.chown(os.path.join(host_dir, 'work'), uid, uid)
+    if tier != 'bwrap':
+      os.mkdir(os.path.join(host_dir, 'work'), 0o700)
+      if uid is not None:
+        os.chown(os.path.join(host_dir, 'work'), uid, uid)
     read_fd, write_fd = os.pipe()
     argv, cwd = _command(tier, python, host_dir, write_fd, nonce, limits)
     env = {'PATH': '/usr/bin:/bin', 'LANG': 'C.UTF-8', 'HOME': cwd}
