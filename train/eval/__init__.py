@@ -1,0 +1,1 @@
+"""Evaluation harness: MMLU, GSM8K and HumanEval against any `lm.LanguageModel`."""

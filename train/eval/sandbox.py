@@ -1,0 +1,398 @@
+"""Runs untrusted Python programs, one separate, isolated, resource-limited process each.
+
+Isolation tiers, strongest first; `isolation_name()` picks the first that works on this machine
+(or the one named by env MESHLM_SANDBOX = bwrap | unshare | rlimits):
+
+  bwrap    bubblewrap (Debian package `bubblewrap`): new user, pid, network, ipc, uts and cgroup
+           namespaces; the whole filesystem is bound read-only, with a private size-capped tmpfs
+           on /tmp (the working directory) and /run, and fresh /dev and /proc.
+  unshare  util-linux `unshare`: new user, pid, network, ipc, uts and mount namespaces; files are
+           protected only by their permissions (as root: the unprivileged per-slot uid below).
+  rlimits  no namespaces: resource limits, timeout and (as root) the unprivileged uid only.
+           A warning is logged when this tier is picked automatically.
+
+In every tier: stdin is /dev/null, the environment is minimal, a small runner sets the resource
+limits (RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_CPU, RLIMIT_NOFILE, no core files) before
+it compiles the untrusted code (no `preexec_fn`: the caller is multi-threaded), and the parent
+kills the process after `Limits.timeout_s` of program run time. When the parent runs as root,
+each worker slot runs under its own unprivileged uid derived from the parent's pid (the kernel
+never applies RLIMIT_NPROC to root), and stray processes of that uid are killed afterwards.
+
+A program passes when it runs to its end: exit code 0 and the runner's end marker (a random
+nonce on a private pipe), so an accidental `exit(0)` or `os._exit(0)` counts as a failure. The
+marker defends against accidents, not against code written to forge it.
+"""
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import pathlib
+import queue
+import secrets
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+TIERS = ('bwrap', 'unshare', 'rlimits')
+ENV_TIER = 'MESHLM_SANDBOX'
+ENV_PYTHON = 'MESHLM_SANDBOX_PYTHON'
+MAX_SLOTS = 16
+
+_DESCRIPTIONS = {
+    'bwrap': ('bubblewrap: user/pid/net/ipc/uts/cgroup namespaces, read-only filesystem, '
+              'private tmpfs /tmp and /run, rlimits'),
+    'unshare': ('util-linux unshare: user/pid/net/ipc/uts/mount namespaces, filesystem guarded '
+                'by permissions only, rlimits'),
+    'rlimits': 'no namespaces: separate process with rlimits and a timeout only',
+}
+
+# Runs inside the sandbox: argv = status_fd nonce program_path as nproc fsize cpu nofile.
+_RUNNER = '''
+import os, resource, sys
+fd, nonce, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+names = ('RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_FSIZE', 'RLIMIT_CPU', 'RLIMIT_NOFILE', 'RLIMIT_CORE')
+for name, value in zip(names, [int(v) for v in sys.argv[4:9]] + [0]):
+  res = getattr(resource, name)
+  hard = resource.getrlimit(res)[1]
+  if hard != resource.RLIM_INFINITY:
+    value = min(value, hard)
+  resource.setrlimit(res, (value, value))
+with open(path, encoding='utf-8') as f:
+  source = f.read()
+sys.argv = [path]
+os.write(fd, b'S')
+try:
+  exec(compile(source, path, 'exec'), {'__name__': '__main__', '__builtins__': __builtins__})
+except SystemExit as e:
+  sys.stdout.flush()
+  print('program called exit(%r) before its end' % (e.code,), file=sys.stderr)
+  sys.stderr.flush()
+  os._exit(3)
+sys.stdout.flush()
+sys.stderr.flush()
+os.write(fd, nonce.encode())
+os._exit(0)
+'''
+
+_PROBE = 'import hashlib, json, math, re\nassert math.isqrt(16) == 4\n'
+
+
+class SandboxError(RuntimeError):
+  """The sandbox cannot be set up (no usable interpreter, or a requested tier does not work)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """Per-program limits. `timeout_s` counts from the runner's start, not the process start."""
+
+  timeout_s: float = 3.0  # The reference HumanEval timeout.
+  startup_timeout_s: float = 60.0  # Sandbox + interpreter start-up, generous for loaded hosts.
+  memory_bytes: int = 512 << 20  # RLIMIT_AS (address space, not resident memory).
+  max_processes: int = 32  # RLIMIT_NPROC.
+  file_bytes: int = 16 << 20  # RLIMIT_FSIZE: largest file (and output) it may write.
+  open_files: int = 128  # RLIMIT_NOFILE.
+  tmpfs_bytes: int = 64 << 20  # Size of the private /tmp (bwrap tier).
+  output_chars: int = 2000  # Tail of stdout+stderr kept in Outcome.detail.
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      if getattr(self, field.name) <= 0:
+        raise ValueError(f'sandbox Limits.{field.name} must be > 0, '
+                         f'got {getattr(self, field.name)}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """How one program ended. status: passed | failed | timeout | error (the sandbox itself)."""
+
+  status: str
+  detail: str
+  seconds: float
+
+  @property
+  def passed(self) -> bool:
+    return self.status == 'passed'
+
+
+def isolation_description(name: str | None = None) -> str:
+  return _DESCRIPTIONS[name or isolation_name()]
+
+
+def _slot_uid(slot: int) -> int | None:
+  """As root: an unprivileged uid private to this process and slot; otherwise None."""
+  if os.geteuid() != 0:
+    return None
+  if not 0 <= slot < MAX_SLOTS:
+    raise ValueError(f'sandbox slot {slot} outside [0, {MAX_SLOTS})')
+  return 100_000 + os.getpid() * MAX_SLOTS + slot
+
+
+def _drop_to(uid: int | None) -> tuple[list[str], dict]:
+  """argv prefix and Popen kwargs that run the command as `uid` (nothing for None).
+
+  util-linux `setpriv` switches uid in the command line, so Popen can still vfork: with Popen's
+  own `user=` it must fork, copying the page tables of a parent that may hold a large model.
+  """
+  if uid is None:
+    return [], {}
+  setpriv = shutil.which('setpriv')
+  if setpriv:
+    return [setpriv, f'--reuid={uid}', f'--regid={uid}', '--clear-groups', '--'], {}
+  return [], dict(user=uid, group=uid, extra_groups=[])
+
+
+def _others_can_run(path: str) -> bool:
+  """True when a stranger uid can traverse to and execute `path`."""
+  p = pathlib.Path(path)
+  if not os.stat(p).st_mode & stat.S_IXOTH:
+    return False
+  return all(os.stat(d).st_mode & stat.S_IXOTH for d in p.parents)
+
+
+def sandbox_python(drop_uid: bool) -> str:
+  """The interpreter the sandbox runs: env MESHLM_SANDBOX_PYTHON, this one, or a system python3.
+
+  A venv's interpreter resolves to its base interpreter (stdlib only, no site-packages). When the
+  program runs under a stranger uid, the interpreter must be reachable by it (e.g. a pyenv build
+  under /root is not), so a system python3 is used instead.
+  """
+  if os.environ.get(ENV_PYTHON):
+    return os.environ[ENV_PYTHON]
+  candidates = [os.path.realpath(sys.executable)]
+  for d in ('/usr/bin', '/usr/local/bin', '/bin'):
+    found = shutil.which('python3', path=d)
+    if found:
+      candidates.append(os.path.realpath(found))
+  if not drop_uid:
+    return candidates[0]
+  for c in candidates:
+    if _others_can_run(c):
+      return c
+  raise SandboxError(f'no python interpreter reachable by an unprivileged uid among {candidates}; '
+                     f'set {ENV_PYTHON}')
+
+
+def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
+             limits: Limits) -> tuple[list[str], str]:
+  """argv and working directory (on the host) for one run."""
+  inside_dir = '/run/sandbox' if tier == 'bwrap' else host_dir
+  cpu_s = int(limits.timeout_s) + 2
+  runner = [python, '-I', '-S', '-c', _RUNNER, str(fd), nonce, f'{inside_dir}/program.py',
+            str(limits.memory_bytes), str(limits.max_processes), str(limits.file_bytes),
+            str(cpu_s), str(limits.open_files)]
+  work = os.path.join(host_dir, 'work')  # Made by run_program for the tiers without a tmpfs.
+  if tier == 'bwrap':
+    wrap = [shutil.which('bwrap') or 'bwrap', '--unshare-all', '--die-with-parent',
+            '--new-session', '--ro-bind', '/', '/', '--dev', '/dev', '--proc', '/proc',
+            '--size', str(limits.tmpfs_bytes), '--tmpfs', '/tmp', '--tmpfs', '/run',
+            '--ro-bind', host_dir, inside_dir, '--chdir', '/tmp', '--setenv', 'HOME', '/tmp']
+    return wrap + runner, '/'
+  if tier == 'unshare':
+    wrap = [shutil.which('unshare') or 'unshare', '--map-root-user', '--net', '--pid', '--ipc',
+            '--uts', '--fork', '--kill-child', '--mount-proc']
+    return wrap + runner, work
+  if tier == 'rlimits':
+    return runner, work
+  raise ValueError(f'unknown sandbox tier {tier!r}; expected one of {TIERS}')
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+  """Live (not zombie) processes whose effective uid is `uid`."""
+  pids = []
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      try:
+        if os.stat(f'/proc/{entry}').st_uid != uid:
+          continue
+        with open(f'/proc/{entry}/stat', 'rb') as f:
+          state = f.read().rsplit(b')', 1)[1].split()[0]
+      except (FileNotFoundError, ProcessLookupError, IndexError):
+        continue
+      if state not in (b'Z', b'X'):
+        pids.append(int(entry))
+  return pids
+
+
+def _kill_uid(uid: int, python: str):
+  """Kills every process of `uid`: kill(-1) from a helper running as that uid spares only itself."""
+  for _ in range(100):
+    if not _pids_of_uid(uid):
+      return
+    prefix, ids = _drop_to(uid)
+    subprocess.run(prefix + [python, '-I', '-S', '-c', 'import os\nos.kill(-1, 9)'], **ids,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, cwd='/', env={'PATH': '/usr/bin:/bin'}, timeout=30,
+                   check=False)
+    time.sleep(0.01)
+  logging.warning('sandbox: processes of uid %d survive: %s', uid, _pids_of_uid(uid))
+
+
+def _read_until(fd: int, deadline: float, want: int) -> bytes:
+  """Reads from a pipe until `want` bytes, EOF or the deadline."""
+  data = b''
+  while len(data) < want:
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([fd], [], [], left)[0]:
+      break
+    chunk = os.read(fd, want - len(data))
+    if not chunk:
+      break
+    data += chunk
+  return data
+
+
+def _tail(path: str, chars: int) -> str:
+  with open(path, 'rb') as f:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - 4 * chars))
+    return f.read().decode('utf-8', 'replace')[-chars:]
+
+
+def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None = None,
+                slot: int = 0) -> Outcome:
+  """Runs one program in the sandbox and says how it ended."""
+  tier = isolation or isolation_name()
+  uid = _slot_uid(slot)
+  python = sandbox_python(uid is not None)
+  nonce = secrets.token_hex(16)
+  with tempfile.TemporaryDirectory(prefix='meshlm-sandbox-') as host_dir:
+    os.chmod(host_dir, 0o755)
+    program = os.path.join(host_dir, 'program.py')
+    with open(program, 'w', encoding='utf-8') as f:
+      f.write(source)
+    os.chmod(program, 0o644)
+    if tier != 'bwrap':
+      os.mkdir(os.path.join(host_dir, 'work'), 0o700)
+      if uid is not None:
+        os.chown(os.path.join(host_dir, 'work'), uid, uid)
+    read_fd, write_fd = os.pipe()
+    argv, cwd = _command(tier, python, host_dir, write_fd, nonce, limits)
+    env = {'PATH': '/usr/bin:/bin', 'LANG': 'C.UTF-8', 'HOME': cwd}
+    prefix, ids = _drop_to(uid)
+    output = os.path.join(host_dir, 'output.txt')
+    try:
+      with open(output, 'wb') as out:
+        proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, pass_fds=(write_fd,), cwd=cwd, env=env,
+                                start_new_session=True, **ids)
+    finally:
+      os.close(write_fd)
+    timed_out = False
+    try:
+      started = _read_until(read_fd, time.monotonic() + limits.startup_timeout_s, 1) == b'S'
+      t0 = time.monotonic()
+      try:  # Not started: it has exited (EOF) or hangs in start-up; either way, end it now.
+        proc.wait(timeout=limits.timeout_s if started else 1.0)
+      except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+      seconds = time.monotonic() - t0
+      os.set_blocking(read_fd, False)
+      try:
+        marker = os.read(read_fd, 64)
+      except BlockingIOError:
+        marker = b''
+    finally:
+      os.close(read_fd)
+      if uid is not None and (tier == 'rlimits' or timed_out):
+        _kill_uid(uid, python)
+    detail = _tail(output, limits.output_chars)
+  if not started:
+    status = 'error'
+    detail = f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
+  elif timed_out:
+    status, detail = 'timeout', f'timed out after {limits.timeout_s} s\n{detail}'
+  elif proc.returncode == 0 and marker == nonce.encode():
+    status = 'passed'
+  else:
+    status = 'failed'
+    if proc.returncode == 0:
+      detail = f'exited before its end\n{detail}'
+  return Outcome(status, detail, seconds)
+
+
+_probed: dict[str, Outcome] = {}
+_probe_lock = threading.Lock()
+
+
+def probe(tier: str) -> Outcome:
+  """Runs a tiny stdlib program under `tier` once per process (cached)."""
+  with _probe_lock:
+    if tier not in _probed:
+      if tier in ('bwrap', 'unshare') and not shutil.which(tier):
+        _probed[tier] = Outcome('error', f'{tier} is not installed', 0.0)
+      else:
+        try:
+          _probed[tier] = run_program(_PROBE, isolation=tier, limits=Limits(timeout_s=30.0))
+        except OSError as e:
+          _probed[tier] = Outcome('error', f'{tier}: {e}', 0.0)
+    return _probed[tier]
+
+
+def available_tiers() -> list[str]:
+  """The tiers that run the probe program on this machine, strongest first."""
+  return [t for t in TIERS if probe(t).passed]
+
+
+def isolation_name() -> str:
+  """The tier in use: env MESHLM_SANDBOX if set (it must work), else the strongest that works."""
+  forced = os.environ.get(ENV_TIER, 'auto')
+  if forced != 'auto':
+    if forced not in TIERS:
+      raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {TIERS}')
+    outcome = probe(forced)
+    if not outcome.passed:
+      raise SandboxError(f'env {ENV_TIER}={forced} does not work here: {outcome.detail}')
+    return forced
+  for tier in TIERS:
+    outcome = probe(tier)
+    if outcome.passed:
+      if tier == 'rlimits':
+        _warn_once()
+      return tier
+    logging.info('sandbox tier %s unavailable: %s', tier, outcome.detail.strip()[-300:])
+  raise SandboxError(f'no sandbox tier works here: {probe("rlimits").detail}')
+
+
+_warned = []
+
+
+def _warn_once():
+  if not _warned:
+    _warned.append(True)
+    logging.warning('sandbox: neither bubblewrap nor unshare namespaces work here; untrusted code '
+                    'runs with resource limits only (no network or filesystem isolation). '
+                    'Install bubblewrap: apt-get install -y bubblewrap')
+
+
+def default_workers() -> int:
+  """Two per core, 2 to 8: a run is mostly process start-up latency, not compute."""
+  return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: str | None = None,
+                 workers: int | None = None) -> list[Outcome]:
+  """Runs many programs, `workers` at a time (threads that each drive one sandboxed process)."""
+  tier = isolation or isolation_name()
+  workers = min(workers or default_workers(), MAX_SLOTS)
+  slots: queue.Queue[int] = queue.Queue()
+  for s in range(workers):
+    slots.put(s)
+
+  def one(source: str) -> Outcome:
+    slot = slots.get()
+    try:
+      return run_program(source, limits=limits, isolation=tier, slot=slot)
+    finally:
+      slots.put(slot)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    return list(pool.map(one, sources))
