@@ -42,5 +42,18 @@ def mesh(**sizes):
 
 
 def max_abs_diff(a, b) -> float:
-  return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+  return max(float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32))))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def run_config(**train_overrides):
+  """A complete tiny run config (embedded data, small tokenizer) for loop-level tests."""
+  from train.config import defaults
+  c = defaults()
+  c.model.update(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  c.data.update(seq_len=32, tokenizer_docs=400, embedded_docs=2_000, embedded_eval_docs=50)
+  c.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
+  c.optim.update(peak_lr=1e-2, warmup_steps=2)
+  c.train.update(steps=6, global_batch=8, log_every=1, ckpt_every=3, eval_batches=1, progress=False)
+  c.train.update(train_overrides)
+  return c
