@@ -11,9 +11,11 @@
   pre-filled manual dir and checks the registered checksum.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import ml_collections
@@ -72,20 +74,22 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     spec = self._spec
     bad = readers.BadInput(spec['on_bad_input'])
     clean = hygiene_lib.Hygiene(ml_collections.ConfigDict(spec['hygiene']))
-    every = max(1, round(1 / spec['eval_fraction'])) if spec['eval_fraction'] > 0 else 0
-    assignment = {}
-    for where, text in self._documents(bad):
-      if clean.check(text) is None:
-        continue
-      n = len(assignment)
-      assignment[where] = 'eval' if every and n % every == every - 1 else 'train'
+    kept = [where for where, text in self._documents(bad) if clean.check(text) is not None]
+    assignment = dict.fromkeys(kept, 'train')
+    if spec['eval_fraction'] > 0 and len(kept) >= 2:
+      # Every k-th document is held out, at least one.
+      every = min(len(kept), max(1, round(1 / spec['eval_fraction'])))
+      for where in kept[every - 1::every]:
+        assignment[where] = 'eval'
     self.info.metadata.update({'bad_input': dict(bad.counts), 'hygiene': dict(clean.counts),
                                'files': len(self._paths)})
-    return {split: self._generate_examples(assignment, split) for split in LOCAL_SPLITS}
+    present = set(assignment.values())  # tfds cannot write an empty split
+    return {split: self._generate_examples(assignment, split)
+            for split in LOCAL_SPLITS if split in present}
 
   def _generate_examples(self, assignment: dict[str, str], split: str):
     normalize = self._spec['hygiene'].get('normalize', '')
-    for where, text in self._documents(readers.BadInput('skip')):
+    for where, text in self._documents(readers.BadInput('skip', log=False)):
       if assignment.get(where) == split:
         yield where, {'text': hygiene_lib.unicodedata.normalize(normalize, text)
                                  if normalize else text}
@@ -105,7 +109,8 @@ def prepare_local(spec: dict[str, Any], data_dir: str) -> tfds.core.DatasetBuild
   builder = LocalCorpus(spec=spec, data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
     tfds.disable_progress_bar()
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(sys.stderr):  # tfds prints progress to stdout
+      builder.download_and_prepare()
   return tfds.builder_from_directory(builder.data_dir)
 
 
@@ -150,7 +155,8 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '') -> None:
   tfds.disable_progress_bar()
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
   try:
-    builder.download_and_prepare(download_config=config)
+    with contextlib.redirect_stdout(sys.stderr):
+      builder.download_and_prepare(download_config=config)
   except ModuleNotFoundError as e:
     raise PrepareError(f'preparing tfds dataset {name!r} needs {e.name}, which is not '
                        f'installed; prepare it where it is and point data_dir there') from e

@@ -42,6 +42,7 @@ from data import tokenizer as tokenizer_lib
 STATE_VERSION = 2
 # Row streams read synchronously: one thread pool per row would cost more than it saves.
 _SYNC_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_MIX_WINDOW = 4096
 
 
 def load_tokenizer(data_cfg, *, vocab_size: int, workdir: str,
@@ -238,11 +239,20 @@ def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, 
 
 
 def _mix(datasets: list, weights: list, shuffle_seed: int | None):
-  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets."""
+  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets.
+
+  grain's mix interleaves sources in a fixed pattern; row r takes every B-th item, which
+  would alias with that pattern (a row fed by one source only), so the mixed sequence is
+  shuffled again within windows.
+  """
   if shuffle_seed is not None:
     datasets = [d.seed(shuffle_seed + i).shuffle() for i, d in enumerate(datasets)]
   datasets = [d.repeat(None) for d in datasets]
-  return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+  if len(datasets) == 1:
+    return datasets[0]
+  mixed = grain.MapDataset.mix(datasets, weights)
+  return grain.experimental.WindowShuffleMapDataset(
+      mixed, window_size=_MIX_WINDOW, seed=(shuffle_seed or 0) + len(datasets))
 
 
 def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, global_batch: int,

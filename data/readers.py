@@ -26,17 +26,18 @@ class BadInputError(ValueError):
 class BadInput:
   """Raises or counts bad records, as configured."""
 
-  def __init__(self, on_bad_input: str = 'raise'):
+  def __init__(self, on_bad_input: str = 'raise', log: bool = True):
     if on_bad_input not in ON_BAD_INPUT:
       raise ValueError(f'config.data.on_bad_input: {on_bad_input!r} is not one of {ON_BAD_INPUT}')
     self.policy = on_bad_input
+    self.log = log
     self.counts = collections.Counter()
 
   def __call__(self, where: str, reason: str, message: str) -> None:
     if self.policy == 'raise':
       raise BadInputError(f'{where}: {message}')
     self.counts[reason] += 1
-    if self.counts[reason] <= _LOGGED:
+    if self.log and self.counts[reason] <= _LOGGED:
       logging.warning('skipping %s: %s (%s)', where, message, reason)
 
 
