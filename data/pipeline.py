@@ -273,7 +273,7 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, globa
       if not examples:
         raise data_config.DataConfigError(f'config.data.sources.{s.name}: no example fits '
                                           f'seq_len {seq_len}')
-      s.stats['too_long'] = bad.counts.get('too_long', 0)
+      s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(examples))
       ds = grain.MapDataset.source(examples).map(
           lambda e, i=i: {**packing.lm_example(*e), 'source': i})
     datasets.append(ds)
@@ -313,7 +313,7 @@ def make_preference_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size:
     if not pairs:
       raise data_config.DataConfigError(f'config.data.sources.{s.name}: no pair fits '
                                         f'seq_len {seq_len}')
-    s.stats['too_long'] = bad.counts.get('too_long', 0)
+    s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(pairs))
     datasets.append(grain.MapDataset.source(pairs))
     build_stats[s.name] = s.stats
   shuffle = signature['shuffle_seed'] if split == 'train' else None
