@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from data import builders, chat, corpus, readers
+from data import chat, corpus, readers
 from data import config as data_config
 from data import hygiene as hygiene_lib
 
@@ -176,6 +176,7 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
   elif entry.kind == 'embedded':
     items = _embedded_examples(entry, data_cfg, split)
   elif entry.kind == 'tfds':
+    from data import builders  # pylint: disable=import-outside-toplevel  (tfds is slow to import)
     tfds_split = entry.split if split == 'train' else entry.eval_split
     src = builders.tfds_source(entry.name, tfds_split, _data_dir(data_cfg, workdir),
                                entry.manual_dir)
@@ -184,6 +185,7 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
     stats['records'] = len(records)
     lazy = True
   elif entry.kind == 'local':
+    from data import builders  # pylint: disable=import-outside-toplevel
     builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
                                      _data_dir(data_cfg, workdir))
     if split not in builder.info.splits:
