@@ -119,8 +119,10 @@ def sft_messages(obj: dict[str, Any], fmt: str, where: str,
     return [messages] if messages else []
   if fmt == 'prompt_response':
     prompt = readers.get_field(obj, 'prompt', where, bad)
-    response = prompt is not None and readers.get_field(obj, 'response', where, bad)
-    if prompt is None or response is None or response is False:
+    if prompt is None:
+      return []
+    response = readers.get_field(obj, 'response', where, bad)
+    if response is None:
       return []
     candidates = [_pair(prompt, response, system)]
   else:
@@ -175,8 +177,10 @@ def preference_messages(obj: dict[str, Any], where: str,
                         bad: readers.BadInput) -> tuple[list, list] | None:
   """A preference record -> (chosen messages, rejected messages) sharing the prompt turns."""
   chosen = readers.get_field(obj, 'chosen', where, bad)
-  rejected = chosen is not None and readers.get_field(obj, 'rejected', where, bad)
-  if chosen is None or rejected is None or rejected is False:
+  if chosen is None:
+    return None
+  rejected = readers.get_field(obj, 'rejected', where, bad)
+  if rejected is None:
     return None
   if 'prompt' in obj:
     prompt = readers.get_field(obj, 'prompt', where, bad)
