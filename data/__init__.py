@@ -1,4 +1,6 @@
-"""Data: the embedded corpus, SentencePiece tokenizers, packing and the grain batch pipeline.
+"""Data: corpora, SentencePiece tokenizers, hygiene, chat templates, packing, grain pipelines.
 
-The train loop needs only `data.pipeline.make_iterator` and `data.config.default_config`.
+The train loop needs `data.config.default_config()` (the `config.data` section) and
+`data.pipeline.make_iterator` (pretraining text and SFT) or
+`data.pipeline.make_preference_iterator` (chosen/rejected pairs).
 """
