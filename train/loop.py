@@ -40,7 +40,9 @@ class NonFiniteError(FloatingPointError):
   pass
 
 
-def run(config, workdir: str) -> RunResult:
+def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
+  """Trains (or resumes) the run in `workdir`. `stop_after=N` leaves after N steps of this
+  call, with a checkpoint, as SIGTERM would (notebooks and the resume tests use it)."""
   setup_logging()
   from train import distributed
   distributed.maybe_initialize(config.distributed)
@@ -50,6 +52,7 @@ def run(config, workdir: str) -> RunResult:
   rules = make_rules(config.sharding_rules.to_dict())
   log.info('mesh %s on %d %s devices, %d process(es)', dict(mesh.shape), jax.device_count(),
            jax.devices()[0].platform, jax.process_count())
+  peak, peak_source = metrics_lib.peak_flops(config.hardware)  # Outside the mesh: one device.
   with jax.set_mesh(mesh), use_rules(rules):
     data = make_data(config, cfg, workdir, split='train')
     tx = optimizer_lib.make(config.optim, t.steps)
@@ -72,7 +75,6 @@ def run(config, workdir: str) -> RunResult:
     eval_step = step_lib.jit_eval_step(mdef, shardings['params'], batch_sharding)
     writer = metrics_lib.Writer(workdir)
     flops = training_flops_per_token(cfg, config.data.seq_len)
-    peak, peak_source = metrics_lib.peak_flops(config.hardware)
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
              flops.per_token, flops.dense_equivalent, peak, peak_source)
     throughput = metrics_lib.Throughput(flops.per_token, peak)
@@ -102,12 +104,14 @@ def run(config, workdir: str) -> RunResult:
           writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped})
         if t.eval_every and done % t.eval_every == 0:
           writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+        if stop_after is not None and done - start >= stop_after:
+          stop.requested = True
         if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
           checkpointer.save(done, state, data.get_state(), force=True)
         if progress is not None:
           progress.update(1)
         if stop.requested:
-          log.warning('SIGTERM: saved a checkpoint at step %d, exiting', done)
+          log.warning('stop requested: saved a checkpoint at step %d, exiting', done)
           break
       skipped += check_finite(pending, t.nan_policy)
       if not stop.requested and not t.eval_every:

@@ -6,6 +6,8 @@ measured at start-up in the same process (`measure_matmul_flops`), so CPU MFU sa
 the step is to the best this machine's XLA can do on one big matmul.
 """
 
+import functools
+import json
 import logging
 import os
 import time
@@ -24,6 +26,7 @@ PEAK_TFLOPS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
   """Best-of-`repeats` FLOP/s of one n x n x n matmul on one device (all its cores)."""
   device = device or jax.devices()[0]
@@ -80,11 +83,12 @@ class Writer:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled and jax.process_index() == 0
-    self.tb = None
+    self.tb = self.jsonl = None
     self.history: list[dict] = []
     if self.enabled:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def scalars(self, step: int, metrics: dict):
     metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -93,6 +97,8 @@ class Writer:
       return
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
+    self.jsonl.flush()
     shown = ' '.join(f'{k.split("/")[-1]}={_fmt(v)}' for k, v in metrics.items()
                      if k in SHOWN or k.startswith('eval'))
     log.info('step %d: %s', step, shown)
@@ -104,6 +110,7 @@ class Writer:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+      self.jsonl.close()
 
 
 SHOWN = ('loss', 'learning_rate', 'grad_norm', 'perf/tokens_per_sec', 'perf/step_time', 'perf/mfu',

@@ -65,7 +65,7 @@ def train_step(state, batch, *, mdef, tx, schedule, use_router_noise: bool):
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = nll_sum / denom
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   # A non-finite loss or gradient never reaches the weights: the update is dropped whatever the
@@ -74,7 +74,7 @@ def train_step(state, batch, *, mdef, tx, schedule, use_router_noise: bool):
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = {'step': state['step'] + 1, 'params': keep(params, state['params']),
                'opt_state': keep(opt_state, state['opt_state']), 'rng': rng}
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.global_norm(params),
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
              'learning_rate': schedule(state['step']), 'tokens': count, 'nonfinite': 1 - finite}
   metrics.update({f'moe/{k}': v for k, v in aux.items()})
   return new_state, metrics

@@ -1,0 +1,76 @@
+"""The train loop end to end: resume is bit-identical, also onto another mesh; NaN handling;
+bad configs fail before compiling."""
+
+import jax
+import numpy as np
+import pytest
+
+from model.config import ConfigError
+from tests.util import run_config
+from train import loop
+
+
+def losses(result):
+  return {h['step']: h['loss'] for h in result.history if 'loss' in h}
+
+
+def test_resume_is_bit_identical(tmp_path):
+  straight = loop.run(run_config(), str(tmp_path / 'a'))
+  first = loop.run(run_config(), str(tmp_path / 'b'), stop_after=3)
+  assert int(first.state['step']) == 3
+  resumed = loop.run(run_config(), str(tmp_path / 'b'))  # Picks up the step-3 checkpoint.
+  assert int(resumed.state['step']) == 6
+  a, b = losses(straight), losses(resumed)
+  assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+  for x, y in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  straight = loop.run(_with_mesh(fsdp=8), str(tmp_path / 'a'))
+  loop.run(_with_mesh(fsdp=8), str(tmp_path / 'b'), stop_after=3)
+  resumed = loop.run(_with_mesh(data=2, fsdp=2, tensor=2), str(tmp_path / 'b'))
+  a, b = losses(straight), losses(resumed)
+  np.testing.assert_allclose([a[s] for s in (4, 5, 6)], [b[s] for s in (4, 5, 6)], rtol=1e-4)
+  q = resumed.state['params']['layers']['attn']['q_dnh']  # [L, d, n, h] = [2, 32, 4, 8]
+  assert q.addressable_shards[0].data.shape == (2, 16, 2, 8)  # fsdp=2 on d, tensor=2 on n.
+
+
+def _with_mesh(**sizes):
+  c = run_config()
+  c.mesh.update({**dict(data=1, fsdp=1, expert=1, tensor=1), **sizes})
+  return c
+
+
+def test_nan_stops_with_the_step(tmp_path):
+  c = run_config()
+  c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
+  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite'):
+    loop.run(c, str(tmp_path / 'stop'))
+
+
+def test_nan_skip_counts_and_keeps_weights_finite(tmp_path):
+  c = run_config(nan_policy='skip')
+  c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
+  result = loop.run(c, str(tmp_path / 'skip'))
+  assert result.history[-2]['skipped_steps'] >= 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state['params']))
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.model.update(num_heads=4, num_kv_heads=3), 'model.num_kv_heads'),
+    (lambda c: c.model.update(d_model=30, num_heads=4), 'model.num_heads'),
+    (lambda c: c.mesh.update(fsdp=3), 'mesh'),
+    (lambda c: c.train.update(global_batch=12), 'not divisible by the 8 batch shards'),
+    (lambda c: c.train.update(global_batch=8, grad_accum=3), 'train.grad_accum'),
+    (lambda c: c.mesh.update(fsdp=4, tensor=2) or c.model.update(num_heads=3, num_kv_heads=3, d_model=48), 'mesh.tensor'),
+    (lambda c: c.train.update(nan_plicy='stop'), "'train.nan_plicy'"),
+    (lambda c: c.model.update(attention='flash'), 'model.attention'),
+    (lambda c: c.optim.update(warmup_steps=100), 'optim.warmup_steps'),
+])
+def test_bad_configs_fail_before_compiling(tmp_path, edit, message):
+  c = run_config()
+  edit(c)
+  with pytest.raises(ConfigError, match=message):
+    loop.run(c, str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()  # Failed before anything was set up.
