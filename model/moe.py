@@ -1,7 +1,7 @@
 """Sparse mixture-of-experts feed-forward block (Mixtral-style), a drop-in for `layers.SwiGLU`.
 
 Routing. A float32 linear router gives logits_bte; each token picks its top k experts
-(k = cfg.experts_per_token; ties go to the lower expert index, as `lax.top_k`) and weighs them
+(k = cfg.experts_per_token; ties go to the lower expert index) and weighs them
 with a softmax over the k selected logits (= Mixtral's softmax-then-renormalise). In training
 (`deterministic=False`, rngs given) the router input may be multiplied by uniform noise in
 [1 - cfg.router_jitter, 1 + cfg.router_jitter]; experts always see the clean input.
@@ -87,6 +87,22 @@ def slot_positions(experts_btk, num_experts: int):
   return jnp.swapaxes(pos_bkt, 1, 2)
 
 
+def top_k(logits_bte, k: int):
+  """(values_btk, indices_btk) of the k largest logits, ties to the lower index like
+  `lax.top_k`. Built from k argmax rounds because XLA's SPMD partitioner all-gathers the batch
+  for a TopK op, while these reductions and selects stay local to each batch shard."""
+  e = logits_bte.shape[-1]
+  masked_bte = logits_bte
+  values, indices = [], []
+  for _ in range(k):
+    index_bt = jnp.argmax(masked_bte, axis=-1).astype(jnp.int32)
+    chosen_bte = jax.nn.one_hot(index_bt, e, dtype=jnp.bool_)
+    values.append(jnp.sum(jnp.where(chosen_bte, logits_bte, 0.0), axis=-1))
+    indices.append(index_bt)
+    masked_bte = jnp.where(chosen_bte, -jnp.inf, masked_bte)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
+
+
 class MoeBlock(nnx.Module):
   """Top-k routed SwiGLU experts; returns (y_btd, aux) — see the module docstring."""
 
@@ -114,7 +130,7 @@ class MoeBlock(nnx.Module):
       x32_btd = x32_btd * noise_btd
     logits_bte = jnp.einsum('btd,de->bte', x32_btd, self.router_de[...].astype(jnp.float32),
                             precision=jax.lax.Precision.HIGHEST)
-    top_logits_btk, experts_btk = jax.lax.top_k(logits_bte, cfg.experts_per_token)
+    top_logits_btk, experts_btk = top_k(logits_bte, cfg.experts_per_token)
     weights_btk = jax.nn.softmax(top_logits_btk, axis=-1)
     return logits_bte, experts_btk.astype(jnp.int32), weights_btk
 
@@ -149,12 +165,14 @@ class MoeBlock(nnx.Module):
     kept_btk = pos_btk < c
     # Slot of each kept assignment in the row's flattened [e * c] buffer; e * c marks a drop.
     slot_btk = jnp.where(kept_btk, experts_btk * c + pos_btk, e * c)
-    # Inverse map, slot -> token; empty slots point at an appended zero row (index t).
-    rows_bk = jnp.broadcast_to(jnp.arange(b)[:, None, None], slot_btk.shape)
-    tokens_btk = jnp.broadcast_to(jnp.arange(t)[None, :, None], slot_btk.shape)
-    token_bs = jnp.full((b, e * c), t, jnp.int32).at[rows_bk, slot_btk].set(tokens_btk, mode='drop')
+    # Inverse map, slot -> token; empty slots point at an appended zero row (index t). Row-wise
+    # ops are vmapped so the gathers/scatters carry batch dims the partitioner keeps local.
+    k = self.cfg.experts_per_token
+    token_n = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
+    token_bs = jax.vmap(lambda s_n: jnp.full((e * c,), t, jnp.int32).at[s_n].set(token_n, mode='drop'))(
+        slot_btk.reshape(b, t * k))
     xpad_btd = jnp.concatenate([x_btd, jnp.zeros((b, 1, d), x_btd.dtype)], axis=1)
-    x_bsd = jnp.take_along_axis(xpad_btd, token_bs[:, :, None], axis=1)
+    x_bsd = jax.vmap(lambda x_td, i_s: jnp.take(x_td, i_s, axis=0))(xpad_btd, token_bs)
     x_ebcd = constrain(jnp.swapaxes(x_bsd.reshape(b, e, c, d), 0, 1), _BUFFER_AXES)
     gate_edf, up_edf, down_efd = self._experts()
     h_ebcf = constrain(jax.nn.silu(jnp.einsum('ebcd,edf->ebcf', x_ebcd, gate_edf)) *
@@ -162,9 +180,8 @@ class MoeBlock(nnx.Module):
     y_ebcd = constrain(jnp.einsum('ebcf,efd->ebcd', h_ebcf, down_efd), _BUFFER_AXES)
     y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d), ('batch', None, 'act_embed'))
     ypad_bsd = jnp.concatenate([y_bsd, jnp.zeros((b, 1, d), y_bsd.dtype)], axis=1)
-    y_bnd = jnp.take_along_axis(ypad_bsd, slot_btk.reshape(b, t * self.cfg.experts_per_token, 1),
-                                axis=1)
-    y_btkd = y_bnd.reshape(b, t, self.cfg.experts_per_token, d)
+    y_bnd = jax.vmap(lambda y_sd, i_n: jnp.take(y_sd, i_n, axis=0))(ypad_bsd, slot_btk.reshape(b, t * k))
+    y_btkd = y_bnd.reshape(b, t, k, d)
     combine_btk = (weights_btk * kept_btk).astype(x_btd.dtype)
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 

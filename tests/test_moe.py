@@ -2,6 +2,7 @@
 match their closed forms, expert-sharded runs match unsharded ones, jitter only in training."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +231,11 @@ def put_params(block, mesh):
   return graphdef, jax.device_put(params, shardings)
 
 
+def expert_local_shape(var, expert_devices):
+  """A parameter's shape with its `expert` dim split over the expert devices, others whole."""
+  return tuple(n // expert_devices if axis == 'expert' else n for n, axis in zip(var.shape, var.axes))
+
+
 @pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
 @pytest.mark.parametrize('mesh_shape,expert_shard', [((1, 2, 4, 1), (2, 8, 32)),
                                                      ((1, 1, 8, 1), (1, 16, 32))])
@@ -253,8 +259,15 @@ def test_sharded_matches_unsharded(dispatch, mesh_shape, expert_shard):
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), static_argnums=2)
     (_, (y, aux)), (gp, gx) = grad_fn(params, xs, graphdef, ps)
     if dispatch == 'capacity':
+      # Tokens travel to their experts' devices by all-to-all; the only all-gathers are FSDP
+      # gathers of parameters (over `fsdp`, expert dim still split), never of activations.
       hlo = grad_fn.lower(params, xs, graphdef, ps).compile().as_text()
-      assert 'all-to-all' in hlo  # Tokens travel to their experts' devices, not all-gathered.
+      assert re.search(r' all-to-all(-start)?\(', hlo)
+      variables = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+      fsdp_gathered = {expert_local_shape(v, mesh_shape[2]) for v in variables}
+      gathered = {tuple(int(n) for n in m.split(','))
+                  for m in re.findall(r'= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(', hlo)}
+      assert gathered <= fsdp_gathered, (gathered, fsdp_gathered)
   assert_trees_close(y, want_y)
   assert_trees_close(gx, want_gx)
   assert_trees_close(gp, want_gp)
