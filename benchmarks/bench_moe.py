@@ -93,14 +93,16 @@ def main():
   ap.add_argument('--out', default='', help='write a markdown report here')
   args = ap.parse_args()
 
-  cfg = ModelConfig(d_model=args.d_model, num_heads=4, num_kv_heads=4, mlp_dim=args.top_k * args.expert_mlp,
-                    num_experts=args.experts, experts_per_token=args.top_k, moe_mlp_dim=args.expert_mlp,
+  cfg = ModelConfig(d_model=args.d_model, num_heads=4, num_kv_heads=4,
+                    mlp_dim=args.top_k * args.expert_mlp, num_experts=args.experts,
+                    experts_per_token=args.top_k, moe_mlp_dim=args.expert_mlp,
                     capacity_factor=args.capacity_factor)
   kx, kp = jax.random.split(jax.random.key(0))
   x_btd = jax.random.normal(kx, (args.batch, args.length, args.d_model))
   probe_btd = jax.random.normal(kp, x_btd.shape)
 
-  moe = {d: MoeBlock(dataclasses.replace(cfg, dispatch=d), nnx.Rngs(0)) for d in ('capacity', 'dropless')}
+  moe = {d: MoeBlock(dataclasses.replace(cfg, dispatch=d), nnx.Rngs(0))
+         for d in ('capacity', 'dropless')}
   steps = {
       'dense': make_step(SwiGLU(cfg, nnx.Rngs(0)), lambda m, x: (m(x), None)),
       'capacity': make_step(moe['capacity'], lambda m, x: m(x)),
@@ -129,7 +131,8 @@ def main():
       '# MoE block vs dense SwiGLU: forward + backward',
       '',
       f'- date: {datetime.datetime.now().astimezone().isoformat(timespec="seconds")}',
-      f'- machine: {machine()}; JAX backend {jax.default_backend()}, {jax.device_count()} device(s); '
+      f'- machine: {machine()}; JAX backend {jax.default_backend()}, '
+      f'{jax.device_count()} device(s); '
       f'load average at start of timing {os.getloadavg()[0]:.1f} (shared machine)',
       f'- jax {jax.__version__}, flax {flax.__version__}',
       f'- command: `python {" ".join(sys.argv)}`',

@@ -38,7 +38,8 @@ expert split with fsdp/tensor, a single device, a notebook with no mesh), stays 
 with no custom transposes, and lets XLA fuse/overlap the collectives; the cost is that the
 communication is chosen by the compiler (tests/test_moe.py checks that an all-to-all is what
 it picks). 'dropless' sorts assignments over the whole global batch, so under expert sharding
-the compiler gathers tokens instead of exchanging them: use it on one device or for checks.
+the compiler replicates the sorted tokens on every device and all-reduces the expert outputs
+(no all-to-all): correct, but meant for one device, or for checks.
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch Transformer), f_e = (assignments to e over
@@ -59,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import ConfigError, ModelConfig
+from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
 from model.layers import param
 from model.sharding import constrain
 
@@ -123,8 +124,8 @@ class MoeBlock(nnx.Module):
     x32_btd = x_btd.astype(jnp.float32)
     if not deterministic and cfg.router_jitter > 0:
       if rngs is None:
-        raise ValueError(f'MoeBlock: model.router_jitter={cfg.router_jitter} with deterministic=False '
-                         'needs `rngs` (a `jitter` or `default` stream)')
+        raise ValueError(f'MoeBlock: model.router_jitter={cfg.router_jitter} with '
+                         'deterministic=False needs `rngs` (a `jitter` or `default` stream)')
       noise_btd = jax.random.uniform(rngs.jitter(), x32_btd.shape, jnp.float32,
                                      1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
       x32_btd = x32_btd * noise_btd
@@ -148,7 +149,7 @@ class MoeBlock(nnx.Module):
     elif cfg.dispatch == 'reference':
       y_btd, kept_btk = self._reference(x_btd, experts_btk, weights_btk), None
     else:
-      raise ConfigError(f'model.dispatch: {cfg.dispatch!r} is not one of capacity, dropless, reference')
+      raise ConfigError(f'model.dispatch: {cfg.dispatch!r} is not one of {DISPATCH_IMPLS}')
     y_btd = constrain(y_btd.astype(cfg.dtype), ('batch', 'length', 'act_embed'))
     return y_btd, self._aux(logits_bte, experts_btk, kept_btk)
 
@@ -169,19 +170,21 @@ class MoeBlock(nnx.Module):
     # ops are vmapped so the gathers/scatters carry batch dims the partitioner keeps local.
     k = self.cfg.experts_per_token
     token_n = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
-    token_bs = jax.vmap(lambda s_n: jnp.full((e * c,), t, jnp.int32).at[s_n].set(token_n, mode='drop'))(
-        slot_btk.reshape(b, t * k))
+    slot_bn = slot_btk.reshape(b, t * k)
+    empty_s = jnp.full((e * c,), t, jnp.int32)
+    token_bs = jax.vmap(lambda s_n: empty_s.at[s_n].set(token_n, mode='drop'))(slot_bn)
+    take_rows = jax.vmap(lambda rows, index: jnp.take(rows, index, axis=0))
     xpad_btd = jnp.concatenate([x_btd, jnp.zeros((b, 1, d), x_btd.dtype)], axis=1)
-    x_bsd = jax.vmap(lambda x_td, i_s: jnp.take(x_td, i_s, axis=0))(xpad_btd, token_bs)
+    x_bsd = take_rows(xpad_btd, token_bs)
     x_ebcd = constrain(jnp.swapaxes(x_bsd.reshape(b, e, c, d), 0, 1), _BUFFER_AXES)
     gate_edf, up_edf, down_efd = self._experts()
     h_ebcf = constrain(jax.nn.silu(jnp.einsum('ebcd,edf->ebcf', x_ebcd, gate_edf)) *
                        jnp.einsum('ebcd,edf->ebcf', x_ebcd, up_edf), _HIDDEN_AXES)
     y_ebcd = constrain(jnp.einsum('ebcf,efd->ebcd', h_ebcf, down_efd), _BUFFER_AXES)
-    y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d), ('batch', None, 'act_embed'))
+    y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d),
+                      ('batch', None, 'act_embed'))
     ypad_bsd = jnp.concatenate([y_bsd, jnp.zeros((b, 1, d), y_bsd.dtype)], axis=1)
-    y_bnd = jax.vmap(lambda y_sd, i_n: jnp.take(y_sd, i_n, axis=0))(ypad_bsd, slot_btk.reshape(b, t * k))
-    y_btkd = y_bnd.reshape(b, t, k, d)
+    y_btkd = take_rows(ypad_bsd, slot_bn).reshape(b, t, k, d)
     combine_btk = (weights_btk * kept_btk).astype(x_btd.dtype)
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 
@@ -196,7 +199,7 @@ class MoeBlock(nnx.Module):
     h_mf = (jax.nn.silu(jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)) *
             jax.lax.ragged_dot(x_md, up_edf, group_sizes_e))
     y_md = jax.lax.ragged_dot(h_mf, down_efd, group_sizes_e)
-    unsort_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(b * t * k, dtype=order_m.dtype))
+    unsort_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(order_m.size, dtype=order_m.dtype))
     y_btkd = jnp.take(y_md, unsort_m, axis=0).reshape(b, t, k, d)
     return jnp.einsum('btk,btkd->btd', weights_btk.astype(x_btd.dtype), y_btkd)
 

@@ -104,7 +104,8 @@ def routed_block(cfg, routes_bt2):
   router = np.zeros((cfg.d_model, e), np.float32)
   router[np.arange(e), np.arange(e)] = 1.0
   block.router_de[...] = jnp.asarray(router)
-  x = np.array(jax.random.normal(jax.random.key(3), (len(routes_bt2), len(routes_bt2[0]), cfg.d_model)))
+  shape = (len(routes_bt2), len(routes_bt2[0]), cfg.d_model)
+  x = np.array(jax.random.normal(jax.random.key(3), shape))
   x[..., :e] = 0.0
   for b, row in enumerate(routes_bt2):
     for t, (first, second) in enumerate(row):
@@ -113,7 +114,8 @@ def routed_block(cfg, routes_bt2):
 
 
 def expert_np(block, i, x_d):
-  gate, up, down = (np.asarray(v[...], np.float64) for v in (block.gate_edf, block.up_edf, block.down_efd))
+  gate, up, down = (np.asarray(v[...], np.float64)
+                    for v in (block.gate_edf, block.up_edf, block.down_efd))
   g, u = x_d @ gate[i], x_d @ up[i]
   return (g / (1.0 + np.exp(-g)) * u) @ down[i]
 
@@ -233,7 +235,8 @@ def put_params(block, mesh):
 
 def expert_local_shape(var, expert_devices):
   """A parameter's shape with its `expert` dim split over the expert devices, others whole."""
-  return tuple(n // expert_devices if axis == 'expert' else n for n, axis in zip(var.shape, var.axes))
+  return tuple(n // expert_devices if axis == 'expert' else n
+               for n, axis in zip(var.shape, var.axes))
 
 
 @pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
