@@ -21,7 +21,8 @@ implementations (cfg.dispatch) compute the same function whenever nothing is dro
     Tokens are moved into the [e, b, c, d] expert buffers with an index gather (and back with a
     gather of each token's k slots); the backward passes are scatter-adds. This keeps memory at
     O(b t k) indices instead of the O(b t e c) one-hot dispatch/combine tensors of GShard-style
-    einsum dispatch, and is faster on CPU (see benchmarks/results/moe_block.md).
+    einsum dispatch, whose matmuls cost O(b t^2 k d) (quadratic in the row length): on CPU the two
+    tie at 256-token rows and gather wins clearly at 1024 (benchmarks/results/moe_block*.md).
   * 'dropless': token-expert assignments sorted by expert and multiplied with grouped matmuls
     (`jax.lax.ragged_dot`); group sizes are traced values, nothing is dropped.
   * 'reference': a Python loop over experts, each applied densely to every token and masked by
