@@ -14,8 +14,9 @@ with no allowed key returns zeros.
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the ground truth of the tests.
   xla        `jax.nn.dot_product_attention(implementation='xla')` with the same boolean mask.
-  chunked    blockwise online-softmax attention in plain JAX with a custom VJP
-             (model/attention_chunked.py): memory O(t + s), never the [t, s] score matrix.
+  chunked    blockwise online-softmax attention in plain JAX with a custom VJP (flash-attention
+             style: the backward pass recomputes scores block by block from the saved
+             log-sum-exp); memory O(t + s) plus one [chunk, chunk] block, never [t, s].
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
   splash     TPU Pallas splash attention with segment ids and a causal mask, TPUs only.
   auto       `resolve()` picks one per backend and shape and logs the choice once.
@@ -116,6 +117,145 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
   return jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0).astype(q_btnh.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# chunked: blockwise attention with online softmax and a blockwise custom VJP.
+#
+# Blocked layouts: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side arrays are
+# [nk, b, r, ...] (r keys per block). Scores of one block pair are [b, k, g, c, r] (g = n / k
+# query heads per kv head), so GQA never repeats K/V.
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
+
+
+def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
+  """[b, 1, 1, c, r] boolean mask of one (query block, key block) pair."""
+  ok_bcr = ((qseg_bc[:, :, None] == kseg_br[:, None, :]) &
+            (kpos_br[:, None, :] <= qpos_bc[:, :, None]) & kvalid_br[:, None, :])
+  return ok_bcr[:, None, None]
+
+
+def _block_logits(q_bckgh, k_brkh, scale):
+  return jnp.einsum('bckgh,brkh->bkgcr', q_bckgh, k_brkh,
+                    preferred_element_type=jnp.float32) * scale
+
+
+def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
+  """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows)."""
+  scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
+
+  def one_q_block(args):
+    q_bckgh, qseg_bc, qpos_bc = args
+    b, c, k, g, h = q_bckgh.shape
+
+    def step(carry, kv):
+      m_bkgc, l_bkgc, acc_bkgch = carry
+      k_brkh, v_brkh, kseg_br, kpos_br, kvalid_br = kv
+      mask = _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br)
+      logits_bkgcr = jnp.where(mask, _block_logits(q_bckgh, k_brkh, scale), _NEG)
+      m_new_bkgc = jnp.maximum(m_bkgc, logits_bkgcr.max(axis=-1))
+      p_bkgcr = jnp.where(mask, jnp.exp(logits_bkgcr - m_new_bkgc[..., None]), 0.0)
+      correction_bkgc = jnp.exp(m_bkgc - m_new_bkgc)
+      l_bkgc = l_bkgc * correction_bkgc + p_bkgcr.sum(axis=-1)
+      pv_bkgch = jnp.einsum('bkgcr,brkh->bkgch', p_bkgcr.astype(v_brkh.dtype), v_brkh,
+                            preferred_element_type=jnp.float32)
+      acc_bkgch = acc_bkgch * correction_bkgc[..., None] + pv_bkgch
+      return (m_new_bkgc, l_bkgc, acc_bkgch), None
+
+    init = (jnp.full((b, k, g, c), _NEG, jnp.float32), jnp.zeros((b, k, g, c), jnp.float32),
+            jnp.zeros((b, k, g, c, h), jnp.float32))
+    (m_bkgc, l_bkgc, acc_bkgch), _ = jax.lax.scan(
+        step, init, (k_kbrkh, v_kbrkh, kseg_kbr, kpos_kbr, kvalid_kbr))
+    nonempty_bkgc = l_bkgc > 0
+    out_bkgch = acc_bkgch / jnp.where(nonempty_bkgc, l_bkgc, 1.0)[..., None]
+    lse_bkgc = jnp.where(nonempty_bkgc, m_bkgc + jnp.log(jnp.where(nonempty_bkgc, l_bkgc, 1.0)), 0.0)
+    return out_bkgch.transpose(0, 3, 1, 2, 4).astype(q_bckgh.dtype), lse_bkgc
+
+  return jax.lax.map(one_q_block, (q_qbckgh, qseg_qbc, qpos_qbc))
+
+
+@jax.custom_vjp
+def _flash(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
+  return _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr,
+                        kvalid_kbr)[0]
+
+
+def _flash_fwd(*args):
+  out_qbckgh, lse_qbkgc = _flash_forward(*args)
+  return out_qbckgh, (args, out_qbckgh, lse_qbkgc)
+
+
+def _flash_bwd(residuals, dout_qbckgh):
+  """FlashAttention-2 backward: outer scan over key blocks, inner scan over query blocks."""
+  (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr), out_qbckgh, \
+      lse_qbkgc = residuals
+  scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
+  dout_qbckgh = dout_qbckgh.astype(q_qbckgh.dtype)
+  # delta = rowsum(dO * O), the softmax-backward correction term, laid out like lse.
+  delta_qbkgc = jnp.einsum('qbckgh,qbckgh->qbkgc', dout_qbckgh.astype(jnp.float32),
+                           out_qbckgh.astype(jnp.float32))
+
+  def one_kv_block(dq_qbckgh, kv):
+    k_brkh, v_brkh, kseg_br, kpos_br, kvalid_br = kv
+
+    def step(carry, qs):
+      dk_brkh, dv_brkh = carry
+      q_bckgh, do_bckgh, lse_bkgc, delta_bkgc, qseg_bc, qpos_bc = qs
+      mask = _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br)
+      logits_bkgcr = _block_logits(q_bckgh, k_brkh, scale)
+      p_bkgcr = jnp.where(mask, jnp.exp(logits_bkgcr - lse_bkgc[..., None]), 0.0)
+      dv_brkh += jnp.einsum('bkgcr,bckgh->brkh', p_bkgcr.astype(do_bckgh.dtype), do_bckgh,
+                            preferred_element_type=jnp.float32)
+      dp_bkgcr = jnp.einsum('bckgh,brkh->bkgcr', do_bckgh, v_brkh,
+                            preferred_element_type=jnp.float32)
+      ds_bkgcr = (p_bkgcr * (dp_bkgcr - delta_bkgc[..., None]) * scale).astype(q_bckgh.dtype)
+      dq_bckgh = jnp.einsum('bkgcr,brkh->bckgh', ds_bkgcr, k_brkh,
+                            preferred_element_type=jnp.float32)
+      dk_brkh += jnp.einsum('bkgcr,bckgh->brkh', ds_bkgcr, q_bckgh,
+                            preferred_element_type=jnp.float32)
+      return (dk_brkh, dv_brkh), dq_bckgh
+
+    zeros_brkh = jnp.zeros(k_brkh.shape, jnp.float32)
+    (dk_brkh, dv_brkh), dq_part_qbckgh = jax.lax.scan(
+        step, (zeros_brkh, zeros_brkh),
+        (q_qbckgh, dout_qbckgh, lse_qbkgc, delta_qbkgc, qseg_qbc, qpos_qbc))
+    return dq_qbckgh + dq_part_qbckgh, (dk_brkh, dv_brkh)
+
+  dq_qbckgh, (dk_kbrkh, dv_kbrkh) = jax.lax.scan(
+      one_kv_block, jnp.zeros(q_qbckgh.shape, jnp.float32),
+      (k_kbrkh, v_kbrkh, kseg_kbr, kpos_kbr, kvalid_kbr))
+  return (dq_qbckgh.astype(q_qbckgh.dtype), dk_kbrkh.astype(k_kbrkh.dtype),
+          dv_kbrkh.astype(v_kbrkh.dtype), None, None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _to_blocks(x, block, fill):
+  """[b, l, ...] -> [ceil(l / block), b, block, ...], padding the tail with `fill`."""
+  b, length = x.shape[:2]
+  nblocks = -(-length // block)
+  pad = [(0, 0), (0, nblocks * block - length)] + [(0, 0)] * (x.ndim - 2)
+  x = jnp.pad(x, pad, constant_values=fill)
+  return jnp.moveaxis(x.reshape(b, nblocks, block, *x.shape[2:]), 1, 0)
+
+
+def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
+             kv_positions_bs, chunk_size):
+  if chunk_size < 1:
+    raise ValueError(f'model/attention.py: chunk_size must be positive, got {chunk_size}')
+  b, t, n, h = q_btnh.shape
+  s, k = k_bskh.shape[1:3]
+  c, r = min(chunk_size, t), min(chunk_size, s)
+  q_qbckgh = _to_blocks(q_btnh.reshape(b, t, k, n // k, h), c, 0)
+  kvalid_kbr = _to_blocks(jnp.ones((b, s), bool), r, False)  # Padded keys are never attended.
+  out_qbckgh = _flash(q_qbckgh, _to_blocks(k_bskh, r, 0), _to_blocks(v_bskh, r, 0),
+                      _to_blocks(q_segment_ids_bt, c, 0), _to_blocks(q_positions_bt, c, 0),
+                      _to_blocks(kv_segment_ids_bs, r, 0), _to_blocks(kv_positions_bs, r, 0),
+                      kvalid_kbr)
+  out_btkgh = jnp.moveaxis(out_qbckgh, 0, 1).reshape(b, -1, k, n // k, h)[:, :t]
+  return out_btkgh.reshape(b, t, n, h)
+
+
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
               kv_positions_bs, implementation: str = 'xla', chunk_size: int = 1024):
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
@@ -135,4 +275,6 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
     return _reference(q_btnh, k_bskh, v_bskh, make_mask(*segs))
   if impl == 'xla':
     return _xla(q_btnh, k_bskh, v_bskh, make_mask(*segs))
+  if impl == 'chunked':
+    return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
   raise NotImplementedError(f'model/attention.py: implementation {impl!r} not available yet')
