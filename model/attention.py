@@ -256,6 +256,75 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
   return out_btkgh.reshape(b, t, n, h)
 
 
+# ----------------------------------------------------------------------------------------------
+# Accelerator kernels.
+
+
+def _require_nvidia_gpu():
+  backend = jax.default_backend()
+  platform_version = getattr(jax.devices()[0].client, 'platform_version', '').lower()
+  if backend != 'gpu' or 'rocm' in platform_version:
+    raise RuntimeError(
+        f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the JAX "
+        f"backend is {backend!r} ({platform_version or 'no platform version'}); use 'xla', "
+        f"'chunked' or 'auto' instead.")
+
+
+def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
+  """cuDNN fused attention; the segment/position mask goes in as a boolean mask.
+
+  jax 0.10.2's `dot_product_attention(implementation='cudnn')` has no segment ids: its
+  is_causal is index-based (wrong for a KV cache or for positions that do not follow the index)
+  and query/key_value_seq_lengths only describe one unpadded prefix per row, not packed
+  documents. Its `mask` argument is exact for any packing and any positions; cuDNN receives it
+  as an additive [b, 1, t, s] bias, so this path stores t * s mask values (2 bytes each in bf16)
+  per batch row, while scores and probabilities stay inside the fused kernel.
+  """
+  _require_nvidia_gpu()
+  if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"model/attention.py: implementation 'cudnn' needs bfloat16 or float16 "
+                     f"inputs, got {q_btnh.dtype}; set model.compute_dtype='bfloat16' or use "
+                     f"'xla' / 'chunked'.")
+  out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None],
+                                          implementation='cudnn')
+  return jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0).astype(q_btnh.dtype)
+
+
+def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret=False):
+  """TPU Pallas splash attention: segment ids plus an index-causal mask.
+
+  Splash takes segment ids but no positions; its causal mask compares indices. That equals the
+  position rule for self-attention (t == s) where positions grow by one along each document,
+  which is how packed training batches are built. KV-cache decoding (t != s) is refused: use
+  'xla' there. `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
+  """
+  if not interpret and jax.default_backend() != 'tpu':
+    raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the JAX "
+                       f"backend is {jax.default_backend()!r}; use 'xla', 'chunked' or 'auto'.")
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only import.
+  b, t, n, h = q_btnh.shape
+  s, k = k_bskh.shape[1:3]
+  g = n // k
+  if t != s or t % 128:
+    raise ValueError(f"model/attention.py: implementation 'splash' needs self-attention over a "
+                     f"multiple of 128 tokens (q_len == kv_len), got q_len={t}, kv_len={s}.")
+  scale = 1.0 / math.sqrt(h)
+  segment_ids = splash.SegmentIds(q=q_segment_ids_bt.astype(jnp.int32),
+                                  kv=kv_segment_ids_bs.astype(jnp.int32))
+  q_bknth = (q_btnh * jnp.asarray(scale, q_btnh.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+  k_bksh, v_bksh = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
+  if g == 1:  # MHA: one kernel over all heads.
+    kernel = splash.make_splash_mha_single_device(
+        splash.MultiHeadMask([splash.CausalMask((t, s))] * n), interpret=interpret)
+    out_bkgth = jax.vmap(kernel)(q_bknth[:, :, 0], k_bksh, v_bksh, segment_ids)[:, :, None]
+  else:  # GQA / MQA: a shared-kv kernel per kv head, g query heads each.
+    kernel = splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([splash.CausalMask((t, s))] * g), interpret=interpret)
+    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+    out_bkgth = jax.vmap(per_kv_head)(q_bknth, k_bksh, v_bksh, segment_ids)
+  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
               kv_positions_bs, implementation: str = 'xla', chunk_size: int = 1024):
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
@@ -277,4 +346,6 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
     return _xla(q_btnh, k_bskh, v_bskh, make_mask(*segs))
   if impl == 'chunked':
     return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
-  raise NotImplementedError(f'model/attention.py: implementation {impl!r} not available yet')
+  if impl == 'cudnn':
+    return _cudnn(q_btnh, k_bskh, v_bskh, make_mask(*segs))
+  return _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
