@@ -16,7 +16,9 @@ Implementations (IMPLEMENTATIONS):
   xla        `jax.nn.dot_product_attention(implementation='xla')` with the same boolean mask.
   chunked    blockwise online-softmax attention in plain JAX with a custom VJP (flash-attention
              style: the backward pass recomputes scores block by block from the saved
-             log-sum-exp); memory O(t + s) plus one [chunk, chunk] block, never [t, s].
+             log-sum-exp); memory O(t + s) plus one [chunk, chunk] block, never [t, s]. Block
+             pairs with no allowed (query, key) pair, e.g. the future under causality, are
+             skipped with lax.cond.
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
   splash     TPU Pallas splash attention with segment ids and a causal mask, TPUs only.
   auto       `resolve()` picks one per backend and shape and logs the choice once.
@@ -147,10 +149,9 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
     q_bckgh, qseg_bc, qpos_bc = args
     b, c, k, g, h = q_bckgh.shape
 
-    def step(carry, kv):
+    def update(carry, kv, mask):
       m_bkgc, l_bkgc, acc_bkgch = carry
-      k_brkh, v_brkh, kseg_br, kpos_br, kvalid_br = kv
-      mask = _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br)
+      k_brkh, v_brkh = kv[:2]
       logits_bkgcr = jnp.where(mask, _block_logits(q_bckgh, k_brkh, scale), _NEG)
       m_new_bkgc = jnp.maximum(m_bkgc, logits_bkgcr.max(axis=-1))
       p_bkgcr = jnp.where(mask, jnp.exp(logits_bkgcr - m_new_bkgc[..., None]), 0.0)
@@ -158,8 +159,12 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
       l_bkgc = l_bkgc * correction_bkgc + p_bkgcr.sum(axis=-1)
       pv_bkgch = jnp.einsum('bkgcr,brkh->bkgch', p_bkgcr.astype(v_brkh.dtype), v_brkh,
                             preferred_element_type=jnp.float32)
-      acc_bkgch = acc_bkgch * correction_bkgc[..., None] + pv_bkgch
-      return (m_new_bkgc, l_bkgc, acc_bkgch), None
+      return m_new_bkgc, l_bkgc, acc_bkgch * correction_bkgc[..., None] + pv_bkgch
+
+    def step(carry, kv):
+      mask = _block_mask(qseg_bc, qpos_bc, *kv[2:])
+      # Blocks with no allowed pair (the future half under a causal mask) are skipped.
+      return jax.lax.cond(jnp.any(mask), update, lambda carry, *_: carry, carry, kv, mask), None
 
     init = (jnp.full((b, k, g, c), _NEG, jnp.float32), jnp.zeros((b, k, g, c), jnp.float32),
             jnp.zeros((b, k, g, c, h), jnp.float32))
@@ -197,10 +202,9 @@ def _flash_bwd(residuals, dout_qbckgh):
   def one_kv_block(dq_qbckgh, kv):
     k_brkh, v_brkh, kseg_br, kpos_br, kvalid_br = kv
 
-    def step(carry, qs):
+    def update(carry, qs, mask):
       dk_brkh, dv_brkh = carry
-      q_bckgh, do_bckgh, lse_bkgc, delta_bkgc, qseg_bc, qpos_bc = qs
-      mask = _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br)
+      q_bckgh, do_bckgh, lse_bkgc, delta_bkgc = qs[:4]
       logits_bkgcr = _block_logits(q_bckgh, k_brkh, scale)
       p_bkgcr = jnp.where(mask, jnp.exp(logits_bkgcr - lse_bkgc[..., None]), 0.0)
       dv_brkh += jnp.einsum('bkgcr,bckgh->brkh', p_bkgcr.astype(do_bckgh.dtype), do_bckgh,
@@ -213,6 +217,13 @@ def _flash_bwd(residuals, dout_qbckgh):
       dk_brkh += jnp.einsum('bkgcr,bckgh->brkh', ds_bkgcr, q_bckgh,
                             preferred_element_type=jnp.float32)
       return (dk_brkh, dv_brkh), dq_bckgh
+
+    def skip(carry, qs, mask):
+      return carry, jnp.zeros(qs[0].shape, jnp.float32)
+
+    def step(carry, qs):
+      mask = _block_mask(*qs[4:], kseg_br, kpos_br, kvalid_br)
+      return jax.lax.cond(jnp.any(mask), update, skip, carry, qs, mask)
 
     zeros_brkh = jnp.zeros(k_brkh.shape, jnp.float32)
     (dk_brkh, dv_brkh), dq_part_qbckgh = jax.lax.scan(

@@ -37,8 +37,11 @@ def batch_masks(t):
   return dict(q_segment_ids_bt=seg, kv_segment_ids_bs=seg, q_positions_bt=pos, kv_positions_bs=pos)
 
 
+_jit_attention = jax.jit(attn.attention, static_argnames=('implementation', 'chunk_size'))
+
+
 def run(impl, q, k, v, masks, chunk_size=8):
-  return attn.attention(q, k, v, **masks, implementation=impl, chunk_size=chunk_size)
+  return _jit_attention(q, k, v, **masks, implementation=impl, chunk_size=chunk_size)
 
 
 def loss_and_grads(impl, q, k, v, masks, chunk_size=8):
