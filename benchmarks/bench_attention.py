@@ -3,7 +3,9 @@
 CPU mode (default): for batch 1 and lengths up to 32,768, the peak memory XLA plans for
 value_and_grad of a packed-causal attention call, read from
 `jax.jit(f).lower(...).compile().memory_analysis()` (nothing big is run), for 'chunked' vs
-'reference' / 'xla'; then the wall time of 'chunked' (and 'xla') forward+backward at 4,096 tokens.
+'reference' / 'xla'; then one real forward+backward of 'chunked' at 32,768 tokens (--run_heads
+heads, to keep it to a minute) with the process's peak resident memory; then the wall time of
+'chunked' (and 'xla') forward+backward at 4,096 tokens.
 Writes a markdown table to benchmarks/results/attention.md (or --out).
 
 GPU mode (--gpu): wall time and TFLOP/s of forward+backward in bfloat16 for 'xla', 'cudnn' and
@@ -19,6 +21,7 @@ import datetime
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -109,7 +112,8 @@ def cpu_report(args):
   lines = header(args, 'Attention on CPU: compiled memory of forward+backward, chunked timing')
   lines += [
       'Memory: `jax.jit(value_and_grad(loss)).lower(...).compile().memory_analysis()`, float32, '
-      'packed-causal mask; peak = arguments + outputs + temp. Nothing is run for this table.', '',
+      'segment + position mask (mask values do not change the plan); peak = arguments + outputs '
+      '+ temp. Nothing is run for this table.', '',
       '| tokens | one [n, t, t] f32 matrix MiB | ' +
       ' | '.join(f'{i} temp MiB | {i} peak MiB' for i in args.impls) + ' |',
       '|---:|---:|' + '---:|---:|' * len(args.impls)]
@@ -119,6 +123,16 @@ def cpu_report(args):
       temp, peak = compiled_memory(impl, t, args)
       row += [f'{temp:,.1f}', f'{peak:,.1f}']
     lines.append('| ' + ' | '.join(row) + ' |')
+    print(lines[-1], flush=True)
+  if args.run_len:
+    run_args = argparse.Namespace(**{**vars(args), 'heads': args.run_heads,
+                                     'kv_heads': args.run_heads})
+    sec = time_step('chunked', args.run_len, run_args, jnp.float32, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
+    lines += ['', f'Real run: chunked forward+backward at {args.run_len} tokens, {args.run_heads} '
+              f'head(s), head dim {args.head_dim}, float32, one causal document: {sec:.1f} s, peak '
+              f'resident memory of this process so far {rss:,.0f} MiB (the memory table above only '
+              f'compiles).']
     print(lines[-1], flush=True)
   lines += ['', f'Wall time of forward+backward at {args.time_len} tokens, float32, one document '
             f'(causal), median of {args.repeats} after a warm-up:', '',
@@ -142,7 +156,7 @@ def gpu_report(args):
     for impl in args.gpu_impls:
       try:
         sec = time_step(impl, t, args, jnp.bfloat16, args.repeats)
-        cells = [f'{sec * 1e3:.2f}', f'{causal_flops(t, args) / sec / 1e12:.1f}']
+        cells = [f'{sec * 1e3:.2f}', f'{causal_flops(t, args) / sec / 1e12:.2f}']
       except Exception as e:  # Out of memory or an unsupported shape: report it, go on.
         cells = [f'failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}', '-']
       lines.append(f'| {t} | {impl} | ' + ' | '.join(cells) + ' |')
@@ -160,6 +174,8 @@ def main():
   parser.add_argument('--doc_len', type=int, default=0, help='packed document length (0: one)')
   parser.add_argument('--lengths', type=int, nargs='+', default=[1024, 4096, 8192, 16384, 32768])
   parser.add_argument('--impls', nargs='+', default=['chunked', 'xla', 'reference'])
+  parser.add_argument('--run_len', type=int, default=32768, help='real chunked run (0: skip)')
+  parser.add_argument('--run_heads', type=int, default=1)
   parser.add_argument('--time_len', type=int, default=4096)
   parser.add_argument('--time_impls', nargs='+', default=['chunked', 'xla'])
   parser.add_argument('--gpu_lengths', type=int, nargs='+', default=[4096, 32768])

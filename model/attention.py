@@ -32,10 +32,12 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
-# 'auto' on CPU switches from 'xla' (one [t, s] score matrix per head) to 'chunked' above this
-# many query*key pairs: 8192 * 8192 float32 scores are 256 MiB per head, about the point where
-# the materialised scores (kept again for the backward pass) stop fitting a laptop's memory.
-AUTO_CHUNKED_MIN_PAIRS = 8192 * 8192
+# Without a fused kernel (CPU, or GPU in float32), 'auto' uses 'chunked' from this many
+# query * key pairs on, 'xla' below. At 4,096 x 4,096 (8 heads, head dim 64, float32) XLA plans
+# 2.1 GiB for forward+backward against 0.24 GiB for 'chunked', and on a 2-core CPU 'chunked' was
+# also faster there (causal block skipping): benchmarks/results/attention.md. Below it the single
+# [t, s] matrix is small and one fused XLA computation has less overhead than a loop of blocks.
+AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
 
 log = logging.getLogger(__name__)
 _logged_choices: set = set()
@@ -80,7 +82,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
   (a one-token decode step gains nothing from a fused kernel; cuDNN also needs a head dim that is
   a multiple of 8 and at most 128, or 256 from Hopper on — 128 is assumed here); 'splash' on TPU
   when the call is self-attention (q_len == kv_len) over a multiple of 128 tokens; otherwise
-  'chunked' when q_len * kv_len > AUTO_CHUNKED_MIN_PAIRS and 'xla' below that. `backend`,
+  'chunked' when q_len * kv_len >= AUTO_CHUNKED_MIN_PAIRS and 'xla' below that. `backend`,
   `dtype` and `head_dim` default to the default backend / 'unknown' (treated as eligible).
   """
   if implementation not in IMPLEMENTATIONS:
@@ -95,7 +97,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
     return 'cudnn'
   if backend == 'tpu' and q_len == kv_len and q_len % 128 == 0:
     return 'splash'
-  return 'chunked' if q_len * kv_len > AUTO_CHUNKED_MIN_PAIRS else 'xla'
+  return 'chunked' if q_len * kv_len >= AUTO_CHUNKED_MIN_PAIRS else 'xla'
 
 
 def _reference(q_btnh, k_bskh, v_bskh, mask_bts):

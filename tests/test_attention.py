@@ -253,11 +253,13 @@ def test_splash_refuses_non_self_attention():
 
 def test_resolve():
   assert attn.resolve('chunked', 10, 10) == 'chunked'
-  assert attn.resolve('auto', 4096, 4096, backend='cpu') == 'xla'
-  assert attn.resolve('auto', 16384, 16384, backend='cpu') == 'chunked'
+  assert attn.resolve('auto', 2048, 2048, backend='cpu') == 'xla'
+  assert attn.resolve('auto', 4096, 4096, backend='cpu') == 'chunked'
+  assert attn.resolve('auto', 2048, 8192, backend='cpu') == 'chunked'
   assert attn.resolve('auto', 1, 32768, backend='cpu') == 'xla'
   assert attn.resolve('auto', 4096, 4096, backend='gpu', dtype=jnp.bfloat16, head_dim=64) == 'cudnn'
-  assert attn.resolve('auto', 4096, 4096, backend='gpu', dtype=jnp.float32) == 'xla'
+  assert attn.resolve('auto', 2048, 2048, backend='gpu', dtype=jnp.float32) == 'xla'
+  assert attn.resolve('auto', 4096, 4096, backend='gpu', dtype=jnp.float32) == 'chunked'
   assert attn.resolve('auto', 1, 4096, backend='gpu', dtype=jnp.bfloat16) == 'xla'
   assert attn.resolve('auto', 4096, 4096, backend='tpu') == 'splash'
   assert attn.resolve('auto', 1, 4096, backend='tpu') == 'xla'
