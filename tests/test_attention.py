@@ -292,3 +292,24 @@ def test_bad_inputs_raise_clear_errors():
     run('xla', q, kk, v, dict(masks, kv_positions_bs=jnp.ones((1, 9), jnp.int32)))
   with pytest.raises(ValueError, match='chunk_size must be positive'):
     run('chunked', q, kk, v, masks, chunk_size=0)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'chunked'])
+def test_sharded_over_batch_and_heads(impl):
+  # Batch over 'data' (2), query heads over 'tensor' (4), the 2 kv heads replicated.
+  mesh = jax.make_mesh((2, 4), ('data', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, kk, v = qkv(2, 37, 37, 8, 2, 8, seed=11)
+  masks = batch_masks(37)
+  spec = jax.sharding.PartitionSpec
+  heads = jax.sharding.NamedSharding(mesh, spec('data', None, 'tensor', None))
+  kv_heads = jax.sharding.NamedSharding(mesh, spec('data', None, None, None))
+  q = jax.device_put(q, heads)
+  kk, v = jax.device_put(kk, kv_heads), jax.device_put(v, kv_heads)
+  masks = {name: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec('data', None)))
+           for name, x in masks.items()}
+  loss, grads = loss_and_grads(impl, q, kk, v, masks)
+  ref_loss, ref_grads = loss_and_grads('reference', *(np.asarray(x) for x in (q, kk, v)),
+                                       {n: np.asarray(x) for n, x in masks.items()})
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-4, rtol=1e-5)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
