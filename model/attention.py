@@ -14,8 +14,11 @@ with no allowed key returns zeros.
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the ground truth of the tests.
   xla        `jax.nn.dot_product_attention(implementation='xla')` with the same boolean mask.
-  chunked    blockwise online-softmax attention in plain JAX with a custom VJP
-             (model/attention_chunked.py): memory O(t + s), never the [t, s] score matrix.
+  chunked    blockwise online-softmax attention in plain JAX with a custom VJP (flash-attention
+             style: the backward pass recomputes scores block by block from the saved
+             log-sum-exp); memory O(t + s) plus one [chunk, chunk] block, never [t, s]. Block
+             pairs with no allowed (query, key) pair, e.g. the future under causality, are
+             skipped with lax.cond.
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
   splash     TPU Pallas splash attention with segment ids and a causal mask, TPUs only.
   auto       `resolve()` picks one per backend and shape and logs the choice once.
@@ -29,10 +32,12 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
-# 'auto' on CPU switches from 'xla' (one [t, s] score matrix per head) to 'chunked' above this
-# many query*key pairs: 8192 * 8192 float32 scores are 256 MiB per head, about the point where
-# the materialised scores (kept again for the backward pass) stop fitting a laptop's memory.
-AUTO_CHUNKED_MIN_PAIRS = 8192 * 8192
+# Without a fused kernel (CPU, or GPU in float32), 'auto' uses 'chunked' from this many
+# query * key pairs on, 'xla' below. At 4,096 x 4,096 (8 heads, head dim 64, float32) XLA plans
+# 2.1 GiB for forward+backward against 0.24 GiB for 'chunked', and on a 2-core CPU 'chunked' was
+# also faster there (causal block skipping): benchmarks/results/attention.md. Below it the single
+# [t, s] matrix is small and one fused XLA computation has less overhead than a loop of blocks.
+AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
 
 log = logging.getLogger(__name__)
 _logged_choices: set = set()
@@ -77,7 +82,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
   (a one-token decode step gains nothing from a fused kernel; cuDNN also needs a head dim that is
   a multiple of 8 and at most 128, or 256 from Hopper on — 128 is assumed here); 'splash' on TPU
   when the call is self-attention (q_len == kv_len) over a multiple of 128 tokens; otherwise
-  'chunked' when q_len * kv_len > AUTO_CHUNKED_MIN_PAIRS and 'xla' below that. `backend`,
+  'chunked' when q_len * kv_len >= AUTO_CHUNKED_MIN_PAIRS and 'xla' below that. `backend`,
   `dtype` and `head_dim` default to the default backend / 'unknown' (treated as eligible).
   """
   if implementation not in IMPLEMENTATIONS:
@@ -92,7 +97,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
     return 'cudnn'
   if backend == 'tpu' and q_len == kv_len and q_len % 128 == 0:
     return 'splash'
-  return 'chunked' if q_len * kv_len > AUTO_CHUNKED_MIN_PAIRS else 'xla'
+  return 'chunked' if q_len * kv_len >= AUTO_CHUNKED_MIN_PAIRS else 'xla'
 
 
 def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
@@ -116,6 +121,223 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
   return jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0).astype(q_btnh.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# chunked: blockwise attention with online softmax and a blockwise custom VJP.
+#
+# Blocked layouts: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side arrays are
+# [nk, b, r, ...] (r keys per block). Scores of one block pair are [b, k, g, c, r] (g = n / k
+# query heads per kv head), so GQA never repeats K/V.
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
+
+
+def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
+  """[b, 1, 1, c, r] boolean mask of one (query block, key block) pair."""
+  ok_bcr = ((qseg_bc[:, :, None] == kseg_br[:, None, :]) &
+            (kpos_br[:, None, :] <= qpos_bc[:, :, None]) & kvalid_br[:, None, :])
+  return ok_bcr[:, None, None]
+
+
+def _block_logits(q_bckgh, k_brkh, scale):
+  return jnp.einsum('bckgh,brkh->bkgcr', q_bckgh, k_brkh,
+                    preferred_element_type=jnp.float32) * scale
+
+
+def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
+  """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows)."""
+  scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
+
+  def one_q_block(args):
+    q_bckgh, qseg_bc, qpos_bc = args
+    b, c, k, g, h = q_bckgh.shape
+
+    def update(carry, kv, mask):
+      m_bkgc, l_bkgc, acc_bkgch = carry
+      k_brkh, v_brkh = kv[:2]
+      logits_bkgcr = jnp.where(mask, _block_logits(q_bckgh, k_brkh, scale), _NEG)
+      m_new_bkgc = jnp.maximum(m_bkgc, logits_bkgcr.max(axis=-1))
+      p_bkgcr = jnp.where(mask, jnp.exp(logits_bkgcr - m_new_bkgc[..., None]), 0.0)
+      correction_bkgc = jnp.exp(m_bkgc - m_new_bkgc)
+      l_bkgc = l_bkgc * correction_bkgc + p_bkgcr.sum(axis=-1)
+      pv_bkgch = jnp.einsum('bkgcr,brkh->bkgch', p_bkgcr.astype(v_brkh.dtype), v_brkh,
+                            preferred_element_type=jnp.float32)
+      return m_new_bkgc, l_bkgc, acc_bkgch * correction_bkgc[..., None] + pv_bkgch
+
+    def step(carry, kv):
+      mask = _block_mask(qseg_bc, qpos_bc, *kv[2:])
+      # Blocks with no allowed pair (the future half under a causal mask) are skipped.
+      return jax.lax.cond(jnp.any(mask), update, lambda carry, *_: carry, carry, kv, mask), None
+
+    init = (jnp.full((b, k, g, c), _NEG, jnp.float32), jnp.zeros((b, k, g, c), jnp.float32),
+            jnp.zeros((b, k, g, c, h), jnp.float32))
+    (m_bkgc, l_bkgc, acc_bkgch), _ = jax.lax.scan(
+        step, init, (k_kbrkh, v_kbrkh, kseg_kbr, kpos_kbr, kvalid_kbr))
+    nonempty_bkgc = l_bkgc > 0
+    out_bkgch = acc_bkgch / jnp.where(nonempty_bkgc, l_bkgc, 1.0)[..., None]
+    lse_bkgc = jnp.where(nonempty_bkgc, m_bkgc + jnp.log(jnp.where(nonempty_bkgc, l_bkgc, 1.0)), 0.0)
+    return out_bkgch.transpose(0, 3, 1, 2, 4).astype(q_bckgh.dtype), lse_bkgc
+
+  return jax.lax.map(one_q_block, (q_qbckgh, qseg_qbc, qpos_qbc))
+
+
+@jax.custom_vjp
+def _flash(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
+  return _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr,
+                        kvalid_kbr)[0]
+
+
+def _flash_fwd(*args):
+  out_qbckgh, lse_qbkgc = _flash_forward(*args)
+  return out_qbckgh, (args, out_qbckgh, lse_qbkgc)
+
+
+def _flash_bwd(residuals, dout_qbckgh):
+  """FlashAttention-2 backward: outer scan over key blocks, inner scan over query blocks."""
+  (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr), out_qbckgh, \
+      lse_qbkgc = residuals
+  scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
+  dout_qbckgh = dout_qbckgh.astype(q_qbckgh.dtype)
+  # delta = rowsum(dO * O), the softmax-backward correction term, laid out like lse.
+  delta_qbkgc = jnp.einsum('qbckgh,qbckgh->qbkgc', dout_qbckgh.astype(jnp.float32),
+                           out_qbckgh.astype(jnp.float32))
+
+  def one_kv_block(dq_qbckgh, kv):
+    k_brkh, v_brkh, kseg_br, kpos_br, kvalid_br = kv
+
+    def update(carry, qs, mask):
+      dk_brkh, dv_brkh = carry
+      q_bckgh, do_bckgh, lse_bkgc, delta_bkgc = qs[:4]
+      logits_bkgcr = _block_logits(q_bckgh, k_brkh, scale)
+      p_bkgcr = jnp.where(mask, jnp.exp(logits_bkgcr - lse_bkgc[..., None]), 0.0)
+      dv_brkh += jnp.einsum('bkgcr,bckgh->brkh', p_bkgcr.astype(do_bckgh.dtype), do_bckgh,
+                            preferred_element_type=jnp.float32)
+      dp_bkgcr = jnp.einsum('bckgh,brkh->bkgcr', do_bckgh, v_brkh,
+                            preferred_element_type=jnp.float32)
+      ds_bkgcr = (p_bkgcr * (dp_bkgcr - delta_bkgc[..., None]) * scale).astype(q_bckgh.dtype)
+      dq_bckgh = jnp.einsum('bkgcr,brkh->bckgh', ds_bkgcr, k_brkh,
+                            preferred_element_type=jnp.float32)
+      dk_brkh += jnp.einsum('bkgcr,bckgh->brkh', ds_bkgcr, q_bckgh,
+                            preferred_element_type=jnp.float32)
+      return (dk_brkh, dv_brkh), dq_bckgh
+
+    def skip(carry, qs, mask):
+      return carry, jnp.zeros(qs[0].shape, jnp.float32)
+
+    def step(carry, qs):
+      mask = _block_mask(*qs[4:], kseg_br, kpos_br, kvalid_br)
+      return jax.lax.cond(jnp.any(mask), update, skip, carry, qs, mask)
+
+    zeros_brkh = jnp.zeros(k_brkh.shape, jnp.float32)
+    (dk_brkh, dv_brkh), dq_part_qbckgh = jax.lax.scan(
+        step, (zeros_brkh, zeros_brkh),
+        (q_qbckgh, dout_qbckgh, lse_qbkgc, delta_qbkgc, qseg_qbc, qpos_qbc))
+    return dq_qbckgh + dq_part_qbckgh, (dk_brkh, dv_brkh)
+
+  dq_qbckgh, (dk_kbrkh, dv_kbrkh) = jax.lax.scan(
+      one_kv_block, jnp.zeros(q_qbckgh.shape, jnp.float32),
+      (k_kbrkh, v_kbrkh, kseg_kbr, kpos_kbr, kvalid_kbr))
+  return (dq_qbckgh.astype(q_qbckgh.dtype), dk_kbrkh.astype(k_kbrkh.dtype),
+          dv_kbrkh.astype(v_kbrkh.dtype), None, None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _to_blocks(x, block, fill):
+  """[b, l, ...] -> [ceil(l / block), b, block, ...], padding the tail with `fill`."""
+  b, length = x.shape[:2]
+  nblocks = -(-length // block)
+  pad = [(0, 0), (0, nblocks * block - length)] + [(0, 0)] * (x.ndim - 2)
+  x = jnp.pad(x, pad, constant_values=fill)
+  return jnp.moveaxis(x.reshape(b, nblocks, block, *x.shape[2:]), 1, 0)
+
+
+def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
+             kv_positions_bs, chunk_size):
+  if chunk_size < 1:
+    raise ValueError(f'model/attention.py: chunk_size must be positive, got {chunk_size}')
+  b, t, n, h = q_btnh.shape
+  s, k = k_bskh.shape[1:3]
+  c, r = min(chunk_size, t), min(chunk_size, s)
+  q_qbckgh = _to_blocks(q_btnh.reshape(b, t, k, n // k, h), c, 0)
+  kvalid_kbr = _to_blocks(jnp.ones((b, s), bool), r, False)  # Padded keys are never attended.
+  out_qbckgh = _flash(q_qbckgh, _to_blocks(k_bskh, r, 0), _to_blocks(v_bskh, r, 0),
+                      _to_blocks(q_segment_ids_bt, c, 0), _to_blocks(q_positions_bt, c, 0),
+                      _to_blocks(kv_segment_ids_bs, r, 0), _to_blocks(kv_positions_bs, r, 0),
+                      kvalid_kbr)
+  out_btkgh = jnp.moveaxis(out_qbckgh, 0, 1).reshape(b, -1, k, n // k, h)[:, :t]
+  return out_btkgh.reshape(b, t, n, h)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accelerator kernels.
+
+
+def _require_nvidia_gpu():
+  backend = jax.default_backend()
+  platform_version = getattr(jax.devices()[0].client, 'platform_version', '').lower()
+  if backend != 'gpu' or 'rocm' in platform_version:
+    raise RuntimeError(
+        f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the JAX "
+        f"backend is {backend!r} ({platform_version or 'no platform version'}); use 'xla', "
+        f"'chunked' or 'auto' instead.")
+
+
+def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
+  """cuDNN fused attention; the segment/position mask goes in as a boolean mask.
+
+  jax 0.10.2's `dot_product_attention(implementation='cudnn')` has no segment ids: its
+  is_causal is index-based (wrong for a KV cache or for positions that do not follow the index)
+  and query/key_value_seq_lengths only describe one unpadded prefix per row, not packed
+  documents. Its `mask` argument is exact for any packing and any positions; cuDNN receives it
+  as an additive [b, 1, t, s] bias, so this path stores t * s mask values (2 bytes each in bf16)
+  per batch row, while scores and probabilities stay inside the fused kernel.
+  """
+  _require_nvidia_gpu()
+  if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"model/attention.py: implementation 'cudnn' needs bfloat16 or float16 "
+                     f"inputs, got {q_btnh.dtype}; set model.compute_dtype='bfloat16' or use "
+                     f"'xla' / 'chunked'.")
+  out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None],
+                                          implementation='cudnn')
+  return jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0).astype(q_btnh.dtype)
+
+
+def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret=False):
+  """TPU Pallas splash attention: segment ids plus an index-causal mask.
+
+  Splash takes segment ids but no positions; its causal mask compares indices. That equals the
+  position rule for self-attention (t == s) where positions grow by one along each document,
+  which is how packed training batches are built. KV-cache decoding (t != s) is refused: use
+  'xla' there. `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
+  """
+  if not interpret and jax.default_backend() != 'tpu':
+    raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the JAX "
+                       f"backend is {jax.default_backend()!r}; use 'xla', 'chunked' or 'auto'.")
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only import.
+  b, t, n, h = q_btnh.shape
+  s, k = k_bskh.shape[1:3]
+  g = n // k
+  if t != s or t % 128:
+    raise ValueError(f"model/attention.py: implementation 'splash' needs self-attention over a "
+                     f"multiple of 128 tokens (q_len == kv_len), got q_len={t}, kv_len={s}.")
+  scale = 1.0 / math.sqrt(h)
+  segment_ids = splash.SegmentIds(q=q_segment_ids_bt.astype(jnp.int32),
+                                  kv=kv_segment_ids_bs.astype(jnp.int32))
+  q_bknth = (q_btnh * jnp.asarray(scale, q_btnh.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+  k_bksh, v_bksh = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)
+  if g == 1:  # MHA: one kernel over all heads.
+    kernel = splash.make_splash_mha_single_device(
+        splash.MultiHeadMask([splash.CausalMask((t, s))] * n), interpret=interpret)
+    out_bkgth = jax.vmap(kernel)(q_bknth[:, :, 0], k_bksh, v_bksh, segment_ids)[:, :, None]
+  else:  # GQA / MQA: a shared-kv kernel per kv head, g query heads each.
+    kernel = splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([splash.CausalMask((t, s))] * g), interpret=interpret)
+    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
+    out_bkgth = jax.vmap(per_kv_head)(q_bknth, k_bksh, v_bksh, segment_ids)
+  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_btnh.dtype)
+
+
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
               kv_positions_bs, implementation: str = 'xla', chunk_size: int = 1024):
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
@@ -135,4 +357,8 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
     return _reference(q_btnh, k_bskh, v_bskh, make_mask(*segs))
   if impl == 'xla':
     return _xla(q_btnh, k_bskh, v_bskh, make_mask(*segs))
-  raise NotImplementedError(f'model/attention.py: implementation {impl!r} not available yet')
+  if impl == 'chunked':
+    return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
+  if impl == 'cudnn':
+    return _cudnn(q_btnh, k_bskh, v_bskh, make_mask(*segs))
+  return _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
