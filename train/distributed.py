@@ -1,29 +1,164 @@
-"""Multi-process start-up: `jax.distributed.initialize` from config, or auto-detected.
+"""Multi-process start-up, and data-iterator state that survives a change of process count.
 
-`distributed.enabled=True` with an explicit coordinator_address / num_processes / process_id
-starts JAX's distributed runtime with those values; with them left empty, JAX auto-detects
-SLURM, Open MPI and Cloud TPU environments. On CPU the collectives go through gloo.
+Start-up (`maybe_initialize`): with `distributed.enabled` (config, `--config.distributed.*`
+flags, or the environment below) the process joins JAX's distributed runtime before touching
+any device. Values are taken from, in order: the config, the environment, JAX's cluster
+auto-detection (SLURM, Open MPI, Cloud TPU / GKE TPU pods, Kubernetes; `mpi4py` only when
+asked for). On CPU the collectives go through gloo.
+
+    MESHLM_DISTRIBUTED=1                 same as distributed.enabled=True
+    MESHLM_COORDINATOR_ADDRESS=host:port distributed.coordinator_address (process 0 listens here)
+    MESHLM_NUM_PROCESSES=N               distributed.num_processes
+    MESHLM_PROCESS_ID=i                  distributed.process_id
+    MESHLM_CLUSTER=slurm|ompi|...        force one of JAX's cluster detectors
+
+Data state (`gather_data_state`, `local_data_state`): each process iterates over its own rows
+of every global batch (data/pipeline.py), so its iterator state describes only those rows.
+orbax writes a JSON item from process 0 alone; saving `data.get_state()` directly would keep
+process 0's rows and lose the others'. Instead every process's state is gathered (a small
+collective) and the checkpoint stores the list. On restore with the same process count each
+process takes its own entry; with a different count the per-row stream states are concatenated
+in global row order and re-split (row r of a global batch is the same document stream whatever
+the number of processes), so a run saved by 2 processes resumes exactly on 1, or on 4.
 """
 
+import copy
+import dataclasses
+import json
 import logging
+import os
 
 import jax
+import numpy as np
+
+from model.config import ConfigError
 
 log = logging.getLogger('meshlm')
 
+ENV = {'enabled': 'MESHLM_DISTRIBUTED', 'coordinator_address': 'MESHLM_COORDINATOR_ADDRESS',
+       'num_processes': 'MESHLM_NUM_PROCESSES', 'process_id': 'MESHLM_PROCESS_ID',
+       'cluster': 'MESHLM_CLUSTER'}
+STATE_FORMAT = 'meshlm_per_process_v1'
 
-def maybe_initialize(dist_cfg) -> None:
-  if not dist_cfg.enabled or jax.distributed.is_initialized():
-    return
-  kwargs = {}
-  if dist_cfg.coordinator_address:
-    kwargs['coordinator_address'] = dist_cfg.coordinator_address
-  if dist_cfg.num_processes > 0:
-    kwargs['num_processes'] = dist_cfg.num_processes
-  if dist_cfg.process_id >= 0:
-    kwargs['process_id'] = dist_cfg.process_id
-  if jax.config.jax_platforms in (None, '', 'cpu') or 'cpu' in str(jax.config.jax_platforms):
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kwargs)
-  log.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  enabled: bool
+  coordinator_address: str | None
+  num_processes: int | None
+  process_id: int | None
+  cluster: str | None  # A JAX cluster detector name ('slurm', 'ompi', ...), None: auto.
+
+  def initialize_kwargs(self) -> dict:
+    kw = {'coordinator_address': self.coordinator_address, 'num_processes': self.num_processes,
+          'process_id': self.process_id, 'cluster_detection_method': self.cluster}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _env_int(environ, name: str) -> int | None:
+  value = environ.get(name, '').strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(f'environment variable {name}={value!r} is not an integer') from None
+
+
+def settings(dist_cfg, environ=None) -> Settings:
+  """The config section merged with the MESHLM_* environment (config wins where set)."""
+  environ = os.environ if environ is None else environ
+  flag = environ.get(ENV['enabled'], '').strip().lower()
+  if flag not in ('', '0', '1', 'true', 'false'):
+    raise ConfigError(f'environment variable {ENV["enabled"]}={flag!r}: use 1/0 or true/false')
+  enabled = bool(dist_cfg.enabled) or flag in ('1', 'true')
+  address = dist_cfg.coordinator_address or environ.get(ENV['coordinator_address'], '') or None
+  num = dist_cfg.num_processes if dist_cfg.num_processes > 0 else _env_int(environ, ENV['num_processes'])
+  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else _env_int(environ, ENV['process_id'])
+  if num is not None and num < 1:
+    raise ConfigError(f'distributed.num_processes={num} must be positive')
+  if pid is not None and num is not None and not 0 <= pid < num:
+    raise ConfigError(f'distributed.process_id={pid} is outside [0, num_processes={num})')
+  return Settings(enabled, address, num, pid, environ.get(ENV['cluster'], '').strip() or None)
+
+
+def maybe_initialize(dist_cfg, environ=None) -> bool:
+  """Joins the distributed runtime if enabled; True if this call initialised it."""
+  s = settings(dist_cfg, environ)
+  if not s.enabled or jax.distributed.is_initialized():
+    return False
+  kwargs = s.initialize_kwargs()
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Only read by the CPU backend.
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # JAX's message for missing values when no cluster was detected.
+    raise ConfigError(
+        f'distributed.enabled: {e} Give distributed.coordinator_address, num_processes and '
+        f'process_id (flags --config.distributed.* or {ENV["coordinator_address"]}, '
+        f'{ENV["num_processes"]}, {ENV["process_id"]}), or run under SLURM, Open MPI or a TPU '
+        f'pod, whose environment JAX reads. Given: {kwargs}') from e
+  log.info('jax.distributed: process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count(),
+           'explicit' if s.coordinator_address else 'auto-detected')
+  return True
+
+
+def _allgather_text(text: str) -> list[str]:
+  """Each process's `text`, in process order, on every process."""
+  if jax.process_count() == 1:
+    return [text]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(text.encode('utf-8'), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [bytes(gathered[i, :lengths[i]]).decode('utf-8') for i in range(len(lengths))]
+
+
+def gather_data_state(local_state: dict) -> dict:
+  """What a checkpoint stores: every process's iterator state. Call on all processes."""
+  states = [json.loads(s) for s in _allgather_text(json.dumps(local_state))]
+  return {'format': STATE_FORMAT, 'process_states': states}
+
+
+def _rows(state: dict, where: str) -> list:
+  try:
+    rows = state['grain']['parents']
+    state['signature']['global_batch']
+  except (KeyError, TypeError):
+    raise ValueError(f'{where}: the data iterator state has no per-row streams '
+                     f"(state['grain']['parents']); it cannot move to another process count") from None
+  return list(rows)
+
+
+def local_data_state(saved: dict, process_index: int, process_count: int) -> dict:
+  """This process's iterator state from what `gather_data_state` saved (or a bare state)."""
+  if not saved:
+    return saved
+  if saved.get('format') == STATE_FORMAT:
+    states = saved['process_states']
+  else:  # A single iterator's state, as a one-process run of older code saved it.
+    count = saved.get('signature', {}).get('process_count', 1)
+    if count != 1:
+      raise ValueError(f'the checkpoint holds only process 0 of {count} processes\' data state '
+                       '(written before per-process gathering); the data position of the other '
+                       'processes is lost')
+    states = [saved]
+  if len(states) == process_count:
+    return states[process_index]
+  where = f'restoring a {len(states)}-process data state on {process_count} processes'
+  rows = [row for s in states for row in _rows(s, where)]
+  signatures = [{k: v for k, v in s['signature'].items() if k not in ('process_index', 'process_count')}
+                for s in states]
+  if any(sig != signatures[0] for sig in signatures):
+    raise ValueError(f'{where}: the processes\' pipelines differ: {signatures}')
+  global_batch = states[0]['signature']['global_batch']
+  if len(rows) != global_batch or global_batch % process_count:
+    raise ValueError(f'{where}: {len(rows)} row streams for a global batch of {global_batch}, '
+                     f'which must split evenly over {process_count} processes')
+  local = global_batch // process_count
+  state = copy.deepcopy(states[0])
+  state['signature'].update(process_index=process_index, process_count=process_count)
+  state['grain']['parents'] = rows[process_index * local:(process_index + 1) * local]
+  return state

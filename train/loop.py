@@ -63,7 +63,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
     if checkpointer.latest_step() is not None:
       state, data_state = checkpointer.restore(state, shardings)
-      data.set_state(data_state)
+      data.set_state(distributed.local_data_state(data_state, jax.process_index(), jax.process_count()))
       log.info('resuming from step %d', int(state['step']))
     elif t.init_from:
       state['params'] = ckpt_lib.restore_params(t.init_from, state['params'], shardings['params'])
@@ -107,7 +107,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
         if stop_after is not None and done - start >= stop_after:
           stop.requested = True
         if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
-          checkpointer.save(done, state, data.get_state(), force=True)
+          checkpointer.save(done, state, distributed.gather_data_state(data.get_state()), force=True)
         if progress is not None:
           progress.update(1)
         if stop.requested:

@@ -1,0 +1,205 @@
+"""Multi-process training: the real CLI on 2 processes x 4 CPU devices, resumed on 1 x 8.
+
+The end-to-end test runs `python -m train` three times on experiments/tiny_dense.py shrunk
+further by flags, with a learning-rate schedule that does not depend on train.steps (warm-up
+then constant), so a 3-step run is a prefix of a 6-step one:
+  A  2 processes x 4 devices (gloo collectives on localhost), fsdp=8, steps 1-3, checkpoint at 3;
+  B  1 process x 8 devices, resumes A's checkpoint (params, Adam state, data position), steps 4-6;
+  C  1 process x 8 devices, steps 1-6 uninterrupted.
+A's losses must equal C's for steps 1-3 and B's must equal C's for steps 4-6 (read back from
+the TensorBoard event files). The other tests check the pieces without starting processes.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import tiny_dense
+from train import distributed
+from train.config import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OVERRIDES = ('--config.model.num_layers=2', '--config.model.d_model=64', '--config.model.mlp_dim=128',
+             '--config.data.seq_len=64', '--config.train.global_batch=8', '--config.mesh.fsdp=8',
+             '--config.optim.warmup_steps=1', '--config.optim.final_lr_frac=1.0',
+             '--config.train.log_every=1', '--config.train.ckpt_every=3',
+             '--config.train.eval_every=1000', '--config.train.progress=False')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=str(REPO))
+  for name in distributed.ENV.values():
+    env.pop(name, None)
+  return env
+
+
+def _train(workdir, steps: int, tokenizer: str, processes: int, timeout: float = 600) -> list[str]:
+  """Runs the CLI on `processes` local processes (8 // processes devices each); their logs."""
+  args = [sys.executable, '-m', 'train', '--config', str(REPO / 'experiments/tiny_dense.py'),
+          '--workdir', str(workdir), f'--config.train.steps={steps}',
+          f'--config.data.tokenizer={tokenizer}', *OVERRIDES]
+  if processes > 1:
+    args += ['--config.distributed.enabled=True', f'--config.distributed.num_processes={processes}',
+             f'--config.distributed.coordinator_address=localhost:{_free_port()}']
+  procs = []
+  for i in range(processes):
+    extra = [f'--config.distributed.process_id={i}'] if processes > 1 else []
+    procs.append(subprocess.Popen(args + extra, cwd=REPO, env=_env(8 // processes), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  logs, deadline = [], time.monotonic() + timeout
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f'process {i} of {processes} failed:\n{log[-4000:]}'
+  return logs
+
+
+def read_scalars(tb_dir, tag: str = 'loss') -> dict[int, float]:
+  """{step: value} of `tag` from the TFRecord event files tensorboardX wrote."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(pathlib.Path(tb_dir).glob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4  # length, its crc, the record, its crc.
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[event.step] = value.simple_value
+  return out
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tmp_path_factory):
+  """One tokenizer trained here for all runs (so no run spends its time training one)."""
+  from data import pipeline
+  c = tiny_dense.get_config()
+  c.data.tokenizer_docs = 500
+  tok = pipeline.load_tokenizer(c.data, vocab_size=c.model.vocab_size,
+                                workdir=str(tmp_path_factory.mktemp('tok')))
+  return tok.path
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_checkpoint_resumes_on_one(tmp_path, tokenizer):
+  t0 = time.monotonic()
+  logs_a = _train(tmp_path / 'a', 3, tokenizer, processes=2)
+  t_a = time.monotonic() - t0
+  assert 'process 1 of 2, 4 local / 8 global devices' in logs_a[1]
+  saved = json.loads((tmp_path / 'a/checkpoints/3/data/metadata').read_text())
+  assert saved['format'] == distributed.STATE_FORMAT
+  assert [s['signature']['process_index'] for s in saved['process_states']] == [0, 1]
+  assert len(list((tmp_path / 'a/tb').glob('events.out.tfevents.*'))) == 1  # Process 0's only.
+
+  shutil.copytree(tmp_path / 'a/checkpoints', tmp_path / 'b/checkpoints')
+  logs_b = _train(tmp_path / 'b', 6, tokenizer, processes=1)
+  assert 'resuming from step 3' in logs_b[0]
+  _train(tmp_path / 'c', 6, tokenizer, processes=1)
+
+  a, b, c = (read_scalars(tmp_path / d / 'tb') for d in 'abc')
+  assert sorted(a) == [1, 2, 3] and sorted(b) == [4, 5, 6] and sorted(c) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [c[s] for s in (1, 2, 3)], rtol=2e-5)
+  np.testing.assert_allclose([b[s] for s in (4, 5, 6)], [c[s] for s in (4, 5, 6)], rtol=2e-5)
+  assert c[6] < c[1] - 0.05  # It trained: a constant loss would make the comparison vacuous.
+  print(f'2-process run {t_a:.0f} s; whole test {time.monotonic() - t0:.0f} s; losses {c}')
+
+
+def _iterators(tokenizer, process_count: int, global_batch: int = 8):
+  from data import pipeline
+  c = tiny_dense.get_config()
+  c.data.tokenizer = tokenizer
+  c.data.seq_len = 32
+  return [pipeline.make_iterator(c.data, vocab_size=c.model.vocab_size, global_batch=global_batch,
+                                 workdir='', process_index=p, process_count=process_count)
+          for p in range(process_count)]
+
+
+def _stacked_next(iterators) -> dict:
+  batches = [next(it) for it in iterators]
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+@pytest.mark.parametrize('before, after', [(2, 1), (1, 4), (4, 2), (2, 2)])
+def test_data_state_moves_between_process_counts(tokenizer, before, after):
+  old = _iterators(tokenizer, before)
+  for _ in range(3):
+    _stacked_next(old)
+  saved = {'format': distributed.STATE_FORMAT, 'process_states': [it.get_state() for it in old]}
+  saved = json.loads(json.dumps(saved))  # What the JSON checkpoint item gives back.
+  new = _iterators(tokenizer, after)
+  for p, it in enumerate(new):
+    it.set_state(distributed.local_data_state(saved, p, after))
+  for _ in range(2):
+    want, got = _stacked_next(old), _stacked_next(new)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_data_state_errors(tokenizer):
+  (it0, it1) = _iterators(tokenizer, 2)
+  with pytest.raises(ValueError, match='only process 0 of 2'):
+    distributed.local_data_state(it0.get_state(), 0, 1)
+  bad = {'format': distributed.STATE_FORMAT, 'process_states': [it0.get_state(), it1.get_state()]}
+  bad['process_states'][1]['signature']['seq_len'] = 99
+  with pytest.raises(ValueError, match='pipelines differ'):
+    distributed.local_data_state(bad, 0, 1)
+  (solo,) = _iterators(tokenizer, 1)
+  assert distributed.local_data_state(solo.get_state(), 0, 1) == solo.get_state()  # Old format.
+
+
+def test_gather_on_one_process():
+  state = {'grain': {'parents': [1, 2]}, 'signature': {'global_batch': 2}}
+  assert distributed.gather_data_state(state) == {'format': distributed.STATE_FORMAT,
+                                                  'process_states': [state]}
+
+
+class _Cfg:
+  def __init__(self, **kw):
+    self.enabled, self.coordinator_address, self.num_processes, self.process_id = False, '', 0, -1
+    self.__dict__.update(kw)
+
+
+def test_settings_from_config_env_and_errors():
+  env = {'MESHLM_DISTRIBUTED': '1', 'MESHLM_COORDINATOR_ADDRESS': 'h:1', 'MESHLM_NUM_PROCESSES': '4',
+         'MESHLM_PROCESS_ID': '3'}
+  s = distributed.settings(_Cfg(), env)
+  assert (s.enabled, s.coordinator_address, s.num_processes, s.process_id) == (True, 'h:1', 4, 3)
+  s = distributed.settings(_Cfg(enabled=True, coordinator_address='c:2', num_processes=2, process_id=0), env)
+  assert s.initialize_kwargs() == {'coordinator_address': 'c:2', 'num_processes': 2, 'process_id': 0}
+  # Enabled with nothing given: everything left to JAX's cluster detection (SLURM, Open MPI, TPU).
+  assert distributed.settings(_Cfg(enabled=True), {}).initialize_kwargs() == {}
+  assert distributed.settings(_Cfg(enabled=True), {'MESHLM_CLUSTER': 'slurm'}).initialize_kwargs() == {
+      'cluster_detection_method': 'slurm'}
+  assert not distributed.settings(_Cfg(), {}).enabled
+  assert not distributed.maybe_initialize(_Cfg(), {})  # Disabled: nothing happens.
+  with pytest.raises(ConfigError, match='MESHLM_NUM_PROCESSES'):
+    distributed.settings(_Cfg(), {'MESHLM_NUM_PROCESSES': 'two'})
+  with pytest.raises(ConfigError, match='process_id=5 is outside'):
+    distributed.settings(_Cfg(enabled=True, num_processes=2, process_id=5), {})
+  with pytest.raises(ConfigError, match='MESHLM_DISTRIBUTED'):
+    distributed.settings(_Cfg(), {'MESHLM_DISTRIBUTED': 'yes please'})
