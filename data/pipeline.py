@@ -1,76 +1,58 @@
-"""Grain pipeline from documents to packed, process-local batches that resume exactly.
+"""Grain pipelines from sources to process-local batches that resume exactly.
 
-Batch contract (numpy, b = global_batch // process_count rows, T = config.data.seq_len):
+Batch contract of `make_iterator` (numpy, b = global_batch // process_count rows, T = seq_len):
   inputs int32[b,T], targets int32[b,T], positions int32[b,T], segment_ids int32[b,T],
-  loss_mask float32[b,T]   (see data.packing for their meaning).
+  loss_mask float32[b,T]   (see data.packing; for SFT the mask covers assistant tokens only).
+`make_preference_iterator` gives {'chosen': batch, 'rejected': batch} of that form, row i of
+both from the same pair, one pair per row.
 
-How rows are made, so that the global batch does not depend on the number of processes:
-the document order is one shuffled, endlessly repeated sequence (a new order each epoch).
-Row r of every global batch (0 <= r < global_batch) is packed from its own stream, the
-documents at positions r, r + B, r + 2B, ... of that sequence. Process p builds only its rows
-p*b .. (p+1)*b - 1, so it reads and tokenises only its share, and the rows of all processes
-stacked in order are exactly the batch one process would build alone.
+How rows are made, so that the global batch does not depend on the number of processes: the
+items of all selected sources are mixed by weight (grain's deterministic mix) into one
+sequence, shuffled anew every epoch and repeated without end. Row r of every global batch
+(0 <= r < global_batch) is packed from its own stream, the items at positions r, r + B,
+r + 2B, ... of that sequence. Process p builds only rows p*b .. (p+1)*b - 1: it reads and
+tokenises only its share, and the rows of all processes stacked in order are exactly the
+batch a single process would build.
 
-Each row stream is a grain pipeline (source -> shuffle -> repeat -> slice -> tokenise) feeding
-a packing iterator; the streams are zipped into one grain iterator whose state is small and
-JSON-serialisable: per stream, the index of the next document and how far into a cut
-document the packer had got.
+Each row stream is a grain pipeline (source -> mix -> shuffle -> repeat -> slice -> tokenise)
+feeding a packing iterator; the streams are zipped into one grain iterator whose state is
+small and JSON-serialisable: per stream, the index of the next item, how far into a cut
+document the packer had got, and per-source counts (items, tokens, and items skipped, by
+reason). `get_state()['counts']` adds those up along with counts known at build time.
 
-The 'eval' split is held out (its own draws of the generators, the documents after the
-training ones; a few short templated texts such as a times table can still occur in both, as
-they repeat within each split), is not shuffled, and starts
-from the same place every time an iterator is made: take the first N batches for an eval.
+The 'eval' split is held out and not shuffled; a new iterator starts it from the beginning
+every time, so the first N batches make a fixed eval set.
 """
 
+import collections
 import json
 import os
+import sys
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
 
+from data import chat, packing, readers, sources
 from data import config as data_config
-from data import corpus, packing
+from data import hygiene as hygiene_lib
 from data import tokenizer as tokenizer_lib
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 # Row streams read synchronously: one thread pool per row would cost more than it saves.
 _SYNC_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+_MIX_WINDOW = 4096
 
 
-class _EmbeddedDocs:
-  """Documents `start .. start + size - 1` of the generated corpus, made on demand."""
-
-  def __init__(self, seed: int, start: int, size: int):
-    self.seed, self.start, self.size = seed, start, size
-
-  def __len__(self) -> int:
-    return self.size
-
-  def __getitem__(self, index: int) -> str:
-    if not 0 <= index < self.size:
-      raise IndexError(index)
-    return corpus.document(self.seed, self.start + int(index))
-
-
-def documents_source(data_cfg, split: str):
-  """A random-access sequence of the documents (strings) of `split`."""
-  if split not in data_config.SPLITS:
-    raise data_config.DataConfigError(f'split {split!r} is not one of {data_config.SPLITS}')
-  n_train, n_eval = int(data_cfg.embedded_docs), int(data_cfg.embedded_eval_docs)
-  if split == 'train':
-    return _EmbeddedDocs(int(data_cfg.embedded_seed), 0, n_train)
-  return _EmbeddedDocs(int(data_cfg.embedded_seed), n_train, n_eval)
-
-
-def load_tokenizer(data_cfg, *, vocab_size: int, workdir: str) -> tokenizer_lib.Tokenizer:
-  """The configured tokenizer, or one trained on the training documents and cached."""
+def load_tokenizer(data_cfg, *, vocab_size: int, workdir: str,
+                   srcs: list[sources.Source] | None = None) -> tokenizer_lib.Tokenizer:
+  """The configured tokenizer, or one trained on a sample of the training sources (cached)."""
   if data_cfg.tokenizer:
     tok = tokenizer_lib.Tokenizer(data_cfg.tokenizer)
   else:
-    docs = documents_source(data_cfg, 'train')
-    sample = [docs[i] for i in range(min(len(docs), int(data_cfg.tokenizer_docs)))]
+    srcs = srcs or sources.build_all(data_cfg, 'train', workdir)
+    sample = sources.sample_texts(srcs, int(data_cfg.tokenizer_docs))
     fp = tokenizer_lib.fingerprint(sample, vocab_size, data_cfg.tokenizer_type)
     path = os.path.join(workdir, 'tokenizer', f'{data_cfg.tokenizer_type}_{vocab_size}_{fp}')
     tok = tokenizer_lib.train_or_load(sample, vocab_size, data_cfg.tokenizer_type, path)
@@ -82,39 +64,52 @@ def load_tokenizer(data_cfg, *, vocab_size: int, workdir: str) -> tokenizer_lib.
 
 
 class PackIterDataset(grain.IterDataset):
-  """Packs a stream of examples (see data.packing.lm_example) into rows of length T."""
+  """Packs a stream of examples (data.packing.lm_example + 'source') into rows of length T."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int, policy: str, pad_id: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, policy: str, pad_id: int,
+               source_names: list[str]):
     super().__init__(parent)
-    self._seq_len, self._policy, self._pad_id = seq_len, policy, pad_id
+    self._args = (seq_len, policy, pad_id, source_names)
 
   def __iter__(self) -> '_PackIterator':
-    return _PackIterator(self._parent.__iter__(), self._seq_len, self._policy, self._pad_id)
+    return _PackIterator(self._parent.__iter__(), *self._args)
 
 
 class _PackIterator(grain.DatasetIterator):
-  """State: the parent's state before the example being cut, and the cut's offset."""
+  """State: the parent's state before the example being cut, the cut's offset, counts."""
 
-  def __init__(self, parent, seq_len, policy, pad_id):
+  def __init__(self, parent, seq_len, policy, pad_id, source_names):
     super().__init__(parent)
     self._packer = packing.RowPacker(seq_len, policy, pad_id)
+    self._names = source_names
     self._pending_state = None  # Parent state from which `packer.pending` was read.
+    self._counts = {n: collections.Counter() for n in source_names}
 
   def _next_example(self):
-    self._pending_state = self._parent.get_state()
-    return next(self._parent)
+    while True:
+      self._pending_state = self._parent.get_state()
+      example = next(self._parent)
+      counts = self._counts[self._names[example['source']]]
+      if 'skip' in example:
+        counts['skipped_' + example['skip']] += 1
+        continue
+      counts['items'] += 1
+      counts['tokens'] += int(example['inputs'].shape[0])
+      return example
 
   def __next__(self) -> dict[str, np.ndarray]:
     return self._packer.pack(self._next_example)
 
   def get_state(self) -> dict[str, Any]:
+    counts = {n: dict(c) for n, c in self._counts.items()}
     if self._packer.pending is None:
-      return {'parent': self._parent.get_state(), 'offset': -1}
-    return {'parent': self._pending_state, 'offset': self._packer.offset}
+      return {'parent': self._parent.get_state(), 'offset': -1, 'counts': counts}
+    return {'parent': self._pending_state, 'offset': self._packer.offset, 'counts': counts}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['parent'])
     self._packer.reset()
+    self._counts = {n: collections.Counter(state['counts'].get(n, {})) for n in self._names}
     if state['offset'] >= 0:
       self._pending_state = state['parent']
       self._packer.reset(next(self._parent), int(state['offset']))
@@ -124,25 +119,46 @@ def _stack_rows(rows: tuple) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in packing.FEATURES}
 
 
+def _sum_counts(state: Any, into: dict) -> None:
+  """Adds up the per-source counts found anywhere in a grain state tree."""
+  if isinstance(state, dict):
+    if 'counts' in state and 'offset' in state:
+      for name, c in state['counts'].items():
+        into.setdefault(name, collections.Counter()).update(c)
+    for v in state.values():
+      _sum_counts(v, into)
+  elif isinstance(state, list):
+    for v in state:
+      _sum_counts(v, into)
+
+
 class DataIterator:
-  """Process-local packed batches: `next(it)`, `get_state()`, `set_state(s)`, `.tokenizer`."""
+  """Process-local batches: `next(it)`, `get_state()`, `set_state(s)`, `.tokenizer`."""
 
   def __init__(self, dataset: grain.IterDataset, tokenizer: tokenizer_lib.Tokenizer,
-               signature: dict[str, Any]):
+               signature: dict[str, Any], build_stats: dict[str, Any]):
     self.tokenizer = tokenizer
     self._iterator = dataset.__iter__()
     self._signature = signature
+    self.build_stats = build_stats  # Per source: counts known when it was built.
 
   def __iter__(self) -> 'DataIterator':
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> dict[str, Any]:
     return next(self._iterator)
+
+  def counts(self) -> dict[str, dict[str, int]]:
+    """Per source: items and tokens read so far and items skipped by reason (this process)."""
+    total: dict[str, collections.Counter] = {}
+    _sum_counts(self._iterator.get_state(), total)
+    return {n: dict(c) for n, c in total.items()}
 
   def get_state(self) -> dict[str, Any]:
     """A JSON-serialisable state; `set_state` of it makes the next batch the one due now."""
     return {'version': STATE_VERSION, 'signature': dict(self._signature),
-            'grain': self._iterator.get_state()}
+            'grain': self._iterator.get_state(),
+            'counts': {'read': self.counts(), 'built': self.build_stats}}
 
   def set_state(self, state: dict[str, Any]) -> None:
     if not isinstance(state, dict) or state.get('version') != STATE_VERSION:
@@ -162,34 +178,152 @@ def _effective_seed(shuffle_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(shuffle_seed), int(seed)]).generate_state(1)[0])
 
 
-def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, global_batch: int,
-                  workdir: str, split: str = 'train', process_index: int = 0,
-                  process_count: int = 1, seed: int = 0) -> DataIterator:
-  """Packed batches of `split`: this process's rows of each global batch (see module doc)."""
+def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
+  bos, eos = tok.bos_id, tok.eos_id
+  clean = None
+  if lazy_hygiene:
+    cfg = ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(), 'dedup': False})
+    clean = hygiene_lib.Hygiene(cfg)
+  bad = readers.BadInput(data_cfg.on_bad_input)
+
+  def encode(item):
+    if isinstance(item, sources.Bad):
+      bad(item.where, item.reason, item.message)  # Raises unless skipping.
+      return {'skip': item.reason, 'source': source_index}
+    if clean is not None:
+      item, reason = clean.filter(item)
+      if reason:
+        return {'skip': reason, 'source': source_index}
+    ex = packing.lm_example(np.asarray([bos] + tok.encode(item) + [eos], np.int32))
+    ex['source'] = source_index
+    return ex
+  return encode
+
+
+def _tokenize_chat(src: sources.Source, template: chat.ChatTemplate, seq_len: int,
+                   bad: readers.BadInput) -> list:
+  """SFT items -> [(ids, weights)]; preference items -> [((ids, w), (ids, w))]; length-checked."""
+  out = []
+  for item in src.items:
+    where, conversations = item[0], item[1:]
+    encoded = [template.sft_example(m, where) for m in conversations]
+    longest = max(ids.shape[0] for ids, _ in encoded) - 1
+    if longest > seq_len:
+      bad(where, 'too_long', f'example of {longest} tokens is longer than seq_len {seq_len}')
+      continue
+    out.append(encoded[0] if len(encoded) == 1 else tuple(encoded))
+  return out
+
+
+def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, process_count,
+             seed, formats):
   data_config.validate(data_cfg, vocab_size=vocab_size, global_batch=global_batch,
                        process_count=process_count)
   if not 0 <= process_index < process_count:
     raise data_config.DataConfigError(
         f'process_index {process_index} is outside [0, {process_count})')
-  tok = load_tokenizer(data_cfg, vocab_size=vocab_size, workdir=workdir)
-  bos, eos = tok.bos_id, tok.eos_id
-
-  def encode(doc: str) -> dict[str, np.ndarray]:
-    return packing.lm_example(np.asarray([bos] + tok.encode(doc) + [eos], np.int32))
-
-  docs = grain.MapDataset.source(documents_source(data_cfg, split))
-  shuffle_seed = _effective_seed(data_cfg.shuffle_seed, seed)
-  if split == 'train':
-    docs = docs.seed(shuffle_seed).shuffle()
-  docs = docs.repeat(None)
-  local = global_batch // process_count
-  rows = range(process_index * local, (process_index + 1) * local)
-  streams = [PackIterDataset(docs[r::global_batch].map(encode).to_iter_dataset(_SYNC_READ),
-                             int(data_cfg.seq_len), data_cfg.packing, tok.pad_id)
-             for r in rows]
-  dataset = grain.experimental.ZipIterDataset(streams).map(_stack_rows)
+  srcs = sources.build_all(data_cfg, split, workdir)
+  for s in srcs:
+    if s.format not in formats:
+      raise data_config.DataConfigError(
+          f'config.data.sources.{s.name}.format: {s.format!r} sources do not go in this '
+          f'iterator (it takes {formats})')
+  train_srcs = srcs if split == 'train' else None
+  tok = load_tokenizer(data_cfg, vocab_size=vocab_size, workdir=workdir, srcs=train_srcs)
   signature = {'split': split, 'global_batch': global_batch, 'process_index': process_index,
                'process_count': process_count, 'seq_len': int(data_cfg.seq_len),
-               'packing': data_cfg.packing, 'source': data_cfg.source,
-               'shuffle_seed': shuffle_seed, 'tokenizer_vocab': tok.vocab_size}
-  return DataIterator(dataset, tok, signature)
+               'packing': data_cfg.packing, 'source': str(data_cfg.source),
+               'shuffle_seed': _effective_seed(data_cfg.shuffle_seed, seed),
+               'tokenizer_vocab': tok.vocab_size}
+  return srcs, tok, signature
+
+
+def _mix(datasets: list, weights: list, shuffle_seed: int | None):
+  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets.
+
+  grain's mix interleaves sources in a fixed pattern; row r takes every B-th item, which
+  would alias with that pattern (a row fed by one source only), so the mixed sequence is
+  shuffled again within windows.
+  """
+  if shuffle_seed is not None:
+    datasets = [d.seed(shuffle_seed + i).shuffle() for i, d in enumerate(datasets)]
+  datasets = [d.repeat(None) for d in datasets]
+  if len(datasets) == 1:
+    return datasets[0]
+  mixed = grain.MapDataset.mix(datasets, weights)
+  return grain.experimental.WindowShuffleMapDataset(
+      mixed, window_size=_MIX_WINDOW, seed=(shuffle_seed or 0) + len(datasets))
+
+
+def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, global_batch: int,
+                  workdir: str, split: str = 'train', process_index: int = 0,
+                  process_count: int = 1, seed: int = 0) -> DataIterator:
+  """Packed batches of text and SFT sources: this process's rows of each global batch."""
+  srcs, tok, signature = _prepare(data_cfg, vocab_size, global_batch, workdir, split,
+                                  process_index, process_count, seed, ('text', 'sft'))
+  seq_len = int(data_cfg.seq_len)
+  datasets, build_stats = [], {}
+  for i, s in enumerate(srcs):
+    ds = grain.MapDataset.source(s.items)
+    if s.format == 'text':
+      ds = ds.map(_text_encoder(tok, data_cfg, i, s.lazy_hygiene))
+    else:
+      bad = readers.BadInput(data_cfg.on_bad_input)
+      examples = _tokenize_chat(s, chat.ChatTemplate(tok), seq_len, bad)
+      if not examples:
+        raise data_config.DataConfigError(f'config.data.sources.{s.name}: no example fits '
+                                          f'seq_len {seq_len}')
+      s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(examples))
+      ds = grain.MapDataset.source(examples).map(
+          lambda e, i=i: {**packing.lm_example(*e), 'source': i})
+    datasets.append(ds)
+    build_stats[s.name] = s.stats
+  shuffle = signature['shuffle_seed'] if split == 'train' else None
+  mixed = _mix(datasets, [s.weight for s in srcs], shuffle)
+  local = global_batch // process_count
+  names = [s.name for s in srcs]
+  streams = [PackIterDataset(mixed[r::global_batch].to_iter_dataset(_SYNC_READ), seq_len,
+                             data_cfg.packing, tok.pad_id, names)
+             for r in range(process_index * local, (process_index + 1) * local)]
+  dataset = grain.experimental.ZipIterDataset(streams).map(_stack_rows)
+  return DataIterator(dataset, tok, signature, build_stats)
+
+
+def _pair_rows(pairs: list, seq_len: int, pad_id: int) -> dict[str, dict[str, np.ndarray]]:
+  out = {}
+  for side, k in (('chosen', 0), ('rejected', 1)):
+    rows = [packing.pack_examples([packing.lm_example(*p[k])], seq_len, 'pad', pad_id)
+            for p in pairs]
+    out[side] = {f: np.concatenate([r[f] for r in rows]) for f in packing.FEATURES}
+  return out
+
+
+def make_preference_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int,
+                             global_batch: int, workdir: str, split: str = 'train',
+                             process_index: int = 0, process_count: int = 1,
+                             seed: int = 0) -> DataIterator:
+  """Batches {'chosen': rows, 'rejected': rows} of preference sources, one pair per row."""
+  srcs, tok, signature = _prepare(data_cfg, vocab_size, global_batch, workdir, split,
+                                  process_index, process_count, seed, ('preference',))
+  seq_len = int(data_cfg.seq_len)
+  datasets, build_stats = [], {}
+  for s in srcs:
+    bad = readers.BadInput(data_cfg.on_bad_input)
+    pairs = _tokenize_chat(s, chat.ChatTemplate(tok), seq_len, bad)
+    if not pairs:
+      raise data_config.DataConfigError(f'config.data.sources.{s.name}: no pair fits '
+                                        f'seq_len {seq_len}')
+    s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(pairs))
+    datasets.append(grain.MapDataset.source(pairs))
+    build_stats[s.name] = s.stats
+  shuffle = signature['shuffle_seed'] if split == 'train' else None
+  mixed = _mix(datasets, [s.weight for s in srcs], shuffle)
+  local = global_batch // process_count
+  first = process_index * local
+
+  def batch(k):
+    start = int(k) * global_batch + first
+    return _pair_rows([mixed[start + j] for j in range(local)], seq_len, tok.pad_id)
+
+  dataset = grain.MapDataset.range(sys.maxsize // global_batch).map(batch)
+  return DataIterator(dataset.to_iter_dataset(_SYNC_READ), tok, signature, build_stats)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data import config as data_config
-from data import packing, pipeline
+from data import packing, pipeline, sources
 
 VOCAB = 512
 
@@ -102,8 +102,9 @@ def test_process_shards_make_the_global_batch(workdir):
 
 
 def test_eval_split_is_held_out_and_fixed(workdir):
-  train_docs = pipeline.documents_source(_cfg(), 'train')
-  eval_docs = pipeline.documents_source(_cfg(), 'eval')
+  cfg = _cfg()
+  train_docs = sources.build('embedded', cfg.sources.embedded, cfg, 'train', workdir).items
+  eval_docs = sources.build('embedded', cfg.sources.embedded, cfg, 'eval', workdir).items
   assert len(eval_docs) == 100
   # Separate draws of the generators; only a few short templated texts can coincide.
   overlap = {train_docs[i] for i in range(len(train_docs))} & {eval_docs[i] for i in range(100)}
@@ -126,6 +127,8 @@ def test_tokenizer_is_cached_in_workdir(workdir):
 def test_errors_name_the_config_key(workdir):
   with pytest.raises(data_config.DataConfigError, match='config.data.source'):
     _make(workdir, _cfg(source='nope'))
+  with pytest.raises(data_config.DataConfigError, match='sources.embedded_preference.format'):
+    _make(workdir, _cfg(source='embedded,embedded_preference'))
   with pytest.raises(data_config.DataConfigError, match='config.data.packing'):
     _make(workdir, _cfg(packing='best'))
   with pytest.raises(data_config.DataConfigError, match='config.data.tokenizer_type'):
@@ -134,6 +137,8 @@ def test_errors_name_the_config_key(workdir):
     _make(workdir, global_batch=3, process_count=2)
   with pytest.raises(data_config.DataConfigError, match='split'):
     _make(workdir, split='validation')
+  with pytest.raises(data_config.DataConfigError, match='on_bad_input'):
+    _make(workdir, _cfg(on_bad_input='ignore'))
   tok_path = _make(workdir).tokenizer.path
   with pytest.raises(data_config.DataConfigError, match='config.data.tokenizer'):
     pipeline.make_iterator(_cfg(tokenizer=tok_path), vocab_size=300, global_batch=4,

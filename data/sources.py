@@ -1,0 +1,218 @@
+"""Sources: each selected `config.data.sources` entry as a random-access sequence of items.
+
+Items by format:
+  'text'        a document string (or a `Bad` marker for a record that cannot be read);
+  'sft'         (where, messages) with messages = [{'role', 'content'}, ...];
+  'preference'  (where, chosen messages, rejected messages).
+Text items are tokenised lazily in the pipeline; SFT and preference items are few and are
+read, checked and deduplicated up front. Every source carries `stats`: counts known when it
+is built (bad input skipped, hygiene outcomes of a prepared local corpus, records read).
+"""
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from data import builders, chat, corpus, readers
+from data import config as data_config
+from data import hygiene as hygiene_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Bad:
+  """A record that could not be read; counted (or raised) when the pipeline meets it."""
+  where: str
+  reason: str
+  message: str
+
+
+@dataclasses.dataclass
+class Source:
+  name: str
+  format: str
+  weight: float
+  items: Sequence[Any]
+  stats: dict[str, Any]
+  lazy_hygiene: bool  # Text filters still to apply per document in the pipeline.
+
+
+class _Embedded:
+  """Documents `start ..` of the generated corpus, made on demand."""
+
+  def __init__(self, seed: int, start: int, size: int):
+    self.seed, self.start, self.size = seed, start, size
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> str:
+    if not 0 <= index < self.size:
+      raise IndexError(index)
+    return corpus.document(self.seed, self.start + int(index))
+
+
+class _TextRecords:
+  """The text field of each record of a tfds data source, decoded from UTF-8."""
+
+  def __init__(self, source, field: str, label: str):
+    self.source, self.field, self.label = source, field, label
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def record(self, index: int) -> str | Bad:
+    value = self.source[int(index)][self.field]
+    if isinstance(value, str):
+      return value
+    try:
+      return bytes(value).decode('utf-8')
+    except UnicodeDecodeError as e:
+      return Bad(f'{self.label} record {index}', 'invalid_utf8', f'invalid UTF-8 at byte {e.start}')
+
+  __getitem__ = record
+
+
+class _Spans:
+  """Records cut into paragraphs or lines: item i is a (record, start, end) slice."""
+
+  def __init__(self, records: _TextRecords, unit: str):
+    self.records = records
+    spans = []
+    for i in range(len(records)):
+      text = records.record(i)
+      if isinstance(text, Bad):
+        spans.append((i, -1, -1))
+        continue
+      sep = '\n\n' if unit == 'paragraph' else '\n'
+      start = 0
+      for piece in text.split(sep):
+        if piece.strip():
+          spans.append((i, start, start + len(piece)))
+        start += len(piece) + len(sep)
+    self.spans = np.asarray(spans, np.int64).reshape(-1, 3)
+    self._cached = (-1, '')
+
+  def __len__(self) -> int:
+    return self.spans.shape[0]
+
+  def __getitem__(self, index: int) -> str | Bad:
+    record, start, end = (int(v) for v in self.spans[int(index)])
+    if start < 0:
+      return self.records.record(record)
+    if self._cached[0] != record:
+      self._cached = (record, self.records.record(record))
+    return self._cached[1][start:end]
+
+
+def _data_dir(data_cfg, workdir: str) -> str:
+  return data_cfg.tfds_data_dir or os.path.join(workdir, 'tfds')
+
+
+def _held_out(items: list, fraction: float, split: str) -> list:
+  """Every k-th item (k = 1/fraction) is 'eval', the rest 'train'."""
+  every = max(1, round(1 / fraction)) if fraction > 0 else 0
+  keep = [x for n, x in enumerate(items)
+          if (every and n % every == every - 1) == (split == 'eval')]
+  return keep
+
+
+def _jsonl_items(entry, data_cfg, split: str) -> tuple[list, dict]:
+  bad = readers.BadInput(data_cfg.on_bad_input)
+  seen = hygiene_lib.Hygiene(ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(),
+                                                        'min_chars': 0, 'max_chars': 0,
+                                                        'min_alpha_ratio': 0.0,
+                                                        'max_repeated_line_ratio': 1.0}))
+  items, records = [], 0
+  for where, obj in readers.iter_jsonl(entry.path, bad):
+    records += 1
+    if entry.format == 'sft':
+      found = [(where, m) for m in chat.sft_messages(obj, entry.sft_format, where, bad)]
+    else:
+      pair = chat.preference_messages(obj, where, bad)
+      found = [(where, *pair)] if pair else []
+    for item in found:
+      if data_cfg.hygiene.dedup and seen.check(repr(item[1:])) is None:
+        continue
+      items.append(item)
+  stats = {'records': records, 'bad_input': dict(bad.counts),
+           'duplicates': seen.counts.get('duplicate', 0)}
+  return _held_out(items, float(entry.eval_fraction), split), stats
+
+
+def _embedded_examples(entry, data_cfg, split: str) -> list:
+  seed, n = int(data_cfg.embedded_seed), int(data_cfg.embedded_examples)
+  total = n + int(data_cfg.embedded_eval_docs)
+  rows = (corpus.instructions(seed, total) if entry.format == 'sft'
+          else corpus.preferences(seed, total))
+  rows = rows[:n] if split == 'train' else rows[n:]
+  out = []
+  for i, row in enumerate(rows):
+    where = f'embedded {entry.format} example {i}'
+    user = {'role': 'user', 'content': row['prompt']}
+    if entry.format == 'sft':
+      out.append((where, [user, {'role': 'assistant', 'content': row['response']}]))
+    else:
+      out.append((where, [user, {'role': 'assistant', 'content': row['chosen']}],
+                  [user, {'role': 'assistant', 'content': row['rejected']}]))
+  return out
+
+
+def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
+          workdir: str) -> Source:
+  """The items of `split` of one source entry."""
+  if split not in data_config.SPLITS:
+    raise data_config.DataConfigError(f'split {split!r} is not one of {data_config.SPLITS}')
+  weight = float(entry.get('weight', 1.0))
+  stats: dict[str, Any] = {}
+  lazy = False
+  if entry.kind == 'embedded' and entry.format == 'text':
+    n_train, n_eval = int(data_cfg.embedded_docs), int(data_cfg.embedded_eval_docs)
+    start, size = (0, n_train) if split == 'train' else (n_train, n_eval)
+    items = _Embedded(int(data_cfg.embedded_seed), start, size)
+    lazy = True
+  elif entry.kind == 'embedded':
+    items = _embedded_examples(entry, data_cfg, split)
+  elif entry.kind == 'tfds':
+    tfds_split = entry.split if split == 'train' else entry.eval_split
+    src = builders.tfds_source(entry.name, tfds_split, _data_dir(data_cfg, workdir),
+                               entry.manual_dir)
+    records = _TextRecords(src, entry.text_field, f'tfds {entry.name}[{tfds_split}]')
+    items = _Spans(records, entry.doc_unit) if entry.doc_unit else records
+    stats['records'] = len(records)
+    lazy = True
+  elif entry.kind == 'local':
+    builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
+                                     _data_dir(data_cfg, workdir))
+    items = _TextRecords(builder.as_data_source(split), 'text', f'local {name}[{split}]')
+    stats.update(builders.local_metadata(builder))
+  else:
+    items, stats = _jsonl_items(entry, data_cfg, split)
+  if len(items) == 0:  # pylint: disable=g-explicit-length-test
+    raise data_config.DataConfigError(f'config.data.sources.{name}: split {split!r} is empty')
+  stats['items'] = len(items)
+  return Source(name, entry.format, weight, items, stats, lazy)
+
+
+def build_all(data_cfg, split: str, workdir: str) -> list[Source]:
+  return [build(name, entry, data_cfg, split, workdir)
+          for name, entry in data_config.selected(data_cfg)]
+
+
+def sample_texts(sources: list[Source], n: int) -> list[str]:
+  """About `n` texts drawn from the sources by weight, for training a tokenizer."""
+  total = sum(s.weight for s in sources)
+  out = []
+  for s in sources:
+    k = min(len(s.items), max(1, round(n * s.weight / total)))
+    for i in range(k):
+      item = s.items[i]
+      if isinstance(item, Bad):
+        continue
+      if isinstance(item, str):
+        out.append(item)
+      else:
+        out.extend(m['content'] for messages in item[1:] for m in messages)
+  return out
