@@ -59,6 +59,11 @@ class Hygiene:
       raise ValueError(f'config.data.hygiene.normalize: {cfg.normalize!r} is not one of '
                        f'{NORMALIZATIONS}')
     self.cfg = cfg
+    # Plain attributes: ConfigDict look-ups are slow on a per-document path.
+    self.normalize, self.dedup = cfg.normalize, bool(cfg.dedup)
+    self.min_chars, self.max_chars = int(cfg.min_chars), int(cfg.max_chars)
+    self.min_alpha_ratio = float(cfg.min_alpha_ratio)
+    self.max_repeated_line_ratio = float(cfg.max_repeated_line_ratio)
     self.counts = collections.Counter()
     self._seen: set[bytes] = set()
 
@@ -69,22 +74,21 @@ class Hygiene:
 
   def filter(self, text: str) -> tuple[str, str | None]:
     """(cleaned text, None) or (text, reason it is dropped); counts nothing."""
-    cfg = self.cfg
-    if cfg.normalize:
-      text = unicodedata.normalize(cfg.normalize, text)
+    if self.normalize:
+      text = unicodedata.normalize(self.normalize, text)
     reason = None
     if not text.strip():
       reason = 'empty'
-    elif cfg.min_chars and len(text) < cfg.min_chars:
+    elif self.min_chars and len(text) < self.min_chars:
       reason = 'too_short'
-    elif cfg.max_chars and len(text) > cfg.max_chars:
+    elif self.max_chars and len(text) > self.max_chars:
       reason = 'too_long'
-    elif cfg.min_alpha_ratio and alpha_ratio(text) < cfg.min_alpha_ratio:
+    elif self.min_alpha_ratio and alpha_ratio(text) < self.min_alpha_ratio:
       reason = 'low_alpha'
-    elif cfg.max_repeated_line_ratio < 1.0 and (
-        repeated_line_ratio(text) > cfg.max_repeated_line_ratio):
+    elif self.max_repeated_line_ratio < 1.0 and (
+        repeated_line_ratio(text) > self.max_repeated_line_ratio):
       reason = 'repeated_lines'
-    elif cfg.dedup:
+    elif self.dedup:
       digest = content_hash(text)
       if digest in self._seen:
         reason = 'duplicate'

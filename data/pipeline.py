@@ -274,8 +274,7 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, globa
         raise data_config.DataConfigError(f'config.data.sources.{s.name}: no example fits '
                                           f'seq_len {seq_len}')
       s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(examples))
-      ds = grain.MapDataset.source(examples).map(
-          lambda e, i=i: {**packing.lm_example(*e), 'source': i})
+      ds = grain.MapDataset.source([{**packing.lm_example(*e), 'source': i} for e in examples])
     datasets.append(ds)
     build_stats[s.name] = s.stats
   shuffle = signature['shuffle_seed'] if split == 'train' else None

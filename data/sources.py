@@ -186,6 +186,10 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
   elif entry.kind == 'local':
     builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
                                      _data_dir(data_cfg, workdir))
+    if split not in builder.info.splits:
+      raise data_config.DataConfigError(
+          f'config.data.sources.{name}: the prepared corpus has no {split!r} split (too few '
+          f'documents, or eval_fraction is 0)')
     items = _TextRecords(builder.as_data_source(split), 'text', f'local {name}[{split}]')
     stats.update(builders.local_metadata(builder))
   else:

@@ -184,3 +184,22 @@ def test_hh_rlhf_split_and_preference_batches(tmp_path, tok, shared_data):
   with pytest.raises(readers.BadInputError, match='hh_rlhf_harmless_base_test.jsonl.gz:\\d+'):
     pipeline.make_preference_iterator(cfg, vocab_size=VOCAB, global_batch=2,
                                       workdir=str(tmp_path))
+
+
+def test_preference_shards_make_the_global_batch(tmp_path):
+  cfg = data_config.default_config()
+  cfg.update(seq_len=96, tokenizer_docs=300, embedded_docs=300, embedded_examples=100,
+             embedded_eval_docs=20, source='embedded_preference')
+  make = lambda **kw: pipeline.make_preference_iterator(cfg, vocab_size=VOCAB, global_batch=4,
+                                                        workdir=str(tmp_path), **kw)
+  whole = make()
+  shards = [make(process_index=p, process_count=2) for p in range(2)]
+  state = whole.get_state()
+  for _ in range(2):
+    batch, parts = next(whole), [next(s) for s in shards]
+    for side in ('chosen', 'rejected'):
+      for k, v in batch[side].items():
+        assert np.array_equal(v, np.concatenate([p[side][k] for p in parts]))
+  again = make()
+  again.set_state(state)
+  assert np.array_equal(next(again)['chosen']['inputs'], next(make())['chosen']['inputs'])

@@ -107,3 +107,17 @@ def test_cli(tmp_path, capsys):
     tokenizer_lib.main(['train', '--input', str(tmp_path / 'latin1.txt'), '--vocab-size',
                         '400', '--out', str(out)])
   assert 'not valid UTF-8' in capsys.readouterr().err
+
+
+def test_loads_llama_style_models(tmp_path):
+  """A model laid out like Llama's/Mistral's: UNK=0, BOS=1, EOS=2, no PAD, no chat markers."""
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  lines = [line for d in corpus.documents(seed=4, num_docs=300) for line in d.split('\n')]
+  spm.SentencePieceTrainer.Train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / 'l'),
+                                 vocab_size=400, model_type='bpe', byte_fallback=True,
+                                 unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+  tok = tokenizer_lib.Tokenizer(tmp_path / 'l.model')
+  assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 0)
+  assert tok.decode(tok.encode('The capital of Peru is Lima.')) == 'The capital of Peru is Lima.'
+  with pytest.raises(tokenizer_lib.TokenizerError, match="no piece '<\\|user\\|>'"):
+    tok.special_id('<|user|>')
