@@ -198,21 +198,30 @@ def test_generator_batches_buckets_and_stop_strings(generator):
   assert ids[-1] == generator.tokenizer.special_id('<|assistant|>')
 
 
-def test_generate_cli_on_a_checkpoint(tmp_path, tok, capsys):
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory, tok):
+  """A workdir with a random tiny model's checkpoint and config.json."""
   from train import checkpoint as ckpt_lib
   from train.config import defaults
+  workdir = tmp_path_factory.mktemp('run')
   config = defaults()
   config.model.update(vocab_size=400, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       mlp_dim=64)
   config.mesh.update(fsdp=-1)
-  config.data.tokenizer = str(tok.path)
+  config.data.update(tokenizer=str(tok.path), seq_len=64, embedded_docs=200, embedded_eval_docs=40)
+  config.train.update(eval_batches=2)
   cfg = tiny_cfg(vocab_size=400)
   params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
-  saver = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  saver = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
   saver.save(7, {'step': jnp.int32(7), 'params': params}, {}, force=True)
   saver.close()
-  gen_lib.write_config(config, str(tmp_path))
-  rc = gen_lib.main(['--checkpoint', str(tmp_path), '--prompt', 'What is 3 + 4?', '--prompt',
+  gen_lib.write_config(config, str(workdir))
+  return workdir, cfg, params
+
+
+def test_generate_cli_on_a_checkpoint(tiny_run, tok, capsys):
+  workdir, cfg, params = tiny_run
+  rc = gen_lib.main(['--checkpoint', str(workdir), '--prompt', 'What is 3 + 4?', '--prompt',
                      'Hello', '--max_new_tokens', '6', '--json'])
   assert rc == 0
   lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -222,4 +231,44 @@ def test_generate_cli_on_a_checkpoint(tmp_path, tok, capsys):
   # The same model in Python gives the same completion.
   g = gen_lib.Generator(cfg, params, tok, mesh(fsdp=8))
   assert g.generate(['Hello'], max_new_tokens=6)[0].token_ids == lines[1]['token_ids']
-  assert gen_lib.main(['--checkpoint', str(tmp_path / 'nope'), '--prompt', 'x']) == 2
+  assert gen_lib.main(['--checkpoint', str(workdir / 'nope'), '--prompt', 'x']) == 2
+
+
+def test_model_lm_loglikelihood_matches_a_forward_pass(generator):
+  from train.eval.model_lm import MeshLM
+  lm = MeshLM(generator, max_length=32, batch_size=4)
+  requests = [('The capital of Peru is', ' Lima'), ('What is 3 + 4?', ' 7'),
+              ('Counting by 2 from 4: 4, 6,', ' 8, 10'), ('x ' * 40, 'y')]  # The last is cut.
+  batch = lm.loglikelihood(requests)
+  alone = [lm.loglikelihood([r])[0] for r in requests]
+  np.testing.assert_allclose(batch, alone, atol=1e-4)
+  tok = generator.tokenizer
+  for (ctx, cont), got in zip(requests[:3], batch):
+    ids = [tok.bos_id] + tok.encode(ctx + cont)
+    n = len(ids) - 1 - len(tok.encode(ctx))
+    logits = generator.mdef.build(generator.params)(jnp.asarray([ids]))[0]
+    logp = np.asarray(jax.nn.log_softmax(logits[0, :-1]))
+    want = sum(logp[i, ids[i + 1]] for i in range(len(ids) - 1 - n, len(ids) - 1))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+  [[a, b]] = lm.generate(['Count from 2 to 5.'], max_new_tokens=4, stop=['\n\n'],
+                         temperature=1.0, num_samples=2)
+  assert isinstance(a, str) and isinstance(b, str)
+
+
+def test_eval_cli_limit_2_on_a_tiny_checkpoint(tiny_run, shared_data, tmp_path, capsys):
+  from train.eval import __main__ as eval_main
+  workdir, _, _ = tiny_run
+  out = tmp_path / 'results.json'
+  rc = eval_main.main(['--checkpoint', str(workdir), '--tasks', 'mmlu,gsm8k,humaneval,loss',
+                       '--limit', '2', '--mmlu_subjects', 'abstract_algebra,anatomy',
+                       '--max_new_tokens', '8', '--data_dir', str(shared_data), '--out', str(out)])
+  assert rc == 0
+  printed = capsys.readouterr().out
+  assert 'mmlu' in printed and 'gsm8k' in printed and 'humaneval' in printed and 'loss:' in printed
+  results = {r['task']: r for r in json.loads(out.read_text())['results']}
+  assert results['mmlu']['count'] == 4 and set(results['mmlu']['per_subject']) == {
+      'abstract_algebra', 'anatomy'}
+  assert results['gsm8k']['count'] == 2 and results['humaneval']['num_problems'] == 2
+  assert 0 <= results['mmlu']['metrics']['accuracy'] <= 1
+  # A random model over a 400-token vocabulary: loss near log(400) = 6.0.
+  assert 5.0 < results['loss']['metrics']['loss'] < 7.5 and results['loss']['count'] > 0

@@ -28,6 +28,13 @@ def run(config, workdir: str):
     config = ml_collections.ConfigDict(config.to_dict())
     if config.train.init_from:
       config.data.tokenizer = setup.stage_tokenizer_path(config)
+      # train/loop.py restores the latest step of a checkpoints folder: accept a workdir too.
+      root, step, _ = gen_lib.resolve_checkpoint(config.train.init_from)
+      if step is not None:
+        from model.config import ConfigError
+        raise ConfigError(f'train.init_from={config.train.init_from}: the train loop starts from '
+                          f'the latest checkpoint of a run; pass its workdir')
+      config.train.init_from = root
     gen_lib.write_config(config, workdir)
     return loop.run(config, workdir)
   if stage == 'rm':
