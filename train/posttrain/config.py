@@ -63,6 +63,12 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def ppo_updates(config) -> int:
+  """Optimiser steps of a PPO run: iterations x epochs x minibatches (the schedule's length)."""
+  p = config.ppo
+  return int(config.train.steps) * int(p.ppo_epochs) * int(p.num_minibatches)
+
+
 def validate(config, num_devices: int, process_count: int = 1):
   """Checks keys against `defaults()` and the shared checks of train/config.py; returns the
   ModelConfig."""
@@ -72,6 +78,8 @@ def validate(config, num_devices: int, process_count: int = 1):
   shared = ml_collections.ConfigDict(config.to_dict())
   for key in ('stage', 'rm', 'ppo', 'dpo'):
     del shared[key]
+  if config.stage == 'ppo':  # The schedule counts optimiser updates, not iterations.
+    shared.train.steps = ppo_updates(config)
   cfg = base_config.validate(shared, num_devices, process_count)
   if config.stage in ('rm', 'ppo', 'dpo') and not config.train.init_from:
     raise ConfigError(f'train.init_from: the {config.stage} stage starts from a checkpoint '

@@ -108,7 +108,8 @@ def stage(config) -> pairs.PairStage:
   return pairs.PairStage(
       name='dpo', model_cls=Decoder,
       loss_fn=lambda p, micro, e, mdef: loss_fn(p, micro, e, mdef=mdef, beta=beta),
-      init_params=init_params, prepare=prepare)
+      init_params=init_params, prepare=prepare,
+      shown=('rewards/accuracy', 'rewards/margin', 'rewards/chosen', 'rewards/rejected'))
 
 
 def run(config, workdir: str) -> pairs.Result:

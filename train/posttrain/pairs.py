@@ -45,6 +45,7 @@ class PairStage:
   model_cls: Any
   loss_fn: Callable
   init_params: Callable
+  shown: tuple = ()  # Metrics added to the log line.
   prepare: Callable = lambda env, cfg, train_data, make_data, steps: (None, None, None)
 
 
@@ -128,6 +129,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: PairStage) -> Re
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
           writer.scalars(done, metrics)
+          log.info('%s step %d: %s', stage.name, done, setup.brief(metrics, stage.shown))
         if done % t.ckpt_every == 0 or done == t.steps:
           checkpointer.save(done, state, data.get_state(), force=True)
       eval_metrics = evaluate(config, stage, make_data('eval'), state['params'], extra, loss_fn,

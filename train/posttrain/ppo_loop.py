@@ -45,6 +45,9 @@ from train.posttrain import config as pt_config
 from train.posttrain import ppo, reward, setup
 
 log = logging.getLogger('meshlm')
+SHOWN = ('objective/scores', 'objective/kl', 'objective/rlhf_reward', 'objective/entropy',
+         'policy/approxkl', 'policy/clipfrac', 'val/clipfrac', 'loss/value',
+         'completions/mean_length')
 ROLLOUT_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'values', 'advantages',
                 'returns')
 
@@ -175,7 +178,7 @@ def run(config, workdir: str) -> dict:
   rm_config = gen_lib.load_config(None, setup.run_workdir(p.reward_model))
   rm_cfg = base_config.model_config(rm_config)
   critic_cfg = rm_cfg if p.critic_init == 'reward_model' else cfg
-  num_updates = t.steps * p.ppo_epochs * p.num_minibatches
+  num_updates = pt_config.ppo_updates(config)
   with jax.set_mesh(env.mesh), use_rules(env.rules):
     mdef, abstract = state_lib.model_def(cfg)
     critic_mdef, critic_abstract = state_lib.model_def(critic_cfg, ScalarModel)
@@ -316,6 +319,7 @@ class Trainer:
         data_state = {'iteration': done, 'kl_coef': self.kl.value}
         if done % t.log_every == 0 or done == t.steps:
           writer.scalars(done, metrics)
+          log.info('ppo iteration %d: %s', done, setup.brief(metrics, SHOWN))
         if done % t.ckpt_every == 0 or done == t.steps:
           checkpointer.save(done, state, data_state, force=True)
       eval_after = self.mean_score(state['params'], ref_params, rm_params, p_shard)

@@ -62,7 +62,7 @@ def stage(config) -> pairs.PairStage:
   return pairs.PairStage(
       name='rm', model_cls=ScalarModel,
       loss_fn=lambda p, micro, e, mdef: loss_fn(p, micro, e, mdef=mdef, margin=margin),
-      init_params=init_params)
+      init_params=init_params, shown=('rm/accuracy', 'rm/margin', 'rm/chosen', 'rm/rejected'))
 
 
 def run(config, workdir: str) -> pairs.Result:

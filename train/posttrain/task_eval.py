@@ -41,7 +41,7 @@ def is_correct(reply: str, answer: str) -> bool:
   return reply == answer or reply == f'The answer is {answer}.'
 
 
-def evaluate(generator, items: list[dict], *, max_new_tokens: int = 24, scorer=None) -> dict:
+def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=None) -> dict:
   """Accuracy (overall and per kind) of greedy chat replies; `scorer(rollout) -> [b]` rewards."""
   prompts = generator.prompt_ids([q['prompt'] for q in items], chat=True)
   correct, rewards, lengths = [], [], []
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
   parser.add_argument('--config', default='', help='model config of runs without config.json')
   parser.add_argument('--reward_model', default='')
   parser.add_argument('--num', type=int, default=256)
-  parser.add_argument('--max_new_tokens', type=int, default=24)
+  parser.add_argument('--max_new_tokens', type=int, default=40)
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
   import os
