@@ -6,6 +6,15 @@ a Python loop. The parameter tree is therefore identical in both modes.
 
 With `cfg.moe_every = m > 1`, the stacked unit is a group of m layers whose last is MoE
 (dense and MoE layers interleaved); otherwise the unit is one block.
+
+KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
+  k, v          [units, blocks per unit, b, s, kv_heads, h]: kv heads, never repeated to n heads;
+  segment_ids   [b, s]: 1 for a filled slot, 0 for an empty slot or padding;
+  positions     [b, s]: the absolute position of the token in each slot.
+`Decoder.extend(tokens_bt, positions_bt, segment_ids_bt, cache, index)` writes the t new tokens
+into slots [index, index + t) of every layer and attends over the whole cache with the usual
+mask (same segment, key position <= query position), so empty slots are invisible. It uses the
+same parameters and layer functions as the no-cache forward, which is left as it was.
 """
 
 import jax
@@ -62,6 +71,28 @@ class Attention(nnx.Module):
         implementation=self.cfg.attention, chunk_size=self.cfg.attention_chunk)
     return self.output(o_btnh)
 
+  def extend(self, x_btd, positions_bt, segment_ids_bt, kv):
+    """Attention of t new tokens over a cache layer; returns (out_btd, k_btkh, v_btkh) where the
+    new keys/values are for the caller to store (the layer's cache is only read here)."""
+    k_bskh, v_bskh, kv_segment_ids_bs, kv_positions_bs, index = kv
+    q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd, positions_bt)
+    k_btkh, v_btkh = k_btkh.astype(k_bskh.dtype), v_btkh.astype(v_bskh.dtype)
+    k_bskh = jax.lax.dynamic_update_slice_in_dim(k_bskh, k_btkh, index, axis=1)
+    v_bskh = jax.lax.dynamic_update_slice_in_dim(v_bskh, v_btkh, index, axis=1)
+    o_btnh = attention_lib.attention(
+        q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
+        q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
+        q_positions_bt=positions_bt, kv_positions_bs=kv_positions_bs,
+        implementation=decode_attention(self.cfg.attention), chunk_size=self.cfg.attention_chunk)
+    return self.output(o_btnh), k_btkh, v_btkh
+
+
+def decode_attention(implementation: str) -> str:
+  """The attention implementation of cached calls: fused kernels (cudnn, splash) need
+  self-attention shapes (t == s) and the block-skipping 'chunked' one gains nothing over a
+  short query block, so cached calls use the plain XLA one (or the reference, if asked)."""
+  return 'reference' if implementation == 'reference' else 'xla'
+
 
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a MoeBlock when `moe`."""
@@ -79,6 +110,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt)
+    return self._mlp_residual(x_btd, rng)
+
+  def _mlp_residual(self, x_btd, rng):
     h_btd = self.mlp_norm(x_btd)
     aux = {}
     if self.moe:
@@ -87,6 +121,13 @@ class Block(nnx.Module):
     else:
       h_btd = self.mlp(h_btd)
     return constrain(x_btd + h_btd, ('batch', 'length', 'act_embed')), aux
+
+  def extend(self, x_btd, positions_bt, segment_ids_bt, kv):
+    """The block over t new tokens with a cache layer (see Attention.extend); no router noise."""
+    out_btd, k_btkh, v_btkh = self.attn.extend(self.attn_norm(x_btd), positions_bt,
+                                               segment_ids_bt, kv)
+    x_btd, _ = self._mlp_residual(x_btd + out_btd, None)
+    return x_btd, k_btkh, v_btkh
 
 
 class Unit(nnx.Module):
@@ -103,6 +144,47 @@ class Unit(nnx.Module):
       x_btd, block_aux = getattr(self, f'block{i}')(x_btd, positions_bt, segment_ids_bt, rng)
       aux = aux or block_aux
     return x_btd, aux
+
+  def extend(self, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
+             kv_positions_bs, index):
+    new_k, new_v = [], []
+    for i in range(self.size):
+      kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
+      x_btd, k_btkh, v_btkh = getattr(self, f'block{i}').extend(x_btd, positions_bt,
+                                                                segment_ids_bt, kv)
+      new_k.append(k_btkh)
+      new_v.append(v_btkh)
+    return x_btd, jnp.stack(new_k), jnp.stack(new_v)
+
+
+def _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
+                 kv_positions_bs, index):
+  """Unit.extend, or a single Block's seen as a unit of one block."""
+  if isinstance(unit, Unit):
+    return unit.extend(x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
+                       kv_positions_bs, index)
+  kv = (k_mbskh[0], v_mbskh[0], kv_segment_ids_bs, kv_positions_bs, index)
+  x_btd, k_btkh, v_btkh = unit.extend(x_btd, positions_bt, segment_ids_bt, kv)
+  return x_btd, k_btkh[None], v_btkh[None]
+
+
+# Logical axes of the cache's k and v: [units, blocks per unit, b, s, kv heads, h].
+CACHE_AXES = (None, None, 'batch', None, 'act_kv_heads', None)
+
+
+def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
+  per_unit = cfg.moe_every if cfg.is_moe else 1
+  return (cfg.num_layers // per_unit, per_unit, batch, length, cfg.num_kv_heads, cfg.dim_per_head)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+  """An empty cache of `length` slots (see the module docstring); k/v in `dtype` (default: the
+  compute dtype)."""
+  shape = cache_shape(cfg, batch, length)
+  dtype = cfg.dtype if dtype is None else dtype
+  zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+  return {'k': zeros(), 'v': zeros(), 'segment_ids': jnp.zeros((batch, length), jnp.int32),
+          'positions': jnp.zeros((batch, length), jnp.int32)}
 
 
 def _stacked_units(cfg: ModelConfig, rngs: nnx.Rngs):
@@ -165,6 +247,47 @@ class Decoder(nnx.Module):
       aux_l = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else {}
     aux = {k: (jnp.sum(v) if k == 'aux_loss' else jnp.mean(v)) for k, v in aux_l.items()}
     return self.final_norm(x_btd), aux
+
+  def extend(self, tokens_bt, positions_bt, segment_ids_bt, cache, index):
+    """Runs t new tokens through the model with a KV cache (prefill: t = prompt length, at
+    index 0; decoding: t = 1). Writes their keys/values into slots [index, index + t) and
+    returns (final-normed h_btd, updated cache). Segment id 0 marks padding: it is written as
+    an empty slot that no real token attends to."""
+    b, s = cache['segment_ids'].shape
+    if tokens_bt.shape[0] != b or tokens_bt.shape[1] > s:
+      raise ValueError(f'model/transformer.py Decoder.extend: tokens {tokens_bt.shape} do not fit '
+                       f'a cache of batch {b} and {s} slots')
+    kv_segment_ids_bs = jax.lax.dynamic_update_slice_in_dim(
+        cache['segment_ids'], segment_ids_bt.astype(jnp.int32), index, axis=1)
+    kv_positions_bs = jax.lax.dynamic_update_slice_in_dim(
+        cache['positions'], positions_bt.astype(jnp.int32), index, axis=1)
+    x_btd = self.embed(tokens_bt)
+    graphdef, state = nnx.split(self.layers)
+
+    def body(carry, xs):
+      x_btd, k_all, v_all = carry
+      unit_state, u = xs
+      unit = nnx.merge(graphdef, unit_state)
+      k_mbskh = jax.lax.dynamic_index_in_dim(k_all, u, 0, keepdims=False)
+      v_mbskh = jax.lax.dynamic_index_in_dim(v_all, u, 0, keepdims=False)
+      x_btd, k_mbtkh, v_mbtkh = _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh,
+                                             v_mbskh, kv_segment_ids_bs, kv_positions_bs, index)
+      start = (u, 0, 0, index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_mbtkh[None].astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v_mbtkh[None].astype(v_all.dtype), start)
+      return (x_btd, k_all, v_all), None
+
+    carry = (x_btd, cache['k'], cache['v'])
+    units = jnp.arange(self.num_units, dtype=jnp.int32)
+    if self.cfg.scan_layers:
+      carry, _ = jax.lax.scan(body, carry, (state, units))
+    else:
+      for i in range(self.num_units):
+        carry, _ = body(carry, (jax.tree.map(lambda a: a[i], state), units[i]))
+    x_btd, k_all, v_all = carry
+    cache = {'k': constrain(k_all, CACHE_AXES), 'v': constrain(v_all, CACHE_AXES),
+             'segment_ids': kv_segment_ids_bs, 'positions': kv_positions_bs}
+    return self.final_norm(x_btd), cache
 
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:

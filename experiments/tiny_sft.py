@@ -1,0 +1,22 @@
+"""Tiny SFT: experiments/tiny_dense.py's model fine-tuned on the embedded instruction pairs.
+
+    python -m train.posttrain --config experiments/tiny_sft.py --workdir /tmp/tiny/sft \\
+        --config.train.init_from=/tmp/tiny/pretrain
+
+(`python -m train` runs it too, given --config.data.tokenizer=<the pre-training run's
+tokenizer>; `train.posttrain` fills that in from init_from.) The data are the generated
+question/answer pairs of data/corpus.py in the chat template; the loss mask covers only the
+assistant reply and its end marker (data/chat.py), packed whole ('pad') into rows of 128.
+Everything else is the normal train loop. 150 steps of 16 rows (each row holds several
+examples) see about 8,000 examples, 1.6 epochs of the 5,000 generated ones.
+"""
+
+from experiments import tiny_dense
+
+
+def get_config():
+  c = tiny_dense.get_config()
+  c.data.update(source='embedded_sft', packing='pad')
+  c.optim.update(peak_lr=1e-3, warmup_steps=10, final_lr_frac=0.1, weight_decay=0.0)
+  c.train.update(steps=150, global_batch=16, log_every=25, ckpt_every=150, eval_batches=4)
+  return c

@@ -1,0 +1,64 @@
+"""Scalar heads on the decoder: reward models and PPO critics.
+
+`ScalarModel` is the decoder trunk (embeddings, blocks, final norm) with a linear head giving
+one float per position. It never computes LM logits, so it is built without the output table:
+the trunk is a `Decoder` of the same config with `tie_embeddings=True`, which only drops
+`head_dv`. Its params are `{'decoder': <Decoder params minus head_dv>, 'head': {'w_d', 'bias'}}`;
+the `decoder` part loads from any LM checkpoint of the same shape (train/posttrain/setup.py).
+
+`last_index` finds each row's last real token from a mask (1 = real token), wherever the
+padding is (left, right, both, or segment 0 in a packed layout): a sequence's score is read there.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import param
+from model.transformer import Decoder
+
+
+class ScalarHead(nnx.Module):
+  """h_btd -> float32 [b, t]: h . w + bias (computed in float32)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, init: str = 'normal'):
+    self.w_d = param(rngs, (cfg.d_model,), ('embed',), cfg.weight_dtype, fan_in=cfg.d_model,
+                     init=init)
+    self.bias = param(rngs, (1,), (None,), cfg.weight_dtype, init='zeros')
+
+  def __call__(self, h_btd):
+    w_d = self.w_d[...].astype(jnp.float32)
+    return jnp.einsum('btd,d->bt', h_btd.astype(jnp.float32), w_d) + self.bias[...][0].astype(
+        jnp.float32)
+
+
+class ScalarModel(nnx.Module):
+  """tokens [b, t] (+ positions, segment ids) -> (float32 scores [b, t], aux dict)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.decoder = Decoder(trunk_config(cfg), rngs)
+    self.head = ScalarHead(cfg, rngs)
+
+  def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, rng=None):
+    h_btd, aux = self.decoder.hidden(tokens_bt, positions_bt, segment_ids_bt, rng)
+    return self.head(h_btd), aux
+
+
+def trunk_config(cfg: ModelConfig) -> ModelConfig:
+  """The decoder config of a ScalarModel: the same shape without an output table."""
+  return dataclasses.replace(cfg, tie_embeddings=True)
+
+
+def last_index(mask_bt):
+  """int32 [b]: the column of each row's last nonzero mask entry (0 for an all-zero row)."""
+  t = mask_bt.shape[1]
+  col_bt = jnp.arange(t, dtype=jnp.int32)[None, :]
+  return jnp.max(jnp.where(mask_bt > 0, col_bt, 0), axis=1).astype(jnp.int32)
+
+
+def at_index(x_bt, index_b):
+  """x[b, index[b]] for every row."""
+  return jnp.take_along_axis(x_bt, index_b[:, None], axis=1)[:, 0]

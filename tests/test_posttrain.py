@@ -1,0 +1,240 @@
+"""Post-training pieces: SFT masking, reward model reading and loss, PPO invariants, DPO loss."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from data import config as data_config
+from data import pipeline
+from model.heads import ScalarModel, last_index
+from model.transformer import Decoder
+from train import step as step_lib
+from train import state as state_lib
+from train.posttrain import dpo, ppo, ppo_loop, reward
+from tests.util import max_abs_diff, tiny_cfg
+
+VOCAB = 400
+
+
+@pytest.fixture(scope='module')
+def sft_batch(tmp_path_factory):
+  cfg = data_config.default_config()
+  cfg.update(seq_len=48, tokenizer_docs=300, embedded_docs=300, embedded_examples=64,
+             embedded_eval_docs=8, packing='pad', source='embedded_sft')
+  it = pipeline.make_iterator(cfg, vocab_size=VOCAB, global_batch=2,
+                              workdir=str(tmp_path_factory.mktemp('sft')))
+  return next(it), it.tokenizer
+
+
+def test_sft_gradient_ignores_prompt_targets(sft_batch):
+  batch, tok = sft_batch
+  mask = batch['loss_mask']
+  assert 0 < mask.sum() < (batch['segment_ids'] > 0).sum()  # Prompts are real, not learned.
+  # What is learned: replies (answers, "The answer is ...") and their end markers only.
+  end = tok.special_id('<|end|>')
+  learned = batch['targets'][mask > 0]
+  assert np.sum(learned == end) == np.sum((batch['targets'] == end) & (mask > 0))
+  assert tok.special_id('<|user|>') not in learned and tok.special_id('<|assistant|>') not in learned
+  cfg = tiny_cfg(vocab_size=VOCAB)
+  mdef, _ = state_lib.model_def(cfg)
+  params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
+  grad = jax.jit(jax.grad(lambda p, b: step_lib.loss_sums(p, b, None, mdef)[0]))
+  base = grad(params, batch)
+  rng = np.random.default_rng(0)
+  prompt_changed = dict(batch, targets=np.where(mask == 0, rng.integers(0, VOCAB, mask.shape),
+                                                batch['targets']).astype(np.int32))
+  assert max_abs_diff(base, grad(params, prompt_changed)) == 0.0
+  reply_changed = dict(batch, targets=np.where(mask > 0, (batch['targets'] + 1) % VOCAB,
+                                               batch['targets']).astype(np.int32))
+  assert max_abs_diff(base, grad(params, reply_changed)) > 1e-4
+
+
+def _scalar_model():
+  cfg = tiny_cfg()
+  return cfg, ScalarModel(cfg, nnx.Rngs(0))
+
+
+def test_reward_read_at_last_real_token_any_padding():
+  cfg, model = _scalar_model()
+  ids = np.asarray([5, 9, 14, 3, 77, 20], np.int32)
+  n, t = len(ids), 10
+  alone = np.asarray(model(ids[None])[0])[0, -1]
+  right = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+  right[0][0, :n], right[1][0, :n], right[2][0, :n] = ids, np.arange(n), 1
+  left = np.full((1, t), 41, np.int32), np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+  left[0][0, t - n:], left[1][0, t - n:], left[2][0, t - n:] = ids, np.arange(n), 1
+  for tokens, pos, seg in (right, left):
+    scores, _ = model(tokens, pos, seg)
+    r = reward.sequence_rewards(scores, seg)
+    np.testing.assert_allclose(np.asarray(r)[0], alone, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(last_index(jnp.asarray([[0, 1, 1, 0], [1, 1, 1, 1],
+                                                                    [0, 0, 0, 1]]))), [2, 3, 3])
+
+
+def test_bt_loss_closed_form_and_metrics():
+  rc, rr = jnp.asarray([2.0, -1.0, 0.5]), jnp.asarray([1.0, 0.5, 0.5])
+  for margin in (0.0, 0.7):
+    want = np.log1p(np.exp(-(np.asarray(rc) - np.asarray(rr) - margin)))
+    np.testing.assert_allclose(np.asarray(reward.bt_loss(rc, rr, margin)), want, rtol=1e-6)
+  cfg, _ = _scalar_model()
+  mdef, _ = state_lib.model_def(cfg, ScalarModel)
+  params = state_lib.init_params(cfg, jax.random.PRNGKey(1), ScalarModel)
+  rng = np.random.default_rng(0)
+  side = lambda: {'inputs': rng.integers(1, 97, (3, 8)).astype(np.int32),
+                  'positions': np.broadcast_to(np.arange(8, dtype=np.int32), (3, 8)),
+                  'segment_ids': np.ones((3, 8), np.int32)}
+  micro = {'chosen': side(), 'rejected': side()}
+  total, (count, sums) = reward.loss_fn(params, micro, None, mdef=mdef)
+  model = mdef.build(params)
+  r_c = np.asarray(model(micro['chosen']['inputs'])[0])[:, -1]
+  r_r = np.asarray(model(micro['rejected']['inputs'])[0])[:, -1]
+  np.testing.assert_allclose(float(total), np.sum(np.log1p(np.exp(-(r_c - r_r)))), rtol=1e-5)
+  assert float(count) == 3
+  np.testing.assert_allclose(float(sums['rm/accuracy']), np.sum(r_c > r_r))
+  np.testing.assert_allclose(float(sums['rm/margin']), np.sum(r_c - r_r), rtol=1e-5, atol=1e-6)
+  assert 'head_dv' not in params['decoder']  # The trunk carries no LM output table.
+
+
+def test_gae_hand_computed():
+  # One row: prompt column 0, actions at 1..3 (the episode), padding at 4.
+  mask = jnp.asarray([[0.0, 1.0, 1.0, 1.0, 0.0]])
+  r = jnp.asarray([[9.0, 0.1, -0.2, 1.5, 9.0]])
+  v = jnp.asarray([[9.0, 0.5, 0.4, 0.3, 9.0]])
+  g, lam = 0.9, 0.8
+  d3 = 1.5 - 0.3  # Last action: no next value.
+  d2 = -0.2 + g * 0.3 - 0.4
+  d1 = 0.1 + g * 0.4 - 0.5
+  a3 = d3
+  a2 = d2 + g * lam * a3
+  a1 = d1 + g * lam * a2
+  adv, ret = ppo.gae(r, v, mask, g, lam)
+  np.testing.assert_allclose(np.asarray(adv)[0], [0, a1, a2, a3, 0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(ret)[0], [0, a1 + 0.5, a2 + 0.4, a3 + 0.3, 0], rtol=1e-6)
+  # Rewards: -kl_coef * kl per action, the score added at the last one.
+  shaped = ppo.shaped_rewards(jnp.asarray([2.0]), jnp.ones((1, 5)), mask, 0.1)
+  np.testing.assert_allclose(np.asarray(shaped)[0], [0, -0.1, -0.1, 1.9, 0], rtol=1e-6)
+
+
+def test_kl_estimators_and_controller():
+  logp, ref = jnp.asarray([[-1.0, -2.0]]), jnp.asarray([[-1.5, -1.0]])
+  np.testing.assert_allclose(np.asarray(ppo.kl_penalty(logp, ref, 'k1')), [[0.5, -1.0]])
+  log_r = np.asarray([-0.5, 1.0])
+  np.testing.assert_allclose(np.asarray(ppo.kl_penalty(logp, ref, 'k3'))[0],
+                             np.exp(log_r) - 1 - log_r, rtol=1e-6)
+  ctl = ppo.AdaptiveKL(0.1, target=6.0, horizon=100)
+  assert ctl.update(12.0, 10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # Error clipped.
+  assert ppo.AdaptiveKL(0.1).update(50.0, 10) == 0.1  # Fixed.
+
+
+def _rollout(cfg, mdef, params, seed=0):
+  rng = np.random.default_rng(seed)
+  b, t = 4, 12
+  tokens = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
+  seg = np.ones((b, t), np.int32)
+  seg[1, :3] = 0  # A left-padded prompt.
+  pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+  mask = np.zeros((b, t - 1), np.float32)
+  mask[:, 6:] = 1.0
+  mask[2, 9:] = 0.0  # A shorter completion.
+  logits, _ = mdef.build(params)(tokens, pos, seg)
+  logp, _ = ppo.token_logprobs_and_entropy(logits, tokens)
+  return {'tokens': tokens, 'positions': pos, 'segment_ids': seg, 'mask': mask,
+          'logprobs': np.asarray(logp)}
+
+
+def test_policy_equal_to_reference_has_zero_kl_and_unit_ratio():
+  cfg = tiny_cfg()
+  mdef, _ = state_lib.model_def(cfg)
+  params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
+  roll = _rollout(cfg, mdef, params)
+  logits, _ = mdef.build(params)(roll['tokens'], roll['positions'], roll['segment_ids'])
+  ref_logp, entropy = ppo.token_logprobs_and_entropy(logits, roll['tokens'])
+  for est in ('k1', 'k3'):
+    assert float(jnp.max(jnp.abs(ppo.kl_penalty(roll['logprobs'], ref_logp, est)))) == 0.0
+  rng = np.random.default_rng(1)
+  old = {'logprobs': roll['logprobs'], 'values': rng.normal(size=roll['mask'].shape),
+         'advantages': rng.normal(size=roll['mask'].shape),
+         'returns': rng.normal(size=roll['mask'].shape)}
+  _, m = ppo.ppo_losses(ref_logp, entropy, old['values'], old, roll['mask'], ppo.LossConfig())
+  assert float(m['val/ratio']) == 1.0 and float(m['policy/approxkl']) == 0.0
+  assert float(m['policy/clipfrac']) == 0.0 and float(m['val/clipfrac']) == 0.0
+  np.testing.assert_allclose(float(m['loss/policy']),
+                             -np.sum(old['advantages'] * roll['mask']) / roll['mask'].sum(),
+                             rtol=1e-5)
+
+
+def test_zero_advantages_and_value_error_leave_models_unchanged():
+  cfg = tiny_cfg()
+  mdef, _ = state_lib.model_def(cfg)
+  critic_mdef, _ = state_lib.model_def(cfg, ScalarModel)
+  policy = state_lib.init_params(cfg, jax.random.PRNGKey(0))
+  critic = state_lib.init_params(cfg, jax.random.PRNGKey(1), ScalarModel)
+  roll = _rollout(cfg, mdef, policy)
+  values = np.asarray(critic_mdef.build(critic)(roll['tokens'], roll['positions'],
+                                                roll['segment_ids'])[0])[:, :-1]
+  batch = dict(roll, values=values, advantages=np.zeros_like(values), returns=values)
+  config = ml_collections.ConfigDict({'optim': dict(peak_lr=1e-2, warmup_steps=0,
+                                                    final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                                                    weight_decay=0.0, clip_norm=1.0),
+                                      'ppo': {'critic_lr': 1e-2}})
+  txs, schedules = ppo_loop.optimizers(config, 10)
+  state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
+           'opt_state': {'policy': txs['policy'].init(policy), 'critic': txs['critic'].init(critic)},
+           'rng': jax.random.PRNGKey(0)}
+  step = jax.jit(lambda s, b: ppo_loop.update_step(
+      s, b, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=ppo.LossConfig(ent_coef=0.0), txs=txs,
+      schedules=schedules))
+  micro = jax.tree.map(lambda x: x[None], batch)
+  new, m = step(state, micro)
+  assert float(m['policy/grad_norm']) == 0.0 and max_abs_diff(new['params'], policy) == 0.0
+  # The values recomputed inside the step agree with `values` only to rounding, so the value
+  # gradient is ~0 rather than 0 (and Adam would still take a full-size step on it).
+  assert float(m['val/grad_norm']) < 1e-6 and float(m['loss/value']) < 1e-12
+  # A non-zero advantage does move the policy (the test above is not vacuous).
+  moved, _ = step(state, jax.tree.map(lambda x: x[None],
+                                      dict(batch, advantages=np.ones_like(values))))
+  assert max_abs_diff(moved['params'], policy) > 1e-4
+
+
+def test_dpo_loss_hand_computed_and_vanishing_beta():
+  loss, c, r = dpo.dpo_loss(jnp.asarray(-1.0), jnp.asarray(-3.0), jnp.asarray(-2.0),
+                            jnp.asarray(-2.0), 0.5)
+  # beta * ((pi_c - ref_c) - (pi_r - ref_r)) = 0.5 * (1 - (-1)) = 1: loss = log(1 + e^-1).
+  np.testing.assert_allclose(float(loss), np.log1p(np.exp(-1.0)), rtol=1e-6)
+  assert float(c) == 0.5 and float(r) == -0.5
+  cfg = tiny_cfg()
+  mdef, _ = state_lib.model_def(cfg)
+  ref = state_lib.init_params(cfg, jax.random.PRNGKey(0))
+  params = state_lib.init_params(cfg, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(0)
+
+  def side():
+    mask = np.zeros((2, 10), np.float32)
+    mask[:, 5:] = 1
+    return {'inputs': rng.integers(1, 97, (2, 10)).astype(np.int32),
+            'targets': rng.integers(1, 97, (2, 10)).astype(np.int32),
+            'positions': np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10)),
+            'segment_ids': np.ones((2, 10), np.int32), 'loss_mask': mask}
+
+  micro = {'chosen': side(), 'rejected': side()}
+  ref_c, ref_r, _ = dpo.pair_logps(mdef.build(ref), micro)
+  pre = dict(micro, ref_chosen=ref_c, ref_rejected=ref_r)
+  grad = lambda beta, m: jax.grad(lambda p: dpo.loss_fn(p, m, ref, mdef=mdef, beta=beta)[0])(params)
+  # Pre-computed reference log-probs give the same loss and gradient as the reference model.
+  for beta in (1.0,):
+    a = dpo.loss_fn(params, micro, ref, mdef=mdef, beta=beta)
+    b = dpo.loss_fn(params, pre, None, mdef=mdef, beta=beta)
+    assert max_abs_diff(a, b) < 1e-5
+  norm = lambda g: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
+  # d/dparams sum_i -log sigmoid(beta * D_i) = -beta * sum_i sigmoid(-beta D_i) grad D_i, which
+  # tends to -beta/2 * grad sum_i D_i (D = pi_c - pi_r, the reference is constant): it vanishes
+  # linearly with beta.
+  def delta(p):
+    c, r, _ = dpo.pair_logps(mdef.build(p), micro)
+    return jnp.sum(c - r)
+  n_delta = norm(jax.grad(delta)(params))
+  for beta in (1e-4, 1e-7):
+    np.testing.assert_allclose(norm(grad(beta, micro)), 0.5 * beta * n_delta, rtol=1e-3)

@@ -1,0 +1,105 @@
+"""python -m train.eval --checkpoint DIR [--config experiments/X.py] --tasks mmlu,gsm8k,humaneval,loss
+       [--limit N] [--out results.json] [--data_dir DIR] [--max_new_tokens N] [--mmlu_subjects a,b]
+
+Evaluates a meshlm checkpoint (train/eval/model_lm.py) on the benchmarks of this package and on
+`loss`, the mean token loss of `train.eval_batches` batches of the config's eval split, then
+prints a table (train/eval/report.py) and writes all results as JSON. `--limit` caps the
+questions per MMLU subject and the problems of GSM8K and HumanEval. `--config` defaults to the
+workdir's config.json. Benchmark files come from --data_dir, env SHARED_DATA or ../shared/data.
+"""
+
+import argparse
+import math
+import sys
+
+TASKS = ('mmlu', 'gsm8k', 'humaneval', 'loss')
+
+
+def eval_loss(config, lm, workdir: str) -> dict:
+  """Mean next-token loss over `config.train.eval_batches` batches of the eval split."""
+  import jax
+  import numpy as np
+  from data import pipeline
+  from train import step as step_lib
+  gen = lm.gen
+  data = pipeline.make_iterator(config.data, vocab_size=gen.cfg.vocab_size,
+                                global_batch=config.train.global_batch, workdir=workdir,
+                                split='eval', seed=config.train.seed)
+  fn = jax.jit(lambda p, b: step_lib.loss_sums(p, b, None, gen.mdef)[1][:2])
+  nll = tokens = 0.0
+  with jax.set_mesh(gen.mesh):
+    for _ in range(config.train.eval_batches):
+      batch = {k: np.asarray(v) for k, v in next(data).items()}
+      n, c = fn(gen.params, batch)
+      nll, tokens = nll + float(n), tokens + float(c)
+  loss = nll / max(tokens, 1.0)
+  return {'task': 'loss', 'metrics': {'loss': loss, 'perplexity': math.exp(min(loss, 50.0))},
+          'count': int(tokens), 'config': {'eval_batches': config.train.eval_batches,
+                                           'source': str(config.data.source)}}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m train.eval', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--config', default='')
+  parser.add_argument('--tasks', default='mmlu,gsm8k,humaneval,loss')
+  parser.add_argument('--limit', type=int, default=None)
+  parser.add_argument('--out', default='')
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--max_new_tokens', type=int, default=None,
+                      help='GSM8K / HumanEval generation length (default: theirs, 256 / 512)')
+  parser.add_argument('--mmlu_subjects', default='', help='comma-separated (default: all)')
+  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--max_length', type=int, default=0, help='default: config.data.seq_len')
+  args = parser.parse_args(argv)
+  tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
+  unknown = sorted(set(tasks) - set(TASKS))
+  if unknown or not tasks:
+    parser.error(f'--tasks: unknown {unknown}; choose from {TASKS}')
+  from model.config import ConfigError
+  from train import compilation_cache
+  from train import generate as gen_lib
+  from train.eval import gsm8k, humaneval, mmlu, report
+  from train.eval.model_lm import MeshLM
+  compilation_cache.enable()
+  try:
+    run = gen_lib.load_run(args.checkpoint, args.config or None)
+    gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
+                            max_batch=args.batch_size)
+    lm = MeshLM(gen, max_length=args.max_length or int(run.config.data.seq_len),
+                batch_size=args.batch_size)
+    gen_kw = {} if args.max_new_tokens is None else {'max_new_tokens': args.max_new_tokens}
+    results = []
+    for task in tasks:
+      print(f'[{task}]', file=sys.stderr, flush=True)
+      if task == 'mmlu':
+        names = [s for s in args.mmlu_subjects.split(',') if s] or None
+        results.append(mmlu.evaluate(lm, args.data_dir, count_tokens=lm.count_tokens,
+                                     max_length=lm.max_length, subject_names=names,
+                                     limit_per_subject=args.limit))
+      elif task == 'gsm8k':
+        results.append(gsm8k.evaluate(lm, args.data_dir, limit=args.limit, **gen_kw))
+      elif task == 'humaneval':
+        results.append(humaneval.evaluate(lm, args.data_dir, limit=args.limit, **gen_kw))
+      else:
+        results.append(eval_loss(run.config, lm, run.workdir))
+  except (ConfigError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  benchmarks = [r for r in results if r['task'] != 'loss']
+  if benchmarks:
+    report.print_table(benchmarks)
+  for r in results:
+    if r['task'] == 'loss':  # Not a fraction: report.py would print it as a percentage.
+      print(f'loss: {r["metrics"]["loss"]:.4f} (perplexity {r["metrics"]["perplexity"]:.3f}) '
+            f'over {r["count"]} tokens of the eval split')
+  if args.out:
+    path = report.write_json(results, args.out, extra={
+        'checkpoint': args.checkpoint, 'step': run.step, 'tasks': tasks, 'limit': args.limit})
+    print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

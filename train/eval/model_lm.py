@@ -1,0 +1,109 @@
+"""`LanguageModel` (train/eval/lm.py) over a meshlm model: a checkpoint, its tokenizer, a mesh.
+
+loglikelihood: requests are tokenised the way the reference harness does it (trailing spaces
+of the context move to the continuation; the continuation's ids are those of context +
+continuation after the context's ids when the context tokenises the same alone), prefixed with
+BOS, cut on the left to `max_length` tokens, sorted by length, right-padded to power-of-two
+buckets and scored in batches by one jitted forward pass each; the sum of the continuation's
+token log-probs comes back, not the logits.
+
+generate: train/generate.py's Generator (KV cache, buckets, stop strings), prompts cut on the
+left so that prompt + new tokens fit `max_length` when they can; `num_samples` > 1 repeats each
+prompt in the batch (rows draw independent samples).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import decode
+from train import generate as gen_lib
+
+
+def _progress(total: int, desc: str):
+  from tqdm import tqdm
+  return tqdm(total=total, desc=desc, unit='req', dynamic_ncols=True, leave=False, disable=None)
+
+
+class MeshLM:
+  """A LanguageModel backed by a Generator (its params, tokenizer, mesh)."""
+
+  def __init__(self, generator: gen_lib.Generator, *, max_length: int, batch_size: int = 16,
+               min_bucket: int = 16):
+    self.gen, self.tok = generator, generator.tokenizer
+    self.max_length, self.batch_size, self.min_bucket = max_length, batch_size, min_bucket
+    mdef = generator.mdef
+
+    def score(params, tokens_bt, mask_bt):
+      logits_btv, _ = mdef.build(params)(tokens_bt[:, :-1])
+      logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
+      target_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+      return jnp.sum(target_bt * mask_bt[:, 1:], axis=-1)
+
+    self._score = jax.jit(score)
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint: str, config=None, *, max_length: int | None = None,
+                      batch_size: int = 16) -> 'MeshLM':
+    run = gen_lib.load_run(checkpoint, config)
+    gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
+                            max_batch=batch_size)
+    return cls(gen, max_length=max_length or int(run.config.data.seq_len), batch_size=batch_size)
+
+  def count_tokens(self, text: str) -> int:
+    return 1 + len(self.tok.encode(text))
+
+  def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    spaces = len(context) - len(context.rstrip(' '))
+    if spaces:
+      context, continuation = context[:-spaces], context[-spaces:] + continuation
+    ctx = self.tok.encode(context)
+    whole = self.tok.encode(context + continuation)
+    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+      return ctx, whole[len(ctx):]
+    return ctx, self.tok.encode(continuation)
+
+  def loglikelihood(self, requests: list[tuple[str, str]]) -> list[float]:
+    rows = []
+    for context, continuation in requests:
+      ctx, cont = self._pair(context, continuation)
+      if not cont:
+        raise ValueError(f'loglikelihood: empty continuation for context ...{context[-40:]!r}')
+      ids = ([self.tok.bos_id] + ctx + cont)[-self.max_length:]
+      rows.append((ids, min(len(cont), len(ids) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out = np.zeros(len(rows), np.float64)
+    bar = _progress(len(rows), 'loglikelihood')
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      t = gen_lib.bucket(len(rows[chunk[0]][0]), self.min_bucket)
+      b = self.gen._batch_bucket(self.batch_size)
+      tokens = np.full((b, t), self.tok.pad_id, np.int32)
+      mask = np.zeros((b, t), np.float32)
+      for r, i in enumerate(chunk):
+        ids, n_cont = rows[i]
+        tokens[r, :len(ids)] = ids
+        mask[r, len(ids) - n_cont:len(ids)] = 1.0
+      with jax.set_mesh(self.gen.mesh):
+        sums = np.asarray(self._score(self.gen.params, tokens, mask))
+      out[chunk] = sums[:len(chunk)]
+      bar.update(len(chunk))
+    bar.close()
+    return [float(x) for x in out]
+
+  def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
+               temperature: float = 0.0, num_samples: int = 1) -> list[list[str]]:
+    budget = max(self.max_length - max_new_tokens, self.max_length // 2)
+    ids = [([self.tok.bos_id] + self.tok.encode(p))[-budget:] for p in prompts]
+    ids = [x for x in ids for _ in range(num_samples)]
+    sampling = decode.Sampling(temperature=temperature)
+    texts = []
+    bar = _progress(len(ids), 'generate')
+    for i in range(0, len(ids), self.gen.max_batch):
+      out = self.gen.generate_ids(ids[i:i + self.gen.max_batch], max_new_tokens=max_new_tokens,
+                                  sampling=sampling, stop=stop, seed=i)
+      for j in range(out.tokens_bs.shape[0]):
+        texts.append(self.gen._text(out.completion_ids(j), stop))
+      bar.update(out.tokens_bs.shape[0])
+    bar.close()
+    return [texts[k * num_samples:(k + 1) * num_samples] for k in range(len(prompts))]

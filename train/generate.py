@@ -1,0 +1,367 @@
+"""Text generation from a meshlm checkpoint: a Python API for notebooks and a CLI.
+
+    python -m train.generate --checkpoint DIR --prompt "What is 2 + 3?" [--chat]
+        [--config experiments/X.py] [--max_new_tokens 64] [--temperature 0.8 --top_k 50
+        --top_p 0.95] [--stop '\\n'] [--seed 0]
+
+    from train.generate import Generator
+    gen = Generator.from_checkpoint('/tmp/run')      # or Generator(cfg, params, tokenizer, mesh)
+    [c] = gen.generate(['What is 2 + 3?'], chat=True, max_new_tokens=16)
+    c.text, c.token_ids, c.logprobs, c.finish_reason
+
+DIR is a run's workdir, its `checkpoints/` folder, or one `checkpoints/<step>` in it. The model
+shape comes from `--config`, else from `config.json` in the workdir (written by the post-training
+stages). The tokenizer is `config.data.tokenizer`, else the one the run trained and cached
+under `workdir/tokenizer/`.
+
+Decoding (model/decode.py) is jitted once per (batch, prompt, total length) bucket and sampling
+setting: prompts are left-padded to a power-of-two bucket (at least `min_bucket`), new tokens
+get a power-of-two bucket too, and the batch is filled up to a power of two that the mesh's
+batch axes divide, so calls with other lengths or batch sizes reuse the compiled code. Rows
+stop at EOS (and, with `chat`, at the `<|end|>` marker); stop strings are checked on the host
+every `stop_check_every` tokens, between jitted chunks of decoding.
+"""
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from model import decode
+from model.config import ConfigError, ModelConfig
+from model.sharding import logical_to_spec, make_rules, use_rules
+
+log = logging.getLogger('meshlm')
+
+
+@dataclasses.dataclass
+class Completion:
+  text: str  # Decoded completion, cut before the first stop string; no EOS / end marker.
+  token_ids: list[int]  # Generated ids, the stop token (EOS / <|end|>) included if reached.
+  logprobs: list[float]  # log p(token | prefix) of each generated id under the model.
+  finish_reason: str  # 'eos', 'stop' (a stop string) or 'length'.
+  prompt_tokens: int
+
+
+@dataclasses.dataclass
+class Rollout:
+  """Token-level result of a batch (numpy): the buffer of model/decode.py and its layout."""
+  tokens_bs: np.ndarray
+  logprobs_bs: np.ndarray
+  lengths_b: np.ndarray
+  num_new_b: np.ndarray
+  prompt_len: int
+  finish_b: list[str]
+
+  def layout(self) -> dict:
+    return decode.sequence_layout(self.tokens_bs, self.lengths_b, self.num_new_b, self.prompt_len)
+
+  def completion_ids(self, i: int) -> list[int]:
+    p = self.prompt_len
+    return [int(x) for x in self.tokens_bs[i, p:p + self.num_new_b[i]]]
+
+
+def bucket(n: int, minimum: int) -> int:
+  """The smallest power of two >= max(n, minimum)."""
+  n = max(int(n), int(minimum), 1)
+  return 1 << (n - 1).bit_length()
+
+
+class Generator:
+  """Jitted, mesh-sharded generation for one model; `params` may be replaced per call (RLHF)."""
+
+  def __init__(self, cfg: ModelConfig, params, tokenizer, mesh=None, rules=None, *,
+               max_batch: int = 32, min_bucket: int = 16, stop_check_every: int = 16):
+    from train import state as state_lib
+    from train.mesh import make_mesh
+    self.cfg, self.tokenizer = cfg, tokenizer
+    self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
+    self.rules = make_rules() if rules is None else rules
+    self.mdef, abstract = state_lib.model_def(cfg)
+    with use_rules(self.rules):
+      self.param_shardings = state_lib.param_shardings(self.mdef, abstract, self.mesh)
+    self.params = None if params is None else self.place(params)
+    self.max_batch, self.min_bucket, self.stop_check_every = max_batch, min_bucket, stop_check_every
+    batch_axes = logical_to_spec(('batch',), rules=self.rules)[0]
+    batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    self.batch_shards = math.prod(self.mesh.shape[a] for a in batch_axes)
+    self._fns = {}
+
+  def place(self, params):
+    return jax.device_put(params, self.param_shardings)
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint: str, config=None, *, mesh=None, **kw) -> 'Generator':
+    """`config`: a ConfigDict, a path to an experiment file, or None (workdir/config.json)."""
+    run = load_run(checkpoint, config, mesh=mesh)
+    return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
+
+  # Jitted pieces, one pair per sampling setting (shapes are handled by jit's own cache).
+  def _compiled(self, sampling: decode.Sampling):
+    if sampling not in self._fns:
+      mdef, pad = self.mdef, self.tokenizer.pad_id
+
+      def start(params, tokens_bp, lengths_b, done_b, eos_e, rng, total_len):
+        return decode.start(mdef.build(params), tokens_bp, lengths_b, total_len=total_len, rng=rng,
+                            sampling=sampling, eos_ids_e=eos_e, done_b=done_b, pad_id=pad)
+
+      def advance(params, state, limit, eos_e):
+        return decode.advance(mdef.build(params), state, limit, sampling=sampling, eos_ids_e=eos_e,
+                              pad_id=pad)
+
+      self._fns[sampling] = (jax.jit(start, static_argnames='total_len'),
+                             jax.jit(advance, donate_argnums=1))
+    return self._fns[sampling]
+
+  def prompt_ids(self, prompts: list, chat: bool) -> list[list[int]]:
+    if chat:
+      from data.chat import ChatTemplate
+      template = ChatTemplate(self.tokenizer)
+      return [list(template.encode([{'role': 'user', 'content': p}], generation_prompt=True)[0])
+              for p in prompts]
+    return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
+
+  def stop_ids(self, chat: bool) -> list[int]:
+    ids = [self.tokenizer.eos_id]
+    if chat:
+      ids.append(self.tokenizer.special_id('<|end|>'))
+    return ids
+
+  def generate(self, prompts: list[str], *, max_new_tokens: int = 128,
+               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
+               chat: bool = False, seed: int = 0, params=None, progress=None) -> list[Completion]:
+    """Completions of text prompts (with `chat`, each is a user turn in the chat template)."""
+    ids = self.prompt_ids(prompts, chat)
+    out = []
+    for i in range(0, len(ids), self.max_batch):
+      rollout = self.generate_ids(ids[i:i + self.max_batch], max_new_tokens=max_new_tokens,
+                                  sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat),
+                                  seed=seed + i, params=params)
+      for j in range(rollout.tokens_bs.shape[0]):
+        token_ids = rollout.completion_ids(j)
+        p = rollout.prompt_len
+        out.append(Completion(
+            text=self._text(token_ids, stop), token_ids=token_ids,
+            logprobs=[float(x) for x in rollout.logprobs_bs[j, p:p + len(token_ids)]],
+            finish_reason=rollout.finish_b[j], prompt_tokens=int(rollout.lengths_b[j])))
+      if progress is not None:
+        progress.update(rollout.tokens_bs.shape[0])
+    return out
+
+  def _text(self, token_ids: list[int], stop) -> str:
+    text = self.tokenizer.decode(token_ids)
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+  def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int,
+                   sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
+                   stop_ids: list[int] | None = None, seed: int = 0, params=None) -> Rollout:
+    """One batch of token prompts -> Rollout (rows in the order given, filler rows dropped)."""
+    if not prompts:
+      raise ValueError('train/generate.py: no prompts')
+    if max_new_tokens < 1:
+      raise ValueError(f'train/generate.py: max_new_tokens must be >= 1, got {max_new_tokens}')
+    params = self.params if params is None else params
+    if params is None:
+      raise ValueError('train/generate.py: this Generator has no params; pass params=')
+    n = len(prompts)
+    b = self._batch_bucket(n)
+    p = bucket(max(len(x) for x in prompts), self.min_bucket)
+    total = p + bucket(max_new_tokens, self.min_bucket)
+    prompts = list(prompts) + [prompts[0]] * (b - n)  # Filler rows, done from the start.
+    tokens_bp, lengths_b = decode.left_pad(prompts, p, self.tokenizer.pad_id)
+    done_b = np.arange(b) >= n
+    eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
+    start, advance = self._compiled(sampling)
+    data = NamedSharding(self.mesh, logical_to_spec(('batch', None), (b, p), self.mesh, self.rules))
+    with jax.set_mesh(self.mesh), use_rules(self.rules):
+      tokens_bp, lengths_b, done_b = jax.device_put(
+          (tokens_bp, lengths_b, done_b),
+          (data, NamedSharding(self.mesh, PartitionSpec()), NamedSharding(self.mesh, PartitionSpec())))
+      state = start(params, tokens_bp, lengths_b, done_b, eos_e, jax.random.PRNGKey(seed),
+                    total_len=total)
+      stopped = np.zeros(b, bool)
+      while True:
+        step = int(state['step'])
+        limit = min(step + self.stop_check_every, max_new_tokens) if stop else max_new_tokens
+        state = advance(params, state, jnp.int32(limit), eos_e)
+        done, step = np.array(state['done_b']), int(state['step'])
+        if stop:
+          newly = self._stop_strings(state, done, stop, p)
+          if newly.any():
+            stopped |= newly
+            done |= newly
+            state['done_b'] = jax.device_put(done, state['done_b'].sharding)
+        if done.all() or step >= max_new_tokens:
+          break
+    tokens_bs = np.asarray(state['tokens_bs'])[:n]
+    num_new_b = np.asarray(state['num_new_b'])[:n]
+    eos_seen = np.isin(tokens_bs[np.arange(n), p + np.maximum(num_new_b, 1) - 1], eos_e)
+    finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
+    return Rollout(tokens_bs, np.asarray(state['logprobs_bs'])[:n], np.asarray(lengths_b)[:n],
+                   num_new_b, p, finish)
+
+  def _stop_strings(self, state, done, stop, p) -> np.ndarray:
+    tokens_bs, num_new_b = np.asarray(state['tokens_bs']), np.asarray(state['num_new_b'])
+    hit = np.zeros(len(done), bool)
+    for i in np.nonzero(~done)[0]:
+      text = self.tokenizer.decode(tokens_bs[i, p:p + num_new_b[i]])
+      hit[i] = any(s and s in text for s in stop)
+    return hit
+
+  def _batch_bucket(self, n: int) -> int:
+    b = bucket(n, 1)
+    return b * self.batch_shards // math.gcd(b, self.batch_shards)
+
+
+# Loading a trained model.
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  cfg: ModelConfig
+  params: object
+  tokenizer: object
+  mesh: object
+  rules: dict
+  workdir: str
+  step: int
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int | None, str]:
+  """(checkpoints folder, step or None for the latest, workdir) of a workdir,
+  `workdir/checkpoints` or `workdir/checkpoints/<step>`."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(path):
+    root = os.path.dirname(path)
+    return root, int(base), os.path.dirname(root)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None, path
+  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    return path, None, os.path.dirname(path)
+  raise FileNotFoundError(f'--checkpoint {path}: not a workdir with checkpoints/, a checkpoints '
+                          f'folder, or a checkpoints/<step> folder')
+
+
+def load_config(config, workdir: str) -> ml_collections.ConfigDict:
+  """A ConfigDict given, an experiment file's get_config(), or workdir/config.json."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  if config:
+    spec = importlib.util.spec_from_file_location('meshlm_experiment', config)
+    if spec is None or not os.path.isfile(config):
+      raise FileNotFoundError(f'--config {config}: no such experiment file')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{workdir} has no config.json: pass --config with the experiment file '
+                      f'the run was trained with')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write_config(config, workdir: str) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json(indent=1))
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def load_tokenizer(config, workdir: str):
+  """config.data.tokenizer, else the single model cached in workdir/tokenizer/, else the
+  pipeline's train-or-load (which finds the same cache when the sources are the same)."""
+  from data import pipeline
+  from data.tokenizer import Tokenizer
+  if config.data.tokenizer:
+    return Tokenizer(config.data.tokenizer)
+  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
+  if len(cached) == 1:
+    return Tokenizer(cached[0])
+  return pipeline.load_tokenizer(config.data, vocab_size=config.model.vocab_size, workdir=workdir)
+
+
+def find_tokenizer(workdir: str) -> str:
+  """The path of the one tokenizer model a run cached (for the next stage's data.tokenizer)."""
+  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
+  if len(cached) != 1:
+    raise FileNotFoundError(f'{workdir}/tokenizer: expected one cached *.model, found {cached}')
+  return cached[0]
+
+
+def load_run(checkpoint: str, config=None, *, mesh=None, model_cls=None) -> Run:
+  """Config, model config, params (sharded on `mesh`, default config.mesh), tokenizer of a run."""
+  from train import checkpoint as ckpt_lib
+  from train import config as config_lib
+  from train import state as state_lib
+  from train.mesh import make_mesh
+  root, step, workdir = resolve_checkpoint(checkpoint)
+  config = load_config(config, workdir)
+  cfg = config_lib.model_config(config)
+  mesh = make_mesh(config.mesh) if mesh is None else mesh
+  rules = make_rules(config.sharding_rules.to_dict())
+  kw = {} if model_cls is None else {'model_cls': model_cls}
+  mdef, abstract = state_lib.model_def(cfg, **kw)
+  with use_rules(rules):
+    shardings = state_lib.param_shardings(mdef, abstract, mesh)
+  params = ckpt_lib.restore_params(root, abstract, shardings, step)
+  if step is None:
+    from orbax.checkpoint import CheckpointManager
+    manager = CheckpointManager(root)
+    step = manager.latest_step()
+    manager.close()
+  return Run(config, cfg, params, load_tokenizer(config, workdir), mesh, rules, workdir, int(step))
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(prog='python -m train.generate', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--prompt', action='append', required=True, help='repeat for a batch')
+  parser.add_argument('--config', default='', help='experiment file (default: workdir/config.json)')
+  parser.add_argument('--chat', action='store_true', help='wrap each prompt as a user turn')
+  parser.add_argument('--max_new_tokens', type=int, default=64)
+  parser.add_argument('--temperature', type=float, default=0.0)
+  parser.add_argument('--top_k', type=int, default=0)
+  parser.add_argument('--top_p', type=float, default=1.0)
+  parser.add_argument('--stop', action='append', default=[])
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--json', action='store_true', help='one JSON object per completion')
+  args = parser.parse_args(argv)
+  from train import compilation_cache
+  compilation_cache.enable()
+  try:
+    sampling = decode.Sampling(args.temperature, args.top_k, args.top_p)
+    gen = Generator.from_checkpoint(args.checkpoint, args.config or None)
+    stop = [s.encode().decode('unicode_escape') for s in args.stop]
+    out = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       stop=stop, chat=args.chat, seed=args.seed)
+  except (ConfigError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  for prompt, c in zip(args.prompt, out):
+    if args.json:
+      print(json.dumps({'prompt': prompt, **dataclasses.asdict(c)}))
+    else:
+      print(f'{prompt}{c.text}\n  [{c.finish_reason}, {len(c.token_ids)} tokens, '
+            f'logprob {sum(c.logprobs):.3f}]')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Post-training: SFT (the normal train loop), reward model, RLHF with PPO, DPO."""

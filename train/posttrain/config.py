@@ -1,0 +1,112 @@
+"""Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`, `dpo`.
+
+    stage   'sft' (the normal train loop, train/loop.py), 'rm', 'ppo' or 'dpo'.
+    rm      reward model: Bradley-Terry loss on preference pairs (train/posttrain/reward.py).
+    ppo     RLHF with PPO (train/posttrain/ppo.py, ppo_loop.py).
+    dpo     direct preference optimisation (train/posttrain/dpo.py).
+
+Shared keys keep their train/config.py meaning: `train.init_from` is the checkpoint the trained
+model starts from (SFT: the pre-trained LM; RM, PPO, DPO: the SFT model), `train.steps` counts
+optimiser steps (RM, DPO) or PPO iterations (one rollout batch each), `train.global_batch` is
+pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is the optimiser of the trained
+model (for PPO: of the policy; the critic has `ppo.critic_lr`).
+"""
+
+import ml_collections
+
+from model.config import ConfigError
+from train import config as base_config
+
+STAGES = ('sft', 'rm', 'ppo', 'dpo')
+KL_ESTIMATORS = ('k1', 'k3')
+CRITIC_INITS = ('reward_model', 'policy')
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = base_config.defaults()
+  c.stage = ''
+  c.rm = dict(
+      margin=0.0,  # Loss -log sigmoid(r_chosen - r_rejected - margin).
+      eval_batches=4,  # Held-out preference batches scored at the end (accuracy, margin).
+  )
+  c.ppo = dict(
+      reward_model='',  # Workdir of the reward-model stage (its config.json and checkpoints).
+      critic_init='reward_model',  # The critic's trunk and head: from the RM, or the policy trunk.
+      max_prompt_len=64,  # Longer prompts are skipped.
+      max_new_tokens=32,
+      temperature=1.0,  # Rollout sampling (1.0 with no top-k/p: samples follow the policy).
+      ppo_epochs=4,  # Passes over each rollout batch.
+      num_minibatches=4,  # Per pass; each is one optimiser step.
+      cliprange=0.2,
+      cliprange_value=0.2,
+      vf_coef=0.1,
+      ent_coef=0.0,  # Entropy bonus: loss -= ent_coef * mean token entropy.
+      gamma=1.0,
+      lam=0.95,
+      kl_coef=0.05,  # Initial (or fixed) coefficient of the per-token KL penalty.
+      kl_estimator='k1',  # 'k1': logp - logp_ref; 'k3': (r - 1) - log r with r = p_ref / p.
+      adaptive_kl=False,  # Ziegler et al. controller towards kl_target.
+      kl_target=6.0,
+      kl_horizon=10_000,
+      whiten_rewards=False,
+      missing_eos_penalty=0.0,  # Subtracted from the score of completions that never end.
+      critic_lr=1e-5,  # Peak learning rate of the critic (same schedule shape as optim).
+      ref_on_host=False,  # Keep the frozen reference in host memory between uses.
+      eval_prompts=64,  # Held-out prompts scored (greedy) before and after training.
+  )
+  c.dpo = dict(
+      beta=0.1,
+      reference='',  # Checkpoint of the reference model; '' = train.init_from.
+      precompute_ref=False,  # One reference pass over the run's batches first, then free it.
+      eval_batches=4,
+  )
+  return c
+
+
+def ppo_updates(config) -> int:
+  """Optimiser steps of a PPO run: iterations x epochs x minibatches (the schedule's length)."""
+  p = config.ppo
+  return int(config.train.steps) * int(p.ppo_epochs) * int(p.num_minibatches)
+
+
+def validate(config, num_devices: int, process_count: int = 1):
+  """Checks keys against `defaults()` and the shared checks of train/config.py; returns the
+  ModelConfig."""
+  base_config.check_keys(config, defaults())
+  if config.stage not in STAGES:
+    raise ConfigError(f'stage={config.stage!r}: use one of {STAGES}')
+  shared = ml_collections.ConfigDict(config.to_dict())
+  for key in ('stage', 'rm', 'ppo', 'dpo'):
+    del shared[key]
+  if config.stage == 'ppo':  # The schedule counts optimiser updates, not iterations.
+    shared.train.steps = ppo_updates(config)
+  cfg = base_config.validate(shared, num_devices, process_count)
+  if config.stage in ('rm', 'ppo', 'dpo') and not config.train.init_from:
+    raise ConfigError(f'train.init_from: the {config.stage} stage starts from a checkpoint '
+                      f'(the SFT model); set --config.train.init_from=DIR')
+  if config.stage == 'ppo':
+    p = config.ppo
+    if not p.reward_model:
+      raise ConfigError('ppo.reward_model: the workdir of a reward-model run is needed')
+    if p.kl_estimator not in KL_ESTIMATORS:
+      raise ConfigError(f'ppo.kl_estimator={p.kl_estimator!r}: use one of {KL_ESTIMATORS}')
+    if p.critic_init not in CRITIC_INITS:
+      raise ConfigError(f'ppo.critic_init={p.critic_init!r}: use one of {CRITIC_INITS}')
+    if p.num_minibatches < 1 or config.train.global_batch % p.num_minibatches:
+      raise ConfigError(f'ppo.num_minibatches={p.num_minibatches} must divide train.global_batch='
+                        f'{config.train.global_batch}')
+    minibatch = config.train.global_batch // p.num_minibatches
+    if minibatch % config.train.grad_accum:
+      raise ConfigError(f'train.grad_accum={config.train.grad_accum} must divide the PPO '
+                        f'minibatch of {minibatch} rollouts')
+    for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len'):
+      if p[key] < 1:
+        raise ConfigError(f'ppo.{key}={p[key]} must be positive')
+    if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
+      raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
+  if config.stage == 'dpo' and not config.dpo.beta > 0:
+    raise ConfigError(f'dpo.beta={config.dpo.beta} must be positive')
+  if config.stage in ('rm', 'dpo', 'ppo') and config.data.packing != 'pad':
+    raise ConfigError(f"data.packing={config.data.packing!r}: post-training keeps examples whole; "
+                      f"use 'pad'")
+  return cfg

@@ -1,0 +1,143 @@
+"""The checkable task of the tiny pipeline: held-out generated questions with exact answers.
+
+    python -m train.posttrain.task_eval --run pretrain=/tmp/tiny/pretrain --run sft=/tmp/tiny/sft \\
+        --run ppo=/tmp/tiny/ppo [--reward_model /tmp/tiny/rm] [--config experiments/tiny_dense.py]
+        [--num 256] [--out results.json]
+
+Questions are data/corpus.py `instructions` past the training examples (`data.embedded_examples`
+of the config, so the SFT stage never saw them): sums, differences, products, capitals,
+opposites and counting. Each is asked as a user turn of the chat template and answered greedily;
+an answer is correct when the reply is exactly the answer or "The answer is <answer>." (the two
+forms of the SFT data). With `--reward_model`, the mean reward-model score of the replies is
+reported too. A run's model config is its workdir's config.json, else `--config`.
+"""
+
+import argparse
+import json
+import re
+import sys
+
+import numpy as np
+
+from data import corpus
+from model import decode
+
+KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'What is \d+ - \d+\?')),
+         ('times', re.compile(r'What is \d+ times \d+\?')), ('capital', re.compile('capital')),
+         ('opposite', re.compile('opposite')), ('count', re.compile('Count from')))
+
+
+def questions(seed: int, num_train: int, num: int) -> list[dict]:
+  """Held-out instruction pairs: indices num_train .. num_train + num - 1."""
+  return corpus.instructions(seed, num_train + num)[num_train:]
+
+
+def kind(prompt: str) -> str:
+  return next(name for name, pattern in KINDS if pattern.search(prompt))
+
+
+def is_correct(reply: str, answer: str) -> bool:
+  reply = reply.strip()
+  return reply == answer or reply == f'The answer is {answer}.'
+
+
+def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=None) -> dict:
+  """Accuracy (overall and per kind) of greedy chat replies; `scorer(rollout) -> [b]` rewards."""
+  prompts = generator.prompt_ids([q['prompt'] for q in items], chat=True)
+  correct, rewards, lengths = [], [], []
+  for i in range(0, len(items), generator.max_batch):
+    out = generator.generate_ids(prompts[i:i + generator.max_batch], max_new_tokens=max_new_tokens,
+                                 sampling=decode.Sampling(), stop_ids=generator.stop_ids(True))
+    for j, q in enumerate(items[i:i + generator.max_batch]):
+      ids = out.completion_ids(j)
+      correct.append(is_correct(generator.tokenizer.decode(ids), q['answer']))
+      lengths.append(len(ids))
+    if scorer is not None:
+      rewards.extend(np.asarray(scorer(out)).tolist())
+  kinds = [kind(q['prompt']) for q in items]
+  per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
+              for k, _ in KINDS if k in kinds}
+  result = {'accuracy': float(np.mean(correct)), 'count': len(items), 'per_kind': per_kind,
+            'mean_length': float(np.mean(lengths))}
+  if scorer is not None:
+    result['reward'] = float(np.mean(rewards))
+  return result
+
+
+def reward_scorer(rm_workdir: str, generator, env):
+  """rollout -> RM scores of prompt + reply, laid out as in RM training (ppo_loop)."""
+  import jax
+  from model.heads import ScalarModel
+  from train import config as base_config
+  from train import generate as gen_lib
+  from train import state as state_lib
+  from train.posttrain import ppo_loop, reward, setup
+  from data.chat import ChatTemplate
+  rm_cfg = base_config.model_config(gen_lib.load_config(None, setup.run_workdir(rm_workdir)))
+  mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
+  params = setup.restore_scalar(rm_workdir, rm_cfg, env)
+  fn = jax.jit(lambda p, rows: reward.rewards(mdef.build(p), rows)[0])
+  tok = generator.tokenizer
+  end, newline = tok.special_id('<|end|>'), list(ChatTemplate(tok).newline)
+
+  def score(out):
+    rows = ppo_loop.reward_layout(out.layout(), out.num_new_b, out.prompt_len, end, newline)
+    with jax.set_mesh(env.mesh):
+      return fn(params, rows)
+  return score
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m train.posttrain.task_eval', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--run', action='append', required=True, help='NAME=WORKDIR, repeatable')
+  parser.add_argument('--config', default='', help='model config of runs without config.json')
+  parser.add_argument('--reward_model', default='')
+  parser.add_argument('--num', type=int, default=256)
+  parser.add_argument('--max_new_tokens', type=int, default=40)
+  parser.add_argument('--out', default='')
+  args = parser.parse_args(argv)
+  import os
+  from model.config import ConfigError
+  from train import compilation_cache
+  from train import generate as gen_lib
+  from train.posttrain import setup
+  compilation_cache.enable()
+  results = {}
+  try:
+    for spec in args.run:
+      name, _, path = spec.partition('=')
+      workdir = setup.run_workdir(path)
+      has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
+      run = gen_lib.load_run(path, None if has_json else (args.config or None))
+      gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
+      env = setup.Env(run.mesh, run.rules)
+      scorer = reward_scorer(args.reward_model, gen, env) if args.reward_model else None
+      items = questions(int(run.config.data.embedded_seed), int(run.config.data.embedded_examples),
+                        args.num)
+      results[name] = evaluate(gen, items, max_new_tokens=args.max_new_tokens, scorer=scorer)
+      print(f'{name}: {json.dumps(results[name])}', flush=True)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(format_table(results))
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(results, f, indent=1)
+  return 0
+
+
+def format_table(results: dict) -> str:
+  kinds = [k for k, _ in KINDS]
+  head = ['run', 'accuracy'] + kinds + ['reward', 'length']
+  rows = [head]
+  for name, r in results.items():
+    rows.append([name, f'{100 * r["accuracy"]:.1f}%'] +
+                [f'{100 * r["per_kind"][k]:.0f}%' if k in r['per_kind'] else '-' for k in kinds] +
+                [f'{r["reward"]:.3f}' if 'reward' in r else '-', f'{r["mean_length"]:.1f}'])
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  return '\n'.join(' | '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
