@@ -141,6 +141,11 @@ def test_plot_png_is_written(run):
   assert path.stat().st_size > 10_000
   colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(2), axis=0)
   assert len(colours) > 50  # Lines, text and anti-aliasing, not a blank canvas.
+  # The CLI redraws it; a workdir without metrics gives no plot and a non-zero status.
+  path.unlink()
+  assert plots.main([str(workdir)]) == 0 and path.stat().st_size > 10_000
+  assert plots.main([str(workdir / 'checkpoints')]) == 1
+  assert plots.main([]) == 2
 
 
 def test_progress_bar_on_the_terminal(run):
@@ -186,6 +191,7 @@ def test_read_metrics_keeps_the_last_value_of_a_step(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"loss": 1.0}\n')
   with pytest.raises(ValueError, match=r'metrics.jsonl:1'):
     plots.read_metrics(str(tmp_path / 'metrics.jsonl'))
+  assert plots.write(str(tmp_path)) is None  # A finished run does not fail for its plot.
 
 
 def test_no_matplotlib_skips_the_plot_with_a_note(tmp_path, monkeypatch, caplog):

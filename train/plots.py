@@ -40,14 +40,19 @@ def read_metrics(path: str) -> dict[str, tuple[list[int], list[float]]]:
 
 def write(workdir: str, path: str | None = None) -> str | None:
   """Draws the curves of `workdir` into `path` (default workdir/curves.png); returns the path,
-  or None when matplotlib is missing or nothing was logged yet."""
+  or None (with a log line) when matplotlib is missing, nothing was logged yet, or the
+  metrics file cannot be read: a finished run never fails for its plot."""
   try:
     from matplotlib.figure import Figure
   except ImportError:
     log.info('matplotlib is not installed (pip install "meshlm[plot]"): no %s', FILENAME)
     return None
   source = os.path.join(workdir, 'metrics.jsonl')
-  metrics = read_metrics(source) if os.path.exists(source) else {}
+  try:
+    metrics = read_metrics(source) if os.path.exists(source) else {}
+  except (OSError, ValueError) as e:
+    log.warning('no %s: %s', FILENAME, e)
+    return None
   if 'loss' not in metrics:
     log.info('no train loss logged in %s yet: no %s', source, FILENAME)
     return None
@@ -81,11 +86,7 @@ def main(argv=None) -> int:
     print('usage: python -m train.plots WORKDIR', file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format='%(message)s')
-  try:
-    path = write(args[0])
-  except (OSError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  path = write(args[0])
   if path:
     print(path)
   return 0 if path else 1
