@@ -34,6 +34,7 @@ def defaults() -> ml_collections.ConfigDict:
       init_from='',  # A checkpoint directory whose params start this run (SFT, RLHF).
       progress=True,  # Progress bar on the terminal.
       profile_steps='',  # e.g. '10:13' writes a jax.profiler trace of those steps.
+      sample_every=0,  # Every N steps: greedy continuations of fixed prompts, to TensorBoard and log; 0: off.
   )
   c.hardware = dict(
       name='',  # For the logs.
