@@ -217,6 +217,35 @@ def test_router_weights_match_transformers():
   np.testing.assert_allclose(np.asarray(weights[0]), hf_weights.numpy(), atol=1e-6)
 
 
+def test_tokenizer_travels_with_the_model(tmp_path):
+  """HF tokenizer.model -> OUT/tokenizer/ and config.data.tokenizer (what train.generate,
+  train.eval and runs read) -> back into the export, with its BOS/EOS ids in config.json; a
+  tokenizer larger than the model's vocabulary is refused before anything is written."""
+  from data import corpus
+  from data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.train(corpus.documents(seed=0, num_docs=300), 400, 'unigram',
+                            tmp_path / 'spm' / 'tok')
+  cfg = transformers.LlamaConfig(**dict(SMALL, vocab_size=tok.vocab_size), intermediate_size=64)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / 'hf')
+  shutil.copyfile(tok.path, tmp_path / 'hf' / 'tokenizer.model')
+  from_hf(str(tmp_path / 'hf'), str(tmp_path / 'meshlm'))
+  loaded = load_checkpoint(str(tmp_path / 'meshlm'))
+  assert loaded.config.data.tokenizer == str(tmp_path / 'meshlm' / 'tokenizer' / 'tokenizer.model')
+  assert loaded.tokenizer.encode('one two') == tok.encode('one two')
+  to_hf(str(tmp_path / 'meshlm'), str(tmp_path / 'back'))
+  assert (tmp_path / 'back' / 'tokenizer.model').read_bytes() == open(tok.path, 'rb').read()
+  hf = json.load(open(tmp_path / 'back' / 'config.json'))
+  assert (hf['bos_token_id'], hf['eos_token_id']) == (tok.bos_id, tok.eos_id)
+
+  small = tmp_path / 'small'
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, intermediate_size=64)
+                                ).save_pretrained(small)
+  shutil.copyfile(tok.path, small / 'tokenizer.model')
+  with pytest.raises(ConvertError, match=f'{tok.vocab_size} pieces, more than vocab_size=97'):
+    from_hf(str(small), str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('key, value', [
     ('rope_scaling', {'rope_type': 'llama3', 'factor': 8.0}),
     ('rope_parameters', {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}),
@@ -254,7 +283,8 @@ def test_missing_or_misshapen_tensor_is_named(hf_models, tmp_path):
 
   gone = 'model.layers.1.self_attn.k_proj.weight'
   with pytest.raises(ConvertError, match=gone):
-    from_hf(folder('missing', {k: v for k, v in tensors.items() if k != gone}), str(tmp_path / 'o1'))
+    from_hf(folder('missing', {k: v for k, v in tensors.items() if k != gone}),
+            str(tmp_path / 'o1'))
   bad = dict(tensors, **{gone: tensors[gone][:, :-1].copy()})
   with pytest.raises(ConvertError, match=rf'{gone} has shape \[32, 31\]'):
     from_hf(folder('misshapen', bad), str(tmp_path / 'o2'))

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints <-> meshlm checkpoints (Llama-family dense, Mistral, Mixtral).
 
-    python -m train.convert from-hf HF_DIR OUT_DIR     # then --config.train.init_from=OUT_DIR/checkpoints
-    python -m train.convert to-hf CKPT_DIR OUT_DIR [--config X.py] [--dtype bfloat16] [--max_shard_size 5GB]
+    python -m train.convert from-hf HF_DIR OUT_DIR  # then train.init_from=OUT_DIR/checkpoints
+    python -m train.convert to-hf CKPT_DIR OUT_DIR [--config X.py] [--dtype bfloat16]
+        [--max_shard_size 5GB]
     from train.convert import load_checkpoint           # token ids -> float32 logits, for notebooks
 
 hf_layout.py: config.json and tensor-name mapping; safetensors_io.py: lazy reads, streaming

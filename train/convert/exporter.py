@@ -71,6 +71,10 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
   except TypeError as e:
     raise ConvertError(f'--dtype {dtype!r} is not a dtype') from e
 
+  old = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+         if n.endswith('.safetensors') or n == 'config.json']
+  if old:
+    raise FileExistsError(f'{out_dir} already holds {old[0]}; export into a new folder')
   os.makedirs(out_dir, exist_ok=True)
   specs = [(link.hf_name, out_dtype, link.hf_shape) for link in links]
   by_name = {link.hf_name: link for link in links}

@@ -1,14 +1,17 @@
 """The Hugging Face layout of Llama, Mistral and Mixtral checkpoints, and how it maps to meshlm.
 
 config.json <-> ModelConfig. Read keys: model_type (llama, mistral, mixtral), vocab_size,
-hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads
-(default: num_attention_heads), head_dim (default: hidden_size // num_attention_heads),
-rms_norm_eps, rope_theta or rope_parameters.rope_theta, tie_word_embeddings (default false),
-max_position_embeddings (-> data.seq_len) and, for Mixtral, num_local_experts,
-num_experts_per_tok, router_jitter_noise. Anything that would change the function the model
-computes and that meshlm does not implement is an error naming the key: rope scaling, partial
-rotary, sliding-window attention, attention/MLP biases, activations other than SiLU,
-quantisation, layer types other than full attention.
+hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+head_dim (default: hidden_size // num_attention_heads), rms_norm_eps, rope_theta or
+rope_parameters.rope_theta, tie_word_embeddings, max_position_embeddings (-> data.seq_len) and,
+for Mixtral, num_local_experts, num_experts_per_tok, router_jitter_noise. A key left out means
+what it means to transformers (DEFAULTS, per model type). Mixtral imports use
+dispatch='dropless' (no token is dropped, as in Mixtral and transformers).
+
+Anything that would change the function the model computes and that meshlm does not implement
+is an error naming the key: rope scaling, partial rotary, sliding-window attention (shorter
+than max_position_embeddings), attention/MLP biases, activations other than SiLU, quantisation,
+layer types other than full attention.
 
 Tensors. Hugging Face stores a linear layer as W [out, in] (y = x W^T); meshlm stores the
 input axis first, so a slice is W^T reshaped: q_proj [n*h, d] -> q_dnh [d, n, h], o_proj
@@ -96,8 +99,10 @@ def model_kwargs(hf: dict, source: str = 'config.json', *,
     _reject(source, 'rope_scaling', scaling, 'meshlm implements plain RoPE only')
   rope = hf.get('rope_parameters') or {}
   if rope.get('rope_type', 'default') != 'default':
-    _reject(source, 'rope_parameters.rope_type', rope['rope_type'], 'meshlm implements plain RoPE only')
-  for key, params in (('partial_rotary_factor', hf), ('rope_parameters.partial_rotary_factor', rope)):
+    _reject(source, 'rope_parameters.rope_type', rope['rope_type'],
+            'meshlm implements plain RoPE only')
+  for key, params in (('partial_rotary_factor', hf),
+                      ('rope_parameters.partial_rotary_factor', rope)):
     factor = params.get(key.split('.')[-1])
     if factor is not None and factor != 1.0:
       _reject(source, key, factor, 'meshlm rotates the whole head dimension')
@@ -118,10 +123,12 @@ def model_kwargs(hf: dict, source: str = 'config.json', *,
   kw = dict(
       vocab_size=int(_get(hf, 'vocab_size', source, required=True)), d_model=d,
       num_layers=int(_get(hf, 'num_hidden_layers', source, required=True)), num_heads=n,
-      num_kv_heads=int(_get(hf, 'num_key_value_heads', source, default['num_key_value_heads'] or n)),
+      num_kv_heads=int(_get(hf, 'num_key_value_heads', source,
+                            default['num_key_value_heads'] or n)),
       head_dim=int(_get(hf, 'head_dim', source, d // n)),
       mlp_dim=int(_get(hf, 'intermediate_size', source, required=True)),
-      rope_theta=float(theta), norm_eps=float(_get(hf, 'rms_norm_eps', source, default['rms_norm_eps'])),
+      rope_theta=float(theta),
+      norm_eps=float(_get(hf, 'rms_norm_eps', source, default['rms_norm_eps'])),
       tie_embeddings=bool(_get(hf, 'tie_word_embeddings', source, False)))
   if model_type == 'mixtral':
     kw.update(num_experts=int(_get(hf, 'num_local_experts', source, default['num_local_experts'])),

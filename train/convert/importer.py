@@ -2,7 +2,8 @@
 
 OUT_DIR gets:
   config.json                 the full run config (train/config.py defaults, `model` from the
-                              Hugging Face config.json, data.seq_len = max_position_embeddings);
+                              Hugging Face config.json, data.seq_len = max_position_embeddings,
+                              data.tokenizer = the copied tokenizer.model, if any);
   checkpoints/0/              the params (train/convert/store.py), for --config.train.init_from;
   tokenizer/tokenizer.model   the SentencePiece model, when HF_DIR has one.
 
@@ -58,6 +59,13 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   cfg = ModelConfig(**kwargs)
   cfg.validate()
   plan = _plan(cfg, tensors, hf_dir)
+  spm = os.path.join(hf_dir, 'tokenizer.model')
+  if os.path.isfile(spm):
+    from data.tokenizer import Tokenizer
+    pieces = Tokenizer(spm).vocab_size
+    if pieces > cfg.vocab_size:
+      raise ConvertError(f'{spm} has {pieces} pieces, more than vocab_size={cfg.vocab_size} in '
+                         f'{source}: not this model\'s tokenizer?')
 
   root = os.path.join(out_dir, 'checkpoints')
   if os.path.exists(root):
@@ -73,15 +81,16 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
-  from train.generate import write_config
-  write_config(run_config(kwargs, seq_len), out_dir)
-  spm = os.path.join(hf_dir, 'tokenizer.model')
+  config = run_config(kwargs, seq_len)
   if os.path.isfile(spm):
-    os.makedirs(os.path.join(out_dir, 'tokenizer'), exist_ok=True)
-    shutil.copyfile(spm, os.path.join(out_dir, 'tokenizer', 'tokenizer.model'))
+    config.data.tokenizer = os.path.join(out_dir, 'tokenizer', 'tokenizer.model')
+    os.makedirs(os.path.dirname(config.data.tokenizer), exist_ok=True)
+    shutil.copyfile(spm, config.data.tokenizer)
   else:
-    log.warning('%s has no tokenizer.model (SentencePiece): train.generate / train.eval need '
-                '--config.data.tokenizer=PATH.model', hf_dir)
+    log.warning('%s has no tokenizer.model (SentencePiece): train.generate / train.eval / runs '
+                'need --config.data.tokenizer=PATH.model', hf_dir)
+  from train.generate import write_config
+  write_config(config, out_dir)
   return root
 
 

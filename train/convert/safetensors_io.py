@@ -58,7 +58,8 @@ class SafetensorsFile:
       code, shape = entry.get('dtype'), tuple(entry.get('shape', ()))
       begin, end = entry.get('data_offsets', (0, -1))
       if code not in DTYPES:
-        raise FormatError(f'{path}: tensor {name} has dtype {code!r}; supported: {", ".join(DTYPES)}')
+        raise FormatError(f'{path}: tensor {name} has dtype {code!r}; supported: '
+                          f'{", ".join(DTYPES)}')
       nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
       if end - begin != nbytes or begin < 0 or self.data_start + end > size:
         raise FormatError(f'{path}: tensor {name} (shape {list(shape)}, {code}) has data offsets '
@@ -167,5 +168,5 @@ def open_folder(folder: str) -> dict[str, SafetensorsFile]:
   found = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
   hint = ('; PyTorch .bin checkpoints are not read: save them as safetensors first'
           if any(n.endswith('.bin') for n in found) else '')
-  raise FormatError(f'{folder}: neither {INDEX} nor {SINGLE} (found: {", ".join(found) or "nothing"})'
-                    f'{hint}')
+  raise FormatError(f'{folder}: neither {INDEX} nor {SINGLE} '
+                    f'(found: {", ".join(found) or "nothing"}){hint}')

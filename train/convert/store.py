@@ -40,8 +40,9 @@ def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int
                                                    use_ocdbt=False),
               'data': ocp.JsonCheckpointHandler()}
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  save_args = _map(lambda x, n: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n))),
-                   params, stacked_axes)
+  save_args = _map(
+      lambda x, n: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n))),
+      params, stacked_axes)
   manager = ocp.CheckpointManager(os.path.abspath(root), options=options, item_handlers=handlers)
   manager.save(STEP, args=ocp.args.Composite(
       state=ocp.args.PyTreeSave({'params': params}, save_args={'params': save_args}),
