@@ -39,8 +39,6 @@ def main(argv=None) -> int:
   exp.add_argument('--dtype', default=None, help='cast the weights (default: as stored)')
   exp.add_argument('--max_shard_size', type=parse_size, default=parse_size('5GB'))
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.WARNING, format='%(message)s', force=True)
-  logging.getLogger('meshlm.convert').setLevel(logging.INFO)
   try:
     if args.command == 'from-hf':
       root = from_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype,
@@ -59,4 +57,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter('%(message)s'))
+  progress = logging.getLogger('meshlm.convert')
+  progress.addHandler(handler)
+  progress.setLevel(logging.INFO)
+  progress.propagate = False
   sys.exit(main())

@@ -55,6 +55,9 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
   stored = store.StoredParams(root, step)
   tok = tokenizer_path(config, workdir)
   dtype = dtype or str(stored.dtype(('embed', 'table_vd')))
+  if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConvertError(f'--dtype {dtype!r}: use float32, bfloat16 or float16')
+  out_dtype = np.dtype(jnp.dtype(dtype))
   hf = hf_layout.hf_config(cfg, seq_len=int(config.data.seq_len), dtype=dtype,
                            **_special_ids(tok))  # Raises first if the model has no HF form.
   from train.state import model_def
@@ -66,10 +69,6 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
       raise ConvertError(f'{stored.directory}: param {"/".join(link.path)} is '
                          f'{list(stored.shape(link.path))}, but the config ({workdir}) implies '
                          f'{list(want)}; pass the experiment file it was trained with (--config)')
-  try:
-    out_dtype = np.dtype(jnp.dtype(dtype))
-  except TypeError as e:
-    raise ConvertError(f'--dtype {dtype!r} is not a dtype') from e
 
   old = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
          if n.endswith('.safetensors') or n == 'config.json']

@@ -19,6 +19,7 @@ by the import is opened with tensorstore, one array at a time, and read one slic
 import json
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -29,8 +30,11 @@ CHUNK_BYTES = 64 << 20
 
 
 def _registry():
+  """numpy arrays saved without a defensive copy (jax.Array listed only so that orbax does not
+  warn that array metadata is off; none is saved here)."""
   return ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
 
 
 def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int = CHUNK_BYTES):
