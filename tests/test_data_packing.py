@@ -1,6 +1,5 @@
 """Packing invariants: segments, restarting positions, no cross-document targets, masks."""
 
-import time
 
 import numpy as np
 import pytest
@@ -118,13 +117,11 @@ def test_bad_arguments():
   assert empty['inputs'].shape == (0, 8)
 
 
-def test_32k_rows_are_fast():
+def test_32k_rows_pack_every_token():
+  """32,768-token rows (the Mixtral context); speed is measured in benchmarks/bench_data.py."""
   seq_len = 32_768
   docs = _docs(2_000, 400, seed=3)  # ~400k tokens: about 12 rows
-  start = time.perf_counter()
   rows = packing.pack_documents(docs, seq_len, bos_id=BOS, eos_id=EOS)
-  elapsed = time.perf_counter() - start
   n_tokens = sum(len(d) + 1 for d in docs)
   assert rows['loss_mask'].sum() == n_tokens
   assert rows['positions'].max() < 400 + 1
-  assert elapsed < 2.0, f'packing {n_tokens} tokens took {elapsed:.2f}s'

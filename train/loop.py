@@ -55,9 +55,10 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
   cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
   t = config.train
   trace = profiling.TraceWindow(t.profile_steps, os.path.join(workdir, 'profile'))
-  if t.sample_every < 0:
-    raise config_lib.ConfigError(f'train.sample_every={t.sample_every} must be >= 0 (0: no samples)')
   mesh = make_mesh(config.mesh)
+  if jax.process_index() == 0:  # What train.generate / train.eval read back.
+    from train.generate import write_config
+    write_config(config, workdir)
   rules = make_rules(config.sharding_rules.to_dict())
   log.info('mesh %s on %d %s devices, %d process(es)', dict(mesh.shape), jax.device_count(),
            jax.devices()[0].platform, jax.process_count())
