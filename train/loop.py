@@ -65,6 +65,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
   peak, peak_source = metrics_lib.peak_flops(config.hardware)  # Outside the mesh: one device.
   with jax.set_mesh(mesh), use_rules(rules):
     data = make_data(config, cfg, workdir, split='train')
+    log.info('data sources as built: %s', data.build_stats)
     tx = optimizer_lib.make(config.optim, t.steps)
     schedule = optimizer_lib.schedule(config.optim, t.steps)
     state, shardings, mdef = state_lib.create(cfg, tx, mesh, t.seed)
@@ -110,7 +111,8 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
         if done % t.log_every == 0 or done == t.steps:
           skipped += check_finite(pending, t.nan_policy)
           pending = None
-          logged = writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped})
+          logged = writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped,
+                                         **data_counts(data)})
         if t.eval_every and done % t.eval_every == 0:
           with throughput.paused():
             writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
@@ -146,6 +148,12 @@ def make_data(config, cfg, workdir, split):
                                 global_batch=config.train.global_batch, workdir=workdir, split=split,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 seed=config.train.seed)
+
+
+def data_counts(data) -> dict:
+  """Per source (this process): items and tokens read, items skipped by reason, as scalars."""
+  return {f'data/{source}/{key}': value for source, counts in data.counts().items()
+          for key, value in counts.items()}
 
 
 def device_batch(local: dict, grad_accum: int, sharding) -> dict:
