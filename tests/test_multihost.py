@@ -7,7 +7,8 @@ then constant), so a 3-step run is a prefix of a 6-step one:
   B  1 process x 8 devices, resumes A's checkpoint (params, Adam state, data position), steps 4-6;
   C  1 process x 8 devices, steps 1-6 uninterrupted.
 A's losses must equal C's for steps 1-3 and B's must equal C's for steps 4-6 (read back from
-the TensorBoard event files). The other tests check the pieces without starting processes.
+the TensorBoard event files). Only process 0 logs the run, its metrics and the `auto` attention
+choice; process 1 logs that it joined. The other tests check the pieces without starting processes.
 """
 
 import json
@@ -32,7 +33,8 @@ OVERRIDES = ('--config.model.num_layers=2', '--config.model.d_model=64', '--conf
              '--config.data.seq_len=64', '--config.train.global_batch=8', '--config.mesh.fsdp=8',
              '--config.optim.warmup_steps=1', '--config.optim.final_lr_frac=1.0',
              '--config.train.log_every=1', '--config.train.ckpt_every=3',
-             '--config.train.eval_every=1000', '--config.train.progress=False')
+             '--config.train.eval_every=1000', '--config.train.progress=False',
+             '--config.model.attention=auto')  # Resolves to 'xla' at 64 tokens on CPU, logged.
 
 
 def _free_port() -> int:
@@ -111,6 +113,9 @@ def test_two_processes_checkpoint_resumes_on_one(tmp_path, tokenizer):
   logs_a = _train(tmp_path / 'a', 3, tokenizer, processes=2)
   t_a = time.monotonic() - t0
   assert 'process 1 of 2, 4 local / 8 global devices' in logs_a[1]
+  # Run logs, metrics and the attention choice come from process 0; process 1 only joins.
+  for line in ('model FLOPs/token', 'attention auto -> xla', 'step 3: loss='):
+    assert line in logs_a[0] and line not in logs_a[1], line
   saved = json.loads((tmp_path / 'a/checkpoints/3/data/metadata').read_text())
   assert saved['format'] == distributed.STATE_FORMAT
   assert [s['signature']['process_index'] for s in saved['process_states']] == [0, 1]

@@ -5,16 +5,20 @@ mesh with abstract inputs (ShapeDtypeStructs carrying their shardings): nothing 
 and nothing runs. `memory_analysis()` of an SPMD program describes one device, so its argument
 + temp bytes are the per-device footprint XLA planned (outputs alias the donated state).
 
-What is compiled differs from the config in documented ways only (`compile_variant`):
-  * attention: `cudnn` and `splash` exist only on GPU / TPU; the CPU stand-in is `chunked`
-    (blockwise, never a [t, s] matrix, like the fused kernels), so the plan does not get a
-    quadratic score matrix the real run would not have;
-  * layers unrolled (`scan_layers=False`): with `jax.lax.scan` over layers, JAX 0.10.2 saves
-    the inner-loop residuals of the `chunked` custom-VJP forward for every (query, key) block
-    pair (an O(t^2) plan that no fused kernel has); unrolled, only its (q, k, v, out, lse)
-    residuals are saved. Per-layer residuals under a remat policy are the same either way;
-  * depth: `num_layers` is replaced by a few layers (`depth_units` x `moe_every`); per-device
-    shapes of everything else (widths, mesh, micro-batch per device, sequence) are unchanged.
+What is compiled differs from the config in documented ways only (`compile_variant`), so that
+the CPU plan is one the analytic model (train/memory.py) can be held to:
+  * attention: `cudnn`, `splash` and `auto` become `xla`. The fused kernels exist only on GPU /
+    TPU. `chunked` is not used as the stand-in because inside the layer `lax.scan` JAX 0.10.2
+    keeps its custom-VJP forward's per-block residuals for every (query, key) block pair (all
+    [t, t] scores; see docs/scale.md), which would mislead more than `xla`'s [b, n, t, t]
+    scores that memory.py counts exactly;
+  * compute dtype float32: XLA:CPU computes bfloat16 dots and most elementwise ops in float32
+    and plans float32 buffers for them, which a GPU plan would not have;
+  * depth: `num_layers` is replaced by a few layer units; per-device shapes of everything else
+    (widths, mesh, micro-batch per device, sequence, the scan over layers) are unchanged.
+The analytic estimate of the same variant is computed next to it (train/plan.py), and the
+difference between the variant and the real config is then purely analytic: the dtype of the
+activations and the attention term.
 
 `python -m train.plan --compile` compiles two depths and extrapolates linearly to the config's
 depth (see train/plan.py). Emulated devices must exist before JAX starts, so a mesh larger than
@@ -32,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-CPU_STAND_IN = {'cudnn': 'chunked', 'splash': 'chunked', 'auto': 'chunked'}
+CPU_STAND_IN = {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}
 COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
 
@@ -56,7 +60,7 @@ def compile_variant(config, num_layers: int):
   """The config as compiled on CPU (see the module docstring); a copy, the input is unchanged."""
   c = copy.deepcopy(config)
   c.model.num_layers = num_layers
-  c.model.scan_layers = False
+  c.model.compute_dtype = 'float32'
   c.model.attention = CPU_STAND_IN.get(c.model.attention, c.model.attention)
   return c
 
