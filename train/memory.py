@@ -11,13 +11,14 @@ on an abstract mesh (a dimension is split only by mesh axes that divide it, as i
     activations  what the forward pass keeps for the backward pass, for every layer, under
                  `model.remat` (RESIDUALS below), for one micro-batch
     transient    the largest working set on top of that, the max of three phases:
-                   head: the f32 logits, their softmax and gradient, the gathered output head
-                         (f32 and compute copies) and its full f32 gradient before it is
-                         reduce-scattered;
-                   layer: one layer's weights gathered over `fsdp` (f32 and compute copies),
-                         its full f32 gradients, the layer's intermediates recomputed (remat)
-                         and their gradients, attention scores if the implementation keeps them;
+                   head: the f32 logits, their softmax and gradient, the output head's
+                         weights (below);
+                   layer: one layer's weights (below), the layer's intermediates recomputed
+                         (remat) and their gradients, the attention's working memory;
                    embed: the gathered input table and its full f32 gradient (a scatter-add).
+                 Weights of a group, once gathered over `fsdp`: the part that is not this
+                 device's own shard (in param_dtype), as much again for its full gradient
+                 before the reduce-scatter, and a compute-dtype copy of the whole.
 
 The counts of saved tensors per layer are those of model/transformer.py (see RESIDUALS and
 `_layer_intermediates`). XLA fuses and schedules; the estimate is checked against XLA's own
@@ -166,17 +167,21 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   micro, seq = t.global_batch // t.grad_accum, config.data.seq_len
   units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
 
-  params = layer_gathered = head_gathered = embed_gathered = 0
+  # Per group (one layer unit, the output head, the input table): elements once gathered for
+  # compute, and how many of those are not this device's own shard (the all-gathered extra).
+  params = 0
+  groups = {'layer': [0, 0], 'head': [0, 0], 'embed': [0, 0]}
   for axes, leaf in _param_leaves(cfg):
-    params += s.local(axes, leaf.shape) * w
-    if axes[0] == 'layers':
-      layer_gathered += s.gathered(axes, leaf.shape) // units
-    elif axes == ('vocab', 'embed'):
-      embed_gathered += s.gathered(axes, leaf.shape)
-    elif axes == ('embed', 'vocab'):
-      head_gathered += s.gathered(axes, leaf.shape)
+    local, gathered = s.local(axes, leaf.shape), s.gathered(axes, leaf.shape)
+    params += local * w
+    group = ('layer' if axes[0] == 'layers' else 'embed' if axes == ('vocab', 'embed')
+             else 'head' if axes == ('embed', 'vocab') else None)
+    if group:
+      per = units if group == 'layer' else 1
+      groups[group][0] += gathered // per
+      groups[group][1] += (gathered - local) // per
   if cfg.tie_embeddings:
-    head_gathered = embed_gathered
+    groups['head'] = groups['embed']
   grads = params * (2 if t.grad_accum > 1 else 1)
 
   inter = _layer_intermediates(cfg, s, micro, seq)
@@ -190,12 +195,16 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
 
   logits = s.local(('batch', 'length', 'act_vocab'), (micro, seq, cfg.vocab_size))
   copy = c if c != w else 0  # A compute-dtype copy of gathered weights, unless it is the same.
-  head = logits * (3 * 4 + c) + head_gathered * (2 * w + copy)
+
+  def weights(group):  # The all-gathered f32 extra, its full f32 gradient, the compute copy.
+    gathered, extra = groups[group]
+    return extra * 2 * w + gathered * copy
+
+  head = logits * (3 * 4 + c) + weights('head')
   backward = _all_saved(inter, scores=False)  # One layer's activation gradients.
   recompute = 0 if cfg.remat == 'none' else backward
-  layer = (layer_gathered * (2 * w + copy) + recompute + backward
-           + _attention_transient(cfg, s, micro, seq))
-  embed = embed_gathered * 2 * w
+  layer = weights('layer') + recompute + backward + _attention_transient(cfg, s, micro, seq)
+  embed = groups['embed'][1] * 2 * w
   phases = {'head': head, 'layer': layer, 'embed': embed}
   phase = max(phases, key=phases.get)
   batch_bytes = 5 * 4 * s.local((None, 'batch', 'length'), (t.grad_accum, micro, seq))
