@@ -11,11 +11,14 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import dense_65b, mixtral_8x7b
 from model import count_params
 from model.config import ConfigError
+from model.sharding import make_rules
 from tests.util import run_config
 from train import aot, memory, plan
 from train.config import model_config
@@ -66,6 +69,32 @@ def test_analytic_memory_matches_compiled_plan():
 ])
 def test_analytic_memory_matches_compiled_plan_more(name, sections):
   _check_against_compiled(_tiny(**sections))
+
+
+@pytest.mark.parametrize('remat', ['full', 'attn_proj', 'dots_no_batch', 'dots'])
+def test_saved_activations_per_layer_are_what_jax_saves(remat):
+  """memory.RESIDUALS against JAX's own list of what a remat'ed Block keeps for backward."""
+  from flax import nnx
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from model.transformer import REMAT_POLICIES, Block
+  from tests.util import tiny_cfg
+  b, t = 2, 16
+  cfg = tiny_cfg(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+                 attention='xla', remat=remat)
+  graphdef, params = nnx.split(Block(cfg, nnx.Rngs(0)))
+
+  def block(params, x_btd):
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return jnp.sum(nnx.merge(graphdef, params)(x_btd, positions, jnp.ones((b, t), jnp.int32))[0])
+
+  residuals = saved_residuals(jax.checkpoint(block, policy=REMAT_POLICIES[remat]), params,
+                              jnp.ones((b, t, 32)))
+  activations = [aval for aval, source in residuals if 'argument params' not in source]
+  got = sum(aval.size * aval.dtype.itemsize for aval in activations)
+  shapes = memory.Shapes({}, make_rules())
+  inter = memory._layer_intermediates(cfg, shapes, b, t)
+  assert got == sum(inter[kind] * count for kind, count in memory.RESIDUALS[remat].items())
 
 
 def test_dense_65b_memory_by_hand():

@@ -89,13 +89,15 @@ class Shapes:
 
 
 # Tensors saved per layer for the backward pass, in units of the per-device activation tensors
-# of `_layer_intermediates`, by remat policy (model/transformer.py REMAT_POLICIES). The layer
-# input (the residual stream x) is always saved: it is the carry of the layer loop.
+# of `_layer_intermediates`, by remat policy (model/transformer.py REMAT_POLICIES), as JAX's
+# `saved_residuals` lists them for a Block (tests/test_plan.py checks the bytes). The layer
+# input (the residual stream x) is always saved: it is the carry of the layer loop. (The down
+# projection's output is never needed by the backward pass, so no policy keeps it.)
 RESIDUALS = {
     'full': {'x': 1},
     'attn_proj': {'x': 2, 'q': 1, 'kv': 2},  # x, attn_out (d wide), q_proj, k_proj, v_proj.
-    'dots_no_batch': {'x': 3, 'q': 1, 'kv': 2, 'mlp': 2},  # + q, k, v, out, gate, up, down.
-    'dots': {'x': 3, 'q': 2, 'kv': 2, 'mlp': 2, 'scores': 1},  # + attention's batched dots.
+    'dots_no_batch': {'x': 2, 'q': 1, 'kv': 2, 'mlp': 2},  # x, q, k, v, attn out, gate, up.
+    'dots': {'x': 2, 'q': 2, 'kv': 2, 'mlp': 2, 'scores': 1},  # + attention's scores and p.v.
 }
 
 
