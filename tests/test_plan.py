@@ -123,6 +123,8 @@ def test_dropless_dispatch_counts_global_rows():
   rows = 128 * 32_768 * 2
   assert dropless.transient > rows * 4096 * 2 * 2 > 80 * memory.GIB
   assert capacity.total < 80 * memory.GIB
+  with pytest.raises(ConfigError, match='model.dispatch=capacity'):
+    plan.check_fits(plan.plan(mixtral_8x7b.get_config()))
 
 
 def test_throughput_and_implied_mfu():

@@ -109,6 +109,7 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'total_tokens': total_tokens,
       'remat': cfg.remat,
       'attention': cfg.attention,
+      'dispatch': cfg.dispatch if cfg.is_moe else '',
       'mem_params_gib': memory_lib.gib(mem.params),
       'mem_optimizer_gib': memory_lib.gib(mem.optimizer),
       'mem_grads_gib': memory_lib.gib(mem.grads),
@@ -137,22 +138,30 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
 
 
 def _validate(config, n: int):
-  """train/config.py validate, as the run does it. One exception: train/config.py's key check
-  knows only the default `data.sources` entries, so it rejects a config that adds its own (e.g.
-  experiments/dense_65b_sft.py's `sft`); the run would stop there, which the planner reports as
-  a warning and plans the rest (it reads no data; data/config.py checks sources for the run)."""
+  """train/config.py validate, as the run does it, and warnings. One exception: train/config.py's
+  key check knows only the default `data.sources` entries, so it rejects a config that adds its
+  own (e.g. experiments/dense_65b_sft.py's `sft`); the run would stop there, which the planner
+  reports as a warning and plans the rest (it reads no data; data/config.py checks sources)."""
   try:
     return config_lib.validate(config, n), []
   except ConfigError as e:
-    defaults = config_lib.defaults().data.sources
-    extra = [k for k in config.data.sources.keys() if k not in defaults]
-    if not extra or not str(e).startswith(f"unknown config key 'data.sources.{extra[0]}'"):
+    trimmed = _without_extra_sources(config)
+    if trimmed is None:
       raise
-    trimmed = ml_collections.ConfigDict(config.to_dict())
-    for key in extra:
-      del trimmed.data.sources[key]
     return config_lib.validate(trimmed, n), [f'train/config.py validate rejects this config '
                                              f'(the run would stop there): {e}']
+
+
+def _without_extra_sources(config):
+  """A copy of `config` without the `data.sources` entries the defaults lack (None: none)."""
+  defaults = config_lib.defaults().data.sources
+  extra = [k for k in config.data.sources.keys() if k not in defaults]
+  if not extra:
+    return None
+  trimmed = ml_collections.ConfigDict(config.to_dict())
+  for key in extra:
+    del trimmed.data.sources[key]
+  return trimmed
 
 
 def check_fits(p: dict) -> None:
@@ -168,9 +177,23 @@ def check_fits(p: dict) -> None:
         f'(params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
         f'{p["mem_grads_gib"]}, activations {p["mem_activations_gib"]} with model.remat='
         f'{p["remat"]!r}, peak working set {p["mem_transient_gib"]} in the '
-        f'{p["mem_transient_phase"]} phase). Lower train.global_batch per device (raise '
-        f'train.grad_accum), use model.remat=full, shard more (mesh.fsdp / mesh.tensor), or '
-        f'see docs/scale.md.')
+        f'{p["mem_transient_phase"]} phase). Try: ' + '; '.join(_fixes(p)) + ' (docs/scale.md).')
+
+
+def _fixes(p: dict) -> list[str]:
+  fixes = []
+  if p.get('dispatch') == 'dropless' and p['mem_transient_phase'] == 'layer':
+    fixes.append("model.dispatch=capacity (model/moe.py's dropless path sorts the assignments of "
+                 "the whole micro-batch, so every device holds every device's tokens)")
+  if p['remat'] != 'full':
+    fixes.append('model.remat=full')
+  if p['mem_transient_phase'] == 'head':
+    fixes.append('a smaller micro-batch per device for the logits (raise train.grad_accum) or '
+                 'the vocabulary sharded over mesh.tensor')
+  else:
+    fixes.append('a smaller micro-batch per device (raise train.grad_accum)')
+  fixes.append('more sharding (mesh.fsdp, mesh.tensor)')
+  return fixes
 
 
 def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
@@ -185,6 +208,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   d1, d2 = (int(d) for d in depths[:2])
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
+  config = _without_extra_sources(config) or config  # See _validate.
   r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
   r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
   per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
@@ -222,7 +246,7 @@ SECTIONS = (
                'flops_per_token_dense_equivalent', 'attention_flops_per_token')),
     ('run', ('config_name', 'devices', 'mesh', 'global_batch', 'grad_accum',
              'sequences_per_device_per_micro_batch', 'tokens_per_step', 'steps', 'warmup_steps',
-             'total_tokens', 'remat', 'attention')),
+             'total_tokens', 'remat', 'attention', 'dispatch')),
     ('memory per device, analytic (GiB)', (
         'mem_params_gib', 'mem_optimizer_gib', 'mem_grads_gib', 'mem_activations_gib',
         'mem_transient_gib', 'mem_transient_phase', 'mem_total_gib', 'device_memory_gib', 'fits')),
@@ -239,7 +263,7 @@ def format_table(p: dict) -> str:
   lines = [f'warning: {w}' for w in p.get('warnings', [])]
   width = max(len(k) for _, keys in SECTIONS for k in keys)
   for title, keys in SECTIONS:
-    rows = [(k, p[k]) for k in keys if k in p]
+    rows = [(k, p[k]) for k in keys if k in p and p[k] != '']
     if not rows:
       continue
     lines.append(f'[{title}]')
