@@ -220,11 +220,12 @@ def main():
   limit = device_memory_bytes()
   device = jax.devices()[0]
   lines = [
-      f'# One-device training throughput and attention{" (--small smoke test)" if args.small else ""}',
+      '# One-device training throughput and attention' + (' (--small smoke test)' if args.small else ''),
       '', f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
       f'- command: `python {" ".join(sys.argv)}`',
       f'- device: {device.device_kind} ({jax.default_backend()}), memory limit '
-      f'{limit / GIB:.1f} GiB, jax {jax.__version__}; host {platform.node()}, {os.cpu_count()} CPUs',
+      f'{limit / GIB:.1f} GiB, jax {jax.__version__}; host {platform.node()}, '
+      f'{os.cpu_count()} CPUs',
       f'- MFU peak: {peak_note}; FLOPs/token: model/flops.py (active experts, causal attention)',
       '', '## Training step (train/step.py), synthetic tokens', '']
   lines += training_rows(models, args, peak, limit)

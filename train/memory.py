@@ -51,7 +51,8 @@ class Memory:
 
   @property
   def total(self) -> float:
-    return self.params + self.optimizer + self.grads + self.activations + self.transient + self.batch
+    return (self.params + self.optimizer + self.grads + self.activations + self.transient
+            + self.batch)
 
   def as_dict(self) -> dict:
     return {**dataclasses.asdict(self), 'total': self.total}
@@ -116,7 +117,8 @@ def _layer_intermediates(cfg: ModelConfig, s: Shapes, micro: int, seq: int) -> d
     out['scores'] = s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4
   per_unit = cfg.moe_every if cfg.is_moe else 1
   dense_blocks = per_unit - 1 if cfg.is_moe else 1
-  out['mlp'] = dense_blocks / per_unit * s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
+  mlp = s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
+  out['mlp'] = dense_blocks / per_unit * mlp
   if cfg.is_moe:
     out['moe'] = _moe_intermediates(cfg, s, b, t) / per_unit
   return out
@@ -124,7 +126,8 @@ def _layer_intermediates(cfg: ModelConfig, s: Shapes, micro: int, seq: int) -> d
 
 def _moe_intermediates(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
   """Bytes of one MoE block's token buffers (dispatch-dependent), per device."""
-  c, d, e, kk, f = cfg.dtype.itemsize, cfg.d_model, cfg.num_experts, cfg.experts_per_token, cfg.expert_mlp_dim
+  c, d, e, kk = cfg.dtype.itemsize, cfg.d_model, cfg.num_experts, cfg.experts_per_token
+  f = cfg.expert_mlp_dim
   tokens = s.local(('batch', 'length', None), (b, t, 1))  # Local b * t.
   router = tokens * e * 4 * 3  # float32 logits, probabilities, log-probabilities.
   f_local = f // s.split(('expert_mlp',), (f,))
@@ -191,7 +194,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
     saved = _all_saved(inter)
   else:
     saved = sum(inter[kind] * count for kind, count in RESIDUALS[cfg.remat].items())
-    if cfg.is_moe and cfg.remat != 'full':
+    if cfg.is_moe and cfg.remat in ('dots', 'dots_no_batch'):  # The expert matmuls' outputs.
       saved += inter['moe']
   activations = cfg.num_layers * saved
 
