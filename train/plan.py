@@ -33,16 +33,21 @@ from train import config as config_lib
 from train import memory as memory_lib
 from train.mesh import mesh_shape
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
-_MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for tokens/s and time.')
-_DAYS = flags.DEFINE_float('wall_clock_days', 0.0, 'A wall clock for the whole run (days); '
-                           'prints the MFU it implies. 0: none.')
-_DEVICES = flags.DEFINE_integer('devices', 0, 'Device count; needed only when a mesh axis is -1.')
-_COMPILE = flags.DEFINE_bool('compile', False, 'Also compile the train step on emulated CPU '
-                             'devices and report XLA\'s per-device memory plan (minutes).')
-_DEPTHS = flags.DEFINE_list('compile_depths', ['2', '3'], 'Layer units compiled; memory is '
-                            'extrapolated linearly in depth from the first two.')
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as `python -m train.plan`: importing this module as a
+  library (tests, notebooks) must not claim absl flag names such as --config."""
+  global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
+  _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
+  _MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for tokens/s and time.')
+  _DAYS = flags.DEFINE_float('wall_clock_days', 0.0, 'A wall clock for the whole run (days); '
+                             'prints the MFU it implies. 0: none.')
+  _DEVICES = flags.DEFINE_integer('devices', 0, 'Device count; needed only when a mesh axis is -1.')
+  _COMPILE = flags.DEFINE_bool('compile', False, 'Also compile the train step on emulated CPU '
+                               'devices and report XLA\'s per-device memory plan (minutes).')
+  _DEPTHS = flags.DEFINE_list('compile_depths', ['2', '3'], 'Layer units compiled; memory is '
+                              'extrapolated linearly in depth from the first two.')
 
 
 def device_count(config, devices: int = 0) -> int:
@@ -289,4 +294,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
