@@ -72,3 +72,18 @@ def test_tied_embeddings_have_no_head():
   assert not hasattr(model, 'head_dv')
   logits, _ = model(jnp.ones((1, 4), jnp.int32))
   assert logits.shape == (1, 4, 97)
+
+
+def test_swiglu_written_out_backward_equals_autodiff():
+  from model.layers import swiglu
+  keys = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(keys[0], (2, 5, 8))
+  ws = (jax.random.normal(keys[1], (8, 12)), jax.random.normal(keys[2], (8, 12)),
+        jax.random.normal(keys[3], (12, 8)))
+  probe = jax.random.normal(keys[4], (2, 5, 8))
+  plain = lambda x, g, u, d: jnp.einsum('btf,fd->btd', jax.nn.silu(x @ g) * (x @ u), d)
+  ours = jax.grad(lambda *a: jnp.sum(swiglu(*a) * probe), argnums=(0, 1, 2, 3))(x, *ws)
+  ref = jax.grad(lambda *a: jnp.sum(plain(*a) * probe), argnums=(0, 1, 2, 3))(x, *ws)
+  np.testing.assert_allclose(swiglu(x, *ws), plain(x, *ws), rtol=1e-5, atol=1e-5)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
