@@ -3,9 +3,11 @@
 CPU mode (default): for batch 1 and lengths up to 32,768, the peak memory XLA plans for
 value_and_grad of a packed-causal attention call, read from
 `jax.jit(f).lower(...).compile().memory_analysis()` (nothing big is run), for 'chunked' vs
-'reference' / 'xla'; then one real forward+backward of 'chunked' at 32,768 tokens (--run_heads
-heads, to keep it to a minute) with the process's peak resident memory; then the wall time of
-'chunked' (and 'xla') forward+backward at 4,096 tokens.
+'reference' / 'xla'; the same for --scan_layers 'chunked' layers inside a `lax.scan` (as the
+Decoder with scan_layers=True runs them) against the same layers unrolled; then one real
+forward+backward of 'chunked' at 32,768 tokens (--run_heads heads, to keep it to a minute) with
+the process's peak resident memory; then the wall time of 'chunked' (and 'xla') forward+backward
+at 4,096 tokens. --run_len 0 / --time_len 0 / --scan_layers 0 skip those parts.
 Writes a markdown table to benchmarks/results/attention.md (or --out).
 
 GPU mode (--gpu): wall time and TFLOP/s of forward+backward in bfloat16 for 'xla', 'cudnn' and
@@ -51,6 +53,27 @@ def make_step(impl, chunk_size):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
+def make_layers_step(impl, chunk_size, kv_heads, scan):
+  """jit(grad) of `len(w_l)` attention layers on a carry x [b, t, n, h] (q = x * w, k = v = the
+  first kv_heads heads of it), with the segment ids and positions closed over by the layer body
+  as in the Decoder; inside one `lax.scan` (scan=True) or unrolled."""
+  def loss(x_btnh, w_l, seg, pos):
+    def layer(x_btnh, w):
+      x_btnh = x_btnh * w
+      kv_bskh = x_btnh[:, :, :kv_heads]
+      out_btnh = attn.attention(x_btnh, kv_bskh, kv_bskh, q_segment_ids_bt=seg,
+                                kv_segment_ids_bs=seg, q_positions_bt=pos, kv_positions_bs=pos,
+                                implementation=impl, chunk_size=chunk_size)
+      return out_btnh, None
+    if scan:
+      x_btnh = jax.lax.scan(layer, x_btnh, w_l)[0]
+    else:
+      for i in range(w_l.shape[0]):
+        x_btnh = layer(x_btnh, w_l[i])[0]
+    return jnp.sum(x_btnh)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 def abstract_args(t, n, k, h, dtype):
   q = jax.ShapeDtypeStruct((1, t, n, h), dtype)
   kv = jax.ShapeDtypeStruct((1, t, k, h), dtype)
@@ -67,13 +90,26 @@ def concrete_args(t, n, k, h, dtype, doc_len):
   return (q, kk, v, w, *packed_ids(t, doc_len))
 
 
-def compiled_memory(impl, t, args):
-  """(temp, peak) MiB that XLA plans for one forward+backward step; peak = args + out + temp."""
-  mem = make_step(impl, args.chunk).lower(*abstract_args(t, args.heads, args.kv_heads, args.head_dim,
-                                                         jnp.float32)).compile().memory_analysis()
+def planned_memory(lowered):
+  """(temp, peak) MiB that XLA plans for a lowered step; peak = args + out + temp."""
+  mem = lowered.compile().memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
           mem.alias_size_in_bytes)
   return mem.temp_size_in_bytes / MIB, peak / MIB
+
+
+def compiled_memory(impl, t, args):
+  """(temp, peak) MiB of one forward+backward step of one attention call."""
+  return planned_memory(make_step(impl, args.chunk).lower(
+      *abstract_args(t, args.heads, args.kv_heads, args.head_dim, jnp.float32)))
+
+
+def layers_memory(impl, t, args, scan):
+  """(temp, peak) MiB of the gradient of args.scan_layers attention layers."""
+  ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+  return planned_memory(make_layers_step(impl, args.chunk, args.kv_heads, scan).lower(
+      jax.ShapeDtypeStruct((1, t, args.heads, args.head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((args.scan_layers,), jnp.float32), ids, ids))
 
 
 def time_step(impl, t, args, dtype, repeats):
@@ -124,6 +160,20 @@ def cpu_report(args):
       row += [f'{temp:,.1f}', f'{peak:,.1f}']
     lines.append('| ' + ' | '.join(row) + ' |')
     print(lines[-1], flush=True)
+  if args.scan_layers:
+    lines += ['', f'Inside a layer scan: gradient of {args.scan_layers} chunked attention layers '
+              f'(q = k = v = the carried activations, segment ids and positions closed over by the '
+              f'layer body, as in the Decoder with scan_layers=True), in one `lax.scan` vs the '
+              f'same layers unrolled; compiled only, float32.', '',
+              '| tokens | one [n, t, t] f32 matrix MiB | scan temp MiB | scan peak MiB | '
+              'unrolled temp MiB | unrolled peak MiB |', '|---:|---:|---:|---:|---:|---:|']
+    for t in args.lengths:
+      row = [str(t), f'{args.heads * t * t * 4 / MIB:,.0f}']
+      for scan in (True, False):
+        temp, peak = layers_memory('chunked', t, args, scan)
+        row += [f'{temp:,.1f}', f'{peak:,.1f}']
+      lines.append('| ' + ' | '.join(row) + ' |')
+      print(lines[-1], flush=True)
   if args.run_len:
     run_args = argparse.Namespace(**{**vars(args), 'heads': args.run_heads,
                                      'kv_heads': args.run_heads})
@@ -134,6 +184,8 @@ def cpu_report(args):
               f'resident memory of this process so far {rss:,.0f} MiB (the memory table above only '
               f'compiles).']
     print(lines[-1], flush=True)
+  if not args.time_len:
+    return lines
   lines += ['', f'Wall time of forward+backward at {args.time_len} tokens, float32, one document '
             f'(causal), median of {args.repeats} after a warm-up:', '',
             '| implementation | seconds | causal GFLOP/s |', '|---|---:|---:|']
@@ -176,7 +228,9 @@ def main():
   parser.add_argument('--impls', nargs='+', default=['chunked', 'xla', 'reference'])
   parser.add_argument('--run_len', type=int, default=32768, help='real chunked run (0: skip)')
   parser.add_argument('--run_heads', type=int, default=1)
-  parser.add_argument('--time_len', type=int, default=4096)
+  parser.add_argument('--scan_layers', type=int, default=2,
+                      help='layers of the scanned-vs-unrolled memory table (0: skip)')
+  parser.add_argument('--time_len', type=int, default=4096, help='timed length (0: skip)')
   parser.add_argument('--time_impls', nargs='+', default=['chunked', 'xla'])
   parser.add_argument('--gpu_lengths', type=int, nargs='+', default=[4096, 32768])
   parser.add_argument('--gpu_impls', nargs='+', default=['xla', 'cudnn', 'chunked'])

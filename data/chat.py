@@ -58,9 +58,9 @@ class ChatTemplate:
     if generation_prompt:
       ids.append(self.role_ids['assistant'])
       weights.append(0.0)
-    elif add_eos:
+    elif add_eos:  # The EOS that ends a conversation closing on an assistant turn is learned too.
       ids.append(self.tok.eos_id)
-      weights.append(0.0)
+      weights.append(1.0 if messages and messages[-1]['role'] == 'assistant' else 0.0)
     return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
 
   def sft_example(self, messages: list[dict[str, str]], where: str) -> tuple[np.ndarray, np.ndarray]:

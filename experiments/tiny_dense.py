@@ -15,5 +15,5 @@ def get_config():
   c.mesh.update(data=1, fsdp=-1, expert=1, tensor=1)
   c.optim.update(peak_lr=3e-3, warmup_steps=30, final_lr_frac=0.1, weight_decay=0.1, clip_norm=1.0)
   c.train.update(steps=200, global_batch=16, grad_accum=1, log_every=20, ckpt_every=100,
-                 eval_batches=4)
+                 eval_batches=4, sample_every=100)
   return c

@@ -144,7 +144,20 @@ def _block_logits(q_bckgh, k_brkh, scale):
 
 
 def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
-  """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows)."""
+  """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows).
+
+  The barrier ties the segment ids, positions and key validity to q, k and v. Without it, the
+  gradient of a `lax.scan` over layers that closes over the (layer-invariant) segment ids and
+  positions runs scan's loop-invariant hoisting (jax `_scan_known_hoisting`) on this forward:
+  partial evaluation with the layer scan's constants known splits every mask-only value of the
+  two block loops below (the [b, 1, 1, c, r] block masks, their [b, k, g, c, r] broadcasts in the
+  `where`s) into a loop that precomputes them for all (query block, key block) pairs, [t, s] per
+  head, and feeds them to the layer loop. Through the barrier they depend on the layer's
+  activations, so they stay inside the loops, one block pair at a time.
+  """
+  (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
+      jax.lax.optimization_barrier((q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr,
+                                    kpos_kbr, kvalid_kbr))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
 
   def one_q_block(args):

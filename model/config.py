@@ -95,9 +95,10 @@ class ModelConfig:
     need(self.attention in ATTENTION_IMPLS, 'attention', f'{self.attention!r} is not one of {ATTENTION_IMPLS}')
     for key in ('param_dtype', 'compute_dtype'):
       try:
-        jnp.dtype(getattr(self, key))
+        floating = jnp.issubdtype(jnp.dtype(getattr(self, key)), jnp.floating)
       except TypeError:
-        need(False, key, f'{getattr(self, key)!r} is not a dtype')
+        floating = False
+      need(floating, key, f'{getattr(self, key)!r} is not a floating-point dtype')
     if self.is_moe:
       need(0 < self.experts_per_token <= self.num_experts, 'experts_per_token',
            f'must be in [1, num_experts={self.num_experts}], got {self.experts_per_token}')

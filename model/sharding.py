@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model.config import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
@@ -54,7 +56,7 @@ def make_rules(overrides: Mapping[str, object] | None = None) -> dict:
   rules = dict(RULES)
   for name, target in (overrides or {}).items():
     if name not in RULES:
-      raise ValueError(f'sharding_rules.{name}: unknown logical axis; known: {", ".join(RULES)}')
+      raise ConfigError(f'sharding_rules.{name}: unknown logical axis; known: {", ".join(RULES)}')
     rules[name] = tuple(target) if isinstance(target, (list, tuple)) else target
   return rules
 

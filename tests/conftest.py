@@ -26,3 +26,18 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f'shared data folder {SHARED_DATA} is absent (set SHARED_DATA to point at it)')
   return SHARED_DATA
+
+
+# A run in which no test passed (nothing collected, everything skipped or deselected) must fail
+# CI: count passes and turn such a session into pytest's "no tests ran" exit status.
+_PASSED = []
+
+
+def pytest_runtest_logreport(report):
+  if report.when == 'call' and report.passed:
+    _PASSED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if exitstatus == 0 and not _PASSED:
+    session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED

@@ -40,10 +40,13 @@ def test_mask_covers_assistant_and_end_only(tok):
               {'role': 'user', 'content': 'And 3 + 3?'},
               {'role': 'assistant', 'content': '6'}]
   ids, weights = template.encode(messages)
-  assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and weights[-1] == 0
+  assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and weights[-1] == 1  # The final EOS.
   runs = _learned(tok, ids, weights)
-  assert [tok.decode(r) for r in runs] == ['It is 4.', '6']
-  assert [r[-1] for r in runs] == [template.end_id] * 2
+  assert [tok.decode(r) for r in runs[:2]] == ['It is 4.', '6']
+  assert [r[-1] for r in runs[:2]] == [template.end_id] * 2
+  assert runs[2:] == [[tok.eos_id]]
+  user_last, _ = template.encode(messages[:2])
+  assert user_last[-1] == tok.eos_id and template.encode(messages[:2])[1][-1] == 0
   # Nothing of the system or user turns, nor any role marker, is learned.
   assert not np.any(weights[np.isin(ids, list(template.role_ids.values()))])
   prompt, _ = template.encode(messages[:2], generation_prompt=True)
@@ -119,9 +122,9 @@ def test_sft_pipeline_masks_align_after_packing(tmp_path, tok):
         seg = b['segment_ids'][r] == s
         targets, mask = b['targets'][r][seg], b['loss_mask'][r][seg]
         learned = targets[mask == 1]
-        # Every segment is one whole example: it learns its answer, then <|end|>.
-        assert learned[-1] == end and mask.sum() >= 2
-        answer = tok.decode(learned[:-1])
+        # Every segment is one whole example: it learns its answer, <|end|>, then the final EOS.
+        assert list(learned[-2:]) == [end, tok.eos_id] and mask.sum() >= 3
+        answer = tok.decode(learned[:-2])
         prompt = tok.decode(b['inputs'][r][seg])
         assert answer in ('Hello!',) or f'Say the number {answer}.' in prompt
   cfg.on_bad_input = 'raise'

@@ -22,6 +22,9 @@ def test_resume_is_bit_identical(tmp_path):
   assert int(resumed.state['step']) == 6
   a, b = losses(straight), losses(resumed)
   assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+  # Data counts are logged per source and travel in the checkpoint with the iterator position.
+  read = lambda r: [h['data/embedded/tokens'] for h in r.history if 'loss' in h]
+  assert read(straight)[0] < read(straight)[-1] == read(resumed)[-1]
   for x, y in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -67,6 +70,10 @@ def test_nan_skip_counts_and_keeps_weights_finite(tmp_path):
     (lambda c: c.train.update(nan_plicy='stop'), "'train.nan_plicy'"),
     (lambda c: c.model.update(attention='flash'), 'model.attention'),
     (lambda c: c.optim.update(warmup_steps=100), 'optim.warmup_steps'),
+    (lambda c: c.train.update(log_every=0), 'train.log_every'),
+    (lambda c: c.model.update(compute_dtype='int32'), 'model.compute_dtype'),
+    (lambda c: c.sharding_rules.update(heads_typo='tensor'), 'sharding_rules.heads_typo'),
+    (lambda c: c.data.update(packing='zigzag'), 'config.data.packing'),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, edit, message):
   c = run_config()
@@ -74,3 +81,11 @@ def test_bad_configs_fail_before_compiling(tmp_path, edit, message):
   with pytest.raises(ConfigError, match=message):
     loop.run(c, str(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()  # Failed before anything was set up.
+
+
+def test_resume_with_a_changed_model_names_the_param(tmp_path):
+  loop.run(run_config(steps=2, ckpt_every=2), str(tmp_path))
+  c = run_config(steps=4)
+  c.model.mlp_dim = 2 * c.model.mlp_dim
+  with pytest.raises(ConfigError, match=r"mlp.*has shape .* but this run's model expects"):
+    loop.run(c, str(tmp_path))

@@ -1,13 +1,14 @@
 """Multi-process training: the real CLI on 2 processes x 4 CPU devices, resumed on 1 x 8.
 
 The end-to-end test runs `python -m train` three times on experiments/tiny_dense.py shrunk
-further by flags, with a learning-rate schedule that does not depend on train.steps (warm-up
+further by flags (the 2-process run through scripts/launch_local.sh), with a learning-rate schedule that does not depend on train.steps (warm-up
 then constant), so a 3-step run is a prefix of a 6-step one:
   A  2 processes x 4 devices (gloo collectives on localhost), fsdp=8, steps 1-3, checkpoint at 3;
   B  1 process x 8 devices, resumes A's checkpoint (params, Adam state, data position), steps 4-6;
   C  1 process x 8 devices, steps 1-6 uninterrupted.
 A's losses must equal C's for steps 1-3 and B's must equal C's for steps 4-6 (read back from
-the TensorBoard event files). The other tests check the pieces without starting processes.
+the TensorBoard event files). Only process 0 logs the run, its metrics and the `auto` attention
+choice; process 1 logs that it joined. The other tests check the pieces without starting processes.
 """
 
 import json
@@ -32,7 +33,8 @@ OVERRIDES = ('--config.model.num_layers=2', '--config.model.d_model=64', '--conf
              '--config.data.seq_len=64', '--config.train.global_batch=8', '--config.mesh.fsdp=8',
              '--config.optim.warmup_steps=1', '--config.optim.final_lr_frac=1.0',
              '--config.train.log_every=1', '--config.train.ckpt_every=3',
-             '--config.train.eval_every=1000', '--config.train.progress=False')
+             '--config.train.eval_every=1000', '--config.train.progress=False',
+             '--config.model.attention=auto')  # Resolves to 'xla' at 64 tokens on CPU, logged.
 
 
 def _free_port() -> int:
@@ -51,29 +53,23 @@ def _env(devices: int) -> dict:
 
 
 def _train(workdir, steps: int, tokenizer: str, processes: int, timeout: float = 600) -> list[str]:
-  """Runs the CLI on `processes` local processes (8 // processes devices each); their logs."""
+  """Runs the CLI: one process with 8 devices, or `processes` x (8 // processes) devices started
+  by scripts/launch_local.sh (the documented local launcher). Returns each process's log."""
   args = [sys.executable, '-m', 'train', '--config', str(REPO / 'experiments/tiny_dense.py'),
           '--workdir', str(workdir), f'--config.train.steps={steps}',
           f'--config.data.tokenizer={tokenizer}', *OVERRIDES]
+  logdir = pathlib.Path(f'{workdir}_logs')
   if processes > 1:
-    args += ['--config.distributed.enabled=True', f'--config.distributed.num_processes={processes}',
-             f'--config.distributed.coordinator_address=localhost:{_free_port()}']
-  procs = []
-  for i in range(processes):
-    extra = [f'--config.distributed.process_id={i}'] if processes > 1 else []
-    procs.append(subprocess.Popen(args + extra, cwd=REPO, env=_env(8 // processes), text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-  logs, deadline = [], time.monotonic() + timeout
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f'process {i} of {processes} failed:\n{log[-4000:]}'
-  return logs
+    cmd = [str(REPO / 'scripts/launch_local.sh'), '-n', str(processes), '-d', str(8 // processes),
+           '-p', str(_free_port()), '-l', str(logdir), '--', *args]
+  else:
+    cmd = args
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(8 // processes), text=True, timeout=timeout,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  assert proc.returncode == 0, f'{processes} process(es) failed:\n{proc.stdout[-4000:]}'
+  if processes == 1:
+    return [proc.stdout]
+  return [(logdir / f'process_{i}.log').read_text() for i in range(processes)]
 
 
 def read_scalars(tb_dir, tag: str = 'loss') -> dict[int, float]:
@@ -107,10 +103,14 @@ def tokenizer(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_two_processes_checkpoint_resumes_on_one(tmp_path, tokenizer):
+  """2 x 4 devices (fsdp=8 across processes) for 3 steps, resumed on 1 x 8 to the same loss."""
   t0 = time.monotonic()
   logs_a = _train(tmp_path / 'a', 3, tokenizer, processes=2)
   t_a = time.monotonic() - t0
   assert 'process 1 of 2, 4 local / 8 global devices' in logs_a[1]
+  # Run logs, metrics and the attention choice come from process 0; process 1 only joins.
+  for line in ('model FLOPs/token', 'attention auto -> xla', 'step 3: '):
+    assert line in logs_a[0] and line not in logs_a[1], line
   saved = json.loads((tmp_path / 'a/checkpoints/3/data/metadata').read_text())
   assert saved['format'] == distributed.STATE_FORMAT
   assert [s['signature']['process_index'] for s in saved['process_states']] == [0, 1]
@@ -127,6 +127,19 @@ def test_two_processes_checkpoint_resumes_on_one(tmp_path, tokenizer):
   np.testing.assert_allclose([b[s] for s in (4, 5, 6)], [c[s] for s in (4, 5, 6)], rtol=2e-5)
   assert c[6] < c[1] - 0.05  # It trained: a constant loss would make the comparison vacuous.
   print(f'2-process run {t_a:.0f} s; whole test {time.monotonic() - t0:.0f} s; losses {c}')
+
+
+def test_local_launcher_passes_distributed_flags():
+  env = dict(_env(4), DRY_RUN='1', PYTHON=sys.executable)
+  out = subprocess.run([str(REPO / 'scripts/launch_local.sh'), '-n', '3', '-d', '2', '-p', '1234',
+                        '-l', '/tmp/unused', '--', 'python', '-m', 'train', '--workdir', 'w'],
+                       env=env, text=True, capture_output=True, check=True).stdout.splitlines()
+  assert len(out) == 3
+  for i, line in enumerate(out):
+    assert 'XLA_FLAGS=--xla_force_host_platform_device_count=2' in line
+    assert ('python -m train --workdir w --config.distributed.enabled=True '
+            '--config.distributed.coordinator_address=localhost:1234 '
+            f'--config.distributed.num_processes=3 --config.distributed.process_id={i}') in line
 
 
 def _iterators(tokenizer, process_count: int, global_batch: int = 8):

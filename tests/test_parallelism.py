@@ -207,3 +207,30 @@ def test_optimizer_state_in_pinned_host_memory_updates_like_device_memory():
   assert {x.sharding.memory_kind for x in jax.tree.leaves((mu_off, nu_off))} == {'pinned_host'}
   assert _diff(p_host, p_dev) == 0.0 and _diff(mu_off, mu_dev) == 0.0
   assert _diff(p_host, params) > 1e-3  # The update did something.
+
+
+def test_attn_proj_remat_saves_only_attention_projections():
+  """remat='attn_proj' keeps exactly the four named matmul outputs of attention (q, k, v
+  projections and the output projection) besides the block input; 'full' keeps only the input.
+  (Equality of the remat'ed model with the plain one: tests/test_model.py and the layouts above,
+  which all run with remat='attn_proj'.)"""
+  from flax import nnx
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from model.transformer import REMAT_POLICIES, Block
+  b, t = 2, T
+  graphdef, params = nnx.split(Block(CFG, nnx.Rngs(0)))
+
+  def block(params, x_btd):
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return jnp.sum(nnx.merge(graphdef, params)(x_btd, positions, jnp.ones((b, t), jnp.int32))[0])
+
+  def kept(policy):
+    residuals = saved_residuals(jax.checkpoint(block, policy=REMAT_POLICIES[policy]), params,
+                                jnp.ones((b, t, CFG.d_model)))
+    return sorted(source.split("'")[1] if source.startswith('named') else source
+                  for _, source in residuals if 'argument params' not in source)
+
+  assert kept('attn_proj') == sorted(['from the argument x_btd', 'attn_out', 'k_proj', 'q_proj',
+                                      'v_proj'])
+  assert kept('full') == ['from the argument x_btd']

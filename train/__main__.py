@@ -15,11 +15,13 @@ def main(argv):
   del argv
   from model.config import ConfigError
   from train import compilation_cache, loop
+  from data import builders, chat, config, readers, tokenizer
   compilation_cache.enable()
   try:
     loop.run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, loop.NonFiniteError) as e:
-    sys.exit(f'error: {e}')
+  except (ConfigError, loop.NonFiniteError, config.DataConfigError, readers.BadInputError,
+          tokenizer.TokenizerError, chat.TemplateError, builders.PrepareError) as e:
+    sys.exit(f'error: {e}')  # Bad input or config: one line naming the key or file:line.
 
 
 if __name__ == '__main__':

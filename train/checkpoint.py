@@ -10,6 +10,9 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from model.config import ConfigError
 
 from train.state import abstract_state
 
@@ -37,6 +40,7 @@ class Checkpointer:
     """(state, data_state) of `step` (default: latest), placed with `shardings`."""
     step = self.latest_step() if step is None else step
     target = abstract_state(shardings, state_like)
+    check_shapes(os.path.join(self.directory, str(step)), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     log.info('restored step %d from %s', step, self.directory)
@@ -59,8 +63,26 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
     raise FileNotFoundError(f'train.init_from={directory}: no checkpoint found there')
   target = {'params': jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    abstract_params, param_shardings)}
+  check_shapes(os.path.join(directory, str(step)), target)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                      partial_restore=True)))
   manager.close()
   return restored['state']['params']
+
+
+def check_shapes(where: str, target) -> None:
+  """A clear error when the run's model no longer matches the checkpoint's params (before orbax
+  fails with a message naming neither)."""
+  stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / 'state')
+  stored_shapes = {jax.tree_util.keystr(k): tuple(m.shape)
+                   for k, m in jax.tree_util.tree_flatten_with_path(stored['params'])[0]}
+  for key, x in jax.tree_util.tree_flatten_with_path(target['params'])[0]:
+    name = jax.tree_util.keystr(key)
+    if name not in stored_shapes:
+      raise ConfigError(f'checkpoint {where} has no {name}: the model config (model.*) differs from '
+                        f'the one that wrote it')
+    if stored_shapes[name] != tuple(x.shape):
+      raise ConfigError(f'checkpoint {where}: {name} has shape {stored_shapes[name]} but this run\'s '
+                        f'model expects {tuple(x.shape)}; model.* differs from the run that wrote it '
+                        f'(use a new workdir, or the same model config)')

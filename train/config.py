@@ -34,6 +34,7 @@ def defaults() -> ml_collections.ConfigDict:
       init_from='',  # A checkpoint directory whose params start this run (SFT, RLHF).
       progress=True,  # Progress bar on the terminal.
       profile_steps='',  # e.g. '10:13' writes a jax.profiler trace of those steps.
+      sample_every=0,  # Every N steps: greedy continuations of fixed prompts, to TensorBoard and log; 0: off.
   )
   c.hardware = dict(
       name='',  # For the logs.
@@ -44,12 +45,13 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
-def _data_defaults() -> dict:
-  try:
-    from data.config import default_config
-    return default_config()
-  except ImportError:  # Only while the data package is being written.
-    return dict(source='embedded', seq_len=256, tokenizer='', tokenizer_type='unigram', shuffle_seed=0)
+def _data_defaults() -> ml_collections.ConfigDict:
+  from data.config import default_config
+  return default_config()
+
+
+# Sections whose keys are the user's own names (checked by their owners: data.config.validate).
+FREE_FORM = ('data.sources', 'sharding_rules')
 
 
 def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
@@ -58,6 +60,8 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
   reference = defaults() if reference is None else reference
   for key in config.keys():
     name = f'{prefix}{key}'
+    if name in FREE_FORM:
+      continue
     if key not in reference:
       raise ConfigError(f'unknown config key {name!r}; known keys here: {", ".join(sorted(reference.keys()))}')
     value, ref = config[key], reference[key]
@@ -100,4 +104,15 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
                       f'(train.steps={t.steps})')
   if t.steps < 1:
     raise ConfigError(f'train.steps={t.steps} must be positive')
+  for key in ('log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
+    if t[key] < 1:
+      raise ConfigError(f'train.{key}={t[key]} must be positive')
+  if t.sample_every < 0:
+    raise ConfigError(f'train.sample_every={t.sample_every} must be >= 0 (0: no samples)')
+  from data import config as data_config
+  try:
+    data_config.validate(config.data, vocab_size=cfg.vocab_size, global_batch=t.global_batch,
+                         process_count=process_count)
+  except data_config.DataConfigError as e:
+    raise ConfigError(str(e)) from e
   return cfg

@@ -11,6 +11,12 @@ asked for). On CPU the collectives go through gloo.
     MESHLM_NUM_PROCESSES=N               distributed.num_processes
     MESHLM_PROCESS_ID=i                  distributed.process_id
     MESHLM_CLUSTER=slurm|ompi|...        force one of JAX's cluster detectors
+    MESHLM_LOG_ALL_PROCESSES=1           keep INFO logs on every process (default: process 0)
+
+Once joined, processes other than 0 log only warnings and errors (the `meshlm`, `model` and
+`train` loggers). Metrics, TensorBoard, metrics.jsonl and the progress bar are process 0's
+already (train/metrics.py Writer, train/loop.py); every process writes its own checkpoint
+shards (orbax; the JSON data-state item is written by process 0 from what all gathered).
 
 Data state (`gather_data_state`, `local_data_state`): each process iterates over its own rows
 of every global batch (data/pipeline.py), so its iterator state describes only those rows.
@@ -37,7 +43,8 @@ log = logging.getLogger('meshlm')
 
 ENV = {'enabled': 'MESHLM_DISTRIBUTED', 'coordinator_address': 'MESHLM_COORDINATOR_ADDRESS',
        'num_processes': 'MESHLM_NUM_PROCESSES', 'process_id': 'MESHLM_PROCESS_ID',
-       'cluster': 'MESHLM_CLUSTER'}
+       'cluster': 'MESHLM_CLUSTER', 'log_all': 'MESHLM_LOG_ALL_PROCESSES'}
+QUIET_LOGGERS = ('meshlm', 'model', 'train')  # INFO from these only on process 0.
 STATE_FORMAT = 'meshlm_per_process_v1'
 
 
@@ -100,6 +107,10 @@ def maybe_initialize(dist_cfg, environ=None) -> bool:
   log.info('jax.distributed: process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count(),
            'explicit' if s.coordinator_address else 'auto-detected')
+  environ = os.environ if environ is None else environ
+  if jax.process_index() != 0 and environ.get(ENV['log_all'], '').strip() not in ('1', 'true'):
+    for name in QUIET_LOGGERS:
+      logging.getLogger(name).setLevel(logging.WARNING)
   return True
 
 

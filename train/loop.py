@@ -2,13 +2,17 @@
 
 Importable from a notebook: `train.loop.run(config, workdir)` returns the final state and the
 metric history. `python -m train` is a thin wrapper around it.
+
+What a run leaves in `workdir`: checkpoints/, tokenizer/ (when it trained one), tb/ (TensorBoard
+scalars of every metric, text samples every `train.sample_every` steps), metrics.jsonl (the
+same scalars), curves.png (loss and throughput, train/plots.py), and profile/ when
+`train.profile_steps` asks for a jax.profiler trace (train/profiling.py).
 """
 
 import dataclasses
 import logging
 import os
 import signal
-import time
 
 import jax
 import numpy as np
@@ -20,6 +24,8 @@ from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
+from train import plots, profiling
+from train import samples as samples_lib
 from train import state as state_lib
 from train import step as step_lib
 from train.mesh import make_mesh
@@ -48,13 +54,18 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
   distributed.maybe_initialize(config.distributed)
   cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
   t = config.train
+  trace = profiling.TraceWindow(t.profile_steps, os.path.join(workdir, 'profile'))
   mesh = make_mesh(config.mesh)
+  if jax.process_index() == 0:  # What train.generate / train.eval read back.
+    from train.generate import write_config
+    write_config(config, workdir)
   rules = make_rules(config.sharding_rules.to_dict())
   log.info('mesh %s on %d %s devices, %d process(es)', dict(mesh.shape), jax.device_count(),
            jax.devices()[0].platform, jax.process_count())
   peak, peak_source = metrics_lib.peak_flops(config.hardware)  # Outside the mesh: one device.
   with jax.set_mesh(mesh), use_rules(rules):
     data = make_data(config, cfg, workdir, split='train')
+    log.info('data sources as built: %s', data.build_stats)
     tx = optimizer_lib.make(config.optim, t.steps)
     schedule = optimizer_lib.schedule(config.optim, t.steps)
     state, shardings, mdef = state_lib.create(cfg, tx, mesh, t.seed)
@@ -78,38 +89,41 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
              flops.per_token, flops.dense_equivalent, peak, peak_source)
     throughput = metrics_lib.Throughput(flops.per_token, peak)
+    sampler = samples_lib.Sampler(cfg, data.tokenizer, mesh, rules) if t.sample_every else None
+    start = int(state['step'])
+    progress = metrics_lib.Progress(t.progress, t.steps, start)
     stop = StopSignal()
-    profile = parse_profile_steps(t.profile_steps)
 
     try:
-      start = int(state['step'])
       pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
       skipped = 0
-      progress = make_progress(t, start)
       for step in range(start, t.steps):
-        if profile and step == profile[0]:
-          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        batch = device_batch(next(data), t.grad_accum, batch_sharding)
-        state, metrics = train_step(state, batch)
-        if profile and step + 1 == profile[1]:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
+        trace.maybe_start(step)
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          batch = device_batch(next(data), t.grad_accum, batch_sharding)
+          state, metrics = train_step(state, batch)
+        with throughput.paused():  # Writing the trace out is not training time.
+          trace.maybe_stop(step, state)
         skipped += check_finite(pending, t.nan_policy)
         pending = (step, metrics)
         throughput.update(t.global_batch * config.data.seq_len)
-        done = step + 1
+        done, logged = step + 1, None
         if done % t.log_every == 0 or done == t.steps:
           skipped += check_finite(pending, t.nan_policy)
           pending = None
-          writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped})
+          logged = writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped,
+                                         **data_counts(data)})
         if t.eval_every and done % t.eval_every == 0:
-          writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+          with throughput.paused():
+            writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+        if t.sample_every and done % t.sample_every == 0:
+          with throughput.paused():
+            sampler.write(writer, done, state['params'])
         if stop_after is not None and done - start >= stop_after:
           stop.requested = True
         if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
           checkpointer.save(done, state, distributed.gather_data_state(data.get_state()), force=True)
-        if progress is not None:
-          progress.update(1)
+        progress.update(logged)
         if stop.requested:
           log.warning('stop requested: saved a checkpoint at step %d, exiting', done)
           break
@@ -118,11 +132,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
         writer.scalars(int(state['step']),
                        evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
     finally:  # Also on errors: pending async checkpoint writes complete.
+      trace.close()
       checkpointer.close()
       writer.close()
       stop.restore()
-      if progress is not None:
-        progress.close()
+      progress.close()
+  if writer.enabled:
+    plots.write(workdir)
   return RunResult(state=state, mdef=mdef, history=writer.history, tokenizer=data.tokenizer, mesh=mesh)
 
 
@@ -132,6 +148,12 @@ def make_data(config, cfg, workdir, split):
                                 global_batch=config.train.global_batch, workdir=workdir, split=split,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
                                 seed=config.train.seed)
+
+
+def data_counts(data) -> dict:
+  """Per source (this process): items and tokens read, items skipped by reason, as scalars."""
+  return {f'data/{source}/{key}': value for source, counts in data.counts().items()
+          for key, value in counts.items()}
 
 
 def device_batch(local: dict, grad_accum: int, sharding) -> dict:
@@ -190,24 +212,6 @@ class StopSignal:
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-def parse_profile_steps(spec: str):
-  if not spec:
-    return None
-  try:
-    first, last = (int(x) for x in spec.split(':'))
-  except ValueError:
-    raise config_lib.ConfigError(f"train.profile_steps={spec!r}: use 'FIRST:LAST', e.g. '10:13'")
-  return first, last
-
-
-def make_progress(t, start: int):
-  import sys
-  if not (t.progress and sys.stderr.isatty() and jax.process_index() == 0):
-    return None
-  from tqdm import tqdm
-  return tqdm(total=t.steps, initial=start, unit='step', dynamic_ncols=True)
 
 
 def setup_logging():

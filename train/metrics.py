@@ -6,10 +6,12 @@ measured at start-up in the same process (`measure_matmul_flops`), so CPU MFU sa
 the step is to the best this machine's XLA can do on one big matmul.
 """
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -65,14 +67,23 @@ class Throughput:
     self.reset()
 
   def reset(self):
-    self.t0, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+    self.t0, self.tokens, self.steps, self.excluded = time.perf_counter(), 0.0, 0, 0.0
 
   def update(self, tokens: float):
     self.tokens += tokens
     self.steps += 1
 
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside (evaluation, samples) does not count against training throughput."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.excluded += time.perf_counter() - t0
+
   def report(self) -> dict:
-    dt = max(time.perf_counter() - self.t0, 1e-9)
+    dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
     tps = self.tokens / dt
     out = {'perf/tokens_per_sec': tps, 'perf/step_time': dt / max(self.steps, 1),
            'perf/mfu': tps * self.flops_per_token / self.peak}
@@ -92,11 +103,12 @@ class Writer:
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
-  def scalars(self, step: int, metrics: dict):
+  def scalars(self, step: int, metrics: dict) -> dict:
+    """Writes (and returns) `metrics` as floats."""
     metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
     self.history.append({'step': step, **metrics})
     if not self.enabled:
-      return
+      return metrics
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
@@ -104,6 +116,7 @@ class Writer:
     shown = ' '.join(f'{k.split("/")[-1]}={_fmt(v)}' for k, v in metrics.items()
                      if k in SHOWN or k.startswith('eval'))
     log.info('step %d: %s', step, shown)
+    return metrics
 
   def text(self, step: int, tag: str, text: str):
     if self.enabled:
@@ -113,6 +126,36 @@ class Writer:
     if self.tb is not None:
       self.tb.close()
       self.jsonl.close()
+
+
+class Progress:
+  """The terminal progress bar (tqdm): process 0 only, only when `stream` is a terminal, and
+  off with `train.progress=False`. While it is shown, meshlm's log lines print above it."""
+
+  def __init__(self, enabled: bool, total: int, initial: int = 0, stream=None):
+    stream = sys.stderr if stream is None else stream
+    self.bar = self._redirect = None
+    if not (enabled and jax.process_index() == 0 and stream.isatty()):
+      return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    self.bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=stream)
+    self._redirect = logging_redirect_tqdm([log], tqdm_class=tqdm)
+    self._redirect.__enter__()
+
+  def update(self, metrics: dict | None = None):
+    """One step done; `metrics` (a log step's) puts the latest loss next to the bar."""
+    if self.bar is None:
+      return
+    if metrics and 'loss' in metrics:
+      self.bar.set_postfix(loss=f'{float(metrics["loss"]):.4g}', refresh=False)
+    self.bar.update(1)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+      self._redirect.__exit__(None, None, None)
+      self.bar = None
 
 
 SHOWN = ('loss', 'learning_rate', 'grad_norm', 'perf/tokens_per_sec', 'perf/step_time', 'perf/mfu',

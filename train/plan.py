@@ -1,51 +1,298 @@
-"""python -m train.plan --config experiments/<name>.py [--json]
+"""python -m train.plan --config experiments/<name>.py [--json] [--mfu 0.4] [--wall-clock-days 42]
+                       [--devices N] [--compile]
 
-What a config costs, computed without allocating a single parameter (`jax.eval_shape`).
+What a config costs and whether it fits, without allocating a single parameter:
+  * parameters (total, active per token) and training FLOPs per token, attention included at
+    the config's sequence length (model/flops.py);
+  * per-device memory under the config's mesh: params, optimizer state, gradients, saved
+    activations (with the config's remat policy) and the peak working set (train/memory.py);
+    with --compile also XLA's own plan of the train step, compiled ahead of time on emulated
+    CPU devices of the config's full mesh at reduced depth (train/aot.py) and extrapolated to
+    the config's depth;
+  * whether that fits `hardware.device_memory_gb`;
+  * tokens/s, step time and time to train at a stated MFU (against `hardware.peak_tflops`),
+    and the MFU that a stated wall clock implies.
+
+Before anything else it runs the training run's own static checks (train/config.py validate:
+batch divisible by the batch-sharding axes, warm-up within the run, ...). A config over the
+device memory is printed, then reported as an error (exit status 1).
 """
 
 import json
+import math
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from model import count_params, training_flops_per_token
-from train.config import check_keys, model_config
+from model.config import ConfigError
+from model.sharding import make_rules
+from train import config as config_lib
+from train import memory as memory_lib
+from train.mesh import mesh_shape
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
-_JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
-flags.mark_flag_as_required('config')
+
+def define_flags() -> None:
+  """The CLI's flags, defined only when run as `python -m train.plan`: importing this module as a
+  library (tests, notebooks) must not claim absl flag names such as --config."""
+  global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
+  _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
+  _MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for tokens/s and time.')
+  _DAYS = flags.DEFINE_float('wall_clock_days', 0.0, 'A wall clock for the whole run (days); '
+                             'prints the MFU it implies. 0: none.')
+  _DEVICES = flags.DEFINE_integer('devices', 0, 'Device count; needed only when a mesh axis is -1.')
+  _COMPILE = flags.DEFINE_bool('compile', False, 'Also compile the train step on emulated CPU '
+                               'devices and report XLA\'s per-device memory plan (minutes).')
+  _DEPTHS = flags.DEFINE_list('compile_depths', ['2', '3'], 'Layer units compiled; memory is '
+                              'extrapolated linearly in depth from the first two.')
 
 
-def plan(config) -> dict:
-  check_keys(config)
-  cfg = model_config(config)
+def device_count(config, devices: int = 0) -> int:
+  sizes = dict(config.mesh)
+  if any(v == -1 for v in sizes.values()):
+    if devices < 1:
+      raise ConfigError(f'mesh {sizes} has a -1 axis: give the device count with --devices')
+    return devices
+  n = math.prod(sizes.values())
+  if devices and devices != n:
+    raise ConfigError(f'--devices={devices} but the mesh {sizes} (mesh.*) has {n} devices')
+  return n
+
+
+def peak_tflops(config) -> float:
+  """Per-device peak: `hardware.peak_tflops`, else the device table entry named in
+  `hardware.name`; 0 when unknown."""
+  if config.hardware.peak_tflops > 0:
+    return float(config.hardware.peak_tflops)
+  from train.metrics import PEAK_TFLOPS
+  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name and name in config.hardware.name:
+      return tflops
+  return 0.0
+
+
+def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float = 0.0) -> dict:
+  """The numbers of the tables, as a flat dict. Raises ConfigError for a config that cannot
+  run (train/config.py validate); `check_fits` raises for one that does not fit."""
+  n = device_count(config, devices)
+  cfg, warnings = _validate(config, n)
+  if not 0 < mfu <= 1:
+    raise ConfigError(f'--mfu={mfu} must be in (0, 1]')
+  sizes = mesh_shape(config.mesh, n)
+  t = config.train
+  seq = config.data.seq_len
   counts = count_params(cfg)
-  flops = training_flops_per_token(cfg, config.data.seq_len)
-  return {
+  flops = training_flops_per_token(cfg, seq)
+  rules = make_rules(config.sharding_rules.to_dict())
+  batch_axes = rules['batch'] if isinstance(rules['batch'], (tuple, list)) else (rules['batch'],)
+  batch_shards = math.prod(sizes[a] for a in batch_axes if a)
+  micro = t.global_batch // t.grad_accum
+  tokens_per_step = t.global_batch * seq
+  total_tokens = tokens_per_step * t.steps
+  mem = memory_lib.estimate(config, sizes, cfg)
+  p = {
+      'warnings': warnings,
+      'config_name': config.hardware.name or '',
+      'devices': n,
+      'mesh': ' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device',
       'params_total': counts.total,
       'params_active': counts.active,
       'params_embedding': counts.embedding,
-      'seq_len': config.data.seq_len,
+      'seq_len': seq,
       'flops_per_token': flops.per_token,
       'flops_per_token_dense_equivalent': flops.dense_equivalent,
       'attention_flops_per_token': flops.attention_per_token,
-      'tokens_per_step': config.train.global_batch * config.data.seq_len,
-      'steps': config.train.steps,
+      'global_batch': t.global_batch,
+      'grad_accum': t.grad_accum,
+      'sequences_per_device_per_micro_batch': micro / batch_shards,
+      'tokens_per_step': tokens_per_step,
+      'steps': t.steps,
+      'warmup_steps': config.optim.warmup_steps,
+      'total_tokens': total_tokens,
+      'remat': cfg.remat,
+      'attention': cfg.attention,
+      'dispatch': cfg.dispatch if cfg.is_moe else '',
+      'mem_params_gib': memory_lib.gib(mem.params),
+      'mem_optimizer_gib': memory_lib.gib(mem.optimizer),
+      'mem_grads_gib': memory_lib.gib(mem.grads),
+      'mem_activations_gib': memory_lib.gib(mem.activations),
+      'mem_transient_gib': memory_lib.gib(mem.transient),
+      'mem_transient_phase': mem.transient_phase,
+      'mem_total_gib': memory_lib.gib(mem.total),
+      'device_memory_gib': float(config.hardware.device_memory_gb),
+  }
+  limit = config.hardware.device_memory_gb
+  p['fits'] = None if limit <= 0 else bool(mem.total <= limit * memory_lib.GIB)
+  peak = peak_tflops(config)
+  p['peak_tflops_per_device'] = peak
+  p['mfu'] = mfu
+  if peak > 0:
+    cluster_flops = n * peak * 1e12
+    tokens_per_sec = mfu * cluster_flops / flops.per_token
+    p['tokens_per_sec'] = tokens_per_sec
+    p['step_seconds'] = tokens_per_step / tokens_per_sec
+    p['days_to_train'] = total_tokens / tokens_per_sec / 86400
+    if wall_clock_days > 0:
+      p['wall_clock_days'] = wall_clock_days
+      p['mfu_implied_by_wall_clock'] = total_tokens * flops.per_token / (
+          wall_clock_days * 86400 * cluster_flops)
+  return p
+
+
+def _validate(config, n: int):
+  """train/config.py validate, as the run does it, and warnings. One exception: train/config.py's
+  key check knows only the default `data.sources` entries, so it rejects a config that adds its
+  own (e.g. experiments/dense_65b_sft.py's `sft`); the run would stop there, which the planner
+  reports as a warning and plans the rest (it reads no data; data/config.py checks sources)."""
+  try:
+    return config_lib.validate(config, n), []
+  except ConfigError as e:
+    trimmed = _without_extra_sources(config)
+    if trimmed is None:
+      raise
+    return config_lib.validate(trimmed, n), [f'train/config.py validate rejects this config '
+                                             f'(the run would stop there): {e}']
+
+
+def _without_extra_sources(config):
+  """A copy of `config` without the `data.sources` entries the defaults lack (None: none)."""
+  defaults = config_lib.defaults().data.sources
+  extra = [k for k in config.data.sources.keys() if k not in defaults]
+  if not extra:
+    return None
+  trimmed = ml_collections.ConfigDict(config.to_dict())
+  for key in extra:
+    del trimmed.data.sources[key]
+  return trimmed
+
+
+def check_fits(p: dict) -> None:
+  """ConfigError if the analytic per-device estimate exceeds the device memory. (The compiled
+  plan is of a CPU variant, float32 with `xla` attention, so it is not the config's own.)"""
+  limit = p['device_memory_gib']
+  if limit <= 0:
+    return
+  worst = p['mem_total_gib']
+  if worst > limit:
+    raise ConfigError(
+        f'hardware.device_memory_gb={limit:g}: the per-device memory estimate is {worst:.1f} GiB '
+        f'(params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
+        f'{p["mem_grads_gib"]}, activations {p["mem_activations_gib"]} with model.remat='
+        f'{p["remat"]!r}, peak working set {p["mem_transient_gib"]} in the '
+        f'{p["mem_transient_phase"]} phase). Try: ' + '; '.join(_fixes(p)) + ' (docs/scale.md).')
+
+
+def _fixes(p: dict) -> list[str]:
+  fixes = []
+  if p.get('dispatch') == 'dropless' and p['mem_transient_phase'] == 'layer':
+    fixes.append("model.dispatch=capacity (model/moe.py's dropless path sorts the assignments of "
+                 "the whole micro-batch, so every device holds every device's tokens)")
+  if p['remat'] != 'full':
+    fixes.append('model.remat=full')
+  if p['mem_transient_phase'] == 'head':
+    fixes.append('a smaller micro-batch per device for the logits (raise train.grad_accum) or '
+                 'the vocabulary sharded over mesh.tensor')
+  else:
+    fixes.append('a smaller micro-batch per device (raise train.grad_accum)')
+  fixes.append('more sharding (mesh.fsdp, mesh.tensor)')
+  return fixes
+
+
+def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
+  """XLA's per-device plan of the CPU variant (train/aot.py compile_variant) at two reduced
+  depths (layer units), extrapolated linearly to the config's depth, next to the analytic
+  estimate of the same variant. `run(config, devices)` compiles (default: a child process)."""
+  from train import aot
+  run = run or aot.compiled_memory_subprocess
+  cfg = config_lib.model_config(config)
+  per_unit = cfg.moe_every if cfg.is_moe else 1
+  units = cfg.num_layers // per_unit
+  d1, d2 = (int(d) for d in depths[:2])
+  if not 0 < d1 < d2:
+    raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
+  config = _without_extra_sources(config) or config  # See _validate.
+  r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
+  r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
+  per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
+  total = r1.total_bytes + (units - d1) * per_unit_bytes
+  variant = aot.compile_variant(config, cfg.num_layers)
+  analytic = memory_lib.estimate(variant, mesh_shape(config.mesh, devices)).total
+  return {
+      'compiled_attention': variant.model.attention,
+      'compiled_compute_dtype': variant.model.compute_dtype,
+      'compiled_depths_layers': [d1 * per_unit, d2 * per_unit],
+      'compiled_total_at_depths_gib': [memory_lib.gib(r.total_bytes) for r in (r1, r2)],
+      'compiled_temp_at_depths_gib': [memory_lib.gib(r.temp_bytes) for r in (r1, r2)],
+      'compiled_per_layer_gib': memory_lib.gib(per_unit_bytes / per_unit),
+      'compiled_total_gib': memory_lib.gib(total),
+      'analytic_of_compiled_variant_gib': memory_lib.gib(analytic),
+      'analytic_over_compiled': round(analytic / total, 3),
+      'compile_seconds': round(r1.compile_seconds + r2.compile_seconds, 1),
   }
 
 
+def _fmt(value) -> str:
+  if isinstance(value, bool) or value is None:
+    return {True: 'yes', False: 'NO', None: 'unknown (hardware.device_memory_gb=0)'}[value]
+  if isinstance(value, int):
+    return f'{value:,}'
+  if isinstance(value, float):
+    return f'{value:,.4g}' if abs(value) < 1e6 else f'{value:.4g}'
+  if isinstance(value, list):
+    return ', '.join(_fmt(v) for v in value)
+  return str(value)
+
+
+SECTIONS = (
+    ('model', ('params_total', 'params_active', 'params_embedding', 'seq_len', 'flops_per_token',
+               'flops_per_token_dense_equivalent', 'attention_flops_per_token')),
+    ('run', ('config_name', 'devices', 'mesh', 'global_batch', 'grad_accum',
+             'sequences_per_device_per_micro_batch', 'tokens_per_step', 'steps', 'warmup_steps',
+             'total_tokens', 'remat', 'attention', 'dispatch')),
+    ('memory per device, analytic (GiB)', (
+        'mem_params_gib', 'mem_optimizer_gib', 'mem_grads_gib', 'mem_activations_gib',
+        'mem_transient_gib', 'mem_transient_phase', 'mem_total_gib', 'device_memory_gib', 'fits')),
+    ('memory per device, XLA plan on emulated CPU devices (GiB)', (
+        'compiled_attention', 'compiled_compute_dtype', 'compiled_depths_layers',
+        'compiled_total_at_depths_gib', 'compiled_temp_at_depths_gib', 'compiled_per_layer_gib',
+        'compiled_total_gib',
+        'analytic_of_compiled_variant_gib', 'analytic_over_compiled', 'compile_seconds')),
+    ('throughput', ('peak_tflops_per_device', 'mfu', 'tokens_per_sec', 'step_seconds',
+                    'days_to_train', 'wall_clock_days', 'mfu_implied_by_wall_clock')),
+)
+
+
 def format_table(p: dict) -> str:
-  rows = [(k, f'{v:,}' if isinstance(v, int) else f'{v:.4g}') for k, v in p.items()]
-  width = max(len(k) for k, _ in rows)
-  return '\n'.join(f'{k:<{width}}  {v:>24}' for k, v in rows)
+  lines = [f'warning: {w}' for w in p.get('warnings', [])]
+  width = max(len(k) for _, keys in SECTIONS for k in keys)
+  for title, keys in SECTIONS:
+    rows = [(k, p[k]) for k in keys if k in p and p[k] != '']
+    if not rows:
+      continue
+    lines.append(f'[{title}]')
+    lines += [f'  {k:<{width}}  {_fmt(v)}' for k, v in rows]
+  return '\n'.join(lines)
 
 
 def main(argv):
   del argv
-  p = plan(_CONFIG.value)
+  config = _CONFIG.value
+  try:
+    p = plan(config, devices=_DEVICES.value, mfu=_MFU.value, wall_clock_days=_DAYS.value)
+    if _COMPILE.value:
+      p.update(compiled_section(config, p['devices'], _DEPTHS.value))
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
   sys.stdout.write((json.dumps(p, indent=2) if _JSON.value else format_table(p)) + '\n')
+  try:
+    check_fits(p)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -10,6 +10,7 @@ workdir's config.json. Benchmark files come from --data_dir, env SHARED_DATA or 
 
 import argparse
 import math
+import os
 import sys
 
 TASKS = ('mmlu', 'gsm8k', 'humaneval', 'loss')
@@ -45,7 +46,14 @@ def main(argv=None) -> int:
   parser.add_argument('--config', default='')
   parser.add_argument('--tasks', default='mmlu,gsm8k,humaneval,loss')
   parser.add_argument('--limit', type=int, default=None)
-  parser.add_argument('--out', default='')
+  parser.add_argument('--out', default='', help='JSON results (default: CHECKPOINT_WORKDIR/eval_<step>.json)')
+  parser.add_argument('--humaneval_samples', type=int, default=1,
+                      help='completions per HumanEval problem: pass@k for every k in (1, 10, 100) <= it')
+  parser.add_argument('--temperature', type=float, default=0.0,
+                      help='HumanEval sampling temperature (> 0 when --humaneval_samples > 1)')
+  parser.add_argument('--mesh', default='',
+                      help="e.g. 'fsdp=8,tensor=1'; default: the run's mesh, or fsdp over all devices "
+                           "when that does not match this machine")
   parser.add_argument('--data_dir', default=None)
   parser.add_argument('--max_new_tokens', type=int, default=None,
                       help='GSM8K / HumanEval generation length (default: theirs, 256 / 512)')
@@ -63,8 +71,9 @@ def main(argv=None) -> int:
   from train.eval import gsm8k, humaneval, mmlu, report
   from train.eval.model_lm import MeshLM
   compilation_cache.enable()
+  from train.eval.sandbox import SandboxError
   try:
-    run = gen_lib.load_run(args.checkpoint, args.config or None)
+    run = gen_lib.load_run(args.checkpoint, args.config or None, mesh=eval_mesh(args))
     gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
                             max_batch=args.batch_size)
     lm = MeshLM(gen, max_length=args.max_length or int(run.config.data.seq_len),
@@ -81,10 +90,12 @@ def main(argv=None) -> int:
       elif task == 'gsm8k':
         results.append(gsm8k.evaluate(lm, args.data_dir, limit=args.limit, **gen_kw))
       elif task == 'humaneval':
-        results.append(humaneval.evaluate(lm, args.data_dir, limit=args.limit, **gen_kw))
+        results.append(humaneval.evaluate(lm, args.data_dir, limit=args.limit,
+                                          num_samples=args.humaneval_samples,
+                                          temperature=args.temperature, **gen_kw))
       else:
         results.append(eval_loss(run.config, lm, run.workdir))
-  except (ConfigError, FileNotFoundError, ValueError) as e:
+  except (ConfigError, FileNotFoundError, ValueError, SandboxError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   benchmarks = [r for r in results if r['task'] != 'loss']
@@ -94,11 +105,38 @@ def main(argv=None) -> int:
     if r['task'] == 'loss':  # Not a fraction: report.py would print it as a percentage.
       print(f'loss: {r["metrics"]["loss"]:.4f} (perplexity {r["metrics"]["perplexity"]:.3f}) '
             f'over {r["count"]} tokens of the eval split')
-  if args.out:
-    path = report.write_json(results, args.out, extra={
-        'checkpoint': args.checkpoint, 'step': run.step, 'tasks': tasks, 'limit': args.limit})
-    print(f'wrote {path}')
+  out = args.out or os.path.join(run.workdir, f'eval_{run.step}.json')
+  path = report.write_json(results, out, extra={
+      'checkpoint': args.checkpoint, 'step': run.step, 'tasks': tasks, 'limit': args.limit})
+  print(f'wrote {path}')
   return 0
+
+
+def eval_mesh(args):
+  """The mesh to evaluate on: --mesh, else the run's own if this machine matches it, else
+  fsdp over all devices (a checkpoint restores onto any mesh)."""
+  from model.config import ConfigError
+  from train import generate as gen_lib
+  from train.mesh import make_mesh
+  sizes = dict(data=1, fsdp=-1, expert=1, tensor=1)
+  if args.mesh:
+    try:
+      sizes.update({k: int(v) for k, v in (item.split('=') for item in args.mesh.split(','))})
+    except ValueError:
+      raise ConfigError(f"--mesh={args.mesh!r}: use e.g. 'fsdp=4,tensor=2'")
+    return make_mesh(sizes)
+  _, _, workdir = gen_lib.resolve_checkpoint(args.checkpoint)
+  config = gen_lib.load_config(args.config or None, workdir)
+  try:
+    return make_mesh(config.mesh)
+  except ConfigError as e:
+    print(f'note: {e}; evaluating with fsdp over all {len(jax_devices())} devices', file=sys.stderr)
+    return make_mesh(sizes)
+
+
+def jax_devices():
+  import jax
+  return jax.devices()
 
 
 if __name__ == '__main__':

@@ -32,7 +32,10 @@ def load(path: str | pathlib.Path) -> list[dict]:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
-      row = json.loads(line)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
       if not isinstance(row.get('question'), str) or not isinstance(row.get('answer'), str):
         raise ValueError(f'{path}:{line_no}: GSM8K row needs string "question" and "answer"')
       rows.append(row)

@@ -41,7 +41,10 @@ def load_problems(data_dir: str | pathlib.Path | None = None) -> list[Problem]:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
-      row = json.loads(line)
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
       missing = [k for k in _KEYS if k not in row]
       if missing:
         raise ValueError(f'{path}:{line_no}: HumanEval row lacks {missing}')

@@ -1,0 +1,202 @@
+"""The planner: analytic memory against XLA's compiled plan, hand-computed 65B numbers,
+throughput arithmetic, errors before anything runs, and the CLI's JSON and exit status.
+
+The compiled comparisons go through the planner's own CPU variant (train/aot.py
+compile_variant: float32 compute, `xla` attention for the GPU kernels, reduced depth) of tiny
+configs shaped like the published ones (bfloat16, cuDNN attention, scanned layers, remat).
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import dense_65b, mixtral_8x7b
+from model import count_params
+from model.config import ConfigError
+from model.sharding import make_rules
+from tests.util import run_config
+from train import aot, memory, plan
+from train.config import model_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tiny(**sections):
+  """A run config shaped like the published ones, small enough to compile in seconds."""
+  c = run_config()
+  c.model.update(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 mlp_dim=192, attention='cudnn', compute_dtype='bfloat16', scan_layers=True,
+                 remat='full')
+  c.data.seq_len = 256
+  c.mesh.update(fsdp=8)
+  c.train.update(global_batch=32, grad_accum=1)
+  for section, values in sections.items():
+    c[section].update(values)
+  return c
+
+
+def _check_against_compiled(c):
+  c = aot.compile_variant(c, c.model.num_layers)
+  assert (c.model.attention, c.model.compute_dtype) == ('xla', 'float32')
+  est = memory.estimate(c, {'fsdp': c.mesh.fsdp, 'tensor': c.mesh.tensor})
+  got = aot.compiled_memory(c)
+  # Arguments are exact: sharded params + AdamW moments + the batch shard (+ step, count, RNG).
+  assert 0 <= got.argument_bytes - (est.params + est.optimizer + est.batch) < 64
+  rel = abs(est.total - got.total_bytes) / got.total_bytes
+  print(f'analytic {est.total / 2**20:.2f} MiB, compiled {got.total_bytes / 2**20:.2f} MiB, '
+        f'off by {rel:.1%} (tolerance {memory.TOLERANCE:.0%}); {got.compile_seconds:.0f} s compile')
+  assert rel < memory.TOLERANCE
+
+
+def test_analytic_memory_matches_compiled_plan():
+  _check_against_compiled(_tiny())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, sections', [
+    ('no remat', dict(model=dict(remat='none'))),
+    ('attn_proj, short', dict(model=dict(remat='attn_proj'), data=dict(seq_len=64),
+                              train=dict(global_batch=16))),
+    ('fsdp4 x tensor2, accumulation', dict(mesh=dict(fsdp=4, tensor=2), data=dict(seq_len=64),
+                                           train=dict(global_batch=32, grad_accum=2))),
+    ('moe capacity', dict(model=dict(num_experts=4, experts_per_token=2, dispatch='capacity'),
+                          data=dict(seq_len=64), train=dict(global_batch=16))),
+])
+def test_analytic_memory_matches_compiled_plan_more(name, sections):
+  _check_against_compiled(_tiny(**sections))
+
+
+@pytest.mark.parametrize('remat', ['full', 'attn_proj', 'dots_no_batch', 'dots'])
+def test_saved_activations_per_layer_are_what_jax_saves(remat):
+  """memory.RESIDUALS against JAX's own list of what a remat'ed Block keeps for backward."""
+  from flax import nnx
+  from jax._src.ad_checkpoint import saved_residuals
+
+  from model.transformer import REMAT_POLICIES, Block
+  from tests.util import tiny_cfg
+  b, t = 2, 16
+  cfg = tiny_cfg(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48,
+                 attention='xla', remat=remat)
+  graphdef, params = nnx.split(Block(cfg, nnx.Rngs(0)))
+
+  def block(params, x_btd):
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return jnp.sum(nnx.merge(graphdef, params)(x_btd, positions, jnp.ones((b, t), jnp.int32))[0])
+
+  residuals = saved_residuals(jax.checkpoint(block, policy=REMAT_POLICIES[remat]), params,
+                              jnp.ones((b, t, 32)))
+  activations = [aval for aval, source in residuals if 'argument params' not in source]
+  got = sum(aval.size * aval.dtype.itemsize for aval in activations)
+  shapes = memory.Shapes({}, make_rules())
+  inter = memory._layer_intermediates(cfg, shapes, b, t)
+  assert got == sum(inter[kind] * count for kind, count in memory.RESIDUALS[remat].items())
+
+
+def test_dense_65b_memory_by_hand():
+  c = dense_65b.get_config()
+  est = memory.estimate(c, {'fsdp': 256})
+  total = count_params(model_config(c)).total
+  norms = (2 * 80 + 1) * 8192  # Replicated: 1-D, 'norm' maps to no mesh axis.
+  assert est.params == (total - norms) * 4 / 256 + norms * 4
+  assert est.optimizer == 2 * est.params and est.grads == 2 * est.params  # grad_accum=16 > 1.
+  assert est.activations == 80 * 4 * 2048 * 8192 * 2  # remat=full: each layer's bf16 input.
+  logits = 4 * 2048 * 128_000  # Micro-batch of 4 per device, vocabulary not sharded.
+  head = 8192 * 128_000  # Gathered over fsdp for the matmul: 255/256 of it comes from others.
+  assert est.transient_phase == 'head'
+  # f32 logits, softmax, gradient + bf16 logits; gathered f32 extra + its f32 gradient + bf16 copy.
+  assert est.transient == logits * (3 * 4 + 2) + head * 255 // 256 * (4 + 4) + head * 2
+
+
+def test_dropless_dispatch_counts_global_rows():
+  """model/moe.py's dropless path argsorts all assignments of the micro-batch: the estimate
+  holds every row on every device, so Mixtral with it cannot fit; capacity dispatch can."""
+  c = mixtral_8x7b.get_config()
+  sizes = {'fsdp': 128, 'tensor': 4}
+  dropless = memory.estimate(c, sizes)
+  c.model.dispatch = 'capacity'
+  capacity = memory.estimate(c, sizes)
+  rows = 128 * 32_768 * 2
+  assert dropless.transient > rows * 4096 * 2 * 2 > 80 * memory.GIB
+  assert capacity.total < 80 * memory.GIB
+  with pytest.raises(ConfigError, match='model.dispatch=capacity'):
+    plan.check_fits(plan.plan(mixtral_8x7b.get_config()))
+
+
+def test_throughput_and_implied_mfu():
+  c = dense_65b.get_config()
+  p = plan.plan(c, mfu=0.5, wall_clock_days=42)
+  cluster = 256 * 312e12
+  assert p['tokens_per_sec'] == pytest.approx(0.5 * cluster / p['flops_per_token'])
+  assert p['days_to_train'] == pytest.approx(p['total_tokens'] / p['tokens_per_sec'] / 86400)
+  # The MFU a wall clock implies, at the wall clock the stated MFU predicts, is that MFU.
+  again = plan.plan(c, mfu=0.5, wall_clock_days=p['days_to_train'])
+  assert again['mfu_implied_by_wall_clock'] == pytest.approx(0.5)
+  assert p['mfu_implied_by_wall_clock'] == pytest.approx(0.5 * p['days_to_train'] / 42)
+  assert p['fits'] is True and p['params_total'] == 66_858_524_672
+
+
+def test_errors_name_the_config_key():
+  c = dense_65b.get_config()
+  c.train.global_batch = 16_384 + 16  # Micro-batch 1,025: not divisible by fsdp=256.
+  with pytest.raises(ConfigError, match='train.global_batch'):
+    plan.plan(c)
+  c = dense_65b.get_config()
+  c.optim.warmup_steps = c.train.steps + 1
+  with pytest.raises(ConfigError, match='optim.warmup_steps'):
+    plan.plan(c)
+  c = dense_65b.get_config()
+  c.hardware.device_memory_gb = 20.0
+  p = plan.plan(c)
+  assert p['fits'] is False
+  with pytest.raises(ConfigError, match='hardware.device_memory_gb=20'):
+    plan.check_fits(p)
+  with pytest.raises(ConfigError, match='--devices'):
+    plan.plan(_tiny(mesh=dict(fsdp=-1)))
+  with pytest.raises(ConfigError, match='--mfu'):
+    plan.plan(dense_65b.get_config(), mfu=1.5)
+
+
+def test_compiled_section_extrapolates_in_depth():
+  calls = []
+
+  def fake_run(config, devices):
+    calls.append((config.model.num_layers, config.model.attention, config.model.scan_layers))
+    layers = config.model.num_layers
+    return aot.CompiledMemory(num_layers=layers, argument_bytes=10 * 2**30 + layers * 2**30,
+                              output_bytes=2**20, alias_bytes=2**20, temp_bytes=3 * 2**30,
+                              compile_seconds=1.0)
+
+  out = plan.compiled_section(dense_65b.get_config(), 256, ('1', '3'), run=fake_run)
+  assert calls == [(1, 'xla', True), (3, 'xla', True)]  # Scanned like the config, xla attention.
+  assert out['compiled_per_layer_gib'] == 1.0
+  assert out['compiled_total_gib'] == 14 + 79  # 14 GiB at one layer, +1 GiB per further layer.
+  assert out['compiled_compute_dtype'] == 'float32'
+  assert out['analytic_over_compiled'] == pytest.approx(
+      out['analytic_of_compiled_variant_gib'] / out['compiled_total_gib'], abs=1e-3)
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'train.plan', *args], cwd=REPO, text=True,
+                        capture_output=True, timeout=300)
+
+
+def test_cli_json_and_exit_status():
+  out = _cli('--config', str(REPO / 'experiments/tiny_dense.py'), '--devices', '8', '--json',
+             '--config.hardware.peak_tflops=1', '--wall_clock_days=1')
+  assert out.returncode == 0, out.stderr[-2000:]
+  p = json.loads(out.stdout)
+  assert p['devices'] == 8 and p['mesh'] == 'fsdp=8' and p['tokens_per_step'] == 16 * 128
+  assert p['fits'] is None  # tiny_dense names no device memory.
+  assert {'mem_total_gib', 'flops_per_token', 'mfu_implied_by_wall_clock'} <= set(p)
+  out = _cli('--config', str(REPO / 'experiments/dense_65b.py'),
+             '--config.hardware.device_memory_gb=20')
+  assert out.returncode == 1
+  assert '[memory per device, analytic (GiB)]' in out.stdout and 'fits' in out.stdout
+  assert 'error: hardware.device_memory_gb=20' in out.stderr
+  out = _cli('--config', str(REPO / 'experiments/dense_65b.py'), '--config.train.global_batch=100')
+  assert out.returncode == 1 and 'train.global_batch' in out.stderr and not out.stdout

@@ -1,0 +1,136 @@
+"""Ahead-of-time compile of the train step on emulated CPU devices: XLA's own memory plan.
+
+`compiled_memory(config, devices)` lowers and compiles `train.step.train_step` for the config's
+mesh with abstract inputs (ShapeDtypeStructs carrying their shardings): nothing is allocated
+and nothing runs. `memory_analysis()` of an SPMD program describes one device, so its argument
++ temp bytes are the per-device footprint XLA planned (outputs alias the donated state).
+
+What is compiled differs from the config in documented ways only (`compile_variant`), so that
+the CPU plan is one the analytic model (train/memory.py) can be held to:
+  * attention: `cudnn`, `splash` and `auto` become `xla`. The fused kernels exist only on GPU /
+    TPU. `chunked` is not used as the stand-in because inside the layer `lax.scan` JAX 0.10.2
+    keeps its custom-VJP forward's per-block residuals for every (query, key) block pair (all
+    [t, t] scores; see docs/scale.md), which would mislead more than `xla`'s [b, n, t, t]
+    scores that memory.py counts exactly;
+  * compute dtype float32: XLA:CPU computes bfloat16 dots and most elementwise ops in float32
+    and plans float32 buffers for them, which a GPU plan would not have;
+  * depth: `num_layers` is replaced by a few layer units; per-device shapes of everything else
+    (widths, mesh, micro-batch per device, sequence, the scan over layers) are unchanged.
+The analytic estimate of the same variant is computed next to it (train/plan.py), and the
+difference between the variant and the real config is then purely analytic: the dtype of the
+activations and the attention term.
+
+`python -m train.plan --compile` compiles two depths and extrapolates linearly to the config's
+depth (see train/plan.py). Emulated devices must exist before JAX starts, so a mesh larger than
+this process's device count is compiled in a child process (`compiled_memory_subprocess`).
+"""
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+CPU_STAND_IN = {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}
+COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+  num_layers: int
+  argument_bytes: int  # Per device: params, optimizer state, step, RNG, the batch shard.
+  output_bytes: int
+  alias_bytes: int  # Outputs written into donated arguments (the new state).
+  temp_bytes: int  # XLA's peak scratch: activations, gathered weights, gradients, logits.
+  compile_seconds: float
+
+  @property
+  def total_bytes(self) -> int:
+    """Arguments + outputs that do not alias an argument + temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def compile_variant(config, num_layers: int):
+  """The config as compiled on CPU (see the module docstring); a copy, the input is unchanged."""
+  c = copy.deepcopy(config)
+  c.model.num_layers = num_layers
+  c.model.compute_dtype = 'float32'
+  c.model.attention = CPU_STAND_IN.get(c.model.attention, c.model.attention)
+  return c
+
+
+def compiled_memory(config, devices=None) -> CompiledMemory:
+  """Compiles one train step of `config` (as given: call `compile_variant` first) for its mesh
+  over `devices` (default: all of this process's) and returns XLA's per-device memory plan."""
+  import time
+
+  from model.sharding import logical_to_spec, make_rules, use_rules
+  from train import config as config_lib
+  from train import optimizer as optimizer_lib
+  from train import state as state_lib
+  from train import step as step_lib
+  from train.mesh import make_mesh
+
+  devices = jax.devices() if devices is None else devices
+  cfg = config_lib.validate(config, len(devices))
+  mesh = make_mesh(config.mesh, devices)
+  rules = make_rules(config.sharding_rules.to_dict())
+  t = config.train
+  t0 = time.perf_counter()
+  with jax.set_mesh(mesh), use_rules(rules):
+    tx = optimizer_lib.make(config.optim, t.steps)
+    schedule = optimizer_lib.schedule(config.optim, t.steps)
+    mdef, _ = state_lib.model_def(cfg)
+
+    def init(seed):
+      key = jax.random.PRNGKey(seed)
+      params = state_lib.init_params(cfg, key)
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+              'rng': key}
+
+    abstract = jax.eval_shape(init, 0)
+    shardings = state_lib.state_shardings(mdef, abstract, tx, mesh)
+    state = state_lib.abstract_state(shardings, abstract)
+    batch_sharding = NamedSharding(mesh, logical_to_spec((None, 'batch', 'length'), rules=rules))
+    shape = (t.grad_accum, t.global_batch // t.grad_accum, config.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_mask' else jnp.int32,
+                                     sharding=batch_sharding) for k in BATCH_KEYS}
+    step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding,
+                                   use_router_noise=cfg.is_moe and cfg.router_jitter > 0)
+    stats = step.lower(state, batch).compile(compiler_options=COMPILER_OPTIONS).memory_analysis()
+  return CompiledMemory(num_layers=cfg.num_layers, argument_bytes=int(stats.argument_size_in_bytes),
+                        output_bytes=int(stats.output_size_in_bytes),
+                        alias_bytes=int(stats.alias_size_in_bytes),
+                        temp_bytes=int(stats.temp_size_in_bytes),
+                        compile_seconds=time.perf_counter() - t0)
+
+
+def compiled_memory_subprocess(config, num_devices: int, timeout: float = 1800) -> CompiledMemory:
+  """`compiled_memory` in a child process with `num_devices` emulated CPU devices."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}')
+  proc = subprocess.run([sys.executable, '-m', 'train.aot'], input=config.to_json(), text=True,
+                        capture_output=True, env=env, cwd=repo, timeout=timeout)
+  if proc.returncode != 0:
+    raise RuntimeError(f'train/aot.py: compiling on {num_devices} emulated CPU devices failed:\n'
+                       f'{proc.stderr[-4000:]}')
+  return CompiledMemory(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _main():
+  """Child-process entry: a config as JSON on stdin, the CompiledMemory as JSON on stdout."""
+  import ml_collections
+  config = ml_collections.ConfigDict(json.loads(sys.stdin.read()))
+  result = compiled_memory(config)
+  sys.stdout.write(json.dumps(dataclasses.asdict(result)) + '\n')
+
+
+if __name__ == '__main__':
+  _main()

@@ -1,0 +1,111 @@
+"""meshlm checkpoint -> Hugging Face folder (`python -m train.convert to-hf CKPT_DIR OUT_DIR`).
+
+CKPT_DIR is a run's workdir, its `checkpoints/` folder or one `checkpoints/<step>` (as for
+train.generate); the model shape comes from `--config`, else the workdir's config.json. OUT_DIR
+gets config.json (LlamaForCausalLM, or MixtralForCausalLM for MoE models), the weights as
+`model.safetensors` or as shards of at most `max_shard_bytes` with model.safetensors.index.json
+(experts in the published w1/w2/w3 layout), and tokenizer.model when the run has a SentencePiece
+model. Tensors are read one at a time from the checkpoint (a slice of one stacked parameter)
+and streamed into the shard being written: resident memory is about one tensor plus the storage
+chunks tensorstore decodes for it.
+"""
+
+import glob
+import json
+import logging
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+
+from train.convert import hf_layout, safetensors_io, store
+from train.convert.hf_layout import ConvertError
+
+log = logging.getLogger('meshlm.convert')
+
+
+def locate(checkpoint: str, config=None):
+  """(run config, ModelConfig, checkpoints folder, step, workdir) of a checkpoint path."""
+  from train import config as config_lib
+  from train import generate as gen_lib
+  root, step, workdir = gen_lib.resolve_checkpoint(checkpoint)
+  config = gen_lib.load_config(config, workdir)
+  cfg = config_lib.model_config(config)
+  if step is None:
+    steps = [int(d) for d in os.listdir(root) if d.isdigit()
+             and os.path.isfile(os.path.join(root, d, 'commit_success.txt'))]
+    if not steps:
+      raise FileNotFoundError(f'{root}: no finished checkpoint step')
+    step = max(steps)
+  return config, cfg, root, step, workdir
+
+
+def tokenizer_path(config, workdir: str) -> str | None:
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
+  return cached[0] if len(cached) == 1 else None
+
+
+def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = None,
+          max_shard_bytes: int = 5 * 10**9) -> str:
+  """Exports; returns OUT_DIR."""
+  config, cfg, root, step, workdir = locate(checkpoint, config)
+  stored = store.StoredParams(root, step)
+  tok = tokenizer_path(config, workdir)
+  dtype = dtype or str(stored.dtype(('embed', 'table_vd')))
+  if dtype not in ('float32', 'bfloat16', 'float16'):
+    raise ConvertError(f'--dtype {dtype!r}: use float32, bfloat16 or float16')
+  out_dtype = np.dtype(jnp.dtype(dtype))
+  hf = hf_layout.hf_config(cfg, seq_len=int(config.data.seq_len), dtype=dtype,
+                           **_special_ids(tok))  # Raises first if the model has no HF form.
+  from train.state import model_def
+  _, abstract = model_def(cfg)
+  links = hf_layout.links(cfg)
+  for link in {link.path: link for link in links}.values():
+    want = tuple(_get(abstract, link.path).shape)
+    if stored.shape(link.path) != want:
+      raise ConvertError(f'{stored.directory}: param {"/".join(link.path)} is '
+                         f'{list(stored.shape(link.path))}, but the config ({workdir}) implies '
+                         f'{list(want)}; pass the experiment file it was trained with (--config)')
+
+  old = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+         if n.endswith('.safetensors') or n == 'config.json']
+  if old:
+    raise FileExistsError(f'{out_dir} already holds {old[0]}; export into a new folder')
+  os.makedirs(out_dir, exist_ok=True)
+  specs = [(link.hf_name, out_dtype, link.hf_shape) for link in links]
+  by_name = {link.hf_name: link for link in links}
+  shards = safetensors_io.plan_shards(specs, max_shard_bytes)
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    name = safetensors_io.shard_name(i, len(shards))
+    log.info('writing %s (%d tensors)', name, len(shard))
+    values = (hf_layout.to_hf(by_name[n], stored.read_slice(by_name[n].path, by_name[n].index))
+              .astype(out_dtype, copy=False) for n, _, _ in shard)
+    safetensors_io.write_file(os.path.join(out_dir, name), shard, values)
+    for n, dt, shape in shard:
+      weight_map[n] = name
+      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+  if len(shards) > 1:
+    safetensors_io.write_index(out_dir, weight_map, total)
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=2)
+  if tok:
+    shutil.copyfile(tok, os.path.join(out_dir, 'tokenizer.model'))
+  return out_dir
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _special_ids(path: str | None) -> dict:
+  if not path:
+    return {}
+  from data.tokenizer import Tokenizer
+  tok = Tokenizer(path)
+  return {'bos_id': tok.bos_id, 'eos_id': tok.eos_id}

@@ -1,0 +1,246 @@
+"""The Hugging Face layout of Llama, Mistral and Mixtral checkpoints, and how it maps to meshlm.
+
+config.json <-> ModelConfig. Read keys: model_type (llama, mistral, mixtral), vocab_size,
+hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
+head_dim (default: hidden_size // num_attention_heads), rms_norm_eps, rope_theta or
+rope_parameters.rope_theta, tie_word_embeddings, max_position_embeddings (-> data.seq_len) and,
+for Mixtral, num_local_experts, num_experts_per_tok, router_jitter_noise. A key left out means
+what it means to transformers (DEFAULTS, per model type). Mixtral imports use
+dispatch='dropless' (no token is dropped, as in Mixtral and transformers).
+
+Anything that would change the function the model computes and that meshlm does not implement
+is an error naming the key: rope scaling, partial rotary, sliding-window attention (shorter
+than max_position_embeddings), attention/MLP biases, activations other than SiLU, quantisation,
+layer types other than full attention.
+
+Tensors. Hugging Face stores a linear layer as W [out, in] (y = x W^T); meshlm stores the
+input axis first, so a slice is W^T reshaped: q_proj [n*h, d] -> q_dnh [d, n, h], o_proj
+[d, n*h] -> o_nhd [n, h, d], gate/up [f, d] -> [d, f], down [d, f] -> [f, d], router [e, d] ->
+[d, e], lm_head [v, d] -> head_dv [d, v]. Head j of q_proj is rows [j*h, (j+1)*h); with GQA,
+query head j reads kv head j // (n / k) in both codebases. RoPE: the published Hugging Face
+checkpoints are already in the 'rotate half' layout (the q/k rows of each head hold the first
+and then the second half of the rotary pairs), which is meshlm's, so q/k need no permutation.
+Norm scales and the embedding table are copied. Per-layer tensors go to slice [layer] (and
+[layer, expert] for expert weights) of meshlm's stacked parameters.
+
+Mixtral experts come in two layouts: the published one (block_sparse_moe.experts.{e}.w1 (gate),
+w3 (up), w2 (down), block_sparse_moe.gate = router), which transformers also writes by default,
+and transformers' fused in-memory one (mlp.experts.gate_up_proj [e, 2f, d] = gate rows then up
+rows, mlp.experts.down_proj [e, d, f], mlp.gate). Import reads either; export writes the first.
+"""
+
+import dataclasses
+
+from model.config import ConfigError, ModelConfig
+
+MODEL_TYPES = ('llama', 'mistral', 'mixtral')
+DTYPE_NAMES = {'float32': 'float32', 'float': 'float32', 'bfloat16': 'bfloat16',
+               'float16': 'float16', 'half': 'float16'}
+IGNORED_SUFFIXES = ('.rotary_emb.inv_freq',)  # Buffers some old checkpoints saved.
+# transformers' defaults for keys a config.json may leave out (its config classes, v5.23).
+DEFAULTS = {
+    'llama': dict(num_key_value_heads=None, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                  rope_theta=10_000.0, sliding_window=None),
+    'mistral': dict(num_key_value_heads=8, max_position_embeddings=131_072, rms_norm_eps=1e-6,
+                    rope_theta=10_000.0, sliding_window=4096),
+    'mixtral': dict(num_key_value_heads=8, max_position_embeddings=131_072, rms_norm_eps=1e-5,
+                    rope_theta=1_000_000.0, sliding_window=None, num_local_experts=8,
+                    num_experts_per_tok=2),
+}
+
+
+class ConvertError(ValueError):
+  """A checkpoint or config that cannot be converted; the message names the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+  """One Hugging Face tensor and the meshlm parameter slice it fills.
+
+  kind 'copy': the slice is the tensor. kind 'linear': the slice is the tensor with its last
+  two axes swapped ([.., out, in] -> [.., in, out]), rows `rows` of the out axis only (for the
+  fused gate_up tensor), reshaped to the slice's shape."""
+  hf_name: str
+  hf_shape: tuple[int, ...]
+  path: tuple[str, ...]
+  index: tuple[int, ...]
+  kind: str
+  rows: tuple[int, int] | None = None
+
+
+def _get(hf: dict, key: str, source: str, default=None, required: bool = False):
+  if key not in hf or hf[key] is None:
+    if required:
+      raise ConvertError(f'{source}: missing key {key!r}')
+    return default
+  return hf[key]
+
+
+def _reject(source: str, key: str, value, why: str):
+  raise ConvertError(f'{source}: {key}={value!r} is not supported: {why}')
+
+
+def model_kwargs(hf: dict, source: str = 'config.json', *,
+                 allow_sliding_window: bool = False) -> tuple[dict, int]:
+  """(ModelConfig keyword arguments, max_position_embeddings) of a Hugging Face config dict."""
+  model_type = hf.get('model_type')
+  if model_type not in MODEL_TYPES:
+    _reject(source, 'model_type', model_type, f'only {", ".join(MODEL_TYPES)} are converted')
+  act = _get(hf, 'hidden_act', source, 'silu')
+  if act != 'silu':
+    _reject(source, 'hidden_act', act, 'meshlm MLPs are SwiGLU (silu)')
+  for key in ('attention_bias', 'mlp_bias'):
+    if _get(hf, key, source, False):
+      _reject(source, key, hf[key], 'meshlm projections have no bias')
+  if hf.get('quantization_config'):
+    _reject(source, 'quantization_config', '...', 'dequantise the checkpoint first')
+  scaling = hf.get('rope_scaling')
+  if scaling and scaling.get('rope_type', scaling.get('type', 'default')) != 'default':
+    _reject(source, 'rope_scaling', scaling, 'meshlm implements plain RoPE only')
+  rope = hf.get('rope_parameters') or {}
+  if rope.get('rope_type', 'default') != 'default':
+    _reject(source, 'rope_parameters.rope_type', rope['rope_type'],
+            'meshlm implements plain RoPE only')
+  for key, params in (('partial_rotary_factor', hf),
+                      ('rope_parameters.partial_rotary_factor', rope)):
+    factor = params.get(key.split('.')[-1])
+    if factor is not None and factor != 1.0:
+      _reject(source, key, factor, 'meshlm rotates the whole head dimension')
+  layer_types = hf.get('layer_types') or []
+  if any(t != 'full_attention' for t in layer_types):
+    _reject(source, 'layer_types', sorted(set(layer_types)), 'meshlm layers all use full attention')
+  default = DEFAULTS[model_type]
+  seq_len = int(_get(hf, 'max_position_embeddings', source, default['max_position_embeddings']))
+  window = hf.get('sliding_window', default['sliding_window'])
+  if window is not None and window < seq_len and not allow_sliding_window:
+    _reject(source, 'sliding_window', window,
+            f'meshlm attends over the whole context (max_position_embeddings={seq_len}); the model '
+            f'is only the same for sequences of at most {window} tokens. Pass '
+            '--allow_sliding_window to convert anyway')
+  theta = rope.get('rope_theta', hf.get('rope_theta', default['rope_theta']))
+  d = int(_get(hf, 'hidden_size', source, required=True))
+  n = int(_get(hf, 'num_attention_heads', source, required=True))
+  kw = dict(
+      vocab_size=int(_get(hf, 'vocab_size', source, required=True)), d_model=d,
+      num_layers=int(_get(hf, 'num_hidden_layers', source, required=True)), num_heads=n,
+      num_kv_heads=int(_get(hf, 'num_key_value_heads', source,
+                            default['num_key_value_heads'] or n)),
+      head_dim=int(_get(hf, 'head_dim', source, d // n)),
+      mlp_dim=int(_get(hf, 'intermediate_size', source, required=True)),
+      rope_theta=float(theta),
+      norm_eps=float(_get(hf, 'rms_norm_eps', source, default['rms_norm_eps'])),
+      tie_embeddings=bool(_get(hf, 'tie_word_embeddings', source, False)))
+  if model_type == 'mixtral':
+    kw.update(num_experts=int(_get(hf, 'num_local_experts', source, default['num_local_experts'])),
+              experts_per_token=int(_get(hf, 'num_experts_per_tok', source,
+                                         default['num_experts_per_tok'])),
+              moe_mlp_dim=kw['mlp_dim'], moe_every=1, dispatch='dropless',
+              router_jitter=float(_get(hf, 'router_jitter_noise', source, 0.0)))
+  try:
+    ModelConfig(**kw).validate(prefix=f'{source} -> model')
+  except ConfigError as e:
+    raise ConvertError(str(e)) from e
+  return kw, seq_len
+
+
+def hf_dtype(hf: dict) -> str | None:
+  """The dtype config.json declares (`dtype`, or `torch_dtype` of older files), as a name."""
+  name = hf.get('dtype') or hf.get('torch_dtype')
+  return DTYPE_NAMES.get(str(name).replace('torch.', '')) if name else None
+
+
+def hf_config(cfg: ModelConfig, *, seq_len: int, dtype: str, bos_id: int = 1, eos_id: int = 2,
+              source: str = 'model') -> dict:
+  """config.json for a meshlm model: LlamaForCausalLM, or MixtralForCausalLM for MoE."""
+  if cfg.is_moe and cfg.moe_every != 1:
+    raise ConvertError(f'{source}.moe_every={cfg.moe_every}: Mixtral has experts in every layer; '
+                       'interleaved dense/MoE layers have no Hugging Face equivalent here')
+  hf = {
+      'architectures': ['MixtralForCausalLM' if cfg.is_moe else 'LlamaForCausalLM'],
+      'model_type': 'mixtral' if cfg.is_moe else 'llama',
+      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.d_model,
+      'intermediate_size': cfg.expert_mlp_dim if cfg.is_moe else cfg.mlp_dim,
+      'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.dim_per_head,
+      'hidden_act': 'silu', 'max_position_embeddings': int(seq_len),
+      'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta},
+      'tie_word_embeddings': cfg.tie_embeddings, 'attention_bias': False,
+      'attention_dropout': 0.0, 'bos_token_id': bos_id, 'eos_token_id': eos_id,
+      'dtype': dtype, 'torch_dtype': dtype, 'use_cache': True,
+  }
+  if cfg.is_moe:
+    hf.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+              router_jitter_noise=cfg.router_jitter, sliding_window=None,
+              output_router_logits=False)
+  else:
+    hf['mlp_bias'] = False
+  return hf
+
+
+def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
+  """Every tensor of the Hugging Face checkpoint of `cfg`, in export order (layer by layer;
+  within a layer's experts, all w1, then all w2, then all w3). `experts`: 'published' or
+  'fused' (see the module docstring); ignored for dense models."""
+  d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.vocab_size
+  out = [Link('model.embed_tokens.weight', (v, d), ('embed', 'table_vd'), (), 'copy')]
+  for l in range(cfg.num_layers):
+    p, at = f'model.layers.{l}.', ('layers', 'attn')
+    out += [
+        Link(p + 'input_layernorm.weight', (d,), ('layers', 'attn_norm', 'scale'), (l,), 'copy'),
+        Link(p + 'self_attn.q_proj.weight', (n * h, d), at + ('q_dnh',), (l,), 'linear'),
+        Link(p + 'self_attn.k_proj.weight', (k * h, d), at + ('k_dkh',), (l,), 'linear'),
+        Link(p + 'self_attn.v_proj.weight', (k * h, d), at + ('v_dkh',), (l,), 'linear'),
+        Link(p + 'self_attn.o_proj.weight', (d, n * h), at + ('o_nhd',), (l,), 'linear'),
+        Link(p + 'post_attention_layernorm.weight', (d,), ('layers', 'mlp_norm', 'scale'), (l,),
+             'copy'),
+    ]
+    mlp = ('layers', 'mlp')
+    if not cfg.is_moe:
+      f = cfg.mlp_dim
+      out += [Link(p + 'mlp.gate_proj.weight', (f, d), mlp + ('gate_df',), (l,), 'linear'),
+              Link(p + 'mlp.up_proj.weight', (f, d), mlp + ('up_df',), (l,), 'linear'),
+              Link(p + 'mlp.down_proj.weight', (d, f), mlp + ('down_fd',), (l,), 'linear')]
+      continue
+    e, f = cfg.num_experts, cfg.expert_mlp_dim
+    if experts == 'fused':
+      out += [
+          Link(p + 'mlp.gate.weight', (e, d), mlp + ('router_de',), (l,), 'linear'),
+          Link(p + 'mlp.experts.gate_up_proj', (e, 2 * f, d), mlp + ('gate_edf',), (l,), 'linear',
+               (0, f)),
+          Link(p + 'mlp.experts.gate_up_proj', (e, 2 * f, d), mlp + ('up_edf',), (l,), 'linear',
+               (f, 2 * f)),
+          Link(p + 'mlp.experts.down_proj', (e, d, f), mlp + ('down_efd',), (l,), 'linear')]
+      continue
+    moe = p + 'block_sparse_moe.'
+    out.append(Link(moe + 'gate.weight', (e, d), mlp + ('router_de',), (l,), 'linear'))
+    for w, name, shape in (('w1', 'gate_edf', (f, d)), ('w2', 'down_efd', (d, f)),
+                           ('w3', 'up_edf', (f, d))):
+      out += [Link(f'{moe}experts.{j}.{w}.weight', shape, mlp + (name,), (l, j), 'linear')
+              for j in range(e)]
+  out.append(Link('model.norm.weight', (d,), ('final_norm', 'scale'), (), 'copy'))
+  if not cfg.tie_embeddings:
+    out.append(Link('lm_head.weight', (v, d), ('head_dv',), (), 'linear'))
+  return out
+
+
+def expert_layout(names) -> str:
+  """'fused' if the tensor names are transformers' fused expert layout, else 'published'."""
+  return 'fused' if any('.mlp.experts.gate_up_proj' in name for name in names) else 'published'
+
+
+def to_meshlm(link: Link, value, slice_shape):
+  """The meshlm slice of one Hugging Face tensor (numpy in, numpy out; no copy for 'copy')."""
+  if link.kind == 'copy':
+    return value.reshape(slice_shape)
+  if link.rows is not None:
+    value = value[..., link.rows[0]:link.rows[1], :]
+  return value.swapaxes(-1, -2).reshape(slice_shape)
+
+
+def to_hf(link: Link, slice_value):
+  """The Hugging Face tensor of one meshlm slice (published layout: no `rows`)."""
+  if link.kind == 'copy':
+    return slice_value.reshape(link.hf_shape)
+  out_dim, in_dim = link.hf_shape[-2:]
+  return slice_value.reshape(in_dim, out_dim).T

@@ -1,0 +1,170 @@
+"""Hugging Face folder -> meshlm run folder (`python -m train.convert from-hf HF_DIR OUT_DIR`).
+
+OUT_DIR gets:
+  config.json                 the full run config (train/config.py defaults, `model` from the
+                              Hugging Face config.json, data.seq_len = max_position_embeddings,
+                              data.tokenizer = the copied tokenizer.model, if any);
+  checkpoints/0/              the params (train/convert/store.py), for --config.train.init_from;
+  tokenizer/tokenizer.model   the SentencePiece model, when HF_DIR has one.
+
+Memory: tensors are memory-mapped from the safetensors files one at a time, in file order,
+transposed and written into their slice of a disk-backed memmap of the stacked parameter; the
+resident memory is about one tensor (plus its cast when the dtype changes) and then, while orbax
+writes, a few storage chunks per parameter (store.CHUNK_BYTES each). Disk: the scratch memmaps
+(OUT_DIR/.scratch, deleted at the end) and the checkpoint, each the size of the model.
+"""
+
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+
+from model.config import ModelConfig
+from train.convert import hf_layout, safetensors_io, store
+from train.convert.hf_layout import ConvertError
+
+log = logging.getLogger('meshlm.convert')
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConvertError(f'{hf_dir}: no config.json (expected a Hugging Face model folder)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_config(cfg_kwargs: dict, seq_len: int):
+  """The ml_collections run config the other tools read (train.generate.load_config)."""
+  from train.config import defaults
+  config = defaults()
+  config.model.update(cfg_kwargs)
+  config.data.seq_len = int(seq_len)
+  return config
+
+
+def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
+            compute_dtype: str | None = None, allow_sliding_window: bool = False,
+            chunk_bytes: int = store.CHUNK_BYTES) -> str:
+  """Converts; returns the checkpoints folder (the value for --config.train.init_from)."""
+  hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+  source = os.path.join(hf_dir, 'config.json')
+  hf = read_hf_config(hf_dir)
+  kwargs, seq_len = hf_layout.model_kwargs(hf, source, allow_sliding_window=allow_sliding_window)
+  tensors = safetensors_io.open_folder(hf_dir)
+  param_dtype = param_dtype or hf_layout.hf_dtype(hf) or _tensor_dtype(tensors)
+  kwargs.update(param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
+  cfg = ModelConfig(**kwargs)
+  cfg.validate()
+  plan = _plan(cfg, tensors, hf_dir)
+  spm = os.path.join(hf_dir, 'tokenizer.model')
+  if os.path.isfile(spm):
+    from data.tokenizer import Tokenizer
+    pieces = Tokenizer(spm).vocab_size
+    if pieces > cfg.vocab_size:
+      raise ConvertError(f'{spm} has {pieces} pieces, more than vocab_size={cfg.vocab_size} in '
+                         f'{source}: not this model\'s tokenizer?')
+
+  root = os.path.join(out_dir, 'checkpoints')
+  if os.path.exists(root):
+    raise FileExistsError(f'{root} exists; convert into a new folder')
+  scratch = os.path.join(out_dir, '.scratch')
+  os.makedirs(scratch, exist_ok=True)
+  try:
+    params, stacked = _allocate(cfg, scratch)
+    _fill(plan, tensors, params, np.dtype(cfg.weight_dtype))
+    log.info('writing the checkpoint to %s', root)
+    store.save_params(root, params, stacked, chunk_bytes=chunk_bytes)
+    del params
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+
+  config = run_config(kwargs, seq_len)
+  if os.path.isfile(spm):
+    config.data.tokenizer = os.path.join(out_dir, 'tokenizer', 'tokenizer.model')
+    os.makedirs(os.path.dirname(config.data.tokenizer), exist_ok=True)
+    shutil.copyfile(spm, config.data.tokenizer)
+  else:
+    log.warning('%s has no tokenizer.model (SentencePiece): train.generate / train.eval / runs '
+                'need --config.data.tokenizer=PATH.model', hf_dir)
+  from train.generate import write_config
+  write_config(config, out_dir)
+  return root
+
+
+def _tensor_dtype(tensors) -> str:
+  dtypes = {f.dtype(name) for name, f in tensors.items()}
+  floats = sorted(str(d) for d in dtypes if d.kind == 'f' or str(d) == 'bfloat16')
+  if len(floats) != 1:
+    raise ConvertError(f'config.json declares no dtype and the tensors have {floats}: pass '
+                       '--param_dtype')
+  return floats[0]
+
+
+def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
+  """{tensor name: its Links}; every expected tensor present, none left over, shapes right."""
+  experts = hf_layout.expert_layout(tensors)
+  plan = {}
+  for link in hf_layout.links(cfg, experts):
+    plan.setdefault(link.hf_name, []).append(link)
+  missing = [name for name in plan if name not in tensors]
+  if missing:
+    raise ConvertError(f'{hf_dir}: {len(missing)} tensor(s) that config.json implies are missing, '
+                       f'e.g. {", ".join(missing[:4])}')
+  extra = [n for n in tensors if n not in plan and not n.endswith(hf_layout.IGNORED_SUFFIXES)]
+  if cfg.tie_embeddings:  # Some tied checkpoints also store the head; the table serves as it.
+    extra = [n for n in extra if n != 'lm_head.weight']
+  if extra:
+    raise ConvertError(f'{hf_dir}: {len(extra)} tensor(s) that meshlm has no place for (a feature '
+                       f'config.json does not declare?), e.g. {", ".join(sorted(extra)[:4])}')
+  for name, group in plan.items():
+    shape = tensors[name].shape(name)
+    if shape != group[0].hf_shape:
+      raise ConvertError(f'{tensors[name].path}: tensor {name} has shape {list(shape)}; '
+                         f'config.json implies {list(group[0].hf_shape)}')
+  return plan
+
+
+def _allocate(cfg: ModelConfig, scratch: str):
+  """Disk-backed zero memmaps for every param, and how many leading axes are stacked."""
+  from train.state import model_def
+  _, abstract = model_def(cfg)
+  params, stacked = {}, {}
+
+  def make(tree, out, stack, prefix):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        make(value, out.setdefault(key, {}), stack.setdefault(key, {}), prefix + (key,))
+        continue
+      path = os.path.join(scratch, '.'.join(prefix + (key,)))
+      out[key] = np.memmap(path, dtype=np.dtype(value.dtype), mode='w+', shape=value.shape)
+      stack[key] = (prefix[:1] == ('layers',)) + key.endswith(('_edf', '_efd'))
+
+  make(abstract, params, stacked, ())
+  return params, stacked
+
+
+def _fill(plan: dict, tensors: dict, params: dict, dtype: np.dtype) -> None:
+  files = sorted({f.path: f for f in tensors.values()}.values(), key=lambda f: f.path)
+  for i, f in enumerate(files):
+    log.info('reading %s (%d/%d)', os.path.basename(f.path), i + 1, len(files))
+    for name in f.names():
+      if tensors.get(name) is not f or name not in plan:
+        continue
+      value = f.get(name)
+      for link in plan[name]:
+        target = params
+        for key in link.path:
+          target = target[key]
+        slot_shape = target.shape[len(link.index):]
+        target[link.index] = hf_layout.to_meshlm(link, value, slot_shape).astype(dtype, copy=False)
+      del value
+    for leaf in _leaves(params):
+      leaf.flush()
+
+
+def _leaves(tree):
+  for value in tree.values():
+    yield from (_leaves(value) if isinstance(value, dict) else (value,))

@@ -1,0 +1,231 @@
+"""Analytic per-device memory of one training step, from shapes and sharding rules only.
+
+Everything is counted per device, in bytes, from the config's mesh (`mesh.*`), the sharding
+rules (model/sharding.py RULES + `sharding_rules`), dtypes and the remat policy. Nothing is
+allocated: parameter shapes come from `jax.eval_shape`, shard shapes from `logical_to_spec`
+on an abstract mesh (a dimension is split only by mesh axes that divide it, as in training).
+
+    persistent   params (param_dtype) + AdamW mu and nu (same dtype) + the gradient
+                 accumulator (param_dtype; a second copy while grad_accum > 1 adds a micro-
+                 batch's gradients into it)
+    activations  what the forward pass keeps for the backward pass, for every layer, under
+                 `model.remat` (RESIDUALS below), for one micro-batch
+    transient    the largest working set on top of that, the max of three phases:
+                   head: the f32 logits, their softmax and gradient, the output head's
+                         weights (below);
+                   layer: one layer's weights (below), the layer's intermediates recomputed
+                         (remat) and their gradients, the attention's working memory;
+                   embed: the gathered input table and its full f32 gradient (a scatter-add).
+                 Weights of a group, once gathered over `fsdp`: the part that is not this
+                 device's own shard (in param_dtype), as much again for its full gradient
+                 before the reduce-scatter, and a compute-dtype copy of the whole.
+
+The counts of saved tensors per layer are those of model/transformer.py (see RESIDUALS and
+`_layer_intermediates`). XLA fuses and schedules; the estimate is checked against XLA's own
+plan of a compiled step (train/aot.py) in tests/test_plan.py, within TOLERANCE.
+"""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from model.config import ModelConfig
+from model.sharding import MESH_AXES, logical_to_spec, make_rules
+
+GIB = 1024 ** 3
+TOLERANCE = 0.35  # |analytic - compiled| / compiled on the configs of tests/test_plan.py.
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """Bytes per device."""
+  params: float
+  optimizer: float
+  grads: float
+  activations: float
+  transient: float
+  transient_phase: str  # Which phase is the peak: 'head', 'layer' or 'embed'.
+  batch: float
+
+  @property
+  def total(self) -> float:
+    return (self.params + self.optimizer + self.grads + self.activations + self.transient
+            + self.batch)
+
+  def as_dict(self) -> dict:
+    return {**dataclasses.asdict(self), 'total': self.total}
+
+
+class Shapes:
+  """Per-device element counts of logical tensors on the config's mesh."""
+
+  def __init__(self, mesh_sizes: dict, rules: dict):
+    self.sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
+    self.mesh = jax.sharding.AbstractMesh(tuple(self.sizes[a] for a in MESH_AXES), MESH_AXES)
+    self.rules = rules
+
+  def split(self, axes, shape) -> int:
+    """How many ways a tensor of `shape` with logical `axes` is split."""
+    spec = logical_to_spec(axes, shape, self.mesh, self.rules)
+    ways = 1
+    for entry in spec:
+      for axis in ((entry,) if isinstance(entry, str) else entry or ()):
+        ways *= self.sizes[axis]
+    return ways
+
+  def local(self, axes, shape) -> int:
+    return math.prod(shape) // self.split(axes, shape)
+
+  def gathered(self, axes, shape) -> int:
+    """Elements per device once the `fsdp` (and `data`) splits are all-gathered for compute."""
+    spec = logical_to_spec(axes, shape, self.mesh, self.rules)
+    ways = 1
+    for entry in spec:
+      for axis in ((entry,) if isinstance(entry, str) else entry or ()):
+        if axis not in ('fsdp', 'data'):
+          ways *= self.sizes[axis]
+    return math.prod(shape) // ways
+
+
+# Tensors saved per layer for the backward pass, in units of the per-device activation tensors
+# of `_layer_intermediates`, by remat policy (model/transformer.py REMAT_POLICIES), as JAX's
+# `saved_residuals` lists them for a Block (tests/test_plan.py checks the bytes). The layer
+# input (the residual stream x) is always saved: it is the carry of the layer loop. (The down
+# projection's output is never needed by the backward pass, so no policy keeps it.)
+RESIDUALS = {
+    'full': {'x': 1},
+    'attn_proj': {'x': 2, 'q': 1, 'kv': 2},  # x, attn_out (d wide), q_proj, k_proj, v_proj.
+    'dots_no_batch': {'x': 2, 'q': 1, 'kv': 2, 'mlp': 2},  # x, q, k, v, attn out, gate, up.
+    'dots': {'x': 2, 'q': 2, 'kv': 2, 'mlp': 2, 'scores': 1},  # + attention's scores and p.v.
+}
+
+
+def _layer_intermediates(cfg: ModelConfig, s: Shapes, micro: int, seq: int) -> dict:
+  """Per-device bytes of one layer's activations (forward intermediates), by kind."""
+  c = cfg.dtype.itemsize
+  b, t, d, n, k, h = micro, seq, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+  out = {
+      'x': s.local(('batch', 'length', 'act_embed'), (b, t, d)) * c,
+      'x32': s.local(('batch', 'length', 'act_embed'), (b, t, d)) * 4,  # RMSNorm in float32.
+      'q': s.local(('batch', 'length', 'act_heads', None), (b, t, n, h)) * c,
+      'kv': s.local(('batch', 'length', 'act_kv_heads', None), (b, t, k, h)) * c,
+      'mlp': 0, 'moe': 0, 'scores': 0,
+  }
+  if cfg.attention in ('xla', 'reference'):  # The [b, n, t, s] scores are materialised.
+    out['scores'] = s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4
+  per_unit = cfg.moe_every if cfg.is_moe else 1
+  dense_blocks = per_unit - 1 if cfg.is_moe else 1
+  mlp = s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
+  out['mlp'] = dense_blocks / per_unit * mlp
+  if cfg.is_moe:
+    out['moe'] = _moe_intermediates(cfg, s, b, t) / per_unit
+  return out
+
+
+def _moe_intermediates(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
+  """Bytes of one MoE block's token buffers (dispatch-dependent), per device."""
+  c, d, e, kk = cfg.dtype.itemsize, cfg.d_model, cfg.num_experts, cfg.experts_per_token
+  f = cfg.expert_mlp_dim
+  tokens = s.local(('batch', 'length', None), (b, t, 1))  # Local b * t.
+  router = tokens * e * 4 * 3  # float32 logits, probabilities, log-probabilities.
+  f_local = f // s.split(('expert_mlp',), (f,))
+  if cfg.dispatch == 'dropless':
+    # model/moe.py sorts the flattened [b * t * k] assignments of the whole micro-batch with one
+    # argsort: the SPMD partitioner cannot keep a global sort local, so every device holds all
+    # rows (all-gathered over the batch shards): [B t k, d] in and out, [B t k, f] hidden x3.
+    rows = b * s.local(('length',), (t,)) * kk
+    return router + rows * (2 * d + 3 * f_local) * c
+  from model.moe import capacity
+  b_local = s.local(('batch',), (b,))
+  t_local = tokens // max(b_local, 1)
+  slots = e * capacity(cfg, t_local) * b_local // s.split(('act_expert',), (e,))
+  return router + slots * (2 * d + 3 * f_local) * c + tokens * kk * d * c
+
+
+def _attention_transient(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
+  """Working memory of one layer's attention beyond q, k, v and its output."""
+  n = cfg.num_heads
+  if cfg.attention in ('xla', 'reference'):  # Scores, probabilities and their gradient.
+    return 3 * s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4
+  if cfg.attention in ('cudnn', 'auto'):  # The [b, 1, t, s] mask as bool and as an additive bias.
+    return s.local(('batch', 'length', None), (b, t, t)) * (1 + cfg.dtype.itemsize)
+  block = min(cfg.attention_chunk, t)  # chunked / splash: one block of scores at a time.
+  return 4 * s.local(('batch', 'act_heads', None, None), (b, n, block, block)) * 4
+
+
+def _param_leaves(cfg: ModelConfig):
+  from train.state import model_def
+  mdef, abstract = model_def(cfg)
+  axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
+  return list(zip(axes, jax.tree_util.tree_leaves(abstract)))
+
+
+def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory:
+  """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes`."""
+  from train.config import model_config
+  cfg = model_config(config) if cfg is None else cfg
+  s = Shapes(mesh_sizes, make_rules(config.sharding_rules.to_dict()))
+  w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize
+  t = config.train
+  micro, seq = t.global_batch // t.grad_accum, config.data.seq_len
+  units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
+
+  # Per group (one layer unit, the output head, the input table): elements once gathered for
+  # compute, and how many of those are not this device's own shard (the all-gathered extra).
+  params = 0
+  groups = {'layer': [0, 0], 'head': [0, 0], 'embed': [0, 0]}
+  for axes, leaf in _param_leaves(cfg):
+    local, gathered = s.local(axes, leaf.shape), s.gathered(axes, leaf.shape)
+    params += local * w
+    group = ('layer' if axes[0] == 'layers' else 'embed' if axes == ('vocab', 'embed')
+             else 'head' if axes == ('embed', 'vocab') else None)
+    if group:
+      per = units if group == 'layer' else 1
+      groups[group][0] += gathered // per
+      groups[group][1] += (gathered - local) // per
+  if cfg.tie_embeddings:
+    groups['head'] = groups['embed']
+  grads = params * (2 if t.grad_accum > 1 else 1)
+
+  inter = _layer_intermediates(cfg, s, micro, seq)
+  if cfg.remat == 'none':
+    saved = _all_saved(inter)
+  else:
+    saved = sum(inter[kind] * count for kind, count in RESIDUALS[cfg.remat].items())
+    if cfg.is_moe and cfg.remat in ('dots', 'dots_no_batch'):  # The expert matmuls' outputs.
+      saved += inter['moe']
+  activations = cfg.num_layers * saved
+
+  logits = s.local(('batch', 'length', 'act_vocab'), (micro, seq, cfg.vocab_size))
+  copy = c if c != w else 0  # A compute-dtype copy of gathered weights, unless it is the same.
+
+  def weights(group):  # The all-gathered f32 extra, its full f32 gradient, the compute copy.
+    gathered, extra = groups[group]
+    return extra * 2 * w + gathered * copy
+
+  head = logits * (3 * 4 + c) + weights('head')
+  backward = _all_saved(inter, scores=False)  # One layer's activation gradients.
+  recompute = 0 if cfg.remat == 'none' else backward
+  layer = weights('layer') + recompute + backward + _attention_transient(cfg, s, micro, seq)
+  embed = groups['embed'][1] * 2 * w
+  phases = {'head': head, 'layer': layer, 'embed': embed}
+  phase = max(phases, key=phases.get)
+  batch_bytes = 5 * 4 * s.local((None, 'batch', 'length'), (t.grad_accum, micro, seq))
+  return Memory(params=params, optimizer=2 * params, grads=grads, activations=activations,
+                transient=phases[phase], transient_phase=phase, batch=batch_bytes)
+
+
+def _all_saved(inter: dict, scores: bool = True) -> float:
+  """Everything one layer keeps without remat: in model/transformer.py's Block, d-wide x (the
+  input, two norm outputs, the attention output, the residual sum), their float32 norm
+  statistics, q (pre- and post-rope), k (pre/post) and v, attention output o, the scores if
+  materialised (and their probabilities), and the MLP's gate, up, sigmoid, silu and product."""
+  return (4 * inter['x'] + inter['x32'] + 3 * inter['q'] + 3 * inter['kv']
+          + (2 * inter['scores'] if scores else 0)
+          + 5 * inter['mlp'] + inter['moe'])
+
+
+def gib(x: float) -> float:
+  return float(np.round(x / GIB, 2))
