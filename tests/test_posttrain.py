@@ -262,17 +262,19 @@ def test_large_posttrain_configs_state_their_numbers():
   assert ppo_cfg.ppo.ref_on_host and ppo_cfg.ppo.kl_coef == 0.02
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="train/config.py check_keys rejects data.sources entries that are not "
-                          "in the defaults (here 'sft', 'pairs'); fix: skip 'data.sources' there")
 def test_large_posttrain_configs_validate():
   from experiments import dense_65b_rlhf, dense_65b_sft, mixtral_8x7b_sft
   from train import config as base_config
   from train.posttrain import config as pt_config
-  base_config.validate(dense_65b_sft.get_config(), 256)
-  base_config.validate(mixtral_8x7b_sft.get_config(), 512)
-  for stage in ('rm', 'ppo'):
+  for module, devices in ((dense_65b_sft, 256), (mixtral_8x7b_sft, 512)):
+    c = module.get_config()
+    with pytest.raises(ConfigError, match='data.sources.sft.path'):  # Given on the command line.
+      base_config.validate(c, devices)
+    c.data.sources.sft.path = 'gs://bucket/sft/*.jsonl'
+    base_config.validate(c, devices)
+  for stage, source in (('rm', 'pairs'), ('ppo', 'sft')):
     c = dense_65b_rlhf.get_config(stage)
     c.train.init_from = '/sft'
     c.ppo.reward_model = '/rm'
+    c.data.sources[source].path = f'gs://bucket/{source}/*.jsonl'
     pt_config.validate(c, 256)
