@@ -24,6 +24,13 @@ RLHF needs as the behaviour policy when sampling at temperature 1 with no trunca
 
 The state of a decoding run is a dict of arrays (see `start`), so a run can be advanced in
 chunks between which the host checks stop strings, without recompiling anything.
+
+Mixture-of-experts models decode with `decoding_config(cfg)`: the same parameters, but never a
+dropped token. With 'capacity' dispatch a row's expert buffers hold
+ceil(capacity_factor * t * k / e) slots, so a prefill of t columns may drop assignments that
+one-token steps (t = 1) never drop, and the left padding, first in token order, would take
+slots from the prompt: a prompt's continuation would depend on its batch. Raising the factor
+to e / k gives every expert t slots (nothing can drop), which is what dropless serving computes.
 """
 
 import dataclasses
@@ -32,7 +39,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.config import ModelConfig
 from model.transformer import init_cache
+
+
+def decoding_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` for generation: MoE 'capacity' dispatch with capacity_factor >= experts / top-k
+  (see the module docstring); every other config is returned as is. Parameters are unchanged."""
+  if cfg.is_moe and cfg.dispatch == 'capacity':
+    no_drop = cfg.num_experts / cfg.experts_per_token
+    if cfg.capacity_factor < no_drop:
+      return dataclasses.replace(cfg, capacity_factor=float(no_drop))
+  return cfg
 
 
 @dataclasses.dataclass(frozen=True)

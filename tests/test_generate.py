@@ -5,6 +5,7 @@ padded, no cache), on an 8-device CPU mesh; sampled tokens' log-probs with log_s
 forward; batching, buckets, stop strings and the CLI through the Generator.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -65,12 +66,16 @@ def cached_greedy(cfg, mdef, params, prompts, steps, prompt_len=8):
   return run(params, tokens_bp, lengths_b)
 
 
-def check_cached_equals_full(cfg, m, steps=5):
-  mdef, params = placed(cfg, m)
+def check_cached_equals_full(cfg, m, steps=5, full_cfg=None):
+  """Cached greedy decoding with decode.decoding_config(cfg) vs a full forward pass of each
+  row with `full_cfg` (default: the same decoding config); returns the cached logits."""
+  dec_cfg = decode.decoding_config(cfg)
+  mdef, params = placed(dec_cfg, m)
+  full_mdef, _ = placed(full_cfg or dec_cfg, m)
   with jax.set_mesh(m):
-    logits_bsv, toks_bs, cache = cached_greedy(cfg, mdef, params, PROMPTS, steps)
+    logits_bsv, toks_bs, cache = cached_greedy(dec_cfg, mdef, params, PROMPTS, steps)
     rows = [p + [int(t) for t in toks_bs[i, :-1]] for i, p in enumerate(PROMPTS)]
-    full = right_padded_forward(mdef, params, rows, 16)
+    full = right_padded_forward(full_mdef, params, rows, 16)
   # The cache holds kv heads (GQA: 2, not 4) and is sharded like the activations.
   assert cache['k'].shape[-2] == cfg.num_kv_heads != cfg.num_heads
   want = NamedSharding(m, logical_to_spec(CACHE_AXES, cache['k'].shape, m))
@@ -78,6 +83,7 @@ def check_cached_equals_full(cfg, m, steps=5):
   for i, p in enumerate(PROMPTS):
     want = full[i, len(p) - 1:len(p) - 1 + steps]
     np.testing.assert_allclose(np.asarray(logits_bsv[i]), want, atol=2e-5, rtol=1e-5)
+  return logits_bsv
 
 
 def test_cached_decoding_equals_full_forward_dense_sharded():
@@ -88,13 +94,30 @@ def test_cached_decoding_equals_full_forward_unrolled_layers():
   check_cached_equals_full(tiny_cfg(scan_layers=False, num_layers=3), mesh(fsdp=4))
 
 
-def test_cached_decoding_equals_full_forward_moe_sharded():
-  pytest.importorskip('model.moe', reason='model/moe.py is not on this branch yet')
-  # capacity_factor = experts / top-k: nothing is dropped, so t=1 steps and the full pass agree.
-  # moe_every=2 interleaves dense and MoE layers (a stacked Unit of two blocks).
-  cfg = tiny_cfg(num_experts=4, experts_per_token=2, capacity_factor=2.0, moe_every=2,
-                 num_layers=4)
-  check_cached_equals_full(cfg, mesh(data=2, expert=2, tensor=2))
+MOE = dict(num_experts=4, experts_per_token=2, moe_every=2, num_layers=4)
+
+
+def test_cached_decoding_equals_full_forward_moe_capacity_sharded():
+  # moe_every=2 interleaves dense and MoE layers (a stacked Unit of two blocks); experts,
+  # batch and heads are all sharded. capacity_factor=1 drops assignments in a full pass (and
+  # in a prefill, where the left padding comes first): decoding raises it to e / k = 2, so the
+  # cached logits equal a full pass with dropless dispatch.
+  cfg = tiny_cfg(capacity_factor=1.0, **MOE)
+  assert decode.decoding_config(cfg).capacity_factor == 2.0
+  m = mesh(data=2, expert=2, tensor=2)
+  check_cached_equals_full(cfg, m, full_cfg=dataclasses.replace(cfg, dispatch='dropless'))
+  # The training config itself drops assignments of these left-padded prompts: the check
+  # above is not vacuous.
+  mdef, params = placed(cfg, m)
+  with jax.set_mesh(m):
+    _, aux = jax.jit(lambda p, t: mdef.build(p)(t))(params, decode.left_pad(PROMPTS, 8)[0])
+  assert float(aux['dropped_fraction']) > 0
+
+
+def test_cached_decoding_equals_full_forward_moe_dropless():
+  cfg = tiny_cfg(dispatch='dropless', **MOE)
+  assert decode.decoding_config(cfg) is cfg
+  check_cached_equals_full(cfg, mesh(data=2, fsdp=2, tensor=2))
 
 
 def test_sampled_logprobs_equal_full_forward_and_eos_stops_rows():
@@ -193,6 +216,10 @@ def test_generator_batches_buckets_and_stop_strings(generator):
   [cut] = generator.generate(prompts[:1], max_new_tokens=10, stop=[stop])
   assert cut.finish_reason == 'stop' and cut.text == text[:text.find(stop)]
   assert cut.token_ids == batch[0].token_ids[:len(cut.token_ids)]
+  # The ids end with the token that completes the stop string (later ones are dropped).
+  tok = generator.tokenizer
+  assert stop in tok.decode(cut.token_ids) and stop not in tok.decode(cut.token_ids[:-1])
+  assert len(cut.logprobs) == len(cut.token_ids)
   # Chat prompts end with the assistant marker.
   [ids] = generator.prompt_ids(['hi'], chat=True)
   assert ids[-1] == generator.tokenizer.special_id('<|assistant|>')

@@ -9,6 +9,7 @@ from flax import nnx
 
 from data import config as data_config
 from data import pipeline
+from model.config import ConfigError
 from model.heads import ScalarModel, last_index
 from model.transformer import Decoder
 from train import step as step_lib
@@ -222,19 +223,58 @@ def test_dpo_loss_hand_computed_and_vanishing_beta():
   micro = {'chosen': side(), 'rejected': side()}
   ref_c, ref_r, _ = dpo.pair_logps(mdef.build(ref), micro)
   pre = dict(micro, ref_chosen=ref_c, ref_rejected=ref_r)
-  grad = lambda beta, m: jax.grad(lambda p: dpo.loss_fn(p, m, ref, mdef=mdef, beta=beta)[0])(params)
-  # Pre-computed reference log-probs give the same loss and gradient as the reference model.
-  for beta in (1.0,):
-    a = dpo.loss_fn(params, micro, ref, mdef=mdef, beta=beta)
-    b = dpo.loss_fn(params, pre, None, mdef=mdef, beta=beta)
-    assert max_abs_diff(a, b) < 1e-5
+  # Pre-computed reference log-probs give the same loss and metrics as the reference model.
+  loss = jax.jit(lambda p, m, r: dpo.loss_fn(p, m, r, mdef=mdef, beta=1.0))
+  assert max_abs_diff(loss(params, micro, ref), loss(params, pre, None)) < 1e-5
   norm = lambda g: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
   # d/dparams sum_i -log sigmoid(beta * D_i) = -beta * sum_i sigmoid(-beta D_i) grad D_i, which
   # tends to -beta/2 * grad sum_i D_i (D = pi_c - pi_r, the reference is constant): it vanishes
   # linearly with beta.
-  def delta(p):
-    c, r, _ = dpo.pair_logps(mdef.build(p), micro)
-    return jnp.sum(c - r)
-  n_delta = norm(jax.grad(delta)(params))
+  grad = jax.jit(jax.grad(lambda p, beta: dpo.loss_fn(p, pre, None, mdef=mdef, beta=beta)[0]))
+
+  @jax.jit
+  def delta_grad(p):
+    return jax.grad(lambda q: jnp.sum(jnp.subtract(*dpo.pair_logps(mdef.build(q), micro)[:2])))(p)
+
+  n_delta = norm(delta_grad(params))
+  assert n_delta > 1.0
   for beta in (1e-4, 1e-7):
-    np.testing.assert_allclose(norm(grad(beta, micro)), 0.5 * beta * n_delta, rtol=1e-3)
+    np.testing.assert_allclose(norm(grad(params, beta)), 0.5 * beta * n_delta, rtol=1e-3)
+
+
+def test_large_posttrain_configs_state_their_numbers():
+  from experiments import (dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b,
+                           mixtral_8x7b_sft)
+  from train.posttrain import config as pt_config
+  sft = dense_65b_sft.get_config()
+  # 1.5B tokens at 16,384 x 2,048 tokens per step: 45 steps, 1 epoch; warm-up 4.8% of it.
+  assert sft.train.steps == 45 and 44 * 16_384 * 2048 < 1.5e9 <= 45 * 16_384 * 2048
+  assert sft.optim.warmup_steps == 2 and sft.optim.peak_lr == 2e-5
+  assert (sft.train.global_batch, sft.train.grad_accum) == (4 * 16 * 256, 16)
+  assert sft.model == dense_65b.get_config().model
+  mix, pre = mixtral_8x7b_sft.get_config(), mixtral_8x7b.get_config()
+  assert mix.model == pre.model and mix.mesh == pre.mesh
+  assert mix.optim.peak_lr < pre.optim.peak_lr / 10
+  assert mix.train.steps * mix.train.global_batch * mix.data.seq_len >= 1.5e9
+  ppo_cfg = dense_65b_rlhf.get_config('ppo')
+  assert ppo_cfg.model == dense_65b.get_config().model
+  assert pt_config.ppo_updates(ppo_cfg) == 500 * 2 * 8 and ppo_cfg.optim.warmup_steps == 160
+  assert ppo_cfg.ppo.ref_on_host and ppo_cfg.ppo.kl_coef == 0.02
+
+
+def test_large_posttrain_configs_validate():
+  from experiments import dense_65b_rlhf, dense_65b_sft, mixtral_8x7b_sft
+  from train import config as base_config
+  from train.posttrain import config as pt_config
+  for module, devices in ((dense_65b_sft, 256), (mixtral_8x7b_sft, 512)):
+    c = module.get_config()
+    with pytest.raises(ConfigError, match='data.sources.sft.path'):  # Given on the command line.
+      base_config.validate(c, devices)
+    c.data.sources.sft.path = 'gs://bucket/sft/*.jsonl'
+    base_config.validate(c, devices)
+  for stage, source in (('rm', 'pairs'), ('ppo', 'sft')):
+    c = dense_65b_rlhf.get_config(stage)
+    c.train.init_from = '/sft'
+    c.ppo.reward_model = '/rm'
+    c.data.sources[source].path = f'gs://bucket/{source}/*.jsonl'
+    pt_config.validate(c, 256)

@@ -19,7 +19,8 @@ setting: prompts are left-padded to a power-of-two bucket (at least `min_bucket`
 get a power-of-two bucket too, and the batch is filled up to a power of two that the mesh's
 batch axes divide, so calls with other lengths or batch sizes reuse the compiled code. Rows
 stop at EOS (and, with `chat`, at the `<|end|>` marker); stop strings are checked on the host
-every `stop_check_every` tokens, between jitted chunks of decoding.
+every `stop_check_every` tokens, between jitted chunks of decoding, and a stopped row keeps
+its tokens up to the one that completes the stop string (the text is cut before it).
 """
 
 import dataclasses
@@ -47,7 +48,8 @@ log = logging.getLogger('meshlm')
 @dataclasses.dataclass
 class Completion:
   text: str  # Decoded completion, cut before the first stop string; no EOS / end marker.
-  token_ids: list[int]  # Generated ids, the stop token (EOS / <|end|>) included if reached.
+  token_ids: list[int]  # Generated ids, the stop token (EOS / <|end|>) included if reached;
+  # with a stop string, up to the token that completes it.
   logprobs: list[float]  # log p(token | prefix) of each generated id under the model.
   finish_reason: str  # 'eos', 'stop' (a stop string) or 'length'.
   prompt_tokens: int
@@ -87,7 +89,8 @@ class Generator:
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
     self.rules = make_rules() if rules is None else rules
-    self.mdef, abstract = state_lib.model_def(cfg)
+    # The decoding config only differs for MoE (no dropped tokens); the params are the same.
+    self.mdef, abstract = state_lib.model_def(decode.decoding_config(cfg))
     with use_rules(self.rules):
       self.param_shardings = state_lib.param_shardings(self.mdef, abstract, self.mesh)
     self.params = None if params is None else self.place(params)
@@ -204,12 +207,24 @@ class Generator:
             state['done_b'] = jax.device_put(done, state['done_b'].sharding)
         if done.all() or step >= max_new_tokens:
           break
-    tokens_bs = np.asarray(state['tokens_bs'])[:n]
-    num_new_b = np.asarray(state['num_new_b'])[:n]
+    tokens_bs = np.array(state['tokens_bs'])[:n]
+    num_new_b = np.array(state['num_new_b'])[:n]
+    logprobs_bs = np.array(state['logprobs_bs'])[:n]
+    for i in np.nonzero(stopped[:n])[0]:  # Drop what was generated past the stop string.
+      num_new_b[i] = self._stop_length(tokens_bs[i, p:p + num_new_b[i]], stop)
+      tokens_bs[i, p + num_new_b[i]:] = self.tokenizer.pad_id
+      logprobs_bs[i, p + num_new_b[i]:] = 0.0
     eos_seen = np.isin(tokens_bs[np.arange(n), p + np.maximum(num_new_b, 1) - 1], eos_e)
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
-    return Rollout(tokens_bs, np.asarray(state['logprobs_bs'])[:n], np.asarray(lengths_b)[:n],
-                   num_new_b, p, finish)
+    return Rollout(tokens_bs, logprobs_bs, np.asarray(lengths_b)[:n], num_new_b, p, finish)
+
+  def _stop_length(self, ids, stop) -> int:
+    """How many of `ids` it takes for the text to contain a stop string."""
+    for k in range(1, len(ids) + 1):
+      text = self.tokenizer.decode(ids[:k])
+      if any(s and s in text for s in stop):
+        return k
+    return len(ids)
 
   def _stop_strings(self, state, done, stop, p) -> np.ndarray:
     tokens_bs, num_new_b = np.asarray(state['tokens_bs']), np.asarray(state['num_new_b'])

@@ -78,7 +78,7 @@ def train_step(state, batch, extra, *, loss_fn, tx, schedule):
   params = optax.apply_updates(state['params'], updates)
   denom = jnp.maximum(count, 1.0)
   metrics = {k: v / denom for k, v in sums.items()}
-  metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state['step']),
+  metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state['step']),
                  pairs=count)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

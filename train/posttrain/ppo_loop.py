@@ -142,8 +142,8 @@ def update_step(state, batch, *, mdef, critic_mdef, loss_cfg, txs, schedules):
     new[key] = optax.apply_updates(state[key], updates)
   new.update(step=state['step'] + 1, opt_state=opt_state)
   metrics = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
-  metrics.update({'policy/grad_norm': optax.global_norm(grads['policy']),
-                  'val/grad_norm': optax.global_norm(grads['critic']),
+  metrics.update({'policy/grad_norm': optax.tree.norm(grads['policy']),
+                  'val/grad_norm': optax.tree.norm(grads['critic']),
                   'learning_rate': schedules['policy'](state['step'])})
   return new, metrics
 

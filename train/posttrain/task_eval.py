@@ -5,8 +5,12 @@
         [--num 256] [--out results.json]
 
 Questions are data/corpus.py `instructions` past the training examples (`data.embedded_examples`
-of the config, so the SFT stage never saw them): sums, differences, products, capitals,
-opposites and counting. Each is asked as a user turn of the chat template and answered greedily;
+of the config): sums, differences, products, capitals, opposites and counting. They are held-out
+examples, not always unseen questions: products (0..12 x 0..12), capitals, opposites and counts
+come from small sets that the 5,000 training examples cover, so those kinds measure what SFT
+learned; sums and differences of numbers up to 99 are mostly new (`novel` in the results: the
+share of questions not in the training examples). Each is asked as a user turn of the chat
+template and answered greedily;
 an answer is correct when the reply is exactly the answer or "The answer is <answer>." (the two
 forms of the SFT data). With `--reward_model`, the mean reward-model score of the replies is
 reported too. A run's model config is its workdir's config.json, else `--config`.
@@ -28,8 +32,11 @@ KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'W
 
 
 def questions(seed: int, num_train: int, num: int) -> list[dict]:
-  """Held-out instruction pairs: indices num_train .. num_train + num - 1."""
-  return corpus.instructions(seed, num_train + num)[num_train:]
+  """Held-out instruction pairs: indices num_train .. num_train + num - 1, each with `novel`
+  (True when its question is not among the training examples)."""
+  rows = corpus.instructions(seed, num_train + num)
+  seen = {q['prompt'] for q in rows[:num_train]}
+  return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
 
 
 def kind(prompt: str) -> str:
@@ -57,8 +64,11 @@ def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=N
   kinds = [kind(q['prompt']) for q in items]
   per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
               for k, _ in KINDS if k in kinds}
+  novel = [bool(q.get('novel', True)) for q in items]
   result = {'accuracy': float(np.mean(correct)), 'count': len(items), 'per_kind': per_kind,
-            'mean_length': float(np.mean(lengths))}
+            'mean_length': float(np.mean(lengths)), 'novel': float(np.mean(novel))}
+  if any(novel):
+    result['novel_accuracy'] = float(np.mean([c for c, n in zip(correct, novel) if n]))
   if scorer is not None:
     result['reward'] = float(np.mean(rewards))
   return result
@@ -129,10 +139,11 @@ def main(argv=None) -> int:
 
 def format_table(results: dict) -> str:
   kinds = [k for k, _ in KINDS]
-  head = ['run', 'accuracy'] + kinds + ['reward', 'length']
+  head = ['run', 'accuracy', 'novel'] + kinds + ['reward', 'length']
   rows = [head]
   for name, r in results.items():
-    rows.append([name, f'{100 * r["accuracy"]:.1f}%'] +
+    novel = f'{100 * r["novel_accuracy"]:.1f}%' if 'novel_accuracy' in r else '-'
+    rows.append([name, f'{100 * r["accuracy"]:.1f}%', novel] +
                 [f'{100 * r["per_kind"][k]:.0f}%' if k in r['per_kind'] else '-' for k in kinds] +
                 [f'{r["reward"]:.3f}' if 'reward' in r else '-', f'{r["mean_length"]:.1f}'])
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
