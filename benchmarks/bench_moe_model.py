@@ -11,6 +11,8 @@ MFU = model FLOPs per second / the rate of one 1024^3 float32 matmul on this mac
 (train/metrics.py measure_matmul_flops, the peak the loop itself uses on CPU). The machine is
 shared, so the matmul is re-measured in every round next to the steps, rounds are round-robin
 over the variants, and each round's MFU uses that round's matmul rate; medians are reported.
+A CPU-time MFU (both rates per CPU-second of this process) is shown beside it: it does not
+count time taken by other users of the machine.
 
 Variants: MoE with capacity dispatch at capacity factor 1.0 (e*c == t*k slots: the expert
 matmuls execute exactly the active FLOPs counted) and 1.25 (25% padded slots run but are not
@@ -96,12 +98,26 @@ class Runner:
                                              shardings, sharding)
     self.metrics = None
 
-  def step(self) -> float:
+  def step(self) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one step."""
     with jax.set_mesh(self.mesh), use_rules(self.rules):
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), time.process_time()
       self.state, self.metrics = self.step_fn(self.state, self.batch)
       jax.block_until_ready((self.state, self.metrics))
-      return time.perf_counter() - start
+      return time.perf_counter() - start, time.process_time() - cpu
+
+
+def matmul_cpu_rate(n: int = 1024, repeats: int = 3) -> float:
+  """FLOPs per CPU-second (this process) of the n^3 float32 matmul, best of `repeats`."""
+  a = jax.device_put(np.ones((n, n), np.float32), jax.local_devices()[0])
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    cpu = time.process_time()
+    f(a).block_until_ready()
+    best = min(best, time.process_time() - cpu)
+  return 2 * n ** 3 / best
 
 
 def main():
@@ -140,15 +156,17 @@ def main():
 
   load = os.getloadavg()
   matmul = metrics_lib.measure_matmul_flops.__wrapped__
-  rates, times = [], {name: [] for name in cfgs}
-  mfu = {name: [] for name in cfgs}
+  rates, cpu_rates, times = [], [], {name: [] for name in cfgs}
+  mfu, cpu_mfu = {name: [] for name in cfgs}, {name: [] for name in cfgs}
   for _ in range(args.rounds):
-    rate = matmul(repeats=3)
+    rate, cpu_rate = matmul(repeats=3), matmul_cpu_rate()
     rates.append(rate)
+    cpu_rates.append(cpu_rate)
     for name, runner in runners.items():
-      dt = runner.step()
+      dt, cpu = runner.step()
       times[name].append(dt)
       mfu[name].append(tokens * flops[name].per_token / dt / rate)
+      cpu_mfu[name].append(tokens * flops[name].per_token / cpu / cpu_rate)
   load_end = os.getloadavg()
 
   med = lambda xs: float(np.median(xs))
@@ -168,13 +186,16 @@ def main():
       f'float32, attention `{args.attention}`, no remat; batch {args.batch} x {args.seq} = {tokens} '
       f'tokens per step; full train step (fwd + bwd + clip + AdamW)',
       f'- matmul rate (1024^3 float32, measure_matmul_flops, best of 3, once per round): median '
-      f'{med(rates) / 1e9:.1f} GFLOP/s, range {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f}',
+      f'{med(rates) / 1e9:.1f} GFLOP/s, range {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f}; '
+      f'per CPU-second {med(cpu_rates) / 1e9:.1f} GFLOP',
       f'- {args.rounds} round-robin rounds; MFU of a round = step FLOPs / step time / that '
-      f"round's matmul rate; medians",
+      f"round's matmul rate; medians. CPU-time MFU: the same ratio with both rates per CPU-second of "
+      f'this process (step FLOPs / step CPU time vs matmul FLOPs / matmul CPU time): insensitive to '
+      f'time lost to other users, but blind to cores this process leaves idle',
       '',
       '| variant | params (total / active) | GFLOP/step (active; dense-eq.) | step s (median) '
-      '| tokens/s | MFU (median) | MFU (best round) | compile s |',
-      '|---|---|---|---|---|---|---|---|',
+      '| tokens/s | MFU (median) | MFU (best round) | CPU-time MFU (median) | compile s |',
+      '|---|---|---|---|---|---|---|---|---|',
   ]
   for name, cfg in cfgs.items():
     counts = count_params(cfg)
@@ -186,7 +207,7 @@ def main():
         f'| {name}{note} | {counts.total / 1e6:.1f}M / {counts.active / 1e6:.1f}M | '
         f'{tokens * f.per_token / 1e9:.1f}; {tokens * f.dense_equivalent / 1e9:.1f} | '
         f'{med(times[name]):.2f} | {tokens / med(times[name]):.0f} | {med(mfu[name]):.1%} | '
-        f'{max(mfu[name]):.1%} | {compile_s[name]:.0f} |')
+        f'{max(mfu[name]):.1%} | {med(cpu_mfu[name]):.1%} | {compile_s[name]:.0f} |')
   for name, runner in runners.items():
     m = runner.metrics
     if 'moe/dropped_fraction' in m:

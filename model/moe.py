@@ -27,6 +27,9 @@ implementations (cfg.dispatch) compute the same function whenever nothing is dro
     (`jax.lax.ragged_dot`); group sizes are traced values, nothing is dropped.
   * 'reference': a Python loop over experts, each applied densely to every token and masked by
     its routing weight. Simple enough to trust; tests compare the others against it.
+The capacity path runs the experts through `expert_swiglu`, whose backward is written out (see
+there: autodiff's version is slower on XLA:CPU); as a custom VJP it supports
+reverse mode (grad, remat) but not forward-mode `jax.jvp`.
 
 Expert parallelism. Expert weights carry the logical `expert` axis (mesh axis `expert`), and
 the dispatched buffer x_ebcd is annotated with ('act_expert', 'batch', 'capacity', 'act_embed')
@@ -111,9 +114,10 @@ def expert_swiglu(x_ebcd, gate_edf, up_edf, down_efd):
 
   The backward pass is written out (`_swiglu_bwd`) instead of left to autodiff for speed on
   CPU: autodiff fuses the SiLU derivative (five inputs) into the transpose that feeds each
-  weight-gradient matmul, and XLA:CPU runs that transposing fusion with page-strided reads,
-  several times slower than the matmul itself. Here the forward keeps h = silu(g) * u as a
-  residual, so every transpose XLA inserts is a plain copy of one stored array.
+  weight-gradient matmul, and XLA:CPU runs that transposing fusion with page-strided reads
+  (2048 x 2048 float32: 164 ms, against 9 ms for the plain transpose plus 6 ms for the
+  elementwise math unfused). Here the forward keeps h = silu(g) * u as a residual, so every
+  transpose XLA inserts is a plain copy of one stored array.
   """
   return _swiglu_fwd(x_ebcd, gate_edf, up_edf, down_efd)[0]
 
