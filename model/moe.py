@@ -41,9 +41,13 @@ same way for the combine. We use these compiler-resolved annotations rather than
 expert split with fsdp/tensor, a single device, a notebook with no mesh), stays differentiable
 with no custom transposes, and lets XLA fuse/overlap the collectives; the cost is that the
 communication is chosen by the compiler (tests/test_moe.py checks that an all-to-all is what
-it picks). 'dropless' sorts assignments over the whole global batch, so under expert sharding
-the compiler replicates the sorted tokens on every device and all-reduces the expert outputs
-(no all-to-all): correct, but meant for one device, or for checks.
+it picks). 'dropless' runs inside `jax.shard_map` over each device's own tokens: the sort and
+the grouped matmuls are local, the expert weights arrive gathered over the `fsdp` and `expert`
+axes (FSDP for experts: no all-to-all, tokens never leave their device) and stay split over
+`tensor` on the MLP width, whose partial outputs a psum adds. So `expert` > 1 with dropless is
+data parallelism plus expert-weight sharding at rest; capacity dispatch is the all-to-all
+expert-parallel path. (A sort over the whole global batch, as an unsharded argsort would do,
+makes every device hold every device's tokens: ~600 GiB per device for Mixtral's batch.)
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch Transformer), f_e = (assignments to e over
@@ -58,15 +62,17 @@ Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * expert_load_min / expert_load_max: min / max over experts of f_e (1/e when balanced).
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
 from model.layers import param
-from model.sharding import constrain
+from model.sharding import constrain, logical_to_spec
 
 AUX_KEYS = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy',
             'expert_load_min', 'expert_load_max')
@@ -151,6 +157,43 @@ def _swiglu_bwd(residuals, dy_ebcd):
 expert_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def _dropless_shard_specs(shape_btd, f: int, mesh):
+  """shard_map specs for the dropless path: tokens keep their activation sharding (batch, and
+  length if sequence-sharded), expert weights are gathered except for the expert MLP width,
+  which stays split over its mesh axes (tensor parallel; a psum adds the partial outputs)."""
+  b, t, _ = shape_btd
+  x_spec = logical_to_spec(('batch', 'length', None), (b, t, 1), mesh)
+  used = {a for part in x_spec if part for a in ((part,) if isinstance(part, str) else part)}
+  f_spec = logical_to_spec(('expert_mlp',), (f,), mesh)[0]
+  f_axes = tuple(a for a in ((f_spec,) if isinstance(f_spec, str) else f_spec or ()) if a not in used)
+  f_part = None if not f_axes else f_axes[0] if len(f_axes) == 1 else f_axes
+  w_specs = (P(None, None, f_part), P(None, None, f_part), P(None, f_part, None))
+  return x_spec, w_specs, f_axes
+
+
+def _dropless_local(x_btd, experts_btk, weights_btk, gate_edf, up_edf, down_efd, *, k: int, e: int,
+                    psum_axes: tuple[str, ...]):
+  """Dropless experts on the tokens at hand: assignments sorted by expert, grouped matmuls.
+
+  Under a mesh this runs inside `shard_map` on each device's own tokens, so the sort is local
+  (a global argsort would make every device hold every device's tokens). The expert weights
+  arrive gathered over FSDP and expert axes (FSDP semantics for the experts: dropless does not
+  move tokens between devices; use capacity dispatch for all-to-all expert parallelism).
+  """
+  b, t, d = x_btd.shape
+  experts_m = experts_btk.reshape(b * t * k)
+  order_m = jnp.argsort(experts_m, stable=True)  # Assignment m of the sorted list.
+  x_md = jnp.take(x_btd.reshape(b * t, d), order_m // k, axis=0)
+  group_sizes_e = jnp.bincount(experts_m, length=e).astype(jnp.int32)
+  h_mf = (jax.nn.silu(jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)) *
+          jax.lax.ragged_dot(x_md, up_edf, group_sizes_e))
+  y_md = jax.lax.ragged_dot(h_mf, down_efd, group_sizes_e)
+  unsort_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(order_m.size, dtype=order_m.dtype))
+  y_btkd = jnp.take(y_md, unsort_m, axis=0).reshape(b, t, k, d)
+  y_btd = jnp.einsum('btk,btkd->btd', weights_btk.astype(x_btd.dtype), y_btkd)
+  return jax.lax.psum(y_btd, psum_axes) if psum_axes else y_btd
+
+
 class MoeBlock(nnx.Module):
   """Top-k routed SwiGLU experts; returns (y_btd, aux) — see the module docstring."""
 
@@ -233,19 +276,17 @@ class MoeBlock(nnx.Module):
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 
   def _dropless(self, x_btd, experts_btk, weights_btk):
-    b, t, d = x_btd.shape
-    k, e = self.cfg.experts_per_token, self.cfg.num_experts
-    experts_m = experts_btk.reshape(b * t * k)
-    order_m = jnp.argsort(experts_m, stable=True)  # Assignment m of the sorted list.
-    x_md = jnp.take(x_btd.reshape(b * t, d), order_m // k, axis=0)
-    group_sizes_e = jnp.bincount(experts_m, length=e).astype(jnp.int32)
-    gate_edf, up_edf, down_efd = self._experts()
-    h_mf = (jax.nn.silu(jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)) *
-            jax.lax.ragged_dot(x_md, up_edf, group_sizes_e))
-    y_md = jax.lax.ragged_dot(h_mf, down_efd, group_sizes_e)
-    unsort_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(order_m.size, dtype=order_m.dtype))
-    y_btkd = jnp.take(y_md, unsort_m, axis=0).reshape(b, t, k, d)
-    return jnp.einsum('btk,btkd->btd', weights_btk.astype(x_btd.dtype), y_btkd)
+    """Sort + grouped matmul, run per device shard of the tokens (see `_dropless_shard_specs`)."""
+    experts = self._experts()
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return _dropless_local(x_btd, experts_btk, weights_btk, *experts, k=self.cfg.experts_per_token,
+                             e=self.cfg.num_experts, psum_axes=())
+    x_spec, w_specs, f_axes = _dropless_shard_specs(x_btd.shape, experts[0].shape[-1], mesh)
+    local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
+                              e=self.cfg.num_experts, psum_axes=f_axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + w_specs,
+                         out_specs=x_spec)(x_btd, experts_btk, weights_btk, *experts)
 
   def _reference(self, x_btd, experts_btk, weights_btk):
     gate_edf, up_edf, down_efd = self._experts()

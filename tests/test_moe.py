@@ -233,15 +233,17 @@ def put_params(block, mesh):
   return graphdef, jax.device_put(params, shardings)
 
 
-def expert_local_shape(var, expert_devices):
-  """A parameter's shape with its `expert` dim split over the expert devices, others whole."""
-  return tuple(n // expert_devices if axis == 'expert' else n
-               for n, axis in zip(var.shape, var.axes))
+def expert_local_shape(var, mesh_shape):
+  """A parameter's shape as the FSDP all-gather leaves it: its `expert` dim still split over the
+  expert devices and its `expert_mlp` dim over the tensor devices, the rest whole."""
+  split = {'expert': mesh_shape[2], 'expert_mlp': mesh_shape[3]}
+  return tuple(n // split.get(axis, 1) for n, axis in zip(var.shape, var.axes))
 
 
 @pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
 @pytest.mark.parametrize('mesh_shape,expert_shard', [((1, 2, 4, 1), (2, 8, 32)),
-                                                     ((1, 1, 8, 1), (1, 16, 32))])
+                                                     ((1, 1, 8, 1), (1, 16, 32)),
+                                                     ((1, 2, 2, 2), (4, 8, 16))])
 def test_sharded_matches_unsharded(dispatch, mesh_shape, expert_shard):
   cfg = tiny_cfg(dispatch=dispatch)
   x_btd, probe_btd = inputs(b=8, t=8)
@@ -255,7 +257,8 @@ def test_sharded_matches_unsharded(dispatch, mesh_shape, expert_shard):
     graphdef, params = put_params(block, mesh)
     for name in ('gate_edf', 'up_edf', 'down_efd'):
       shard_shapes = {s.data.shape for s in params[name][...].addressable_shards}
-      want = expert_shard if name != 'down_efd' else (expert_shard[0], F, D // mesh_shape[1])
+      want = (expert_shard if name != 'down_efd' else
+              (expert_shard[0], expert_shard[2], D // mesh_shape[1]))
       assert shard_shapes == {want}, (name, shard_shapes)
     batch = named_sharding(mesh, ('batch', 'length', 'act_embed'), x_btd.shape)
     xs, ps = jax.device_put(x_btd, batch), jax.device_put(probe_btd, batch)
@@ -267,10 +270,17 @@ def test_sharded_matches_unsharded(dispatch, mesh_shape, expert_shard):
       hlo = grad_fn.lower(params, xs, graphdef, ps).compile().as_text()
       assert re.search(r' all-to-all(-start)?\(', hlo)
       variables = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
-      fsdp_gathered = {expert_local_shape(v, mesh_shape[2]) for v in variables}
+      fsdp_gathered = {expert_local_shape(v, mesh_shape) for v in variables}
       gathered = {tuple(int(n) for n in m.split(','))
                   for m in re.findall(r'= \w+\[([\d,]+)\]\S* all-gather(?:-start)?\(', hlo)}
       assert gathered <= fsdp_gathered, (gathered, fsdp_gathered)
+    else:
+      # Dropless sorts each device's own assignments (shard_map): every sort in the program
+      # has at most the local b * t * k rows, never the global batch's.
+      hlo = grad_fn.lower(params, xs, graphdef, ps).compile().as_text()
+      local_rows = x_btd.shape[0] // (mesh_shape[0] * mesh_shape[1] * mesh_shape[2]) * 8 * 2
+      sorted_rows = {int(m) for m in re.findall(r'= \(?s32\[(\d+)\][^=]*? sort\(', hlo)}
+      assert sorted_rows and max(sorted_rows) <= local_rows, (sorted_rows, local_rows)
   assert_trees_close(y, want_y)
   assert_trees_close(gx, want_gx)
   assert_trees_close(gp, want_gp)

@@ -132,11 +132,11 @@ def _moe_intermediates(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
   router = tokens * e * 4 * 3  # float32 logits, probabilities, log-probabilities.
   f_local = f // s.split(('expert_mlp',), (f,))
   if cfg.dispatch == 'dropless':
-    # model/moe.py sorts the flattened [b * t * k] assignments of the whole micro-batch with one
-    # argsort: the SPMD partitioner cannot keep a global sort local, so every device holds all
-    # rows (all-gathered over the batch shards): [B t k, d] in and out, [B t k, f] hidden x3.
-    rows = b * s.local(('length',), (t,)) * kk
-    return router + rows * (2 * d + 3 * f_local) * c
+    # model/moe.py sorts each device's own [b t k] assignments inside shard_map ([rows, d] in and
+    # out, [rows, f] hidden x3) with the experts' weights gathered whole but for the MLP width.
+    rows = tokens * kk
+    gathered = 3 * e * d * f_local * c
+    return router + rows * (2 * d + 3 * f_local) * c + gathered
   from model.moe import capacity
   b_local = s.local(('batch',), (b,))
   t_local = tokens // max(b_local, 1)

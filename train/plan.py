@@ -187,9 +187,6 @@ def check_fits(p: dict) -> None:
 
 def _fixes(p: dict) -> list[str]:
   fixes = []
-  if p.get('dispatch') == 'dropless' and p['mem_transient_phase'] == 'layer':
-    fixes.append("model.dispatch=capacity (model/moe.py's dropless path sorts the assignments of "
-                 "the whole micro-batch, so every device holds every device's tokens)")
   if p['remat'] != 'full':
     fixes.append('model.remat=full')
   if p['mem_transient_phase'] == 'head':
