@@ -4,8 +4,13 @@ The device count must be set before JAX starts, hence at the top of this file.
 """
 import os
 
+# Tests spend most of their time compiling small programs: LLVM's optimisation of the generated
+# CPU code is switched off (cold suite ~40% faster, warm runs unchanged). Benchmarks and real
+# runs keep XLA's defaults; HLO-level passes (fusion, sharding, buffer assignment) are the same.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           ' --xla_force_host_platform_device_count=8'
+                           ' --xla_backend_optimization_level=0'
+                           ' --xla_llvm_disable_expensive_passes=true').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pathlib  # noqa: E402
