@@ -23,6 +23,11 @@ import time
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train import hugepages  # noqa: E402
+
+if __name__ == '__main__':
+  hugepages.reexec()  # Huge pages for host buffers, as `python -m train` runs (train/hugepages.py).
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -105,6 +110,7 @@ def main():
       f'- machine: {platform.node() or "vm"} {platform.machine()}, {os.cpu_count()} CPUs, '
       f'{platform.platform()}; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}',
       f'- jax {jax.__version__}, device {jax.devices()[0].device_kind} x1',
+      f'- GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r} (train/hugepages.py)',
       f'- model: d_model {cfg.d_model}, {cfg.num_layers} layers, {cfg.num_heads} heads, MLP {cfg.mlp_dim}, '
       f'vocab {cfg.vocab_size}, float32, remat {cfg.remat}, attention {cfg.attention}, '
       f'{"unrolled" if args.unrolled else "scanned"} layers',

@@ -30,6 +30,11 @@ import time
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train import hugepages  # noqa: E402
+
+if __name__ == '__main__':
+  hugepages.reexec()  # Huge pages for host buffers, as `python -m train` runs (train/hugepages.py).
+
 import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -179,6 +184,7 @@ def main():
       f'load average (1/5/15 min) {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} before timing, '
       f'{load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} after (2 cores shared by other users)',
       f'- jax {jax.__version__}, flax {flax.__version__}',
+      f'- GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r} (train/hugepages.py)',
       f'- command: `python {" ".join(sys.argv)}`',
       f'- model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads / {args.kv_heads} '
       f'kv heads of {cfg0.dim_per_head}, vocab {args.vocab}, {args.experts} experts top-{args.top_k} '

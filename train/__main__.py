@@ -2,8 +2,13 @@
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from train import hugepages
+
+if __name__ == '__main__':
+  hugepages.reexec()  # Before JAX allocates anything; see train/hugepages.py.
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with a get_config().',
                                           lock_config=True)
