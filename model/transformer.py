@@ -289,6 +289,13 @@ class Decoder(nnx.Module):
              'segment_ids': kv_segment_ids_bs, 'positions': kv_positions_bs}
     return self.final_norm(x_btd), cache
 
+  def head_matrix(self):
+    """The output head as a [d_model, vocab] matrix in the compute dtype (tied: the embedding
+    table transposed); logits(h) == h @ head_matrix()."""
+    if self.cfg.tie_embeddings:
+      return self.embed.table_vd[...].astype(self.cfg.dtype).T
+    return self.head_dv[...].astype(self.cfg.dtype)
+
   def logits(self, h_btd):
     if self.cfg.tie_embeddings:
       logits_btv = self.embed.attend(h_btd)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from model.sharding import constrain
+from train.head_loss import head_nll_sum
 
 
 @jax.custom_vjp
@@ -48,9 +49,11 @@ token_nll.defvjp(_nll_fwd, _nll_bwd)
 def loss_sums(params, batch, rng, mdef):
   """(loss_sum to differentiate, (nll_sum, token_count, aux)) for one micro-batch."""
   model = mdef.build(params)
-  logits_btv, aux = model(batch['inputs'], batch['positions'], batch['segment_ids'], rng)
+  h_btd, aux = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], rng)
   mask_bt = batch['loss_mask'].astype(jnp.float32)
-  nll_sum = jnp.sum(token_nll(logits_btv, batch['targets']) * mask_bt)
+  # The head and the loss fused, chunked over the sequence (train/head_loss.py): equal to
+  # sum(token_nll(model.logits(h_btd), targets) * mask) without [b, t, vocab] arrays.
+  nll_sum = head_nll_sum(h_btd, model.head_matrix(), batch['targets'], mask_bt)
   count = jnp.sum(mask_bt)
   # The aux loss is a per-micro-batch mean; weighting it by the token count makes the final
   # division by the total count a token-weighted mean over micro-batches.
