@@ -11,8 +11,8 @@ on an abstract mesh (a dimension is split only by mesh axes that divide it, as i
     activations  what the forward pass keeps for the backward pass, for every layer, under
                  `model.remat` (RESIDUALS below), for one micro-batch
     transient    the largest working set on top of that, the max of three phases:
-                   head: the f32 logits, their softmax and gradient, the output head's
-                         weights (below);
+                   head: one chunk's f32 logits, softmax and gradient (train/head_loss.py),
+                         the f32 dW accumulator and dh, the output head's weights (below);
                    layer: one layer's weights (below), the layer's intermediates recomputed
                          (remat) and their gradients, the attention's working memory;
                    embed: the gathered input table and its full f32 gradient (a scatter-add).
@@ -198,14 +198,23 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
       saved += inter['moe']
   activations = cfg.num_layers * saved
 
-  logits = s.local(('batch', 'length', 'act_vocab'), (micro, seq, cfg.vocab_size))
+  # train/head_loss.py: the head + loss walks chunks of <= CHUNK_TOKENS local tokens, keeping
+  # one chunk's [tokens, vocab] float32 logits, softmax and gradient, the f32 dW accumulator
+  # and dh ([local tokens, d] f32) instead of the whole micro-batch's logits.
+  from train.head_loss import _chunk_len
+  b_local = s.local(('batch',), (micro,))
+  t_local = s.local(('batch', 'length'), (micro, seq)) // max(b_local, 1)
+  chunk = b_local * _chunk_len(b_local, t_local)
+  logits = s.local((None, 'act_vocab'), (chunk, cfg.vocab_size))
   copy = c if c != w else 0  # A compute-dtype copy of gathered weights, unless it is the same.
 
   def weights(group):  # The all-gathered f32 extra, its full f32 gradient, the compute copy.
     gathered, extra = groups[group]
     return extra * 2 * w + gathered * copy
 
-  head = logits * (3 * 4 + c) + weights('head')
+  gathered_head, extra_head = groups['head']
+  head = (logits * (3 * 4 + c) + weights('head') + (gathered_head - extra_head) * 4
+          + b_local * t_local * cfg.d_model * 4)
   backward = _all_saved(inter, scores=False)  # One layer's activation gradients.
   recompute = 0 if cfg.remat == 'none' else backward
   layer = weights('layer') + recompute + backward + _attention_transient(cfg, s, micro, seq)

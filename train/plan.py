@@ -143,29 +143,28 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
 
 
 def _validate(config, n: int):
-  """train/config.py validate, as the run does it, and warnings. One exception: train/config.py's
-  key check knows only the default `data.sources` entries, so it rejects a config that adds its
-  own (e.g. experiments/dense_65b_sft.py's `sft`); the run would stop there, which the planner
-  reports as a warning and plans the rest (it reads no data; data/config.py checks sources)."""
+  """train/config.py validate, as the run does it, and warnings. One exception: the data
+  sources. A config may name sources that only the command line completes (e.g.
+  experiments/dense_65b_sft.py's `sft`, whose path is a flag); the planner reads no data, so a
+  data-source error is reported as a warning and the rest is planned with the default sources."""
   try:
     return config_lib.validate(config, n), []
   except ConfigError as e:
-    trimmed = _without_extra_sources(config)
-    if trimmed is None:
+    if 'config.data.source' not in str(e):
       raise
-    return config_lib.validate(trimmed, n), [f'train/config.py validate rejects this config '
-                                             f'(the run would stop there): {e}']
+    trimmed = _default_sources(config)
+    return config_lib.validate(trimmed, n), [f'data: {e} (the run would stop there; the planner '
+                                             f'reads no data and plans the rest)']
 
 
-def _without_extra_sources(config):
-  """A copy of `config` without the `data.sources` entries the defaults lack (None: none)."""
-  defaults = config_lib.defaults().data.sources
-  extra = [k for k in config.data.sources.keys() if k not in defaults]
-  if not extra:
-    return None
+def _default_sources(config):
+  """A copy of `config` reading the default `data.sources` (the embedded corpus)."""
+  defaults = config_lib.defaults().data
   trimmed = ml_collections.ConfigDict(config.to_dict())
-  for key in extra:
+  for key in [k for k in trimmed.data.sources.keys() if k not in defaults.sources]:
     del trimmed.data.sources[key]
+  if trimmed.data.source not in trimmed.data.sources:
+    trimmed.data.source = 'embedded_sft' if 'sft' in str(config.data.source) else defaults.source
   return trimmed
 
 
@@ -210,7 +209,12 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   d1, d2 = (int(d) for d in depths[:2])
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
-  config = _without_extra_sources(config) or config  # See _validate.
+  try:  # The compiled step reads no data either; see _validate.
+    config_lib.validate(config, devices)
+  except ConfigError as e:
+    if 'config.data.source' not in str(e):
+      raise
+    config = _default_sources(config)
   r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
   r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
   per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
