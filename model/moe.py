@@ -72,7 +72,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
 from model.layers import param
-from model.sharding import constrain, logical_to_spec
+from model.sharding import constrain, logical_to_spec, spec_axes
 
 AUX_KEYS = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy',
             'expert_load_min', 'expert_load_max')
@@ -163,11 +163,10 @@ def _dropless_shard_specs(shape_btd, f: int, mesh):
   which stays split over its mesh axes (tensor parallel; a psum adds the partial outputs)."""
   b, t, _ = shape_btd
   x_spec = logical_to_spec(('batch', 'length', None), (b, t, 1), mesh)
-  used = {a for part in x_spec if part for a in ((part,) if isinstance(part, str) else part)}
-  f_spec = logical_to_spec(('expert_mlp',), (f,), mesh)[0]
-  f_axes = tuple(a for a in ((f_spec,) if isinstance(f_spec, str) else f_spec or ()) if a not in used)
-  f_part = None if not f_axes else f_axes[0] if len(f_axes) == 1 else f_axes
-  w_specs = (P(None, None, f_part), P(None, None, f_part), P(None, f_part, None))
+  used = {a for part in x_spec for a in spec_axes(part)}
+  f_axes = tuple(a for a in spec_axes(logical_to_spec(('expert_mlp',), (f,), mesh)[0])
+                 if a not in used)
+  w_specs = (P(None, None, f_axes or None), P(None, None, f_axes or None), P(None, f_axes or None, None))
   return x_spec, w_specs, f_axes
 
 

@@ -74,7 +74,8 @@ def current_rules() -> dict:
   return _rules.get()
 
 
-def _mesh_axes(target) -> tuple[str, ...]:
+def spec_axes(target) -> tuple[str, ...]:
+  """A rule target or PartitionSpec entry (None, 'axis' or a tuple) as a tuple of mesh axes."""
   if target is None:
     return ()
   return (target,) if isinstance(target, str) else tuple(target)
@@ -89,7 +90,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
   used: set[str] = set()
   spec = []
   for i, name in enumerate(axes):
-    mesh_axes = [a for a in _mesh_axes(rules.get(name) if name else None) if a not in used]
+    mesh_axes = [a for a in spec_axes(rules.get(name) if name else None) if a not in used]
     if mesh is not None:
       mesh_axes = [a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1]
       if shape is not None:

@@ -21,16 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from model.sharding import logical_to_spec
+from model.sharding import logical_to_spec, spec_axes
 
 CHUNK_TOKENS = 1024  # Tokens per chunk per device: [1024, vocab] float32 logits at a time.
 
 
-def _axes(part) -> tuple[str, ...]:
-  return () if part is None else (part,) if isinstance(part, str) else tuple(part)
-
-
-def _chunk_len(b: int, t: int) -> int:
+def chunk_len(b: int, t: int) -> int:
   """Largest divisor c of t with b * c <= CHUNK_TOKENS (at least 1)."""
   best = 1
   for c in range(1, t + 1):
@@ -44,13 +40,13 @@ def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: b
   b, t, d = h_btd.shape
   v_local = w_dv.shape[1]
   offset = jax.lax.axis_index(vocab_axes) * v_local if vocab_axes else 0
-  c = _chunk_len(b, t)
+  c = chunk_len(b, t)
   split = lambda x: jnp.swapaxes(x.reshape((b, t // c, c) + x.shape[2:]), 0, 1)
   xs = (split(h_btd), split(targets_bt), split(mask_bt.astype(jnp.float32)))
 
   def chunk(h_bcd, tgt_bc, m_bc):
     l_bcv = jnp.einsum('bcd,dv->bcv', h_bcd, w_dv).astype(jnp.float32)
-    mx_bc = jax.lax.stop_gradient(jnp.max(l_bcv, axis=-1))
+    mx_bc = jnp.max(l_bcv, axis=-1)
     if vocab_axes:
       mx_bc = jax.lax.pmax(mx_bc, vocab_axes)
     sum_bc = jnp.sum(jnp.exp(l_bcv - mx_bc[..., None]), axis=-1)
@@ -70,7 +66,7 @@ def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: b
     def body(acc, x):
       return acc + chunk(*x)[3], None
     nll, _ = jax.lax.scan(body, acc0, xs)
-    return nll, None, None
+    return (jax.lax.psum(nll, token_axes) if token_axes else nll), None, None
 
   def body(carry, x):
     acc, dw_dv = carry
@@ -87,8 +83,8 @@ def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: b
   dw0 = vary(jnp.zeros(w_dv.shape, jnp.float32), token_axes + vocab_axes)
   (nll, dw_dv), dh_nbcd = jax.lax.scan(body, (acc0, dw0), xs)
   dh_btd = jnp.swapaxes(dh_nbcd, 0, 1).reshape(b, t, d)
-  if token_axes:
-    dw_dv = jax.lax.psum(dw_dv, token_axes)
+  if token_axes:  # Once per call: the sums over this device's chunks are partial over tokens.
+    nll, dw_dv = jax.lax.psum((nll, dw_dv), token_axes)
   return nll, dh_btd, dw_dv.astype(w_dv.dtype)
 
 
@@ -98,21 +94,15 @@ def _run(h_btd, w_dv, targets_bt, mask_bt, grads: bool):
     return _local(h_btd, w_dv, targets_bt, mask_bt, vocab_axes=(), token_axes=(), grads=grads)
   b, t, _ = h_btd.shape
   tok_spec = logical_to_spec(('batch', 'length'), (b, t), mesh)
-  token_axes = tuple(a for part in tok_spec for a in _axes(part))
+  token_axes = tuple(a for part in tok_spec for a in spec_axes(part))
   vocab_part = logical_to_spec(('act_vocab',), (w_dv.shape[1],), mesh)[0]
-  vocab_axes = tuple(a for a in _axes(vocab_part) if a not in token_axes)
+  vocab_axes = tuple(a for a in spec_axes(vocab_part) if a not in token_axes)
   w_spec = P(None, vocab_axes or None)
   h_spec = P(*tok_spec, None)
   local = functools.partial(_local, vocab_axes=vocab_axes, token_axes=token_axes, grads=grads)
-  nll_sum = lambda *a: _psum_nll(local(*a), token_axes)
   out_specs = (P(), h_spec if grads else None, w_spec if grads else None)
-  return jax.shard_map(nll_sum, mesh=mesh, in_specs=(h_spec, w_spec, tok_spec, tok_spec),
+  return jax.shard_map(local, mesh=mesh, in_specs=(h_spec, w_spec, tok_spec, tok_spec),
                        out_specs=out_specs)(h_btd, w_dv, targets_bt, mask_bt)
-
-
-def _psum_nll(out, token_axes):
-  nll, dh, dw = out
-  return (jax.lax.psum(nll, token_axes) if token_axes else nll), dh, dw
 
 
 @jax.custom_vjp

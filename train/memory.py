@@ -201,10 +201,10 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   # train/head_loss.py: the head + loss walks chunks of <= CHUNK_TOKENS local tokens, keeping
   # one chunk's [tokens, vocab] float32 logits, softmax and gradient, the f32 dW accumulator
   # and dh ([local tokens, d] f32) instead of the whole micro-batch's logits.
-  from train.head_loss import _chunk_len
+  from train.head_loss import chunk_len
   b_local = s.local(('batch',), (micro,))
   t_local = s.local(('batch', 'length'), (micro, seq)) // max(b_local, 1)
-  chunk = b_local * _chunk_len(b_local, t_local)
+  chunk = b_local * chunk_len(b_local, t_local)
   logits = s.local((None, 'act_vocab'), (chunk, cfg.vocab_size))
   copy = c if c != w else 0  # A compute-dtype copy of gathered weights, unless it is the same.
 

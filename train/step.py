@@ -16,34 +16,13 @@ from model.sharding import constrain
 from train.head_loss import head_nll_sum
 
 
-@jax.custom_vjp
 def token_nll(logits_btv, targets_bt):
-  """Per-token negative log-likelihood in float32: logsumexp(logits) - logits[target].
-
-  The backward is written out: d logits = g * (softmax - onehot(target)), one fused pass over
-  the [b, t, vocab] logits. Autodiff's version also materialises the scatter of the target-logit
-  gradient into a zero [b, t, vocab] array and adds it: two more passes over the largest
-  activation of a small model (benchmarks/bench_dense.py)."""
-  return _nll_fwd(logits_btv, targets_bt)[0]
-
-
-def _nll_fwd(logits_btv, targets_bt):
-  logits32_btv = logits_btv.astype(jnp.float32)
-  logz_bt = jax.nn.logsumexp(logits32_btv, axis=-1)
-  target_logit_bt = jnp.take_along_axis(logits32_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return logz_bt - target_logit_bt, (logits_btv, logz_bt, targets_bt)
-
-
-def _nll_bwd(residuals, g_bt):
-  logits_btv, logz_bt, targets_bt = residuals
-  vocab_btv = jax.lax.broadcasted_iota(jnp.int32, logits_btv.shape, logits_btv.ndim - 1)
-  onehot_btv = (vocab_btv == targets_bt[..., None]).astype(jnp.float32)
-  probs_btv = jnp.exp(logits_btv.astype(jnp.float32) - logz_bt[..., None])
-  d_logits_btv = (probs_btv - onehot_btv) * g_bt[..., None]
-  return d_logits_btv.astype(logits_btv.dtype), None
-
-
-token_nll.defvjp(_nll_fwd, _nll_bwd)
+  """Per-token negative log-likelihood in float32 (eval-style and reference use; the train step
+  fuses the head and this loss in train/head_loss.py)."""
+  logits_btv = logits_btv.astype(jnp.float32)
+  logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+  target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+  return logz_bt - target_logit_bt
 
 
 def loss_sums(params, batch, rng, mdef):
