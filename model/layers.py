@@ -116,16 +116,30 @@ def _swiglu_fwd(x_btd, gate_df, up_df, down_fd):
 def _swiglu_bwd(residuals, dy_btd):
   x_btd, g_btf, u_btf, h_btf, gate_df, up_df, down_fd = residuals
   dh_btf = constrain(jnp.einsum('btd,fd->btf', dy_btd, down_fd), _HIDDEN)
-  d_down_fd = jnp.einsum('btf,btd->fd', h_btf, dy_btd)
+  d_down_fd = jnp.einsum('mf,md->fd', merge_rows(h_btf), merge_rows(dy_btd))
   # silu(g) = g * s with s = sigmoid(g); silu'(g) = s * (1 + g * (1 - s)). Float32 elementwise.
   g32, u32, dh32 = (a.astype(jnp.float32) for a in (g_btf, u_btf, dh_btf))
   s32 = jax.nn.sigmoid(g32)
   dg_btf = constrain((dh32 * u32 * s32 * (1.0 + g32 * (1.0 - s32))).astype(g_btf.dtype), _HIDDEN)
   du_btf = constrain((dh32 * g32 * s32).astype(u_btf.dtype), _HIDDEN)
-  d_gate_df = jnp.einsum('btd,btf->df', x_btd, dg_btf)
-  d_up_df = jnp.einsum('btd,btf->df', x_btd, du_btf)
+  x_md = merge_rows(x_btd)
+  d_gate_df = jnp.einsum('md,mf->df', x_md, merge_rows(dg_btf))
+  d_up_df = jnp.einsum('md,mf->df', x_md, merge_rows(du_btf))
   dx_btd = jnp.einsum('btf,df->btd', dg_btf, gate_df) + jnp.einsum('btf,df->btd', du_btf, up_df)
   return dx_btd, d_gate_df, d_up_df, d_down_fd
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def merge_rows(a, lead: int = 0):
+  """Merges the dims between the first `lead` and the last into one row dim (a free reshape):
+  [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1.
+
+  Weight gradients contract over all token dims. Given two contracting dims (b and t), XLA:CPU
+  first transposes the operand to put them minor, and when the operand is a layer-scan residual
+  that transpose is fused with the dynamic-slice that reads it, a strided copy about as slow as
+  the matmul. One merged row dim is contracted in place (a scan of MoE weight-gradient matmuls:
+  71 -> 84 GFLOP/s; the whole model: benchmarks/results/moe_model_cpu.md).
+  """
+  return a.reshape(*a.shape[:lead], -1, a.shape[-1])

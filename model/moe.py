@@ -71,7 +71,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
-from model.layers import param
+from model.layers import merge_rows, param
 from model.sharding import constrain, logical_to_spec, spec_axes
 
 AUX_KEYS = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy',
@@ -140,15 +140,16 @@ def _swiglu_bwd(residuals, dy_ebcd):
   x_ebcd, g_ebcf, u_ebcf, h_ebcf, gate_edf, up_edf, down_efd = residuals
   dy_ebcd = constrain(dy_ebcd, _BUFFER_AXES)
   dh_ebcf = constrain(jnp.einsum('ebcd,efd->ebcf', dy_ebcd, down_efd), _HIDDEN_AXES)
-  d_down_efd = jnp.einsum('ebcf,ebcd->efd', h_ebcf, dy_ebcd)
+  d_down_efd = jnp.einsum('emf,emd->efd', merge_rows(h_ebcf, 1), merge_rows(dy_ebcd, 1))
   # silu(g) = g * s with s = sigmoid(g); silu'(g) = s * (1 + g * (1 - s)). Float32 elementwise.
   g32, u32, dh32 = (a.astype(jnp.float32) for a in (g_ebcf, u_ebcf, dh_ebcf))
   s32 = jax.nn.sigmoid(g32)
   dg_ebcf = constrain((dh32 * u32 * s32 * (1.0 + g32 * (1.0 - s32))).astype(g_ebcf.dtype),
                       _HIDDEN_AXES)
   du_ebcf = constrain((dh32 * g32 * s32).astype(u_ebcf.dtype), _HIDDEN_AXES)
-  d_gate_edf = jnp.einsum('ebcd,ebcf->edf', x_ebcd, dg_ebcf)
-  d_up_edf = jnp.einsum('ebcd,ebcf->edf', x_ebcd, du_ebcf)
+  x_emd = merge_rows(x_ebcd, 1)  # Weight gradients contract over merged rows: see merge_rows.
+  d_gate_edf = jnp.einsum('emd,emf->edf', x_emd, merge_rows(dg_ebcf, 1))
+  d_up_edf = jnp.einsum('emd,emf->edf', x_emd, merge_rows(du_ebcf, 1))
   dx_ebcd = constrain(jnp.einsum('ebcf,edf->ebcd', dg_ebcf, gate_edf) +
                       jnp.einsum('ebcf,edf->ebcd', du_ebcf, up_edf), _BUFFER_AXES)
   return dx_ebcd, d_gate_edf, d_up_edf, d_down_efd
