@@ -222,6 +222,10 @@ def main():
         f'{tokens * f.per_token / 1e9:.1f}; {tokens * f.dense_equivalent / 1e9:.1f} | '
         f'{med(times[name]):.2f} | {tokens / med(times[name]):.0f} | {med(mfu[name]):.1%} | '
         f'{max(mfu[name]):.1%} | {med(cpu_mfu[name]):.1%} | {compile_s[name]:.0f} |')
+  lines.append('')
+  lines.append('MFU per round (round-robin order as run): ' + '; '.join(
+      f'{name} ' + ', '.join(f'{x:.0%}' for x in mfu[name]) for name in cfgs) +
+      '. Matmul rate per round (GFLOP/s): ' + ', '.join(f'{r / 1e9:.0f}' for r in rates))
   for name, runner in runners.items():
     m = runner.metrics
     if 'moe/dropped_fraction' in m:
