@@ -167,7 +167,8 @@ def _dropless_shard_specs(shape_btd, f: int, mesh):
   used = {a for part in x_spec for a in spec_axes(part)}
   f_axes = tuple(a for a in spec_axes(logical_to_spec(('expert_mlp',), (f,), mesh)[0])
                  if a not in used)
-  w_specs = (P(None, None, f_axes or None), P(None, None, f_axes or None), P(None, f_axes or None, None))
+  f_part = f_axes or None
+  w_specs = (P(None, None, f_part), P(None, None, f_part), P(None, f_part, None))
   return x_spec, w_specs, f_axes
 
 

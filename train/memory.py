@@ -33,6 +33,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.sharding import MESH_AXES, logical_to_spec, make_rules
+from train.head_loss import chunk_len
 
 GIB = 1024 ** 3
 TOLERANCE = 0.35  # |analytic - compiled| / compiled on the configs of tests/test_plan.py.
@@ -201,7 +202,6 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   # train/head_loss.py: the head + loss walks chunks of <= CHUNK_TOKENS local tokens, keeping
   # one chunk's [tokens, vocab] float32 logits, softmax and gradient, the f32 dW accumulator
   # and dh ([local tokens, d] f32) instead of the whole micro-batch's logits.
-  from train.head_loss import chunk_len
   b_local = s.local(('batch',), (micro,))
   t_local = s.local(('batch', 'length'), (micro, seq)) // max(b_local, 1)
   chunk = b_local * chunk_len(b_local, t_local)

@@ -78,7 +78,7 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   """The numbers of the tables, as a flat dict. Raises ConfigError for a config that cannot
   run (train/config.py validate); `check_fits` raises for one that does not fit."""
   n = device_count(config, devices)
-  cfg, warnings = _validate(config, n)
+  cfg, _, warnings = _validate(config, n)
   if not 0 < mfu <= 1:
     raise ConfigError(f'--mfu={mfu} must be in (0, 1]')
   sizes = mesh_shape(config.mesh, n)
@@ -146,15 +146,16 @@ def _validate(config, n: int):
   """train/config.py validate, as the run does it, and warnings. One exception: the data
   sources. A config may name sources that only the command line completes (e.g.
   experiments/dense_65b_sft.py's `sft`, whose path is a flag); the planner reads no data, so a
-  data-source error is reported as a warning and the rest is planned with the default sources."""
+  data-source error is reported as a warning and the rest is planned with the default sources.
+  Returns (validated model config, config to plan with, warnings)."""
   try:
-    return config_lib.validate(config, n), []
+    return config_lib.validate(config, n), config, []
   except ConfigError as e:
     if 'config.data.source' not in str(e):
       raise
     trimmed = _default_sources(config)
-    return config_lib.validate(trimmed, n), [f'data: {e} (the run would stop there; the planner '
-                                             f'reads no data and plans the rest)']
+    return config_lib.validate(trimmed, n), trimmed, [
+        f'data: {e} (the run would stop there; the planner reads no data and plans the rest)']
 
 
 def _default_sources(config):
@@ -209,12 +210,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   d1, d2 = (int(d) for d in depths[:2])
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
-  try:  # The compiled step reads no data either; see _validate.
-    config_lib.validate(config, devices)
-  except ConfigError as e:
-    if 'config.data.source' not in str(e):
-      raise
-    config = _default_sources(config)
+  _, config, _ = _validate(config, devices)  # The compiled step reads no data either.
   r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
   r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
   per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)

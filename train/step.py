@@ -44,20 +44,21 @@ def accumulate_grads(params, batch, rng, mdef):
   """Sums of gradients, losses and counts over the micro-batches (leading axis of `batch`)."""
   grad_fn = jax.grad(loss_sums, has_aux=True)
   num_micro = batch['inputs'].shape[0]
+
+  def micro_grads(micro, i):
+    micro = {k: constrain(v, ('batch', 'length')) for k, v in micro.items()}
+    micro_rng = None if rng is None else jax.random.fold_in(rng, i)
+    return grad_fn(params, micro, micro_rng, mdef)
+
   if num_micro == 1:
     # No scan and no zero-initialised gradient sums to add into: one pass over the parameters
     # fewer (for Mixtral-style MoE, whose parameters are mostly idle experts, that pass shows).
-    micro = {k: constrain(v[0], ('batch', 'length')) for k, v in batch.items()}
-    micro_rng = None if rng is None else jax.random.fold_in(rng, 0)
-    grads, (nll_sum, count, aux) = grad_fn(params, micro, micro_rng, mdef)
+    grads, (nll_sum, count, aux) = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
     return grads, nll_sum, count, aux
 
   def body(carry, xs):
     grads, nll_sum, count, aux_sum = carry
-    micro, i = xs
-    micro = {k: constrain(v, ('batch', 'length')) for k, v in micro.items()}
-    micro_rng = None if rng is None else jax.random.fold_in(rng, i)
-    g, (nll, n, aux) = grad_fn(params, micro, micro_rng, mdef)
+    g, (nll, n, aux) = micro_grads(*xs)
     aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
     return (jax.tree.map(jnp.add, grads, g), nll_sum + nll, count + n, aux_sum), None
 
