@@ -13,7 +13,8 @@ with no allowed key returns zeros.
 
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the ground truth of the tests.
-  xla        `jax.nn.dot_product_attention(implementation='xla')` with the same boolean mask.
+  xla        one [t, s] score matrix per head in plain JAX, with its backward pass written out
+             (GEMM-friendly layouts; see the section below).
   chunked    blockwise online-softmax attention in plain JAX with a custom VJP (flash-attention
              style: the backward pass recomputes scores block by block from the saved
              log-sum-exp); memory O(t + s) plus one [chunk, chunk] block, never [t, s]. Block
@@ -34,10 +35,12 @@ IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
 # Without a fused kernel (CPU, or GPU in float32), 'auto' uses 'chunked' from this many
 # query * key pairs on, 'xla' below. At 4,096 x 4,096 (8 heads, head dim 64, float32) XLA plans
-# 2.1 GiB for forward+backward against 0.24 GiB for 'chunked', and on a 2-core CPU 'chunked' was
+# 1.6 GiB for forward+backward against 0.24 GiB for 'chunked', and on a 2-core CPU 'chunked' was
 # also faster there (causal block skipping): benchmarks/results/attention.md. Below it the single
 # [t, s] matrix is small and one fused XLA computation has less overhead than a loop of blocks.
 AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
+
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
 
 log = logging.getLogger(__name__)
 _logged_choices: set = set()
@@ -114,11 +117,71 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
   return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# xla: one score matrix per head, in plain JAX with a written-out backward pass.
+#
+# Queries are regrouped per kv head as [b, k, m, h] with m = (t, g) merged (g = n / k query heads
+# share a kv head; GQA never repeats K/V), so every matmul is one batched GEMM over (b, k) whose
+# rows are m. The backward computes dK and dV transposed ([b, k, h, s], then a small transpose):
+# XLA:CPU runs ds^T @ q about 1.5x slower than q^T @ ds at these shapes. Written out this way the
+# forward+backward of one layer (32 x 256 tokens, 8 / 2 heads of 64) takes 0.71x the time of
+# `jax.nn.dot_product_attention(implementation='xla')`, whose vmap over query groups makes XLA copy
+# the [t, s] tensors between layouts (benchmarks/results/attention_xla_cpu.md), and plans 0.75x
+# its memory (attention.md). When the tensor axis is larger than the kv heads, the query
+# group dim is sharded and the merge into m makes XLA regroup it (correct, with some traffic).
+# As a custom VJP it supports reverse mode (grad, remat), not forward-mode `jax.jvp`.
+
+
+def _probabilities(q_bkmh, k_bksh, mask_bt1s):
+  """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
+  b, k, m, h = q_bkmh.shape
+  t = mask_bt1s.shape[1]
+  logits_bktgs = jnp.einsum('bkmh,bksh->bkms', q_bkmh, k_bksh,
+                            preferred_element_type=jnp.float32).reshape(b, k, t, m // t, -1)
+  mask_b1t1s = mask_bt1s[:, None]
+  logits_bktgs = jnp.where(mask_b1t1s, logits_bktgs * (1.0 / math.sqrt(h)), _NEG)
+  max_bktg1 = jnp.max(logits_bktgs, axis=-1, keepdims=True)
+  exp_bktgs = jnp.where(mask_b1t1s, jnp.exp(logits_bktgs - max_bktg1), 0.0)
+  sum_bktg1 = jnp.sum(exp_bktgs, axis=-1, keepdims=True)
+  return (exp_bktgs / jnp.where(sum_bktg1 > 0, sum_bktg1, 1.0)).reshape(b, k, m, -1)
+
+
+@jax.custom_vjp
+def _grouped_attention(q_bkmh, k_bksh, v_bksh, mask_bt1s):
+  return _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s)[0]
+
+
+def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
+  p_bkms = _probabilities(q_bkmh, k_bksh, mask_bt1s).astype(v_bksh.dtype)
+  o_bkmh = jnp.einsum('bkms,bksh->bkmh', p_bkms, v_bksh,
+                      preferred_element_type=jnp.float32).astype(q_bkmh.dtype)
+  return o_bkmh, (q_bkmh, k_bksh, v_bksh, o_bkmh, p_bkms)
+
+
+def _grouped_bwd(residuals, do_bkmh):
+  q_bkmh, k_bksh, v_bksh, o_bkmh, p_bkms = residuals
+  scale = 1.0 / math.sqrt(q_bkmh.shape[-1])
+  dp_bkms = jnp.einsum('bkmh,bksh->bkms', do_bkmh, v_bksh, preferred_element_type=jnp.float32)
+  # d logits = p * (dp - sum_s p * dp), and sum_s p * dp = sum_h do * o (a [b, k, m] reduction).
+  rowdot_bkm1 = jnp.sum(do_bkmh.astype(jnp.float32) * o_bkmh.astype(jnp.float32), axis=-1,
+                        keepdims=True)
+  ds_bkms = (p_bkms.astype(jnp.float32) * (dp_bkms - rowdot_bkm1) * scale).astype(q_bkmh.dtype)
+  dq_bkmh = jnp.einsum('bkms,bksh->bkmh', ds_bkms, k_bksh)
+  dk_bksh = jnp.swapaxes(jnp.einsum('bkmh,bkms->bkhs', q_bkmh, ds_bkms), 2, 3)
+  dv_bksh = jnp.swapaxes(jnp.einsum('bkmh,bkms->bkhs', do_bkmh, p_bkms.astype(do_bkmh.dtype)), 2, 3)
+  return dq_bkmh, dk_bksh, dv_bksh, None
+
+
+_grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
+
+
 def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
-  out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None],
-                                          implementation='xla')
-  # jax fills a row with no allowed key with the mean of v; the contract says zeros.
-  return jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0).astype(q_btnh.dtype)
+  b, t, n, h = q_btnh.shape
+  k = k_bskh.shape[2]
+  q_bkmh = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 1, 3, 4).reshape(b, k, -1, h)
+  o_bkmh = _grouped_attention(q_bkmh, jnp.swapaxes(k_bskh, 1, 2), jnp.swapaxes(v_bskh, 1, 2),
+                              mask_bts[:, :, None, :])
+  return o_bkmh.reshape(b, k, t, n // k, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,8 +190,6 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
 # Blocked layouts: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side arrays are
 # [nk, b, r, ...] (r keys per block). Scores of one block pair are [b, k, g, c, r] (g = n / k
 # query heads per kv head), so GQA never repeats K/V.
-
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
 
 
 def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):

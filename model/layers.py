@@ -99,8 +99,9 @@ def swiglu(x_btd, gate_df, up_df, down_fd):
 
   Autodiff fuses the SiLU derivative (several inputs) into the transpose that feeds each
   weight-gradient matmul, and XLA:CPU runs such transposing fusions with strided reads, slower
-  than the matmuls themselves. Keeping h = silu(g) * u as a residual and writing the backward
-  makes every transpose a plain copy of one stored array (benchmarks/bench_dense.py).
+  than the matmuls themselves. Written out, every matmul operand is one plain array
+  (benchmarks/bench_dense.py). The forward keeps x, g and u; the backward recomputes
+  h = silu(g) * u next to the SiLU derivative (one [b, t, f] residual fewer per layer).
   """
   return _swiglu_fwd(x_btd, gate_df, up_df, down_fd)[0]
 
@@ -110,11 +111,12 @@ def _swiglu_fwd(x_btd, gate_df, up_df, down_fd):
   u_btf = constrain(jnp.einsum('btd,df->btf', x_btd, up_df), _HIDDEN)
   h_btf = constrain(jax.nn.silu(g_btf) * u_btf, _HIDDEN)
   y_btd = jnp.einsum('btf,fd->btd', h_btf, down_fd)
-  return y_btd, (x_btd, g_btf, u_btf, h_btf, gate_df, up_df, down_fd)
+  return y_btd, (x_btd, g_btf, u_btf, gate_df, up_df, down_fd)
 
 
 def _swiglu_bwd(residuals, dy_btd):
-  x_btd, g_btf, u_btf, h_btf, gate_df, up_df, down_fd = residuals
+  x_btd, g_btf, u_btf, gate_df, up_df, down_fd = residuals
+  h_btf = constrain(jax.nn.silu(g_btf) * u_btf, _HIDDEN)
   dh_btf = constrain(jnp.einsum('btd,fd->btf', dy_btd, down_fd), _HIDDEN)
   d_down_fd = jnp.einsum('mf,md->fd', merge_rows(h_btf), merge_rows(dy_btd))
   # silu(g) = g * s with s = sigmoid(g); silu'(g) = s * (1 + g * (1 - s)). Float32 elementwise.
