@@ -29,17 +29,23 @@ if __name__ == '__main__':
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.bench_attention import make_step, packed_ids  # noqa: E402
 from benchmarks.bench_moe import machine  # noqa: E402
 from model import attention as attn  # noqa: E402
 
-
-def jax_nn(q_btnh, k_bskh, v_bskh, mask_bts):
-  out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None],
-                                          implementation='xla')
-  return jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0)
+IMPLS = ('jax.nn', 'xla', 'reference')
 
 
-IMPLS = {'jax.nn': jax_nn, 'xla': attn._xla, 'reference': attn._reference}
+def jax_nn_step():
+  """bench_attention.make_step's loss with jax's dense attention in place of attn.attention."""
+  def loss(q_btnh, k_bskh, v_bskh, w_btnh, seg_bt, pos_bt):
+    mask_bts = attn.make_mask(seg_bt, seg_bt, pos_bt, pos_bt)
+    out_btnh = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_bts[:, None],
+                                            implementation='xla')
+    # Rows with no allowed key are zeros in model/attention.py's contract.
+    out_btnh = jnp.where(jnp.any(mask_bts, axis=-1)[:, :, None, None], out_btnh, 0)
+    return jnp.sum(out_btnh * w_btnh)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
 def main():
@@ -57,15 +63,12 @@ def main():
   q = jax.random.normal(keys[0], (b, t, n, h))
   kk, v = (jax.random.normal(key, (b, t, k, h)) for key in keys[1:3])
   w = jax.random.normal(keys[3], (b, t, n, h))
-  segments = jnp.broadcast_to(jnp.where(jnp.arange(t) < t // 2, 1, 2), (b, t)).astype(jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(t) % (t // 2), (b, t)).astype(jnp.int32)
-  mask = attn.make_mask(segments, segments, positions, positions)
+  seg, pos = (jnp.broadcast_to(ids, (b, t)) for ids in packed_ids(t, t // 2))
+  inputs = (q, kk, v, w, seg, pos)
 
-  steps, results = {}, {}
-  for name, fn in IMPLS.items():
-    loss = lambda q, kk, v, fn=fn: jnp.sum(fn(q, kk, v, mask) * w)
-    steps[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    results[name] = jax.block_until_ready(steps[name](q, kk, v))
+  steps = {'jax.nn': jax_nn_step(), 'xla': make_step('xla', 1024),
+           'reference': make_step('reference', 1024)}
+  results = {name: jax.block_until_ready(step(*inputs)) for name, step in steps.items()}
   want = jax.tree.leaves(results['reference'][1])
   errors = {name: max(float(jnp.max(jnp.abs(g - r)) / jnp.max(jnp.abs(r)))
                       for g, r in zip(jax.tree.leaves(res[1]), want))
@@ -74,7 +77,7 @@ def main():
   for i in range(args.rounds):
     for name in (list(IMPLS) if i % 2 == 0 else list(IMPLS)[::-1]):
       t0 = time.perf_counter()
-      jax.block_until_ready(steps[name](q, kk, v))
+      jax.block_until_ready(steps[name](*inputs))
       times[name].append(time.perf_counter() - t0)
   flops = 3 * 4 * b * n * t * t * h  # Executed: the whole [t, t] score matrix, fwd + 2x bwd.
   lines = [

@@ -124,7 +124,7 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
 # share a kv head; GQA never repeats K/V), so every matmul is one batched GEMM over (b, k) whose
 # rows are m. The backward computes dK and dV transposed ([b, k, h, s], then a small transpose):
 # XLA:CPU runs ds^T @ q about 1.5x slower than q^T @ ds at these shapes. Written out this way the
-# forward+backward of one layer (32 x 256 tokens, 8 / 2 heads of 64) takes 0.71x the time of
+# forward+backward of one layer (32 x 256 tokens, 8 / 2 heads of 64) takes 0.71-0.75x the time of
 # `jax.nn.dot_product_attention(implementation='xla')`, whose vmap over query groups makes XLA copy
 # the [t, s] tensors between layouts (benchmarks/results/attention_xla_cpu.md), and plans 0.75x
 # its memory (attention.md). When the tensor axis is larger than the kv heads, the query
