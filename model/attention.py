@@ -21,8 +21,13 @@ Implementations (IMPLEMENTATIONS):
              pairs with no allowed (query, key) pair, e.g. the future under causality, are
              skipped with lax.cond.
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
-  splash     TPU Pallas splash attention with segment ids and a causal mask, TPUs only.
-  auto       `resolve()` picks one per backend and shape and logs the choice once.
+  splash     TPU Pallas splash attention with segment ids and a causal mask, TPUs only; under a
+             mesh it runs in `shard_map` over the batch and head axes (whole sequences per
+             device).
+  auto       `resolve()` picks one per platform and shape and logs the choice once.
+
+The platform is that of the mesh being compiled for (`model.sharding.mesh_platform`), so a TPU
+kernel compiles ahead of time on abstract TPU devices from a CPU host (train/aot.py).
 """
 
 import logging
@@ -30,6 +35,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from model.sharding import logical_to_spec, mesh_platform
 
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
@@ -86,14 +94,14 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
   a multiple of 8 and at most 128, or 256 from Hopper on — 128 is assumed here); 'splash' on TPU
   when the call is self-attention (q_len == kv_len) over a multiple of 128 tokens; otherwise
   'chunked' when q_len * kv_len >= AUTO_CHUNKED_MIN_PAIRS and 'xla' below that. `backend`,
-  `dtype` and `head_dim` default to the default backend / 'unknown' (treated as eligible).
+  `dtype` and `head_dim` default to the mesh's platform / 'unknown' (treated as eligible).
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model/attention.py: implementation {implementation!r} is not one of '
                      f'{IMPLEMENTATIONS}')
   if implementation != 'auto':
     return implementation
-  backend = backend or jax.default_backend()
+  backend = backend or mesh_platform()
   half = dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   head_ok = head_dim is None or (head_dim % 8 == 0 and head_dim <= 128)
   if backend in ('gpu', 'cuda') and half and head_ok and q_len > 1:
@@ -348,11 +356,13 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
 
 
 def _require_nvidia_gpu():
-  backend = jax.default_backend()
-  platform_version = getattr(jax.devices()[0].client, 'platform_version', '').lower()
-  if backend != 'gpu' or 'rocm' in platform_version:
+  backend = mesh_platform()
+  platform_version = ''
+  if backend == jax.default_backend():
+    platform_version = getattr(jax.devices()[0].client, 'platform_version', '').lower()
+  if backend not in ('gpu', 'cuda') or 'rocm' in platform_version:
     raise RuntimeError(
-        f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the JAX "
+        f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the target "
         f"backend is {backend!r} ({platform_version or 'no platform version'}); use 'xla', "
         f"'chunked' or 'auto' instead.")
 
@@ -384,17 +394,47 @@ def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, inte
   position rule for self-attention (t == s) where positions grow by one along each document,
   which is how packed training batches are built. KV-cache decoding (t != s) is refused: use
   'xla' there. `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
+
+  A Pallas kernel is opaque to the SPMD partitioner, so under a mesh the kernel runs inside
+  `jax.shard_map` on each device's own batch rows and heads: q, k, v keep the activation
+  sharding of model/transformer.py (batch; query and kv heads over their rule's axes, split the
+  same ways so that each device holds whole GQA groups). The sequence must not be split
+  (`sharding_rules.length` unset): splash needs whole sequences.
   """
-  if not interpret and jax.default_backend() != 'tpu':
-    raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the JAX "
-                       f"backend is {jax.default_backend()!r}; use 'xla', 'chunked' or 'auto'.")
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU-only import.
-  b, t, n, h = q_btnh.shape
-  s, k = k_bskh.shape[1:3]
-  g = n // k
+  platform = mesh_platform()
+  if not interpret and platform != 'tpu':
+    raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the target "
+                       f"backend is {platform!r} (the mesh's platform); use 'xla', 'chunked' or "
+                       f"'auto'.")
+  t, s = q_btnh.shape[1], k_bskh.shape[1]
   if t != s or t % 128:
     raise ValueError(f"model/attention.py: implementation 'splash' needs self-attention over a "
                      f"multiple of 128 tokens (q_len == kv_len), got q_len={t}, kv_len={s}.")
+  local = lambda *args: _splash_local(*args, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+  q_spec = logical_to_spec(('batch', 'length', 'act_heads', None), q_btnh.shape, mesh)
+  kv_spec = logical_to_spec(('batch', 'length', 'act_kv_heads', None), k_bskh.shape, mesh)
+  if q_spec[1] is not None:
+    raise ValueError(f"model/attention.py: implementation 'splash' needs whole sequences per "
+                     f"device, but the sequence is split over {q_spec[1]!r} "
+                     f"(sharding_rules.length); use 'chunked' or 'xla' with sequence sharding.")
+  heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # Whole GQA groups per device.
+  q_spec, kv_spec = P(q_spec[0], None, heads, None), P(q_spec[0], None, heads, None)
+  seg_spec = P(q_spec[0], None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)(
+                           q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+
+
+def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret):
+  """Splash on the rows and heads at hand: MHA kernel when k == n, else one MQA kernel per kv
+  head over its g query heads."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas TPU import: only when used.
+  b, t, n, h = q_btnh.shape
+  s, k = k_bskh.shape[1:3]
+  g = n // k
   scale = 1.0 / math.sqrt(h)
   segment_ids = splash.SegmentIds(q=q_segment_ids_bt.astype(jnp.int32),
                                   kv=kv_segment_ids_bs.astype(jnp.int32))
@@ -421,10 +461,10 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
   s = k_bskh.shape[1]
   impl = resolve(implementation, t, s, dtype=q_btnh.dtype, head_dim=h)
   if implementation == 'auto':
-    key = (jax.default_backend(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
+    key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
     if key not in _logged_choices:
       _logged_choices.add(key)
-      log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, key[0], key[1], key[2],
+      log.info('attention auto -> %s (platform %s, q %s, kv %s, %s)', impl, key[0], key[1], key[2],
                key[3])
   segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
   if impl == 'reference':

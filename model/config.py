@@ -13,6 +13,7 @@ class ConfigError(ValueError):
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'attn_proj')
 ATTENTION_IMPLS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 DISPATCH_IMPLS = ('capacity', 'dropless', 'reference')
+GROUPED_MATMULS = ('auto', 'ragged_dot', 'gmm')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ModelConfig:
   moe_every: int = 1  # Every moe_every-th layer is MoE (1: all layers).
   capacity_factor: float = 1.25
   dispatch: str = 'capacity'  # One of DISPATCH_IMPLS.
+  grouped_matmul: str = 'auto'  # Dropless kernel, one of GROUPED_MATMULS (model/moe.py).
   router_jitter: float = 0.0
   load_balance_weight: float = 0.01
   router_z_weight: float = 0.001
@@ -105,4 +107,6 @@ class ModelConfig:
       need(self.num_layers % self.moe_every == 0, 'moe_every',
            f'moe_every={self.moe_every} must divide num_layers={self.num_layers}')
       need(self.dispatch in DISPATCH_IMPLS, 'dispatch', f'{self.dispatch!r} is not one of {DISPATCH_IMPLS}')
+      need(self.grouped_matmul in GROUPED_MATMULS, 'grouped_matmul',
+           f'{self.grouped_matmul!r} is not one of {GROUPED_MATMULS}')
       need(self.capacity_factor > 0, 'capacity_factor', 'must be positive')

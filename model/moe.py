@@ -23,8 +23,11 @@ implementations (cfg.dispatch) compute the same function whenever nothing is dro
     O(b t k) indices instead of the O(b t e c) one-hot dispatch/combine tensors of GShard-style
     einsum dispatch, whose matmuls cost O(b t^2 k d) (quadratic in the row length): on CPU the two
     tie at 256-token rows and gather wins clearly at 1024 (benchmarks/results/moe_block*.md).
-  * 'dropless': token-expert assignments sorted by expert and multiplied with grouped matmuls
-    (`jax.lax.ragged_dot`); group sizes are traced values, nothing is dropped.
+  * 'dropless': token-expert assignments sorted by expert and multiplied with grouped matmuls;
+    group sizes are traced values, nothing is dropped. The grouped matmul (cfg.grouped_matmul)
+    is `jax.lax.ragged_dot` or the megablox Pallas kernel `gmm` (TPU; the Pallas interpreter
+    elsewhere); 'auto' takes `gmm` when compiling for TPU (the mesh's platform) and
+    `ragged_dot` otherwise (docs/scale.md compares the two as compiled by XLA:TPU).
   * 'reference': a Python loop over experts, each applied densely to every token and masked by
     its routing weight. Simple enough to trust; tests compare the others against it.
 The capacity path runs the experts through `expert_swiglu`, whose backward is written out (see
@@ -72,7 +75,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
 from model.layers import merge_rows, param
-from model.sharding import constrain, logical_to_spec, spec_axes
+from model.sharding import constrain, logical_to_spec, mesh_platform, spec_axes
 
 AUX_KEYS = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy',
             'expert_load_min', 'expert_load_max')
@@ -174,8 +177,43 @@ def _dropless_shard_specs(shape_btd, f: int, mesh):
   return x_spec, w_specs, f_axes
 
 
+def grouped_matmul_kernel(name: str) -> str:
+  """The concrete kernel `cfg.grouped_matmul` means on the platform being compiled for."""
+  if name != 'auto':
+    return name
+  return 'gmm' if mesh_platform() == 'tpu' else 'ragged_dot'
+
+
+def _gmm_tile(size: int) -> int:
+  return next(t for t in (512, 256, 128, size) if size % t == 0)
+
+
+def grouped_matmul(x_md, w_eij, group_sizes_e, kernel: str):
+  """Rows of x_md are sorted by group, group e has group_sizes_e[e] rows (summing to m); row r
+  of group e is multiplied by w_eij[e]. Returns [m, j] in x's dtype.
+
+  'gmm' is megablox's kernel (custom VJP: gmm for dx, tgmm for dw), compiled for TPU and run
+  in the Pallas interpreter on other platforms (tests). Its row tile must divide m: rows are
+  padded with zeros, counted in the last group (zero rows add nothing to any gradient) and
+  sliced off the result."""
+  if kernel == 'ragged_dot':
+    return jax.lax.ragged_dot(x_md, w_eij, group_sizes_e)
+  if kernel != 'gmm':
+    raise ConfigError(f'model.grouped_matmul: {kernel!r} is not one of ragged_dot, gmm, auto')
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # Pallas TPU import: only when used.
+  m, i = x_md.shape
+  tm = min(512, -(-m // 128) * 128)
+  pad = -m % tm
+  x_pd = jnp.pad(x_md, ((0, pad), (0, 0)))
+  sizes_e = group_sizes_e.at[-1].add(pad)
+  tiling = (tm, _gmm_tile(i), _gmm_tile(w_eij.shape[-1]))
+  y_pj = megablox.gmm(x_pd, w_eij, sizes_e, x_md.dtype, tiling, None, None, False,
+                      mesh_platform() != 'tpu')
+  return y_pj[:m]
+
+
 def _dropless_local(x_btd, experts_btk, weights_btk, gate_edf, up_edf, down_efd, *, k: int, e: int,
-                    psum_axes: tuple[str, ...]):
+                    psum_axes: tuple[str, ...], kernel: str = 'ragged_dot'):
   """Dropless experts on the tokens at hand: assignments sorted by expert, grouped matmuls.
 
   Under a mesh this runs inside `shard_map` on each device's own tokens, so the sort is local
@@ -188,9 +226,9 @@ def _dropless_local(x_btd, experts_btk, weights_btk, gate_edf, up_edf, down_efd,
   order_m = jnp.argsort(experts_m, stable=True)  # Assignment m of the sorted list.
   x_md = jnp.take(x_btd.reshape(b * t, d), order_m // k, axis=0)
   group_sizes_e = jnp.bincount(experts_m, length=e).astype(jnp.int32)
-  h_mf = (jax.nn.silu(jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)) *
-          jax.lax.ragged_dot(x_md, up_edf, group_sizes_e))
-  y_md = jax.lax.ragged_dot(h_mf, down_efd, group_sizes_e)
+  h_mf = (jax.nn.silu(grouped_matmul(x_md, gate_edf, group_sizes_e, kernel)) *
+          grouped_matmul(x_md, up_edf, group_sizes_e, kernel))
+  y_md = grouped_matmul(h_mf, down_efd, group_sizes_e, kernel)
   unsort_m = jnp.zeros_like(order_m).at[order_m].set(jnp.arange(order_m.size, dtype=order_m.dtype))
   y_btkd = jnp.take(y_md, unsort_m, axis=0).reshape(b, t, k, d)
   y_btd = jnp.einsum('btk,btkd->btd', weights_btk.astype(x_btd.dtype), y_btkd)
@@ -281,15 +319,18 @@ class MoeBlock(nnx.Module):
   def _dropless(self, x_btd, experts_btk, weights_btk):
     """Sort + grouped matmul, run per device shard of the tokens (see `_dropless_shard_specs`)."""
     experts = self._experts()
+    kernel = grouped_matmul_kernel(self.cfg.grouped_matmul)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
       return _dropless_local(x_btd, experts_btk, weights_btk, *experts, k=self.cfg.experts_per_token,
-                             e=self.cfg.num_experts, psum_axes=())
+                             e=self.cfg.num_experts, psum_axes=(), kernel=kernel)
     x_spec, w_specs, f_axes = _dropless_shard_specs(x_btd.shape, experts[0].shape[-1], mesh)
     local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
-                              e=self.cfg.num_experts, psum_axes=f_axes)
+                              e=self.cfg.num_experts, psum_axes=f_axes, kernel=kernel)
+    # Pallas kernels declare no varying-manual-axes types: shard_map's check is off for gmm.
     return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + w_specs,
-                         out_specs=x_spec)(x_btd, experts_btk, weights_btk, *experts)
+                         out_specs=x_spec, check_vma=kernel != 'gmm')(
+                             x_btd, experts_btk, weights_btk, *experts)
 
   def _reference(self, x_btd, experts_btk, weights_btk):
     gate_edf, up_edf, down_efd = self._experts()

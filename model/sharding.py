@@ -110,6 +110,15 @@ def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int],
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
+def mesh_platform() -> str:
+  """The platform being compiled for: that of the mesh set with `jax.set_mesh` (whose devices
+  may be abstract ones of a TPU topology with no TPU attached, train/aot.py), else JAX's
+  default backend. Kernel choices read this, never `jax.default_backend()` alone."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op when no mesh is set (e.g. notebooks)."""
   mesh = jax.sharding.get_abstract_mesh()

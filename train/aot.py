@@ -1,4 +1,13 @@
-"""Ahead-of-time compile of the train step on emulated CPU devices: XLA's own memory plan.
+"""Ahead-of-time compile of the train step: XLA's own memory plan, for a compile target
+(`compile_for_target`: TPU topologies with no TPU attached, train/targets.py) or for emulated
+CPU devices (`compiled_memory`, below).
+
+`compile_for_target(config, target)` compiles the config as it is (full depth, its dtypes, its
+attention kernel and MoE dispatch; only another platform's fused attention kernel is swapped
+for the target's, `target_variant`) and reports memory_analysis(), cost_analysis() and the
+collectives of the optimised HLO (train/hlo.py).
+
+The CPU path:
 
 `compiled_memory(config, devices)` lowers and compiles `train.step.train_step` for the config's
 mesh with abstract inputs (ShapeDtypeStructs carrying their shardings): nothing is allocated
@@ -29,12 +38,22 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
+
+from model.sharding import logical_to_spec, make_rules, use_rules
+from train import config as config_lib
+from train import hlo
+from train import optimizer as optimizer_lib
+from train import state as state_lib
+from train import step as step_lib
+from train.mesh import make_mesh
 
 CPU_STAND_IN = {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}
 COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
@@ -65,24 +84,16 @@ def compile_variant(config, num_layers: int):
   return c
 
 
-def compiled_memory(config, devices=None) -> CompiledMemory:
-  """Compiles one train step of `config` (as given: call `compile_variant` first) for its mesh
-  over `devices` (default: all of this process's) and returns XLA's per-device memory plan."""
-  import time
-
-  from model.sharding import logical_to_spec, make_rules, use_rules
-  from train import config as config_lib
-  from train import optimizer as optimizer_lib
-  from train import state as state_lib
-  from train import step as step_lib
-  from train.mesh import make_mesh
-
+def lower_train_step(config, devices=None):
+  """`train.step.train_step` of `config` lowered for its mesh over `devices` (default: all of
+  this process's; or the abstract devices of a compile target), with abstract inputs:
+  ShapeDtypeStructs carrying their shardings. Nothing executes and nothing is allocated, so
+  the devices need not be attached. Returns (lowered, validated ModelConfig)."""
   devices = jax.devices() if devices is None else devices
   cfg = config_lib.validate(config, len(devices))
   mesh = make_mesh(config.mesh, devices)
   rules = make_rules(config.sharding_rules.to_dict())
   t = config.train
-  t0 = time.perf_counter()
   with jax.set_mesh(mesh), use_rules(rules):
     tx = optimizer_lib.make(config.optim, t.steps)
     schedule = optimizer_lib.schedule(config.optim, t.steps)
@@ -103,12 +114,81 @@ def compiled_memory(config, devices=None) -> CompiledMemory:
                                      sharding=batch_sharding) for k in BATCH_KEYS}
     step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding,
                                    use_router_noise=cfg.is_moe and cfg.router_jitter > 0)
-    stats = step.lower(state, batch).compile(compiler_options=COMPILER_OPTIONS).memory_analysis()
-  return CompiledMemory(num_layers=cfg.num_layers, argument_bytes=int(stats.argument_size_in_bytes),
+    return step.lower(state, batch), cfg
+
+
+def _memory(stats, num_layers: int, seconds: float) -> CompiledMemory:
+  return CompiledMemory(num_layers=num_layers, argument_bytes=int(stats.argument_size_in_bytes),
                         output_bytes=int(stats.output_size_in_bytes),
                         alias_bytes=int(stats.alias_size_in_bytes),
-                        temp_bytes=int(stats.temp_size_in_bytes),
-                        compile_seconds=time.perf_counter() - t0)
+                        temp_bytes=int(stats.temp_size_in_bytes), compile_seconds=seconds)
+
+
+def compiled_memory(config, devices=None) -> CompiledMemory:
+  """Compiles one train step of `config` (as given: call `compile_variant` first) for its mesh
+  over `devices` (default: all of this process's) and returns XLA's per-device memory plan."""
+  t0 = time.perf_counter()
+  lowered, cfg = lower_train_step(config, devices)
+  stats = lowered.compile(compiler_options=COMPILER_OPTIONS).memory_analysis()
+  return _memory(stats, cfg.num_layers, time.perf_counter() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetCompile:
+  """What the target's own compiler planned for one train step, per device."""
+  memory: CompiledMemory
+  flops: float  # cost_analysis(): FLOPs per device per step (loops counted by XLA).
+  bytes_accessed: float  # cost_analysis(): HBM bytes per device per step.
+  collectives: hlo.Collectives
+  notes: tuple  # How the compiled config differs from the one given (target_variant).
+
+
+class DoesNotFit(ValueError):
+  """The target's compiler refused the program for lack of device memory."""
+
+
+# The fused attention kernel of each platform, for configs written for another one.
+PLATFORM_ATTENTION = {'tpu': {'cudnn': 'splash'}, 'gpu': {'splash': 'cudnn'}}
+
+
+def target_variant(config, platform: str):
+  """The config as compiled for `platform`: unchanged, except that a fused attention kernel of
+  another platform becomes this platform's (dense_65b names `cudnn`, its A100 kernel; on a TPU
+  target that is `splash`). Returns (copy, notes)."""
+  c = copy.deepcopy(config)
+  was = c.model.attention
+  now = PLATFORM_ATTENTION.get(platform, {}).get(was, was)
+  notes = []
+  if now != was:
+    c.model.attention = now
+    notes.append(f'model.attention={was!r} is not a {platform} kernel: compiled with {now!r}')
+  return c, tuple(notes)
+
+
+def compile_for_target(config, target) -> TargetCompile:
+  """Compiles the config's real train step (full depth, its dtypes, attention and dispatch)
+  for `target` (train/targets.py Target): XLA:TPU's (or XLA:GPU's) own plan and cost."""
+  config, notes = target_variant(config, target.platform)
+  t0 = time.perf_counter()
+  lowered, cfg = lower_train_step(config, list(target.devices))
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    used = re.search(r'Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) hbm', str(e))
+    raise DoesNotFit(f'{target.name}: XLA refuses the train step: it needs '
+                     f'{used.group(1) if used else "more than"} of the {used.group(2) if used else ""} '
+                     f'HBM per device') from None
+  seconds = time.perf_counter() - t0
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return TargetCompile(memory=_memory(compiled.memory_analysis(), cfg.num_layers, seconds),
+                       flops=float(cost.get('flops', 0.0)),
+                       bytes_accessed=float(cost.get('bytes accessed', 0.0)),
+                       collectives=hlo.collectives(compiled.as_text(), len(target.devices)),
+                       notes=notes)
 
 
 def compiled_memory_subprocess(config, num_devices: int, timeout: float = 1800) -> CompiledMemory:

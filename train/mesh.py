@@ -4,6 +4,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
 from model.config import ConfigError
@@ -36,13 +37,30 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The config's mesh over `devices` (default: all). Devices of another platform than this
+  process's (abstract devices of a compile target, train/targets.py) are laid out by
+  `jax.make_mesh` for their physical topology (or, where no mesh axis maps onto whole physical
+  axes, e.g. tensor=4 on an 8x8x8 torus, with physical axes split); a mesh that cannot be laid out on it is a
+  ConfigError naming `mesh.*`."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if devices[0].platform != jax.default_backend():
+    try:
+      return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      pass  # No axis-per-physical-axis layout: allow a mesh axis to split a physical one.
+    try:
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      raise ConfigError(f'mesh: {sizes} (mesh.*) cannot be laid out on the {len(devices)} '
+                        f'{devices[0].device_kind} devices of the target: '
+                        f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}') from None
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                           axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:

@@ -37,7 +37,7 @@ from train.mesh import mesh_shape
 def define_flags() -> None:
   """The CLI's flags, defined only when run as `python -m train.plan`: importing this module as a
   library (tests, notebooks) must not claim absl flag names such as --config."""
-  global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS
+  global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS, _TARGET
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
   _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
   _MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for tokens/s and time.')
@@ -46,6 +46,9 @@ def define_flags() -> None:
   _DEVICES = flags.DEFINE_integer('devices', 0, 'Device count; needed only when a mesh axis is -1.')
   _COMPILE = flags.DEFINE_bool('compile', False, 'Also compile the train step on emulated CPU '
                                'devices and report XLA\'s per-device memory plan (minutes).')
+  _TARGET = flags.DEFINE_string('target', '', 'Compile the real train step for an accelerator '
+                                'topology that is not attached, e.g. tpu:v5p:8x8x8 (needs the '
+                                '.[tpu] extra; train/targets.py) and report its compiler\'s plan.')
   _DEPTHS = flags.DEFINE_list('compile_depths', ['2', '3'], 'Layer units compiled; memory is '
                               'extrapolated linearly in depth from the first two.')
 
@@ -58,7 +61,8 @@ def device_count(config, devices: int = 0) -> int:
     return devices
   n = math.prod(sizes.values())
   if devices and devices != n:
-    raise ConfigError(f'--devices={devices} but the mesh {sizes} (mesh.*) has {n} devices')
+    raise ConfigError(f'mesh: {sizes} (mesh.*) has {n} devices, but there are {devices} '
+                      f'(--devices, or the --target topology)')
   return n
 
 
@@ -147,15 +151,35 @@ def _validate(config, n: int):
   sources. A config may name sources that only the command line completes (e.g.
   experiments/dense_65b_sft.py's `sft`, whose path is a flag); the planner reads no data, so a
   data-source error is reported as a warning and the rest is planned with the default sources.
+  A post-training config (train/posttrain/config.py: `stage`, `rm`, `ppo`, `dpo`) is planned as
+  its trained decoder's update step; the warning says what that leaves out.
   Returns (validated model config, config to plan with, warnings)."""
+  config, warnings = _policy_step(config)
   try:
-    return config_lib.validate(config, n), config, []
+    return config_lib.validate(config, n), config, warnings
   except ConfigError as e:
     if 'config.data.source' not in str(e):
       raise
     trimmed = _default_sources(config)
-    return config_lib.validate(trimmed, n), trimmed, [
+    return config_lib.validate(trimmed, n), trimmed, warnings + [
         f'data: {e} (the run would stop there; the planner reads no data and plans the rest)']
+
+
+POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'dpo')
+
+
+def _policy_step(config):
+  present = [k for k in POSTTRAIN_SECTIONS if k in config]
+  if not present:
+    return config, []
+  stage = config.get('stage', '') or 'post-training'
+  trimmed = ml_collections.ConfigDict(config.to_dict())
+  for key in present:
+    del trimmed[key]
+  return trimmed, [f'stage {stage!r}: planned as the decoder update step of train.global_batch='
+                   f'{config.train.global_batch} sequences of data.seq_len={config.data.seq_len} '
+                   f'tokens on this mesh; the reference, reward and value models and rollouts '
+                   f'are not counted here']
 
 
 def _default_sources(config):
@@ -231,6 +255,136 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   }
 
 
+def _flops_variant(config, layers: int):
+  """One micro-batch of `config` with `layers` layers unrolled: XLA's cost_analysis() counts a
+  loop body once whatever its trip count, so FLOPs and bytes are measured on unrolled layers
+  at two depths and extrapolated (linear in depth), and one micro-batch step is multiplied by
+  train.grad_accum (the optimizer update, ~10 FLOPs per parameter, is then counted
+  grad_accum times: negligible next to 6 x params x tokens)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.num_layers = layers
+  c.model.scan_layers = False
+  c.train.global_batch = config.train.global_batch // config.train.grad_accum
+  c.train.grad_accum = 1
+  return c
+
+
+def kernel_flops_per_token(cfg, seq_len: int, attention: str) -> float:
+  """Training FLOPs per token inside Pallas kernels that XLA's cost_analysis() counts as zero:
+  splash attention (model/flops.py's attention term; with remat its forward runs twice, x 4/3).
+  megablox gmm declares a cost estimate to XLA, which counts it (tests/test_targets.py)."""
+  if attention != 'splash':
+    return 0.0
+  return training_flops_per_token(cfg, seq_len).attention_per_token * (
+      4 / 3 if cfg.remat != 'none' else 1.0)
+
+
+def remat_flops_ratio(cfg, seq_len: int) -> float:
+  """Compiled / model FLOPs that remat alone explains: with a remat policy the layers' forward
+  runs twice (4/3 of their 3x-forward training FLOPs; `full` recomputes all of it, the others
+  at most that), the output head's does not."""
+  total = training_flops_per_token(cfg, seq_len).per_token
+  head = 6 * cfg.d_model * cfg.vocab_size
+  return 1.0 if cfg.remat == 'none' else ((total - head) * 4 / 3 + head) / total
+
+
+def target_section(config, target, compile_fn=None) -> dict:
+  """The config's real train step compiled for `target_name` (train/targets.py): the target
+  compiler's memory per device against the chip's HBM (`target`: a name or a Target), FLOPs and HBM bytes per step, the
+  collectives of the compiled HLO, and the roofline step time they imply. Raises ConfigError
+  for a target or mesh that cannot work; `check_target_fits` for a step that does not fit."""
+  from train import aot, targets
+  compile_fn = compile_fn or aot.compile_for_target
+  target = targets.abstract_devices(target) if isinstance(target, str) else target
+  n = len(target.devices)
+  _, config, warnings = _validate(config, n)
+  cfg = config_lib.model_config(config)
+  try:
+    full = compile_fn(config, target)
+  except aot.DoesNotFit as e:
+    raise ConfigError(f'{e}. Try: ' + '; '.join(_target_fixes(cfg, config)) +
+                      ' (docs/scale.md)') from None
+  per_unit = cfg.moe_every if cfg.is_moe else 1
+  units = cfg.num_layers // per_unit
+  r1, r2 = (compile_fn(_flops_variant(config, d * per_unit), target) for d in (1, 2))
+  accum = config.train.grad_accum
+  xla_flops = accum * (r1.flops + (units - 1) * (r2.flops - r1.flops))
+  hbm_bytes = accum * (r1.bytes_accessed + (units - 1) * (r2.bytes_accessed - r1.bytes_accessed))
+  seq = config.data.seq_len
+  attention = aot.target_variant(config, target.platform)[0].model.attention
+  tokens_per_device = config.train.global_batch * seq / n
+  kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
+  model_flops = training_flops_per_token(cfg, seq).per_token * tokens_per_device
+  peak = target.chip.peak_tflops * 1e12 / target.devices_per_chip
+  hbm_bw = target.chip.hbm_gbps * 1e9 / target.devices_per_chip
+  ici_bw = target.chip.ici_gbps * 1e9 / target.devices_per_chip
+  compiled_flops = xla_flops + kernel_flops
+  times = {'compute': compiled_flops / peak, 'hbm': hbm_bytes / hbm_bw,
+           'collectives': full.collectives.moved_bytes / ici_bw}
+  step_s = max(times.values())
+  mem = full.memory
+  p = {
+      'target': target.name,
+      'target_devices': n,
+      'target_devices_per_chip': target.devices_per_chip,
+      'target_notes': list(full.notes) + warnings,
+      'target_attention': attention,
+      'target_grouped_matmul': (cfg.grouped_matmul if not cfg.is_moe or cfg.grouped_matmul != 'auto'
+                                else ('gmm' if target.platform == 'tpu' else 'ragged_dot'))
+                               if cfg.is_moe and cfg.dispatch == 'dropless' else '',
+      'target_arguments_gib': memory_lib.gib(mem.argument_bytes),
+      'target_temporaries_gib': memory_lib.gib(mem.temp_bytes),
+      'target_total_gib': memory_lib.gib(mem.total_bytes),
+      'target_hbm_gib': memory_lib.gib(target.device_hbm_bytes),
+      'target_fits': bool(mem.total_bytes <= target.device_hbm_bytes),
+      'target_compiled_tflops_per_step': compiled_flops / 1e12,
+      'target_xla_tflops_per_step': xla_flops / 1e12,
+      'target_kernel_tflops_per_step': kernel_flops / 1e12,
+      'target_model_tflops_per_step': model_flops / 1e12,
+      'target_compiled_over_model_flops': round(compiled_flops / model_flops, 3),
+      'target_remat_explains': round(remat_flops_ratio(cfg, seq), 3),
+      'target_hbm_gb_per_step': round(hbm_bytes / 1e9, 2),
+      'target_collectives': {k: {'count': c.count, 'gb': round(c.bytes / 1e9, 3),
+                                 'gb_moved': round(c.moved / 1e9, 3)}
+                             for k, c in full.collectives.by_kind.items()},
+      'target_unknown_trip_counts': full.collectives.unknown_trip_counts,
+      'target_compute_s': round(times['compute'], 4),
+      'target_hbm_s': round(times['hbm'], 4),
+      'target_collectives_s': round(times['collectives'], 4),
+      'target_roofline_step_s': round(step_s, 4),
+      'target_no_overlap_step_s': round(sum(times.values()), 4),
+      'target_bound_by': max(times, key=times.get),
+      'target_roofline_mfu': round(model_flops / (step_s * peak), 3),
+      'target_days_to_train': round(config.train.steps * step_s / 86400, 2),
+      'target_compile_s': round(full.memory.compile_seconds, 1),
+  }
+  return p
+
+
+def _target_fixes(cfg, config) -> list[str]:
+  fixes = []
+  if cfg.remat != 'full':
+    fixes.append('model.remat=full')
+  micro = config.train.global_batch // config.train.grad_accum
+  fixes.append(f'a smaller micro-batch per device (train.grad_accum={config.train.grad_accum} '
+               f'-> {2 * config.train.grad_accum}, micro-batch {micro} -> {micro // 2})')
+  fixes.append('more model parallelism (mesh.tensor' + (', mesh.expert' if cfg.is_moe else '') +
+               ' at the expense of mesh.fsdp)')
+  return fixes
+
+
+def check_target_fits(p: dict, config) -> None:
+  """ConfigError naming the knobs if the target compiler's plan exceeds the chip's HBM."""
+  if 'target_fits' not in p or p['target_fits']:
+    return
+  cfg = config_lib.model_config(config)
+  raise ConfigError(
+      f'{p["target"]}: the compiled train step needs {p["target_total_gib"]} GiB per device '
+      f'(arguments {p["target_arguments_gib"]}, temporaries {p["target_temporaries_gib"]}), over '
+      f'the {p["target_hbm_gib"]} GiB of HBM. Try: ' + '; '.join(_target_fixes(cfg, config)) +
+      ' (docs/scale.md).')
+
+
 def _fmt(value) -> str:
   if isinstance(value, bool) or value is None:
     return {True: 'yes', False: 'NO', None: 'unknown (hardware.device_memory_gb=0)'}[value]
@@ -240,6 +394,9 @@ def _fmt(value) -> str:
     return f'{value:,.4g}' if abs(value) < 1e6 else f'{value:.4g}'
   if isinstance(value, list):
     return ', '.join(_fmt(v) for v in value)
+  if isinstance(value, dict):
+    return '; '.join(f'{k} {v["count"]:,} / {v["gb"]:g} / {v["gb_moved"]:g}'
+                     for k, v in value.items() if v['count'])
   return str(value)
 
 
@@ -257,6 +414,18 @@ SECTIONS = (
         'compiled_total_at_depths_gib', 'compiled_temp_at_depths_gib', 'compiled_per_layer_gib',
         'compiled_total_gib',
         'analytic_of_compiled_variant_gib', 'analytic_over_compiled', 'compile_seconds')),
+    ('compiled for the target by its own compiler, per device', (
+        'target', 'target_devices', 'target_devices_per_chip', 'target_attention',
+        'target_grouped_matmul', 'target_arguments_gib', 'target_temporaries_gib',
+        'target_total_gib', 'target_hbm_gib', 'target_fits', 'target_compiled_tflops_per_step',
+        'target_xla_tflops_per_step', 'target_kernel_tflops_per_step',
+        'target_model_tflops_per_step', 'target_compiled_over_model_flops', 'target_remat_explains',
+        'target_hbm_gb_per_step')),
+    ('collectives per step (count, GB result, GB moved per device)', ('target_collectives',)),
+    ('roofline (perfect overlap: step = max of the three; no overlap: their sum)', (
+        'target_compute_s', 'target_hbm_s', 'target_collectives_s', 'target_roofline_step_s',
+        'target_no_overlap_step_s', 'target_bound_by', 'target_roofline_mfu',
+        'target_days_to_train', 'target_compile_s')),
     ('throughput', ('peak_tflops_per_device', 'mfu', 'tokens_per_sec', 'step_seconds',
                     'days_to_train', 'wall_clock_days', 'mfu_implied_by_wall_clock')),
 )
@@ -264,6 +433,7 @@ SECTIONS = (
 
 def format_table(p: dict) -> str:
   lines = [f'warning: {w}' for w in p.get('warnings', [])]
+  lines += [f'note: {w}' for w in p.get('target_notes', [])]
   width = max(len(k) for _, keys in SECTIONS for k in keys)
   for title, keys in SECTIONS:
     rows = [(k, p[k]) for k in keys if k in p and p[k] != '']
@@ -278,14 +448,24 @@ def main(argv):
   del argv
   config = _CONFIG.value
   try:
-    p = plan(config, devices=_DEVICES.value, mfu=_MFU.value, wall_clock_days=_DAYS.value)
+    target, devices = None, _DEVICES.value
+    if _TARGET.value:
+      from train import targets  # Loads libtpu only when a target is asked for.
+      target = targets.abstract_devices(_TARGET.value)
+      devices = len(target.devices)
+    p = plan(config, devices=devices, mfu=_MFU.value, wall_clock_days=_DAYS.value)
+    if target is not None:
+      p.update(target_section(config, target))
     if _COMPILE.value:
       p.update(compiled_section(config, p['devices'], _DEPTHS.value))
   except ConfigError as e:
     sys.exit(f'error: {e}')
   sys.stdout.write((json.dumps(p, indent=2) if _JSON.value else format_table(p)) + '\n')
   try:
-    check_fits(p)
+    if _TARGET.value:
+      check_target_fits(p, config)
+    else:
+      check_fits(p)
   except ConfigError as e:
     sys.exit(f'error: {e}')
 

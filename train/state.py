@@ -53,10 +53,15 @@ def init_params(cfg: ModelConfig, key, model_cls=Decoder):
 
 
 def state_shardings(mdef: ModelDef, abstract_state, tx: optax.GradientTransformation, mesh):
-  """Shardings for {'step','params','opt_state','rng'}: Adam moments follow their params."""
+  """Shardings for {'step','params','opt_state','rng'}: Adam moments follow their params.
+
+  Abstract: optax finds the param-shaped parts of the optimizer state by running `tx.init` on a
+  placeholder; it runs under `jax.eval_shape` here, so nothing executes on the mesh's devices
+  (which may be abstract TPU devices of a topology that is not attached: train/aot.py)."""
   p_shard = param_shardings(mdef, abstract_state['params'], mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_state['opt_state'], p_shard,
+  opt_shard = optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p), lambda _, s: s,
+                                    abstract_state['opt_state'], p_shard,
                                     transform_non_params=lambda _: replicated)
   return {'step': replicated, 'params': p_shard, 'opt_state': opt_shard, 'rng': replicated}
 

@@ -1,0 +1,163 @@
+"""Collectives of a compiled program, per executed step, from its optimised HLO text.
+
+`collectives(compiled.as_text(), num_devices)` walks the module's call graph from the entry
+computation and counts every all-gather, reduce-scatter, all-reduce, all-to-all and
+collective-permute as often as it runs: an op inside a `while` body (the scan over layers, the
+gradient-accumulation scan) counts once per iteration. A loop's trip count is read from its
+condition computation (`compare(counter, constant(N)), direction=LT`, as `lax.scan` lowers);
+a loop whose count cannot be read counts once and is reported in `unknown_trip_counts`.
+
+XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter*` computation (an
+all-reduce whose result is sliced); it is counted as one reduce-scatter. Asynchronous pairs
+(`*-start` / `*-done`) count at their start.
+
+Per op, `bytes` is the size of its result on one device and `moved` the bytes one device sends
+over the interconnect with the bandwidth-optimal ring algorithm over a group of n devices:
+all-gather and all-to-all (n-1)/n of the result, reduce-scatter (n-1) results (its input is n
+results), all-reduce 2 (n-1)/n, collective-permute the whole result.
+"""
+
+import dataclasses
+import math
+import re
+
+KINDS = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all', 'collective-permute')
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
+                'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
+                'c64': 8, 'c128': 16, 's4': 0.5, 'u4': 0.5}
+_HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$')
+_OPCODE = re.compile(r'\s(all-gather-start|all-gather|all-reduce-start|all-reduce|reduce-scatter|'
+                     r'all-to-all|collective-permute-start|collective-permute|while|fusion|call|'
+                     r'conditional|async-start)\(')
+_ARRAY = re.compile(r'\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn)?)?)\[([0-9,]*)\]')
+_CALLEES = re.compile(r'(?:calls|true_computation|false_computation)=%?([\w.\-]+)')  # Not to_apply: reducers.
+_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
+
+
+@dataclasses.dataclass
+class Collective:
+  count: int = 0
+  bytes: float = 0.0  # Result bytes per device, summed over executions.
+  moved: float = 0.0  # Ring-algorithm bytes sent per device, summed over executions.
+
+
+@dataclasses.dataclass
+class Collectives:
+  by_kind: dict  # kind -> Collective, for every kind in KINDS.
+  unknown_trip_counts: int  # While loops whose trip count could not be read (counted once).
+
+  @property
+  def moved_bytes(self) -> float:
+    return sum(c.moved for c in self.by_kind.values())
+
+  def as_dict(self) -> dict:
+    return {k: dataclasses.asdict(v) for k, v in self.by_kind.items()}
+
+
+def _computations(text: str) -> tuple[dict, str]:
+  comps, entry, name = {}, None, None
+  for line in text.splitlines():
+    if name is None:
+      m = _HEADER.match(line)
+      if m:
+        name = m.group(1)
+        comps[name] = []
+        if line.startswith('ENTRY'):
+          entry = name
+    elif line.rstrip() == '}':  # Attribute text inside an instruction may start a line with '}}'.
+      name = None
+    else:
+      comps[name].append(line)
+  if entry is None:
+    raise ValueError('train/hlo.py: no ENTRY computation in the HLO text')
+  return comps, entry
+
+
+def _result_bytes(line: str, start: int, largest: bool) -> float:
+  """Bytes of the instruction's result type (the text between '=' and the opcode)."""
+  eq = line.index('=')
+  sizes = [math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
+           for dtype, dims in _ARRAY.findall(line[eq + 1:start])]
+  if not sizes:
+    return 0.0
+  return float(max(sizes) if largest else sum(sizes))
+
+
+def group_size(line: str, num_devices: int) -> int:
+  """Devices per replica group of a collective instruction."""
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  if m:
+    sizes = dict((k.strip("' "), int(v)) for k, v in
+                 (kv.split('=') for kv in m.group(1).split(',') if '=' in kv))
+    return math.prod(sizes.get(a.strip("' "), 1) for a in m.group(2).split(',') if a.strip())
+  m = re.search(r'replica_groups=\{\{([^}]*)\}', line)
+  if m:
+    return len(m.group(1).split(','))
+  return num_devices
+
+
+def _trip_count(cond_lines: list[str]) -> int | None:
+  if not any('direction=LT' in l for l in cond_lines):
+    return None
+  constants = [int(c) for l in cond_lines for c in re.findall(r's32\[\][^=]*constant\((\d+)\)', l)]
+  constants += [int(c) for l in cond_lines for c in re.findall(r'= s32\[\]\S* constant\((\d+)\)', l)]
+  return max(constants) if constants else None
+
+
+def _moved(kind: str, result: float, n: int) -> float:
+  if n <= 1:
+    return 0.0
+  return {'all-gather': result * (n - 1) / n, 'all-to-all': result * (n - 1) / n,
+          'reduce-scatter': result * (n - 1), 'all-reduce': 2 * result * (n - 1) / n,
+          'collective-permute': result}[kind]
+
+
+def collectives(text: str, num_devices: int) -> Collectives:
+  comps, entry = _computations(text)
+  by_kind = {k: Collective() for k in KINDS}
+  unknown = [0]
+
+  def add(kind, line, start, times, n=None, largest=False):
+    result = _result_bytes(line, start, largest)
+    c = by_kind[kind]
+    c.count += times
+    c.bytes += times * result
+    c.moved += times * _moved(kind, result, n if n is not None else group_size(line, num_devices))
+
+  def walk(name: str, times: int):
+    for line in comps.get(name, ()):
+      m = _OPCODE.search(line)
+      if not m or '=' not in line[:m.start()]:
+        continue
+      op = m.group(1)
+      if op == 'while':
+        body = re.search(r'body=%?([\w.\-]+)', line).group(1)
+        cond = re.search(r'condition=%?([\w.\-]+)', line).group(1)
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        trips = int(known.group(1)) if known else _trip_count(comps.get(cond, []))
+        if trips is None:
+          unknown[0] += 1
+          trips = 1
+        walk(body, times * trips)
+        continue
+      kind = op[:-len('-start')] if op.endswith('-start') else op
+      if kind in KINDS:
+        add(kind, line, m.start(), times, largest=op.endswith('-start'))
+        continue
+      callees = _CALLEES.findall(line)
+      b = _BRANCHES.search(line)
+      if b:
+        callees += [c.strip().lstrip('%') for c in b.group(1).split(',') if c.strip()]
+      scatter = [c for c in callees if c.startswith('all-reduce-scatter')]
+      if op == 'fusion' and scatter:
+        inner = next((l for l in comps.get(scatter[0], ()) if ' all-reduce(' in l), '')
+        add('reduce-scatter', line, m.start(), times, n=group_size(inner, num_devices))
+        continue
+      for callee in callees:
+        walk(callee, times)
+
+  walk(entry, 1)
+  return Collectives(by_kind=by_kind, unknown_trip_counts=unknown[0])
