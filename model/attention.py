@@ -464,7 +464,7 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
     key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
     if key not in _logged_choices:
       _logged_choices.add(key)
-      log.info('attention auto -> %s (platform %s, q %s, kv %s, %s)', impl, key[0], key[1], key[2],
+      log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, key[0], key[1], key[2],
                key[3])
   segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
   if impl == 'reference':

@@ -30,6 +30,9 @@ from train.mesh import make_mesh
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                   reason="libtpu absent: pip install -e '.[tpu]' (.ci/run does)")
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec('jax_plugins.xla_cuda12') is None,
+    reason="CUDA PJRT plugin absent: pip install -e '.[gpu-plan]' (.ci/run does)")
 TOPOLOGY = 'tpu:v5p:2x2x1'  # 4 chips, one device each.
 
 
@@ -179,6 +182,24 @@ def test_cli_target_table_and_json(tmp_path):
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and 'Traceback' not in bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith('error: mesh')
+
+
+@needs_cuda_plugin
+def test_dense_compiles_for_gpu_with_cudnn():
+  # 16 H100s = 2 hosts of 8: XLA:GPU compiles cuDNN fused attention with no GPU attached.
+  target = targets.abstract_devices('gpu:h100:16')
+  assert len(target.devices) == 16 and target.local_devices == 8
+  c = small_config(attention='cudnn')
+  c.train.update(global_batch=32, grad_accum=1)
+  with targets.compile_context(target):
+    low, _ = aot.lower_train_step(c, list(target.devices))
+  text = low.compile().as_text()
+  assert '__cudnn$fmha' in text
+  p = plan.target_section(c, target)
+  assert p['target_fits'] and 0 < p['target_total_gib'] < 79.1
+  assert p['target_attention'] == 'cudnn' and 'model/flops.py' in p['target_flops_source']
+  coll = p['target_collectives']
+  assert coll['all-gather']['count'] > 0 and coll['reduce-scatter']['count'] > 0, coll
 
 
 # ------------------------------------------------------------------ kernels on CPU, interpreted

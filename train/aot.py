@@ -137,8 +137,8 @@ def compiled_memory(config, devices=None) -> CompiledMemory:
 class TargetCompile:
   """What the target's own compiler planned for one train step, per device."""
   memory: CompiledMemory
-  flops: float  # cost_analysis(): FLOPs per device per step (loops counted by XLA).
-  bytes_accessed: float  # cost_analysis(): HBM bytes per device per step.
+  flops: float | None  # cost_analysis(): FLOPs per device (a loop body counted once); None
+  bytes_accessed: float | None  # when the compiler gives none (XLA:GPU without a device).
   collectives: hlo.Collectives
   notes: tuple  # How the compiled config differs from the one given (target_variant).
 
@@ -168,9 +168,11 @@ def target_variant(config, platform: str):
 def compile_for_target(config, target) -> TargetCompile:
   """Compiles the config's real train step (full depth, its dtypes, attention and dispatch)
   for `target` (train/targets.py Target): XLA:TPU's (or XLA:GPU's) own plan and cost."""
+  from train import targets  # Loads the target's compiler plugin: only when asked for.
   config, notes = target_variant(config, target.platform)
   t0 = time.perf_counter()
-  lowered, cfg = lower_train_step(config, list(target.devices))
+  with targets.compile_context(target):
+    lowered, cfg = lower_train_step(config, list(target.devices))
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -185,9 +187,11 @@ def compile_for_target(config, target) -> TargetCompile:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return TargetCompile(memory=_memory(compiled.memory_analysis(), cfg.num_layers, seconds),
-                       flops=float(cost.get('flops', 0.0)),
-                       bytes_accessed=float(cost.get('bytes accessed', 0.0)),
-                       collectives=hlo.collectives(compiled.as_text(), len(target.devices)),
+                       flops=float(cost['flops']) if 'flops' in cost else None,
+                       bytes_accessed=(float(cost['bytes accessed']) if 'bytes accessed' in cost
+                                       else None),
+                       collectives=hlo.collectives(compiled.as_text(), len(target.devices),
+                                                   target.local_devices),
                        notes=notes)
 
 

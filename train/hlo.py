@@ -26,9 +26,8 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 
                 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
                 'c64': 8, 'c128': 16, 's4': 0.5, 'u4': 0.5}
 _HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$')
-_OPCODE = re.compile(r'\s(all-gather-start|all-gather|all-reduce-start|all-reduce|reduce-scatter|'
-                     r'all-to-all|collective-permute-start|collective-permute|while|fusion|call|'
-                     r'conditional|async-start)\(')
+_OPCODE = re.compile(r'\s((?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)'
+                     r'(?:-start)?|while|fusion|call|conditional|async-start)\(')
 _ARRAY = re.compile(r'\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn)?)?)\[([0-9,]*)\]')
 _CALLEES = re.compile(r'(?:calls|true_computation|false_computation)=%?([\w.\-]+)')  # Not to_apply: reducers.
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
@@ -39,6 +38,7 @@ class Collective:
   count: int = 0
   bytes: float = 0.0  # Result bytes per device, summed over executions.
   moved: float = 0.0  # Ring-algorithm bytes sent per device, summed over executions.
+  moved_wide: float = 0.0  # The part of `moved` in groups larger than `local_size` devices.
 
 
 @dataclasses.dataclass
@@ -49,6 +49,10 @@ class Collectives:
   @property
   def moved_bytes(self) -> float:
     return sum(c.moved for c in self.by_kind.values())
+
+  @property
+  def moved_wide_bytes(self) -> float:
+    return sum(c.moved_wide for c in self.by_kind.values())
 
   def as_dict(self) -> dict:
     return {k: dataclasses.asdict(v) for k, v in self.by_kind.items()}
@@ -115,17 +119,23 @@ def _moved(kind: str, result: float, n: int) -> float:
           'collective-permute': result}[kind]
 
 
-def collectives(text: str, num_devices: int) -> Collectives:
+def collectives(text: str, num_devices: int, local_size: int | None = None) -> Collectives:
+  """`local_size`: devices joined by the fast local interconnect (a GPU host's NVLink); the
+  bytes of larger groups are also summed as `moved_wide` (default: all devices are local)."""
+  local_size = num_devices if local_size is None else local_size
   comps, entry = _computations(text)
   by_kind = {k: Collective() for k in KINDS}
   unknown = [0]
 
   def add(kind, line, start, times, n=None, largest=False):
     result = _result_bytes(line, start, largest)
+    n = n if n is not None else group_size(line, num_devices)
     c = by_kind[kind]
     c.count += times
     c.bytes += times * result
-    c.moved += times * _moved(kind, result, n if n is not None else group_size(line, num_devices))
+    c.moved += times * _moved(kind, result, n)
+    if n > local_size:
+      c.moved_wide += times * _moved(kind, result, n)
 
   def walk(name: str, times: int):
     for line in comps.get(name, ()):

@@ -22,6 +22,7 @@ import json
 import math
 import sys
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -289,9 +290,9 @@ def remat_flops_ratio(cfg, seq_len: int) -> float:
 
 
 def target_section(config, target, compile_fn=None) -> dict:
-  """The config's real train step compiled for `target_name` (train/targets.py): the target
-  compiler's memory per device against the chip's HBM (`target`: a name or a Target), FLOPs and HBM bytes per step, the
-  collectives of the compiled HLO, and the roofline step time they imply. Raises ConfigError
+  """The config's real train step compiled for `target` (a name or a train/targets.py Target):
+  the target compiler's memory per device against the chip's HBM, FLOPs and HBM bytes per
+  step, the collectives of the compiled HLO, and the roofline step time they imply. Raises ConfigError
   for a target or mesh that cannot work; `check_target_fits` for a step that does not fit."""
   from train import aot, targets
   compile_fn = compile_fn or aot.compile_for_target
@@ -304,23 +305,33 @@ def target_section(config, target, compile_fn=None) -> dict:
   except aot.DoesNotFit as e:
     raise ConfigError(f'{e}. Try: ' + '; '.join(_target_fixes(cfg, config)) +
                       ' (docs/scale.md)') from None
-  per_unit = cfg.moe_every if cfg.is_moe else 1
-  units = cfg.num_layers // per_unit
-  r1, r2 = (compile_fn(_flops_variant(config, d * per_unit), target) for d in (1, 2))
-  accum = config.train.grad_accum
-  xla_flops = accum * (r1.flops + (units - 1) * (r2.flops - r1.flops))
-  hbm_bytes = accum * (r1.bytes_accessed + (units - 1) * (r2.bytes_accessed - r1.bytes_accessed))
   seq = config.data.seq_len
   attention = aot.target_variant(config, target.platform)[0].model.attention
   tokens_per_device = config.train.global_batch * seq / n
-  kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
   model_flops = training_flops_per_token(cfg, seq).per_token * tokens_per_device
+  if full.flops is None:  # XLA:GPU has no cost model without a device: FLOPs from the model.
+    xla_flops, hbm_bytes, kernel_flops = model_flops * remat_flops_ratio(cfg, seq), None, 0.0
+    flops_source = 'model/flops.py x remat (the compiler gives no cost_analysis here)'
+  else:
+    per_unit = cfg.moe_every if cfg.is_moe else 1
+    units = cfg.num_layers // per_unit
+    r1, r2 = (compile_fn(_flops_variant(config, d * per_unit), target) for d in (1, 2))
+    accum = config.train.grad_accum
+    xla_flops = accum * (r1.flops + (units - 1) * (r2.flops - r1.flops))
+    hbm_bytes = accum * (r1.bytes_accessed + (units - 1) * (r2.bytes_accessed - r1.bytes_accessed))
+    kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
+    flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
+                    + (' + splash analytically' if kernel_flops else ''))
   peak = target.chip.peak_tflops * 1e12 / target.devices_per_chip
   hbm_bw = target.chip.hbm_gbps * 1e9 / target.devices_per_chip
   ici_bw = target.chip.ici_gbps * 1e9 / target.devices_per_chip
   compiled_flops = xla_flops + kernel_flops
-  times = {'compute': compiled_flops / peak, 'hbm': hbm_bytes / hbm_bw,
-           'collectives': full.collectives.moved_bytes / ici_bw}
+  wide = full.collectives.moved_wide_bytes
+  wide_bw = (target.chip.wide_gbps * 1e9 / target.devices_per_chip) if target.chip.wide_gbps else ici_bw
+  times = {'compute': compiled_flops / peak,
+           'collectives': (full.collectives.moved_bytes - wide) / ici_bw + wide / wide_bw}
+  if hbm_bytes is not None:
+    times['hbm'] = hbm_bytes / hbm_bw
   step_s = max(times.values())
   mem = full.memory
   p = {
@@ -343,13 +354,14 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target_model_tflops_per_step': model_flops / 1e12,
       'target_compiled_over_model_flops': round(compiled_flops / model_flops, 3),
       'target_remat_explains': round(remat_flops_ratio(cfg, seq), 3),
-      'target_hbm_gb_per_step': round(hbm_bytes / 1e9, 2),
+      'target_flops_source': flops_source,
+      'target_hbm_gb_per_step': round(hbm_bytes / 1e9, 2) if hbm_bytes is not None else '',
       'target_collectives': {k: {'count': c.count, 'gb': round(c.bytes / 1e9, 3),
                                  'gb_moved': round(c.moved / 1e9, 3)}
                              for k, c in full.collectives.by_kind.items()},
       'target_unknown_trip_counts': full.collectives.unknown_trip_counts,
       'target_compute_s': round(times['compute'], 4),
-      'target_hbm_s': round(times['hbm'], 4),
+      'target_hbm_s': round(times['hbm'], 4) if 'hbm' in times else '',
       'target_collectives_s': round(times['collectives'], 4),
       'target_roofline_step_s': round(step_s, 4),
       'target_no_overlap_step_s': round(sum(times.values()), 4),
@@ -420,7 +432,7 @@ SECTIONS = (
         'target_total_gib', 'target_hbm_gib', 'target_fits', 'target_compiled_tflops_per_step',
         'target_xla_tflops_per_step', 'target_kernel_tflops_per_step',
         'target_model_tflops_per_step', 'target_compiled_over_model_flops', 'target_remat_explains',
-        'target_hbm_gb_per_step')),
+        'target_flops_source', 'target_hbm_gb_per_step')),
     ('collectives per step (count, GB result, GB moved per device)', ('target_collectives',)),
     ('roofline (perfect overlap: step = max of the three; no overlap: their sum)', (
         'target_compute_s', 'target_hbm_s', 'target_collectives_s', 'target_roofline_step_s',
@@ -451,6 +463,8 @@ def main(argv):
     target, devices = None, _DEVICES.value
     if _TARGET.value:
       from train import targets  # Loads libtpu only when a target is asked for.
+      if _TARGET.value.startswith('gpu:'):  # GPUs are compile-only here: the host runs on CPU.
+        jax.config.update('jax_platforms', 'cpu')
       target = targets.abstract_devices(_TARGET.value)
       devices = len(target.devices)
     p = plan(config, devices=devices, mfu=_MFU.value, wall_clock_days=_DAYS.value)

@@ -12,11 +12,24 @@ bandwidth as the spec sheet's Gbps figure / 8). GPU rows are NVIDIA's SXM data-s
 (bf16 dense, HBM3/HBM2e bandwidth, NVLink bandwidth per GPU). A device may be a fraction of a
 chip (TPU v4 exposes both TensorCores of a chip as devices): `devices_per_chip` comes from the
 topology and every per-device figure is the chip's divided by it.
+
+GPU targets (`gpu:h100:512`, `gpu:a100:256`; 8 GPUs per host) compile with XLA:GPU through the
+CUDA PJRT plugin (extra `.[gpu-plan]`: the plugin alone, no CUDA libraries) given a target
+description (`gpu_target_config`, a GpuTargetConfigProto written from GPUS below) instead of an
+attached GPU. JAX checks the local cuDNN library and the local GPU's compute capability while
+tracing `cudnn` attention; neither exists here, so `compile_context` answers those two checks
+for the target (the cuDNN version the target config names, its compute capability) while the
+step is traced. XLA then compiles with its heuristics (no autotuning: no device to time on).
+Collectives of groups larger than one host (8 GPUs) run at the inter-node bandwidth
+(`Chip.wide_gbps`, InfiniBand per GPU) rather than NVLink.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
+
+from jax.experimental import topologies
 
 from model.config import ConfigError
 
@@ -27,6 +40,7 @@ class Chip:
   peak_tflops: float  # bf16, dense.
   hbm_gbps: float  # GB/s.
   ici_gbps: float  # GB/s per chip for collectives (TPU: ICI; GPU: NVLink).
+  wide_gbps: float = 0.0  # GPU: GB/s per GPU between hosts (0: the whole target is ICI).
 
 
 CHIPS = {
@@ -34,9 +48,70 @@ CHIPS = {
     'tpu:v5e': Chip(hbm_gib=16, peak_tflops=197, hbm_gbps=819, ici_gbps=200),
     'tpu:v5p': Chip(hbm_gib=95, peak_tflops=459, hbm_gbps=2765, ici_gbps=600),
     'tpu:v6e': Chip(hbm_gib=32, peak_tflops=918, hbm_gbps=1640, ici_gbps=448),
-    'gpu:a100': Chip(hbm_gib=80, peak_tflops=312, hbm_gbps=2039, ici_gbps=300),
-    'gpu:h100': Chip(hbm_gib=80, peak_tflops=989, hbm_gbps=3350, ici_gbps=450),
+    'gpu:a100': Chip(hbm_gib=79.25, peak_tflops=312, hbm_gbps=2039, ici_gbps=300, wide_gbps=25),
+    'gpu:h100': Chip(hbm_gib=79.1, peak_tflops=989, hbm_gbps=3352, ici_gbps=450, wide_gbps=50),
 }
+GPUS_PER_HOST = 8
+
+# What XLA:GPU needs to know of a GPU it cannot query: the device-description fields of
+# stream_executor.GpuDeviceInfoProto that JAX 0.10.2's plugin parses (from NVIDIA's data sheets:
+# SMs, shared memory, L2, clocks, memory size and bandwidth).
+GPUS = {
+    'a100': dict(name='NVIDIA A100-SXM4-80GB', cc=(8, 0, 'NONE'), core_count=108, fpus_per_core=64,
+                 shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
+                 memory_bandwidth=2039040000000, l2_cache_size=41943040, clock_rate_ghz=1.41,
+                 device_memory_size=85100068864),
+    'h100': dict(name='NVIDIA H100 80GB HBM3', cc=(9, 0, 'ACCELERATED_FEATURES'), core_count=132,
+                 fpus_per_core=128, shared_memory_per_core=233472,
+                 shared_memory_per_block_optin=232448, memory_bandwidth=3352320000000,
+                 l2_cache_size=52428800, clock_rate_ghz=1.98, device_memory_size=84942979072),
+}
+CUDNN_VERSION = (9, 10, 0)  # The cuDNN the compiled program is for (jax[cuda12]==0.10.2's).
+
+
+def gpu_target_config(chip: str) -> str:
+  """GpuTargetConfigProto (text format) for one of GPUS."""
+  g = GPUS[chip]
+  major, minor, extension = g['cc']
+  dnn = '.'.join(str(v) for v in CUDNN_VERSION)
+  lines = ['gpu_device_info {', '  threads_per_block_limit: 1024', '  threads_per_warp: 32',
+           '  shared_memory_per_block: 49152', '  threads_per_core_limit: 2048',
+           '  block_dim_limit_x: 2147483647', '  block_dim_limit_y: 65535',
+           '  block_dim_limit_z: 65535', '  registers_per_core_limit: 65536',
+           '  registers_per_block_limit: 65536', '  thread_dim_limit_x: 1024',
+           '  thread_dim_limit_y: 1024', '  thread_dim_limit_z: 64']
+  lines += [f'  {key}: {g[key]}' for key in (
+      'core_count', 'fpus_per_core', 'shared_memory_per_core', 'shared_memory_per_block_optin',
+      'memory_bandwidth', 'l2_cache_size', 'clock_rate_ghz', 'device_memory_size')]
+  lines += ['  cuda_compute_capability {', f'    major: {major}', f'    minor: {minor}',
+            f'    feature_extension: {extension}', '  }', f'  dnn_version: "{dnn}"', '}',
+            'platform_name: "CUDA"', 'dnn_version_info {', f'  major: {CUDNN_VERSION[0]}',
+            f'  minor: {CUDNN_VERSION[1]}', f'  patch: {CUDNN_VERSION[2]}', '}',
+            f'device_description_str: "{g["name"]}"']
+  return '\n'.join(lines) + '\n'
+
+
+@contextlib.contextmanager
+def compile_context(target):
+  """While tracing for a GPU target: JAX's cuDNN-attention checks answered for the target (its
+  cuDNN version, its compute capability) instead of the absent local library and GPU."""
+  if target.platform != 'gpu':
+    yield
+    return
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # The checks live here only.
+  major, minor, _ = GPUS[target.chip_name]['cc']
+  version = CUDNN_VERSION[0] * 10000 + CUDNN_VERSION[1] * 100 + CUDNN_VERSION[2]
+  capability = lambda c: tuple(int(v) for v in c.split('.'))
+  saved = (fused.check_cudnn_version, fused.check_compute_capability,
+           fused.is_cuda_compute_capability_equal)
+  fused.check_cudnn_version = lambda: version
+  fused.check_compute_capability = lambda c: capability(c) <= (major, minor)
+  fused.is_cuda_compute_capability_equal = lambda c: capability(c) == (major, minor)
+  try:
+    yield
+  finally:
+    (fused.check_cudnn_version, fused.check_compute_capability,
+     fused.is_cuda_compute_capability_equal) = saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +127,11 @@ class Target:
   @property
   def devices_per_chip(self) -> int:
     return len(self.devices) // self.chips
+
+  @property
+  def local_devices(self) -> int:
+    """Devices joined by the fast interconnect (ICI slice; one GPU host's NVLink)."""
+    return GPUS_PER_HOST if self.platform == 'gpu' else len(self.devices)
 
   @property
   def device_hbm_bytes(self) -> float:
@@ -71,23 +151,21 @@ def parse(target: str) -> tuple[str, str, str]:
 
 
 def abstract_devices(target: str) -> Target:
-  """The target's devices as libtpu describes them (no TPU needed). GPU targets raise: this
-  JAX cannot compile for a GPU that is not attached (docs/scale.md says why)."""
+  """The target's devices as libtpu (TPU) or the CUDA plugin (GPU) describes them: compile-only
+  devices, nothing needs to be attached."""
   platform, chip, topology = parse(target)
-  if platform != 'tpu':
-    raise ConfigError(
-        f'--target={target!r}: ahead-of-time GPU compiles need an attached GPU with this JAX '
-        f'(0.10.2 offers no deviceless CUDA topology; docs/scale.md, "GPU targets")')
+  if platform == 'gpu':
+    devices = _gpu_devices(target, chip, topology)
+    return Target(name=target, platform=platform, chip_name=chip, topology=topology,
+                  chip=CHIPS[f'{platform}:{chip}'], devices=devices, chips=len(devices))
   # libtpu takes a machine-wide lock file unless told that several processes may load it (a
   # planner next to a test run, or two planners): nothing here drives a real TPU.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
-    from jax.experimental import topologies  # Needs libtpu (.[tpu]) only for TPU targets.
     desc = topologies.get_topology_desc(platform='tpu', topology_name=f'{chip}:{topology}')
   except Exception as e:  # libtpu missing, or a topology name it rejects: one line, not a trace.
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ConfigError(f'--target={target!r}: libtpu cannot describe topology {chip}:{topology} '
-                      f'({first}); install the extra with `pip install -e ".[tpu]"`') from None
+                      f'({_first_line(e)}); install the extra with `pip install -e ".[tpu]"`') from None
   devices = tuple(desc.devices)
   try:
     chips = math.prod(int(x) for x in topology.split('x'))
@@ -97,3 +175,25 @@ def abstract_devices(target: str) -> Target:
     chips = len(devices)
   return Target(name=target, platform=platform, chip_name=chip, topology=topology,
                 chip=CHIPS[f'{platform}:{chip}'], devices=devices, chips=chips)
+
+
+def _gpu_devices(target: str, chip: str, count: str) -> tuple:
+  if not count.isdigit() or int(count) < 1:
+    raise ConfigError(f'--target={target!r}: a GPU target is gpu:CHIP:COUNT, e.g. gpu:h100:512')
+  n = int(count)
+  if n > GPUS_PER_HOST and n % GPUS_PER_HOST:
+    raise ConfigError(f'--target={target!r}: {n} GPUs are not whole hosts of {GPUS_PER_HOST}')
+  hosts, per_host = (n // GPUS_PER_HOST, GPUS_PER_HOST) if n > GPUS_PER_HOST else (1, n)
+  try:
+    desc = topologies.get_topology_desc(platform='cuda', target_config=gpu_target_config(chip),
+                                        topology=f'1x{hosts}x{per_host}')
+  except Exception as e:  # No CUDA plugin, or it refuses the description: one line.
+    raise ConfigError(f'--target={target!r}: the CUDA plugin cannot describe {n} {chip} GPUs '
+                      f'({_first_line(e)}); install the extra with `pip install -e ".[gpu-plan]"` '
+                      f'and run with JAX_PLATFORMS=cpu') from None
+  return tuple(desc.devices)
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
