@@ -9,7 +9,7 @@ a loop whose count cannot be read counts once and is reported in `unknown_trip_c
 
 XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter*` computation (an
 all-reduce whose result is sliced); it is counted as one reduce-scatter. Asynchronous pairs
-(`*-start` / `*-done`) count at their start.
+(`*-start` / `*-done`) count at their start, whose type lists operands and results.
 
 Per op, `bytes` is the size of its result on one device and `moved` the bytes one device sends
 over the interconnect with the bandwidth-optimal ring algorithm over a group of n devices:
@@ -77,14 +77,22 @@ def _computations(text: str) -> tuple[dict, str]:
   return comps, entry
 
 
-def _result_bytes(line: str, start: int, largest: bool) -> float:
-  """Bytes of the instruction's result type (the text between '=' and the opcode)."""
+def _type_bytes(line: str, start: int) -> float:
+  """Bytes of all arrays in the instruction's result type (between '=' and the opcode)."""
   eq = line.index('=')
-  sizes = [math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
-           for dtype, dims in _ARRAY.findall(line[eq + 1:start])]
-  if not sizes:
-    return 0.0
-  return float(max(sizes) if largest else sum(sizes))
+  return float(sum(math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
+                   for dtype, dims in _ARRAY.findall(line[eq + 1:start])))
+
+
+def _result_bytes(kind: str, total: float, n: int, is_start: bool) -> float:
+  """The collective's result bytes. An async start's type holds operands and results (plus
+  small u32 contexts for a permute): all-gather (x, n x) -> n/(n+1) of it, reduce-scatter
+  (n x, x) -> 1/(n+1), all-to-all and collective-permute (x, x) -> 1/2; an all-reduce start
+  holds its results only."""
+  if not is_start or kind == 'all-reduce':
+    return total
+  n = max(n, 1)
+  return {'all-gather': total * n / (n + 1), 'reduce-scatter': total / (n + 1)}.get(kind, total / 2)
 
 
 def group_size(line: str, num_devices: int) -> int:
@@ -127,9 +135,9 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
   by_kind = {k: Collective() for k in KINDS}
   unknown = [0]
 
-  def add(kind, line, start, times, n=None, largest=False):
-    result = _result_bytes(line, start, largest)
+  def add(kind, line, start, times, n=None, is_start=False):
     n = n if n is not None else group_size(line, num_devices)
+    result = _result_bytes(kind, _type_bytes(line, start), n, is_start)
     c = by_kind[kind]
     c.count += times
     c.bytes += times * result
@@ -155,7 +163,7 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
         continue
       kind = op[:-len('-start')] if op.endswith('-start') else op
       if kind in KINDS:
-        add(kind, line, m.start(), times, largest=op.endswith('-start'))
+        add(kind, line, m.start(), times, is_start=op.endswith('-start'))
         continue
       callees = _CALLEES.findall(line)
       b = _BRANCHES.search(line)

@@ -298,7 +298,7 @@ def target_section(config, target, compile_fn=None) -> dict:
   compile_fn = compile_fn or aot.compile_for_target
   target = targets.abstract_devices(target) if isinstance(target, str) else target
   n = len(target.devices)
-  _, config, warnings = _validate(config, n)
+  _, config, _ = _validate(config, n)  # Its warnings are plan()'s.
   cfg = config_lib.model_config(config)
   try:
     full = compile_fn(config, target)
@@ -338,7 +338,7 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target': target.name,
       'target_devices': n,
       'target_devices_per_chip': target.devices_per_chip,
-      'target_notes': list(full.notes) + warnings,
+      'target_notes': list(full.notes),
       'target_attention': attention,
       'target_grouped_matmul': (cfg.grouped_matmul if not cfg.is_moe or cfg.grouped_matmul != 'auto'
                                 else ('gmm' if target.platform == 'tpu' else 'ragged_dot'))
