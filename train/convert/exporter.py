@@ -10,7 +10,6 @@ and streamed into the shard being written: resident memory is about one tensor p
 chunks tensorstore decodes for it.
 """
 
-import glob
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
+from train import config as config_lib
+from train import workdir as workdir_lib
 from train.convert import hf_layout, safetensors_io, store
 from train.convert.hf_layout import ConvertError
 
@@ -27,10 +28,8 @@ log = logging.getLogger('meshlm.convert')
 
 def locate(checkpoint: str, config=None):
   """(run config, ModelConfig, checkpoints folder, step, workdir) of a checkpoint path."""
-  from train import config as config_lib
-  from train import generate as gen_lib
-  root, step, workdir = gen_lib.resolve_checkpoint(checkpoint)
-  config = gen_lib.load_config(config, workdir)
+  root, step, workdir = workdir_lib.resolve_checkpoint(checkpoint)
+  config = workdir_lib.load_config(config, workdir)
   cfg = config_lib.model_config(config)
   if step is None:
     steps = [int(d) for d in os.listdir(root) if d.isdigit()
@@ -41,19 +40,12 @@ def locate(checkpoint: str, config=None):
   return config, cfg, root, step, workdir
 
 
-def tokenizer_path(config, workdir: str) -> str | None:
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
-  return cached[0] if len(cached) == 1 else None
-
-
 def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = None,
           max_shard_bytes: int = 5 * 10**9) -> str:
   """Exports; returns OUT_DIR."""
   config, cfg, root, step, workdir = locate(checkpoint, config)
   stored = store.StoredParams(root, step)
-  tok = tokenizer_path(config, workdir)
+  tok = workdir_lib.tokenizer_path(config, workdir)
   dtype = dtype or str(stored.dtype(('embed', 'table_vd')))
   if dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConvertError(f'--dtype {dtype!r}: use float32, bfloat16 or float16')

@@ -22,6 +22,7 @@ import shutil
 import numpy as np
 
 from model.config import ModelConfig
+from train import workdir as workdir_lib
 from train.convert import hf_layout, safetensors_io, store
 from train.convert.hf_layout import ConvertError
 
@@ -37,7 +38,7 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def run_config(cfg_kwargs: dict, seq_len: int):
-  """The ml_collections run config the other tools read (train.generate.load_config)."""
+  """The ml_collections run config the other tools read (train.workdir.load_config)."""
   from train.config import defaults
   config = defaults()
   config.model.update(cfg_kwargs)
@@ -89,8 +90,7 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   else:
     log.warning('%s has no tokenizer.model (SentencePiece): train.generate / train.eval / runs '
                 'need --config.data.tokenizer=PATH.model', hf_dir)
-  from train.generate import write_config
-  write_config(config, out_dir)
+  workdir_lib.write_config(config, out_dir)
   return root
 
 

@@ -37,10 +37,14 @@ from model.heads import ScalarModel
 from model.sharding import use_rules
 from train import checkpoint as ckpt_lib
 from train import config as base_config
+from train import context as context_lib
 from train import generate as gen_lib
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
 from train import state as state_lib
+from train import step as step_lib
+from train import workdir as workdir_lib
+from train.loop import setup_logging
 from train.posttrain import config as pt_config
 from train.posttrain import ppo, reward, setup
 
@@ -118,7 +122,7 @@ def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
           'kl_sum_b': jnp.sum(kl_bt * mask, axis=1)}
 
 
-def update_loss(trainable, micro, extra, *, mdef, critic_mdef, loss_cfg):
+def update_loss(trainable, micro, rng, *, mdef, critic_mdef, loss_cfg):
   policy = mdef.build(trainable['policy'])
   logits, aux = policy(micro['tokens'], micro['positions'], micro['segment_ids'])
   logp_bt, entropy_bt = ppo.token_logprobs_and_entropy(logits, micro['tokens'])
@@ -132,9 +136,10 @@ def update_loss(trainable, micro, extra, *, mdef, critic_mdef, loss_cfg):
 
 def update_step(state, batch, *, mdef, critic_mdef, loss_cfg, txs, schedules):
   trainable = {'policy': state['params'], 'critic': state['critic']}
-  loss_fn = lambda t, micro, e: update_loss(t, micro, e, mdef=mdef, critic_mdef=critic_mdef,
-                                            loss_cfg=loss_cfg)
-  grads, sums, count = setup.accumulate(loss_fn, trainable, batch)
+  loss_fn = lambda t, micro, rng: update_loss(t, micro, rng, mdef=mdef, critic_mdef=critic_mdef,
+                                              loss_cfg=loss_cfg)
+  grads, count, sums = step_lib.accumulate(loss_fn, trainable, batch, None)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
   new = dict(state)
   opt_state = dict(state['opt_state'])
   for name, key in (('policy', 'params'), ('critic', 'critic')):
@@ -158,24 +163,22 @@ def optimizers(config, num_updates: int):
   return txs, schedules
 
 
-def opt_shardings(tx, abstract_params, param_shardings, env):
+def opt_shardings(tx, abstract_params, param_shardings, placement):
   abstract = jax.eval_shape(tx.init, abstract_params)
   return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                               transform_non_params=lambda _: env.replicated)
+                               transform_non_params=lambda _: placement.replicated)
 
 
 def run(config, workdir: str) -> dict:
-  from train.loop import setup_logging
+  """`config`: a stage config with data.tokenizer filled in (train/posttrain/__main__.py)."""
   setup_logging()
-  cfg = pt_config.validate(config, jax.device_count(), jax.process_count())
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.tokenizer = setup.stage_tokenizer_path(config)
-  gen_lib.write_config(config, workdir)
+  env = context_lib.make(config, workdir, pt_config.validate)
+  cfg = env.cfg
+  workdir_lib.write_config(config, workdir)
   t, p = config.train, config.ppo
-  env = setup.make_env(config)
   tok = Tokenizer(config.data.tokenizer)
   template = chat_lib.ChatTemplate(tok)
-  rm_config = gen_lib.load_config(None, setup.run_workdir(p.reward_model))
+  rm_config = workdir_lib.load_config(None, workdir_lib.run_workdir(p.reward_model))
   rm_cfg = base_config.model_config(rm_config)
   critic_cfg = rm_cfg if p.critic_init == 'reward_model' else cfg
   num_updates = pt_config.ppo_updates(config)
@@ -184,7 +187,8 @@ def run(config, workdir: str) -> dict:
     critic_mdef, critic_abstract = state_lib.model_def(critic_cfg, ScalarModel)
     rm_mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
     txs, schedules = optimizers(config, num_updates)
-    p_shard, c_shard = env.shardings(mdef, abstract), env.shardings(critic_mdef, critic_abstract)
+    p_shard = env.param_shardings(mdef, abstract)
+    c_shard = env.param_shardings(critic_mdef, critic_abstract)
     shardings = {'step': env.replicated, 'params': p_shard, 'critic': c_shard,
                  'opt_state': {'policy': opt_shardings(txs['policy'], abstract, p_shard, env),
                                'critic': opt_shardings(txs['critic'], critic_abstract, c_shard,
@@ -305,7 +309,9 @@ class Trainer:
         for _ in range(p.ppo_epochs):
           perm = rng.permutation(b)
           for mb in np.split(perm, num_mb):
-            micro = setup.split_micro({k: batch[k][mb] for k in ROLLOUT_KEYS}, t.grad_accum)
+            # Replicated: a minibatch need not divide over the batch shards (one process).
+            micro = step_lib.device_batch({k: batch[k][mb] for k in ROLLOUT_KEYS}, t.grad_accum,
+                                          self.env.replicated)
             state, m = self.update(state, micro)
             updates.append(m)
         metrics.update({k: float(np.mean([float(u[k]) for u in updates])) for k in updates[0]})
