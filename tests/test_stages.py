@@ -152,3 +152,42 @@ def test_stage_sigterm_and_kill_through_the_cli(tmp_path, lm_run):
   assert ra.step == rb.step == steps
   for x, y in zip(jax.tree.leaves(ra.params), jax.tree.leaves(rb.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope='module')
+def rm_run(tmp_path_factory, lm_run):
+  workdir = tmp_path_factory.mktemp('rm')
+  run_stage(_stage_config('rm', lm_run, steps=1, ckpt_every=1), str(workdir))
+  return str(workdir)
+
+
+def _ppo_config(lm_run, rm_run, **train):
+  c = _config('tiny_ppo', init_from=lm_run, **{'steps': 2, **train})
+  c.ppo.update(reward_model=rm_run, max_new_tokens=4, num_minibatches=2, ppo_epochs=2,
+               eval_prompts=4, max_prompt_len=32)
+  return c
+
+
+def test_ppo_resume_is_bit_identical(tmp_path, lm_run, rm_run):
+  straight = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'a'))
+  first = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'b'), stop_after=1)
+  assert int(first['state']['step']) == 4 and first['eval/score'] is None  # 2 epochs x 2.
+  resumed = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'b'))
+  last = lambda r: next(h for h in r['history'] if h['step'] == 2 and 'loss' in h)
+  for key in ('loss', 'objective/scores', 'objective/kl', 'policy/grad_norm'):
+    assert last(straight)[key] == last(resumed)[key], key
+  for x, y in zip(jax.tree.leaves(straight['state']), jax.tree.leaves(resumed['state'])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_ppo_nan_policy(tmp_path, lm_run, rm_run):
+  def diverging(policy):
+    c = _ppo_config(lm_run, rm_run, nan_policy=policy)
+    c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
+    c.ppo.critic_lr = 1e30
+    return c
+  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite'):
+    run_stage(diverging('stop'), str(tmp_path / 'stop'))
+  result = run_stage(diverging('skip'), str(tmp_path / 'skip'))
+  assert result['history'][-2]['skipped_steps'] >= 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result['state']))

@@ -62,12 +62,14 @@ def accumulate(loss_fn, params, batch, rng):
   return grads, count, sums
 
 
-def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str, use_rng: bool):
+def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str, use_rng: bool,
+               grad_metrics=None):
   """One optimiser step of state {'step', 'params', 'opt_state', 'rng'}.
 
   make_loss(frozen) -> loss_fn: `frozen` (e.g. a DPO reference, or None) enters the jitted step
   as an argument, not as a constant. Metrics: every metric sum / count, and 'grad_norm',
-  'param_norm', 'learning_rate', `count_name` (the count), 'nonfinite' (1: update dropped).
+  'param_norm', 'learning_rate', `count_name` (the count), 'nonfinite' (1: update dropped), and
+  grad_metrics(grads) if given.
   """
   rng, step_rng = jax.random.split(state['rng'])
   grads, count, sums = accumulate(make_loss(frozen), state['params'], batch,
@@ -86,8 +88,16 @@ def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str
                    opt_state=keep(opt_state, state['opt_state']), rng=rng)
   metrics.update({'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
                   'learning_rate': schedule(state['step']), count_name: count,
-                  'nonfinite': 1 - finite})
+                  'nonfinite': 1 - finite, **(grad_metrics(grads) if grad_metrics else {})})
   return new_state, metrics
+
+
+def per_key(txs: dict) -> optax.GradientTransformation:
+  """One transformation of a dict of trees {name: tree} that applies txs[name] to each."""
+  def update(grads, state, params):
+    out = {k: tx.update(grads[k], state[k], params[k]) for k, tx in txs.items()}
+    return {k: u for k, (u, _) in out.items()}, {k: s for k, (_, s) in out.items()}
+  return optax.GradientTransformation(lambda p: {k: tx.init(p[k]) for k, tx in txs.items()}, update)
 
 
 def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, *, count_name='tokens',

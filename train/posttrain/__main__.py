@@ -46,7 +46,7 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   pt_config.validate(config, jax.device_count(), jax.process_count())  # Before reading init_from.
   config = setup.stage_config(config)
   if stage == 'ppo':
-    return ppo_loop.run(config, workdir)
+    return ppo_loop.run(config, workdir, stop_after)
   make_stage = {'rm': reward.stage, 'dpo': dpo.stage}[stage]
   return loop.run(config, workdir, stage=make_stage(config), stop_after=stop_after)
 

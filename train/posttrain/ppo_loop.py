@@ -21,6 +21,7 @@ beside it for resuming. Before the first and after the last iteration the mean r
 completions of `ppo.eval_prompts` held-out prompts is logged (eval/score_before, eval/score).
 """
 
+import functools
 import logging
 import os
 
@@ -44,7 +45,7 @@ from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
-from train.loop import setup_logging
+from train import loop
 from train.posttrain import config as pt_config
 from train.posttrain import ppo, reward, setup
 
@@ -131,26 +132,21 @@ def update_loss(trainable, micro, rng, *, mdef, critic_mdef, loss_cfg):
   loss, metrics = ppo.ppo_losses(logp_bt, entropy_bt, values_bt, micro, micro['mask'], loss_cfg)
   count = jnp.sum(micro['mask'])
   total = (loss + aux.get('aux_loss', 0.0)) * count
-  return total, (count, {k: v * count for k, v in metrics.items()})
+  return total, (count, {k: v * count for k, v in dict(metrics, loss=loss).items()})
 
 
 def update_step(state, batch, *, mdef, critic_mdef, loss_cfg, txs, schedules):
-  trainable = {'policy': state['params'], 'critic': state['critic']}
-  loss_fn = lambda t, micro, rng: update_loss(t, micro, rng, mdef=mdef, critic_mdef=critic_mdef,
-                                              loss_cfg=loss_cfg)
-  grads, count, sums = step_lib.accumulate(loss_fn, trainable, batch, None)
-  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-  new = dict(state)
-  opt_state = dict(state['opt_state'])
-  for name, key in (('policy', 'params'), ('critic', 'critic')):
-    updates, opt_state[name] = txs[name].update(grads[name], state['opt_state'][name], state[key])
-    new[key] = optax.apply_updates(state[key], updates)
-  new.update(step=state['step'] + 1, opt_state=opt_state)
-  metrics = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
-  metrics.update({'policy/grad_norm': optax.tree.norm(grads['policy']),
-                  'val/grad_norm': optax.tree.norm(grads['critic']),
-                  'learning_rate': schedules['policy'](state['step'])})
-  return new, metrics
+  """One PPO update by train/step.py's step: policy and critic are one trained tree
+  {'policy', 'critic'} (opt_state alike), each with its own optimiser; a non-finite update is
+  dropped as in every stage."""
+  loss_fn = functools.partial(update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg)
+  norms = lambda g: {'policy/grad_norm': optax.tree.norm(g['policy']),
+                     'val/grad_norm': optax.tree.norm(g['critic'])}
+  new, metrics = step_lib.train_step(
+      dict(state, params={'policy': state['params'], 'critic': state['critic']}), batch, None,
+      make_loss=lambda _: loss_fn, tx=step_lib.per_key(txs), schedule=schedules['policy'],
+      count_name='tokens', use_rng=False, grad_metrics=norms)
+  return dict(new, params=new['params']['policy'], critic=new['params']['critic']), metrics
 
 
 def optimizers(config, num_updates: int):
@@ -169,9 +165,9 @@ def opt_shardings(tx, abstract_params, param_shardings, placement):
                                transform_non_params=lambda _: placement.replicated)
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, stop_after: int | None = None) -> dict:
   """`config`: a stage config with data.tokenizer filled in (train/posttrain/__main__.py)."""
-  setup_logging()
+  loop.setup_logging()
   env = context_lib.make(config, workdir, pt_config.validate)
   cfg = env.cfg
   workdir_lib.write_config(config, workdir)
@@ -221,7 +217,8 @@ def run(config, workdir: str) -> dict:
       data_state = {'iteration': 0, 'kl_coef': float(p.kl_coef)}
     trainer = Trainer(config, cfg, env, tok, template, mdef, critic_mdef, rm_mdef, txs, schedules,
                       shardings, workdir)
-    return trainer.train(state, data_state, ref_params, rm_params, checkpointer, p_shard)
+    return trainer.train(state, data_state, ref_params, rm_params, checkpointer, p_shard,
+                         stop_after)
 
 
 class Trainer:
@@ -280,10 +277,17 @@ class Trainer:
                                 sampling=decode.Sampling(), p_shard=p_shard)
     return float(scores.mean())
 
-  def train(self, state, data_state, ref_params, rm_params, checkpointer, p_shard) -> dict:
+  def train(self, state, data_state, ref_params, rm_params, checkpointer, p_shard,
+            stop_after=None) -> dict:
+    """The iterations from data_state['iteration']; the loop's promises hold per update (the
+    step of train/step.py, train.nan_policy) and per iteration (SIGTERM or `stop_after`
+    iterations: a checkpoint, then return)."""
     config, p, t = self.config, self.config.ppo, self.config.train
     self.kl.value = data_state['kl_coef']
-    writer = metrics_lib.Writer(self.workdir)
+    writer = metrics_lib.Writer(self.workdir, shown=SHOWN)
+    start, skipped, eval_after = data_state['iteration'], 0, None
+    progress = metrics_lib.Progress(t.progress, t.steps, start)
+    stop = loop.StopSignal()
     sampling = decode.Sampling(temperature=p.temperature)
     b, num_mb = t.global_batch, p.num_minibatches
     order = np.random.default_rng(t.seed).permutation(len(self.prompts))
@@ -291,7 +295,7 @@ class Trainer:
     log.info('ppo: mean reward of greedy completions of %d held-out prompts: %.4f',
              len(self.eval_prompts), eval_before)
     try:
-      for it in range(data_state['iteration'], t.steps):
+      for it in range(start, t.steps):
         pick = [order[(it * b + j) % len(order)] for j in range(b)]
         batch, scores, metrics = self.rollout(
             state['params'], ref_params, rm_params, [self.prompts[i] for i in pick],
@@ -312,28 +316,35 @@ class Trainer:
             # Replicated: a minibatch need not divide over the batch shards (one process).
             micro = step_lib.device_batch({k: batch[k][mb] for k in ROLLOUT_KEYS}, t.grad_accum,
                                           self.env.replicated)
+            update = int(state['step'])
             state, m = self.update(state, micro)
+            skipped += loop.check_finite((update, m), t.nan_policy)
             updates.append(m)
         metrics.update({k: float(np.mean([float(u[k]) for u in updates])) for k in updates[0]})
         metrics.update({
             'objective/kl': float(kl_sum.mean()), 'objective/scores': float(scores.mean()),
             'objective/non_score_reward': float(-kl_coef * kl_sum.mean()),
             'objective/rlhf_reward': float(scores.mean() - kl_coef * kl_sum.mean()),
-            'objective/kl_coef': kl_coef})
+            'objective/kl_coef': kl_coef, 'skipped_steps': skipped})
         self.kl.update(float(kl_sum.mean()), b)
         done = it + 1
         data_state = {'iteration': done, 'kl_coef': self.kl.value}
-        if done % t.log_every == 0 or done == t.steps:
-          writer.scalars(done, metrics)
-          log.info('ppo iteration %d: %s', done, setup.brief(metrics, SHOWN))
-        if done % t.ckpt_every == 0 or done == t.steps:
+        logged = writer.scalars(done, metrics) if done % t.log_every == 0 or done == t.steps else None
+        stop.requested |= stop_after is not None and done - start >= stop_after
+        if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
           checkpointer.save(done, state, data_state, force=True)
-      eval_after = self.mean_score(state['params'], ref_params, rm_params, p_shard)
-      writer.scalars(t.steps, {'eval/score_before': eval_before, 'eval/score': eval_after})
-      log.info('ppo: mean held-out reward %.4f -> %.4f', eval_before, eval_after)
+        progress.update(logged)
+        if stop.requested:
+          log.warning('stop requested: saved a checkpoint at iteration %d, exiting', done)
+          break
+      else:
+        eval_after = self.mean_score(state['params'], ref_params, rm_params, p_shard)
+        writer.scalars(t.steps, {'eval/score_before': eval_before, 'eval/score': eval_after})
     finally:
       checkpointer.close()
       writer.close()
+      stop.restore()
+      progress.close()
     return {'state': state, 'history': writer.history, 'eval/score_before': eval_before,
             'eval/score': eval_after}
 

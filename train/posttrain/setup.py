@@ -49,7 +49,3 @@ def init_scalar_from_lm(checkpoint: str, cfg, placement, seed: int):
 def masked_mean(x, mask, axis=None):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
-
-def brief(metrics: dict, keys) -> str:
-  """'name=value ...' of the given metrics, for a log line."""
-  return ' '.join(f'{k}={float(metrics[k]):.4g}' for k in keys if k in metrics)
