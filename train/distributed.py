@@ -120,7 +120,7 @@ def _allgather_text(text: str) -> list[str]:
   """Each process's `text`, in process order, on every process."""
   if jax.process_count() == 1:
     return [text]
-  from jax.experimental import multihost_utils
+  from jax.experimental import multihost_utils  # Only multi-process runs need it.
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)

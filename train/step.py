@@ -158,20 +158,8 @@ def accumulate_grads(params, batch, rng, mdef):
 
 
 def jit_train_step(mdef, tx, schedule, shardings, batch_sharding, use_router_noise=False):
-  """The LM step as (state, batch) -> (state, metrics) (compile-only users: train/aot.py)."""
-  step = jit_step(lambda _: lm_loss(mdef), tx, schedule, shardings, batch_sharding,
-                  use_rng=use_router_noise)
-  return _NoFrozen(step)
-
-
-class _NoFrozen:
-  """A jit_step without the `frozen` argument (None), keeping .lower for AOT compilation."""
-
-  def __init__(self, step):
-    self.step = step
-
-  def __call__(self, state, batch):
-    return self.step(state, batch, None)
-
-  def lower(self, state, batch):
-    return self.step.lower(state, batch, None)
+  """The LM step as jitted (state, batch) -> (state, metrics) (compile-only users: train/aot.py)."""
+  fn = functools.partial(train_step, frozen=None, make_loss=lambda _: lm_loss(mdef), tx=tx,
+                         schedule=schedule, count_name='tokens', use_rng=use_router_noise)
+  return jax.jit(fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                 donate_argnums=0)

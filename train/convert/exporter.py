@@ -18,8 +18,10 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
+from data.tokenizer import Tokenizer
 from train import config as config_lib
 from train import workdir as workdir_lib
+from train.state import model_def
 from train.convert import hf_layout, safetensors_io, store
 from train.convert.hf_layout import ConvertError
 
@@ -52,7 +54,6 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
   out_dtype = np.dtype(jnp.dtype(dtype))
   hf = hf_layout.hf_config(cfg, seq_len=int(config.data.seq_len), dtype=dtype,
                            **_special_ids(tok))  # Raises first if the model has no HF form.
-  from train.state import model_def
   _, abstract = model_def(cfg)
   links = hf_layout.links(cfg)
   for link in {link.path: link for link in links}.values():
@@ -98,6 +99,5 @@ def _get(tree, path):
 def _special_ids(path: str | None) -> dict:
   if not path:
     return {}
-  from data.tokenizer import Tokenizer
   tok = Tokenizer(path)
   return {'bos_id': tok.bos_id, 'eos_id': tok.eos_id}

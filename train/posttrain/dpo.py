@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from train import step as step_lib
+from train import workdir as workdir_lib
 from train.posttrain import pairs, setup
 
 log = logging.getLogger('meshlm')
@@ -102,10 +103,10 @@ def stage(config):
   reference = config.dpo.reference or config.train.init_from
 
   def init_params(ctx, mdef, params):
-    return setup.restore_lm(config.train.init_from, ctx.cfg, ctx)
+    return workdir_lib.restore_params(config.train.init_from, ctx.cfg, ctx)
 
   def prepare(ctx, mdef, data, make_eval_data, steps_left):
-    ref_params = setup.restore_lm(reference, ctx.cfg, ctx)
+    ref_params = workdir_lib.restore_params(reference, ctx.cfg, ctx)
     if not config.dpo.precompute_ref:
       return ref_params, data, make_eval_data
     position = data.get_state()

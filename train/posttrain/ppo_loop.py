@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from data import chat as chat_lib
+from data import sources
 from data.tokenizer import Tokenizer
 from model import decode
 from model.heads import ScalarModel
@@ -40,12 +41,12 @@ from train import checkpoint as ckpt_lib
 from train import config as base_config
 from train import context as context_lib
 from train import generate as gen_lib
+from train import loop
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
-from train import loop
 from train.posttrain import config as pt_config
 from train.posttrain import ppo, reward, setup
 
@@ -60,7 +61,6 @@ ROLLOUT_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'value
 def load_prompts(config, template, split: str, workdir: str) -> list[list[int]]:
   """Token ids of the prompts (every turn before the last assistant reply, then the assistant
   marker) of the SFT sources, at most ppo.max_prompt_len long."""
-  from data import sources
   out = []
   for src in sources.build_all(config.data, split, workdir):
     if src.format != 'sft':
@@ -159,12 +159,6 @@ def optimizers(config, num_updates: int):
   return txs, schedules
 
 
-def opt_shardings(tx, abstract_params, param_shardings, placement):
-  abstract = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                               transform_non_params=lambda _: placement.replicated)
-
-
 def run(config, workdir: str, stop_after: int | None = None) -> dict:
   """`config`: a stage config with data.tokenizer filled in (train/posttrain/__main__.py)."""
   loop.setup_logging()
@@ -185,34 +179,35 @@ def run(config, workdir: str, stop_after: int | None = None) -> dict:
     txs, schedules = optimizers(config, num_updates)
     p_shard = env.param_shardings(mdef, abstract)
     c_shard = env.param_shardings(critic_mdef, critic_abstract)
+    tx = step_lib.per_key(txs)  # As update_step applies them: Adam moments follow params.
+    trained, trained_shard = ({'policy': abstract, 'critic': critic_abstract},
+                              {'policy': p_shard, 'critic': c_shard})
+    opt_abstract = jax.eval_shape(tx.init, trained)
     shardings = {'step': env.replicated, 'params': p_shard, 'critic': c_shard,
-                 'opt_state': {'policy': opt_shardings(txs['policy'], abstract, p_shard, env),
-                               'critic': opt_shardings(txs['critic'], critic_abstract, c_shard,
-                                                       env)},
+                 'opt_state': {k: optax.tree_map_params(
+                     txs[k], lambda _, s: s, opt_abstract[k], trained_shard[k],
+                     transform_non_params=lambda _: env.replicated) for k in txs},
                  'rng': env.replicated}
-    rm_params = setup.restore_scalar(p.reward_model, rm_cfg, env)
-    ref_params = setup.restore_lm(t.init_from, cfg, env)
+    rm_params = workdir_lib.restore_params(p.reward_model, rm_cfg, env, ScalarModel)
+    ref_params = workdir_lib.restore_params(t.init_from, cfg, env)
     if p.ref_on_host:
       ref_params = jax.device_put(ref_params, jax.tree.map(
           lambda s: s.with_memory_kind('pinned_host'), p_shard))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
-    init_opt = jax.jit(lambda tr: {k: txs[k].init(tr[k]) for k in txs},
-                       out_shardings=shardings['opt_state'])
     if checkpointer.latest_step() is not None:
-      like = jax.eval_shape(lambda: {
-          'step': jnp.int32(0), 'params': abstract, 'critic': critic_abstract,
-          'opt_state': {k: txs[k].init(a) for k, a in (('policy', abstract),
-                                                       ('critic', critic_abstract))},
-          'rng': jax.random.PRNGKey(0)})
+      like = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract,
+              'critic': critic_abstract, 'opt_state': opt_abstract,
+              'rng': jax.eval_shape(lambda: jax.random.PRNGKey(0))}
       state, data_state = checkpointer.restore(like, shardings)
       log.info('ppo: resuming from iteration %d', int(data_state['iteration']))
     else:
-      policy = setup.restore_lm(t.init_from, cfg, env)
-      critic = (setup.restore_scalar(p.reward_model, critic_cfg, env)
+      policy = workdir_lib.restore_params(t.init_from, cfg, env)
+      critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, env, ScalarModel)
                 if p.critic_init == 'reward_model'
                 else setup.init_scalar_from_lm(t.init_from, cfg, env, t.seed))
       state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
-               'opt_state': init_opt({'policy': policy, 'critic': critic}),
+               'opt_state': jax.jit(tx.init, out_shardings=shardings['opt_state'])(
+                   {'policy': policy, 'critic': critic}),
                'rng': jax.random.PRNGKey(t.seed)}
       data_state = {'iteration': 0, 'kl_coef': float(p.kl_coef)}
     trainer = Trainer(config, cfg, env, tok, template, mdef, critic_mdef, rm_mdef, txs, schedules,

@@ -23,19 +23,9 @@ def stage_config(config) -> ml_collections.ConfigDict:
   return config
 
 
-def restore_lm(checkpoint: str, cfg, placement):
-  """Decoder params of an LM checkpoint (pre-trained, SFT, PPO or DPO policy), sharded."""
-  return workdir_lib.restore_params(checkpoint, cfg, placement)
-
-
 def restore_trunk(checkpoint: str, cfg, placement):
   """The ScalarModel `decoder` params (an LM checkpoint without its output table)."""
   return workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
-
-
-def restore_scalar(checkpoint: str, cfg, placement):
-  """ScalarModel params (a reward-model checkpoint), sharded."""
-  return workdir_lib.restore_params(checkpoint, cfg, placement, ScalarModel)
 
 
 def init_scalar_from_lm(checkpoint: str, cfg, placement, seed: int):

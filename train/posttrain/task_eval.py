@@ -92,7 +92,7 @@ def reward_scorer(rm_workdir: str, generator, env):
   rm_cfg = base_config.model_config(workdir_lib.load_config(None,
                                                             workdir_lib.run_workdir(rm_workdir)))
   mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
-  params = setup.restore_scalar(rm_workdir, rm_cfg, env)
+  params = workdir_lib.restore_params(rm_workdir, rm_cfg, env, ScalarModel)
   fn = jax.jit(lambda p, rows: reward.rewards(mdef.build(p), rows)[0])
   tok = generator.tokenizer
   end, newline = tok.special_id('<|end|>'), list(ChatTemplate(tok).newline)
