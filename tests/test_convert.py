@@ -27,7 +27,7 @@ from train.checkpoint import Checkpointer  # noqa: E402
 from train.convert import ConvertError, from_hf, load_checkpoint, to_hf  # noqa: E402
 from train.convert import hf_layout, safetensors_io  # noqa: E402
 from train.convert.__main__ import main as convert_main  # noqa: E402
-from train.generate import write_config  # noqa: E402
+from train.workdir import write_config  # noqa: E402
 
 TOL = 1e-4
 SMALL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

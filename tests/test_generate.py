@@ -21,6 +21,7 @@ from model.transformer import CACHE_AXES, init_cache
 from model.sharding import logical_to_spec
 from train import generate as gen_lib
 from train import state as state_lib
+from train import workdir as workdir_lib
 from tests.util import mesh, tiny_cfg
 
 PROMPTS = [[5, 17, 33, 8, 21, 60, 2], [44, 9], [71, 3, 12, 90]]
@@ -242,7 +243,7 @@ def tiny_run(tmp_path_factory, tok):
   saver = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
   saver.save(7, {'step': jnp.int32(7), 'params': params}, {}, force=True)
   saver.close()
-  gen_lib.write_config(config, str(workdir))
+  workdir_lib.write_config(config, str(workdir))
   return workdir, cfg, params
 
 

@@ -216,3 +216,47 @@ def test_settings_from_config_env_and_errors():
     distributed.settings(_Cfg(enabled=True, num_processes=2, process_id=5), {})
   with pytest.raises(ConfigError, match='MESHLM_DISTRIBUTED'):
     distributed.settings(_Cfg(), {'MESHLM_DISTRIBUTED': 'yes please'})
+
+
+def _stage(stage: str, workdir, steps: int, init_from: str, processes: int) -> list[str]:
+  """Runs `python -m train.posttrain` for experiments/tiny_<stage>.py, like _train."""
+  flags = [*OVERRIDES[:-1], f'--config.train.init_from={init_from}', f'--config.train.steps={steps}',
+           '--config.train.ckpt_every=2']
+  flags += [f'--config.{stage}.eval_batches=1'] if stage in ('rm', 'dpo') else []
+  args = [sys.executable, '-m', 'train.posttrain', '--config',
+          str(REPO / f'experiments/tiny_{stage}.py'), '--workdir', str(workdir), *flags]
+  logdir = pathlib.Path(f'{workdir}_logs')
+  cmd = args if processes == 1 else [
+      str(REPO / 'scripts/launch_local.sh'), '-n', str(processes), '-d', str(8 // processes),
+      '-p', str(_free_port()), '-l', str(logdir), '--', *args]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(8 // processes), text=True, timeout=900,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  assert proc.returncode == 0, f'{stage} on {processes} process(es) failed:\n{proc.stdout[-4000:]}'
+  return [proc.stdout] if processes == 1 else [(logdir / 'process_0.log').read_text()]
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, tokenizer):
+  """A 1-step LM run on one process: what the stages start from (its tokenizer: `tokenizer`)."""
+  workdir = tmp_path_factory.mktemp('pretrained')
+  _train(workdir, 1, tokenizer, processes=1)
+  return str(workdir)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', ['sft', 'rm', 'dpo'])
+def test_stage_on_two_processes_resumes_on_one(tmp_path, pretrained, stage):
+  """SFT, RM, DPO: 2 x 4 devices for 2 steps, resumed on 1 x 8 for steps 3-4, equal to a
+  straight 1 x 8 run (the data state of both processes is in the checkpoint)."""
+  _stage(stage, tmp_path / 'a', 2, pretrained, processes=2)
+  saved = json.loads((tmp_path / 'a/checkpoints/2/data/metadata').read_text())
+  assert [s['signature']['process_index'] for s in saved['process_states']] == [0, 1]
+  shutil.copytree(tmp_path / 'a/checkpoints', tmp_path / 'b/checkpoints')
+  logs_b = _stage(stage, tmp_path / 'b', 4, pretrained, processes=1)
+  assert 'resuming from step 2' in logs_b[0]
+  _stage(stage, tmp_path / 'c', 4, pretrained, processes=1)
+  a, b, c = (read_scalars(tmp_path / d / 'tb') for d in 'abc')
+  assert sorted(a) == [1, 2] and sorted(b) == [3, 4] and sorted(c) == [1, 2, 3, 4]
+  np.testing.assert_allclose([a[s] for s in (1, 2)], [c[s] for s in (1, 2)], rtol=2e-5)
+  np.testing.assert_allclose([b[s] for s in (3, 4)], [c[s] for s in (3, 4)], rtol=2e-5)

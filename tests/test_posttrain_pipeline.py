@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from train import generate as gen_lib
+from train import workdir as workdir_lib
 from train.posttrain import task_eval
 from train.posttrain.__main__ import run as run_stage
 
@@ -39,10 +39,10 @@ def test_tiny_pipeline_few_steps(tmp_path):
   w = tmp_path
   pre = run_stage(_config('tiny_dense'), str(w / 'pretrain'))
   assert pre.history[-1]['step'] == 2 and (w / 'pretrain' / 'config.json').is_file()
-  tokenizer = gen_lib.find_tokenizer(str(w / 'pretrain'))
+  tokenizer = workdir_lib.find_tokenizer(str(w / 'pretrain'))
   sft_cfg = _config('tiny_sft', init_from=str(w / 'pretrain'))
   sft = run_stage(sft_cfg, str(w / 'sft'))
-  assert gen_lib.load_config(None, str(w / 'sft')).data.tokenizer == tokenizer
+  assert workdir_lib.load_config(None, str(w / 'sft')).data.tokenizer == tokenizer
   assert np.isfinite([h for h in sft.history if 'loss' in h][-1]['loss'])
   rm_cfg = _config('tiny_rm', init_from=str(w / 'sft'))
   rm_cfg.rm.eval_batches = 1
@@ -69,7 +69,7 @@ def test_tiny_pipeline_few_steps(tmp_path):
   assert {'eval/rewards/accuracy', 'eval/rewards/margin'} <= set(dpo.eval)
   # Every stage's workdir is an LM checkpoint the generic tools read (PPO and DPO: policies).
   for stage in ('pretrain', 'sft', 'ppo', 'dpo'):
-    run = gen_lib.load_run(str(w / stage))
+    run = workdir_lib.load_run(str(w / stage))
     assert run.step == 2 and run.tokenizer.path == tokenizer
   out = w / 'results.json'
   assert task_eval.main(['--run', f'sft={w / "sft"}', '--run', f'ppo={w / "ppo"}', '--num', '8',

@@ -25,7 +25,9 @@ process 0's rows and lose the others'. Instead every process's state is gathered
 collective) and the checkpoint stores the list. On restore with the same process count each
 process takes its own entry; with a different count the per-row stream states are concatenated
 in global row order and re-split (row r of a global batch is the same document stream whatever
-the number of processes), so a run saved by 2 processes resumes exactly on 1, or on 4.
+the number of processes), so a run saved by 2 processes resumes exactly on 1, or on 4. A
+pipeline indexed by global batch (the preference pairs of data/pipeline.py) has the same
+position on every process and moves as it is.
 """
 
 import copy
@@ -118,7 +120,7 @@ def _allgather_text(text: str) -> list[str]:
   """Each process's `text`, in process order, on every process."""
   if jax.process_count() == 1:
     return [text]
-  from jax.experimental import multihost_utils
+  from jax.experimental import multihost_utils  # Only multi-process runs need it.
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)
@@ -159,6 +161,12 @@ def local_data_state(saved: dict, process_index: int, process_count: int) -> dic
   if len(states) == process_count:
     return states[process_index]
   where = f'restoring a {len(states)}-process data state on {process_count} processes'
+  if all('parents' not in s.get('grain', {}) and s.get('grain') == states[0].get('grain')
+         for s in states):
+    # Batch-indexed pipelines (preference pairs): every process is at the same global batch.
+    state = copy.deepcopy(states[0])
+    state['signature'].update(process_index=process_index, process_count=process_count)
+    return state
   rows = [row for s in states for row in _rows(s, where)]
   signatures = [{k: v for k, v in s['signature'].items() if k not in ('process_index', 'process_count')}
                 for s in states]

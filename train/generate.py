@@ -23,24 +23,26 @@ every `stop_check_every` tokens, between jitted chunks of decoding, and a stoppe
 its tokens up to the one that completes the stop string (the text is cut before it).
 """
 
+import argparse
 import dataclasses
-import glob
-import importlib.util
 import json
 import logging
 import math
-import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from data.chat import ChatTemplate
 from model import decode
 from model.config import ConfigError, ModelConfig
 from model.sharding import logical_to_spec, make_rules, use_rules
+from train import compilation_cache
+from train import state as state_lib
+from train import workdir as workdir_lib
+from train.mesh import make_mesh
 
 log = logging.getLogger('meshlm')
 
@@ -84,8 +86,6 @@ class Generator:
 
   def __init__(self, cfg: ModelConfig, params, tokenizer, mesh=None, rules=None, *,
                max_batch: int = 32, min_bucket: int = 16, stop_check_every: int = 16):
-    from train import state as state_lib
-    from train.mesh import make_mesh
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
     self.rules = make_rules() if rules is None else rules
@@ -106,7 +106,7 @@ class Generator:
   @classmethod
   def from_checkpoint(cls, checkpoint: str, config=None, *, mesh=None, **kw) -> 'Generator':
     """`config`: a ConfigDict, a path to an experiment file, or None (workdir/config.json)."""
-    run = load_run(checkpoint, config, mesh=mesh)
+    run = workdir_lib.load_run(checkpoint, config, mesh=mesh)
     return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
 
   # Jitted pieces, one pair per sampling setting (shapes are handled by jit's own cache).
@@ -128,7 +128,6 @@ class Generator:
 
   def prompt_ids(self, prompts: list, chat: bool) -> list[list[int]]:
     if chat:
-      from data.chat import ChatTemplate
       template = ChatTemplate(self.tokenizer)
       return [list(template.encode([{'role': 'user', 'content': p}], generation_prompt=True)[0])
               for p in prompts]
@@ -239,111 +238,7 @@ class Generator:
     return b * self.batch_shards // math.gcd(b, self.batch_shards)
 
 
-# Loading a trained model.
-
-@dataclasses.dataclass
-class Run:
-  config: ml_collections.ConfigDict
-  cfg: ModelConfig
-  params: object
-  tokenizer: object
-  mesh: object
-  rules: dict
-  workdir: str
-  step: int
-
-
-def resolve_checkpoint(path: str) -> tuple[str, int | None, str]:
-  """(checkpoints folder, step or None for the latest, workdir) of a workdir,
-  `workdir/checkpoints` or `workdir/checkpoints/<step>`."""
-  path = os.path.abspath(path)
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(path):
-    root = os.path.dirname(path)
-    return root, int(base), os.path.dirname(root)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    return os.path.join(path, 'checkpoints'), None, path
-  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
-    return path, None, os.path.dirname(path)
-  raise FileNotFoundError(f'--checkpoint {path}: not a workdir with checkpoints/, a checkpoints '
-                          f'folder, or a checkpoints/<step> folder')
-
-
-def load_config(config, workdir: str) -> ml_collections.ConfigDict:
-  """A ConfigDict given, an experiment file's get_config(), or workdir/config.json."""
-  if isinstance(config, ml_collections.ConfigDict):
-    return config
-  if config:
-    spec = importlib.util.spec_from_file_location('meshlm_experiment', config)
-    if spec is None or not os.path.isfile(config):
-      raise FileNotFoundError(f'--config {config}: no such experiment file')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise ConfigError(f'{workdir} has no config.json: pass --config with the experiment file '
-                      f'the run was trained with')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def write_config(config, workdir: str) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json(indent=1))
-  os.replace(path + '.tmp', path)
-  return path
-
-
-def load_tokenizer(config, workdir: str):
-  """config.data.tokenizer, else the single model cached in workdir/tokenizer/, else the
-  pipeline's train-or-load (which finds the same cache when the sources are the same)."""
-  from data import pipeline
-  from data.tokenizer import Tokenizer
-  if config.data.tokenizer:
-    return Tokenizer(config.data.tokenizer)
-  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
-  if len(cached) == 1:
-    return Tokenizer(cached[0])
-  return pipeline.load_tokenizer(config.data, vocab_size=config.model.vocab_size, workdir=workdir)
-
-
-def find_tokenizer(workdir: str) -> str:
-  """The path of the one tokenizer model a run cached (for the next stage's data.tokenizer)."""
-  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
-  if len(cached) != 1:
-    raise FileNotFoundError(f'{workdir}/tokenizer: expected one cached *.model, found {cached}')
-  return cached[0]
-
-
-def load_run(checkpoint: str, config=None, *, mesh=None, model_cls=None) -> Run:
-  """Config, model config, params (sharded on `mesh`, default config.mesh), tokenizer of a run."""
-  from train import checkpoint as ckpt_lib
-  from train import config as config_lib
-  from train import state as state_lib
-  from train.mesh import make_mesh
-  root, step, workdir = resolve_checkpoint(checkpoint)
-  config = load_config(config, workdir)
-  cfg = config_lib.model_config(config)
-  mesh = make_mesh(config.mesh) if mesh is None else mesh
-  rules = make_rules(config.sharding_rules.to_dict())
-  kw = {} if model_cls is None else {'model_cls': model_cls}
-  mdef, abstract = state_lib.model_def(cfg, **kw)
-  with use_rules(rules):
-    shardings = state_lib.param_shardings(mdef, abstract, mesh)
-  params = ckpt_lib.restore_params(root, abstract, shardings, step)
-  if step is None:
-    from orbax.checkpoint import CheckpointManager
-    manager = CheckpointManager(root)
-    step = manager.latest_step()
-    manager.close()
-  return Run(config, cfg, params, load_tokenizer(config, workdir), mesh, rules, workdir, int(step))
-
-
 def main(argv=None) -> int:
-  import argparse
   parser = argparse.ArgumentParser(prog='python -m train.generate', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True)
@@ -358,7 +253,6 @@ def main(argv=None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--json', action='store_true', help='one JSON object per completion')
   args = parser.parse_args(argv)
-  from train import compilation_cache
   compilation_cache.enable()
   try:
     sampling = decode.Sampling(args.temperature, args.top_k, args.top_p)

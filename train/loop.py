@@ -1,12 +1,17 @@
-"""The training loop: config -> mesh -> data -> sharded state -> (resume) -> steps -> checkpoints.
+"""The training loop of every stage: config -> run context -> data -> sharded state -> (resume)
+-> steps -> checkpoints.
 
 Importable from a notebook: `train.loop.run(config, workdir)` returns the final state and the
-metric history. `python -m train` is a thin wrapper around it.
+metric history. `python -m train` and `python -m train.posttrain` are thin wrappers around it;
+a stage (train/stage.py: pre-training and SFT, the reward model, DPO) supplies its model, data,
+loss and initial params, and every stage keeps the same promises: resume is bit-identical,
+SIGTERM saves a checkpoint and exits cleanly, `train.nan_policy` stops naming the step or counts
+the skipped update, and the data state of every process travels in the checkpoint.
 
-What a run leaves in `workdir`: checkpoints/, tokenizer/ (when it trained one), tb/ (TensorBoard
-scalars of every metric, text samples every `train.sample_every` steps), metrics.jsonl (the
-same scalars), curves.png (loss and throughput, train/plots.py), and profile/ when
-`train.profile_steps` asks for a jax.profiler trace (train/profiling.py).
+What a run leaves in `workdir`: config.json, checkpoints/, tokenizer/ (when it trained one),
+tb/ (TensorBoard scalars of every metric, text samples every `train.sample_every` steps),
+metrics.jsonl (the same scalars), curves.png (loss and throughput, train/plots.py), and
+profile/ when `train.profile_steps` asks for a jax.profiler trace (train/profiling.py).
 """
 
 import dataclasses
@@ -15,20 +20,22 @@ import os
 import signal
 
 import jax
-import numpy as np
-from jax.sharding import NamedSharding
 
 from model import training_flops_per_token
-from model.sharding import logical_to_spec, make_rules, use_rules
+from model.sharding import use_rules
+from model.transformer import Decoder
 from train import checkpoint as ckpt_lib
-from train import config as config_lib
+from train import context as context_lib
+from train import distributed
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
 from train import plots, profiling
 from train import samples as samples_lib
+from train import stage as stage_lib
 from train import state as state_lib
 from train import step as step_lib
-from train.mesh import make_mesh
+from train import workdir as workdir_lib
+from train.step import device_batch  # noqa: F401  (the batch reshaper, also used from here)
 
 log = logging.getLogger('meshlm')
 
@@ -40,59 +47,68 @@ class RunResult:
   history: list
   tokenizer: object
   mesh: object
+  eval: dict  # The last evaluation's metrics ({} if none ran).
 
 
 class NonFiniteError(FloatingPointError):
   pass
 
 
-def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
-  """Trains (or resumes) the run in `workdir`. `stop_after=N` leaves after N steps of this
-  call, with a checkpoint, as SIGTERM would (notebooks and the resume tests use it)."""
+def run(config, workdir: str, *, stage: stage_lib.Stage | None = None,
+        stop_after: int | None = None) -> RunResult:
+  """Trains (or resumes) the run in `workdir`; `stage` defaults to the LM stage of `config`.
+  `stop_after=N` leaves after N steps of this call, with a checkpoint, as SIGTERM would
+  (notebooks and the resume tests use it)."""
   setup_logging()
-  from train import distributed
   distributed.maybe_initialize(config.distributed)
-  cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
-  t = config.train
+  stage = stage_lib.lm_stage(config) if stage is None else stage
+  ctx = context_lib.make(config, workdir, stage.validate)
+  cfg, t = ctx.cfg, config.train
   trace = profiling.TraceWindow(t.profile_steps, os.path.join(workdir, 'profile'))
-  mesh = make_mesh(config.mesh)
-  if jax.process_index() == 0:  # What train.generate / train.eval read back.
-    from train.generate import write_config
-    write_config(config, workdir)
-  rules = make_rules(config.sharding_rules.to_dict())
-  log.info('mesh %s on %d %s devices, %d process(es)', dict(mesh.shape), jax.device_count(),
-           jax.devices()[0].platform, jax.process_count())
+  if jax.process_index() == 0:  # What train.generate / train.eval / the next stage read back.
+    workdir_lib.write_config(config, workdir)
+  log.info('%s: mesh %s on %d %s devices, %d process(es)', stage.name, dict(ctx.mesh.shape),
+           jax.device_count(), jax.devices()[0].platform, jax.process_count())
   peak, peak_source = metrics_lib.peak_flops(config.hardware)  # Outside the mesh: one device.
-  with jax.set_mesh(mesh), use_rules(rules):
-    data = make_data(config, cfg, workdir, split='train')
-    log.info('data sources as built: %s', data.build_stats)
+  with jax.set_mesh(ctx.mesh), use_rules(ctx.rules):
+    data = stage.make_data(ctx, 'train')
+    log.info('data sources as built: %s', getattr(data, 'build_stats', {}))
     tx = optimizer_lib.make(config.optim, t.steps)
     schedule = optimizer_lib.schedule(config.optim, t.steps)
-    state, shardings, mdef = state_lib.create(cfg, tx, mesh, t.seed)
+    state, shardings, mdef = state_lib.create(cfg, tx, ctx.mesh, t.seed, stage.model_cls)
     log.info('parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state["params"])):,}')
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
     if checkpointer.latest_step() is not None:
       state, data_state = checkpointer.restore(state, shardings)
-      data.set_state(distributed.local_data_state(data_state, jax.process_index(), jax.process_count()))
-      log.info('resuming from step %d', int(state['step']))
-    elif t.init_from:
-      state['params'] = ckpt_lib.restore_params(t.init_from, state['params'], shardings['params'])
-      log.info('params initialised from %s', t.init_from)
+      data.set_state(distributed.local_data_state(data_state, jax.process_index(),
+                                                  jax.process_count()))
+      log.info('%s: resuming from step %d', stage.name, int(state['step']))
+    else:
+      state['params'] = stage.init_params(ctx, mdef, state['params'])
+      if t.init_from:
+        log.info('%s: params initialised from %s', stage.name, t.init_from)
+    start = int(state['step'])
+    frozen, data, make_eval_data = stage.prepare(ctx, mdef, data,
+                                                 lambda: stage.make_data(ctx, 'eval'),
+                                                 t.steps - start)
 
-    batch_sharding = NamedSharding(mesh, logical_to_spec((None, 'batch', 'length'), rules=rules))
-    train_step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding,
-                                         use_router_noise=cfg.is_moe and cfg.router_jitter > 0)
-    eval_step = step_lib.jit_eval_step(mdef, shardings['params'], batch_sharding)
-    writer = metrics_lib.Writer(workdir)
+    make_loss = lambda f: stage.make_loss(mdef, f)
+    train_step = step_lib.jit_step(make_loss, tx, schedule, shardings,
+                                   count_name=stage.count_name, use_rng=stage.use_rng)
+    evaluate = Evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx)
+    writer = metrics_lib.Writer(workdir, shown=stage.shown)
     flops = training_flops_per_token(cfg, config.data.seq_len)
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
              flops.per_token, flops.dense_equivalent, peak, peak_source)
     throughput = metrics_lib.Throughput(flops.per_token, peak)
-    sampler = samples_lib.Sampler(cfg, data.tokenizer, mesh, rules) if t.sample_every else None
-    start = int(state['step'])
+    tokens_per_step = t.global_batch * stage.rows_per_example * config.data.seq_len
+    sampler = None
+    if t.sample_every and stage.model_cls is Decoder:
+      sampler = samples_lib.Sampler(cfg, data.tokenizer, ctx.mesh, ctx.rules)
     progress = metrics_lib.Progress(t.progress, t.steps, start)
     stop = StopSignal()
+    eval_metrics = {}
 
     try:
       pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
@@ -100,13 +116,13 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
       for step in range(start, t.steps):
         trace.maybe_start(step)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          batch = device_batch(next(data), t.grad_accum, batch_sharding)
-          state, metrics = train_step(state, batch)
+          batch = device_batch(next(data), t.grad_accum, ctx.batch_sharding)
+          state, metrics = train_step(state, batch, frozen)
         with throughput.paused():  # Writing the trace out is not training time.
           trace.maybe_stop(step, state)
         skipped += check_finite(pending, t.nan_policy)
         pending = (step, metrics)
-        throughput.update(t.global_batch * config.data.seq_len)
+        throughput.update(tokens_per_step)
         done, logged = step + 1, None
         if done % t.log_every == 0 or done == t.steps:
           skipped += check_finite(pending, t.nan_policy)
@@ -115,8 +131,8 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
                                          **data_counts(data)})
         if t.eval_every and done % t.eval_every == 0:
           with throughput.paused():
-            writer.scalars(done, evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
-        if t.sample_every and done % t.sample_every == 0:
+            eval_metrics = writer.scalars(done, evaluate(state['params'], frozen))
+        if sampler is not None and done % t.sample_every == 0:
           with throughput.paused():
             sampler.write(writer, done, state['params'])
         if stop_after is not None and done - start >= stop_after:
@@ -129,8 +145,7 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
           break
       skipped += check_finite(pending, t.nan_policy)
       if not stop.requested and not t.eval_every:
-        writer.scalars(int(state['step']),
-                       evaluate(config, cfg, workdir, state['params'], eval_step, batch_sharding))
+        eval_metrics = writer.scalars(int(state['step']), evaluate(state['params'], frozen))
     finally:  # Also on errors: pending async checkpoint writes complete.
       trace.close()
       checkpointer.close()
@@ -139,43 +154,33 @@ def run(config, workdir: str, *, stop_after: int | None = None) -> RunResult:
       progress.close()
   if writer.enabled:
     plots.write(workdir)
-  return RunResult(state=state, mdef=mdef, history=writer.history, tokenizer=data.tokenizer, mesh=mesh)
+  return RunResult(state=state, mdef=mdef, history=writer.history, tokenizer=data.tokenizer,
+                   mesh=ctx.mesh, eval=eval_metrics)
 
 
-def make_data(config, cfg, workdir, split):
-  from data import pipeline
-  return pipeline.make_iterator(config.data, vocab_size=cfg.vocab_size,
-                                global_batch=config.train.global_batch, workdir=workdir, split=split,
-                                process_index=jax.process_index(), process_count=jax.process_count(),
-                                seed=config.train.seed)
+class Evaluator:
+  """Metric means ('eval/<name>') over the stage's `eval_batches` held-out batches, from a
+  fresh eval iterator each time (so every evaluation sees the same batches)."""
+
+  def __init__(self, eval_fn, make_eval_data, stage, ctx):
+    self.eval_fn, self.make_eval_data, self.stage, self.ctx = eval_fn, make_eval_data, stage, ctx
+
+  def __call__(self, params, frozen) -> dict:
+    data = self.make_eval_data()
+    totals, count = {}, 0.0
+    for _ in range(self.stage.eval_batches):
+      n, sums = self.eval_fn(params, device_batch(next(data), 1, self.ctx.batch_sharding), frozen)
+      count += float(n)
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    means = {f'eval/{k}': v / max(count, 1.0) for k, v in totals.items()}
+    return {**means, **self.stage.eval_metrics(means)}
 
 
 def data_counts(data) -> dict:
   """Per source (this process): items and tokens read, items skipped by reason, as scalars."""
   return {f'data/{source}/{key}': value for source, counts in data.counts().items()
           for key, value in counts.items()}
-
-
-def device_batch(local: dict, grad_accum: int, sharding) -> dict:
-  """Process-local numpy [B_local, T] -> global jax arrays [accum, micro, T] on the mesh."""
-  out = {}
-  for name, x in local.items():
-    x = np.asarray(x)
-    x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
-    global_shape = (grad_accum, x.shape[1] * jax.process_count(), *x.shape[2:])
-    out[name] = jax.make_array_from_process_local_data(sharding, x, global_shape)
-  return out
-
-
-def evaluate(config, cfg, workdir, params, eval_step, batch_sharding) -> dict:
-  data = make_data(config, cfg, workdir, split='eval')
-  nll, tokens = 0.0, 0.0
-  for _ in range(config.train.eval_batches):
-    batch = device_batch(next(data), 1, batch_sharding)
-    out = eval_step(params, batch)
-    nll, tokens = nll + float(out['nll_sum']), tokens + float(out['tokens'])
-  loss = nll / max(tokens, 1.0)
-  return {'eval/loss': loss, 'eval/perplexity': float(np.exp(min(loss, 50.0)))}
 
 
 def check_finite(pending, policy: str) -> int:

@@ -94,8 +94,9 @@ class Throughput:
 class Writer:
   """Scalars to the log line and TensorBoard (tensorboardX; no TensorFlow), process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, shown: tuple = ()):
     self.enabled = enabled and jax.process_index() == 0
+    self.shown = SHOWN + tuple(shown)  # Keys on the log line (eval/* always).
     self.tb = self.jsonl = None
     self.history: list[dict] = []
     if self.enabled:
@@ -114,7 +115,7 @@ class Writer:
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self.jsonl.flush()
     shown = ' '.join(f'{k.split("/")[-1]}={_fmt(v)}' for k, v in metrics.items()
-                     if k in SHOWN or k.startswith('eval'))
+                     if k in self.shown or k.startswith('eval'))
     log.info('step %d: %s', step, shown)
     return metrics
 

@@ -14,6 +14,8 @@ import logging
 
 import jax
 
+from train.generate import Generator
+
 log = logging.getLogger('meshlm')
 
 PROMPTS = ('On Monday, Alice went to', 'The capital of France is', 'Bob: What is 3 + 4?\nAlice:')
@@ -24,7 +26,6 @@ class Sampler:
   """Continues `prompts` with the params given at each call (greedy, `max_new_tokens`)."""
 
   def __init__(self, cfg, tokenizer, mesh, rules, prompts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS):
-    from train.generate import Generator
     self.prompts, self.max_new_tokens = tuple(prompts), max_new_tokens
     self.generator = Generator(cfg, None, tokenizer, mesh, rules, max_batch=len(self.prompts))
     # The decoder reads whole (batch-sharded) token buffers back on the host.

@@ -1,20 +1,121 @@
-"""The jitted train and eval steps.
+"""The one train step of every stage, its gradient accumulator and batch reshaper, and the LM loss.
 
-A batch holds `grad_accum` micro-batches stacked on a leading axis: every array is
-[accum, micro_batch, length]. The step scans over them summing token losses and gradients,
-then divides by the total count of target tokens of the whole batch, so 1 x 8 and 8 x 1 give
-the same update (not a mean of per-micro-batch means).
+A stage's loss is `loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums))`: a loss
+summed over the `count` items of one micro-batch (target tokens, preference pairs, completion
+tokens), and metric sums over the same items (one of them 'loss'). A batch holds `grad_accum`
+micro-batches stacked on a leading axis of every leaf ([accum, micro_batch, ...]). The step
+sums losses, gradients, counts and metric sums over them, then divides by the total count of
+the whole batch, so 1 x 8 and 8 x 1 give the same update (not a mean of per-micro-batch means).
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from model.sharding import constrain
 from train.head_loss import head_nll_sum
 
+
+def device_batch(local, grad_accum: int, sharding) -> dict:
+  """Process-local numpy leaves [B_local, ...] -> global jax arrays [accum, micro, ...] on the
+  mesh. `sharding`: one Sharding for every leaf, or a function ndim -> Sharding (e.g.
+  train/context.py Placement.batch_sharding)."""
+  def put(x):
+    x = np.asarray(x)
+    x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    global_shape = (grad_accum, x.shape[1] * jax.process_count(), *x.shape[2:])
+    where = sharding(x.ndim) if callable(sharding) else sharding
+    return jax.make_array_from_process_local_data(where, x, global_shape)
+  return jax.tree.map(put, local)
+
+
+def accumulate(loss_fn, params, batch, rng):
+  """(gradient sums, count, metric sums) of `loss_fn` over the micro-batches of `batch`; the
+  micro-batch i gets rng fold_in(rng, i) (None stays None)."""
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  num_micro = jax.tree.leaves(batch)[0].shape[0]
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+
+  def micro_grads(micro, i):
+    micro = jax.tree.map(lambda x: constrain(x, (('batch', 'length') + (None,) * x.ndim)[:x.ndim]),
+                         micro)
+    return grad_fn(params, micro, None if rng is None else jax.random.fold_in(rng, i))
+
+  if num_micro == 1:
+    # No scan and no zero-initialised gradient sums to add into: one pass over the parameters
+    # fewer (for Mixtral-style MoE, whose parameters are mostly idle experts, that pass shows).
+    grads, (count, sums) = micro_grads(first(batch), 0)
+    return grads, count, sums
+
+  def body(carry, xs):
+    grads, count, sums = carry
+    g, (n, s) = micro_grads(*xs)
+    return (jax.tree.map(jnp.add, grads, g), count + n, jax.tree.map(jnp.add, sums, s)), None
+
+  _, sums_shape = jax.eval_shape(lambda: loss_fn(params, first(batch), rng)[1])
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0),
+          jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), sums_shape))
+  (grads, count, sums), _ = jax.lax.scan(body, init, (batch, jnp.arange(num_micro)))
+  return grads, count, sums
+
+
+def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str, use_rng: bool,
+               grad_metrics=None):
+  """One optimiser step of state {'step', 'params', 'opt_state', 'rng'}.
+
+  make_loss(frozen) -> loss_fn: `frozen` (e.g. a DPO reference, or None) enters the jitted step
+  as an argument, not as a constant. Metrics: every metric sum / count, and 'grad_norm',
+  'param_norm', 'learning_rate', `count_name` (the count), 'nonfinite' (1: update dropped), and
+  grad_metrics(grads) if given.
+  """
+  rng, step_rng = jax.random.split(state['rng'])
+  grads, count, sums = accumulate(make_loss(frozen), state['params'], batch,
+                                  step_rng if use_rng else None)
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  metrics = {k: v / denom for k, v in sums.items()}
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  # A non-finite loss or gradient never reaches the weights: the update is dropped whatever the
+  # policy; the loop then stops (nan_policy='stop') or counts it and goes on ('skip').
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = dict(state, step=state['step'] + 1, params=keep(params, state['params']),
+                   opt_state=keep(opt_state, state['opt_state']), rng=rng)
+  metrics.update({'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
+                  'learning_rate': schedule(state['step']), count_name: count,
+                  'nonfinite': 1 - finite, **(grad_metrics(grads) if grad_metrics else {})})
+  return new_state, metrics
+
+
+def per_key(txs: dict) -> optax.GradientTransformation:
+  """One transformation of a dict of trees {name: tree} that applies txs[name] to each."""
+  def update(grads, state, params):
+    out = {k: tx.update(grads[k], state[k], params[k]) for k, tx in txs.items()}
+    return {k: u for k, (u, _) in out.items()}, {k: s for k, (_, s) in out.items()}
+  return optax.GradientTransformation(lambda p: {k: tx.init(p[k]) for k, tx in txs.items()}, update)
+
+
+def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, *, count_name='tokens',
+             use_rng=False):
+  """jitted (state, batch, frozen) -> (state, metrics); the state is donated."""
+  fn = functools.partial(train_step, make_loss=make_loss, tx=tx, schedule=schedule,
+                         count_name=count_name, use_rng=use_rng)
+  return jax.jit(fn, in_shardings=(shardings, batch_sharding, None),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
+def jit_eval(make_loss):
+  """jitted (params, batch of one micro-batch, frozen) -> (count, metric sums)."""
+  return jax.jit(lambda params, batch, frozen: make_loss(frozen)(
+      params, jax.tree.map(lambda x: x[0], batch), None)[1])
+
+
+# The language-model loss (pre-training, SFT).
 
 def token_nll(logits_btv, targets_bt):
   """Per-token negative log-likelihood in float32 (eval-style and reference use; the train step
@@ -40,71 +141,25 @@ def loss_sums(params, batch, rng, mdef):
   return total, (nll_sum, count, aux)
 
 
+def lm_loss(mdef):
+  """loss_fn of the LM stages: metric sums 'loss' (NLL) and the MoE aux values 'moe/*'
+  weighted by token count (so their means are token-weighted over micro-batches)."""
+  def loss_fn(params, micro, rng):
+    total, (nll_sum, count, aux) = loss_sums(params, micro, rng, mdef)
+    return total, (count, {'loss': nll_sum, **{f'moe/{k}': v * count for k, v in aux.items()}})
+  return loss_fn
+
+
 def accumulate_grads(params, batch, rng, mdef):
-  """Sums of gradients, losses and counts over the micro-batches (leading axis of `batch`)."""
-  grad_fn = jax.grad(loss_sums, has_aux=True)
-  num_micro = batch['inputs'].shape[0]
-
-  def micro_grads(micro, i):
-    micro = {k: constrain(v, ('batch', 'length')) for k, v in micro.items()}
-    micro_rng = None if rng is None else jax.random.fold_in(rng, i)
-    return grad_fn(params, micro, micro_rng, mdef)
-
-  if num_micro == 1:
-    # No scan and no zero-initialised gradient sums to add into: one pass over the parameters
-    # fewer (for Mixtral-style MoE, whose parameters are mostly idle experts, that pass shows).
-    grads, (nll_sum, count, aux) = micro_grads(jax.tree.map(lambda x: x[0], batch), 0)
-    return grads, nll_sum, count, aux
-
-  def body(carry, xs):
-    grads, nll_sum, count, aux_sum = carry
-    g, (nll, n, aux) = micro_grads(*xs)
-    aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-    return (jax.tree.map(jnp.add, grads, g), nll_sum + nll, count + n, aux_sum), None
-
-  aux_shape = jax.eval_shape(lambda: loss_sums(params, jax.tree.map(lambda x: x[0], batch), rng, mdef)[1][2])
-  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
-  init = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), zeros(aux_shape))
-  (grads, nll_sum, count, aux_sum), _ = jax.lax.scan(body, init, (batch, jnp.arange(num_micro)))
-  aux = jax.tree.map(lambda x: x / num_micro, aux_sum)
-  return grads, nll_sum, count, aux
-
-
-def train_step(state, batch, *, mdef, tx, schedule, use_router_noise: bool):
-  rng, step_rng = jax.random.split(state['rng'])
-  grads, nll_sum, count, aux = accumulate_grads(
-      state['params'], batch, step_rng if use_router_noise else None, mdef)
-  denom = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
-  loss = nll_sum / denom
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  # A non-finite loss or gradient never reaches the weights: the update is dropped whatever the
-  # policy; the loop then stops (nan_policy='stop') or counts it and goes on ('skip').
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = {'step': state['step'] + 1, 'params': keep(params, state['params']),
-               'opt_state': keep(opt_state, state['opt_state']), 'rng': rng}
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
-             'learning_rate': schedule(state['step']), 'tokens': count, 'nonfinite': 1 - finite}
-  metrics.update({f'moe/{k}': v for k, v in aux.items()})
-  return new_state, metrics
-
-
-def eval_step(params, batch, *, mdef):
-  """Summed NLL and token count of a batch shaped like a train batch with one micro-batch."""
-  batch = jax.tree.map(lambda x: x[0], batch)
-  _, (nll_sum, count, _) = loss_sums(params, batch, None, mdef)
-  return {'nll_sum': nll_sum, 'tokens': count}
+  """LM gradient, NLL and token sums over the micro-batches, and the token-weighted aux means."""
+  grads, count, sums = accumulate(lm_loss(mdef), params, batch, rng)
+  aux = {k[len('moe/'):]: v / jnp.maximum(count, 1.0) for k, v in sums.items() if k != 'loss'}
+  return grads, sums['loss'], count, aux
 
 
 def jit_train_step(mdef, tx, schedule, shardings, batch_sharding, use_router_noise=False):
-  fn = functools.partial(train_step, mdef=mdef, tx=tx, schedule=schedule,
-                         use_router_noise=use_router_noise)
+  """The LM step as jitted (state, batch) -> (state, metrics) (compile-only users: train/aot.py)."""
+  fn = functools.partial(train_step, frozen=None, make_loss=lambda _: lm_loss(mdef), tx=tx,
+                         schedule=schedule, count_name='tokens', use_rng=use_router_noise)
   return jax.jit(fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                  donate_argnums=0)
-
-
-def jit_eval_step(mdef, param_shardings, batch_sharding):
-  return jax.jit(functools.partial(eval_step, mdef=mdef), in_shardings=(param_shardings, batch_sharding))

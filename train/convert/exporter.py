@@ -10,7 +10,6 @@ and streamed into the shard being written: resident memory is about one tensor p
 chunks tensorstore decodes for it.
 """
 
-import glob
 import json
 import logging
 import os
@@ -19,6 +18,10 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 
+from data.tokenizer import Tokenizer
+from train import config as config_lib
+from train import workdir as workdir_lib
+from train.state import model_def
 from train.convert import hf_layout, safetensors_io, store
 from train.convert.hf_layout import ConvertError
 
@@ -27,10 +30,8 @@ log = logging.getLogger('meshlm.convert')
 
 def locate(checkpoint: str, config=None):
   """(run config, ModelConfig, checkpoints folder, step, workdir) of a checkpoint path."""
-  from train import config as config_lib
-  from train import generate as gen_lib
-  root, step, workdir = gen_lib.resolve_checkpoint(checkpoint)
-  config = gen_lib.load_config(config, workdir)
+  root, step, workdir = workdir_lib.resolve_checkpoint(checkpoint)
+  config = workdir_lib.load_config(config, workdir)
   cfg = config_lib.model_config(config)
   if step is None:
     steps = [int(d) for d in os.listdir(root) if d.isdigit()
@@ -41,26 +42,18 @@ def locate(checkpoint: str, config=None):
   return config, cfg, root, step, workdir
 
 
-def tokenizer_path(config, workdir: str) -> str | None:
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  cached = sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
-  return cached[0] if len(cached) == 1 else None
-
-
 def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = None,
           max_shard_bytes: int = 5 * 10**9) -> str:
   """Exports; returns OUT_DIR."""
   config, cfg, root, step, workdir = locate(checkpoint, config)
   stored = store.StoredParams(root, step)
-  tok = tokenizer_path(config, workdir)
+  tok = workdir_lib.tokenizer_path(config, workdir)
   dtype = dtype or str(stored.dtype(('embed', 'table_vd')))
   if dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConvertError(f'--dtype {dtype!r}: use float32, bfloat16 or float16')
   out_dtype = np.dtype(jnp.dtype(dtype))
   hf = hf_layout.hf_config(cfg, seq_len=int(config.data.seq_len), dtype=dtype,
                            **_special_ids(tok))  # Raises first if the model has no HF form.
-  from train.state import model_def
   _, abstract = model_def(cfg)
   links = hf_layout.links(cfg)
   for link in {link.path: link for link in links}.values():
@@ -106,6 +99,5 @@ def _get(tree, path):
 def _special_ids(path: str | None) -> dict:
   if not path:
     return {}
-  from data.tokenizer import Tokenizer
   tok = Tokenizer(path)
   return {'bos_id': tok.bos_id, 'eos_id': tok.eos_id}

@@ -21,7 +21,11 @@ import shutil
 
 import numpy as np
 
+from data.tokenizer import Tokenizer
 from model.config import ModelConfig
+from train import workdir as workdir_lib
+from train.config import defaults
+from train.state import model_def
 from train.convert import hf_layout, safetensors_io, store
 from train.convert.hf_layout import ConvertError
 
@@ -37,8 +41,7 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def run_config(cfg_kwargs: dict, seq_len: int):
-  """The ml_collections run config the other tools read (train.generate.load_config)."""
-  from train.config import defaults
+  """The ml_collections run config the other tools read (train.workdir.load_config)."""
   config = defaults()
   config.model.update(cfg_kwargs)
   config.data.seq_len = int(seq_len)
@@ -61,7 +64,6 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   plan = _plan(cfg, tensors, hf_dir)
   spm = os.path.join(hf_dir, 'tokenizer.model')
   if os.path.isfile(spm):
-    from data.tokenizer import Tokenizer
     pieces = Tokenizer(spm).vocab_size
     if pieces > cfg.vocab_size:
       raise ConvertError(f'{spm} has {pieces} pieces, more than vocab_size={cfg.vocab_size} in '
@@ -89,8 +91,7 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   else:
     log.warning('%s has no tokenizer.model (SentencePiece): train.generate / train.eval / runs '
                 'need --config.data.tokenizer=PATH.model', hf_dir)
-  from train.generate import write_config
-  write_config(config, out_dir)
+  workdir_lib.write_config(config, out_dir)
   return root
 
 
@@ -129,7 +130,6 @@ def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
 
 def _allocate(cfg: ModelConfig, scratch: str):
   """Disk-backed zero memmaps for every param, and how many leading axes are stacked."""
-  from train.state import model_def
   _, abstract = model_def(cfg)
   params, stacked = {}, {}
 

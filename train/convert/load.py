@@ -18,8 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.tokenizer import Tokenizer
 from model.config import ModelConfig
-from model.sharding import make_rules, use_rules
+from model.sharding import use_rules
+from train import checkpoint as ckpt_lib
+from train import state as state_lib
+from train import workdir as workdir_lib
+from train.context import Placement
+from train.convert.exporter import locate
+from train.mesh import make_mesh
 
 
 @dataclasses.dataclass
@@ -47,26 +54,16 @@ class LoadedModel:
 
 def load_checkpoint(directory: str, config=None, *, mesh=None) -> LoadedModel:
   """`config`: a ConfigDict, an experiment file, or None (the workdir's config.json)."""
-  from train import checkpoint as ckpt_lib
-  from train import state as state_lib
-  from train.convert.exporter import locate, tokenizer_path
-  from train.mesh import make_mesh
   config, cfg, root, step, workdir = locate(directory, config)
-  mesh = make_mesh({'fsdp': -1}) if mesh is None else mesh
-  rules = make_rules(config.sharding_rules.to_dict())
+  placement = Placement.of(config, make_mesh({'fsdp': -1}) if mesh is None else mesh)
   mdef, abstract = state_lib.model_def(cfg)
-  with use_rules(rules):
-    shardings = state_lib.param_shardings(mdef, abstract, mesh)
-  params = ckpt_lib.restore_params(root, abstract, shardings, step)
+  params = ckpt_lib.restore_params(root, abstract, placement.param_shardings(mdef, abstract), step)
 
   @jax.jit
   def forward(params, tokens_bt):
     logits_btv, _ = mdef.build(params)(tokens_bt)
     return logits_btv.astype(jnp.float32)
 
-  tok = tokenizer_path(config, workdir)
-  tokenizer = None
-  if tok and os.path.isfile(tok):
-    from data.tokenizer import Tokenizer
-    tokenizer = Tokenizer(tok)
-  return LoadedModel(config, cfg, params, mesh, rules, tokenizer, step, forward)
+  tok = workdir_lib.tokenizer_path(config, workdir)
+  tokenizer = Tokenizer(tok) if tok and os.path.isfile(tok) else None
+  return LoadedModel(config, cfg, params, placement.mesh, placement.rules, tokenizer, step, forward)

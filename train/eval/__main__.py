@@ -13,15 +13,25 @@ import math
 import os
 import sys
 
+import jax
+import numpy as np
+
+from data import pipeline
+from model.config import ConfigError
+from train import compilation_cache
+from train import generate as gen_lib
+from train import step as step_lib
+from train import workdir as workdir_lib
+from train.eval import gsm8k, humaneval, mmlu, report
+from train.eval.model_lm import MeshLM
+from train.eval.sandbox import SandboxError
+from train.mesh import make_mesh
+
 TASKS = ('mmlu', 'gsm8k', 'humaneval', 'loss')
 
 
 def eval_loss(config, lm, workdir: str) -> dict:
   """Mean next-token loss over `config.train.eval_batches` batches of the eval split."""
-  import jax
-  import numpy as np
-  from data import pipeline
-  from train import step as step_lib
   gen = lm.gen
   data = pipeline.make_iterator(config.data, vocab_size=gen.cfg.vocab_size,
                                 global_batch=config.train.global_batch, workdir=workdir,
@@ -65,15 +75,9 @@ def main(argv=None) -> int:
   unknown = sorted(set(tasks) - set(TASKS))
   if unknown or not tasks:
     parser.error(f'--tasks: unknown {unknown}; choose from {TASKS}')
-  from model.config import ConfigError
-  from train import compilation_cache
-  from train import generate as gen_lib
-  from train.eval import gsm8k, humaneval, mmlu, report
-  from train.eval.model_lm import MeshLM
   compilation_cache.enable()
-  from train.eval.sandbox import SandboxError
   try:
-    run = gen_lib.load_run(args.checkpoint, args.config or None, mesh=eval_mesh(args))
+    run = workdir_lib.load_run(args.checkpoint, args.config or None, mesh=eval_mesh(args))
     gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
                             max_batch=args.batch_size)
     lm = MeshLM(gen, max_length=args.max_length or int(run.config.data.seq_len),
@@ -115,9 +119,6 @@ def main(argv=None) -> int:
 def eval_mesh(args):
   """The mesh to evaluate on: --mesh, else the run's own if this machine matches it, else
   fsdp over all devices (a checkpoint restores onto any mesh)."""
-  from model.config import ConfigError
-  from train import generate as gen_lib
-  from train.mesh import make_mesh
   sizes = dict(data=1, fsdp=-1, expert=1, tensor=1)
   if args.mesh:
     try:
@@ -125,18 +126,12 @@ def eval_mesh(args):
     except ValueError:
       raise ConfigError(f"--mesh={args.mesh!r}: use e.g. 'fsdp=4,tensor=2'")
     return make_mesh(sizes)
-  _, _, workdir = gen_lib.resolve_checkpoint(args.checkpoint)
-  config = gen_lib.load_config(args.config or None, workdir)
+  config = workdir_lib.load_config(args.config or None, workdir_lib.run_workdir(args.checkpoint))
   try:
     return make_mesh(config.mesh)
   except ConfigError as e:
-    print(f'note: {e}; evaluating with fsdp over all {len(jax_devices())} devices', file=sys.stderr)
+    print(f'note: {e}; evaluating with fsdp over all {len(jax.devices())} devices', file=sys.stderr)
     return make_mesh(sizes)
-
-
-def jax_devices():
-  import jax
-  return jax.devices()
 
 
 if __name__ == '__main__':

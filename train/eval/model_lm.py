@@ -18,6 +18,7 @@ import numpy as np
 
 from model import decode
 from train import generate as gen_lib
+from train import workdir as workdir_lib
 
 
 def _progress(total: int, desc: str):
@@ -45,7 +46,7 @@ class MeshLM:
   @classmethod
   def from_checkpoint(cls, checkpoint: str, config=None, *, max_length: int | None = None,
                       batch_size: int = 16) -> 'MeshLM':
-    run = gen_lib.load_run(checkpoint, config)
+    run = workdir_lib.load_run(checkpoint, config)
     gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
                             max_batch=batch_size)
     return cls(gen, max_length=max_length or int(run.config.data.seq_len), batch_size=batch_size)

@@ -8,8 +8,16 @@ model's tokenizer. Every stage writes DIR/config.json.
 
 import sys
 
+import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+
+from model.config import ConfigError
+from train import compilation_cache, distributed, loop
+from train import workdir as workdir_lib
+from train.posttrain import config as pt_config
+from train.posttrain import dpo, ppo_loop, reward, setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with a get_config().',
                                           lock_config=False)
@@ -17,43 +25,34 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and config
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def run(config, workdir: str):
-  """Runs the stage `config` describes; returns its result object."""
-  import ml_collections
+def run(config, workdir: str, *, stop_after: int | None = None):
+  """Runs the stage `config` describes through the train loop; returns its RunResult (PPO: its
+  result dict)."""
   stage = config.get('stage', 'sft')
+  if stage not in pt_config.STAGES:
+    raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
   if stage == 'sft':
-    from train import generate as gen_lib
-    from train import loop
-    from train.posttrain import setup
     config = ml_collections.ConfigDict(config.to_dict())
     if config.train.init_from:
-      config.data.tokenizer = setup.stage_tokenizer_path(config)
+      config.data.tokenizer = workdir_lib.inherited_tokenizer(config)
       # train/loop.py restores the latest step of a checkpoints folder: accept a workdir too.
-      root, step, _ = gen_lib.resolve_checkpoint(config.train.init_from)
+      root, step, _ = workdir_lib.resolve_checkpoint(config.train.init_from)
       if step is not None:
-        from model.config import ConfigError
         raise ConfigError(f'train.init_from={config.train.init_from}: the train loop starts from '
                           f'the latest checkpoint of a run; pass its workdir')
       config.train.init_from = root
-    gen_lib.write_config(config, workdir)
-    return loop.run(config, workdir)
-  if stage == 'rm':
-    from train.posttrain import reward
-    return reward.run(config, workdir)
-  if stage == 'dpo':
-    from train.posttrain import dpo
-    return dpo.run(config, workdir)
+    return loop.run(config, workdir, stop_after=stop_after)
+  distributed.maybe_initialize(config.distributed)  # Before anything asks JAX for devices.
+  pt_config.validate(config, jax.device_count(), jax.process_count())  # Before reading init_from.
+  config = setup.stage_config(config)
   if stage == 'ppo':
-    from train.posttrain import ppo_loop
-    return ppo_loop.run(config, workdir)
-  from model.config import ConfigError
-  raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
+    return ppo_loop.run(config, workdir, stop_after)
+  make_stage = {'rm': reward.stage, 'dpo': dpo.stage}[stage]
+  return loop.run(config, workdir, stage=make_stage(config), stop_after=stop_after)
 
 
 def main(argv):
   del argv
-  from model.config import ConfigError
-  from train import compilation_cache, loop
   compilation_cache.enable()
   try:
     run(_CONFIG.value, _WORKDIR.value)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.transformer import Decoder
+from train import step as step_lib
+from train import workdir as workdir_lib
 from train.posttrain import pairs, setup
 
 log = logging.getLogger('meshlm')
@@ -71,46 +72,54 @@ def loss_fn(params, micro, ref_params, *, mdef, beta):
   return jnp.sum(losses) + aux.get('aux_loss', 0.0) * m, (jnp.float32(m), sums)
 
 
-def _reference_logps(env, mdef, ref_params, data, num_batches):
-  """[(ref_chosen [B], ref_rejected [B]) numpy] of the next `num_batches` batches of `data`."""
-  fn = jax.jit(lambda p, micro: pair_logps(mdef.build(p), jax.tree.map(lambda x: x[0], micro))[:2])
+def local_rows(x_b) -> np.ndarray:
+  """This process's rows of a batch-sharded [B] array, in order (one copy of each shard)."""
+  shards = {s.index[0].start or 0: s.data for s in x_b.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def reference_logps(ctx, mdef, ref_params, data, num_batches) -> list[dict]:
+  """[{'ref_chosen': [B_local], 'ref_rejected': [B_local]}] (numpy) of the next `num_batches`
+  batches of `data`."""
+  fn = jax.jit(lambda p, micro: pair_logps(mdef.build(p), jax.tree.map(lambda x: x[0], micro))[:2],
+               out_shardings=ctx.batch_sharding(1))
   out = []
   for _ in range(num_batches):
-    c, r = fn(ref_params, pairs.device_pairs(pairs._select(next(data)), 1, env))
-    out.append((np.asarray(c), np.asarray(r)))
+    c, r = fn(ref_params, step_lib.device_batch(next(data), 1, ctx.batch_sharding))
+    out.append({'ref_chosen': local_rows(c), 'ref_rejected': local_rows(r)})
   return out
 
 
-def stage(config) -> pairs.PairStage:
+def with_fields(data, fields: list[dict]):
+  """`data` whose k-th batch also holds fields[k]."""
+  batches = iter(fields)
+  return pairs.Mapped(data, lambda batch: {**batch, **next(batches)})
+
+
+def stage(config):
+  """The DPO stage: the policy from `train.init_from`, the frozen reference from
+  `dpo.reference` (default the same checkpoint), passed to the loss or pre-computed."""
   beta = float(config.dpo.beta)
   reference = config.dpo.reference or config.train.init_from
 
-  def init_params(env, cfg, state):
-    return setup.restore_lm(config.train.init_from, cfg, env)
+  def init_params(ctx, mdef, params):
+    return workdir_lib.restore_params(config.train.init_from, ctx.cfg, ctx)
 
-  def prepare(env, cfg, train_data, make_data, steps):
-    from train import state as state_lib
-    ref_params = setup.restore_lm(reference, cfg, env)
+  def prepare(ctx, mdef, data, make_eval_data, steps_left):
+    ref_params = workdir_lib.restore_params(reference, ctx.cfg, ctx)
     if not config.dpo.precompute_ref:
-      return ref_params, None, None
-    mdef, _ = state_lib.model_def(cfg, Decoder)
-    position = train_data.get_state()
-    train_refs = _reference_logps(env, mdef, ref_params, train_data, steps)
-    train_data.set_state(position)  # Training replays exactly these batches.
-    eval_refs = _reference_logps(env, mdef, ref_params, make_data('eval'),
-                                 int(config.dpo.eval_batches))
+      return ref_params, data, make_eval_data
+    position = data.get_state()
+    train_refs = reference_logps(ctx, mdef, ref_params, data, steps_left)
+    data.set_state(position)  # Training replays exactly these batches.
+    eval_refs = reference_logps(ctx, mdef, ref_params, make_eval_data(), int(config.dpo.eval_batches))
     del ref_params
     log.info('dpo: reference log-probs of %d training and %d eval batches computed; reference '
-             'freed', steps, len(eval_refs))
-    fields = lambda refs: lambda k: {'ref_chosen': refs[k][0], 'ref_rejected': refs[k][1]}
-    return None, fields(train_refs), fields(eval_refs)
+             'freed', steps_left, len(eval_refs))
+    return None, with_fields(data, train_refs), lambda: with_fields(make_eval_data(), eval_refs)
 
-  return pairs.PairStage(
-      name='dpo', model_cls=Decoder,
-      loss_fn=lambda p, micro, e, mdef: loss_fn(p, micro, e, mdef=mdef, beta=beta),
-      init_params=init_params, prepare=prepare,
+  return pairs.stage(
+      config, name='dpo', init_params=init_params, prepare=prepare,
+      make_loss=lambda mdef, frozen: lambda p, micro, rng: loss_fn(p, micro, frozen, mdef=mdef,
+                                                                    beta=beta),
       shown=('rewards/accuracy', 'rewards/margin', 'rewards/chosen', 'rewards/rejected'))
-
-
-def run(config, workdir: str) -> pairs.Result:
-  return pairs.run(config, workdir, stage(config))

@@ -21,6 +21,7 @@ beside it for resuming. Before the first and after the last iteration the mean r
 completions of `ppo.eval_prompts` held-out prompts is logged (eval/score_before, eval/score).
 """
 
+import functools
 import logging
 import os
 
@@ -31,16 +32,21 @@ import numpy as np
 import optax
 
 from data import chat as chat_lib
+from data import sources
 from data.tokenizer import Tokenizer
 from model import decode
 from model.heads import ScalarModel
 from model.sharding import use_rules
 from train import checkpoint as ckpt_lib
 from train import config as base_config
+from train import context as context_lib
 from train import generate as gen_lib
+from train import loop
 from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
 from train import state as state_lib
+from train import step as step_lib
+from train import workdir as workdir_lib
 from train.posttrain import config as pt_config
 from train.posttrain import ppo, reward, setup
 
@@ -55,7 +61,6 @@ ROLLOUT_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'value
 def load_prompts(config, template, split: str, workdir: str) -> list[list[int]]:
   """Token ids of the prompts (every turn before the last assistant reply, then the assistant
   marker) of the SFT sources, at most ppo.max_prompt_len long."""
-  from data import sources
   out = []
   for src in sources.build_all(config.data, split, workdir):
     if src.format != 'sft':
@@ -118,7 +123,7 @@ def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
           'kl_sum_b': jnp.sum(kl_bt * mask, axis=1)}
 
 
-def update_loss(trainable, micro, extra, *, mdef, critic_mdef, loss_cfg):
+def update_loss(trainable, micro, rng, *, mdef, critic_mdef, loss_cfg):
   policy = mdef.build(trainable['policy'])
   logits, aux = policy(micro['tokens'], micro['positions'], micro['segment_ids'])
   logp_bt, entropy_bt = ppo.token_logprobs_and_entropy(logits, micro['tokens'])
@@ -127,25 +132,21 @@ def update_loss(trainable, micro, extra, *, mdef, critic_mdef, loss_cfg):
   loss, metrics = ppo.ppo_losses(logp_bt, entropy_bt, values_bt, micro, micro['mask'], loss_cfg)
   count = jnp.sum(micro['mask'])
   total = (loss + aux.get('aux_loss', 0.0)) * count
-  return total, (count, {k: v * count for k, v in metrics.items()})
+  return total, (count, {k: v * count for k, v in dict(metrics, loss=loss).items()})
 
 
 def update_step(state, batch, *, mdef, critic_mdef, loss_cfg, txs, schedules):
-  trainable = {'policy': state['params'], 'critic': state['critic']}
-  loss_fn = lambda t, micro, e: update_loss(t, micro, e, mdef=mdef, critic_mdef=critic_mdef,
-                                            loss_cfg=loss_cfg)
-  grads, sums, count = setup.accumulate(loss_fn, trainable, batch)
-  new = dict(state)
-  opt_state = dict(state['opt_state'])
-  for name, key in (('policy', 'params'), ('critic', 'critic')):
-    updates, opt_state[name] = txs[name].update(grads[name], state['opt_state'][name], state[key])
-    new[key] = optax.apply_updates(state[key], updates)
-  new.update(step=state['step'] + 1, opt_state=opt_state)
-  metrics = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
-  metrics.update({'policy/grad_norm': optax.tree.norm(grads['policy']),
-                  'val/grad_norm': optax.tree.norm(grads['critic']),
-                  'learning_rate': schedules['policy'](state['step'])})
-  return new, metrics
+  """One PPO update by train/step.py's step: policy and critic are one trained tree
+  {'policy', 'critic'} (opt_state alike), each with its own optimiser; a non-finite update is
+  dropped as in every stage."""
+  loss_fn = functools.partial(update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg)
+  norms = lambda g: {'policy/grad_norm': optax.tree.norm(g['policy']),
+                     'val/grad_norm': optax.tree.norm(g['critic'])}
+  new, metrics = step_lib.train_step(
+      dict(state, params={'policy': state['params'], 'critic': state['critic']}), batch, None,
+      make_loss=lambda _: loss_fn, tx=step_lib.per_key(txs), schedule=schedules['policy'],
+      count_name='tokens', use_rng=False, grad_metrics=norms)
+  return dict(new, params=new['params']['policy'], critic=new['params']['critic']), metrics
 
 
 def optimizers(config, num_updates: int):
@@ -158,24 +159,16 @@ def optimizers(config, num_updates: int):
   return txs, schedules
 
 
-def opt_shardings(tx, abstract_params, param_shardings, env):
-  abstract = jax.eval_shape(tx.init, abstract_params)
-  return optax.tree_map_params(tx, lambda _, s: s, abstract, param_shardings,
-                               transform_non_params=lambda _: env.replicated)
-
-
-def run(config, workdir: str) -> dict:
-  from train.loop import setup_logging
-  setup_logging()
-  cfg = pt_config.validate(config, jax.device_count(), jax.process_count())
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.data.tokenizer = setup.stage_tokenizer_path(config)
-  gen_lib.write_config(config, workdir)
+def run(config, workdir: str, stop_after: int | None = None) -> dict:
+  """`config`: a stage config with data.tokenizer filled in (train/posttrain/__main__.py)."""
+  loop.setup_logging()
+  env = context_lib.make(config, workdir, pt_config.validate)
+  cfg = env.cfg
+  workdir_lib.write_config(config, workdir)
   t, p = config.train, config.ppo
-  env = setup.make_env(config)
   tok = Tokenizer(config.data.tokenizer)
   template = chat_lib.ChatTemplate(tok)
-  rm_config = gen_lib.load_config(None, setup.run_workdir(p.reward_model))
+  rm_config = workdir_lib.load_config(None, workdir_lib.run_workdir(p.reward_model))
   rm_cfg = base_config.model_config(rm_config)
   critic_cfg = rm_cfg if p.critic_init == 'reward_model' else cfg
   num_updates = pt_config.ppo_updates(config)
@@ -184,40 +177,43 @@ def run(config, workdir: str) -> dict:
     critic_mdef, critic_abstract = state_lib.model_def(critic_cfg, ScalarModel)
     rm_mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
     txs, schedules = optimizers(config, num_updates)
-    p_shard, c_shard = env.shardings(mdef, abstract), env.shardings(critic_mdef, critic_abstract)
+    p_shard = env.param_shardings(mdef, abstract)
+    c_shard = env.param_shardings(critic_mdef, critic_abstract)
+    tx = step_lib.per_key(txs)  # As update_step applies them: Adam moments follow params.
+    trained, trained_shard = ({'policy': abstract, 'critic': critic_abstract},
+                              {'policy': p_shard, 'critic': c_shard})
+    opt_abstract = jax.eval_shape(tx.init, trained)
     shardings = {'step': env.replicated, 'params': p_shard, 'critic': c_shard,
-                 'opt_state': {'policy': opt_shardings(txs['policy'], abstract, p_shard, env),
-                               'critic': opt_shardings(txs['critic'], critic_abstract, c_shard,
-                                                       env)},
+                 'opt_state': {k: optax.tree_map_params(
+                     txs[k], lambda _, s: s, opt_abstract[k], trained_shard[k],
+                     transform_non_params=lambda _: env.replicated) for k in txs},
                  'rng': env.replicated}
-    rm_params = setup.restore_scalar(p.reward_model, rm_cfg, env)
-    ref_params = setup.restore_lm(t.init_from, cfg, env)
+    rm_params = workdir_lib.restore_params(p.reward_model, rm_cfg, env, ScalarModel)
+    ref_params = workdir_lib.restore_params(t.init_from, cfg, env)
     if p.ref_on_host:
       ref_params = jax.device_put(ref_params, jax.tree.map(
           lambda s: s.with_memory_kind('pinned_host'), p_shard))
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
-    init_opt = jax.jit(lambda tr: {k: txs[k].init(tr[k]) for k in txs},
-                       out_shardings=shardings['opt_state'])
     if checkpointer.latest_step() is not None:
-      like = jax.eval_shape(lambda: {
-          'step': jnp.int32(0), 'params': abstract, 'critic': critic_abstract,
-          'opt_state': {k: txs[k].init(a) for k, a in (('policy', abstract),
-                                                       ('critic', critic_abstract))},
-          'rng': jax.random.PRNGKey(0)})
+      like = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract,
+              'critic': critic_abstract, 'opt_state': opt_abstract,
+              'rng': jax.eval_shape(lambda: jax.random.PRNGKey(0))}
       state, data_state = checkpointer.restore(like, shardings)
       log.info('ppo: resuming from iteration %d', int(data_state['iteration']))
     else:
-      policy = setup.restore_lm(t.init_from, cfg, env)
-      critic = (setup.restore_scalar(p.reward_model, critic_cfg, env)
+      policy = workdir_lib.restore_params(t.init_from, cfg, env)
+      critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, env, ScalarModel)
                 if p.critic_init == 'reward_model'
                 else setup.init_scalar_from_lm(t.init_from, cfg, env, t.seed))
       state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
-               'opt_state': init_opt({'policy': policy, 'critic': critic}),
+               'opt_state': jax.jit(tx.init, out_shardings=shardings['opt_state'])(
+                   {'policy': policy, 'critic': critic}),
                'rng': jax.random.PRNGKey(t.seed)}
       data_state = {'iteration': 0, 'kl_coef': float(p.kl_coef)}
     trainer = Trainer(config, cfg, env, tok, template, mdef, critic_mdef, rm_mdef, txs, schedules,
                       shardings, workdir)
-    return trainer.train(state, data_state, ref_params, rm_params, checkpointer, p_shard)
+    return trainer.train(state, data_state, ref_params, rm_params, checkpointer, p_shard,
+                         stop_after)
 
 
 class Trainer:
@@ -276,10 +272,17 @@ class Trainer:
                                 sampling=decode.Sampling(), p_shard=p_shard)
     return float(scores.mean())
 
-  def train(self, state, data_state, ref_params, rm_params, checkpointer, p_shard) -> dict:
+  def train(self, state, data_state, ref_params, rm_params, checkpointer, p_shard,
+            stop_after=None) -> dict:
+    """The iterations from data_state['iteration']; the loop's promises hold per update (the
+    step of train/step.py, train.nan_policy) and per iteration (SIGTERM or `stop_after`
+    iterations: a checkpoint, then return)."""
     config, p, t = self.config, self.config.ppo, self.config.train
     self.kl.value = data_state['kl_coef']
-    writer = metrics_lib.Writer(self.workdir)
+    writer = metrics_lib.Writer(self.workdir, shown=SHOWN)
+    start, skipped, eval_after = data_state['iteration'], 0, None
+    progress = metrics_lib.Progress(t.progress, t.steps, start)
+    stop = loop.StopSignal()
     sampling = decode.Sampling(temperature=p.temperature)
     b, num_mb = t.global_batch, p.num_minibatches
     order = np.random.default_rng(t.seed).permutation(len(self.prompts))
@@ -287,7 +290,7 @@ class Trainer:
     log.info('ppo: mean reward of greedy completions of %d held-out prompts: %.4f',
              len(self.eval_prompts), eval_before)
     try:
-      for it in range(data_state['iteration'], t.steps):
+      for it in range(start, t.steps):
         pick = [order[(it * b + j) % len(order)] for j in range(b)]
         batch, scores, metrics = self.rollout(
             state['params'], ref_params, rm_params, [self.prompts[i] for i in pick],
@@ -305,29 +308,38 @@ class Trainer:
         for _ in range(p.ppo_epochs):
           perm = rng.permutation(b)
           for mb in np.split(perm, num_mb):
-            micro = setup.split_micro({k: batch[k][mb] for k in ROLLOUT_KEYS}, t.grad_accum)
+            # Replicated: a minibatch need not divide over the batch shards (one process).
+            micro = step_lib.device_batch({k: batch[k][mb] for k in ROLLOUT_KEYS}, t.grad_accum,
+                                          self.env.replicated)
+            update = int(state['step'])
             state, m = self.update(state, micro)
+            skipped += loop.check_finite((update, m), t.nan_policy)
             updates.append(m)
         metrics.update({k: float(np.mean([float(u[k]) for u in updates])) for k in updates[0]})
         metrics.update({
             'objective/kl': float(kl_sum.mean()), 'objective/scores': float(scores.mean()),
             'objective/non_score_reward': float(-kl_coef * kl_sum.mean()),
             'objective/rlhf_reward': float(scores.mean() - kl_coef * kl_sum.mean()),
-            'objective/kl_coef': kl_coef})
+            'objective/kl_coef': kl_coef, 'skipped_steps': skipped})
         self.kl.update(float(kl_sum.mean()), b)
         done = it + 1
         data_state = {'iteration': done, 'kl_coef': self.kl.value}
-        if done % t.log_every == 0 or done == t.steps:
-          writer.scalars(done, metrics)
-          log.info('ppo iteration %d: %s', done, setup.brief(metrics, SHOWN))
-        if done % t.ckpt_every == 0 or done == t.steps:
+        logged = writer.scalars(done, metrics) if done % t.log_every == 0 or done == t.steps else None
+        stop.requested |= stop_after is not None and done - start >= stop_after
+        if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
           checkpointer.save(done, state, data_state, force=True)
-      eval_after = self.mean_score(state['params'], ref_params, rm_params, p_shard)
-      writer.scalars(t.steps, {'eval/score_before': eval_before, 'eval/score': eval_after})
-      log.info('ppo: mean held-out reward %.4f -> %.4f', eval_before, eval_after)
+        progress.update(logged)
+        if stop.requested:
+          log.warning('stop requested: saved a checkpoint at iteration %d, exiting', done)
+          break
+      else:
+        eval_after = self.mean_score(state['params'], ref_params, rm_params, p_shard)
+        writer.scalars(t.steps, {'eval/score_before': eval_before, 'eval/score': eval_after})
     finally:
       checkpointer.close()
       writer.close()
+      stop.restore()
+      progress.close()
     return {'state': state, 'history': writer.history, 'eval/score_before': eval_before,
             'eval/score': eval_after}
 

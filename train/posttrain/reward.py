@@ -11,6 +11,8 @@ held-out pairs.
         --config.train.init_from=SFT_WORKDIR
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -34,9 +36,10 @@ def rewards(model, rows: dict, rng=None):
   return sequence_rewards(scores_bt, rows['segment_ids']), aux
 
 
-def loss_fn(params, micro, extra, *, mdef, margin=0.0):
-  """Summed BT loss of a micro-batch of pairs, chosen and rejected in one forward pass."""
-  del extra
+def loss_fn(params, micro, rng=None, *, mdef, margin=0.0):
+  """Summed BT loss of a micro-batch of pairs, chosen and rejected in one forward pass:
+  (loss_sum, (pair_count, metric_sums)), the loss_fn of train/step.py."""
+  del rng
   model = mdef.build(params)
   m = micro['chosen']['inputs'].shape[0]
   both = {k: jnp.concatenate([micro['chosen'][k], micro['rejected'][k]])
@@ -51,19 +54,15 @@ def loss_fn(params, micro, extra, *, mdef, margin=0.0):
   return total, (jnp.float32(m), sums)
 
 
-def stage(config) -> pairs.PairStage:
+def stage(config):
+  """The reward-model stage: the trunk from `train.init_from` (the SFT model), a fresh head."""
   margin = float(config.rm.margin)
 
-  def init_params(env, cfg, state):
-    # The trunk from the SFT model; the head as freshly initialised by the state.
-    return {'decoder': setup.restore_trunk(config.train.init_from, cfg, env),
-            'head': state['params']['head']}
+  def init_params(ctx, mdef, params):
+    return {'decoder': setup.restore_trunk(config.train.init_from, ctx.cfg, ctx),
+            'head': params['head']}
 
-  return pairs.PairStage(
-      name='rm', model_cls=ScalarModel,
-      loss_fn=lambda p, micro, e, mdef: loss_fn(p, micro, e, mdef=mdef, margin=margin),
-      init_params=init_params, shown=('rm/accuracy', 'rm/margin', 'rm/chosen', 'rm/rejected'))
-
-
-def run(config, workdir: str) -> pairs.Result:
-  return pairs.run(config, workdir, stage(config))
+  return pairs.stage(
+      config, name='rm', model_cls=ScalarModel, init_params=init_params,
+      make_loss=lambda mdef, frozen: functools.partial(loss_fn, mdef=mdef, margin=margin),
+      shown=('rm/accuracy', 'rm/margin', 'rm/chosen', 'rm/rejected'))

@@ -18,13 +18,25 @@ reported too. A run's model config is its workdir's config.json, else `--config`
 
 import argparse
 import json
+import os
 import re
 import sys
 
+import jax
 import numpy as np
 
 from data import corpus
+from data.chat import ChatTemplate
 from model import decode
+from model.config import ConfigError
+from model.heads import ScalarModel
+from train import compilation_cache
+from train import config as base_config
+from train import context as context_lib
+from train import generate as gen_lib
+from train import state as state_lib
+from train import workdir as workdir_lib
+from train.posttrain import ppo_loop, reward, setup
 
 KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'What is \d+ - \d+\?')),
          ('times', re.compile(r'What is \d+ times \d+\?')), ('capital', re.compile('capital')),
@@ -75,17 +87,12 @@ def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=N
 
 
 def reward_scorer(rm_workdir: str, generator, env):
-  """rollout -> RM scores of prompt + reply, laid out as in RM training (ppo_loop)."""
-  import jax
-  from model.heads import ScalarModel
-  from train import config as base_config
-  from train import generate as gen_lib
-  from train import state as state_lib
-  from train.posttrain import ppo_loop, reward, setup
-  from data.chat import ChatTemplate
-  rm_cfg = base_config.model_config(gen_lib.load_config(None, setup.run_workdir(rm_workdir)))
+  """rollout -> RM scores of prompt + reply, laid out as in RM training (ppo_loop); `env`: a
+  train/context.py Placement."""
+  rm_cfg = base_config.model_config(workdir_lib.load_config(None,
+                                                            workdir_lib.run_workdir(rm_workdir)))
   mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
-  params = setup.restore_scalar(rm_workdir, rm_cfg, env)
+  params = workdir_lib.restore_params(rm_workdir, rm_cfg, env, ScalarModel)
   fn = jax.jit(lambda p, rows: reward.rewards(mdef.build(p), rows)[0])
   tok = generator.tokenizer
   end, newline = tok.special_id('<|end|>'), list(ChatTemplate(tok).newline)
@@ -107,21 +114,16 @@ def main(argv=None) -> int:
   parser.add_argument('--max_new_tokens', type=int, default=40)
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
-  import os
-  from model.config import ConfigError
-  from train import compilation_cache
-  from train import generate as gen_lib
-  from train.posttrain import setup
   compilation_cache.enable()
   results = {}
   try:
     for spec in args.run:
       name, _, path = spec.partition('=')
-      workdir = setup.run_workdir(path)
+      workdir = workdir_lib.run_workdir(path)
       has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
-      run = gen_lib.load_run(path, None if has_json else (args.config or None))
+      run = workdir_lib.load_run(path, None if has_json else (args.config or None))
       gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
-      env = setup.Env(run.mesh, run.rules)
+      env = context_lib.Placement(run.mesh, run.rules)
       scorer = reward_scorer(args.reward_model, gen, env) if args.reward_model else None
       items = questions(int(run.config.data.embedded_seed), int(run.config.data.embedded_examples),
                         args.num)

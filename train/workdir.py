@@ -1,0 +1,163 @@
+"""The run directory: what a run leaves in its workdir and how every tool finds it again.
+
+    WORKDIR/config.json      the run's config (written by the train loop, every stage, convert)
+    WORKDIR/checkpoints/N/   orbax checkpoints (train/checkpoint.py)
+    WORKDIR/tokenizer/*.model  the tokenizer the run trained, when it trained one
+
+A checkpoint path given to a tool (generate, eval, convert, `train.init_from`) may be the
+workdir, its `checkpoints/` folder or one `checkpoints/<step>`. The loop, generate, eval,
+convert and the post-training stages all read runs through this module.
+"""
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+
+import ml_collections
+from orbax.checkpoint import CheckpointManager
+
+from data import pipeline
+from data.tokenizer import Tokenizer
+from model.config import ConfigError, ModelConfig
+from train import checkpoint as ckpt_lib
+from train import config as config_lib
+from train import context as context_lib
+from train import state as state_lib
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  cfg: ModelConfig
+  params: object
+  tokenizer: object
+  mesh: object
+  rules: dict
+  workdir: str
+  step: int
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int | None, str]:
+  """(checkpoints folder, step or None for the latest, workdir) of a workdir,
+  `workdir/checkpoints` or `workdir/checkpoints/<step>`."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.isdir(path):
+    root = os.path.dirname(path)
+    return root, int(base), os.path.dirname(root)
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    return os.path.join(path, 'checkpoints'), None, path
+  if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+    return path, None, os.path.dirname(path)
+  raise FileNotFoundError(f'--checkpoint {path}: not a workdir with checkpoints/, a checkpoints '
+                          f'folder, or a checkpoints/<step> folder')
+
+
+def run_workdir(path: str) -> str:
+  """The workdir of any checkpoint path (see resolve_checkpoint)."""
+  return resolve_checkpoint(path)[2]
+
+
+def load_config(config, workdir: str) -> ml_collections.ConfigDict:
+  """A ConfigDict given, an experiment file's get_config(), or workdir/config.json."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  if config:
+    spec = importlib.util.spec_from_file_location('meshlm_experiment', config)
+    if spec is None or not os.path.isfile(config):
+      raise FileNotFoundError(f'--config {config}: no such experiment file')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{workdir} has no config.json: pass --config with the experiment file '
+                      f'the run was trained with')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def write_config(config, workdir: str) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json(indent=1))
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def cached_tokenizers(workdir: str) -> list[str]:
+  """The tokenizer models a run trained and cached (normally one)."""
+  return sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
+
+
+def find_tokenizer(workdir: str) -> str:
+  """The path of the one tokenizer model a run cached (for the next stage's data.tokenizer)."""
+  cached = cached_tokenizers(workdir)
+  if len(cached) != 1:
+    raise FileNotFoundError(f'{workdir}/tokenizer: expected one cached *.model, found {cached}')
+  return cached[0]
+
+
+def tokenizer_path(config, workdir: str) -> str | None:
+  """config.data.tokenizer, else the one model cached in workdir/tokenizer/, else None."""
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  cached = cached_tokenizers(workdir)
+  return cached[0] if len(cached) == 1 else None
+
+
+def load_tokenizer(config, workdir: str):
+  """The run's tokenizer (`tokenizer_path`), else the pipeline's train-or-load (which finds the
+  same cache when the sources are the same)."""
+  path = tokenizer_path(config, workdir)
+  if path:
+    return Tokenizer(path)
+  return pipeline.load_tokenizer(config.data, vocab_size=config.model.vocab_size, workdir=workdir)
+
+
+def inherited_tokenizer(config) -> str:
+  """The tokenizer a stage continuing `train.init_from` uses: data.tokenizer if set, else the
+  one of the init_from run (its config.json, or its cache)."""
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  workdir = run_workdir(config.train.init_from)
+  if os.path.isfile(os.path.join(workdir, 'config.json')):
+    previous = load_config(None, workdir)
+    if previous.data.tokenizer:
+      return previous.data.tokenizer
+  cached = cached_tokenizers(workdir)
+  if len(cached) != 1:
+    raise FileNotFoundError(
+        f'train.init_from={config.train.init_from}: cannot tell its tokenizer (found {cached} in '
+        f'{workdir}/tokenizer); set --config.data.tokenizer=PATH.model')
+  return cached[0]
+
+
+def latest_step(root: str) -> int | None:
+  manager = CheckpointManager(root)
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def restore_params(checkpoint: str, cfg: ModelConfig, placement, model_cls=None):
+  """The params of a checkpoint path as `model_cls` (default Decoder) of `cfg`, sharded by
+  `placement` (a train/context.py Placement)."""
+  mdef, abstract = state_lib.model_def(cfg, *(() if model_cls is None else (model_cls,)))
+  root, step, _ = resolve_checkpoint(checkpoint)
+  return ckpt_lib.restore_params(root, abstract, placement.param_shardings(mdef, abstract), step)
+
+
+def load_run(checkpoint: str, config=None, *, mesh=None, model_cls=None) -> Run:
+  """Config, model config, params (sharded on `mesh`, default config.mesh), tokenizer of a run."""
+  root, step, workdir = resolve_checkpoint(checkpoint)
+  config = load_config(config, workdir)
+  cfg = config_lib.model_config(config)
+  placement = context_lib.Placement.of(config, mesh)
+  params = restore_params(checkpoint, cfg, placement, model_cls)
+  step = latest_step(root) if step is None else step
+  return Run(config, cfg, params, load_tokenizer(config, workdir), placement.mesh,
+             placement.rules, workdir, int(step))
