@@ -421,10 +421,9 @@ def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, inte
                      f"device, but the sequence is split over {q_spec[1]!r} "
                      f"(sharding_rules.length); use 'chunked' or 'xla' with sequence sharding.")
   heads = q_spec[2] if q_spec[2] == kv_spec[2] else None  # Whole GQA groups per device.
-  q_spec, kv_spec = P(q_spec[0], None, heads, None), P(q_spec[0], None, heads, None)
-  seg_spec = P(q_spec[0], None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
-                       out_specs=q_spec, check_vma=False)(
+  spec, seg_spec = P(q_spec[0], None, heads, None), P(q_spec[0], None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec),
+                       out_specs=spec, check_vma=False)(
                            q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
 
 

@@ -177,11 +177,12 @@ def _dropless_shard_specs(shape_btd, f: int, mesh):
   return x_spec, w_specs, f_axes
 
 
-def grouped_matmul_kernel(name: str) -> str:
-  """The concrete kernel `cfg.grouped_matmul` means on the platform being compiled for."""
+def grouped_matmul_kernel(name: str, platform: str | None = None) -> str:
+  """The concrete kernel `cfg.grouped_matmul` means on `platform` (default: the platform being
+  compiled for)."""
   if name != 'auto':
     return name
-  return 'gmm' if mesh_platform() == 'tpu' else 'ragged_dot'
+  return 'gmm' if (platform or mesh_platform()) == 'tpu' else 'ragged_dot'
 
 
 def _gmm_tile(size: int) -> int:

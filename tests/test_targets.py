@@ -120,7 +120,6 @@ def test_dense_compiles_for_tpu_with_splash(target):
   # remat='full' runs the layers' forward twice (the head's once): compiled / model FLOPs is
   # what that explains, within 10% (softmax, norms, RoPE, the optimizer: not in model/flops.py).
   ratio, remat = p['target_compiled_over_model_flops'], p['target_remat_explains']
-  assert 1.2 < remat < 4 / 3
   assert abs(ratio / remat - 1) < 0.10, (ratio, remat)
   assert p['target_kernel_tflops_per_step'] > 0  # splash, counted analytically.
   coll = p['target_collectives']

@@ -53,6 +53,7 @@ from train import hlo
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
+from train import targets
 from train.mesh import make_mesh
 
 CPU_STAND_IN = {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}
@@ -168,7 +169,6 @@ def target_variant(config, platform: str):
 def compile_for_target(config, target) -> TargetCompile:
   """Compiles the config's real train step (full depth, its dtypes, attention and dispatch)
   for `target` (train/targets.py Target): XLA:TPU's (or XLA:GPU's) own plan and cost."""
-  from train import targets  # Loads the target's compiler plugin: only when asked for.
   config, notes = target_variant(config, target.platform)
   t0 = time.perf_counter()
   with targets.compile_context(target):

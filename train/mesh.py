@@ -47,20 +47,24 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   shape = tuple(sizes[a] for a in MESH_AXES)
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   if devices[0].platform != jax.default_backend():
-    try:
-      return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-      pass  # No axis-per-physical-axis layout: allow a mesh axis to split a physical one.
-    try:
-      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-      return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
-    except (ValueError, NotImplementedError, AssertionError) as e:
-      raise ConfigError(f'mesh: {sizes} (mesh.*) cannot be laid out on the {len(devices)} '
-                        f'{devices[0].device_kind} devices of the target: '
-                        f'{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}') from None
+    return jax.sharding.Mesh(_target_grid(shape, devices, sizes), MESH_AXES, axis_types=axis_types)
   if len(devices) == len(jax.devices()):
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
   return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def _target_grid(shape, devices, sizes):
+  """Devices of a compile target arranged as `shape`: mesh axes on whole physical axes where
+  the topology allows (as jax.make_mesh does), else with physical axes split."""
+  error = None
+  for split in (False, True):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      error = e
+  raise ConfigError(f'mesh: {sizes} (mesh.*) cannot be laid out on the {len(devices)} '
+                    f'{devices[0].device_kind} devices of the target: '
+                    f'{(str(error).strip() or type(error).__name__).splitlines()[0]}')
 
 
 def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:

@@ -29,7 +29,9 @@ from ml_collections import config_flags
 
 from model import count_params, training_flops_per_token
 from model.config import ConfigError
+from model.moe import grouped_matmul_kernel
 from model.sharding import make_rules
+from train import aot, targets
 from train import config as config_lib
 from train import memory as memory_lib
 from train.mesh import mesh_shape
@@ -211,15 +213,22 @@ def check_fits(p: dict) -> None:
 
 
 def _fixes(p: dict) -> list[str]:
-  fixes = []
-  if p['remat'] != 'full':
-    fixes.append('model.remat=full')
-  if p['mem_transient_phase'] == 'head':
+  return _knobs(p['remat'], head=p['mem_transient_phase'] == 'head')
+
+
+def _knobs(remat: str, *, head: bool = False, grad_accum: int = 0, micro: int = 0,
+           moe: bool = False) -> list[str]:
+  """What lowers the per-device memory of a step, for the error messages."""
+  fixes = ['model.remat=full'] if remat != 'full' else []
+  if head:
     fixes.append('a smaller micro-batch per device for the logits (raise train.grad_accum) or '
                  'the vocabulary sharded over mesh.tensor')
+  elif grad_accum:
+    fixes.append(f'a smaller micro-batch per device (train.grad_accum={grad_accum} -> '
+                 f'{2 * grad_accum}, micro-batch {micro} -> {micro // 2})')
   else:
     fixes.append('a smaller micro-batch per device (raise train.grad_accum)')
-  fixes.append('more sharding (mesh.fsdp, mesh.tensor)')
+  fixes.append('more sharding (mesh.fsdp, mesh.tensor' + (', mesh.expert' if moe else '') + ')')
   return fixes
 
 
@@ -227,7 +236,6 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   """XLA's per-device plan of the CPU variant (train/aot.py compile_variant) at two reduced
   depths (layer units), extrapolated linearly to the config's depth, next to the analytic
   estimate of the same variant. `run(config, devices)` compiles (default: a child process)."""
-  from train import aot
   run = run or aot.compiled_memory_subprocess
   cfg = config_lib.model_config(config)
   per_unit = cfg.moe_every if cfg.is_moe else 1
@@ -294,7 +302,6 @@ def target_section(config, target, compile_fn=None) -> dict:
   the target compiler's memory per device against the chip's HBM, FLOPs and HBM bytes per
   step, the collectives of the compiled HLO, and the roofline step time they imply. Raises ConfigError
   for a target or mesh that cannot work; `check_target_fits` for a step that does not fit."""
-  from train import aot, targets
   compile_fn = compile_fn or aot.compile_for_target
   target = targets.abstract_devices(target) if isinstance(target, str) else target
   n = len(target.devices)
@@ -348,9 +355,8 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target_devices_per_chip': target.devices_per_chip,
       'target_notes': notes,
       'target_attention': attention,
-      'target_grouped_matmul': (cfg.grouped_matmul if not cfg.is_moe or cfg.grouped_matmul != 'auto'
-                                else ('gmm' if target.platform == 'tpu' else 'ragged_dot'))
-                               if cfg.is_moe and cfg.dispatch == 'dropless' else '',
+      'target_grouped_matmul': (grouped_matmul_kernel(cfg.grouped_matmul, target.platform)
+                                if cfg.is_moe and cfg.dispatch == 'dropless' else ''),
       'target_arguments_gib': memory_lib.gib(mem.argument_bytes),
       'target_temporaries_gib': memory_lib.gib(mem.temp_bytes),
       'target_total_gib': memory_lib.gib(mem.total_bytes),
@@ -382,15 +388,9 @@ def target_section(config, target, compile_fn=None) -> dict:
 
 
 def _target_fixes(cfg, config) -> list[str]:
-  fixes = []
-  if cfg.remat != 'full':
-    fixes.append('model.remat=full')
-  micro = config.train.global_batch // config.train.grad_accum
-  fixes.append(f'a smaller micro-batch per device (train.grad_accum={config.train.grad_accum} '
-               f'-> {2 * config.train.grad_accum}, micro-batch {micro} -> {micro // 2})')
-  fixes.append('more model parallelism (mesh.tensor' + (', mesh.expert' if cfg.is_moe else '') +
-               ' at the expense of mesh.fsdp)')
-  return fixes
+  t = config.train
+  return _knobs(cfg.remat, grad_accum=t.grad_accum, micro=t.global_batch // t.grad_accum,
+                moe=cfg.is_moe)
 
 
 def check_target_fits(p: dict, config) -> None:
@@ -470,7 +470,6 @@ def main(argv):
   try:
     target, devices = None, _DEVICES.value
     if _TARGET.value:
-      from train import targets  # Loads libtpu only when a target is asked for.
       if _TARGET.value.startswith('gpu:'):  # GPUs are compile-only here: the host runs on CPU.
         jax.config.update('jax_platforms', 'cpu')
       target = targets.abstract_devices(_TARGET.value)
