@@ -60,9 +60,6 @@ class ModelConfig:
   def is_moe(self) -> bool:
     return self.num_experts > 0
 
-  def is_moe_layer(self, layer: int) -> bool:
-    return self.is_moe and (layer + 1) % self.moe_every == 0
-
   @property
   def dtype(self):
     return jnp.dtype(self.compute_dtype)
