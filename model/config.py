@@ -61,6 +61,15 @@ class ModelConfig:
     return self.num_experts > 0
 
   @property
+  def layers_per_unit(self) -> int:
+    """Layers of the stacked unit (model/transformer.py): moe_every for MoE, else 1."""
+    return self.moe_every if self.is_moe else 1
+
+  @property
+  def num_units(self) -> int:
+    return self.num_layers // self.layers_per_unit
+
+  @property
   def dtype(self):
     return jnp.dtype(self.compute_dtype)
 

@@ -134,7 +134,7 @@ class Unit(nnx.Module):
   """`moe_every` consecutive layers, the last one MoE: the repeated (stacked) piece."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.size = cfg.moe_every if cfg.is_moe else 1
+    self.size = cfg.layers_per_unit
     for i in range(self.size):
       setattr(self, f'block{i}', Block(cfg, rngs, moe=cfg.is_moe and i == self.size - 1))
 
@@ -169,8 +169,7 @@ CACHE_AXES = (None, None, 'batch', None, 'act_kv_heads', None)
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   """An empty cache of `length` slots (see the module docstring); k/v in `dtype` (default: the
   compute dtype)."""
-  per_unit = cfg.moe_every if cfg.is_moe else 1
-  shape = (cfg.num_layers // per_unit, per_unit, batch, length, cfg.num_kv_heads, cfg.dim_per_head)
+  shape = (cfg.num_units, cfg.layers_per_unit, batch, length, cfg.num_kv_heads, cfg.dim_per_head)
   dtype = cfg.dtype if dtype is None else dtype
   zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
   return {'k': zeros(), 'v': zeros(), 'segment_ids': jnp.zeros((batch, length), jnp.int32),
@@ -178,8 +177,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
 
 
 def _stacked_units(cfg: ModelConfig, rngs: nnx.Rngs):
-  num_units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
-  unit_cls = Unit if cfg.is_moe and cfg.moe_every > 1 else Block
+  num_units = cfg.num_units
+  unit_cls = Unit if cfg.layers_per_unit > 1 else Block
 
   @nnx.split_rngs(splits=num_units)
   @nnx.vmap(in_axes=(0,), out_axes=0)

@@ -105,7 +105,7 @@ def _layer_intermediates(cfg: ModelConfig, s: Shapes, micro: int, seq: int) -> d
   }
   if cfg.attention in ('xla', 'reference'):  # The [b, n, t, s] scores are materialised.
     out['scores'] = s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4
-  per_unit = cfg.moe_every if cfg.is_moe else 1
+  per_unit = cfg.layers_per_unit
   dense_blocks = per_unit - 1 if cfg.is_moe else 1
   mlp = s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
   out['mlp'] = dense_blocks / per_unit * mlp
@@ -158,7 +158,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize
   t = config.train
   micro, seq = t.global_batch // t.grad_accum, config.data.seq_len
-  units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
+  units = cfg.num_units
 
   # Per group (one layer unit, the output head, the input table): elements once gathered for
   # compute, and how many of those are not this device's own shard (the all-gathered extra).

@@ -227,8 +227,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   estimate of the same variant. `run(config, devices)` compiles (default: a child process)."""
   run = run or aot.compiled_memory_subprocess
   cfg = config_lib.model_config(config)
-  per_unit = cfg.moe_every if cfg.is_moe else 1
-  units = cfg.num_layers // per_unit
+  per_unit = cfg.layers_per_unit
   d1, d2 = (int(d) for d in depths[:2])
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
@@ -236,7 +235,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
   r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
   per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
-  total = r1.total_bytes + (units - d1) * per_unit_bytes
+  total = _to_depth(r1.total_bytes, r2.total_bytes, d1, d2, cfg.num_units)
   variant = aot.compile_variant(config, cfg.num_layers)
   analytic = memory_lib.estimate(variant, mesh_shape(config.mesh, devices)).total
   return {
@@ -251,6 +250,11 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
       'analytic_over_compiled': round(analytic / total, 3),
       'compile_seconds': round(r1.compile_seconds + r2.compile_seconds, 1),
   }
+
+
+def _to_depth(v1: float, v2: float, d1: int, d2: int, units: int) -> float:
+  """Linear in depth: v1 at d1 layer units, v2 at d2, extrapolated to `units`."""
+  return v1 + (units - d1) * (v2 - v1) / (d2 - d1)
 
 
 def _flops_variant(config, layers: int):
@@ -308,10 +312,8 @@ def target_section(config, target, compile_fn=None) -> dict:
     xla_flops, hbm_bytes, kernel_flops = model_flops * remat_flops_ratio(cfg, seq), None, 0.0
     flops_source = 'model/flops.py x remat (the compiler gives no cost_analysis here)'
   else:
-    per_unit = cfg.moe_every if cfg.is_moe else 1
-    units = cfg.num_layers // per_unit
-    r1, r2 = (compile_fn(_flops_variant(config, d * per_unit), target) for d in (1, 2))
-    grow = lambda a, b: config.train.grad_accum * (a + (units - 1) * (b - a))
+    r1, r2 = (compile_fn(_flops_variant(config, d * cfg.layers_per_unit), target) for d in (1, 2))
+    grow = lambda a, b: config.train.grad_accum * _to_depth(a, b, 1, 2, cfg.num_units)
     xla_flops, hbm_bytes = grow(r1.flops, r2.flops), grow(r1.bytes_accessed, r2.bytes_accessed)
     kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
     flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
