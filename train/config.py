@@ -5,11 +5,12 @@ override is an error that names the key, and configs that cannot work fail befor
 """
 
 import dataclasses
-import math
 
 import ml_collections
 
 from model.config import ConfigError, ModelConfig
+from model.sharding import spec_axes
+from train.context import Placement
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -83,11 +84,8 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   if t.grad_accum < 1 or t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}')
   micro = t.global_batch // t.grad_accum
-  from model.sharding import make_rules
-  rules = make_rules(config.sharding_rules.to_dict())
-  target = rules['batch']
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
-  shards = math.prod(sizes[a] for a in axes)
+  placement = Placement.abstract(config, sizes)  # train/context.py: the one builder of rules.
+  axes, shards = spec_axes(placement.rules['batch']), placement.batch_shards
   if micro % shards:
     raise ConfigError(f'micro-batch train.global_batch / train.grad_accum = {micro} is not divisible by '
                       f'the {shards} batch shards (mesh axes {axes} of sizes {[sizes[a] for a in axes]})')

@@ -42,7 +42,7 @@ from model.sharding import logical_to_spec, make_rules, use_rules
 from train import compilation_cache
 from train import state as state_lib
 from train import workdir as workdir_lib
-from train.mesh import make_mesh
+from train.mesh import batch_shards, make_mesh
 
 log = logging.getLogger('meshlm')
 
@@ -95,9 +95,7 @@ class Generator:
       self.param_shardings = state_lib.param_shardings(self.mdef, abstract, self.mesh)
     self.params = None if params is None else self.place(params)
     self.max_batch, self.min_bucket, self.stop_check_every = max_batch, min_bucket, stop_check_every
-    batch_axes = logical_to_spec(('batch',), rules=self.rules)[0]
-    batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-    self.batch_shards = math.prod(self.mesh.shape[a] for a in batch_axes)
+    self.batch_shards = batch_shards(self.mesh, self.rules)
     self._fns = {}
 
   def place(self, params):
