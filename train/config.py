@@ -11,6 +11,7 @@ import ml_collections
 from model.config import ConfigError, ModelConfig
 from model.sharding import spec_axes
 from train.context import Placement
+from train.mesh import mesh_shape
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -78,7 +79,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   """All static checks of a run; returns the ModelConfig. Runs before anything compiles."""
   check_keys(config)
   cfg = model_config(config)
-  from train.mesh import mesh_shape
   sizes = mesh_shape(config.mesh, num_devices)
   t = config.train
   if t.grad_accum < 1 or t.global_batch % t.grad_accum:
