@@ -122,12 +122,13 @@ class Tokenizer:
     return self._sp.IdToPiece(int(token_id))
 
 
-def _lines(docs: Iterable[str]) -> Iterable[str]:
-  """Training sentences: SentencePiece reads one line at a time, newlines are pieces of ours."""
+def _lines(docs: Iterable[str], max_chars: int) -> Iterable[str]:
+  """Training sentences: SentencePiece reads one line at a time, newlines are pieces of ours;
+  longer lines are cut into `max_chars` pieces (SentencePiece would drop them)."""
   for doc in docs:
     for line in doc.split(NEWLINE):
-      if line.strip():
-        yield line
+      for i in range(0, len(line) if line.strip() else 0, max_chars):
+        yield line[i:i + max_chars]
 
 
 def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | os.PathLike,
@@ -149,7 +150,7 @@ def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | o
     tmp_prefix = os.path.join(tmp, 'model')
     try:
       spm.SentencePieceTrainer.Train(
-          sentence_iterator=iter(_lines(docs)),
+          sentence_iterator=iter(_lines(docs, max_sentence_length // 4)),  # <= 4 bytes a char
           model_prefix=tmp_prefix,
           model_type=model_type,
           vocab_size=vocab_size,
