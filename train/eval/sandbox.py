@@ -265,9 +265,9 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
   with tempfile.TemporaryDirectory(prefix='meshlm-sandbox-') as host_dir:
     os.chmod(host_dir, 0o755)
     if uid is not None and not _others_can_run(host_dir):
-      raise SandboxError(f'the sandbox folder {host_dir} cannot be reached by the unprivileged '
-                         f'uid the programs run as: a folder above it is not world-executable; '
-                         f'set TMPDIR (now {tempfile.gettempdir()}) to one that is, e.g. /tmp')
+      raise SandboxError(f'TMPDIR {tempfile.gettempdir()} cannot be reached by the unprivileged '
+                         f'uid the programs run as (a folder above it is not world-executable); '
+                         f'set TMPDIR to one that is, e.g. /tmp')
     program = os.path.join(host_dir, 'program.py')
     with open(program, 'w', encoding='utf-8') as f:
       f.write(source)
