@@ -132,10 +132,6 @@ def prepare_local(spec: dict[str, Any], data_dir: str) -> tfds.core.DatasetBuild
   return tfds.builder_from_directory(builder.data_dir)
 
 
-def local_metadata(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
-  return dict(builder.info.metadata or {})
-
-
 class _TinyShakespeare(tiny_shakespeare.Builder, skip_registration=True):
   """tiny_shakespeare's builder with a `_split_generators` that needs no TensorFlow."""
 

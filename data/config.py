@@ -41,11 +41,13 @@ from data import hygiene, readers
 KINDS = ('embedded', 'tfds', 'local', 'jsonl')
 FORMATS = ('text', 'sft', 'preference')
 SPLITS = ('train', 'eval')
-_ENTRY_KEYS = {
-    'embedded': set(),
-    'tfds': {'name', 'split', 'eval_split', 'text_field', 'doc_unit', 'manual_dir'},
-    'local': {'path', 'file_format', 'unit', 'text_field', 'eval_fraction', 'name'},
-    'jsonl': {'path', 'sft_format', 'eval_fraction'},
+_ENTRY_DEFAULTS = {  # Keys of a `sources` entry beyond kind, format and weight, by kind.
+    'embedded': {},
+    'tfds': {'name': '', 'split': 'train', 'eval_split': 'validation', 'text_field': 'text',
+             'doc_unit': '', 'manual_dir': ''},
+    'local': {'path': '', 'file_format': 'text', 'unit': 'paragraph', 'text_field': 'text',
+              'eval_fraction': 0.01, 'name': ''},
+    'jsonl': {'path': '', 'sft_format': 'auto', 'eval_fraction': 0.05},
 }
 
 
@@ -56,15 +58,8 @@ class DataConfigError(ValueError):
 def source_entry(kind: str, format: str = 'text', weight: float = 1.0,  # pylint: disable=redefined-builtin
                  **kwargs) -> ml_collections.ConfigDict:
   """A `sources` entry, e.g. source_entry('tfds', name='tiny_shakespeare', doc_unit='paragraph')."""
-  defaults = {
-      'tfds': {'name': '', 'split': 'train', 'eval_split': 'validation', 'text_field': 'text',
-               'doc_unit': '', 'manual_dir': ''},
-      'local': {'path': '', 'file_format': 'text', 'unit': 'paragraph', 'text_field': 'text',
-                'eval_fraction': 0.01, 'name': ''},
-      'jsonl': {'path': '', 'sft_format': 'auto', 'eval_fraction': 0.05},
-  }.get(kind, {})
   return ml_collections.ConfigDict({'kind': kind, 'format': format, 'weight': weight,
-                                    **defaults, **kwargs})
+                                    **_ENTRY_DEFAULTS.get(kind, {}), **kwargs})
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -109,7 +104,7 @@ def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
       raise DataConfigError(f'{key}.kind: {entry.get("kind")!r} is not one of {KINDS}')
     if entry.get('format') not in FORMATS:
       raise DataConfigError(f'{key}.format: {entry.get("format")!r} is not one of {FORMATS}')
-    unknown = set(entry.keys()) - {'kind', 'format', 'weight'} - _ENTRY_KEYS[entry.kind]
+    unknown = set(entry.keys()) - {'kind', 'format', 'weight'} - set(_ENTRY_DEFAULTS[entry.kind])
     if unknown:
       raise DataConfigError(f'{key}: unknown key(s) {sorted(unknown)} for kind {entry.kind!r}')
     if not float(entry.get('weight', 1.0)) > 0:

@@ -25,7 +25,6 @@ every time, so the first N batches make a fixed eval set.
 """
 
 import collections
-import json
 import os
 import sys
 from typing import Any
@@ -169,9 +168,6 @@ class DataIterator:
       raise ValueError(f'data iterator state was saved by a differently built pipeline '
                        f'(saved vs now: {diff})')
     self._iterator.set_state(state['grain'])
-
-  def state_json(self) -> str:
-    return json.dumps(self.get_state())
 
 
 def _effective_seed(shuffle_seed: int, seed: int) -> int:

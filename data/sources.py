@@ -188,7 +188,7 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
     from data import builders  # pylint: disable=import-outside-toplevel
     builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
                                      _data_dir(data_cfg, workdir))
-    stats.update(builders.local_metadata(builder))
+    stats.update(builder.info.metadata or {})
     if split not in builder.info.splits:
       raise data_config.DataConfigError(
           f'config.data.sources.{name}: the prepared corpus has no {split!r} split (too few '

@@ -20,7 +20,6 @@ CLI:
 """
 
 import argparse
-import glob
 import hashlib
 import os
 import pathlib
@@ -28,6 +27,8 @@ import tempfile
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+
+from data import readers
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 CHAT_MARKERS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
@@ -100,9 +101,6 @@ class Tokenizer:
     if METASPACE in text and self._metaspace_ids:
       return self._encode_with_metaspace(text)
     return self._sp.EncodeAsIds(text)
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [self.encode(t) for t in texts]
 
   def _encode_with_metaspace(self, text: str) -> list[int]:
     # SentencePiece writes spaces as U+2581 inside pieces, so a literal U+2581 would come
@@ -205,19 +203,10 @@ def fingerprint(docs: Sequence[str], vocab_size: int, model_type: str) -> str:
 
 def read_text_files(pattern: str) -> list[str]:
   """The contents of every file matching `pattern` (a path or glob), one document per file."""
-  paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-  if not paths:
-    raise TokenizerError(f'--input {pattern!r} matches no file')
-  docs = []
-  for p in paths:
-    try:
-      with open(p, encoding='utf-8') as f:
-        docs.append(f.read())
-    except FileNotFoundError as e:
-      raise TokenizerError(f'--input file {p} does not exist') from e
-    except UnicodeDecodeError as e:
-      raise TokenizerError(f'--input file {p} is not valid UTF-8 at byte {e.start}') from e
-  return docs
+  try:
+    return [doc for _, doc in readers.iter_text(pattern, 'file', readers.BadInput('raise'))]
+  except (FileNotFoundError, readers.BadInputError) as e:
+    raise TokenizerError(f'--input: {e}') from e
 
 
 def main(argv: Sequence[str] | None = None) -> None:
