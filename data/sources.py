@@ -114,9 +114,7 @@ def _data_dir(data_cfg, workdir: str) -> str:
 def _held_out(items: list, fraction: float, split: str) -> list:
   """Every k-th item (k = 1/fraction) is 'eval', the rest 'train'."""
   every = max(1, round(1 / fraction)) if fraction > 0 else 0
-  keep = [x for n, x in enumerate(items)
-          if (every and n % every == every - 1) == (split == 'eval')]
-  return keep
+  return [x for n, x in enumerate(items) if (every and n % every == every - 1) == (split == 'eval')]
 
 
 def _jsonl_items(entry, data_cfg, split: str) -> tuple[list, dict]:
