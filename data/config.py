@@ -109,7 +109,7 @@ def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
       raise DataConfigError(f'{key}: unknown key(s) {sorted(unknown)} for kind {entry.kind!r}')
     if not float(entry.get('weight', 1.0)) > 0:
       raise DataConfigError(f'{key}.weight: must be positive, got {entry.get("weight")}')
-    if entry.kind in ('local', 'jsonl'):
+    if entry.kind in ('local', 'jsonl') and '://' not in entry.get('path', ''):  # URLs: when read.
       try:
         readers.expand(entry.get('path') or '', 'a file or glob')
       except FileNotFoundError as e:
