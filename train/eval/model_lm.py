@@ -1,15 +1,11 @@
-"""`LanguageModel` (train/eval/lm.py) over a meshlm model: a checkpoint, its tokenizer, a mesh.
+"""`LanguageModel` (train/eval/lm.py) over a meshlm model, through train/generate.py's Generator.
 
-loglikelihood: requests are tokenised the way the reference harness does it (trailing spaces
-of the context move to the continuation; the continuation's ids are those of context +
-continuation after the context's ids when the context tokenises the same alone), prefixed with
-BOS, cut on the left to `max_length` tokens, sorted by length, right-padded to power-of-two
-buckets and scored in batches by one jitted forward pass each; the sum of the continuation's
-token log-probs comes back, not the logits.
-
-generate: train/generate.py's Generator (KV cache, buckets, stop strings), prompts cut on the
-left so that prompt + new tokens fit `max_length` when they can; `num_samples` > 1 repeats each
-prompt in the batch (rows draw independent samples).
+loglikelihood: tokenised as the reference harness does (trailing spaces of the context move to
+the continuation; the continuation's ids are those of context + continuation after the
+context's ids when the context tokenises the same alone), BOS first, cut on the left to
+`max_length`, sorted by length, right-padded to power-of-two buckets and scored in batches by
+one jitted forward pass each. generate: prompts cut on the left so that prompt + new tokens fit
+`max_length` when they can; `num_samples` > 1 repeats each prompt (rows sample independently).
 """
 
 import jax
@@ -18,7 +14,6 @@ import numpy as np
 
 from model import decode
 from train import generate as gen_lib
-from train import workdir as workdir_lib
 
 
 def _progress(total: int, desc: str):
@@ -42,14 +37,6 @@ class MeshLM:
       return jnp.sum(target_bt * mask_bt[:, 1:], axis=-1)
 
     self._score = jax.jit(score)
-
-  @classmethod
-  def from_checkpoint(cls, checkpoint: str, config=None, *, max_length: int | None = None,
-                      batch_size: int = 16) -> 'MeshLM':
-    run = workdir_lib.load_run(checkpoint, config)
-    gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
-                            max_batch=batch_size)
-    return cls(gen, max_length=max_length or int(run.config.data.seq_len), batch_size=batch_size)
 
   def count_tokens(self, text: str) -> int:
     return 1 + len(self.tok.encode(text))
