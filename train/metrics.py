@@ -32,8 +32,7 @@ PEAK_TFLOPS = {
 def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
   """Best-of-`repeats` FLOP/s of one n x n x n matmul on one device (all its cores)."""
   device = device or jax.local_devices()[0]
-  # From numpy: under `jax.set_mesh`, jnp.ones would be laid out over the whole (multi-process) mesh.
-  a = jax.device_put(np.ones((n, n), dtype), device)
+  a = jax.device_put(np.ones((n, n), dtype), device)  # Not jnp: that would follow the run's mesh.
   f = jax.jit(lambda a, b: a @ b)
   best = float('inf')
   with jax.set_mesh(jax.sharding.Mesh(np.asarray([device]), ('one',))):  # Not the run's mesh.
@@ -54,8 +53,7 @@ def peak_flops(hardware_cfg) -> tuple[float, str]:
   for name, tflops in PEAK_TFLOPS.items():
     if kind.startswith(name):
       return tflops * 1e12 * len(devices), f'device table ({kind})'
-  # CPU (or unknown): emulated CPU devices share the host's cores, so the measured rate of one
-  # matmul using all cores is the whole machine's peak, not per device.
+  # CPU: emulated devices share the host's cores, so one all-core matmul is the whole peak.
   return measure_matmul_flops(), f'matmul rate measured now on {kind}'
 
 
@@ -70,8 +68,7 @@ class Throughput:
     self.t0, self.tokens, self.steps, self.excluded = time.perf_counter(), 0.0, 0, 0.0
 
   def update(self, tokens: float):
-    self.tokens += tokens
-    self.steps += 1
+    self.tokens, self.steps = self.tokens + tokens, self.steps + 1
 
   @contextlib.contextmanager
   def paused(self):

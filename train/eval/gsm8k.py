@@ -97,18 +97,11 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
     gold = extract_strict(row['answer'])
     if gold is None:
       raise ValueError(f'GSM8K gold answer without "#### <number>": {row["answer"][-80:]!r}')
-    strict, flexible = extract_strict(completion), extract_flexible(completion)
-    items.append({'gold': gold, 'strict': strict, 'flexible': flexible,
-                  'completion': completion})
-  n = len(items)
-  return {
-      'task': 'gsm8k',
-      'metrics': {
-          'exact_match_strict': sum(i['strict'] == i['gold'] for i in items) / n,
-          'exact_match_flexible': sum(i['flexible'] == i['gold'] for i in items) / n,
-      },
-      'count': n,
-      'config': {'k': k, 'seed': seed, 'max_new_tokens': max_new_tokens,
-                 'keep_calculator': keep_calculator, 'limit': limit},
-      'items': items,
-  }
+    items.append({'gold': gold, 'strict': extract_strict(completion),
+                  'flexible': extract_flexible(completion), 'completion': completion})
+  match = lambda key: sum(i[key] == i['gold'] for i in items) / len(items)
+  return {'task': 'gsm8k', 'count': len(items), 'items': items,
+          'metrics': {'exact_match_strict': match('strict'),
+                      'exact_match_flexible': match('flexible')},
+          'config': {'k': k, 'seed': seed, 'max_new_tokens': max_new_tokens,
+                     'keep_calculator': keep_calculator, 'limit': limit}}

@@ -74,27 +74,16 @@ def score(problems: list[Problem], completions: list[list[str]], *, ks: tuple[in
   per_problem = {}
   for i, p in enumerate(problems):
     mine = outcomes[i * n:(i + 1) * n]
-    per_problem[p.task_id] = {
-        'passed': sum(o.passed for o in mine),
-        'statuses': [o.status for o in mine],
-        'first_completion': completions[i][0],
-        'first_detail': mine[0].detail[-500:],
-    }
-  metrics = {}
-  for k in ks:
-    if k <= n:
-      metrics[f'pass@{k}'] = float(np.mean([pass_at_k(n, r['passed'], k)
-                                            for r in per_problem.values()]))
-  return {
-      'task': 'humaneval',
-      'metrics': metrics,
-      'num_problems': len(problems),
-      'num_samples': n,
-      'isolation': tier,
-      'isolation_description': sandbox.isolation_description(tier),
-      'sandbox_seconds': seconds,
-      'per_problem': per_problem,
-  }
+    per_problem[p.task_id] = {'passed': sum(o.passed for o in mine),
+                              'statuses': [o.status for o in mine],
+                              'first_completion': completions[i][0],
+                              'first_detail': mine[0].detail[-500:]}
+  metrics = {f'pass@{k}': float(np.mean([pass_at_k(n, r['passed'], k)
+                                         for r in per_problem.values()])) for k in ks if k <= n}
+  return {'task': 'humaneval', 'metrics': metrics, 'num_problems': len(problems),
+          'num_samples': n, 'isolation': tier,
+          'isolation_description': sandbox.isolation_description(tier),
+          'sandbox_seconds': seconds, 'per_problem': per_problem}
 
 
 def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = None, *,

@@ -60,7 +60,3 @@ def format_table(results: list[dict], per_subject: bool = False) -> str:
   lines = [' | '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, '-+-'.join('-' * w for w in widths))
   return '\n'.join(lines)
-
-
-def print_table(results: list[dict], per_subject: bool = False):
-  print(format_table(results, per_subject), flush=True)
