@@ -128,14 +128,22 @@ class Generator:
 
   def generate(self, prompts: list[str], *, max_new_tokens: int = 128,
                sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-               chat: bool = False, seed: int = 0, params=None, progress=None) -> list[Completion]:
+               chat: bool = False, seed: int = 0, params=None) -> list[Completion]:
     """Completions of text prompts (with `chat`, each is a user turn in the chat template)."""
-    ids = self.prompt_ids(prompts, chat)
+    return self.complete(self.prompt_ids(prompts, chat), max_new_tokens=max_new_tokens,
+                         sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat), seed=seed,
+                         params=params)
+
+  def complete(self, ids: list[list[int]], *, max_new_tokens: int,
+               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
+               stop_ids: list[int] | None = None, seed: int = 0, params=None,
+               progress=None) -> list[Completion]:
+    """Completions of token prompts, `max_batch` at a time (`progress`: a tqdm bar, or None)."""
     out = []
     for i in range(0, len(ids), self.max_batch):
       rollout = self.generate_ids(ids[i:i + self.max_batch], max_new_tokens=max_new_tokens,
-                                  sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat),
-                                  seed=seed + i, params=params)
+                                  sampling=sampling, stop=stop, stop_ids=stop_ids, seed=seed + i,
+                                  params=params)
       for j in range(rollout.tokens_bs.shape[0]):
         token_ids = rollout.completion_ids(j)
         p = rollout.prompt_len

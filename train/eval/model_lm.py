@@ -84,14 +84,9 @@ class MeshLM:
     budget = max(self.max_length - max_new_tokens, self.max_length // 2)
     ids = [([self.tok.bos_id] + self.tok.encode(p))[-budget:] for p in prompts]
     ids = [x for x in ids for _ in range(num_samples)]
-    sampling = decode.Sampling(temperature=temperature)
-    texts = []
     bar = _progress(len(ids), 'generate')
-    for i in range(0, len(ids), self.gen.max_batch):
-      out = self.gen.generate_ids(ids[i:i + self.gen.max_batch], max_new_tokens=max_new_tokens,
-                                  sampling=sampling, stop=stop, seed=i)
-      for j in range(out.tokens_bs.shape[0]):
-        texts.append(self.gen._text(out.completion_ids(j), stop))
-      bar.update(out.tokens_bs.shape[0])
+    texts = [c.text for c in self.gen.complete(ids, max_new_tokens=max_new_tokens, stop=stop,
+                                               sampling=decode.Sampling(temperature=temperature),
+                                               progress=bar)]
     bar.close()
     return [texts[k * num_samples:(k + 1) * num_samples] for k in range(len(prompts))]
