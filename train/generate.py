@@ -121,10 +121,7 @@ class Generator:
     return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
 
   def stop_ids(self, chat: bool) -> list[int]:
-    ids = [self.tokenizer.eos_id]
-    if chat:
-      ids.append(self.tokenizer.special_id('<|end|>'))
-    return ids
+    return [self.tokenizer.eos_id] + ([self.tokenizer.special_id('<|end|>')] if chat else [])
 
   def generate(self, prompts: list[str], *, max_new_tokens: int = 128,
                sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),

@@ -91,8 +91,8 @@ class Throughput:
 class Writer:
   """Scalars to the log line and TensorBoard (tensorboardX; no TensorFlow), process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool = True, shown: tuple = ()):
-    self.enabled = enabled and jax.process_index() == 0
+  def __init__(self, workdir: str, shown: tuple = ()):
+    self.enabled = jax.process_index() == 0
     self.shown = SHOWN + tuple(shown)  # Keys on the log line (eval/* always).
     self.tb = self.jsonl = None
     self.history: list[dict] = []
