@@ -17,6 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger('meshlm')
 
@@ -97,7 +100,6 @@ class Writer:
     self.tb = self.jsonl = None
     self.history: list[dict] = []
     if self.enabled:
-      from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
@@ -132,28 +134,22 @@ class Progress:
 
   def __init__(self, enabled: bool, total: int, initial: int = 0, stream=None):
     stream = sys.stderr if stream is None else stream
-    self.bar = self._redirect = None
-    if not (enabled and jax.process_index() == 0 and stream.isatty()):
-      return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    self.bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=stream)
-    self._redirect = logging_redirect_tqdm([log], tqdm_class=tqdm)
+    shown = enabled and jax.process_index() == 0 and stream.isatty()
+    self.bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=stream,
+                    disable=not shown)
+    self._redirect = (logging_redirect_tqdm([log], tqdm_class=tqdm) if shown
+                      else contextlib.nullcontext())
     self._redirect.__enter__()
 
   def update(self, metrics: dict | None = None):
     """One step done; `metrics` (a log step's) puts the latest loss next to the bar."""
-    if self.bar is None:
-      return
     if metrics and 'loss' in metrics:
       self.bar.set_postfix(loss=f'{float(metrics["loss"]):.4g}', refresh=False)
     self.bar.update(1)
 
   def close(self):
-    if self.bar is not None:
-      self.bar.close()
-      self._redirect.__exit__(None, None, None)
-      self.bar = None
+    self.bar.close()
+    self._redirect.__exit__(None, None, None)
 
 
 SHOWN = ('loss', 'learning_rate', 'grad_norm', 'perf/tokens_per_sec', 'perf/step_time', 'perf/mfu',

@@ -11,13 +11,14 @@ one jitted forward pass each. generate: prompts cut on the left so that prompt +
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from model import decode
 from train import generate as gen_lib
+from train import step as step_lib
 
 
 def _progress(total: int, desc: str):
-  from tqdm import tqdm
   return tqdm(total=total, desc=desc, unit='req', dynamic_ncols=True, leave=False, disable=None)
 
 
@@ -32,9 +33,7 @@ class MeshLM:
 
     def score(params, tokens_bt, mask_bt):
       logits_btv, _ = mdef.build(params)(tokens_bt[:, :-1])
-      logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-      target_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-      return jnp.sum(target_bt * mask_bt[:, 1:], axis=-1)
+      return -jnp.sum(step_lib.token_nll(logits_btv, tokens_bt[:, 1:]) * mask_bt[:, 1:], axis=-1)
 
     self._score = jax.jit(score)
 
