@@ -38,9 +38,9 @@ def read_metrics(path: str) -> dict[str, tuple[list[int], list[float]]]:
   return {tag: (sorted(v), [v[s] for s in sorted(v)]) for tag, v in by_tag.items()}
 
 
-def write(workdir: str, path: str | None = None) -> str | None:
-  """Draws the curves of `workdir` into `path` (default workdir/curves.png) and returns it, or
-  None with a log line (no matplotlib, nothing logged, an unreadable metrics file)."""
+def write(workdir: str) -> str | None:
+  """Draws the curves of `workdir` into workdir/curves.png and returns its path, or None with a
+  log line (no matplotlib, nothing logged, an unreadable metrics file)."""
   try:
     from matplotlib.figure import Figure
   except ImportError:
@@ -55,7 +55,7 @@ def write(workdir: str, path: str | None = None) -> str | None:
   if 'loss' not in metrics:
     log.info('no train loss logged in %s yet: no %s', source, FILENAME)
     return None
-  path = path or os.path.join(workdir, FILENAME)
+  path = os.path.join(workdir, FILENAME)
   fig = Figure(figsize=(8, 6.5))
   axes = dict(zip(('loss', 'tokens/s'), fig.subplots(2, 1, sharex=True)))
   for tag, label, ax, style in CURVES:

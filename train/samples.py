@@ -19,11 +19,10 @@ MAX_NEW_TOKENS = 24
 
 
 class Sampler:
-  """Continues `prompts` with the params given at each call (greedy, `max_new_tokens`)."""
+  """Continues PROMPTS with the params given at each call (greedy, MAX_NEW_TOKENS)."""
 
-  def __init__(self, cfg, tokenizer, mesh, rules, prompts=PROMPTS, max_new_tokens=MAX_NEW_TOKENS):
-    self.prompts, self.max_new_tokens = tuple(prompts), max_new_tokens
-    self.generator = Generator(cfg, None, tokenizer, mesh, rules, max_batch=len(self.prompts))
+  def __init__(self, cfg, tokenizer, mesh, rules):
+    self.generator = Generator(cfg, None, tokenizer, mesh, rules, max_batch=len(PROMPTS))
     # The decoder reads whole (batch-sharded) token buffers back on the host.
     self.enabled = jax.process_count() == 1
     if not self.enabled:
@@ -33,9 +32,8 @@ class Sampler:
     """The completion of each prompt (text only), also written to `writer` and the log."""
     if not self.enabled:
       return []
-    out = self.generator.generate(list(self.prompts), max_new_tokens=self.max_new_tokens,
-                                  params=params)
-    for i, (prompt, c) in enumerate(zip(self.prompts, out)):
+    out = self.generator.generate(list(PROMPTS), max_new_tokens=MAX_NEW_TOKENS, params=params)
+    for i, (prompt, c) in enumerate(zip(PROMPTS, out)):
       writer.text(step, f'samples/{i}', markdown(prompt, c.text))
       log.info('step %d sample %d: %r -> %r', step, i, prompt, c.text)
     return [c.text for c in out]

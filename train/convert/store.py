@@ -58,11 +58,8 @@ class StoredParams:
     with open(meta_path) as f:
       meta = json.load(f)
     self.use_ocdbt, self.use_zarr3 = bool(meta.get('use_ocdbt')), bool(meta.get('use_zarr3'))
-    self.names = set()
-    for entry in meta['tree_metadata'].values():
-      keys = tuple(k['key'] for k in entry['key_metadata'])
-      if keys[0] == 'params':
-        self.names.add(keys[1:])
+    keys = [tuple(k['key'] for k in e['key_metadata']) for e in meta['tree_metadata'].values()]
+    self.names = {k[1:] for k in keys if k[0] == 'params'}
     self.context = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
     self._open = {}
 
