@@ -18,7 +18,6 @@ from data.config import source_entry
 from experiments import dense_65b
 from train.posttrain.config import defaults
 
-SEQ_LEN = 2048
 RM_PAIRS = 160_000  # Assumed size of the preference data (hh-rlhf train: 160,800).
 RM_BATCH = 512
 PPO_ITERATIONS = 500
@@ -28,11 +27,10 @@ PPO_BATCH = 512
 def _base(stage: str):
   c = defaults()
   pre = dense_65b.get_config()
-  c.model.update(pre.model)
-  c.hardware.update(pre.hardware)
+  for section in ('model', 'mesh', 'optim', 'hardware'):  # Pre-training's; fsdp=256.
+    c[section].update(pre[section])
   c.stage = stage
-  c.data.update(packing='pad', seq_len=SEQ_LEN)
-  c.optim.update(pre.optim)
+  c.data.update(packing='pad', seq_len=pre.data.seq_len)
   c.optim.weight_decay = 0.0
   return c
 
@@ -42,7 +40,6 @@ def get_config(stage: str = 'ppo'):
     c = _base('rm')
     c.data.sources.pairs = source_entry('jsonl', 'preference', path='', eval_fraction=0.01)
     c.data.source = 'pairs'
-    c.mesh.update(data=1, fsdp=256, expert=1, tensor=1)
     steps = -(-RM_PAIRS // RM_BATCH)
     c.optim.update(peak_lr=9e-6, warmup_steps=10)
     c.train.update(steps=steps, global_batch=RM_BATCH, grad_accum=2, log_every=5,
