@@ -312,7 +312,8 @@ def _assert_one_clean_line(out: str, lost: int, step) -> str:
 
 # A run's body without a model: the survivor (process 0) is in a collective (the main thread gets
 # gloo's error) or waits at a coordination-service barrier the killed peer never reaches (no
-# error: only the beat thread notices). Process 0 writes argv[4] when both are under way.
+# error: only the beat thread notices), or both raise. Process 0 writes argv[4] when both are
+# under way.
 _DRIVER = """
 import pathlib, sys, time
 import ml_collections, numpy as np
@@ -328,6 +329,8 @@ with distributed.exit_on_lost_peer(workdir):
     multihost_utils.process_allgather(np.array([i]))
   if pid == '0':
     pathlib.Path(ready).touch()
+  if mode == 'raise':
+    raise RuntimeError('a bug on every process')
   while mode == 'collective':
     multihost_utils.process_allgather(np.array([i]))
   if pid == '0':
@@ -353,6 +356,27 @@ def test_lost_process_in_collective_or_barrier(tmp_path, mode, timeout_s):
   timeout_s = timeout_s or distributed.PEER_TIMEOUT_S
   assert elapsed < timeout_s + 2 * distributed.BEAT_S, (elapsed, out[-2000:])
   print(f'{mode}: survivor exited {elapsed:.1f} s after the kill (peer_timeout_s={timeout_s:g})')
+
+
+@pytest.mark.multiprocess
+def test_error_on_every_process_is_not_a_lost_process(tmp_path):
+  """Both processes raise: each reports its own error once the peer's counter moved (seconds,
+  not the 60 s peer_timeout_s set here), and no process is called lost."""
+  port, ready = _free_port(), tmp_path / 'ready'
+  procs = [subprocess.Popen([sys.executable, '-c', _DRIVER, f'localhost:{port}', str(i), str(tmp_path),
+                             str(ready), 'raise'], cwd=REPO, env=_env(2) | {'MESHLM_PEER_TIMEOUT_S': '60'},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  deadline = time.monotonic() + 300
+  while not ready.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+    time.sleep(0.05)
+  t_ready = time.monotonic()
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  elapsed = time.monotonic() - t_ready
+  for p, out in zip(procs, outs):
+    assert p.returncode == 1 and 'RuntimeError: a bug on every process' in out, out[-3000:]
+    assert 'lost process' not in out, out[-3000:]
+  assert elapsed < 30, elapsed
+  print(f'both processes reported their error {elapsed:.1f} s after raising')
 
 
 @pytest.mark.multiprocess

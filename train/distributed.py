@@ -19,17 +19,14 @@ Once joined, processes other than 0 log only warnings and errors (the `meshlm`, 
 already (train/metrics.py Writer, train/loop.py); every process writes its own checkpoint
 shards (orbax; the JSON data-state item is written by process 0 from what all gathered).
 
-A lost process (`exit_on_lost_peer`, around the CLIs' runs): every process advances a counter
-in the coordinator's key-value store each BEAT_S from a daemon thread. A peer whose counter
-stands still for `peer_timeout_s` is lost: the survivors print one line naming it and the last
-checkpoint to resume from, and leave at once with status 1 (os._exit: JAX's shutdown would wait
-for the lost peer, then abort). A run that raises waits for that verdict (no traceback when a
-peer was lost) and re-raises as soon as every peer's counter moved. JAX's own heartbeat and
-shutdown timeouts are 2 * peer_timeout_s, a backstop behind this one: JAX ends the survivors
-itself (its fatal message names the task) when it notices first. Our counter rather than JAX's
-heartbeat names the process because JAX reports a dead task only by aborting the others (its
-Python callback cannot be set). Process 0 hosts the coordination service: when it is the one
-lost, JAX's client ends the other processes at once with its own fatal message.
+A lost process (`exit_on_lost_peer`, around the CLIs' runs): each process advances a counter in
+the coordinator's key-value store every BEAT_S. A peer whose counter stands still for
+`peer_timeout_s` is lost: the survivors print one line naming it and the last checkpoint, and
+leave at once with status 1 (os._exit: JAX's shutdown would wait for the lost peer, then abort).
+A run that raises waits for that verdict and re-raises once every peer's counter moved. JAX's
+heartbeat and shutdown timeouts, 2 * peer_timeout_s, are the backstop; JAX itself reports a lost
+task only by aborting the others (its Python callback cannot be set). Process 0 hosts JAX's
+coordination service: if it is lost, JAX's client ends the others at once with its own message.
 
 Data state (`gather_data_state`, `local_data_state`): each process iterates over its own rows
 of every global batch (data/pipeline.py), so its iterator state describes only those rows.
@@ -151,45 +148,38 @@ def maybe_initialize(dist_cfg, environ=None) -> bool:
 
 class _Beat:
   """This process's liveness counter in the coordinator's key-value store, advanced every BEAT_S
-  by a daemon thread that also reads the peers' counters and ends the process through
-  `_exit_lost` once one of them has stood still for `timeout_s` (a peer that wrote 'done' has
-  finished its run and is never lost)."""
+  by a daemon thread that also reads the peers' counters and ends the process (`_exit_lost`)
+  once one has stood still for `timeout_s`; a peer that wrote 'done' finished and is never lost."""
 
   def __init__(self, client, timeout_s: float):
     self.client, self.timeout_s = client, timeout_s
     self.me, self.count = jax.process_index(), jax.process_count()
-    self.moved = {p: time.monotonic() for p in range(self.count) if p != self.me}
-    self.seen: dict[int, str] = {}
+    self.moved = {p: (None, time.monotonic()) for p in range(self.count) if p != self.me}
     self.stop = threading.Event()
     self.thread = threading.Thread(target=self._run, name='meshlm-beat', daemon=True)
     self.thread.start()
     atexit.register(self.stop.set)  # Before JAX's own atexit shutdown (registered earlier).
 
   def _run(self):
-    beat = 0
+    beat, counters = 0, {}
     while not self.stop.wait(BEAT_S):
       beat += 1
       try:
         self.client.key_value_set(f'meshlm/beat/{self.me}', str(beat), allow_overwrite=True)
         counters = dict(self.client.key_value_dir_get('meshlm/beat/'))
-      except Exception:  # The store is unreachable: nobody moves, process 0 (its host) is lost.
-        counters = self.seen
+      except Exception:  # The store is unreachable: nobody moves, and process 0 hosts it.
+        pass
       now = time.monotonic()
-      for p in self.moved:
+      for p, (seen, _) in self.moved.items():
         value = counters.get(f'meshlm/beat/{p}')
-        if value == 'done' or value != self.seen.get(p):
-          self.moved[p], self.seen[p] = (float('inf') if value == 'done' else now), value
-      lost = [p for p, t in self.moved.items() if now - t > self.timeout_s]
+        if value != seen or value == 'done':
+          self.moved[p] = value, float('inf') if value == 'done' else now
+      lost = [p for p, (_, t) in self.moved.items() if now - t > self.timeout_s]
       if lost and not self.stop.is_set():
         _exit_lost([0] if 0 in lost else lost, self)
 
-  def moved_since(self, t: float) -> bool:
-    """Whether every peer's counter moved after monotonic time `t` (finished peers count)."""
-    return all(moved > t for moved in self.moved.values())
-
   def finish(self):
-    """Marks this process's run as finished, so that peers still finishing theirs do not count
-    it lost."""
+    """Marks this process's run finished: peers still finishing theirs do not count it lost."""
     self.stop.set()
     self.thread.join()
     self.client.key_value_set(f'meshlm/beat/{self.me}', 'done', allow_overwrite=True)
@@ -219,7 +209,7 @@ def _exit_lost(lost: list[int], beat: _Beat):
 def exit_on_lost_peer(workdir: str):
   """Around a run in `workdir` (the CLIs' main): in a run of several processes, a lost peer ends
   this process with one line naming the peer and the last checkpoint (see the module doc). An
-  exception waits for that verdict, up to peer_timeout_s, and propagates if every peer is alive."""
+  exception waits for that verdict, up to peer_timeout_s, and propagates once every peer moved."""
   global _workdir
   _workdir = workdir
   try:
@@ -227,13 +217,13 @@ def exit_on_lost_peer(workdir: str):
   except Exception:
     if _beat is not None:
       t = time.monotonic()
-      while not _beat.moved_since(t) and time.monotonic() < t + _beat.timeout_s + 2 * BEAT_S:
+      while (any(moved <= t for _, moved in _beat.moved.values())
+             and time.monotonic() < t + _beat.timeout_s + 2 * BEAT_S):
         time.sleep(BEAT_S / 4)  # The beat thread ends the process if a peer is lost.
       _beat.stop.set()
     raise
-  else:
-    if _beat is not None:
-      _beat.finish()
+  if _beat is not None:
+    _beat.finish()
 
 
 def _allgather_text(text: str) -> list[str]:
