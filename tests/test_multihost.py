@@ -8,7 +8,13 @@ then constant), so a 3-step run is a prefix of a 6-step one:
   C  1 process x 8 devices, steps 1-6 uninterrupted.
 A's losses must equal C's for steps 1-3 and B's must equal C's for steps 4-6 (read back from
 the TensorBoard event files). Only process 0 logs the run, its metrics and the `auto` attention
-choice; process 1 logs that it joined. The other tests check the pieces without starting processes.
+choice; process 1 logs that it joined.
+
+A lost process: one of 2 processes is killed (SIGKILL) and the survivor must exit non-zero within
+distributed.peer_timeout_s with one line naming it and the last checkpoint, without a traceback or
+JAX's fatal abort: a model-free driver whose survivor is in a collective or at a barrier, and
+(slow) the CLI killed after its first checkpoint. The other tests check the pieces without
+starting processes.
 """
 
 import json
