@@ -218,12 +218,12 @@ def test_settings_from_config_env_and_errors():
   assert distributed.settings(_Cfg(enabled=True), {}).initialize_kwargs() == backstop
   assert distributed.settings(_Cfg(enabled=True), {'MESHLM_CLUSTER': 'slurm'}).initialize_kwargs() == {
       'cluster_detection_method': 'slurm', **backstop}
-  assert distributed.settings(_Cfg(), {'MESHLM_PEER_TIMEOUT_S': '2.5'}).peer_timeout_s == 2.5
-  assert distributed.settings(_Cfg(peer_timeout_s=4.0), {'MESHLM_PEER_TIMEOUT_S': '2.5'}).initialize_kwargs() == {
+  assert distributed.settings(_Cfg(), {'MESHLM_PEER_TIMEOUT_S': '3.5'}).peer_timeout_s == 3.5
+  assert distributed.settings(_Cfg(peer_timeout_s=4.0), {'MESHLM_PEER_TIMEOUT_S': '3.5'}).initialize_kwargs() == {
       'heartbeat_timeout_seconds': 8, 'shutdown_timeout_seconds': 8}
   with pytest.raises(ConfigError, match='MESHLM_PEER_TIMEOUT_S=.soon. is not a number'):
     distributed.settings(_Cfg(), {'MESHLM_PEER_TIMEOUT_S': 'soon'})
-  with pytest.raises(ConfigError, match='peer_timeout_s=-1 must be positive'):
+  with pytest.raises(ConfigError, match='peer_timeout_s=-1 must be at least 3 s'):
     distributed.settings(_Cfg(peer_timeout_s=-1.0), {})
   assert not distributed.settings(_Cfg(), {}).enabled
   assert not distributed.maybe_initialize(_Cfg(), {})  # Disabled: nothing happens.
@@ -346,7 +346,7 @@ with distributed.exit_on_lost_peer(workdir):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize('mode, timeout_s', [('collective', None), ('barrier', 2)])
+@pytest.mark.parametrize('mode, timeout_s', [('collective', None), ('barrier', 3)])
 def test_lost_process_in_collective_or_barrier(tmp_path, mode, timeout_s):
   """Process 1 of 2 is killed; process 0 exits non-zero within distributed.peer_timeout_s (the
   default, or MESHLM_PEER_TIMEOUT_S) plus two beats, with one line naming process 1 and the last

@@ -113,8 +113,8 @@ def settings(dist_cfg, environ=None) -> Settings:
     raise ConfigError(f'distributed.num_processes={num} must be positive')
   if pid is not None and num is not None and not 0 <= pid < num:
     raise ConfigError(f'distributed.process_id={pid} is outside [0, num_processes={num})')
-  if timeout < 0:
-    raise ConfigError(f'distributed.peer_timeout_s={timeout:g} must be positive')
+  if timeout < 3 * BEAT_S:  # A live peer's counter can seem to stand still for 2 beats.
+    raise ConfigError(f'distributed.peer_timeout_s={timeout:g} must be at least {3 * BEAT_S:g} s')
   return Settings(enabled, address, num, pid, environ.get(ENV['cluster'], '').strip() or None, timeout)
 
 
@@ -154,6 +154,7 @@ class _Beat:
   def __init__(self, client, timeout_s: float):
     self.client, self.timeout_s = client, timeout_s
     self.me, self.count = jax.process_index(), jax.process_count()
+    # Per peer: its last counter value and a time before which it was written.
     self.moved = {p: (None, time.monotonic()) for p in range(self.count) if p != self.me}
     self.stop = threading.Event()
     self.thread = threading.Thread(target=self._run, name='meshlm-beat', daemon=True)
@@ -161,19 +162,21 @@ class _Beat:
     atexit.register(self.stop.set)  # Before JAX's own atexit shutdown (registered earlier).
 
   def _run(self):
-    beat, counters = 0, {}
+    beat, previous = 0, time.monotonic()
     while not self.stop.wait(BEAT_S):
-      beat += 1
+      beat, start = beat + 1, time.monotonic()
       try:
         self.client.key_value_set(f'meshlm/beat/{self.me}', str(beat), allow_overwrite=True)
         counters = dict(self.client.key_value_dir_get('meshlm/beat/'))
       except Exception:  # The store is unreachable: nobody moves, and process 0 hosts it.
-        pass
+        counters = None
+      if counters is not None:
+        for p, (seen, _) in self.moved.items():
+          value = counters.get(f'meshlm/beat/{p}')
+          if value != seen or value == 'done':  # Written after the previous read began.
+            self.moved[p] = value, float('inf') if value == 'done' else previous
+        previous = start
       now = time.monotonic()
-      for p, (seen, _) in self.moved.items():
-        value = counters.get(f'meshlm/beat/{p}')
-        if value != seen or value == 'done':
-          self.moved[p] = value, float('inf') if value == 'done' else now
       lost = [p for p, (_, t) in self.moved.items() if now - t > self.timeout_s]
       if lost and not self.stop.is_set():
         _exit_lost([0] if 0 in lost else lost, self)
