@@ -305,12 +305,11 @@ def _lost_host(tmp_path, args, env: dict, ready, victim: int = 1) -> tuple[float
   return elapsed, out
 
 
-def _assert_one_clean_line(out: str, lost: int, step) -> str:
+def _assert_one_clean_line(out: str, lost: int, step: int) -> str:
   lines = [line for line in out.splitlines() if 'lost process' in line]
   assert len(lines) == 1, out[-3000:]
   assert lines[0].startswith(f'error: lost process {lost} of 2 '), lines[0]
-  assert (f'the last checkpoint is step {step} in ' if step is not None
-          else 'no checkpoint was saved') in lines[0], lines[0]
+  assert f'the last checkpoint is step {step} in ' in lines[0], lines[0]
   for noise in ('Traceback', 'Fatal Python error', 'Check failure stack trace', 'Terminating process'):
     assert noise not in out, f'{noise!r} in the survivor\'s output:\n{out[-3000:]}'
   return lines[0]
