@@ -19,11 +19,12 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   from model.config import ConfigError
-  from train import compilation_cache, loop
+  from train import compilation_cache, distributed, loop
   from data import builders, chat, config, readers, tokenizer
   compilation_cache.enable()
   try:
-    loop.run(_CONFIG.value, _WORKDIR.value)
+    with distributed.exit_on_lost_peer(_WORKDIR.value):  # A lost process: one line, no hang.
+      loop.run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, loop.NonFiniteError, config.DataConfigError, readers.BadInputError,
           tokenizer.TokenizerError, chat.TemplateError, builders.PrepareError) as e:
     sys.exit(f'error: {e}')  # Bad input or config: one line naming the key or file:line.

@@ -55,7 +55,8 @@ def main(argv):
   del argv
   compilation_cache.enable()
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    with distributed.exit_on_lost_peer(_WORKDIR.value):  # A lost process: one line, no hang.
+      run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, FileNotFoundError, loop.NonFiniteError) as e:
     sys.exit(f'error: {e}')
 
