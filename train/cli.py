@@ -6,7 +6,7 @@
 absl parses the other flags (`parse_flags`, given to app.run). `main` runs a stage on the
 resulting config; every bad input it meets (config, experiment file, data, tokenizer, a
 non-finite step) ends the process with one line `error: ...` naming the key, flag or
-file:line, never a traceback.
+file:line, never a traceback; so does a lost peer process (train/distributed.py).
 """
 
 import ast
@@ -18,7 +18,7 @@ from absl import app, flags
 from data import builders, chat, readers, tokenizer
 from data import config as data_config
 from model.config import ConfigError
-from train import compilation_cache, loop
+from train import compilation_cache, distributed, loop
 from train import config as config_lib
 
 BAD_INPUT = (ConfigError, data_config.DataConfigError, readers.BadInputError, FileNotFoundError,
@@ -30,7 +30,8 @@ def main(run, argv: list[str]) -> None:
   """run(config, workdir) with the config of `argv` (what parse_flags left) and --workdir."""
   compilation_cache.enable()
   try:
-    run(from_args(argv[1:]), flags.FLAGS.workdir)
+    with distributed.exit_on_lost_peer(flags.FLAGS.workdir):  # A lost process: one line, no hang.
+      run(from_args(argv[1:]), flags.FLAGS.workdir)
   except BAD_INPUT as e:
     sys.exit(f'error: {e}')
 

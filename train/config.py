@@ -47,7 +47,8 @@ def defaults() -> ml_collections.ConfigDict:
       peak_tflops=0.0,  # Per-device peak for MFU; 0: from the device table, or measured on CPU.
       device_memory_gb=0.0,  # Per-device memory the planner checks against (0: unknown).
   )
-  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1)
+  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1,
+                        peer_timeout_s=0.0)  # 0: MESHLM_PEER_TIMEOUT_S, else 10 (train/distributed.py).
   return c
 
 
