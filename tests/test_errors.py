@@ -26,6 +26,7 @@ from tests.test_cli import REPO, run_cli
 from train import cli
 from train import config as config_lib
 from train.eval import sandbox
+from train.posttrain import config as pt_config
 
 TINY = 'experiments/tiny_dense.py'
 WORDS = ('apple', 'pear', 'plum', 'fig', 'kiwi', 'lime', 'date')
@@ -117,6 +118,16 @@ def test_static_checks_name_the_key(override, message):
   with pytest.raises(ConfigError) as e:
     _validate(_config(override))
   assert message in str(e.value)
+
+
+def test_posttrain_ranges_name_the_key(tmp_path):
+  config = _config('train.init_from=' + str(tmp_path), 'ppo.reward_model=' + str(tmp_path),
+                   'ppo.critic_lr=-1e-5', 'optim.b2=1.0', experiment='experiments/tiny_ppo.py')
+  with pytest.raises(ConfigError, match=r'optim.b2=1.0 must be in \[0, 1\)'):
+    pt_config.validate(config, jax.device_count())
+  config.optim.b2 = 0.95
+  with pytest.raises(ConfigError, match='ppo.critic_lr=-1e-05 must be > 0'):
+    pt_config.validate(config, jax.device_count())
 
 
 def test_clip_norm_zero_is_off_and_valid():
