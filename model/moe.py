@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
+from model.config import ConfigError, ModelConfig
 from model.layers import Layout, param, swiglu_of
 from model.sharding import constrain, logical_to_spec, mesh_platform, spec_axes
 
@@ -211,10 +211,8 @@ class MoeBlock(nnx.Module):
       y_btd, kept_btk = self._capacity(x_btd, experts_btk, weights_btk)
     elif cfg.dispatch == 'dropless':
       y_btd, kept_btk = self._dropless(x_btd, experts_btk, weights_btk), None
-    elif cfg.dispatch == 'reference':
+    else:  # 'reference' (cfg.validate() in __init__ checked the name).
       y_btd, kept_btk = self._reference(x_btd, experts_btk, weights_btk), None
-    else:
-      raise ConfigError(f'model.dispatch: {cfg.dispatch!r} is not one of {DISPATCH_IMPLS}')
     y_btd = constrain(y_btd.astype(cfg.dtype), ('batch', 'length', 'act_embed'))
     return y_btd, self._aux(logits_bte, experts_btk, kept_btk)
 

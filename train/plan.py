@@ -302,8 +302,8 @@ def target_section(config, target, compile_fn=None) -> dict:
   try:
     full = compile_fn(config, target)
   except aot.DoesNotFit as e:
-    raise ConfigError(f'{e}. Try: ' + '; '.join(_target_fixes(cfg, config)) +
-                      ' (docs/scale.md)') from None
+    raise ConfigError(f'{e}. Try: ' + '; '.join(_target_fixes(config))
+                      + ' (docs/scale.md)') from None
   seq = config.data.seq_len
   attention = aot.target_variant(config, target.platform)[0].model.attention
   tokens_per_device = config.train.global_batch * seq / n
@@ -375,8 +375,8 @@ def target_section(config, target, compile_fn=None) -> dict:
   }
 
 
-def _target_fixes(cfg, config) -> list[str]:
-  t = config.train
+def _target_fixes(config) -> list[str]:
+  cfg, t = config_lib.model_config(config), config.train
   return _knobs(cfg.remat, grad_accum=t.grad_accum, micro=t.global_batch // t.grad_accum,
                 moe=cfg.is_moe)
 
@@ -385,12 +385,11 @@ def check_target_fits(p: dict, config) -> None:
   """ConfigError naming the knobs if the target compiler's plan exceeds the chip's HBM."""
   if 'target_fits' not in p or p['target_fits']:
     return
-  cfg = config_lib.model_config(config)
   raise ConfigError(
       f'{p["target"]}: the compiled train step needs {p["target_total_gib"]} GiB per device '
       f'(arguments {p["target_arguments_gib"]}, temporaries {p["target_temporaries_gib"]}), over '
-      f'the {p["target_hbm_gib"]} GiB of HBM. Try: ' + '; '.join(_target_fixes(cfg, config)) +
-      ' (docs/scale.md).')
+      f'the {p["target_hbm_gib"]} GiB of HBM. Try: ' + '; '.join(_target_fixes(config))
+      + ' (docs/scale.md).')
 
 
 def _fmt(value) -> str:
