@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from train.checkpoint import write_checksums
+
 STEP = 0
 CHUNK_BYTES = 64 << 20
 
@@ -53,6 +55,7 @@ def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int
       data=ocp.args.JsonSave({})))
   manager.wait_until_finished()
   manager.close()
+  write_checksums(os.path.join(os.path.abspath(root), str(STEP)))
 
 
 def _map(fn, tree, *rest):
