@@ -1,23 +1,17 @@
 """Verified orbax checkpoints: a save every N steps and at the end, the last K kept, the newest
 intact step restored (onto any mesh: the restore target carries the current run's shardings).
 
-A step N/ holds the train state (step, params, optimizer state, RNG), as JSON the data iterator's
-position (so a resumed run sees exactly the batches it would have seen), and `checksums.json`:
-size and CRC-32 of every other file of the step, written once orbax has committed the step.
-
-Guarantees:
-- `save` returns once the step is committed and checksummed (saves are synchronous), so a kill -9
-  at any moment loses at most one save interval: the newest committed step is at most
-  `ckpt_every` steps behind the step reached. (orbax's asynchronous saves overlap the next steps
-  with the write: a kill during them lost the step being written and the steps since.)
-- `restore` verifies a step's files against its checksums before anything is read. A step that
-  fails (a file missing, truncated or changed) or that orbax / tensorstore cannot read is
-  reported in one warning naming the step and the file, moved aside to `N.damaged` and the next
-  older step is tried; nothing is deleted. If no step is intact: a ConfigError naming each step's
-  damage, and nothing is moved.
-- A step without checksums.json (written before checksums existed, or killed in the instant
-  between orbax's commit and the checksum file, when its data is complete) is restored with a
-  warning, checked only by orbax reading it; an empty step directory counts as damaged.
+A step N/ holds the train state (step, params, optimizer state, RNG), the data iterator's position
+as JSON (a resumed run sees exactly the batches it would have seen) and `checksums.json` (size and
+CRC-32 of every other file, written once orbax has committed the step). Guarantees:
+- `save` returns once the step is committed and checksummed, so a kill -9 at any moment loses at
+  most one save interval (orbax's asynchronous save would overlap the next steps with the write).
+- Restore checks a step's files against its checksums before reading it. A step that fails, or
+  that orbax / tensorstore cannot read, is named in one warning with the file, moved aside to
+  `N.damaged`, and the next older step is tried; nothing is deleted. No step intact: a
+  ConfigError naming each step's damage, nothing moved.
+- A step without checksums.json (older, or killed just after orbax's commit, when its data is
+  complete) is read with a warning; an empty step directory is damaged.
 """
 
 import concurrent.futures
@@ -125,7 +119,7 @@ def restore_intact(manager, read, step: int | None = None):
   if not damaged:
     raise ConfigError(f'{root}: no checkpoint there')
   raise ConfigError(f'no intact checkpoint in {root}: ' + '; '.join(
-      f'step {s}: {why}' for s, _, why in damaged) + ' (nothing was moved or deleted)')
+      f'step {s}: {why}' for s, _, why in damaged) + ' (nothing was moved or deleted: move the damaged steps away, or use a new workdir)')
 
 
 def verify(where: str) -> None:
@@ -183,7 +177,7 @@ def file_crc(path: str) -> int:
 
 
 def move_aside(path: str) -> str:
-  """Renames step directory `path` to `path.damaged` (or `.damaged2`, ... when taken)."""
+  """Renames step directory `path` to `path.damaged` (`.damaged2`, ... when taken)."""
   aside, n = path + '.damaged', 1
   while os.path.exists(aside):
     n += 1
