@@ -102,6 +102,8 @@ def validate(config, num_devices: int, process_count: int = 1):
     for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len'):
       if p[key] < 1:
         raise ConfigError(f'ppo.{key}={p[key]} must be positive')
+    if not p.critic_lr > 0:
+      raise ConfigError(f'ppo.critic_lr={p.critic_lr} must be > 0')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
