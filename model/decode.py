@@ -1,29 +1,31 @@
-"""Incremental decoding with a KV cache: prefill, sampling, and a jittable decoding loop.
+"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling.
 
 Pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
 
-Layout of a batch of prompts of different lengths: prompts are left-padded to a common length
-P (a bucket), generated tokens follow from column P on, in a buffer of S columns (S = P + a
-bucket of new tokens; the KV cache has S slots):
+Continuous batching over a fixed number of decode slots (`empty_slots`, `admit`, `advance`):
+the KV cache has one row of S = P + N columns per slot (P: a bucket of prompt lengths, N: of new
+tokens). `admit` prefills prompts into free slots, `advance` takes one-token steps of all slots
+until enough are done to admit more (the host loop in train/generate.py alternates the two, so
+prefills interleave with decoding). A slot's row is laid out as one row of a static batch:
 
-  column     0 .. P-1-len_b | P-len_b .. P-1 | P .. P+num_new_b-1 | ..
-  token      pad            | prompt         | generated          | pad
-  segment    0              | 1              | 1                  | 0
-  position   0              | 0 .. len_b-1   | len_b ..           | (len_b + column - P)
+  column     0 .. P-1-len | P-len .. P-1 | P .. P+num_new-1 | ..
+  token      pad          | prompt       | generated        | empty
+  segment    0            | 1            | 1                | 0
+  position   0            | 0 .. len-1   | len ..           |
 
-Left padding puts every prompt's last token in column P-1 and lets all rows write the same
-cache slot at each step; segment 0 keeps the padding invisible, and positions count from each
-prompt's first real token, so a row computes exactly what it would alone (tests check it
-against a full forward pass of the unpadded sequence).
+Left padding puts every prompt's last token in column P-1; each slot writes its next token at
+its own column P + num_new - 1 (Decoder.extend with an index per row); segment 0 keeps padding
+and empty slots invisible, and positions count from each prompt's first real token, so a
+sequence computes what it would alone, whatever its slot or neighbours (tests check it against
+a full forward pass). Admission resets the whole row, so nothing of a slot's previous sequence
+is left. The random key of a sequence's token i is the run's key folded with (sequence id, i):
+which slot a sequence gets, and when, does not change what it samples.
 
 Sampling (`Sampling`): greedy when temperature == 0, else softmax(logits / temperature)
 restricted to the top_k tokens (0: all) and to the smallest set of most likely tokens whose
 probability reaches top_p (1.0: all). The log-probability returned with each sampled token is
 that of the model itself, log_softmax(logits)[token], whatever the sampling settings: what
 RLHF needs as the behaviour policy when sampling at temperature 1 with no truncation.
-
-The state of a decoding run is a dict of arrays (see `start`), so a run can be advanced in
-chunks between which the host checks stop strings, without recompiling anything.
 
 Mixture-of-experts models decode with `decoding_config(cfg)`: the same parameters, but never a
 dropped token. With 'capacity' dispatch a row's expert buffers hold
@@ -40,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.transformer import init_cache
+from model.sharding import constrain
+from model.transformer import CACHE_AXES, init_cache
 
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
@@ -128,65 +131,73 @@ def _is_eos(tokens_b, eos_ids_e):
   return jnp.any(tokens_b[:, None] == eos_ids_e[None, :], axis=-1)
 
 
-def start(model, tokens_bp, lengths_b, *, total_len: int, rng, sampling: Sampling, eos_ids_e,
-          done_b=None, pad_id: int = 0, cache_dtype=None) -> dict:
-  """Prefills the cache with the prompts and samples the first new token of every row.
-
-  Returns the decoding state: cache (S = total_len slots), tokens_bs / logprobs_bs (the buffer
-  of the module docstring; logprobs 0 outside generated tokens), lengths_b (prompt lengths),
-  num_new_b (tokens generated per row, EOS included), done_b (EOS seen, or `done_b` given:
-  rows that are only batch filler), step (columns generated, the same for all rows),
-  prompt_len and rng.
-  """
-  b, p = tokens_bp.shape
-  if total_len <= p:
-    raise ValueError(f'model/decode.py start: total_len={total_len} leaves no room after '
-                     f'prompts of {p} columns')
-  positions_bp, segment_ids_bp = prompt_layout(lengths_b, p)
-  cache = init_cache(model.cfg, b, total_len, cache_dtype)
-  h_bpd, cache = model.extend(tokens_bp, positions_bp, segment_ids_bp, cache, 0)
-  logits_bv = model.logits(h_bpd[:, -1:])[:, 0]
-  rng, key = jax.random.split(rng)
-  first_b = sample_tokens(logits_bv, key, sampling)
-  done_b = jnp.zeros((b,), bool) if done_b is None else done_b
-  logprob_b = jnp.where(done_b, 0.0, token_logprobs(logits_bv, first_b))
-  first_b = jnp.where(done_b, pad_id, first_b)
-  tokens_bs = jnp.full((b, total_len), pad_id, jnp.int32).at[:, :p].set(tokens_bp)
-  tokens_bs = tokens_bs.at[:, p].set(first_b)
-  logprobs_bs = jnp.zeros((b, total_len), jnp.float32).at[:, p].set(logprob_b)
-  return {'cache': cache, 'tokens_bs': tokens_bs, 'logprobs_bs': logprobs_bs,
-          'lengths_b': lengths_b.astype(jnp.int32), 'num_new_b': (~done_b).astype(jnp.int32),
-          'done_b': done_b | _is_eos(first_b, eos_ids_e), 'step': jnp.int32(1),
-          'prompt_len': jnp.int32(p), 'rng': rng}
+def empty_slots(cfg: ModelConfig, slots: int, prompt_len: int, new_len: int,
+                cache_dtype=None) -> dict:
+  """The decoding state of `slots` free slots (see the module docstring): a cache of
+  prompt_len + new_len columns, and per slot the generated tokens_bn / logprobs_bn, the prompt
+  length, num_new_b (tokens generated, EOS included), seq_b (the sequence's id, its RNG stream)
+  and done_b (finished or free)."""
+  zeros_b = jnp.zeros((slots,), jnp.int32)
+  return {'cache': init_cache(cfg, slots, prompt_len + new_len, cache_dtype),
+          'tokens_bn': jnp.zeros((slots, new_len), jnp.int32),
+          'logprobs_bn': jnp.zeros((slots, new_len), jnp.float32), 'lengths_b': zeros_b,
+          'num_new_b': zeros_b, 'seq_b': zeros_b, 'done_b': jnp.ones((slots,), bool)}
 
 
-def advance(model, state: dict, limit, *, sampling: Sampling, eos_ids_e, pad_id: int = 0) -> dict:
-  """Generates until `step == limit` (tokens per row, a traced scalar), every row is done, or
-  the buffer is full. Rows already done get `pad_id` and log-prob 0."""
-  total_len = state['tokens_bs'].shape[1]
-  limit = jnp.minimum(limit, total_len - state['prompt_len'])
+def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
+  """(token, log-prob) per row; row b's key is rng folded with (seq_b[b], index_b[b]) only."""
+  keys_b = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(rng, s), i))(seq_b, index_b)
+  tokens_b = jax.vmap(lambda x_v, k: sample_tokens(x_v[None], k, sampling)[0])(logits_bv, keys_b)
+  return tokens_b, token_logprobs(logits_bv, tokens_b)
 
-  def cond(s):
-    return (s['step'] < limit) & ~jnp.all(s['done_b'])
 
-  def body(s):
-    col = s['prompt_len'] + s['step'] - 1  # The newest token, not yet in the cache.
-    last_b1 = jax.lax.dynamic_slice_in_dim(s['tokens_bs'], col, 1, axis=1)
-    positions_b1 = (s['lengths_b'] + s['step'] - 1)[:, None]
-    h_b1d, cache = model.extend(last_b1, positions_b1, jnp.ones_like(last_b1), s['cache'], col)
-    logits_bv = model.logits(h_b1d)[:, 0]
-    rng, key = jax.random.split(s['rng'])
-    new_b = sample_tokens(logits_bv, key, sampling)
-    logprob_b = jnp.where(s['done_b'], 0.0, token_logprobs(logits_bv, new_b))
-    new_b = jnp.where(s['done_b'], pad_id, new_b)
-    tokens_bs = jax.lax.dynamic_update_slice_in_dim(s['tokens_bs'], new_b[:, None], col + 1, 1)
-    logprobs_bs = jax.lax.dynamic_update_slice_in_dim(s['logprobs_bs'], logprob_b[:, None],
-                                                      col + 1, 1)
-    return {**s, 'cache': cache, 'tokens_bs': tokens_bs, 'logprobs_bs': logprobs_bs,
-            'num_new_b': s['num_new_b'] + (~s['done_b']).astype(jnp.int32),
-            'done_b': s['done_b'] | _is_eos(new_b, eos_ids_e), 'step': s['step'] + 1, 'rng': rng}
+def admit(model, state: dict, tokens_kp, lengths_k, seq_k, slot_k, max_new, *, rng,
+          sampling: Sampling, eos_ids_e) -> dict:
+  """Prefills k prompts (left-padded to the prompt columns P) into slots `slot_k` (a slot >=
+  the number of slots drops that row: batch filler) and samples each one's first token."""
+  k, p = tokens_kp.shape
+  positions_kp, segment_ids_kp = prompt_layout(lengths_k, p)
+  rows = init_cache(model.cfg, k, state['cache']['segment_ids'].shape[1], state['cache']['k'].dtype)
+  h_kpd, rows = model.extend(tokens_kp, positions_kp, segment_ids_kp, rows, 0)
+  first_k, logprob_k = _draw(model.logits(h_kpd[:, -1:])[:, 0], rng, seq_k,
+                            jnp.zeros_like(seq_k), sampling)
+  batch_axis = {'k': 2, 'v': 2, 'segment_ids': 0, 'positions': 0}
+  cache = {name: x.at[(slice(None),) * batch_axis[name] + (slot_k,)].set(rows[name], mode='drop')
+           for name, x in state['cache'].items()}
+  cache['k'], cache['v'] = constrain(cache['k'], CACHE_AXES), constrain(cache['v'], CACHE_AXES)
+  put = lambda name, new_k: state[name].at[slot_k].set(new_k, mode='drop')
+  first_kn = jnp.zeros((k, state['tokens_bn'].shape[1]), jnp.int32).at[:, 0].set(first_k)
+  return {'cache': cache, 'tokens_bn': put('tokens_bn', first_kn),
+          'logprobs_bn': put('logprobs_bn', jnp.zeros(first_kn.shape).at[:, 0].set(logprob_k)),
+          'lengths_b': put('lengths_b', lengths_k), 'seq_b': put('seq_b', seq_k),
+          'num_new_b': put('num_new_b', jnp.ones_like(seq_k)),
+          'done_b': put('done_b', _is_eos(first_k, eos_ids_e) | (max_new <= 1))}
 
-  return jax.lax.while_loop(cond, body, state)
+
+def advance(model, state: dict, steps, min_free, max_new, *, rng, sampling: Sampling,
+            eos_ids_e) -> dict:
+  """One-token steps of every slot until `steps` steps are taken or at least `min_free` slots
+  are done (free for admission); a sequence is done at EOS or `max_new` tokens. Done slots are
+  computed with the rest and change nothing."""
+  slots, new_len = state['tokens_bn'].shape
+  p = state['cache']['segment_ids'].shape[1] - new_len
+
+  def body(carry):
+    i, s = carry
+    n_b, live_b = s['num_new_b'], ~s['done_b']
+    last_b1 = jnp.take_along_axis(s['tokens_bn'], jnp.maximum(n_b - 1, 0)[:, None], axis=1)
+    h_b1d, cache = model.extend(last_b1, (s['lengths_b'] + n_b - 1)[:, None],
+                                jnp.ones_like(last_b1), s['cache'], p + n_b - 1)
+    new_b, logprob_b = _draw(model.logits(h_b1d)[:, 0], rng, s['seq_b'], n_b, sampling)
+    rows_b = jnp.where(live_b, jnp.arange(slots), slots)  # Done slots write nothing.
+    num_new_b = n_b + live_b
+    done_b = s['done_b'] | _is_eos(new_b, eos_ids_e) | (num_new_b >= max_new)
+    return i + 1, {**s, 'cache': cache, 'num_new_b': num_new_b, 'done_b': done_b,
+                   'tokens_bn': s['tokens_bn'].at[rows_b, n_b].set(new_b, mode='drop'),
+                   'logprobs_bn': s['logprobs_bn'].at[rows_b, n_b].set(logprob_b, mode='drop')}
+
+  cond = lambda carry: (carry[0] < steps) & (jnp.sum(carry[1]['done_b']) < min_free)
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
 def sequence_layout(tokens_bs, lengths_b, num_new_b, prompt_len: int) -> dict:
