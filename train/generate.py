@@ -88,8 +88,8 @@ class Generator:
     shardings = self.placement.param_shardings(self.mdef, abstract)
     self.params = None if params is None else jax.device_put(params, shardings)
     self.max_batch, self.min_bucket, self.stop_check_every = max_batch, min_bucket, stop_check_every
-    shards = batch_shards(self.mesh, self.rules)
-    self.slots = math.lcm(bucket(max_batch, 1), shards)
+    self.batch_shards = batch_shards(self.mesh, self.rules)
+    self.slots = self._batch_bucket(max_batch)
     self.admit_rows = max(1, self.slots // 8)
     self._empty = jax.jit(lambda b, p, n: decode.empty_slots(dec_cfg, b, p, n),
                           static_argnums=(0, 1, 2))
@@ -226,6 +226,9 @@ class Generator:
   def _stop_length(self, ids, stop) -> int:
     """How many of `ids` it takes for the text to contain a stop string."""
     return next((k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop)), len(ids))
+
+  def _batch_bucket(self, n: int) -> int:
+    return math.lcm(bucket(n, 1), self.batch_shards)
 
 
 def main(argv=None) -> int:
