@@ -2,11 +2,11 @@
 
 Pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
 
-Continuous batching over a fixed number of decode slots (`empty_slots`, `admit`, `advance`):
+Continuous batching over a fixed number of decode slots (`start`, `run`), in one jitted loop:
 the KV cache has one row of S = P + N columns per slot (P: a bucket of prompt lengths, N: of new
-tokens). `admit` prefills prompts into free slots, `advance` takes one-token steps of all slots
-until enough are done to admit more (the host loop in train/generate.py alternates the two, so
-prefills interleave with decoding). A slot's row is laid out as one row of a static batch:
+tokens); before each one-token step of all slots, queued prompts are prefilled into the slots
+that are free (prefill interleaved with decoding). A slot's row is laid out as one row of a
+static batch:
 
   column     0 .. P-1-len | P-len .. P-1 | P .. P+num_new-1 | ..
   token      pad          | prompt       | generated        | empty
@@ -131,17 +131,20 @@ def _is_eos(tokens_b, eos_ids_e):
   return jnp.any(tokens_b[:, None] == eos_ids_e[None, :], axis=-1)
 
 
-def empty_slots(cfg: ModelConfig, slots: int, prompt_len: int, new_len: int,
-                cache_dtype=None) -> dict:
-  """The decoding state of `slots` free slots (see the module docstring): a cache of
-  prompt_len + new_len columns, and per slot the generated tokens_bn / logprobs_bn, the prompt
-  length, num_new_b (tokens generated, EOS included), seq_b (the sequence's id, its RNG stream)
-  and done_b (finished or free)."""
+def start(cfg: ModelConfig, slots: int, tokens_np, lengths_n, new_len: int,
+          cache_dtype=None) -> dict:
+  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots (see
+  the module docstring): the prompts, `queued` (how many were admitted), a cache of P + new_len
+  columns, per slot the sequence it holds (seq_b), its prompt length, num_new_b (tokens
+  generated, EOS included) and done_b (finished or free); per sequence the generated tokens_nn,
+  logprobs_nn (0 past its end) and num_new_n."""
+  n, p = tokens_np.shape
   zeros_b = jnp.zeros((slots,), jnp.int32)
-  return {'cache': init_cache(cfg, slots, prompt_len + new_len, cache_dtype),
-          'tokens_bn': jnp.zeros((slots, new_len), jnp.int32),
-          'logprobs_bn': jnp.zeros((slots, new_len), jnp.float32), 'lengths_b': zeros_b,
-          'num_new_b': zeros_b, 'seq_b': zeros_b, 'done_b': jnp.ones((slots,), bool)}
+  return {'cache': init_cache(cfg, slots, p + new_len, cache_dtype), 'prompts_np': tokens_np,
+          'lengths_n': lengths_n, 'queued': jnp.int32(0), 'seq_b': zeros_b, 'lengths_b': zeros_b,
+          'num_new_b': zeros_b, 'done_b': jnp.ones((slots,), bool),
+          'tokens_nn': jnp.zeros((n, new_len), jnp.int32),
+          'logprobs_nn': jnp.zeros((n, new_len), jnp.float32), 'num_new_n': jnp.zeros((n,), jnp.int32)}
 
 
 def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
@@ -151,52 +154,75 @@ def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
   return tokens_b, token_logprobs(logits_bv, tokens_b)
 
 
-def admit(model, state: dict, tokens_kp, lengths_k, seq_k, slot_k, max_new, *, rng,
-          sampling: Sampling, eos_ids_e) -> dict:
-  """Prefills k prompts (left-padded to the prompt columns P) into slots `slot_k` (a slot >=
-  the number of slots drops that row: batch filler) and samples each one's first token."""
-  k, p = tokens_kp.shape
+def _admit(model, s: dict, rows: int, num, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
+  """Prefills the next `rows` queued prompts (fewer if fewer are left) into the first free
+  slots and samples each one's first token."""
+  slots, (n, p) = s['done_b'].shape[0], s['prompts_np'].shape
+  seq_k = s['queued'] + jnp.arange(rows, dtype=jnp.int32)
+  slot_k = jnp.nonzero(s['done_b'], size=rows, fill_value=slots)[0]
+  slot_k, out_k = jnp.where(seq_k < num, slot_k, slots), jnp.where(seq_k < num, seq_k, n)
+  read_k = jnp.minimum(seq_k, n - 1)  # Rows past the queue are filler: written nowhere.
+  lengths_k = s['lengths_n'][read_k]
   positions_kp, segment_ids_kp = prompt_layout(lengths_k, p)
-  rows = init_cache(model.cfg, k, state['cache']['segment_ids'].shape[1], state['cache']['k'].dtype)
-  h_kpd, rows = model.extend(tokens_kp, positions_kp, segment_ids_kp, rows, 0)
+  cache = init_cache(model.cfg, rows, s['cache']['segment_ids'].shape[1], s['cache']['k'].dtype)
+  h_kpd, cache = model.extend(s['prompts_np'][read_k], positions_kp, segment_ids_kp, cache, 0)
   first_k, logprob_k = _draw(model.logits(h_kpd[:, -1:])[:, 0], rng, seq_k,
-                            jnp.zeros_like(seq_k), sampling)
+                             jnp.zeros_like(seq_k), sampling)
   batch_axis = {'k': 2, 'v': 2, 'segment_ids': 0, 'positions': 0}
-  cache = {name: x.at[(slice(None),) * batch_axis[name] + (slot_k,)].set(rows[name], mode='drop')
-           for name, x in state['cache'].items()}
+  cache = {name: x.at[(slice(None),) * batch_axis[name] + (slot_k,)].set(cache[name], mode='drop')
+           for name, x in s['cache'].items()}
   cache['k'], cache['v'] = constrain(cache['k'], CACHE_AXES), constrain(cache['v'], CACHE_AXES)
-  put = lambda name, new_k: state[name].at[slot_k].set(new_k, mode='drop')
-  first_kn = jnp.zeros((k, state['tokens_bn'].shape[1]), jnp.int32).at[:, 0].set(first_k)
-  return {'cache': cache, 'tokens_bn': put('tokens_bn', first_kn),
-          'logprobs_bn': put('logprobs_bn', jnp.zeros(first_kn.shape).at[:, 0].set(logprob_k)),
-          'lengths_b': put('lengths_b', lengths_k), 'seq_b': put('seq_b', seq_k),
-          'num_new_b': put('num_new_b', jnp.ones_like(seq_k)),
-          'done_b': put('done_b', _is_eos(first_k, eos_ids_e) | (max_new <= 1))}
+  put = lambda name, index, new: s[name].at[index].set(new, mode='drop')
+  return {**s, 'cache': cache, 'queued': jnp.minimum(s['queued'] + rows, num),
+          'seq_b': put('seq_b', slot_k, seq_k), 'lengths_b': put('lengths_b', slot_k, lengths_k),
+          'num_new_b': put('num_new_b', slot_k, 1),
+          'done_b': put('done_b', slot_k, _is_eos(first_k, eos_ids_e) | (max_new <= 1)),
+          'tokens_nn': put('tokens_nn', (out_k, 0), first_k),
+          'logprobs_nn': put('logprobs_nn', (out_k, 0), logprob_k),
+          'num_new_n': put('num_new_n', out_k, 1)}
 
 
-def advance(model, state: dict, steps, min_free, max_new, *, rng, sampling: Sampling,
-            eos_ids_e) -> dict:
-  """One-token steps of every slot until `steps` steps are taken or at least `min_free` slots
-  are done (free for admission); a sequence is done at EOS or `max_new` tokens. Done slots are
-  computed with the rest and change nothing."""
-  slots, new_len = state['tokens_bn'].shape
-  p = state['cache']['segment_ids'].shape[1] - new_len
+def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
+  """One token for every slot; done (or free) slots are computed with the rest and change
+  nothing."""
+  n, new_len = s['tokens_nn'].shape
+  p = s['cache']['segment_ids'].shape[1] - new_len
+  n_b, live_b = s['num_new_b'], ~s['done_b']
+  last_b1 = s['tokens_nn'][s['seq_b'], jnp.maximum(n_b - 1, 0)][:, None]
+  h_b1d, cache = model.extend(last_b1, (s['lengths_b'] + n_b - 1)[:, None],
+                              jnp.ones_like(last_b1), s['cache'], p + n_b - 1)
+  new_b, logprob_b = _draw(model.logits(h_b1d)[:, 0], rng, s['seq_b'], n_b, sampling)
+  out_b = jnp.where(live_b, s['seq_b'], n)  # Done slots write nothing.
+  num_new_b = n_b + live_b
+  return {**s, 'cache': cache, 'num_new_b': num_new_b,
+          'done_b': s['done_b'] | _is_eos(new_b, eos_ids_e) | (num_new_b >= max_new),
+          'tokens_nn': s['tokens_nn'].at[out_b, n_b].set(new_b, mode='drop'),
+          'logprobs_nn': s['logprobs_nn'].at[out_b, n_b].set(logprob_b, mode='drop'),
+          'num_new_n': s['num_new_n'].at[out_b].set(num_new_b, mode='drop')}
+
+
+def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng,
+        sampling: Sampling, eos_ids_e) -> dict:
+  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token
+  steps, or until all are done (EOS or `max_new` tokens). Before each step, queued prompts are
+  admitted `rows` at a time while that many slots are free (fewer at the end of the queue);
+  with `static`, only when every slot is free (static batching, for comparison)."""
+  slots = state['done_b'].shape[0]
+
+  def admissible(s):
+    left = num - s['queued']
+    return (left > 0) & (jnp.sum(s['done_b']) >= (slots if static else jnp.minimum(rows, left)))
 
   def body(carry):
     i, s = carry
-    n_b, live_b = s['num_new_b'], ~s['done_b']
-    last_b1 = jnp.take_along_axis(s['tokens_bn'], jnp.maximum(n_b - 1, 0)[:, None], axis=1)
-    h_b1d, cache = model.extend(last_b1, (s['lengths_b'] + n_b - 1)[:, None],
-                                jnp.ones_like(last_b1), s['cache'], p + n_b - 1)
-    new_b, logprob_b = _draw(model.logits(h_b1d)[:, 0], rng, s['seq_b'], n_b, sampling)
-    rows_b = jnp.where(live_b, jnp.arange(slots), slots)  # Done slots write nothing.
-    num_new_b = n_b + live_b
-    done_b = s['done_b'] | _is_eos(new_b, eos_ids_e) | (num_new_b >= max_new)
-    return i + 1, {**s, 'cache': cache, 'num_new_b': num_new_b, 'done_b': done_b,
-                   'tokens_bn': s['tokens_bn'].at[rows_b, n_b].set(new_b, mode='drop'),
-                   'logprobs_bn': s['logprobs_bn'].at[rows_b, n_b].set(logprob_b, mode='drop')}
+    s = jax.lax.while_loop(admissible, lambda s: _admit(model, s, slots if static else rows, num,
+                                                        max_new, rng, sampling, eos_ids_e), s)
+    return i + 1, _step(model, s, max_new, rng, sampling, eos_ids_e)
 
-  cond = lambda carry: (carry[0] < steps) & (jnp.sum(carry[1]['done_b']) < min_free)
+  def cond(carry):
+    i, s = carry
+    return (i < steps) & ((s['queued'] < num) | ~jnp.all(s['done_b']))
+
   return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 

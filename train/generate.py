@@ -91,8 +91,8 @@ class Generator:
     self.batch_shards = batch_shards(self.mesh, self.rules)
     self.slots = self._batch_bucket(max_batch)
     self.admit_rows = max(1, self.slots // 8)
-    self._empty = jax.jit(lambda b, p, n: decode.empty_slots(dec_cfg, b, p, n),
-                          static_argnums=(0, 1, 2))
+    self._start = jax.jit(lambda b, n, tokens_np, lengths_n: decode.start(
+        dec_cfg, b, tokens_np, lengths_n, n), static_argnums=(0, 1))
     self._fns = {}
 
   @classmethod
@@ -104,17 +104,14 @@ class Generator:
   # Jitted pieces, one pair per sampling setting (shapes are handled by jit's own cache).
   def _compiled(self, sampling: decode.Sampling):
     if sampling not in self._fns:
-      mdef = self.mdef
+      mdef, rows = self.mdef, self.admit_rows
 
-      def admit(params, state, tokens_kp, lengths_k, seq_k, slot_k, max_new, eos_e, rng):
-        return decode.admit(mdef.build(params), state, tokens_kp, lengths_k, seq_k, slot_k,
-                            max_new, rng=rng, sampling=sampling, eos_ids_e=eos_e)
+      def run(params, state, steps, num, max_new, eos_e, rng, static):
+        return decode.run(mdef.build(params), state, steps, num, max_new, rows=rows, static=static,
+                          rng=rng, sampling=sampling, eos_ids_e=eos_e)
 
-      def advance(params, state, steps, min_free, max_new, eos_e, rng):
-        return decode.advance(mdef.build(params), state, steps, min_free, max_new, rng=rng,
-                              sampling=sampling, eos_ids_e=eos_e)
-
-      self._fns[sampling] = (jax.jit(admit, donate_argnums=1), jax.jit(advance, donate_argnums=1))
+      self._fns[sampling] = (jax.jit(run, donate_argnums=1, static_argnames='static'),
+                             self._start)
     return self._fns[sampling]
 
   def prompt_ids(self, prompts: list, chat: bool) -> list[list[int]]:
@@ -171,53 +168,41 @@ class Generator:
     params = self.params if params is None else params
     if params is None:
       raise ValueError('train/generate.py: this Generator has no params; pass params=')
-    n, slots, rows, pad = len(prompts), self.slots, self.admit_rows, self.tokenizer.pad_id
+    n, slots, pad = len(prompts), self.slots, self.tokenizer.pad_id
     p, new = bucket(max(len(x) for x in prompts), self.min_bucket), bucket(max_new_tokens,
                                                                            self.min_bucket)
-    tokens_np, lengths_n = decode.left_pad(prompts, p, pad)
+    n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
+    tokens_np, lengths_n = decode.left_pad(prompts + [prompts[0]] * (n_pad - n), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
-    admit, advance = self._compiled(sampling)
-    tokens_nn, logprobs_nn = np.full((n, new), pad, np.int32), np.zeros((n, new), np.float32)
-    num_new_n, stopped = np.zeros(n, np.int32), np.zeros(n, bool)
-    seq_b, queued = np.full(slots, -1), 0  # The sequence each slot holds (-1: free).
-    rng, max_new = jax.random.PRNGKey(seed), np.int32(max_new_tokens)
+    run, start = self._compiled(sampling)
+    steps = self.stop_check_every if stop else 1 << 30
     with jax.set_mesh(self.mesh), use_rules(self.rules):
-      state = self._empty(slots, p, new)
+      state = start(slots, new, tokens_np, lengths_n)
       while True:
-        host = jax.device_get({k: state[k] for k in ('tokens_bn', 'logprobs_bn', 'num_new_b',
-                                                     'done_b')})
-        live_b = (seq_b >= 0) & ~host['done_b']
-        hit_b = np.array([bool(stop) and live_b[b] and self._has_stop(
-            host['tokens_bn'][b, :host['num_new_b'][b]], stop) for b in range(slots)])
-        done_b = host['done_b'] | hit_b
-        for b in np.nonzero(done_b & (seq_b >= 0))[0]:  # Finished: collect, free the slot.
-          i, k = seq_b[b], host['num_new_b'][b]
-          tokens_nn[i, :k], logprobs_nn[i, :k] = host['tokens_bn'][b, :k], host['logprobs_bn'][b, :k]
-          num_new_n[i], stopped[i], seq_b[b] = k, hit_b[b], -1
-        if hit_b.any():
-          state['done_b'] = jax.device_put(done_b, state['done_b'].sharding)
-        free = np.nonzero(seq_b < 0)[0]
-        if queued == n and len(free) == slots:
+        state = run(params, state, np.int32(steps), np.int32(n), np.int32(max_new_tokens), eos_e,
+                    jax.random.PRNGKey(seed), static=static)
+        host = jax.device_get({k: state[k] for k in ('tokens_nn', 'num_new_b', 'seq_b', 'done_b',
+                                                     'queued')})
+        live_b = ~host['done_b']
+        hit_b = live_b & [bool(stop) and self._has_stop(
+            host['tokens_nn'][i, :host['num_new_b'][b]], stop) for b, i in enumerate(host['seq_b'])]
+        if host['queued'] == n and not (live_b & ~hit_b).any():
           break
-        admitting = not static or len(free) == slots
-        while admitting and queued < n and len(free):
-          take, free = free[:min(rows, n - queued)], free[min(rows, n - queued):]
-          fill = rows - len(take)  # Filler rows: prompt 0, into no slot (an index out of range).
-          seq_k = np.r_[np.arange(queued, queued + len(take)), np.zeros(fill, int)]
-          state = admit(params, state, tokens_np[seq_k], lengths_n[seq_k], seq_k,
-                        np.r_[take, np.full(fill, slots)], max_new, eos_e, rng)
-          seq_b[take], queued = seq_k[:len(take)], queued + len(take)
-        min_free = slots if static or queued == n else min(rows, n - queued)
-        state = advance(params, state, np.int32(self.stop_check_every if stop else new),
-                        np.int32(min_free), max_new, eos_e, rng)
+        if hit_b.any():  # A stop string: done now, the tokens past it are dropped below.
+          state['done_b'] = jax.device_put(host['done_b'] | hit_b, state['done_b'].sharding)
+    tokens_nn, logprobs_nn, num_new_n = (np.array(state[k])[:n] for k in ('tokens_nn',
+                                                                          'logprobs_nn', 'num_new_n'))
+    stopped = np.array([bool(stop) and self._has_stop(t[:k], stop)
+                        for t, k in zip(tokens_nn, num_new_n)], bool)
     for i in np.nonzero(stopped)[0]:  # Drop what was generated past the stop string.
       num_new_n[i] = self._stop_length(tokens_nn[i, :num_new_n[i]], stop)
       tokens_nn[i, num_new_n[i]:], logprobs_nn[i, num_new_n[i]:] = pad, 0.0
     eos_seen = np.isin(tokens_nn[np.arange(n), np.maximum(num_new_n, 1) - 1], eos_e)
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
-    return Rollout(np.concatenate([tokens_np, tokens_nn], 1),
-                   np.concatenate([np.zeros(tokens_np.shape, np.float32), logprobs_nn], 1),
-                   lengths_n, num_new_n, p, finish)
+    tokens_nn[np.arange(new)[None] >= num_new_n[:, None]] = pad
+    return Rollout(np.concatenate([tokens_np[:n], tokens_nn], 1),
+                   np.concatenate([np.zeros((n, p), np.float32), logprobs_nn], 1),
+                   lengths_n[:n], num_new_n, p, finish)
 
   def _has_stop(self, ids, stop) -> bool:
     text = self.tokenizer.decode(ids)
