@@ -101,7 +101,7 @@ class Generator:
     run = workdir_lib.load_run(checkpoint, config, mesh=mesh)
     return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
 
-  # Jitted pieces, one pair per sampling setting (shapes are handled by jit's own cache).
+  # The jitted loop per sampling setting, with the shared start (jit's own cache handles shapes).
   def _compiled(self, sampling: decode.Sampling):
     if sampling not in self._fns:
       mdef, rows = self.mdef, self.admit_rows
@@ -172,7 +172,7 @@ class Generator:
     p, new = bucket(max(len(x) for x in prompts), self.min_bucket), bucket(max_new_tokens,
                                                                            self.min_bucket)
     n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
-    tokens_np, lengths_n = decode.left_pad(prompts + [prompts[0]] * (n_pad - n), p, pad)
+    tokens_np, lengths_n = decode.left_pad(list(prompts) + [prompts[0]] * (n_pad - n), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
     run, start = self._compiled(sampling)
     steps = self.stop_check_every if stop else 1 << 30
