@@ -143,8 +143,8 @@ def start(cfg: ModelConfig, slots: int, tokens_np, lengths_n, new_len: int,
   return {'cache': init_cache(cfg, slots, p + new_len, cache_dtype), 'prompts_np': tokens_np,
           'lengths_n': lengths_n, 'queued': jnp.int32(0), 'seq_b': zeros_b, 'lengths_b': zeros_b,
           'num_new_b': zeros_b, 'done_b': jnp.ones((slots,), bool),
-          'tokens_nn': jnp.zeros((n, new_len), jnp.int32),
-          'logprobs_nn': jnp.zeros((n, new_len), jnp.float32), 'num_new_n': jnp.zeros((n,), jnp.int32)}
+          'tokens_nn': jnp.zeros((n, new_len), jnp.int32), 'num_new_n': jnp.zeros((n,), jnp.int32),
+          'logprobs_nn': jnp.zeros((n, new_len), jnp.float32)}
 
 
 def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):

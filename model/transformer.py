@@ -12,8 +12,9 @@ KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
   segment_ids   [b, s]: 1 for a filled slot, 0 for an empty slot or padding;
   positions     [b, s]: the absolute position of the token in each slot.
 `Decoder.extend(tokens_bt, positions_bt, segment_ids_bt, cache, index)` writes the t new tokens
-into slots [index, index + t) of every layer (`index`: a scalar, or int32 [b], one per row) and attends over the whole cache with the usual
-mask (same segment, key position <= query position), so empty slots are invisible. It uses the
+into slots [index, index + t) of every layer (`index`: a scalar, or int32 [b], one per row) and
+attends over the whole cache with the usual mask (same segment, key position <= query
+position), so empty slots are invisible. It uses the
 same parameters and layer functions as the no-cache forward, which is left as it was.
 """
 

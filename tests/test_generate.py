@@ -278,6 +278,22 @@ def test_generator_batches_buckets_and_stop_strings(generator):
   assert ids[-1] == generator.tokenizer.special_id('<|assistant|>')
 
 
+def test_stop_strings_with_more_prompts_than_slots(generator):
+  prompts = [f'Item {i}: the {w} is' for i, w in enumerate('red blue green cat dog sun'.split())] * 2
+  assert len(prompts) > generator.slots
+  free = generator.generate(prompts, max_new_tokens=12)
+  text = free[0].text
+  stop = text[len(text) // 2]
+  cut = generator.generate(prompts, max_new_tokens=12, stop=[stop])
+  assert cut[0].finish_reason == 'stop'
+  for f, c in zip(free, cut):
+    if stop in f.text:  # Cut before the stop string, ids up to the token that completes it.
+      assert c.finish_reason == 'stop' and c.text == f.text[:f.text.find(stop)]
+      assert c.token_ids == f.token_ids[:len(c.token_ids)] and len(c.logprobs) == len(c.token_ids)
+    else:
+      assert (c.token_ids, c.finish_reason) == (f.token_ids, f.finish_reason)
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory, tok):
   """A workdir with a random tiny model's checkpoint and config.json."""

@@ -190,8 +190,8 @@ class Generator:
           break
         if hit_b.any():  # A stop string: done now, the tokens past it are dropped below.
           state['done_b'] = jax.device_put(host['done_b'] | hit_b, state['done_b'].sharding)
-    tokens_nn, logprobs_nn, num_new_n = (np.array(state[k])[:n] for k in ('tokens_nn',
-                                                                          'logprobs_nn', 'num_new_n'))
+    tokens_nn, logprobs_nn, num_new_n = (np.array(state[k])[:n]
+                                         for k in ('tokens_nn', 'logprobs_nn', 'num_new_n'))
     stopped = np.array([bool(stop) and self._has_stop(t[:k], stop)
                         for t, k in zip(tokens_nn, num_new_n)], bool)
     for i in np.nonzero(stopped)[0]:  # Drop what was generated past the stop string.
