@@ -1,27 +1,31 @@
-"""Incremental decoding with a KV cache: prefill, sampling, and a jittable decoding loop.
+"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling.
 
 Pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
 
-Layout of a batch of prompts of different lengths: prompts are left-padded to a common length
-P (a bucket), generated tokens follow from column P on, in a buffer of S columns (S = P + a
-bucket of new tokens; the KV cache has S slots):
+Continuous batching over a fixed number of decode slots (`start`, `run`), in one jitted loop:
+the KV cache has one row of S = P + N columns per slot (P: a bucket of prompt lengths, N: of new
+tokens); before each one-token step of all slots, queued prompts are prefilled into the slots
+that are free (prefill interleaved with decoding). A slot's row is laid out as one row of a
+static batch:
 
-  column     0 .. P-1-len_b | P-len_b .. P-1 | P .. P+num_new_b-1 | ..
-  token      pad            | prompt         | generated          | pad
-  segment    0              | 1              | 1                  | 0
-  position   0              | 0 .. len_b-1   | len_b ..           | (len_b + column - P)
+  column     0 .. P-1-len | P-len .. P-1 | P .. P+num_new-1 | ..
+  token      pad          | prompt       | generated        | empty
+  segment    0            | 1            | 1                | 0
+  position   0            | 0 .. len-1   | len ..           |
 
-All rows write the same cache slot at each step; segment 0 keeps the padding invisible and
-positions count from each prompt's first real token, so a row computes exactly what it would
-alone (tests check it against a full forward pass of the unpadded sequence).
+Left padding puts every prompt's last token in column P-1; each slot writes its next token at
+its own column P + num_new - 1 (Decoder.extend with an index per row); segment 0 keeps padding
+and empty slots invisible, and positions count from each prompt's first real token, so a
+sequence computes what it would alone, whatever its slot or neighbours (tests check it against
+a full forward pass). Admission resets the whole row, so nothing of a slot's previous sequence
+is left. The random key of a sequence's token i is the run's key folded with (sequence id, i):
+which slot a sequence gets, and when, does not change what it samples.
 
 Sampling (`Sampling`): greedy when temperature == 0, else softmax(logits / temperature)
-restricted to the top_k tokens (0: all) and to the smallest most-likely set whose probability
-reaches top_p (1.0: all). The log-probability returned with each token is the model's own,
-log_softmax(logits)[token], whatever the sampling settings (RLHF's behaviour policy).
-
-The state of a decoding run is a dict of arrays (see `start`), so a run can be advanced in
-chunks between which the host checks stop strings, without recompiling anything.
+restricted to the top_k tokens (0: all) and to the smallest set of most likely tokens whose
+probability reaches top_p (1.0: all). The log-probability returned with each sampled token is
+that of the model itself, log_softmax(logits)[token], whatever the sampling settings: what
+RLHF needs as the behaviour policy when sampling at temperature 1 with no truncation.
 """
 
 import dataclasses
@@ -31,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.transformer import init_cache
+from model.sharding import constrain
+from model.transformer import CACHE_AXES, init_cache
 
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
@@ -120,66 +125,99 @@ def _is_eos(tokens_b, eos_ids_e):
   return jnp.any(tokens_b[:, None] == eos_ids_e[None, :], axis=-1)
 
 
-def _next(logits_bv, rng, done_b, sampling: Sampling, pad_id: int):
-  """(token_b, logprob_b, rng): one sampled token per row; pad_id and log-prob 0 where done."""
-  rng, key = jax.random.split(rng)
-  token_b = sample_tokens(logits_bv, key, sampling)
-  logprob_b = jnp.where(done_b, 0.0, token_logprobs(logits_bv, token_b))
-  return jnp.where(done_b, pad_id, token_b), logprob_b, rng
+def start(cfg: ModelConfig, slots: int, tokens_np, lengths_n, new_len: int,
+          cache_dtype=None) -> dict:
+  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots (see
+  the module docstring): the prompts, `queued` (how many were admitted), a cache of P + new_len
+  columns, per slot the sequence it holds (seq_b), its prompt length, num_new_b (tokens
+  generated, EOS included) and done_b (finished or free); per sequence the generated tokens_nn,
+  logprobs_nn (0 past its end) and num_new_n."""
+  n, p = tokens_np.shape
+  zeros_b = jnp.zeros((slots,), jnp.int32)
+  return {'cache': init_cache(cfg, slots, p + new_len, cache_dtype), 'prompts_np': tokens_np,
+          'lengths_n': lengths_n, 'queued': jnp.int32(0), 'seq_b': zeros_b, 'lengths_b': zeros_b,
+          'num_new_b': zeros_b, 'done_b': jnp.ones((slots,), bool),
+          'tokens_nn': jnp.zeros((n, new_len), jnp.int32), 'num_new_n': jnp.zeros((n,), jnp.int32),
+          'logprobs_nn': jnp.zeros((n, new_len), jnp.float32)}
 
 
-def start(model, tokens_bp, lengths_b, *, total_len: int, rng, sampling: Sampling, eos_ids_e,
-          done_b=None, pad_id: int = 0, cache_dtype=None) -> dict:
-  """Prefills the cache with the prompts and samples the first new token of every row.
-
-  Returns the decoding state: cache (S = total_len slots), tokens_bs / logprobs_bs (the buffer
-  of the module docstring; logprobs 0 outside generated tokens), lengths_b (prompt lengths),
-  num_new_b (tokens generated per row, EOS included), done_b (EOS seen, or `done_b` given:
-  rows that are only batch filler), step (columns generated, the same for all rows),
-  prompt_len and rng.
-  """
-  b, p = tokens_bp.shape
-  if total_len <= p:
-    raise ValueError(f'model/decode.py start: total_len={total_len} leaves no room after '
-                     f'prompts of {p} columns')
-  positions_bp, segment_ids_bp = prompt_layout(lengths_b, p)
-  cache = init_cache(model.cfg, b, total_len, cache_dtype)
-  h_bpd, cache = model.extend(tokens_bp, positions_bp, segment_ids_bp, cache, 0)
-  done_b = jnp.zeros((b,), bool) if done_b is None else done_b
-  first_b, logprob_b, rng = _next(model.logits(h_bpd[:, -1:])[:, 0], rng, done_b, sampling, pad_id)
-  tokens_bs = jnp.full((b, total_len), pad_id, jnp.int32).at[:, :p].set(tokens_bp)
-  tokens_bs = tokens_bs.at[:, p].set(first_b)
-  logprobs_bs = jnp.zeros((b, total_len), jnp.float32).at[:, p].set(logprob_b)
-  return {'cache': cache, 'tokens_bs': tokens_bs, 'logprobs_bs': logprobs_bs,
-          'lengths_b': lengths_b.astype(jnp.int32), 'num_new_b': (~done_b).astype(jnp.int32),
-          'done_b': done_b | _is_eos(first_b, eos_ids_e), 'step': jnp.int32(1),
-          'prompt_len': jnp.int32(p), 'rng': rng}
+def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
+  """(token, log-prob) per row; row b's key is rng folded with (seq_b[b], index_b[b]) only."""
+  keys_b = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.fold_in(rng, s), i))(seq_b, index_b)
+  tokens_b = jax.vmap(lambda x_v, k: sample_tokens(x_v[None], k, sampling)[0])(logits_bv, keys_b)
+  return tokens_b, token_logprobs(logits_bv, tokens_b)
 
 
-def advance(model, state: dict, limit, *, sampling: Sampling, eos_ids_e, pad_id: int = 0) -> dict:
-  """Generates until `step == limit` (tokens per row, a traced scalar), every row is done, or
-  the buffer is full. Rows already done get `pad_id` and log-prob 0."""
-  total_len = state['tokens_bs'].shape[1]
-  limit = jnp.minimum(limit, total_len - state['prompt_len'])
+def _admit(model, s: dict, rows: int, num, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
+  """Prefills the next `rows` queued prompts (fewer if fewer are left) into the first free
+  slots and samples each one's first token."""
+  slots, (n, p) = s['done_b'].shape[0], s['prompts_np'].shape
+  seq_k = s['queued'] + jnp.arange(rows, dtype=jnp.int32)
+  slot_k = jnp.nonzero(s['done_b'], size=rows, fill_value=slots)[0]
+  slot_k, out_k = jnp.where(seq_k < num, slot_k, slots), jnp.where(seq_k < num, seq_k, n)
+  read_k = jnp.minimum(seq_k, n - 1)  # Rows past the queue are filler: written nowhere.
+  lengths_k = s['lengths_n'][read_k]
+  positions_kp, segment_ids_kp = prompt_layout(lengths_k, p)
+  cache = init_cache(model.cfg, rows, s['cache']['segment_ids'].shape[1], s['cache']['k'].dtype)
+  h_kpd, cache = model.extend(s['prompts_np'][read_k], positions_kp, segment_ids_kp, cache, 0)
+  first_k, logprob_k = _draw(model.logits(h_kpd[:, -1:])[:, 0], rng, seq_k,
+                             jnp.zeros_like(seq_k), sampling)
+  batch_axis = {'k': 2, 'v': 2, 'segment_ids': 0, 'positions': 0}
+  cache = {name: x.at[(slice(None),) * batch_axis[name] + (slot_k,)].set(cache[name], mode='drop')
+           for name, x in s['cache'].items()}
+  cache['k'], cache['v'] = constrain(cache['k'], CACHE_AXES), constrain(cache['v'], CACHE_AXES)
+  put = lambda name, index, new: s[name].at[index].set(new, mode='drop')
+  return {**s, 'cache': cache, 'queued': jnp.minimum(s['queued'] + rows, num),
+          'seq_b': put('seq_b', slot_k, seq_k), 'lengths_b': put('lengths_b', slot_k, lengths_k),
+          'num_new_b': put('num_new_b', slot_k, 1),
+          'done_b': put('done_b', slot_k, _is_eos(first_k, eos_ids_e) | (max_new <= 1)),
+          'tokens_nn': put('tokens_nn', (out_k, 0), first_k),
+          'logprobs_nn': put('logprobs_nn', (out_k, 0), logprob_k),
+          'num_new_n': put('num_new_n', out_k, 1)}
 
-  def cond(s):
-    return (s['step'] < limit) & ~jnp.all(s['done_b'])
 
-  def body(s):
-    col = s['prompt_len'] + s['step'] - 1  # The newest token, not yet in the cache.
-    last_b1 = jax.lax.dynamic_slice_in_dim(s['tokens_bs'], col, 1, axis=1)
-    positions_b1 = (s['lengths_b'] + s['step'] - 1)[:, None]
-    h_b1d, cache = model.extend(last_b1, positions_b1, jnp.ones_like(last_b1), s['cache'], col)
-    new_b, logprob_b, rng = _next(model.logits(h_b1d)[:, 0], s['rng'], s['done_b'], sampling,
-                                  pad_id)
-    tokens_bs = jax.lax.dynamic_update_slice_in_dim(s['tokens_bs'], new_b[:, None], col + 1, 1)
-    logprobs_bs = jax.lax.dynamic_update_slice_in_dim(s['logprobs_bs'], logprob_b[:, None],
-                                                      col + 1, 1)
-    return {**s, 'cache': cache, 'tokens_bs': tokens_bs, 'logprobs_bs': logprobs_bs,
-            'num_new_b': s['num_new_b'] + (~s['done_b']).astype(jnp.int32),
-            'done_b': s['done_b'] | _is_eos(new_b, eos_ids_e), 'step': s['step'] + 1, 'rng': rng}
+def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
+  """One token for every slot; done (or free) slots are computed with the rest and change
+  nothing."""
+  n, new_len = s['tokens_nn'].shape
+  p = s['cache']['segment_ids'].shape[1] - new_len
+  n_b, live_b = s['num_new_b'], ~s['done_b']
+  last_b1 = s['tokens_nn'][s['seq_b'], jnp.maximum(n_b - 1, 0)][:, None]
+  h_b1d, cache = model.extend(last_b1, (s['lengths_b'] + n_b - 1)[:, None],
+                              jnp.ones_like(last_b1), s['cache'], p + n_b - 1)
+  new_b, logprob_b = _draw(model.logits(h_b1d)[:, 0], rng, s['seq_b'], n_b, sampling)
+  out_b = jnp.where(live_b, s['seq_b'], n)  # Done slots write nothing.
+  num_new_b = n_b + live_b
+  return {**s, 'cache': cache, 'num_new_b': num_new_b,
+          'done_b': s['done_b'] | _is_eos(new_b, eos_ids_e) | (num_new_b >= max_new),
+          'tokens_nn': s['tokens_nn'].at[out_b, n_b].set(new_b, mode='drop'),
+          'logprobs_nn': s['logprobs_nn'].at[out_b, n_b].set(logprob_b, mode='drop'),
+          'num_new_n': s['num_new_n'].at[out_b].set(num_new_b, mode='drop')}
 
-  return jax.lax.while_loop(cond, body, state)
+
+def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng,
+        sampling: Sampling, eos_ids_e) -> dict:
+  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token
+  steps, or until all are done (EOS or `max_new` tokens). Before each step, queued prompts are
+  admitted `rows` at a time while that many slots are free (fewer at the end of the queue);
+  with `static`, only when every slot is free (static batching, for comparison)."""
+  slots = state['done_b'].shape[0]
+
+  def admissible(s):
+    left = num - s['queued']
+    return (left > 0) & (jnp.sum(s['done_b']) >= (slots if static else jnp.minimum(rows, left)))
+
+  def body(carry):
+    i, s = carry
+    s = jax.lax.while_loop(admissible, lambda s: _admit(model, s, slots if static else rows, num,
+                                                        max_new, rng, sampling, eos_ids_e), s)
+    return i + 1, _step(model, s, max_new, rng, sampling, eos_ids_e)
+
+  def cond(carry):
+    i, s = carry
+    return (i < steps) & ((s['queued'] < num) | ~jnp.all(s['done_b']))
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
 def sequence_layout(tokens_bs, lengths_b, num_new_b, prompt_len: int) -> dict:

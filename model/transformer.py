@@ -12,8 +12,9 @@ KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
   segment_ids   [b, s]: 1 for a filled slot, 0 for an empty slot or padding;
   positions     [b, s]: the absolute position of the token in each slot.
 `Decoder.extend(tokens_bt, positions_bt, segment_ids_bt, cache, index)` writes the t new tokens
-into slots [index, index + t) of every layer and attends over the whole cache with the usual
-mask (same segment, key position <= query position), so empty slots are invisible. It uses the
+into slots [index, index + t) of every layer (`index`: a scalar, or int32 [b], one per row) and
+attends over the whole cache with the usual mask (same segment, key position <= query
+position), so empty slots are invisible. It uses the
 same parameters and layer functions as the no-cache forward, which is left as it was.
 """
 
@@ -78,8 +79,7 @@ class Attention(nnx.Module):
     k_bskh, v_bskh, kv_segment_ids_bs, kv_positions_bs, index = kv
     q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd, positions_bt)
     k_btkh, v_btkh = k_btkh.astype(k_bskh.dtype), v_btkh.astype(v_bskh.dtype)
-    k_bskh = jax.lax.dynamic_update_slice_in_dim(k_bskh, k_btkh, index, axis=1)
-    v_bskh = jax.lax.dynamic_update_slice_in_dim(v_bskh, v_btkh, index, axis=1)
+    k_bskh, v_bskh = write_slots(k_bskh, k_btkh, index), write_slots(v_bskh, v_btkh, index)
     o_btnh = attention_lib.attention(
         q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
         q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
@@ -162,6 +162,17 @@ def _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv
   return x_btd, jnp.stack(new_k), jnp.stack(new_v)
 
 
+def write_slots(x, new, index, lead=(), batch_axis=0):
+  """`new` written into `x` from slot `index` of the axis after `batch_axis` (`lead`: the starts
+  of the axes before it): one slot for every row, or int32 [b] (a slot per row: a scatter)."""
+  if jnp.ndim(index) == 0:
+    start = (*lead[:batch_axis], 0, *lead[batch_axis:], index)
+    return jax.lax.dynamic_update_slice(x, new, start + (0,) * (x.ndim - len(start)))
+  pad = (0,) * (x.ndim - len(lead) - 2)
+  row = lambda x, new, i: jax.lax.dynamic_update_slice(x, new, (*lead, i, *pad))
+  return jax.vmap(row, (batch_axis, batch_axis, 0), batch_axis)(x, new, index)
+
+
 # Logical axes of the cache's k and v: [units, blocks per unit, b, s, kv heads, h].
 CACHE_AXES = (None, None, 'batch', None, 'act_kv_heads', None)
 
@@ -238,10 +249,8 @@ class Decoder(nnx.Module):
     if tokens_bt.shape[0] != b or tokens_bt.shape[1] > s:
       raise ValueError(f'model/transformer.py Decoder.extend: tokens {tokens_bt.shape} do not fit '
                        f'a cache of batch {b} and {s} slots')
-    kv_segment_ids_bs = jax.lax.dynamic_update_slice_in_dim(
-        cache['segment_ids'], segment_ids_bt.astype(jnp.int32), index, axis=1)
-    kv_positions_bs = jax.lax.dynamic_update_slice_in_dim(
-        cache['positions'], positions_bt.astype(jnp.int32), index, axis=1)
+    kv_segment_ids_bs = write_slots(cache['segment_ids'], segment_ids_bt.astype(jnp.int32), index)
+    kv_positions_bs = write_slots(cache['positions'], positions_bt.astype(jnp.int32), index)
     x_btd = self.embed(tokens_bt)
     graphdef, state = nnx.split(self.layers)
 
@@ -253,9 +262,8 @@ class Decoder(nnx.Module):
       v_mbskh = jax.lax.dynamic_index_in_dim(v_all, u, 0, keepdims=False)
       x_btd, k_mbtkh, v_mbtkh = _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh,
                                              v_mbskh, kv_segment_ids_bs, kv_positions_bs, index)
-      start = (u, 0, 0, index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k_mbtkh[None].astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v_mbtkh[None].astype(v_all.dtype), start)
+      k_all = write_slots(k_all, k_mbtkh[None].astype(k_all.dtype), index, (u, 0), 2)
+      v_all = write_slots(v_all, v_mbtkh[None].astype(v_all.dtype), index, (u, 0), 2)
       return (x_btd, k_all, v_all), None
 
     carry = (x_btd, cache['k'], cache['v'])

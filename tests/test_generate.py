@@ -121,46 +121,98 @@ def test_cached_decoding_equals_full_forward_moe_dropless():
   check_cached_equals_full(cfg, mesh(data=2, fsdp=2, tensor=2))
 
 
-def test_sampled_logprobs_equal_full_forward_and_eos_stops_rows():
-  cfg = tiny_cfg()
+def test_sampled_logprobs_equal_full_forward_and_eos_stops_rows(tok):
+  cfg = tiny_cfg(vocab_size=400)
   m = mesh(fsdp=2, data=2)
   mdef, params = placed(cfg, m, seed=1)
   sampling = decode.Sampling(temperature=1.0, top_k=40, top_p=0.95)
-  tokens_bp, lengths_b = decode.left_pad(PROMPTS, 8)
-  total = 8 + 12
+  gen = gen_lib.Generator(cfg, params, tok, m, max_batch=2, min_bucket=8)
 
-  @jax.jit
   def run(params, eos_e):
-    model = mdef.build(params)
-    s = decode.start(model, tokens_bp, lengths_b, total_len=total, rng=jax.random.PRNGKey(3),
-                     sampling=sampling, eos_ids_e=eos_e)
-    return decode.advance(model, s, jnp.int32(12), sampling=sampling, eos_ids_e=eos_e)
+    return gen.generate_ids(PROMPTS, max_new_tokens=12, sampling=sampling, stop_ids=eos_e, seed=3)
 
-  with jax.set_mesh(m):
-    free = run(params, jnp.zeros((0,), jnp.int32))
-    eos = int(free['tokens_bs'][0, 8 + 3])  # Row 0's 4th token becomes EOS.
-    s = run(params, jnp.asarray([eos], jnp.int32))
-  np.testing.assert_array_equal(np.asarray(free['num_new_b']), 12)
-  n0 = int(s['num_new_b'][0])
-  first = int(np.argmax(np.asarray(free['tokens_bs'][0, 8:]) == eos)) + 1
-  assert n0 == first <= 4 and bool(s['done_b'][0])
+  free = run(params, [])
+  eos = int(free.tokens_bs[0, 8 + 3])  # Row 0's 4th token becomes EOS.
+  s = run(params, [eos])
+  np.testing.assert_array_equal(free.num_new_b, 12)
+  n0 = int(s.num_new_b[0])
+  first = int(np.argmax(free.tokens_bs[0, 8:] == eos)) + 1
+  assert n0 == first <= 4 and s.finish_b[0] == 'eos'
   # Same RNG stream: rows agree with the free run up to their stop.
-  np.testing.assert_array_equal(np.asarray(s['tokens_bs'][0, :8 + n0]),
-                                np.asarray(free['tokens_bs'][0, :8 + n0]))
-  assert np.all(np.asarray(s['tokens_bs'][0, 8 + n0:]) == 0)
-  assert np.all(np.asarray(s['logprobs_bs'][0, 8 + n0:]) == 0)
+  np.testing.assert_array_equal(s.tokens_bs[0, :8 + n0], free.tokens_bs[0, :8 + n0])
+  assert np.all(s.tokens_bs[0, 8 + n0:] == 0)
+  assert np.all(s.logprobs_bs[0, 8 + n0:] == 0)
   for state in (free, s):
-    lay = decode.sequence_layout(*(np.asarray(state[k]) for k in ('tokens_bs', 'lengths_b',
-                                                                    'num_new_b')), 8)
+    lay = state.layout()
     with jax.set_mesh(m):
       logits = jax.jit(lambda p: mdef.build(p)(lay['tokens'], lay['positions'],
                                                lay['segment_ids'])[0])(params)
     logp = jax.nn.log_softmax(np.asarray(logits)[:, :-1], -1)
     want = np.take_along_axis(np.asarray(logp), lay['tokens'][:, 1:, None], -1)[..., 0]
     mask = lay['response_mask'][:, 1:]
-    got = np.asarray(state['logprobs_bs'])[:, 1:]
+    got = state.logprobs_bs[:, 1:]
     np.testing.assert_allclose(got * mask, want * mask, atol=2e-5)
     assert np.all(got[mask == 0] == 0)
+
+
+# Mixed lengths, more prompts than the 4 slots of a Generator(max_batch=2) on a 4-way batch.
+MIXED = [[5, 17, 33, 8, 21, 60, 2, 9, 14, 3, 77], [44], [71, 3, 12, 90], [6, 6, 1, 80, 13, 2],
+         [30, 31], [99, 5, 41, 7, 7, 7, 62, 19, 25], [8, 11, 4]]
+SHARDED = dict(data=2, fsdp=2, tensor=2)
+
+
+def full_forward_greedy(mdef, params, prompts, steps):
+  """Greedy tokens [n, steps] and their log-probs by a full forward pass per step, no cache."""
+  rows = [list(p) for p in prompts]
+  logps = []
+  for _ in range(steps):
+    logits = right_padded_forward(mdef, params, rows, 32)
+    last = np.stack([logits[i, len(r) - 1] for i, r in enumerate(rows)])
+    logp = np.asarray(jax.nn.log_softmax(last, -1))
+    nxt = np.argmax(last, -1)
+    logps.append(logp[np.arange(len(rows)), nxt])
+    rows = [r + [int(t)] for r, t in zip(rows, nxt)]
+  return np.array([r[len(p):] for r, p in zip(rows, prompts)]), np.stack(logps, 1)
+
+
+def test_continuous_batching_greedy_equals_full_forward_sharded(tok):
+  cfg = tiny_cfg(vocab_size=400)
+  m = mesh(**SHARDED)
+  mdef, params = placed(cfg, m, seed=2)
+  gen = gen_lib.Generator(cfg, params, tok, m, max_batch=2, min_bucket=8)
+  assert gen.slots == 4 < len(MIXED)
+  with jax.set_mesh(m):
+    want_tokens, want_logp = full_forward_greedy(mdef, params, MIXED, 6)
+  for static in (False, True):
+    out = gen.generate_ids(MIXED, max_new_tokens=6, stop_ids=[], static=static)
+    assert out.prompt_len == 16 and out.finish_b == ['length'] * len(MIXED)
+    np.testing.assert_array_equal(out.tokens_bs[:, 16:22], want_tokens)
+    np.testing.assert_allclose(out.logprobs_bs[:, 16:22], want_logp, atol=2e-5)
+
+
+def test_admission_order_does_not_change_sampled_tokens(tok):
+  # EOS taken from a free run stops sequences at different steps, so slots free up and are
+  # refilled at different times in each engine: continuous and static over 4 slots, and
+  # continuous over 8 slots (every prompt admitted at once).
+  cfg = tiny_cfg(vocab_size=400)
+  m = mesh(**SHARDED)
+  _, params = placed(cfg, m, seed=3)
+  sampling = decode.Sampling(temperature=1.0, top_k=50)
+  gens = [gen_lib.Generator(cfg, params, tok, m, max_batch=b, min_bucket=8) for b in (2, 8)]
+  free = gens[0].generate_ids(MIXED, max_new_tokens=10, sampling=sampling, stop_ids=[], seed=5)
+  eos = int(np.bincount(free.tokens_bs[:, 16:26].ravel()).argmax())  # The most frequent token.
+  runs = [g.generate_ids(MIXED, max_new_tokens=10, sampling=sampling, stop_ids=[eos], seed=5,
+                         static=static) for g, static in ((gens[0], False), (gens[0], True),
+                                                           (gens[1], False))]
+  for i, p in enumerate(MIXED):
+    new = list(free.tokens_bs[i, 16:26])
+    k = new.index(eos) + 1 if eos in new else 10
+    for r in runs:
+      assert r.completion_ids(i) == new[:k]
+      assert r.finish_b[i] == ('eos' if eos in new else 'length')
+      np.testing.assert_allclose(r.logprobs_bs[i, 16:16 + k], free.logprobs_bs[i, 16:16 + k],
+                                 atol=1e-5)
+  assert len({int(n) for n in runs[0].num_new_b}) > 2  # Stops at several different steps.
 
 
 def test_sampling_filters():
@@ -224,6 +276,22 @@ def test_generator_batches_buckets_and_stop_strings(generator):
   # Chat prompts end with the assistant marker.
   [ids] = generator.prompt_ids(['hi'], chat=True)
   assert ids[-1] == generator.tokenizer.special_id('<|assistant|>')
+
+
+def test_stop_strings_with_more_prompts_than_slots(generator):
+  prompts = [f'Item {i}: the {w} is' for i, w in enumerate('red blue green cat dog sun'.split())] * 2
+  assert len(prompts) > generator.slots
+  free = generator.generate(prompts, max_new_tokens=12)
+  text = free[0].text
+  stop = text[len(text) // 2]
+  cut = generator.generate(prompts, max_new_tokens=12, stop=[stop])
+  assert cut[0].finish_reason == 'stop'
+  for f, c in zip(free, cut):
+    if stop in f.text:  # Cut before the stop string, ids up to the token that completes it.
+      assert c.finish_reason == 'stop' and c.text == f.text[:f.text.find(stop)]
+      assert c.token_ids == f.token_ids[:len(c.token_ids)] and len(c.logprobs) == len(c.token_ids)
+    else:
+      assert (c.token_ids, c.finish_reason) == (f.token_ids, f.finish_reason)
 
 
 @pytest.fixture(scope='module')

@@ -9,11 +9,13 @@
     c.text, c.token_ids, c.logprobs, c.finish_reason
 
 DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>` (train/workdir.py).
-Decoding (model/decode.py) is jitted once per (batch, prompt, total length) bucket and sampling
-setting: prompts are left-padded to a power of two (at least `min_bucket`), new tokens get a
-power-of-two bucket too, and the batch is filled up to a power of two that the batch shards
-divide. Rows stop at EOS (with `chat` also at `<|end|>`); stop strings are checked on the host
-every `stop_check_every` tokens, and a stopped row keeps its tokens up to the one that completes
+Decoding (model/decode.py) is continuous batching over `slots` decode slots (max_batch, rounded
+up to a multiple of the batch shards): a prompt is prefilled into a slot as soon as
+`admit_rows` slots are free, while the others go on decoding. Prompts are left-padded to a
+power of two (at least `min_bucket`), new tokens get a power-of-two bucket too, so one
+compilation serves every batch and length in the buckets. Sequences stop at EOS (with `chat`
+also at `<|end|>`) or `max_new_tokens`; stop strings are checked on the host every
+`stop_check_every` tokens, and a stopped sequence keeps its tokens up to the one that completes
 the stop string (the text is cut before it).
 """
 
@@ -24,14 +26,12 @@ import math
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from data.chat import ChatTemplate
 from model import decode
 from model.config import ConfigError, ModelConfig
-from model.sharding import logical_to_spec, make_rules, use_rules
+from model.sharding import make_rules, use_rules
 from train import compilation_cache
 from train import state as state_lib
 from train import workdir as workdir_lib
@@ -83,11 +83,16 @@ class Generator:
     self.rules = make_rules() if rules is None else rules
     self.placement = Placement(self.mesh, self.rules)
     # The decoding config only differs for MoE (no dropped tokens); the params are the same.
-    self.mdef, abstract = state_lib.model_def(decode.decoding_config(cfg))
+    dec_cfg = decode.decoding_config(cfg)
+    self.mdef, abstract = state_lib.model_def(dec_cfg)
     shardings = self.placement.param_shardings(self.mdef, abstract)
     self.params = None if params is None else jax.device_put(params, shardings)
     self.max_batch, self.min_bucket, self.stop_check_every = max_batch, min_bucket, stop_check_every
     self.batch_shards = batch_shards(self.mesh, self.rules)
+    self.slots = self._batch_bucket(max_batch)
+    self.admit_rows = max(1, self.slots // 8)
+    self._start = jax.jit(lambda b, n, tokens_np, lengths_n: decode.start(
+        dec_cfg, b, tokens_np, lengths_n, n), static_argnums=(0, 1))
     self._fns = {}
 
   @classmethod
@@ -96,21 +101,17 @@ class Generator:
     run = workdir_lib.load_run(checkpoint, config, mesh=mesh)
     return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
 
-  # Jitted pieces, one pair per sampling setting (shapes are handled by jit's own cache).
+  # The jitted loop per sampling setting, with the shared start (jit's own cache handles shapes).
   def _compiled(self, sampling: decode.Sampling):
     if sampling not in self._fns:
-      mdef, pad = self.mdef, self.tokenizer.pad_id
+      mdef, rows = self.mdef, self.admit_rows
 
-      def start(params, tokens_bp, lengths_b, done_b, eos_e, rng, total_len):
-        return decode.start(mdef.build(params), tokens_bp, lengths_b, total_len=total_len, rng=rng,
-                            sampling=sampling, eos_ids_e=eos_e, done_b=done_b, pad_id=pad)
+      def run(params, state, steps, num, max_new, eos_e, rng, static):
+        return decode.run(mdef.build(params), state, steps, num, max_new, rows=rows, static=static,
+                          rng=rng, sampling=sampling, eos_ids_e=eos_e)
 
-      def advance(params, state, limit, eos_e):
-        return decode.advance(mdef.build(params), state, limit, sampling=sampling, eos_ids_e=eos_e,
-                              pad_id=pad)
-
-      self._fns[sampling] = (jax.jit(start, static_argnames='total_len'),
-                             jax.jit(advance, donate_argnums=1))
+      self._fns[sampling] = (jax.jit(run, donate_argnums=1, static_argnames='static'),
+                             self._start)
     return self._fns[sampling]
 
   def prompt_ids(self, prompts: list, chat: bool) -> list[list[int]]:
@@ -135,21 +136,18 @@ class Generator:
                sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
                stop_ids: list[int] | None = None, seed: int = 0, params=None,
                progress=None) -> list[Completion]:
-    """Completions of token prompts, `max_batch` at a time (`progress`: a tqdm bar, or None)."""
-    out = []
-    for i in range(0, len(ids), self.max_batch):
-      rollout = self.generate_ids(ids[i:i + self.max_batch], max_new_tokens=max_new_tokens,
-                                  sampling=sampling, stop=stop, stop_ids=stop_ids, seed=seed + i,
-                                  params=params)
-      for j in range(rollout.tokens_bs.shape[0]):
-        token_ids = rollout.completion_ids(j)
-        p = rollout.prompt_len
-        out.append(Completion(
-            text=self._text(token_ids, stop), token_ids=token_ids,
-            logprobs=[float(x) for x in rollout.logprobs_bs[j, p:p + len(token_ids)]],
-            finish_reason=rollout.finish_b[j], prompt_tokens=int(rollout.lengths_b[j])))
-      if progress is not None:
-        progress.update(rollout.tokens_bs.shape[0])
+    """Completions of token prompts (`progress`: a tqdm bar, or None)."""
+    rollout = self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                                stop_ids=stop_ids, seed=seed, params=params)
+    out, p = [], rollout.prompt_len
+    for j in range(len(ids)):
+      token_ids = rollout.completion_ids(j)
+      out.append(Completion(
+          text=self._text(token_ids, stop), token_ids=token_ids,
+          logprobs=[float(x) for x in rollout.logprobs_bs[j, p:p + len(token_ids)]],
+          finish_reason=rollout.finish_b[j], prompt_tokens=int(rollout.lengths_b[j])))
+    if progress is not None:
+      progress.update(len(ids))
     return out
 
   def _text(self, token_ids: list[int], stop) -> str:
@@ -159,8 +157,10 @@ class Generator:
 
   def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int,
                    sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-                   stop_ids: list[int] | None = None, seed: int = 0, params=None) -> Rollout:
-    """One batch of token prompts -> Rollout (rows in the order given, filler rows dropped)."""
+                   stop_ids: list[int] | None = None, seed: int = 0, params=None,
+                   static: bool = False) -> Rollout:
+    """Token prompts -> Rollout (rows in the order given). With `static`, prompts are admitted
+    only when every slot is free: static batching by the same engine, for comparison."""
     if not prompts:
       raise ValueError('train/generate.py: no prompts')
     if max_new_tokens < 1:
@@ -168,45 +168,41 @@ class Generator:
     params = self.params if params is None else params
     if params is None:
       raise ValueError('train/generate.py: this Generator has no params; pass params=')
-    n = len(prompts)
-    b = self._batch_bucket(n)
-    p = bucket(max(len(x) for x in prompts), self.min_bucket)
-    total = p + bucket(max_new_tokens, self.min_bucket)
-    prompts = list(prompts) + [prompts[0]] * (b - n)  # Filler rows, done from the start.
-    tokens_bp, lengths_b = decode.left_pad(prompts, p, self.tokenizer.pad_id)
-    done_b = np.arange(b) >= n
+    n, slots, pad = len(prompts), self.slots, self.tokenizer.pad_id
+    p, new = bucket(max(len(x) for x in prompts), self.min_bucket), bucket(max_new_tokens,
+                                                                           self.min_bucket)
+    n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
+    tokens_np, lengths_n = decode.left_pad(list(prompts) + [prompts[0]] * (n_pad - n), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
-    start, advance = self._compiled(sampling)
-    data = NamedSharding(self.mesh, logical_to_spec(('batch', None), (b, p), self.mesh, self.rules))
+    run, start = self._compiled(sampling)
+    steps = self.stop_check_every if stop else 1 << 30
     with jax.set_mesh(self.mesh), use_rules(self.rules):
-      tokens_bp, lengths_b, done_b = jax.device_put(
-          (tokens_bp, lengths_b, done_b), (data, self.placement.replicated, self.placement.replicated))
-      state = start(params, tokens_bp, lengths_b, done_b, eos_e, jax.random.PRNGKey(seed),
-                    total_len=total)
-      stopped = np.zeros(b, bool)
+      state = start(slots, new, tokens_np, lengths_n)
       while True:
-        step = int(state['step'])
-        limit = min(step + self.stop_check_every, max_new_tokens) if stop else max_new_tokens
-        state = advance(params, state, jnp.int32(limit), eos_e)
-        done, step = np.array(state['done_b']), int(state['step'])
-        if stop:
-          newly = self._stop_strings(state, done, stop, p)
-          if newly.any():
-            stopped |= newly
-            done |= newly
-            state['done_b'] = jax.device_put(done, state['done_b'].sharding)
-        if done.all() or step >= max_new_tokens:
+        state = run(params, state, np.int32(steps), np.int32(n), np.int32(max_new_tokens), eos_e,
+                    jax.random.PRNGKey(seed), static=static)
+        host = jax.device_get({k: state[k] for k in ('tokens_nn', 'num_new_b', 'seq_b', 'done_b',
+                                                     'queued')})
+        live_b = ~host['done_b']
+        hit_b = live_b & [bool(stop) and self._has_stop(
+            host['tokens_nn'][i, :host['num_new_b'][b]], stop) for b, i in enumerate(host['seq_b'])]
+        if host['queued'] == n and not (live_b & ~hit_b).any():
           break
-    tokens_bs = np.array(state['tokens_bs'])[:n]
-    num_new_b = np.array(state['num_new_b'])[:n]
-    logprobs_bs = np.array(state['logprobs_bs'])[:n]
-    for i in np.nonzero(stopped[:n])[0]:  # Drop what was generated past the stop string.
-      num_new_b[i] = self._stop_length(tokens_bs[i, p:p + num_new_b[i]], stop)
-      tokens_bs[i, p + num_new_b[i]:] = self.tokenizer.pad_id
-      logprobs_bs[i, p + num_new_b[i]:] = 0.0
-    eos_seen = np.isin(tokens_bs[np.arange(n), p + np.maximum(num_new_b, 1) - 1], eos_e)
+        if hit_b.any():  # A stop string: done now, the tokens past it are dropped below.
+          state['done_b'] = jax.device_put(host['done_b'] | hit_b, state['done_b'].sharding)
+    tokens_nn, logprobs_nn, num_new_n = (np.array(state[k])[:n]
+                                         for k in ('tokens_nn', 'logprobs_nn', 'num_new_n'))
+    stopped = np.array([bool(stop) and self._has_stop(t[:k], stop)
+                        for t, k in zip(tokens_nn, num_new_n)], bool)
+    for i in np.nonzero(stopped)[0]:  # Drop what was generated past the stop string.
+      num_new_n[i] = self._stop_length(tokens_nn[i, :num_new_n[i]], stop)
+      tokens_nn[i, num_new_n[i]:], logprobs_nn[i, num_new_n[i]:] = pad, 0.0
+    eos_seen = np.isin(tokens_nn[np.arange(n), np.maximum(num_new_n, 1) - 1], eos_e)
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
-    return Rollout(tokens_bs, logprobs_bs, np.asarray(lengths_b)[:n], num_new_b, p, finish)
+    tokens_nn[np.arange(new)[None] >= num_new_n[:, None]] = pad
+    return Rollout(np.concatenate([tokens_np[:n], tokens_nn], 1),
+                   np.concatenate([np.zeros((n, p), np.float32), logprobs_nn], 1),
+                   lengths_n[:n], num_new_n, p, finish)
 
   def _has_stop(self, ids, stop) -> bool:
     text = self.tokenizer.decode(ids)
@@ -216,15 +212,8 @@ class Generator:
     """How many of `ids` it takes for the text to contain a stop string."""
     return next((k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop)), len(ids))
 
-  def _stop_strings(self, state, done, stop, p) -> np.ndarray:
-    """Rows not done whose new tokens contain a stop string."""
-    tokens_bs, num_new_b = np.asarray(state['tokens_bs']), np.asarray(state['num_new_b'])
-    return np.array([not done[i] and self._has_stop(tokens_bs[i, p:p + num_new_b[i]], stop)
-                     for i in range(len(done))], bool)
-
   def _batch_bucket(self, n: int) -> int:
-    b = bucket(n, 1)
-    return b * self.batch_shards // math.gcd(b, self.batch_shards)
+    return math.lcm(bucket(n, 1), self.batch_shards)
 
 
 def main(argv=None) -> int:

@@ -63,16 +63,11 @@ def is_correct(reply: str, answer: str) -> bool:
 def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=None) -> dict:
   """Accuracy (overall and per kind) of greedy chat replies; `scorer(rollout) -> [b]` rewards."""
   prompts = generator.prompt_ids([q['prompt'] for q in items], chat=True)
-  correct, rewards, lengths = [], [], []
-  for i in range(0, len(items), generator.max_batch):
-    out = generator.generate_ids(prompts[i:i + generator.max_batch], max_new_tokens=max_new_tokens,
-                                 sampling=decode.Sampling(), stop_ids=generator.stop_ids(True))
-    for j, q in enumerate(items[i:i + generator.max_batch]):
-      ids = out.completion_ids(j)
-      correct.append(is_correct(generator.tokenizer.decode(ids), q['answer']))
-      lengths.append(len(ids))
-    if scorer is not None:
-      rewards.extend(np.asarray(scorer(out)).tolist())
+  out = generator.generate_ids(prompts, max_new_tokens=max_new_tokens, sampling=decode.Sampling(),
+                               stop_ids=generator.stop_ids(True))
+  replies = [out.completion_ids(j) for j in range(len(items))]
+  correct = [is_correct(generator.tokenizer.decode(r), q['answer']) for r, q in zip(replies, items)]
+  lengths = [len(r) for r in replies]
   kinds = [kind(q['prompt']) for q in items]
   per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
               for k, _ in KINDS if k in kinds}
@@ -82,7 +77,7 @@ def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=N
   if any(novel):
     result['novel_accuracy'] = float(np.mean([c for c, n in zip(correct, novel) if n]))
   if scorer is not None:
-    result['reward'] = float(np.mean(rewards))
+    result['reward'] = float(np.mean(np.asarray(scorer(out))))
   return result
 
 
