@@ -15,7 +15,10 @@ import traceback
 
 import ml_collections
 
+from data import config as data_config
 from model.config import ConfigError, ModelConfig
+from model.sharding import make_rules, spec_axes
+from train.mesh import mesh_shape
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -23,7 +26,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = dataclasses.asdict(ModelConfig())
   c.mesh = dict(data=1, fsdp=-1, expert=1, tensor=1)
   c.sharding_rules = ml_collections.ConfigDict()  # Overrides of model/sharding.py RULES.
-  c.data = _data_defaults()
+  c.data = data_config.default_config()
   c.optim = dict(peak_lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
                  weight_decay=0.1, clip_norm=1.0)
   c.train = dict(
@@ -50,11 +53,6 @@ def defaults() -> ml_collections.ConfigDict:
   c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1,
                         peer_timeout_s=0.0)  # 0: MESHLM_PEER_TIMEOUT_S, else 10 (train/distributed.py).
   return c
-
-
-def _data_defaults() -> ml_collections.ConfigDict:
-  from data.config import default_config
-  return default_config()
 
 
 # Sections whose keys are the user's own names (checked by their owners: data.config.validate).
@@ -119,13 +117,11 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   """All static checks of a run; returns the ModelConfig. Runs before anything compiles."""
   check_keys(config)
   cfg = model_config(config)
-  from train.mesh import mesh_shape
   sizes = mesh_shape(config.mesh, num_devices)
   t, o = config.train, config.optim
   if t.grad_accum < 1 or t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}')
   micro = t.global_batch // t.grad_accum
-  from model.sharding import make_rules, spec_axes
   rules = make_rules(config.sharding_rules.to_dict())
   for name, target in rules.items():
     unknown = set(spec_axes(target)) - set(sizes)
@@ -148,9 +144,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   if config.optim.warmup_steps > t.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps} is longer than the whole run '
                       f'(train.steps={t.steps})')
-  if t.steps < 1:
-    raise ConfigError(f'train.steps={t.steps} must be positive')
-  for key in ('log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
+  for key in ('steps', 'log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
     if t[key] < 1:
       raise ConfigError(f'train.{key}={t[key]} must be positive')
   for key, ok, what in (('peak_lr', o.peak_lr > 0, '> 0'), ('b1', 0 <= o.b1 < 1, 'in [0, 1)'),
@@ -166,7 +160,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
                       f'checkpoints folder)')
   if t.sample_every < 0:
     raise ConfigError(f'train.sample_every={t.sample_every} must be >= 0 (0: no samples)')
-  from data import config as data_config
   try:
     data_config.validate(config.data, vocab_size=cfg.vocab_size, global_batch=t.global_batch,
                          process_count=process_count)

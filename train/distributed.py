@@ -1,43 +1,25 @@
-"""Multi-process start-up, and data-iterator state that survives a change of process count.
+"""Multi-process start-up, lost-peer detection, and data-iterator state across process counts.
 
-Start-up (`maybe_initialize`): with `distributed.enabled` (config, `--config.distributed.*`
-flags, or the environment below) the process joins JAX's distributed runtime before touching
-any device. Values are taken from, in order: the config, the environment, JAX's cluster
-auto-detection (SLURM, Open MPI, Cloud TPU / GKE TPU pods, Kubernetes; `mpi4py` only when
-asked for). On CPU the collectives go through gloo.
+Start-up (`maybe_initialize`, docs/scale.md section 3): with `distributed.enabled` (config or
+env MESHLM_DISTRIBUTED=1) the process joins JAX's distributed runtime before touching any device.
+Each value comes from the config, else its MESHLM_* variable (`ENV`), else JAX's cluster
+auto-detection (MESHLM_CLUSTER forces a detector). On CPU the collectives go through gloo.
+Processes other than 0 then log only warnings (`QUIET_LOGGERS`; MESHLM_LOG_ALL_PROCESSES=1 keeps
+INFO).
 
-    MESHLM_DISTRIBUTED=1                 same as distributed.enabled=True
-    MESHLM_COORDINATOR_ADDRESS=host:port distributed.coordinator_address (process 0 listens here)
-    MESHLM_NUM_PROCESSES=N               distributed.num_processes
-    MESHLM_PROCESS_ID=i                  distributed.process_id
-    MESHLM_CLUSTER=slurm|ompi|...        force one of JAX's cluster detectors
-    MESHLM_LOG_ALL_PROCESSES=1           keep INFO logs on every process (default: process 0)
-    MESHLM_PEER_TIMEOUT_S=s              distributed.peer_timeout_s (default 10)
+A lost process (`exit_on_lost_peer`): each process advances a counter in the coordinator's
+key-value store every BEAT_S; a peer whose counter stands still for `peer_timeout_s` is lost, and
+the survivors print one line naming it and the last checkpoint and leave with status 1
+(os._exit: JAX's shutdown would wait for the lost peer). JAX's heartbeat and shutdown timeouts,
+2 * peer_timeout_s, are the backstop. If process 0 (the coordination service) is lost, JAX's
+client ends the others with its own message.
 
-Once joined, processes other than 0 log only warnings and errors (the `meshlm`, `model` and
-`train` loggers). Metrics, TensorBoard, metrics.jsonl and the progress bar are process 0's
-already (train/metrics.py Writer, train/loop.py); every process writes its own checkpoint
-shards (orbax; the JSON data-state item is written by process 0 from what all gathered).
-
-A lost process (`exit_on_lost_peer`, around the CLIs' runs): each process advances a counter in
-the coordinator's key-value store every BEAT_S. A peer whose counter stands still for
-`peer_timeout_s` is lost: the survivors print one line naming it and the last checkpoint, and
-leave at once with status 1 (os._exit: JAX's shutdown would wait for the lost peer, then abort).
-A run that raises waits for that verdict and re-raises once every peer's counter moved. JAX's
-heartbeat and shutdown timeouts, 2 * peer_timeout_s, are the backstop; JAX itself reports a lost
-task only by aborting the others (its Python callback cannot be set). Process 0 hosts JAX's
-coordination service: if it is lost, JAX's client ends the others at once with its own message.
-
-Data state (`gather_data_state`, `local_data_state`): each process iterates over its own rows
-of every global batch (data/pipeline.py), so its iterator state describes only those rows.
-orbax writes a JSON item from process 0 alone; saving `data.get_state()` directly would keep
-process 0's rows and lose the others'. Instead every process's state is gathered (a small
-collective) and the checkpoint stores the list. On restore with the same process count each
-process takes its own entry; with a different count the per-row stream states are concatenated
-in global row order and re-split (row r of a global batch is the same document stream whatever
-the number of processes), so a run saved by 2 processes resumes exactly on 1, or on 4. A
-pipeline indexed by global batch (the preference pairs of data/pipeline.py) has the same
-position on every process and moves as it is.
+Data state: each process iterates over its own rows of every global batch (data/pipeline.py), and
+orbax writes a JSON item from process 0 alone, so `gather_data_state` gathers every process's
+state into the checkpoint. `local_data_state` gives a process its entry back; with another
+process count the per-row stream states are concatenated in global row order and re-split
+(row r is the same stream whatever the process count). A pipeline indexed by global batch (the
+preference pairs) has the same position on every process and moves as it is.
 """
 
 import atexit

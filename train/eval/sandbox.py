@@ -1,26 +1,15 @@
 """Runs untrusted Python programs, one separate, isolated, resource-limited process each.
 
-Isolation tiers, strongest first; `isolation_name()` picks the first that works on this machine
-(or the one named by env MESHLM_SANDBOX = bwrap | unshare | rlimits):
+Tiers, strongest first (`TIERS`, `_DESCRIPTIONS`; README, "HumanEval isolation"):
+`isolation_name()` picks the first that works here, or the one env MESHLM_SANDBOX names. In every
+tier stdin is /dev/null, the environment is minimal, a runner sets the rlimits before it compiles
+the program (no `preexec_fn`: the caller is multi-threaded), and the parent kills it after
+`Limits.timeout_s` of run time. As root each worker slot runs under its own unprivileged uid
+(RLIMIT_NPROC never applies to root), whose stray processes are killed afterwards.
 
-  bwrap    bubblewrap (Debian package `bubblewrap`): new user, pid, network, ipc, uts and cgroup
-           namespaces; the whole filesystem is bound read-only, with a private size-capped tmpfs
-           on /tmp (the working directory) and /run, and fresh /dev and /proc.
-  unshare  util-linux `unshare`: new user, pid, network, ipc, uts and mount namespaces; files are
-           protected only by their permissions (as root: the unprivileged per-slot uid below).
-  rlimits  no namespaces: resource limits, timeout and (as root) the unprivileged uid only.
-           A warning is logged when this tier is picked automatically.
-
-In every tier: stdin is /dev/null, the environment is minimal, a small runner sets the resource
-limits (RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_CPU, RLIMIT_NOFILE, no core files) before
-it compiles the untrusted code (no `preexec_fn`: the caller is multi-threaded), and the parent
-kills the process after `Limits.timeout_s` of program run time. When the parent runs as root,
-each worker slot runs under its own unprivileged uid derived from the parent's pid (the kernel
-never applies RLIMIT_NPROC to root), and stray processes of that uid are killed afterwards.
-
-A program passes when it runs to its end: exit code 0 and the runner's end marker (a random
-nonce on a private pipe), so an accidental `exit(0)` or `os._exit(0)` counts as a failure. The
-marker defends against accidents, not against code written to forge it.
+A program passes when it runs to its end: exit code 0 and the runner's end marker (a random nonce
+on a private pipe), so an accidental `exit(0)` fails. The marker defends against accidents, not
+against code written to forge it.
 """
 
 import concurrent.futures
@@ -135,11 +124,8 @@ def _slot_uid(slot: int) -> int | None:
 
 
 def _drop_to(uid: int | None) -> tuple[list[str], dict]:
-  """argv prefix and Popen kwargs that run the command as `uid` (nothing for None).
-
-  util-linux `setpriv` switches uid in the command line, so Popen can still vfork: with Popen's
-  own `user=` it must fork, copying the page tables of a parent that may hold a large model.
-  """
+  """argv prefix and Popen kwargs that run the command as `uid` (nothing for None); `setpriv`
+  first, so that Popen can vfork (its `user=` forks, copying a large parent's page tables)."""
   if uid is None:
     return [], {}
   setpriv = shutil.which('setpriv')
@@ -157,12 +143,8 @@ def _others_can_run(path: str) -> bool:
 
 
 def sandbox_python(drop_uid: bool) -> str:
-  """The interpreter the sandbox runs: env MESHLM_SANDBOX_PYTHON, this one, or a system python3.
-
-  A venv's interpreter resolves to its base interpreter (stdlib only, no site-packages). When the
-  program runs under a stranger uid, the interpreter must be reachable by it (e.g. a pyenv build
-  under /root is not), so a system python3 is used instead.
-  """
+  """env MESHLM_SANDBOX_PYTHON, else this interpreter's base (stdlib only), else a system python3
+  where a stranger uid (`drop_uid`) cannot reach it (e.g. a pyenv build under /root)."""
   if os.environ.get(ENV_PYTHON):
     return os.environ[ENV_PYTHON]
   candidates = [os.path.realpath(sys.executable)]
@@ -325,6 +307,7 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
 
 _probed: dict[str, Outcome] = {}
 _probe_lock = threading.Lock()
+_warned = []  # The rlimits-only warning is logged once per process.
 
 
 def probe(tier: str) -> Outcome:
@@ -359,23 +342,15 @@ def isolation_name() -> str:
   for tier in TIERS:
     outcome = probe(tier)
     if outcome.passed:
-      if tier == 'rlimits':
-        _warn_once()
+      if tier == 'rlimits' and not _warned:
+        _warned.append(True)
+        logging.warning('sandbox: neither bubblewrap nor unshare namespaces work here; untrusted '
+                        'code runs with resource limits only (no network or filesystem '
+                        'isolation). Install bubblewrap: apt-get install -y bubblewrap')
       return tier
     logging.info('sandbox tier %s unavailable: %s', tier, outcome.detail.strip()[-300:])
   raise SandboxError(f'no sandbox tier works here (TMPDIR={tempfile.gettempdir()}): '
                      + '; '.join(f'{t}: {probe(t).detail.strip()[-300:]}' for t in TIERS))
-
-
-_warned = []
-
-
-def _warn_once():
-  if not _warned:
-    _warned.append(True)
-    logging.warning('sandbox: neither bubblewrap nor unshare namespaces work here; untrusted code '
-                    'runs with resource limits only (no network or filesystem isolation). '
-                    'Install bubblewrap: apt-get install -y bubblewrap')
 
 
 def default_workers() -> int:
