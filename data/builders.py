@@ -1,14 +1,10 @@
 """TFDS builders prepared to array_record without TensorFlow, and readers of what they write.
 
-* `LocalCorpus`: local text files or JSON lines (paths or globs) as a tfds dataset with a
-  'train' and an 'eval' split, one record `{'text'}` per document. Preparing it runs hygiene
-  (data.hygiene, dedup included) and the bad-input policy (data.readers) over the whole
-  corpus and stores their counts in the dataset's metadata (`metadata.json`).
-* Catalogued datasets are read with `tfds.data_source` (array_record through grain, no
-  TensorFlow). Their own builders usually need TensorFlow to *prepare*; for the ones listed in
-  `TF_FREE_PREPARERS` (tiny_shakespeare) a subclass with a TF-free `_split_generators` writes
-  the very same files, fetching the input through tfds's download manager, which accepts a
-  pre-filled manual dir and checks the registered checksum.
+`LocalCorpus`: local text or JSON-lines files as a tfds dataset with 'train' and 'eval' splits
+of `{'text'}` records; preparing it runs hygiene (dedup included) and the bad-input policy over
+the whole corpus and keeps their counts in the dataset's metadata. Catalogued datasets are read
+with `tfds.data_source`; `TF_FREE_PREPARERS` (tiny_shakespeare) prepare the same files without
+TensorFlow, through tfds's download manager (manual dir and registered checksum).
 """
 
 import contextlib

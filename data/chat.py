@@ -1,22 +1,16 @@
 """Chat data: one template, record adapters, hh-rlhf splitting, SFT and preference examples.
 
-The template, in ids (markers are control pieces, see data.tokenizer):
-  BOS  <|system|> text <|end|>  <|user|> text <|end|>  <|assistant|> text <|end|> ... EOS
-with a newline piece after every <|end|> so decoded dialogues read well. The loss mask
-covers the content of assistant turns and the <|end|> closing each of them; never the
-system or user turns, the role markers, or the final EOS. A prompt for generation ends with
+The template, in ids (markers are control pieces, see data.tokenizer), a newline piece after
+every <|end|>:  BOS <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> EOS.
+The loss mask covers assistant contents, the <|end|> closing each, and the EOS after a final
+assistant turn; never system or user turns or role markers. A generation prompt ends with
 '<|assistant|>'.
 
-Record adapters turn JSON objects into `messages` ([{'role', 'content'}, ...]):
-  messages       {'messages': [{'role': 'user'|'assistant'|'system', 'content': str}, ...]}
-  alpaca         {'instruction', 'input' (may be empty), 'output'}
-  self_instruct  {'instruction', 'instances': [{'input', 'output'}, ...]}: one per instance
-  prompt_response  {'prompt', 'response'}
-'auto' picks by the fields present. Preference records:
-  {'prompt', 'chosen', 'rejected'}  strings (prompt = user turn, the others assistant replies)
-  hh-rlhf {'chosen', 'rejected'}: whole '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues that
-  differ in the last assistant turn; split there into shared prompt turns and two replies
-  (see `split_hh`).
+Record adapters (`sft_format`; 'auto' picks by the fields present) give `messages`
+([{'role', 'content'}, ...]): messages {'messages': [...]}, alpaca {'instruction', 'input',
+'output'}, self_instruct {'instruction', 'instances': [{'input', 'output'}, ...]} (one each),
+prompt_response {'prompt', 'response'}. Preference records: {'prompt', 'chosen', 'rejected'}
+strings, or hh-rlhf {'chosen', 'rejected'} whole dialogues split by `split_hh`.
 """
 
 import os
@@ -152,12 +146,8 @@ def sft_messages(obj: dict[str, Any], fmt: str, where: str,
 
 def split_hh(chosen: str, rejected: str, where: str,
              bad: readers.BadInput) -> tuple[list, str, str] | None:
-  """hh-rlhf dialogues -> (prompt messages, chosen reply, rejected reply), or None if bad.
-
-  The split is at the last '\\n\\nAssistant: ' lying in the text both dialogues share: what
-  comes before is the prompt, what follows on each side is its reply. (Splitting each side at
-  its own last marker would fail on the few replies that contain such markers themselves.)
-  """
+  """hh-rlhf dialogues -> (prompt messages, chosen reply, rejected reply), or None if bad; cut at
+  the last '\\n\\nAssistant: ' in their common prefix (replies may contain the marker)."""
   marker = '\n\nAssistant: '
   common = os.path.commonprefix([chosen, rejected])
   cut = common.rfind(marker)

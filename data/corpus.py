@@ -1,28 +1,21 @@
 """The embedded default corpus: text made by deterministic generators, no files, no network.
 
-Every document is a pure function of `(seed, index)` (its own `random.Random` seeded from a
-string, which Python hashes with SHA-512, so the text is the same on every machine and run).
-That lets a data source read document `i` without building the ones before it.
-
-Kinds of text, mixed by fixed weights: short stories with pronouns and tenses that agree,
-arithmetic facts and worked sums, lists and counting, dialogues between named people, and
-facts about a small world (capitals, colours, opposites, plurals). The word lists are small,
-so a tiny model can learn the structure and its loss falls visibly within a few hundred steps.
-
-Also here: instruction/response pairs with a checkable answer (`instructions`) and
-preference pairs with a right and a wrong answer (`preferences`) for the SFT/RLHF stages.
+Document `i` is a pure function of `(seed, i)` (its own `random.Random`, seeded from a string,
+which is the same on every machine), so a source reads it without building the ones before.
+Kinds, mixed by fixed weights: short stories, arithmetic, times tables, counting, lists,
+dialogues and facts about a small world; the word lists are small, so a tiny model's loss falls
+visibly within a few hundred steps. `instructions` and `preferences` give SFT and preference
+pairs with a checkable answer.
 """
 
 import random
 
-NAMES = ('Alice', 'Bob', 'Carla', 'David', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas',
-         'Kemi', 'Leo', 'Maya', 'Nikos', 'Olga', 'Pablo', 'Quinn', 'Rosa', 'Sam', 'Tariq',
-         'Uma', 'Victor', 'Wen', 'Yara', 'Zoe')
 PRONOUN = {'Alice': 'she', 'Bob': 'he', 'Carla': 'she', 'David': 'he', 'Elena': 'she',
            'Farid': 'he', 'Grace': 'she', 'Hiro': 'he', 'Ines': 'she', 'Jonas': 'he',
            'Kemi': 'she', 'Leo': 'he', 'Maya': 'she', 'Nikos': 'he', 'Olga': 'she',
            'Pablo': 'he', 'Quinn': 'they', 'Rosa': 'she', 'Sam': 'they', 'Tariq': 'he',
            'Uma': 'she', 'Victor': 'he', 'Wen': 'they', 'Yara': 'she', 'Zoe': 'she'}
+NAMES = tuple(PRONOUN)
 POSSESSIVE = {'she': 'her', 'he': 'his', 'they': 'their'}
 ANIMALS = ('cat', 'dog', 'owl', 'fox', 'horse', 'rabbit', 'elephant', 'turtle', 'eagle',
            'otter', 'goat', 'ant', 'bear', 'duck', 'whale', 'iguana')

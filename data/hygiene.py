@@ -1,16 +1,10 @@
 """Text hygiene: Unicode normalisation, exact deduplication, quality filters; all counted.
 
-Each step is optional (config keys under `config.data.hygiene`, see data.config):
-  normalize          '' (keep bytes as they are), 'NFC' or 'NFKC'.
-  dedup              drop exact repeats (same SHA-256 of the normalised text); the first wins.
-                     Needs a view of the whole corpus, so it runs where one exists: when a
-                     local corpus is prepared and when SFT/preference files are read.
-  min_chars/max_chars  length bounds (0 = no bound).
-  min_alpha_ratio    least share of letters among non-space characters (0 = off).
-  max_repeated_line_ratio  most share of non-empty lines that repeat an earlier line (1 = off).
-
-`Hygiene.check(text)` returns the cleaned text or None, and counts why in `counts`
-(keys: 'kept', 'empty', 'too_short', 'too_long', 'low_alpha', 'repeated_lines', 'duplicate').
+Each step is optional (`config.data.hygiene`, keys explained in `default_config`). Dedup needs a
+view of the whole corpus, so it runs where one exists: when a local corpus is prepared and when
+SFT/preference files are read. `Hygiene.check(text)` returns the cleaned text or None, and
+counts why in `counts` ('kept', 'empty', 'too_short', 'too_long', 'low_alpha', 'repeated_lines',
+'duplicate').
 """
 
 import collections
@@ -24,12 +18,12 @@ NORMALIZATIONS = ('', 'NFC', 'NFKC')
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.normalize = ''
-  c.dedup = False
-  c.min_chars = 0
+  c.normalize = ''  # '' (text as it is), 'NFC' or 'NFKC'.
+  c.dedup = False  # Drop exact repeats (same SHA-256 of the normalised text); the first wins.
+  c.min_chars = 0  # Length bounds (0: no bound).
   c.max_chars = 0
-  c.min_alpha_ratio = 0.0
-  c.max_repeated_line_ratio = 1.0
+  c.min_alpha_ratio = 0.0  # Least share of letters among non-space characters (0: off).
+  c.max_repeated_line_ratio = 1.0  # Most share of non-empty lines repeating an earlier one.
   return c
 
 

@@ -1,15 +1,13 @@
-"""Reading local text and JSON-lines files, with one policy for bad input and long documents.
+"""Reading local text and JSON-lines files (`.gz` too), with one policy for bad input and long
+documents.
 
-Bad input (invalid UTF-8, invalid JSON, a missing or non-string field, an empty document, an
-over-long example, a file that cannot be read to its end such as a truncated `.gz`) is handled
-by `BadInput`: with `on_bad_input='raise'` it raises `BadInputError` naming the file and line;
-with 'skip' it drops the record, counts it by reason, and logs the first few. Files may be
-gzip-compressed (`.gz`).
-
-Long documents: `BadInput(max_chars=N)` bounds every document read to N characters, in time and
+Bad input (invalid UTF-8 or JSON, a missing or non-string field, an empty document, an over-long
+example, a file that cannot be read to its end such as a truncated `.gz`) goes to `BadInput`:
+'raise' raises `BadInputError` naming file:line; 'skip' drops the record, counts it by reason and
+logs the first few. `BadInput(max_chars=N)` bounds every document to N characters in time and
 memory (lines are read in pieces of at most 4N bytes): a longer one is split into N-character
-documents (`long_docs='split'`), cut to its first N ('truncate') or dropped ('skip'), and counted
-once as 'long_doc_<policy>'. JSON lines longer than 8N characters are bad input ('too_long').
+documents ('split'), cut to its first N ('truncate') or dropped ('skip'), and counted once as
+'long_doc_<policy>'. JSON lines longer than 8N characters are bad input ('too_long').
 """
 
 import codecs

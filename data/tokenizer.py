@@ -1,22 +1,14 @@
 """SentencePiece tokenizers: training (unigram or BPE), caching, and a small wrapper class.
 
-Trained models round-trip any UTF-8 text exactly, `decode(encode(x)) == x`: identity
-normalisation, no whitespace collapsing, no dummy prefix, whitespace-only pieces allowed, and
-byte fallback for every character the vocabulary lacks (emoji, CJK, control characters).
-Digits are split so numbers tokenise one digit at a time.
+Trained models round-trip any UTF-8 text, `decode(encode(x)) == x` (identity normalisation, no
+whitespace collapsing or dummy prefix, byte fallback), and split digits one by one. Their ids:
+PAD=0, BOS=1, EOS=2, UNK=3, then the `CHAT_MARKERS` as control symbols (never produced by
+encoding text, inserted by id by a chat template only, dropped by `decode`); a newline is its
+own piece. `Tokenizer` also loads models such as Llama's (UNK=0, no PAD: `pad_id` is then 0,
+only ever under a zero loss mask).
 
-Special ids of trained models: PAD=0, BOS=1, EOS=2, UNK=3, then the chat-role markers
-`<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>` as control symbols: encoding text never
-produces them (a user typing "<|user|>" gets ordinary pieces), only a chat template inserts
-them by id, and `decode` drops them. A newline is its own user-defined piece.
-
-`Tokenizer` also loads existing models such as Llama's or Mistral's `tokenizer.model`
-(there UNK=0, BOS=1, EOS=2 and no PAD: `pad_id` then falls back to 0, which is only ever
-used under a zero loss mask).
-
-CLI:
-  python -m data.tokenizer train --input 'texts/*.txt' --vocab-size 8000 \
-      --model-type unigram --out /tmp/tok
+CLI: python -m data.tokenizer train --input 'texts/*.txt' --vocab-size 8000 \
+         --model-type unigram --out /tmp/tok
 """
 
 import argparse
@@ -103,8 +95,7 @@ class Tokenizer:
     return self._sp.EncodeAsIds(text)
 
   def _encode_with_metaspace(self, text: str) -> list[int]:
-    # SentencePiece writes spaces as U+2581 inside pieces, so a literal U+2581 would come
-    # back as a space; spelling it with its three UTF-8 byte pieces keeps it exact.
+    # A literal U+2581 would decode as a space: spell it with its three UTF-8 byte pieces.
     ids = []
     for i, part in enumerate(text.split(METASPACE)):
       if i:
@@ -149,28 +140,18 @@ def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | o
     try:
       spm.SentencePieceTrainer.Train(
           sentence_iterator=iter(_lines(docs, max_sentence_length // 4)),  # <= 4 bytes a char
-          model_prefix=tmp_prefix,
-          model_type=model_type,
-          vocab_size=vocab_size,
+          model_prefix=tmp_prefix, model_type=model_type, vocab_size=vocab_size,
           hard_vocab_limit=False,  # A small corpus may support fewer pieces; never more.
-          character_coverage=0.9995,
-          byte_fallback=True,
-          normalization_rule_name='identity',
-          remove_extra_whitespaces=False,
-          add_dummy_prefix=False,
-          allow_whitespace_only_pieces=True,
-          split_digits=True,
-          split_by_whitespace=True,
-          max_sentence_length=max_sentence_length,
-          input_sentence_size=0,
+          character_coverage=0.9995, byte_fallback=True, normalization_rule_name='identity',
+          remove_extra_whitespaces=False, add_dummy_prefix=False,
+          allow_whitespace_only_pieces=True, split_digits=True, split_by_whitespace=True,
+          max_sentence_length=max_sentence_length, input_sentence_size=0,
           shuffle_input_sentence=False,
           pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
           pad_piece='<pad>', bos_piece='<s>', eos_piece='</s>', unk_piece='<unk>',
-          control_symbols=list(CHAT_MARKERS),
-          user_defined_symbols=[NEWLINE],
+          control_symbols=list(CHAT_MARKERS), user_defined_symbols=[NEWLINE],
           num_threads=1,  # One thread: the same model on every host.
-          minloglevel=2,
-      )
+          minloglevel=2)
     except RuntimeError as e:
       raise TokenizerError(f'training a {model_type} tokenizer of vocab size {vocab_size} '
                            f'failed: {e}') from e
