@@ -256,12 +256,11 @@ def local_data_state(saved: dict, process_index: int, process_count: int) -> dic
   if len(states) == process_count:
     return states[process_index]
   where = f'restoring a {len(states)}-process data state on {process_count} processes'
+  state = copy.deepcopy(states[0])
+  state['signature'].update(process_index=process_index, process_count=process_count)
   if all('parents' not in s.get('grain', {}) and s.get('grain') == states[0].get('grain')
          for s in states):
-    # Batch-indexed pipelines (preference pairs): every process is at the same global batch.
-    state = copy.deepcopy(states[0])
-    state['signature'].update(process_index=process_index, process_count=process_count)
-    return state
+    return state  # Batch-indexed pipelines (preference pairs): all at the same global batch.
   rows = [row for s in states for row in _rows(s, where)]
   signatures = [{k: v for k, v in s['signature'].items() if k not in ('process_index', 'process_count')}
                 for s in states]
@@ -272,7 +271,5 @@ def local_data_state(saved: dict, process_index: int, process_count: int) -> dic
     raise ValueError(f'{where}: {len(rows)} row streams for a global batch of {global_batch}, '
                      f'which must split evenly over {process_count} processes')
   local = global_batch // process_count
-  state = copy.deepcopy(states[0])
-  state['signature'].update(process_index=process_index, process_count=process_count)
   state['grain']['parents'] = rows[process_index * local:(process_index + 1) * local]
   return state

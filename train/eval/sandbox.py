@@ -220,8 +220,7 @@ def _read_until(fd: int, deadline: float, want: int) -> bytes:
   """Reads from a pipe until `want` bytes, EOF or the deadline."""
   data = b''
   while len(data) < want:
-    left = deadline - time.monotonic()
-    if left <= 0 or not select.select([fd], [], [], left)[0]:
+    if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
       break
     chunk = os.read(fd, want - len(data))
     if not chunk:
@@ -281,19 +280,14 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
       seconds = time.monotonic() - t0
-      os.set_blocking(read_fd, False)
-      try:
-        marker = os.read(read_fd, 64)
-      except BlockingIOError:
-        marker = b''
+      marker = _read_until(read_fd, 0.0, 64)  # What the runner wrote, without waiting.
     finally:
       os.close(read_fd)
       if uid is not None and (tier == 'rlimits' or timed_out):
         _kill_uid(uid, python)
     detail = _tail(output, limits.output_chars)
   if not started:
-    status = 'error'
-    detail = f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
+    status, detail = 'error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
   elif timed_out:
     status, detail = 'timeout', f'timed out after {limits.timeout_s} s\n{detail}'
   elif proc.returncode == 0 and marker == nonce.encode():
@@ -332,22 +326,19 @@ def available_tiers() -> list[str]:
 def isolation_name() -> str:
   """The tier in use: env MESHLM_SANDBOX if set (it must work), else the strongest that works."""
   forced = os.environ.get(ENV_TIER, 'auto')
-  if forced != 'auto':
-    if forced not in TIERS:
-      raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {TIERS}')
-    outcome = probe(forced)
-    if not outcome.passed:
-      raise SandboxError(f'env {ENV_TIER}={forced} does not work here: {outcome.detail}')
-    return forced
-  for tier in TIERS:
+  if forced != 'auto' and forced not in TIERS:
+    raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {TIERS}')
+  for tier in TIERS if forced == 'auto' else (forced,):
     outcome = probe(tier)
     if outcome.passed:
-      if tier == 'rlimits' and not _warned:
+      if tier == 'rlimits' and forced == 'auto' and not _warned:
         _warned.append(True)
         logging.warning('sandbox: neither bubblewrap nor unshare namespaces work here; untrusted '
                         'code runs with resource limits only (no network or filesystem '
                         'isolation). Install bubblewrap: apt-get install -y bubblewrap')
       return tier
+    if forced != 'auto':
+      raise SandboxError(f'env {ENV_TIER}={forced} does not work here: {outcome.detail}')
     logging.info('sandbox tier %s unavailable: %s', tier, outcome.detail.strip()[-300:])
   raise SandboxError(f'no sandbox tier works here (TMPDIR={tempfile.gettempdir()}): '
                      + '; '.join(f'{t}: {probe(t).detail.strip()[-300:]}' for t in TIERS))

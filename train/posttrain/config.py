@@ -1,15 +1,12 @@
 """Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`, `dpo`.
 
-    stage   'sft' (the normal train loop, train/loop.py), 'rm', 'ppo' or 'dpo'.
-    rm      reward model: Bradley-Terry loss on preference pairs (train/posttrain/reward.py).
-    ppo     RLHF with PPO (train/posttrain/ppo.py, ppo_loop.py).
-    dpo     direct preference optimisation (train/posttrain/dpo.py).
-
-Shared keys keep their train/config.py meaning: `train.init_from` is the checkpoint the trained
-model starts from (SFT: the pre-trained LM; RM, PPO, DPO: the SFT model), `train.steps` counts
-optimiser steps (RM, DPO) or PPO iterations (one rollout batch each), `train.global_batch` is
-pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is the optimiser of the trained
-model (for PPO: of the policy; the critic has `ppo.critic_lr`).
+`stage` is 'sft' (the train loop as it is), 'rm' (reward model, train/posttrain/reward.py),
+'ppo' (train/posttrain/ppo.py, ppo_loop.py) or 'dpo' (train/posttrain/dpo.py). Shared keys keep
+their meaning: `train.init_from` is the checkpoint the trained model starts from (SFT: the
+pre-trained LM; RM, PPO, DPO: the SFT model), `train.steps` counts optimiser steps (RM, DPO) or
+PPO iterations (one rollout batch each), `train.global_batch` is pairs per step (RM, DPO) or
+prompts per rollout (PPO), `optim` is the trained model's optimiser (PPO: the policy's; the
+critic has `ppo.critic_lr`).
 """
 
 import ml_collections
@@ -70,8 +67,7 @@ def ppo_updates(config) -> int:
 
 
 def validate(config, num_devices: int, process_count: int = 1):
-  """Checks keys against `defaults()` and the shared checks of train/config.py; returns the
-  ModelConfig."""
+  """`defaults()`'s keys and train/config.py's checks, then the stage's; returns the ModelConfig."""
   base_config.check_keys(config, defaults())
   if config.stage not in STAGES:
     raise ConfigError(f'stage={config.stage!r}: use one of {STAGES}')
@@ -99,11 +95,9 @@ def validate(config, num_devices: int, process_count: int = 1):
     if minibatch % config.train.grad_accum:
       raise ConfigError(f'train.grad_accum={config.train.grad_accum} must divide the PPO '
                         f'minibatch of {minibatch} rollouts')
-    for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len'):
-      if p[key] < 1:
-        raise ConfigError(f'ppo.{key}={p[key]} must be positive')
-    if not p.critic_lr > 0:
-      raise ConfigError(f'ppo.critic_lr={p.critic_lr} must be > 0')
+    for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len', 'critic_lr'):
+      if not p[key] > 0:
+        raise ConfigError(f'ppo.{key}={p[key]} must be > 0')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
