@@ -73,7 +73,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # Everything is local.
     spec = self._spec
     bad = self._bad_input(spec['on_bad_input'])
-    clean = hygiene_lib.Hygiene(ml_collections.ConfigDict(spec['hygiene']))
+    clean = hygiene_lib.Hygiene(spec['hygiene'])
     kept = [where for where, text in self._documents(bad) if clean.check(text) is not None]
     assignment = dict.fromkeys(kept, 'train')
     if spec['eval_fraction'] > 0 and len(kept) >= 2:

@@ -25,6 +25,7 @@ from data import tokenizer as tokenizer_lib
 ROLES = ('system', 'user', 'assistant')
 SFT_FORMATS = ('auto', 'messages', 'alpaca', 'self_instruct', 'prompt_response')
 _HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
+_DETECT = (('messages', 'messages'), ('instances', 'self_instruct'), ('instruction', 'alpaca'))
 
 
 class TemplateError(ValueError):
@@ -91,22 +92,13 @@ def _pair(user: str, assistant: str, system: str | None = None) -> list[dict[str
   return turns + [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': assistant}]
 
 
-def _detect(obj: dict[str, Any]) -> str:
-  if 'messages' in obj:
-    return 'messages'
-  if 'instances' in obj:
-    return 'self_instruct'
-  if 'instruction' in obj:
-    return 'alpaca'
-  return 'prompt_response'
-
-
 def sft_messages(obj: dict[str, Any], fmt: str, where: str,
                  bad: readers.BadInput) -> list[list[dict[str, str]]]:
   """The conversations in one record (self-instruct records hold several)."""
   if fmt not in SFT_FORMATS:
     raise ValueError(f'config.data sft_format {fmt!r} is not one of {SFT_FORMATS}')
-  fmt = _detect(obj) if fmt == 'auto' else fmt
+  if fmt == 'auto':  # By the first of these keys present.
+    fmt = next((f for key, f in _DETECT if key in obj), 'prompt_response')
   system = obj.get('system') if isinstance(obj.get('system'), str) else None
   if fmt == 'messages':
     messages = _check_messages(obj.get('messages'), where, bad)

@@ -46,17 +46,18 @@ def content_hash(text: str) -> bytes:
 class Hygiene:
   """Applies the configured steps to one text at a time and counts the outcomes."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict | None = None):
-    cfg = cfg or default_config()
-    if cfg.normalize not in NORMALIZATIONS:
-      raise ValueError(f'config.data.hygiene.normalize: {cfg.normalize!r} is not one of '
+  def __init__(self, cfg=None, **overrides):
+    """`cfg`: a `config.data.hygiene` section (ConfigDict or dict; default: all off), with
+    `overrides` of its keys."""
+    c = ml_collections.ConfigDict({**(cfg or default_config()), **overrides})
+    if c.normalize not in NORMALIZATIONS:
+      raise ValueError(f'config.data.hygiene.normalize: {c.normalize!r} is not one of '
                        f'{NORMALIZATIONS}')
-    self.cfg = cfg
     # Plain attributes: ConfigDict look-ups are slow on a per-document path.
-    self.normalize, self.dedup = cfg.normalize, bool(cfg.dedup)
-    self.min_chars, self.max_chars = int(cfg.min_chars), int(cfg.max_chars)
-    self.min_alpha_ratio = float(cfg.min_alpha_ratio)
-    self.max_repeated_line_ratio = float(cfg.max_repeated_line_ratio)
+    self.normalize, self.dedup = c.normalize, bool(c.dedup)
+    self.min_chars, self.max_chars = int(c.min_chars), int(c.max_chars)
+    self.min_alpha_ratio = float(c.min_alpha_ratio)
+    self.max_repeated_line_ratio = float(c.max_repeated_line_ratio)
     self.counts = collections.Counter()
     self._seen: set[bytes] = set()
 

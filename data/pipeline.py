@@ -165,10 +165,7 @@ def _effective_seed(shuffle_seed: int, seed: int) -> int:
 
 def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
   bos, eos = tok.bos_id, tok.eos_id
-  clean = None
-  if lazy_hygiene:
-    cfg = ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(), 'dedup': False})
-    clean = hygiene_lib.Hygiene(cfg)
+  clean = hygiene_lib.Hygiene(data_cfg.hygiene, dedup=False) if lazy_hygiene else None
   bad = readers.BadInput(data_cfg.on_bad_input)
 
   def encode(item):
@@ -179,9 +176,8 @@ def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
       item, reason = clean.filter(item)
       if reason:
         return {'skip': reason, 'source': source_index}
-    ex = packing.lm_example(np.asarray([bos] + tok.encode(item) + [eos], np.int32))
-    ex['source'] = source_index
-    return ex
+    ids = np.asarray([bos] + tok.encode(item) + [eos], np.int32)
+    return {**packing.lm_example(ids), 'source': source_index}
   return encode
 
 

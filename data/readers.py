@@ -53,10 +53,7 @@ class BadInput:
 
 def expand(pattern: str, what: str = 'path') -> list[str]:
   """Sorted files matching `pattern` (a path or a glob); an error if there are none."""
-  if glob.has_magic(pattern):
-    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
-  else:
-    paths = [pattern] if os.path.isfile(pattern) else []
+  paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
   if os.path.isdir(pattern):
     raise FileNotFoundError(f'{what} {pattern!r} is a directory; name a file or a glob such as '
                             f'{os.path.join(pattern, "*.txt")!r}')

@@ -104,10 +104,8 @@ def _held_out(items: list, fraction: float, split: str) -> list:
 
 def _jsonl_items(entry, data_cfg, split: str) -> tuple[list, dict]:
   bad = readers.BadInput(data_cfg.on_bad_input, max_chars=data_cfg.max_doc_chars)
-  seen = hygiene_lib.Hygiene(ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(),
-                                                        'min_chars': 0, 'max_chars': 0,
-                                                        'min_alpha_ratio': 0.0,
-                                                        'max_repeated_line_ratio': 1.0}))
+  seen = hygiene_lib.Hygiene(data_cfg.hygiene, min_chars=0, max_chars=0, min_alpha_ratio=0.0,
+                             max_repeated_line_ratio=1.0)  # Normalisation and dedup only.
   items, records = [], 0
   for where, obj in readers.iter_jsonl(entry.path, bad):
     records += 1

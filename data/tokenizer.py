@@ -47,10 +47,8 @@ class Tokenizer:
       raise TokenizerError(f'tokenizer model {self.path} cannot be loaded: {e}') from e
     byte_ids = [self.piece_id(f'<0x{b:02X}>') for b in METASPACE.encode('utf-8')]
     self._metaspace_ids = byte_ids if None not in byte_ids else []
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.GetPieceSize()
+    self.vocab_size, self.unk_id = self._sp.GetPieceSize(), self._sp.unk_id()
+    self.pad_id = max(self._sp.pad_id(), 0)  # 0 where the model has no PAD.
 
   @property
   def bos_id(self) -> int:
@@ -59,15 +57,6 @@ class Tokenizer:
   @property
   def eos_id(self) -> int:
     return self._required(self._sp.eos_id(), 'EOS')
-
-  @property
-  def unk_id(self) -> int:
-    return self._sp.unk_id()
-
-  @property
-  def pad_id(self) -> int:
-    pad = self._sp.pad_id()
-    return pad if pad >= 0 else 0
 
   def _required(self, token_id: int, name: str) -> int:
     if token_id < 0:

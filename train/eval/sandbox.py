@@ -14,10 +14,10 @@ against code written to forge it.
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
-import queue
 import secrets
 import select
 import shutil
@@ -354,16 +354,11 @@ def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: st
   """Runs many programs, `workers` at a time (threads that each drive one sandboxed process)."""
   tier = isolation or isolation_name()
   workers = min(workers or default_workers(), MAX_SLOTS)
-  slots: queue.Queue[int] = queue.Queue()
-  for s in range(workers):
-    slots.put(s)
+  slots, thread = itertools.count(), threading.local()  # Each worker thread has its own slot.
 
   def one(source: str) -> Outcome:
-    slot = slots.get()
-    try:
-      return run_program(source, limits=limits, isolation=tier, slot=slot)
-    finally:
-      slots.put(slot)
+    return run_program(source, limits=limits, isolation=tier, slot=thread.slot)
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+  with concurrent.futures.ThreadPoolExecutor(
+      max_workers=workers, initializer=lambda: setattr(thread, 'slot', next(slots))) as pool:
     return list(pool.map(one, sources))
