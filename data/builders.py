@@ -106,25 +106,25 @@ def local_spec(entry: ml_collections.ConfigDict, data_cfg: ml_collections.Config
 
 
 @contextlib.contextmanager
-def _own_tempdir():
-  """tfds makes `tempfile.mkdtemp('tfds')` folders it never removes (a builder of an unprepared
-  dataset looks for its info in a bucket): they go into a folder of ours, removed afterwards."""
+def _quiet_tfds():
+  """tfds without its progress output on stdout (it goes to stderr) and without the
+  `tempfile.mkdtemp('tfds')` folders it never removes (they go into one of ours, removed)."""
+  tfds.disable_progress_bar()
   with tempfile.TemporaryDirectory(prefix='meshlm-tfds-') as tmp:
     saved, tempfile.tempdir = tempfile.tempdir, tmp
     try:
-      yield
+      with contextlib.redirect_stdout(sys.stderr):
+        yield
     finally:
       tempfile.tempdir = saved
 
 
 def prepare_local(spec: dict[str, Any], data_dir: str) -> tfds.core.DatasetBuilder:
   """Prepares (once) the local corpus `spec` under `data_dir`; returns a builder to read it."""
-  with _own_tempdir():
+  with _quiet_tfds():
     builder = LocalCorpus(spec=spec, data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
-      tfds.disable_progress_bar()
-      with contextlib.redirect_stdout(sys.stderr):  # tfds prints progress to stdout
-        builder.download_and_prepare()
+      builder.download_and_prepare()
   return tfds.builder_from_directory(builder.data_dir)
 
 
@@ -160,9 +160,8 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '') -> None:
   cls = TF_FREE_PREPARERS.get(base)
   kwargs = {'data_dir': data_dir, 'file_format': 'array_record'}
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-  tfds.disable_progress_bar()
   try:
-    with _own_tempdir(), contextlib.redirect_stdout(sys.stderr):
+    with _quiet_tfds():
       builder = cls(**kwargs) if cls and base == name else tfds.builder(name, **kwargs)
       if not builder.is_prepared():
         builder.download_and_prepare(download_config=config)
@@ -180,7 +179,7 @@ def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '',
   if prepare:
     prepare_tfds(name, data_dir, manual_dir)
   try:
-    with _own_tempdir():
+    with _quiet_tfds():
       return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises assorted types for "not prepared" and "no such split".
     raise PrepareError(f'tfds dataset {name!r} split {split!r} cannot be read from '

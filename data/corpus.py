@@ -184,8 +184,7 @@ def _facts(rng: random.Random) -> str:
 
 _KINDS = ((_story, 36), (_arithmetic, 16), (_table, 4), (_counting, 6), (_list, 8),
           (_dialogue, 14), (_facts, 16))
-_GENERATORS = tuple(g for g, _ in _KINDS)
-_WEIGHTS = tuple(w for _, w in _KINDS)
+_GENERATORS, _WEIGHTS = zip(*_KINDS)
 
 
 def document(seed: int, index: int) -> str:

@@ -16,6 +16,7 @@ An example cut at a row's end continues in the next row as a segment of its own,
             next row, the rest is padding; only examples longer than T are cut. For SFT.
 """
 
+import contextlib
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
@@ -44,11 +45,8 @@ def lm_example(ids: np.ndarray | list[int], weights: np.ndarray | None = None) -
 
 
 class RowPacker:
-  """Builds rows from a stream of examples; remembers the example it is in the middle of.
-
-  `pending` is the example being consumed and `offset` how much of it went into earlier
-  rows; a checkpoint needs only the source position of `pending` and `offset`.
-  """
+  """Builds rows from a stream of examples. `pending` is the example being consumed, `offset`
+  how much of it went into earlier rows: all a checkpoint needs (with `pending`'s position)."""
 
   def __init__(self, seq_len: int, policy: str = 'concat', pad_id: int = 0):
     if seq_len < 1:
@@ -63,11 +61,8 @@ class RowPacker:
     self.pending, self.offset = pending, offset
 
   def pack(self, next_example: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One row of length T; `next_example()` is called whenever a new example is needed.
-
-    When `next_example` raises StopIteration, the row is finished with padding; a row with
-    nothing in it re-raises it.
-    """
+    """One row of length T, calling `next_example()` for each new example; its StopIteration
+    ends the row with padding, or propagates from a row with nothing in it."""
     t = self.seq_len
     inputs, targets, weights, lengths = [], [], [], []
     filled = 0
@@ -117,11 +112,9 @@ def pack_examples(examples: Iterator[Mapping[str, np.ndarray]] | list, seq_len: 
   packer = RowPacker(seq_len, policy, pad_id)
   it = iter(examples)
   rows = []
-  while True:
-    try:
+  with contextlib.suppress(StopIteration):
+    while True:
       rows.append(packer.pack(lambda: next(it)))
-    except StopIteration:
-      break
   if not rows:
     return {k: np.zeros((0, seq_len), np.float32 if k == 'loss_mask' else np.int32)
             for k in FEATURES}

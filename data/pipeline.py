@@ -231,12 +231,8 @@ def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, 
 
 
 def _mix(datasets: list, weights: list, shuffle_seed: int | None):
-  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets.
-
-  grain's mix interleaves sources in a fixed pattern; row r takes every B-th item, which
-  would alias with that pattern (a row fed by one source only), so the mixed sequence is
-  shuffled again within windows.
-  """
+  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets; shuffled
+  again within windows, as row r's every B-th item would alias with grain's fixed mix pattern."""
   if shuffle_seed is not None:
     datasets = [d.seed(shuffle_seed + i).shuffle() for i, d in enumerate(datasets)]
   datasets = [d.repeat(None) for d in datasets]

@@ -34,17 +34,13 @@ def defaults() -> ml_collections.ConfigDict:
       temperature=1.0,  # Rollout sampling (1.0 with no top-k/p: samples follow the policy).
       ppo_epochs=4,  # Passes over each rollout batch.
       num_minibatches=4,  # Per pass; each is one optimiser step.
-      cliprange=0.2,
-      cliprange_value=0.2,
-      vf_coef=0.1,
+      cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
       ent_coef=0.0,  # Entropy bonus: loss -= ent_coef * mean token entropy.
-      gamma=1.0,
-      lam=0.95,
+      gamma=1.0, lam=0.95,
       kl_coef=0.05,  # Initial (or fixed) coefficient of the per-token KL penalty.
       kl_estimator='k1',  # 'k1': logp - logp_ref; 'k3': (r - 1) - log r with r = p_ref / p.
       adaptive_kl=False,  # Ziegler et al. controller towards kl_target.
-      kl_target=6.0,
-      kl_horizon=10_000,
+      kl_target=6.0, kl_horizon=10_000,
       whiten_rewards=False,
       missing_eos_penalty=0.0,  # Subtracted from the score of completions that never end.
       critic_lr=1e-5,  # Peak learning rate of the critic (same schedule shape as optim).
