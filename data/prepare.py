@@ -1,15 +1,11 @@
 """Prepare datasets to array_record ahead of training (make_iterator also does it on demand).
 
   python -m data.prepare tfds --name tiny_shakespeare --data-dir D [--manual-dir M]
-  python -m data.prepare local --path 'corpus/*.txt' --data-dir D [--unit paragraph]
-      [--file-format text|jsonl] [--text-field text] [--name N] [--eval-fraction 0.01]
-      [--normalize NFC] [--dedup] [--min-chars N] [--max-chars N] [--min-alpha-ratio R]
-      [--max-repeated-line-ratio R] [--on-bad-input raise|skip] [--max-doc-chars N]
-      [--long-docs split|truncate|skip]
+  python -m data.prepare local --path 'corpus/*.txt' --data-dir D [flags: see --help]
 
-`local` prints where the corpus went and its counts (documents per split, bad input skipped,
-hygiene outcomes). To train on it, add a `sources` entry with the same settings
-(`kind='local'`) and the same `tfds_data_dir`; it finds the prepared files by fingerprint.
+`local` takes the keys of a `kind='local'` sources entry and the corpus keys of `config.data`
+(hygiene, on_bad_input, max_doc_chars, long_docs) as flags, and prints where the corpus went and
+its counts. Training on it with the same settings and `tfds_data_dir` finds it by fingerprint.
 """
 
 import argparse

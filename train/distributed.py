@@ -1,25 +1,18 @@
 """Multi-process start-up, lost-peer detection, and data-iterator state across process counts.
 
-Start-up (`maybe_initialize`, docs/scale.md section 3): with `distributed.enabled` (config or
-env MESHLM_DISTRIBUTED=1) the process joins JAX's distributed runtime before touching any device.
-Each value comes from the config, else its MESHLM_* variable (`ENV`), else JAX's cluster
-auto-detection (MESHLM_CLUSTER forces a detector). On CPU the collectives go through gloo.
-Processes other than 0 then log only warnings (`QUIET_LOGGERS`; MESHLM_LOG_ALL_PROCESSES=1 keeps
-INFO).
+`maybe_initialize` (docs/scale.md, section 3) joins JAX's distributed runtime when
+`distributed.enabled`: each value from the config, else its MESHLM_* variable (`ENV`), else JAX's
+cluster detection; gloo collectives on CPU; processes other than 0 then log only warnings.
 
-A lost process (`exit_on_lost_peer`): each process advances a counter in the coordinator's
-key-value store every BEAT_S; a peer whose counter stands still for `peer_timeout_s` is lost, and
-the survivors print one line naming it and the last checkpoint and leave with status 1
-(os._exit: JAX's shutdown would wait for the lost peer). JAX's heartbeat and shutdown timeouts,
-2 * peer_timeout_s, are the backstop. If process 0 (the coordination service) is lost, JAX's
-client ends the others with its own message.
+`exit_on_lost_peer`: each process advances a counter in the coordinator's key-value store every
+BEAT_S; a peer whose counter stands still for `peer_timeout_s` is lost, and the survivors print
+one line naming it and the last checkpoint and leave with status 1 (os._exit: JAX's shutdown
+would wait for it). JAX's own timeouts, 2 * peer_timeout_s, are the backstop; a lost process 0
+(the coordination service) ends the others through JAX's client, with its message.
 
-Data state: each process iterates over its own rows of every global batch (data/pipeline.py), and
-orbax writes a JSON item from process 0 alone, so `gather_data_state` gathers every process's
-state into the checkpoint. `local_data_state` gives a process its entry back; with another
-process count the per-row stream states are concatenated in global row order and re-split
-(row r is the same stream whatever the process count). A pipeline indexed by global batch (the
-preference pairs) has the same position on every process and moves as it is.
+Data state: each process iterates over its own rows of every global batch (data/pipeline.py) and
+orbax writes the JSON item from process 0 alone, so checkpoints hold every process's state
+(`gather_data_state`), re-split by global row on another process count (`local_data_state`).
 """
 
 import atexit
@@ -241,7 +234,9 @@ def _rows(state: dict, where: str) -> list:
 
 
 def local_data_state(saved: dict, process_index: int, process_count: int) -> dict:
-  """This process's iterator state from what `gather_data_state` saved (or a bare state)."""
+  """This process's iterator state from what `gather_data_state` saved (or a bare state). On
+  another process count the row streams are joined in global row order and re-split (row r is
+  the same stream whatever the count); batch-indexed pipelines (preference pairs) move as is."""
   if not saved:
     return saved
   if saved.get('format') == STATE_FORMAT:

@@ -137,9 +137,7 @@ def _drop_to(uid: int | None) -> tuple[list[str], dict]:
 def _others_can_run(path: str) -> bool:
   """True when a stranger uid can traverse to and execute (a folder: enter) `path`."""
   p = pathlib.Path(path)
-  if not os.stat(p).st_mode & stat.S_IXOTH:
-    return False
-  return all(os.stat(d).st_mode & stat.S_IXOTH for d in p.parents)
+  return all(os.stat(d).st_mode & stat.S_IXOTH for d in (p, *p.parents))
 
 
 def sandbox_python(drop_uid: bool) -> str:
@@ -147,11 +145,8 @@ def sandbox_python(drop_uid: bool) -> str:
   where a stranger uid (`drop_uid`) cannot reach it (e.g. a pyenv build under /root)."""
   if os.environ.get(ENV_PYTHON):
     return os.environ[ENV_PYTHON]
-  candidates = [os.path.realpath(sys.executable)]
-  for d in ('/usr/bin', '/usr/local/bin', '/bin'):
-    found = shutil.which('python3', path=d)
-    if found:
-      candidates.append(os.path.realpath(found))
+  system = [shutil.which('python3', path=d) for d in ('/usr/bin', '/usr/local/bin', '/bin')]
+  candidates = [os.path.realpath(p) for p in (sys.executable, *system) if p]
   if not drop_uid:
     return candidates[0]
   for c in candidates:
