@@ -103,12 +103,9 @@ def _arithmetic(rng: random.Random) -> str:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     if op == '*':
       a, b = rng.randint(0, 12), rng.randint(0, 12)
-      result = a * b
     elif op == '-':
       a, b = max(a, b), min(a, b)
-      result = a - b
-    else:
-      result = a + b
+    result = {'+': a + b, '-': a - b, '*': a * b}[op]
     if rng.random() < 0.3:
       word = {'+': 'plus', '-': 'minus', '*': 'times'}[op]
       lines.append(f'{a} {word} {b} is {result}.')
@@ -163,22 +160,15 @@ def _dialogue(rng: random.Random) -> str:
   return '\n'.join(turns)
 
 
+_FACTS = ((CAPITALS, 'The capital of {} is {}.'), (COLOURS, 'The colour of {} is {}.'),
+          (OPPOSITES, 'The opposite of {} is {}.'), (PLURALS, 'One {}, two {}.'))
+
+
 def _facts(rng: random.Random) -> str:
   lines = []
   for _ in range(rng.randint(3, 7)):
-    kind = rng.randrange(4)
-    if kind == 0:
-      country, capital = rng.choice(CAPITALS)
-      lines.append(f'The capital of {country} is {capital}.')
-    elif kind == 1:
-      thing, colour = rng.choice(COLOURS)
-      lines.append(f'The colour of {thing} is {colour}.')
-    elif kind == 2:
-      word, opposite = rng.choice(OPPOSITES)
-      lines.append(f'The opposite of {word} is {opposite}.')
-    else:
-      one, many = rng.choice(PLURALS)
-      lines.append(f'One {one}, two {many}.')
+    table, text = _FACTS[rng.randrange(4)]
+    lines.append(text.format(*rng.choice(table)))
   return ' '.join(lines)
 
 

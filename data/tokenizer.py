@@ -45,10 +45,10 @@ class Tokenizer:
       self._sp.Load(self.path)
     except (OSError, RuntimeError) as e:
       raise TokenizerError(f'tokenizer model {self.path} cannot be loaded: {e}') from e
-    byte_ids = [self.piece_id(f'<0x{b:02X}>') for b in METASPACE.encode('utf-8')]
-    self._metaspace_ids = byte_ids if None not in byte_ids else []
     self.vocab_size, self.unk_id = self._sp.GetPieceSize(), self._sp.unk_id()
     self.pad_id = max(self._sp.pad_id(), 0)  # 0 where the model has no PAD.
+    byte_ids = [self.piece_id(f'<0x{b:02X}>') for b in METASPACE.encode('utf-8')]
+    self._metaspace_ids = byte_ids if None not in byte_ids else []
 
   @property
   def bos_id(self) -> int:
@@ -66,9 +66,7 @@ class Tokenizer:
   def piece_id(self, piece: str) -> int | None:
     """The id of `piece`, or None when the vocabulary lacks it."""
     token_id = self._sp.PieceToId(piece)
-    if token_id == self._sp.unk_id() and piece != self._sp.IdToPiece(token_id):
-      return None
-    return token_id
+    return None if token_id == self.unk_id and piece != self._sp.IdToPiece(token_id) else token_id
 
   def special_id(self, piece: str) -> int:
     """The id of a special piece such as '<|user|>'; an error naming the model if absent."""
@@ -171,14 +169,6 @@ def fingerprint(docs: Sequence[str], vocab_size: int, model_type: str) -> str:
   return h.hexdigest()[:16]
 
 
-def read_text_files(pattern: str) -> list[str]:
-  """The contents of every file matching `pattern` (a path or glob), one document per file."""
-  try:
-    return [doc for _, doc in readers.iter_text(pattern, 'file', readers.BadInput('raise'))]
-  except (FileNotFoundError, readers.BadInputError) as e:
-    raise TokenizerError(f'--input: {e}') from e
-
-
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog='python -m data.tokenizer', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,9 +179,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   t.add_argument('--model-type', choices=MODEL_TYPES, default='unigram')
   t.add_argument('--out', required=True, help='output prefix: writes PREFIX.model, PREFIX.vocab')
   args = parser.parse_args(argv)
-  try:
-    tok = train(read_text_files(args.input), args.vocab_size, args.model_type, args.out)
-  except TokenizerError as e:
+  try:  # One document per file.
+    docs = [doc for _, doc in readers.iter_text(args.input, 'file', readers.BadInput('raise'))]
+    tok = train(docs, args.vocab_size, args.model_type, args.out)
+  except (TokenizerError, FileNotFoundError, readers.BadInputError) as e:
     parser.exit(2, f'error: {e}\n')
   print(f'wrote {tok.path} ({args.model_type}, vocab size {tok.vocab_size})')
 
