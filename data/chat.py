@@ -41,7 +41,7 @@ class ChatTemplate:
     self.end_id = tok.special_id('<|end|>')
     self.newline = tok.encode('\n')
 
-  def encode(self, messages: list[dict[str, str]], *, add_eos: bool = True,
+  def encode(self, messages: list[dict[str, str]], *,
              generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32[L], weights float32[L]): weights[i] = 1 where ids[i] is learned."""
     ids, weights = [self.tok.bos_id], [0.0]
@@ -53,7 +53,7 @@ class ChatTemplate:
     if generation_prompt:
       ids.append(self.role_ids['assistant'])
       weights.append(0.0)
-    elif add_eos:  # The EOS that ends a conversation closing on an assistant turn is learned too.
+    else:  # The EOS that ends a conversation closing on an assistant turn is learned too.
       ids.append(self.tok.eos_id)
       weights.append(1.0 if messages and messages[-1]['role'] == 'assistant' else 0.0)
     return np.asarray(ids, np.int32), np.asarray(weights, np.float32)

@@ -39,10 +39,6 @@ def repeated_line_ratio(text: str) -> float:
   return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
 
 
-def content_hash(text: str) -> bytes:
-  return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).digest()[:16]
-
-
 class Hygiene:
   """Applies the configured steps to one text at a time and counts the outcomes."""
 
@@ -83,7 +79,7 @@ class Hygiene:
         repeated_line_ratio(text) > self.max_repeated_line_ratio):
       reason = 'repeated_lines'
     elif self.dedup:
-      digest = content_hash(text)
+      digest = hashlib.sha256(text.encode('utf-8', 'surrogatepass')).digest()[:16]
       if digest in self._seen:
         reason = 'duplicate'
       else:
