@@ -190,12 +190,9 @@ def sample_texts(sources: list[Source], n: int) -> list[str]:
   out = []
   for s in sources:
     k = min(len(s.items), max(1, round(n * s.weight / total)))
-    for i in range(k):
-      item = s.items[i]
-      if isinstance(item, Bad):
-        continue
+    for item in (s.items[i] for i in range(k)):
       if isinstance(item, str):
         out.append(item)
-      else:
+      elif not isinstance(item, Bad):  # (where, messages, ...)
         out.extend(m['content'] for messages in item[1:] for m in messages)
   return out

@@ -169,8 +169,7 @@ _workdir = '.'  # The run's, for the checkpoint a lost process's message names.
 
 def _exit_lost(lost: list[int], beat: _Beat):
   root = os.path.join(os.path.abspath(_workdir), 'checkpoints')
-  # orbax's finalized steps, read from the directory: a CheckpointManager would wait at a
-  # barrier for the lost process.
+  # Read from the directory: a CheckpointManager would wait at a barrier for the lost process.
   step = max(ocp.utils.checkpoint_steps(root), default=None) if os.path.isdir(root) else None
   resume = (f'the last checkpoint is step {step} in {root}: run the same command again to resume '
             f'from it' if step is not None else 'no checkpoint was saved: a new run starts at step 0')

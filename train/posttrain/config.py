@@ -67,9 +67,8 @@ def validate(config, num_devices: int, process_count: int = 1):
   base_config.check_keys(config, defaults())
   if config.stage not in STAGES:
     raise ConfigError(f'stage={config.stage!r}: use one of {STAGES}')
-  shared = ml_collections.ConfigDict(config.to_dict())
-  for key in ('stage', 'rm', 'ppo', 'dpo'):
-    del shared[key]
+  shared = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
+                                     if k not in ('stage', 'rm', 'ppo', 'dpo')})
   if config.stage == 'ppo':  # The schedule counts optimiser updates, not iterations.
     shared.train.steps = ppo_updates(config)
   cfg = base_config.validate(shared, num_devices, process_count)
