@@ -21,18 +21,17 @@ def wanted() -> bool:
     return False  # Already set (by us or by the user): never loop.
   try:
     with open(_THP) as f:
-      mode = f.read()
+      return '[never]' not in f.read()
   except OSError:
     return False
-  return '[never]' not in mode
 
 
 def reexec() -> None:
   """Replace this process with the same command plus the huge-page tunable, when wanted."""
   if not wanted():
     return
-  env = dict(os.environ)
-  env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES', ''), _TUNABLE]))
+  tunables = ':'.join(filter(None, [os.environ.get('GLIBC_TUNABLES', ''), _TUNABLE]))
+  env = {**os.environ, 'GLIBC_TUNABLES': tunables}
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
