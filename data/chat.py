@@ -115,12 +115,9 @@ def sft_messages(obj: dict[str, Any], fmt: str, where: str,
     instruction = readers.get_field(obj, 'instruction', where, bad)
     if instruction is None:
       return []
-    if fmt == 'alpaca':
-      items = [obj]
-    else:
-      items = readers.get_field(obj, 'instances', where, bad, list) or []
+    items = [obj] if fmt == 'alpaca' else readers.get_field(obj, 'instances', where, bad, list)
     candidates = []
-    for item in items:
+    for item in items or []:
       if not isinstance(item, dict) or not isinstance(item.get('output'), str):
         bad(where, 'missing_field', "field 'output' is missing")
         continue

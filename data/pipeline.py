@@ -1,20 +1,16 @@
 """Grain pipelines from sources to process-local batches that resume exactly.
 
-Batch contract of `make_iterator` (numpy, b = global_batch // process_count rows, T = seq_len):
-  inputs int32[b,T], targets int32[b,T], positions int32[b,T], segment_ids int32[b,T],
-  loss_mask float32[b,T]   (see data.packing; for SFT the mask covers assistant tokens only).
-`make_preference_iterator` gives {'chosen': batch, 'rejected': batch} of that form, row i of
-both from the same pair, one pair per row.
+`make_iterator` batches (numpy, b = global_batch // process_count rows, T = seq_len): inputs,
+targets, positions, segment_ids int32[b,T] and loss_mask float32[b,T] (data.packing; SFT masks
+all but assistant tokens). `make_preference_iterator`: {'chosen': batch, 'rejected': batch},
+row i of both from the same pair.
 
 The global batch does not depend on the process count: the items of all selected sources are
 mixed by weight into one sequence, shuffled anew every epoch and repeated without end; row r of
-every global batch is packed from its own stream, the items r, r + B, r + 2B, ... of it. Process
-p builds (reads, tokenises) only rows p*b .. (p+1)*b - 1. The state is JSON: per row stream, the
-next item's index, the offset into a cut document, and per-source counts (`get_state()['counts']`
-adds those up with the counts known at build time).
-
-The 'eval' split is not shuffled and starts from its beginning in every new iterator, so the
-first N batches are a fixed eval set.
+every global batch is packed from its own stream, the items r, r + B, r + 2B, ... of it, and
+process p builds only rows p*b .. (p+1)*b - 1. The state is JSON: per row stream, the next
+item's index, the offset into a cut document, and per-source counts. The 'eval' split is not
+shuffled and starts from its beginning in every new iterator: the first N batches are fixed.
 """
 
 import collections

@@ -1,13 +1,12 @@
-"""Reading local text and JSON-lines files (`.gz` too), with one policy for bad input and long
-documents.
+"""Reading local text and JSON-lines files (`.gz` too), with one policy for bad input and length.
 
 Bad input (invalid UTF-8 or JSON, a missing or non-string field, an empty document, an over-long
-example, a file that cannot be read to its end such as a truncated `.gz`) goes to `BadInput`:
-'raise' raises `BadInputError` naming file:line; 'skip' drops the record, counts it by reason and
-logs the first few. `BadInput(max_chars=N)` bounds every document to N characters in time and
-memory (lines are read in pieces of at most 4N bytes): a longer one is split into N-character
-documents ('split'), cut to its first N ('truncate') or dropped ('skip'), and counted once as
-'long_doc_<policy>'. JSON lines longer than 8N characters are bad input ('too_long').
+example, a file that cannot be read to its end) goes to `BadInput`: 'raise' raises
+`BadInputError` naming file:line; 'skip' drops, counts by reason and logs the first few.
+`BadInput(max_chars=N)` bounds every document to N characters in time and memory (lines are read
+in pieces of at most 4N bytes): a longer one is split into N-character documents ('split'), cut
+('truncate') or dropped ('skip'), and counted once as 'long_doc_<policy>'. JSON lines longer
+than 8N characters are bad input ('too_long').
 """
 
 import codecs

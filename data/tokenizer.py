@@ -1,14 +1,12 @@
 """SentencePiece tokenizers: training (unigram or BPE), caching, and a small wrapper class.
 
 Trained models round-trip any UTF-8 text, `decode(encode(x)) == x` (identity normalisation, no
-whitespace collapsing or dummy prefix, byte fallback), and split digits one by one. Their ids:
-PAD=0, BOS=1, EOS=2, UNK=3, then the `CHAT_MARKERS` as control symbols (never produced by
-encoding text, inserted by id by a chat template only, dropped by `decode`); a newline is its
-own piece. `Tokenizer` also loads models such as Llama's (UNK=0, no PAD: `pad_id` is then 0,
-only ever under a zero loss mask).
+whitespace collapsing or dummy prefix, byte fallback), and split digits. Their ids: PAD=0, BOS=1,
+EOS=2, UNK=3, then the `CHAT_MARKERS` as control symbols (never produced by encoding text, only
+inserted by id by a chat template, dropped by `decode`); a newline is its own piece. `Tokenizer`
+also loads models such as Llama's (UNK=0, no PAD: `pad_id` is 0, only under a zero loss mask).
 
-CLI: python -m data.tokenizer train --input 'texts/*.txt' --vocab-size 8000 \
-         --model-type unigram --out /tmp/tok
+CLI: python -m data.tokenizer train --input 'texts/*.txt' --vocab-size 8000 --out /tmp/tok
 """
 
 import argparse

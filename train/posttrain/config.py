@@ -1,12 +1,11 @@
 """Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`, `dpo`.
 
-`stage` is 'sft' (the train loop as it is), 'rm' (reward model, train/posttrain/reward.py),
-'ppo' (train/posttrain/ppo.py, ppo_loop.py) or 'dpo' (train/posttrain/dpo.py). Shared keys keep
-their meaning: `train.init_from` is the checkpoint the trained model starts from (SFT: the
-pre-trained LM; RM, PPO, DPO: the SFT model), `train.steps` counts optimiser steps (RM, DPO) or
-PPO iterations (one rollout batch each), `train.global_batch` is pairs per step (RM, DPO) or
-prompts per rollout (PPO), `optim` is the trained model's optimiser (PPO: the policy's; the
-critic has `ppo.critic_lr`).
+`stage`: 'sft' (the train loop as it is), 'rm' (train/posttrain/reward.py), 'ppo'
+(train/posttrain/ppo.py, ppo_loop.py) or 'dpo' (train/posttrain/dpo.py). Shared keys keep their
+meaning: `train.init_from` is the starting checkpoint (SFT: the pre-trained LM; others: the SFT
+model), `train.steps` counts optimiser steps (RM, DPO) or PPO iterations (one rollout batch
+each), `train.global_batch` is pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is
+the trained model's (PPO: the policy's; the critic has `ppo.critic_lr`).
 """
 
 import ml_collections
