@@ -76,8 +76,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     clean = hygiene_lib.Hygiene(spec['hygiene'])
     kept = [where for where, text in self._documents(bad) if clean.check(text) is not None]
     assignment = dict.fromkeys(kept, 'train')
-    if spec['eval_fraction'] > 0 and len(kept) >= 2:
-      # Every k-th document is held out, at least one.
+    if spec['eval_fraction'] > 0 and len(kept) >= 2:  # Every k-th held out, at least one.
       every = min(len(kept), max(1, round(1 / spec['eval_fraction'])))
       for where in kept[every - 1::every]:
         assignment[where] = 'eval'

@@ -1,6 +1,6 @@
 """Runs untrusted Python programs, one separate, isolated, resource-limited process each.
 
-Tiers, strongest first (`TIERS`, `_DESCRIPTIONS`; README, "HumanEval isolation"):
+Tiers, strongest first (`TIERS`; README, "HumanEval isolation"):
 `isolation_name()` picks the first that works here, or the one env MESHLM_SANDBOX names. In every
 tier stdin is /dev/null, the environment is minimal, a runner sets the rlimits before it compiles
 the program (no `preexec_fn`: the caller is multi-threaded), and the parent kills it after
@@ -29,18 +29,16 @@ import tempfile
 import threading
 import time
 
-TIERS = ('bwrap', 'unshare', 'rlimits')
-ENV_TIER = 'MESHLM_SANDBOX'
-ENV_PYTHON = 'MESHLM_SANDBOX_PYTHON'
-MAX_SLOTS = 16
-
-_DESCRIPTIONS = {
+TIERS = {  # Strongest first: what each isolates.
     'bwrap': ('bubblewrap: user/pid/net/ipc/uts/cgroup namespaces, read-only filesystem, '
               'private tmpfs /tmp and /run, rlimits'),
     'unshare': ('util-linux unshare: user/pid/net/ipc/uts/mount namespaces, filesystem guarded '
                 'by permissions only, rlimits'),
     'rlimits': 'no namespaces: separate process with rlimits and a timeout only',
 }
+ENV_TIER = 'MESHLM_SANDBOX'
+ENV_PYTHON = 'MESHLM_SANDBOX_PYTHON'
+MAX_SLOTS = 16
 
 # Runs inside the sandbox: argv = status_fd nonce program_path as nproc fsize cpu nofile.
 _RUNNER = '''
@@ -111,7 +109,7 @@ class Outcome:
 
 
 def isolation_description(name: str | None = None) -> str:
-  return _DESCRIPTIONS[name or isolation_name()]
+  return TIERS[name or isolation_name()]
 
 
 def _slot_uid(slot: int) -> int | None:
@@ -177,7 +175,7 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
     return wrap + runner, work
   if tier == 'rlimits':
     return runner, work
-  raise ValueError(f'unknown sandbox tier {tier!r}; expected one of {TIERS}')
+  raise ValueError(f'unknown sandbox tier {tier!r}; expected one of {tuple(TIERS)}')
 
 
 def _pids_of_uid(uid: int) -> list[int]:
@@ -322,7 +320,7 @@ def isolation_name() -> str:
   """The tier in use: env MESHLM_SANDBOX if set (it must work), else the strongest that works."""
   forced = os.environ.get(ENV_TIER, 'auto')
   if forced != 'auto' and forced not in TIERS:
-    raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {TIERS}')
+    raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {tuple(TIERS)}')
   for tier in TIERS if forced == 'auto' else (forced,):
     outcome = probe(tier)
     if outcome.passed:
