@@ -70,11 +70,9 @@ def _rng(seed: int, index: int, kind: str = 'doc') -> random.Random:
 
 def _story(rng: random.Random) -> str:
   name, friend = rng.sample(NAMES, 2)
-  he = PRONOUN[name]
-  his = POSSESSIVE[he]
+  he, his = PRONOUN[name], POSSESSIVE[PRONOUN[name]]
   animal, place, day = rng.choice(ANIMALS), rng.choice(PLACES), rng.choice(DAYS)
-  verb = rng.choice(VERBS)
-  thing = _thing(rng)
+  verb, thing = rng.choice(VERBS), _thing(rng)
   past = rng.random() < 0.5
   lines = []
   if past:
@@ -123,9 +121,7 @@ def _table(rng: random.Random) -> str:
 
 
 def _counting(rng: random.Random) -> str:
-  start = rng.randint(0, 80)
-  step = rng.choice((1, 1, 2, 3, 5, 10))
-  n = rng.randint(5, 12)
+  start, step, n = rng.randint(0, 80), rng.choice((1, 1, 2, 3, 5, 10)), rng.randint(5, 12)
   numbers = ', '.join(str(start + step * k) for k in range(n))
   if rng.random() < 0.5:
     lo = rng.randint(0, 10)

@@ -1,9 +1,8 @@
 """Config defaults, experiment files and validation. Experiment files start from `defaults()`.
 
-Every key a run reads is listed here, so a typo in an experiment file or a `--config.x=y`
-override is an error that names the key, and configs that cannot work fail before compiling.
-`load_experiment` reads an experiment file; its errors name the file:line (train/cli.py adds
-the command line's overrides).
+Every key a run reads is listed here, so a typo in an experiment file or an override is an error
+naming the key, and configs that cannot work fail before compiling; `load_experiment`'s errors
+name the file:line.
 """
 
 import dataclasses
