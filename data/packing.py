@@ -26,22 +26,15 @@ FEATURES = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
 
 
 def lm_example(ids: np.ndarray | list[int], weights: np.ndarray | None = None) -> dict:
-  """The shifted example of one document `ids` (BOS/EOS already in place).
-
-  `weights`, if given, has one entry per token of `ids` and says whether a token is learned:
-  the example's weight for target `ids[i]` is `weights[i]` (i >= 1).
-  """
+  """The shifted example of one document `ids` (BOS/EOS in place); `weights` (one per id, default
+  ones) say what is learned: target `ids[i]` has weight `weights[i]` (i >= 1)."""
   ids = np.asarray(ids, np.int32)
   if ids.ndim != 1 or ids.shape[0] < 2:
     raise ValueError(f'a document needs at least 2 ids (BOS and EOS), got shape {ids.shape}')
-  if weights is None:
-    w = np.ones(ids.shape[0] - 1, np.float32)
-  else:
-    weights = np.asarray(weights, np.float32)
-    if weights.shape != ids.shape:
-      raise ValueError(f'weights shape {weights.shape} differs from ids shape {ids.shape}')
-    w = weights[1:]
-  return {'inputs': ids[:-1], 'targets': ids[1:], 'weights': w}
+  weights = np.ones(ids.shape, np.float32) if weights is None else np.asarray(weights, np.float32)
+  if weights.shape != ids.shape:
+    raise ValueError(f'weights shape {weights.shape} differs from ids shape {ids.shape}')
+  return {'inputs': ids[:-1], 'targets': ids[1:], 'weights': weights[1:]}
 
 
 class RowPacker:

@@ -129,11 +129,8 @@ class _Document:
 
 def iter_text(pattern: str, unit: str, bad: BadInput) -> Iterator[tuple[str, str]]:
   """(where, document) from text files: a whole file, a blank-line paragraph, or a line each.
-
-  Blank lines separate paragraphs and lines; they are not documents. A document holding a
-  line of invalid UTF-8 is dropped (from that line on, if it was already split). An empty file
-  (unit 'file') is bad input.
-  """
+  Blank lines are not documents; a document holding a line of invalid UTF-8 is dropped (from
+  that line on, if already split); an empty file (unit 'file') is bad input."""
   if unit not in UNITS:
     raise ValueError(f'text unit {unit!r} is not one of {UNITS}')
   for path in expand(pattern):

@@ -107,10 +107,8 @@ def _lines(docs: Iterable[str], max_chars: int) -> Iterable[str]:
 
 def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | os.PathLike,
           *, max_sentence_length: int = 16_384) -> Tokenizer:
-  """Trains a model on `docs` and writes `prefix.model` / `prefix.vocab` (atomically).
-
-  The vocabulary has at most `vocab_size` pieces: fewer when the text cannot support more.
-  """
+  """Trains a model on `docs` and writes `prefix.model` / `prefix.vocab` atomically; it has at
+  most `vocab_size` pieces (fewer when the text cannot support more)."""
   if model_type not in MODEL_TYPES:
     raise TokenizerError(f'tokenizer type {model_type!r} is not one of {MODEL_TYPES}')
   min_vocab = 256 + 4 + len(CHAT_MARKERS) + 1 + 16
