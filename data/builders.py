@@ -141,11 +141,9 @@ class _TinyShakespeare(tiny_shakespeare.Builder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     text = epath.Path(dl_manager.download(self.URL)).read_text(encoding='utf-8')
-    # The same 90/5/5 cut as the catalogued builder.
-    i = int(len(text) * 0.9)
-    train, text = text[:i], text[i:]
-    j = int(len(text) * 0.5)
-    splits = {'train': train, 'validation': text[:j], 'test': text[j:]}
+    i = int(len(text) * 0.9)  # The same 90/5/5 cut as the catalogued builder.
+    j = i + int((len(text) - i) * 0.5)
+    splits = {'train': text[:i], 'validation': text[i:j], 'test': text[j:]}
     return [tfds.core.SplitGenerator(name=name, gen_kwargs={'split_key': name, 'split_text': t})
             for name, t in splits.items()]
 
