@@ -8,6 +8,7 @@ are read, checked and deduplicated up front. `Source.stats` holds the counts kno
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
@@ -80,15 +81,11 @@ def _spans(records: _Lazy, unit: str) -> _Lazy:
         spans.append((i, start, start + len(piece)))
       start += len(piece) + len(sep)
   spans = np.asarray(spans, np.int64).reshape(-1, 3)
-  cached = [-1, '']  # The record last read, and its text.
+  text_of = functools.lru_cache(maxsize=1)(records.__getitem__)  # Neighbour spans share it.
 
   def span(index: int) -> str | Bad:
     record, start, end = (int(v) for v in spans[index])
-    if start < 0:
-      return records[record]
-    if cached[0] != record:
-      cached[:] = record, records[record]
-    return cached[1][start:end]
+    return text_of(record) if start < 0 else text_of(record)[start:end]
   return _Lazy(spans.shape[0], span)
 
 
