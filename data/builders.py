@@ -1,14 +1,10 @@
 """TFDS builders prepared to array_record without TensorFlow, and readers of what they write.
 
-* `LocalCorpus`: local text files or JSON lines (paths or globs) as a tfds dataset with a
-  'train' and an 'eval' split, one record `{'text'}` per document. Preparing it runs hygiene
-  (data.hygiene, dedup included) and the bad-input policy (data.readers) over the whole
-  corpus and stores their counts in the dataset's metadata (`metadata.json`).
-* Catalogued datasets are read with `tfds.data_source` (array_record through grain, no
-  TensorFlow). Their own builders usually need TensorFlow to *prepare*; for the ones listed in
-  `TF_FREE_PREPARERS` (tiny_shakespeare) a subclass with a TF-free `_split_generators` writes
-  the very same files, fetching the input through tfds's download manager, which accepts a
-  pre-filled manual dir and checks the registered checksum.
+`LocalCorpus`: local text or JSON-lines files as a tfds dataset with 'train' and 'eval' splits
+of `{'text'}` records; preparing it runs hygiene (dedup included) and the bad-input policy over
+the whole corpus and keeps their counts in the dataset's metadata. Catalogued datasets are read
+with `tfds.data_source`; `TF_FREE_PREPARERS` (tiny_shakespeare) prepare the same files without
+TensorFlow, through tfds's download manager (manual dir and registered checksum).
 """
 
 import contextlib
@@ -77,11 +73,10 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # Everything is local.
     spec = self._spec
     bad = self._bad_input(spec['on_bad_input'])
-    clean = hygiene_lib.Hygiene(ml_collections.ConfigDict(spec['hygiene']))
+    clean = hygiene_lib.Hygiene(spec['hygiene'])
     kept = [where for where, text in self._documents(bad) if clean.check(text) is not None]
     assignment = dict.fromkeys(kept, 'train')
-    if spec['eval_fraction'] > 0 and len(kept) >= 2:
-      # Every k-th document is held out, at least one.
+    if spec['eval_fraction'] > 0 and len(kept) >= 2:  # Every k-th held out, at least one.
       every = min(len(kept), max(1, round(1 / spec['eval_fraction'])))
       for where in kept[every - 1::every]:
         assignment[where] = 'eval'
@@ -110,25 +105,25 @@ def local_spec(entry: ml_collections.ConfigDict, data_cfg: ml_collections.Config
 
 
 @contextlib.contextmanager
-def _own_tempdir():
-  """tfds makes `tempfile.mkdtemp('tfds')` folders it never removes (a builder of an unprepared
-  dataset looks for its info in a bucket): they go into a folder of ours, removed afterwards."""
+def _quiet_tfds():
+  """tfds without its progress output on stdout (it goes to stderr) and without the
+  `tempfile.mkdtemp('tfds')` folders it never removes (they go into one of ours, removed)."""
+  tfds.disable_progress_bar()
   with tempfile.TemporaryDirectory(prefix='meshlm-tfds-') as tmp:
     saved, tempfile.tempdir = tempfile.tempdir, tmp
     try:
-      yield
+      with contextlib.redirect_stdout(sys.stderr):
+        yield
     finally:
       tempfile.tempdir = saved
 
 
 def prepare_local(spec: dict[str, Any], data_dir: str) -> tfds.core.DatasetBuilder:
   """Prepares (once) the local corpus `spec` under `data_dir`; returns a builder to read it."""
-  with _own_tempdir():
+  with _quiet_tfds():
     builder = LocalCorpus(spec=spec, data_dir=data_dir, file_format='array_record')
     if not builder.is_prepared():
-      tfds.disable_progress_bar()
-      with contextlib.redirect_stdout(sys.stderr):  # tfds prints progress to stdout
-        builder.download_and_prepare()
+      builder.download_and_prepare()
   return tfds.builder_from_directory(builder.data_dir)
 
 
@@ -146,11 +141,9 @@ class _TinyShakespeare(tiny_shakespeare.Builder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     text = epath.Path(dl_manager.download(self.URL)).read_text(encoding='utf-8')
-    # The same 90/5/5 cut as the catalogued builder.
-    i = int(len(text) * 0.9)
-    train, text = text[:i], text[i:]
-    j = int(len(text) * 0.5)
-    splits = {'train': train, 'validation': text[:j], 'test': text[j:]}
+    i = int(len(text) * 0.9)  # The same 90/5/5 cut as the catalogued builder.
+    j = i + int((len(text) - i) * 0.5)
+    splits = {'train': text[:i], 'validation': text[i:j], 'test': text[j:]}
     return [tfds.core.SplitGenerator(name=name, gen_kwargs={'split_key': name, 'split_text': t})
             for name, t in splits.items()]
 
@@ -164,9 +157,8 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '') -> None:
   cls = TF_FREE_PREPARERS.get(base)
   kwargs = {'data_dir': data_dir, 'file_format': 'array_record'}
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-  tfds.disable_progress_bar()
   try:
-    with _own_tempdir(), contextlib.redirect_stdout(sys.stderr):
+    with _quiet_tfds():
       builder = cls(**kwargs) if cls and base == name else tfds.builder(name, **kwargs)
       if not builder.is_prepared():
         builder.download_and_prepare(download_config=config)
@@ -184,7 +176,7 @@ def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '',
   if prepare:
     prepare_tfds(name, data_dir, manual_dir)
   try:
-    with _own_tempdir():
+    with _quiet_tfds():
       return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises assorted types for "not prepared" and "no such split".
     raise PrepareError(f'tfds dataset {name!r} split {split!r} cannot be read from '

@@ -1,22 +1,16 @@
 """Chat data: one template, record adapters, hh-rlhf splitting, SFT and preference examples.
 
-The template, in ids (markers are control pieces, see data.tokenizer):
-  BOS  <|system|> text <|end|>  <|user|> text <|end|>  <|assistant|> text <|end|> ... EOS
-with a newline piece after every <|end|> so decoded dialogues read well. The loss mask
-covers the content of assistant turns and the <|end|> closing each of them; never the
-system or user turns, the role markers, or the final EOS. A prompt for generation ends with
+The template, in ids (markers are control pieces, see data.tokenizer), a newline piece after
+every <|end|>:  BOS <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> EOS.
+The loss mask covers assistant contents, the <|end|> closing each, and the EOS after a final
+assistant turn; never system or user turns or role markers. A generation prompt ends with
 '<|assistant|>'.
 
-Record adapters turn JSON objects into `messages` ([{'role', 'content'}, ...]):
-  messages       {'messages': [{'role': 'user'|'assistant'|'system', 'content': str}, ...]}
-  alpaca         {'instruction', 'input' (may be empty), 'output'}
-  self_instruct  {'instruction', 'instances': [{'input', 'output'}, ...]}: one per instance
-  prompt_response  {'prompt', 'response'}
-'auto' picks by the fields present. Preference records:
-  {'prompt', 'chosen', 'rejected'}  strings (prompt = user turn, the others assistant replies)
-  hh-rlhf {'chosen', 'rejected'}: whole '\\n\\nHuman: ...\\n\\nAssistant: ...' dialogues that
-  differ in the last assistant turn; split there into shared prompt turns and two replies
-  (see `split_hh`).
+Record adapters (`sft_format`; 'auto' picks by the fields present) give `messages`
+([{'role', 'content'}, ...]): messages {'messages': [...]}, alpaca {'instruction', 'input',
+'output'}, self_instruct {'instruction', 'instances': [{'input', 'output'}, ...]} (one each),
+prompt_response {'prompt', 'response'}. Preference records: {'prompt', 'chosen', 'rejected'}
+strings, or hh-rlhf {'chosen', 'rejected'} whole dialogues split by `split_hh`.
 """
 
 import os
@@ -31,6 +25,7 @@ from data import tokenizer as tokenizer_lib
 ROLES = ('system', 'user', 'assistant')
 SFT_FORMATS = ('auto', 'messages', 'alpaca', 'self_instruct', 'prompt_response')
 _HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
+_DETECT = (('messages', 'messages'), ('instances', 'self_instruct'), ('instruction', 'alpaca'))
 
 
 class TemplateError(ValueError):
@@ -46,7 +41,7 @@ class ChatTemplate:
     self.end_id = tok.special_id('<|end|>')
     self.newline = tok.encode('\n')
 
-  def encode(self, messages: list[dict[str, str]], *, add_eos: bool = True,
+  def encode(self, messages: list[dict[str, str]], *,
              generation_prompt: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32[L], weights float32[L]): weights[i] = 1 where ids[i] is learned."""
     ids, weights = [self.tok.bos_id], [0.0]
@@ -58,7 +53,7 @@ class ChatTemplate:
     if generation_prompt:
       ids.append(self.role_ids['assistant'])
       weights.append(0.0)
-    elif add_eos:  # The EOS that ends a conversation closing on an assistant turn is learned too.
+    else:  # The EOS that ends a conversation closing on an assistant turn is learned too.
       ids.append(self.tok.eos_id)
       weights.append(1.0 if messages and messages[-1]['role'] == 'assistant' else 0.0)
     return np.asarray(ids, np.int32), np.asarray(weights, np.float32)
@@ -97,22 +92,13 @@ def _pair(user: str, assistant: str, system: str | None = None) -> list[dict[str
   return turns + [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': assistant}]
 
 
-def _detect(obj: dict[str, Any]) -> str:
-  if 'messages' in obj:
-    return 'messages'
-  if 'instances' in obj:
-    return 'self_instruct'
-  if 'instruction' in obj:
-    return 'alpaca'
-  return 'prompt_response'
-
-
 def sft_messages(obj: dict[str, Any], fmt: str, where: str,
                  bad: readers.BadInput) -> list[list[dict[str, str]]]:
   """The conversations in one record (self-instruct records hold several)."""
   if fmt not in SFT_FORMATS:
     raise ValueError(f'config.data sft_format {fmt!r} is not one of {SFT_FORMATS}')
-  fmt = _detect(obj) if fmt == 'auto' else fmt
+  if fmt == 'auto':  # By the first of these keys present.
+    fmt = next((f for key, f in _DETECT if key in obj), 'prompt_response')
   system = obj.get('system') if isinstance(obj.get('system'), str) else None
   if fmt == 'messages':
     messages = _check_messages(obj.get('messages'), where, bad)
@@ -129,12 +115,9 @@ def sft_messages(obj: dict[str, Any], fmt: str, where: str,
     instruction = readers.get_field(obj, 'instruction', where, bad)
     if instruction is None:
       return []
-    if fmt == 'alpaca':
-      items = [obj]
-    else:
-      items = readers.get_field(obj, 'instances', where, bad, list) or []
+    items = [obj] if fmt == 'alpaca' else readers.get_field(obj, 'instances', where, bad, list)
     candidates = []
-    for item in items:
+    for item in items or []:
       if not isinstance(item, dict) or not isinstance(item.get('output'), str):
         bad(where, 'missing_field', "field 'output' is missing")
         continue
@@ -152,12 +135,8 @@ def sft_messages(obj: dict[str, Any], fmt: str, where: str,
 
 def split_hh(chosen: str, rejected: str, where: str,
              bad: readers.BadInput) -> tuple[list, str, str] | None:
-  """hh-rlhf dialogues -> (prompt messages, chosen reply, rejected reply), or None if bad.
-
-  The split is at the last '\\n\\nAssistant: ' lying in the text both dialogues share: what
-  comes before is the prompt, what follows on each side is its reply. (Splitting each side at
-  its own last marker would fail on the few replies that contain such markers themselves.)
-  """
+  """hh-rlhf dialogues -> (prompt messages, chosen reply, rejected reply), or None if bad; cut at
+  the last '\\n\\nAssistant: ' in their common prefix (replies may contain the marker)."""
   marker = '\n\nAssistant: '
   common = os.path.commonprefix([chosen, rejected])
   cut = common.rfind(marker)

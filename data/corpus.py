@@ -1,28 +1,21 @@
 """The embedded default corpus: text made by deterministic generators, no files, no network.
 
-Every document is a pure function of `(seed, index)` (its own `random.Random` seeded from a
-string, which Python hashes with SHA-512, so the text is the same on every machine and run).
-That lets a data source read document `i` without building the ones before it.
-
-Kinds of text, mixed by fixed weights: short stories with pronouns and tenses that agree,
-arithmetic facts and worked sums, lists and counting, dialogues between named people, and
-facts about a small world (capitals, colours, opposites, plurals). The word lists are small,
-so a tiny model can learn the structure and its loss falls visibly within a few hundred steps.
-
-Also here: instruction/response pairs with a checkable answer (`instructions`) and
-preference pairs with a right and a wrong answer (`preferences`) for the SFT/RLHF stages.
+Document `i` is a pure function of `(seed, i)` (its own `random.Random`, seeded from a string,
+which is the same on every machine), so a source reads it without building the ones before.
+Kinds, mixed by fixed weights: short stories, arithmetic, times tables, counting, lists,
+dialogues and facts about a small world; the word lists are small, so a tiny model's loss falls
+visibly within a few hundred steps. `instructions` and `preferences` give SFT and preference
+pairs with a checkable answer.
 """
 
 import random
 
-NAMES = ('Alice', 'Bob', 'Carla', 'David', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas',
-         'Kemi', 'Leo', 'Maya', 'Nikos', 'Olga', 'Pablo', 'Quinn', 'Rosa', 'Sam', 'Tariq',
-         'Uma', 'Victor', 'Wen', 'Yara', 'Zoe')
 PRONOUN = {'Alice': 'she', 'Bob': 'he', 'Carla': 'she', 'David': 'he', 'Elena': 'she',
            'Farid': 'he', 'Grace': 'she', 'Hiro': 'he', 'Ines': 'she', 'Jonas': 'he',
            'Kemi': 'she', 'Leo': 'he', 'Maya': 'she', 'Nikos': 'he', 'Olga': 'she',
            'Pablo': 'he', 'Quinn': 'they', 'Rosa': 'she', 'Sam': 'they', 'Tariq': 'he',
            'Uma': 'she', 'Victor': 'he', 'Wen': 'they', 'Yara': 'she', 'Zoe': 'she'}
+NAMES = tuple(PRONOUN)
 POSSESSIVE = {'she': 'her', 'he': 'his', 'they': 'their'}
 ANIMALS = ('cat', 'dog', 'owl', 'fox', 'horse', 'rabbit', 'elephant', 'turtle', 'eagle',
            'otter', 'goat', 'ant', 'bear', 'duck', 'whale', 'iguana')
@@ -77,11 +70,9 @@ def _rng(seed: int, index: int, kind: str = 'doc') -> random.Random:
 
 def _story(rng: random.Random) -> str:
   name, friend = rng.sample(NAMES, 2)
-  he = PRONOUN[name]
-  his = POSSESSIVE[he]
+  he, his = PRONOUN[name], POSSESSIVE[PRONOUN[name]]
   animal, place, day = rng.choice(ANIMALS), rng.choice(PLACES), rng.choice(DAYS)
-  verb = rng.choice(VERBS)
-  thing = _thing(rng)
+  verb, thing = rng.choice(VERBS), _thing(rng)
   past = rng.random() < 0.5
   lines = []
   if past:
@@ -110,12 +101,9 @@ def _arithmetic(rng: random.Random) -> str:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     if op == '*':
       a, b = rng.randint(0, 12), rng.randint(0, 12)
-      result = a * b
     elif op == '-':
       a, b = max(a, b), min(a, b)
-      result = a - b
-    else:
-      result = a + b
+    result = {'+': a + b, '-': a - b, '*': a * b}[op]
     if rng.random() < 0.3:
       word = {'+': 'plus', '-': 'minus', '*': 'times'}[op]
       lines.append(f'{a} {word} {b} is {result}.')
@@ -133,9 +121,7 @@ def _table(rng: random.Random) -> str:
 
 
 def _counting(rng: random.Random) -> str:
-  start = rng.randint(0, 80)
-  step = rng.choice((1, 1, 2, 3, 5, 10))
-  n = rng.randint(5, 12)
+  start, step, n = rng.randint(0, 80), rng.choice((1, 1, 2, 3, 5, 10)), rng.randint(5, 12)
   numbers = ', '.join(str(start + step * k) for k in range(n))
   if rng.random() < 0.5:
     lo = rng.randint(0, 10)
@@ -170,29 +156,21 @@ def _dialogue(rng: random.Random) -> str:
   return '\n'.join(turns)
 
 
+_FACTS = ((CAPITALS, 'The capital of {} is {}.'), (COLOURS, 'The colour of {} is {}.'),
+          (OPPOSITES, 'The opposite of {} is {}.'), (PLURALS, 'One {}, two {}.'))
+
+
 def _facts(rng: random.Random) -> str:
   lines = []
   for _ in range(rng.randint(3, 7)):
-    kind = rng.randrange(4)
-    if kind == 0:
-      country, capital = rng.choice(CAPITALS)
-      lines.append(f'The capital of {country} is {capital}.')
-    elif kind == 1:
-      thing, colour = rng.choice(COLOURS)
-      lines.append(f'The colour of {thing} is {colour}.')
-    elif kind == 2:
-      word, opposite = rng.choice(OPPOSITES)
-      lines.append(f'The opposite of {word} is {opposite}.')
-    else:
-      one, many = rng.choice(PLURALS)
-      lines.append(f'One {one}, two {many}.')
+    table, text = _FACTS[rng.randrange(4)]
+    lines.append(text.format(*rng.choice(table)))
   return ' '.join(lines)
 
 
 _KINDS = ((_story, 36), (_arithmetic, 16), (_table, 4), (_counting, 6), (_list, 8),
           (_dialogue, 14), (_facts, 16))
-_GENERATORS = tuple(g for g, _ in _KINDS)
-_WEIGHTS = tuple(w for _, w in _KINDS)
+_GENERATORS, _WEIGHTS = zip(*_KINDS)
 
 
 def document(seed: int, index: int) -> str:

@@ -1,16 +1,10 @@
 """Text hygiene: Unicode normalisation, exact deduplication, quality filters; all counted.
 
-Each step is optional (config keys under `config.data.hygiene`, see data.config):
-  normalize          '' (keep bytes as they are), 'NFC' or 'NFKC'.
-  dedup              drop exact repeats (same SHA-256 of the normalised text); the first wins.
-                     Needs a view of the whole corpus, so it runs where one exists: when a
-                     local corpus is prepared and when SFT/preference files are read.
-  min_chars/max_chars  length bounds (0 = no bound).
-  min_alpha_ratio    least share of letters among non-space characters (0 = off).
-  max_repeated_line_ratio  most share of non-empty lines that repeat an earlier line (1 = off).
-
-`Hygiene.check(text)` returns the cleaned text or None, and counts why in `counts`
-(keys: 'kept', 'empty', 'too_short', 'too_long', 'low_alpha', 'repeated_lines', 'duplicate').
+Each step is optional (`config.data.hygiene`, keys explained in `default_config`). Dedup needs a
+view of the whole corpus, so it runs where one exists: when a local corpus is prepared and when
+SFT/preference files are read. `Hygiene.check(text)` returns the cleaned text or None, and
+counts why in `counts` ('kept', 'empty', 'too_short', 'too_long', 'low_alpha', 'repeated_lines',
+'duplicate').
 """
 
 import collections
@@ -24,12 +18,12 @@ NORMALIZATIONS = ('', 'NFC', 'NFKC')
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.normalize = ''
-  c.dedup = False
-  c.min_chars = 0
+  c.normalize = ''  # '' (text as it is), 'NFC' or 'NFKC'.
+  c.dedup = False  # Drop exact repeats (same SHA-256 of the normalised text); the first wins.
+  c.min_chars = 0  # Length bounds (0: no bound).
   c.max_chars = 0
-  c.min_alpha_ratio = 0.0
-  c.max_repeated_line_ratio = 1.0
+  c.min_alpha_ratio = 0.0  # Least share of letters among non-space characters (0: off).
+  c.max_repeated_line_ratio = 1.0  # Most share of non-empty lines repeating an earlier one.
   return c
 
 
@@ -45,24 +39,21 @@ def repeated_line_ratio(text: str) -> float:
   return 1.0 - len(set(lines)) / len(lines) if lines else 0.0
 
 
-def content_hash(text: str) -> bytes:
-  return hashlib.sha256(text.encode('utf-8', 'surrogatepass')).digest()[:16]
-
-
 class Hygiene:
   """Applies the configured steps to one text at a time and counts the outcomes."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict | None = None):
-    cfg = cfg or default_config()
-    if cfg.normalize not in NORMALIZATIONS:
-      raise ValueError(f'config.data.hygiene.normalize: {cfg.normalize!r} is not one of '
+  def __init__(self, cfg=None, **overrides):
+    """`cfg`: a `config.data.hygiene` section (ConfigDict or dict; default: all off), with
+    `overrides` of its keys."""
+    c = ml_collections.ConfigDict({**(cfg or default_config()), **overrides})
+    if c.normalize not in NORMALIZATIONS:
+      raise ValueError(f'config.data.hygiene.normalize: {c.normalize!r} is not one of '
                        f'{NORMALIZATIONS}')
-    self.cfg = cfg
     # Plain attributes: ConfigDict look-ups are slow on a per-document path.
-    self.normalize, self.dedup = cfg.normalize, bool(cfg.dedup)
-    self.min_chars, self.max_chars = int(cfg.min_chars), int(cfg.max_chars)
-    self.min_alpha_ratio = float(cfg.min_alpha_ratio)
-    self.max_repeated_line_ratio = float(cfg.max_repeated_line_ratio)
+    self.normalize, self.dedup = c.normalize, bool(c.dedup)
+    self.min_chars, self.max_chars = int(c.min_chars), int(c.max_chars)
+    self.min_alpha_ratio = float(c.min_alpha_ratio)
+    self.max_repeated_line_ratio = float(c.max_repeated_line_ratio)
     self.counts = collections.Counter()
     self._seen: set[bytes] = set()
 
@@ -88,7 +79,7 @@ class Hygiene:
         repeated_line_ratio(text) > self.max_repeated_line_ratio):
       reason = 'repeated_lines'
     elif self.dedup:
-      digest = content_hash(text)
+      digest = hashlib.sha256(text.encode('utf-8', 'surrogatepass')).digest()[:16]
       if digest in self._seen:
         reason = 'duplicate'
       else:

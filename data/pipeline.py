@@ -1,27 +1,16 @@
 """Grain pipelines from sources to process-local batches that resume exactly.
 
-Batch contract of `make_iterator` (numpy, b = global_batch // process_count rows, T = seq_len):
-  inputs int32[b,T], targets int32[b,T], positions int32[b,T], segment_ids int32[b,T],
-  loss_mask float32[b,T]   (see data.packing; for SFT the mask covers assistant tokens only).
-`make_preference_iterator` gives {'chosen': batch, 'rejected': batch} of that form, row i of
-both from the same pair, one pair per row.
+`make_iterator` batches (numpy, b = global_batch // process_count rows, T = seq_len): inputs,
+targets, positions, segment_ids int32[b,T] and loss_mask float32[b,T] (data.packing; SFT masks
+all but assistant tokens). `make_preference_iterator`: {'chosen': batch, 'rejected': batch},
+row i of both from the same pair.
 
-How rows are made, so that the global batch does not depend on the number of processes: the
-items of all selected sources are mixed by weight (grain's deterministic mix) into one
-sequence, shuffled anew every epoch and repeated without end. Row r of every global batch
-(0 <= r < global_batch) is packed from its own stream, the items at positions r, r + B,
-r + 2B, ... of that sequence. Process p builds only rows p*b .. (p+1)*b - 1: it reads and
-tokenises only its share, and the rows of all processes stacked in order are exactly the
-batch a single process would build.
-
-Each row stream is a grain pipeline (source -> mix -> shuffle -> repeat -> slice -> tokenise)
-feeding a packing iterator; the streams are zipped into one grain iterator whose state is
-small and JSON-serialisable: per stream, the index of the next item, how far into a cut
-document the packer had got, and per-source counts (items, tokens, and items skipped, by
-reason). `get_state()['counts']` adds those up along with counts known at build time.
-
-The 'eval' split is held out and not shuffled; a new iterator starts it from the beginning
-every time, so the first N batches make a fixed eval set.
+The global batch does not depend on the process count: the items of all selected sources are
+mixed by weight into one sequence, shuffled anew every epoch and repeated without end; row r of
+every global batch is packed from its own stream, the items r, r + B, r + 2B, ... of it, and
+process p builds only rows p*b .. (p+1)*b - 1. The state is JSON: per row stream, the next
+item's index, the offset into a cut document, and per-source counts. The 'eval' split is not
+shuffled and starts from its beginning in every new iterator: the first N batches are fixed.
 """
 
 import collections
@@ -114,10 +103,6 @@ class _PackIterator(grain.DatasetIterator):
       self._packer.reset(next(self._parent), int(state['offset']))
 
 
-def _stack_rows(rows: tuple) -> dict[str, np.ndarray]:
-  return {k: np.stack([r[k] for r in rows]) for k in packing.FEATURES}
-
-
 def _sum_counts(state: Any, into: dict) -> None:
   """Adds up the per-source counts found anywhere in a grain state tree."""
   if isinstance(state, dict):
@@ -135,11 +120,11 @@ class DataIterator:
   """Process-local batches: `next(it)`, `get_state()`, `set_state(s)`, `.tokenizer`."""
 
   def __init__(self, dataset: grain.IterDataset, tokenizer: tokenizer_lib.Tokenizer,
-               signature: dict[str, Any], build_stats: dict[str, Any]):
+               signature: dict[str, Any], srcs: list[sources.Source]):
     self.tokenizer = tokenizer
     self._iterator = dataset.__iter__()
     self._signature = signature
-    self.build_stats = build_stats  # Per source: counts known when it was built.
+    self.build_stats = {s.name: s.stats for s in srcs}  # Per source: counts known when built.
 
   def __iter__(self) -> 'DataIterator':
     return self
@@ -176,10 +161,7 @@ def _effective_seed(shuffle_seed: int, seed: int) -> int:
 
 def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
   bos, eos = tok.bos_id, tok.eos_id
-  clean = None
-  if lazy_hygiene:
-    cfg = ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(), 'dedup': False})
-    clean = hygiene_lib.Hygiene(cfg)
+  clean = hygiene_lib.Hygiene(data_cfg.hygiene, dedup=False) if lazy_hygiene else None
   bad = readers.BadInput(data_cfg.on_bad_input)
 
   def encode(item):
@@ -190,9 +172,8 @@ def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
       item, reason = clean.filter(item)
       if reason:
         return {'skip': reason, 'source': source_index}
-    ex = packing.lm_example(np.asarray([bos] + tok.encode(item) + [eos], np.int32))
-    ex['source'] = source_index
-    return ex
+    ids = np.asarray([bos] + tok.encode(item) + [eos], np.int32)
+    return {**packing.lm_example(ids), 'source': source_index}
   return encode
 
 
@@ -218,7 +199,9 @@ def _tokenize_chat(src: sources.Source, tok: tokenizer_lib.Tokenizer, data_cfg) 
 
 
 def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, process_count,
-             seed, formats):
+             seed, formats, to_dataset):
+  """(mixed items of all sources, tokenizer, signature, the sources);
+  `to_dataset(index, source, tokenizer)` gives a source's items as a grain MapDataset."""
   data_config.validate(data_cfg, vocab_size=vocab_size, global_batch=global_batch,
                        process_count=process_count)
   if not 0 <= process_index < process_count:
@@ -237,16 +220,15 @@ def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, 
                'packing': data_cfg.packing, 'source': str(data_cfg.source),
                'shuffle_seed': _effective_seed(data_cfg.shuffle_seed, seed),
                'tokenizer_vocab': tok.vocab_size}
-  return srcs, tok, signature
+  datasets = [to_dataset(i, s, tok) for i, s in enumerate(srcs)]
+  shuffle = signature['shuffle_seed'] if split == 'train' else None
+  mixed = _mix(datasets, [s.weight for s in srcs], shuffle)
+  return mixed, tok, signature, srcs
 
 
 def _mix(datasets: list, weights: list, shuffle_seed: int | None):
-  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets.
-
-  grain's mix interleaves sources in a fixed pattern; row r takes every B-th item, which
-  would alias with that pattern (a row fed by one source only), so the mixed sequence is
-  shuffled again within windows.
-  """
+  """Shuffled (when a seed is given), endlessly repeated mix of random-access datasets; shuffled
+  again within windows, as row r's every B-th item would alias with grain's fixed mix pattern."""
   if shuffle_seed is not None:
     datasets = [d.seed(shuffle_seed + i).shuffle() for i, d in enumerate(datasets)]
   datasets = [d.repeat(None) for d in datasets]
@@ -261,28 +243,23 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, globa
                   workdir: str, split: str = 'train', process_index: int = 0,
                   process_count: int = 1, seed: int = 0) -> DataIterator:
   """Packed batches of text and SFT sources: this process's rows of each global batch."""
-  srcs, tok, signature = _prepare(data_cfg, vocab_size, global_batch, workdir, split,
-                                  process_index, process_count, seed, ('text', 'sft'))
-  seq_len = int(data_cfg.seq_len)
-  datasets, build_stats = [], {}
-  for i, s in enumerate(srcs):
-    ds = grain.MapDataset.source(s.items)
+
+  def to_dataset(i, s, tok):
     if s.format == 'text':
-      ds = ds.map(_text_encoder(tok, data_cfg, i, s.lazy_hygiene))
-    else:
-      ds = grain.MapDataset.source([{**packing.lm_example(*e), 'source': i}
+      return grain.MapDataset.source(s.items).map(_text_encoder(tok, data_cfg, i, s.lazy_hygiene))
+    return grain.MapDataset.source([{**packing.lm_example(*e), 'source': i}
                                     for e in _tokenize_chat(s, tok, data_cfg)])
-    datasets.append(ds)
-    build_stats[s.name] = s.stats
-  shuffle = signature['shuffle_seed'] if split == 'train' else None
-  mixed = _mix(datasets, [s.weight for s in srcs], shuffle)
+
+  mixed, tok, signature, srcs = _prepare(
+      data_cfg, vocab_size, global_batch, workdir, split, process_index, process_count, seed,
+      ('text', 'sft'), to_dataset)
   local = global_batch // process_count
-  names = [s.name for s in srcs]
-  streams = [PackIterDataset(mixed[r::global_batch].to_iter_dataset(_SYNC_READ), seq_len,
-                             data_cfg.packing, tok.pad_id, names)
+  streams = [PackIterDataset(mixed[r::global_batch].to_iter_dataset(_SYNC_READ),
+                             int(data_cfg.seq_len), data_cfg.packing, tok.pad_id,
+                             [s.name for s in srcs])
              for r in range(process_index * local, (process_index + 1) * local)]
-  dataset = grain.experimental.ZipIterDataset(streams).map(_stack_rows)
-  return DataIterator(dataset, tok, signature, build_stats)
+  dataset = grain.experimental.ZipIterDataset(streams).map(packing.stack_rows)
+  return DataIterator(dataset, tok, signature, srcs)
 
 
 def _pair_rows(pairs: list, seq_len: int, pad_id: int) -> dict[str, dict[str, np.ndarray]]:
@@ -299,21 +276,16 @@ def make_preference_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size:
                              process_index: int = 0, process_count: int = 1,
                              seed: int = 0) -> DataIterator:
   """Batches {'chosen': rows, 'rejected': rows} of preference sources, one pair per row."""
-  srcs, tok, signature = _prepare(data_cfg, vocab_size, global_batch, workdir, split,
-                                  process_index, process_count, seed, ('preference',))
-  seq_len = int(data_cfg.seq_len)
-  datasets, build_stats = [], {}
-  for s in srcs:
-    datasets.append(grain.MapDataset.source(_tokenize_chat(s, tok, data_cfg)))
-    build_stats[s.name] = s.stats
-  shuffle = signature['shuffle_seed'] if split == 'train' else None
-  mixed = _mix(datasets, [s.weight for s in srcs], shuffle)
+  mixed, tok, signature, srcs = _prepare(
+      data_cfg, vocab_size, global_batch, workdir, split, process_index, process_count, seed,
+      ('preference',),
+      lambda i, s, tok: grain.MapDataset.source(_tokenize_chat(s, tok, data_cfg)))
   local = global_batch // process_count
   first = process_index * local
 
   def batch(k):
     start = int(k) * global_batch + first
-    return _pair_rows([mixed[start + j] for j in range(local)], seq_len, tok.pad_id)
+    return _pair_rows([mixed[start + j] for j in range(local)], int(data_cfg.seq_len), tok.pad_id)
 
   dataset = grain.MapDataset.range(sys.maxsize // global_batch).map(batch)
-  return DataIterator(dataset.to_iter_dataset(_SYNC_READ), tok, signature, build_stats)
+  return DataIterator(dataset.to_iter_dataset(_SYNC_READ), tok, signature, srcs)

@@ -1,15 +1,11 @@
 """Prepare datasets to array_record ahead of training (make_iterator also does it on demand).
 
   python -m data.prepare tfds --name tiny_shakespeare --data-dir D [--manual-dir M]
-  python -m data.prepare local --path 'corpus/*.txt' --data-dir D [--unit paragraph]
-      [--file-format text|jsonl] [--text-field text] [--name N] [--eval-fraction 0.01]
-      [--normalize NFC] [--dedup] [--min-chars N] [--max-chars N] [--min-alpha-ratio R]
-      [--max-repeated-line-ratio R] [--on-bad-input raise|skip] [--max-doc-chars N]
-      [--long-docs split|truncate|skip]
+  python -m data.prepare local --path 'corpus/*.txt' --data-dir D [flags: see --help]
 
-`local` prints where the corpus went and its counts (documents per split, bad input skipped,
-hygiene outcomes). To train on it, add a `sources` entry with the same settings
-(`kind='local'`) and the same `tfds_data_dir`; it finds the prepared files by fingerprint.
+`local` takes the keys of a `kind='local'` sources entry and the corpus keys of `config.data`
+(hygiene, on_bad_input, max_doc_chars, long_docs) as flags, and prints where the corpus went and
+its counts. Training on it with the same settings and `tfds_data_dir` finds it by fingerprint.
 """
 
 import argparse
@@ -29,24 +25,22 @@ def main(argv: Sequence[str] | None = None) -> None:
   t.add_argument('--data-dir', required=True)
   t.add_argument('--manual-dir', default='')
   loc = sub.add_parser('local', help='local text or JSON-lines files')
-  loc.add_argument('--path', required=True, help='a file or a glob')
   loc.add_argument('--data-dir', required=True)
-  loc.add_argument('--name', default='corpus')
-  loc.add_argument('--file-format', choices=builders.FORMATS, default='text')
-  loc.add_argument('--unit', choices=readers.UNITS, default='paragraph')
-  loc.add_argument('--text-field', default='text')
-  loc.add_argument('--eval-fraction', type=float, default=0.01)
   data_defaults = data_config.default_config()
+  entry_keys = {k: v for k, v in data_config.source_entry('local').items()
+                if k not in ('kind', 'format', 'weight')}  # path, file_format, unit, ...
   knobs = {k: data_defaults[k] for k in ('on_bad_input', 'max_doc_chars', 'long_docs')}
-  knobs.update(data_defaults.hygiene.to_dict())  # The config.data keys of a corpus, as flags.
-  choices = {'on_bad_input': readers.ON_BAD_INPUT, 'long_docs': readers.LONG_DOCS,
+  knobs.update(data_defaults.hygiene.to_dict())  # The config.data keys of a corpus.
+  choices = {'file_format': builders.FORMATS, 'unit': readers.UNITS,
+             'on_bad_input': readers.ON_BAD_INPUT, 'long_docs': readers.LONG_DOCS,
              'normalize': hygiene.NORMALIZATIONS}
-  for key, value in knobs.items():
+  for key, value in {**entry_keys, **knobs}.items():
     flag = '--' + key.replace('_', '-')
     if isinstance(value, bool):
       loc.add_argument(flag, action='store_true')
     else:
-      loc.add_argument(flag, type=type(value), default=value, choices=choices.get(key))
+      loc.add_argument(flag, type=type(value), default=value, choices=choices.get(key),
+                       required=key == 'path', help='a file or a glob' if key == 'path' else None)
   args = parser.parse_args(argv)
   try:
     if args.command == 'tfds':
@@ -56,10 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data_cfg = data_defaults
     for key in knobs:
       (data_cfg.hygiene if key in data_cfg.hygiene else data_cfg)[key] = getattr(args, key)
-    entry = data_config.source_entry('local', path=args.path, name=args.name,
-                                     file_format=args.file_format, unit=args.unit,
-                                     text_field=args.text_field,
-                                     eval_fraction=args.eval_fraction)
+    entry = data_config.source_entry('local', **{k: getattr(args, k) for k in entry_keys})
     builder = builders.prepare_local(builders.local_spec(entry, data_cfg), args.data_dir)
   except (builders.PrepareError, readers.BadInputError, FileNotFoundError, ValueError) as e:
     parser.exit(2, f'error: {e}\n')

@@ -1,15 +1,12 @@
-"""Reading local text and JSON-lines files, with one policy for bad input and long documents.
+"""Reading local text and JSON-lines files (`.gz` too), with one policy for bad input and length.
 
-Bad input (invalid UTF-8, invalid JSON, a missing or non-string field, an empty document, an
-over-long example, a file that cannot be read to its end such as a truncated `.gz`) is handled
-by `BadInput`: with `on_bad_input='raise'` it raises `BadInputError` naming the file and line;
-with 'skip' it drops the record, counts it by reason, and logs the first few. Files may be
-gzip-compressed (`.gz`).
-
-Long documents: `BadInput(max_chars=N)` bounds every document read to N characters, in time and
-memory (lines are read in pieces of at most 4N bytes): a longer one is split into N-character
-documents (`long_docs='split'`), cut to its first N ('truncate') or dropped ('skip'), and counted
-once as 'long_doc_<policy>'. JSON lines longer than 8N characters are bad input ('too_long').
+Bad input (invalid UTF-8 or JSON, a missing or non-string field, an empty document, an over-long
+example, a file that cannot be read to its end) goes to `BadInput`: 'raise' raises
+`BadInputError` naming file:line; 'skip' drops, counts by reason and logs the first few.
+`BadInput(max_chars=N)` bounds every document to N characters in time and memory (lines are read
+in pieces of at most 4N bytes): a longer one is split into N-character documents ('split'), cut
+('truncate') or dropped ('skip'), and counted once as 'long_doc_<policy>'. JSON lines longer
+than 8N characters are bad input ('too_long').
 """
 
 import codecs
@@ -55,10 +52,7 @@ class BadInput:
 
 def expand(pattern: str, what: str = 'path') -> list[str]:
   """Sorted files matching `pattern` (a path or a glob); an error if there are none."""
-  if glob.has_magic(pattern):
-    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
-  else:
-    paths = [pattern] if os.path.isfile(pattern) else []
+  paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
   if os.path.isdir(pattern):
     raise FileNotFoundError(f'{what} {pattern!r} is a directory; name a file or a glob such as '
                             f'{os.path.join(pattern, "*.txt")!r}')
@@ -135,11 +129,8 @@ class _Document:
 
 def iter_text(pattern: str, unit: str, bad: BadInput) -> Iterator[tuple[str, str]]:
   """(where, document) from text files: a whole file, a blank-line paragraph, or a line each.
-
-  Blank lines separate paragraphs and lines; they are not documents. A document holding a
-  line of invalid UTF-8 is dropped (from that line on, if it was already split). An empty file
-  (unit 'file') is bad input.
-  """
+  Blank lines are not documents; a document holding a line of invalid UTF-8 is dropped (from
+  that line on, if already split); an empty file (unit 'file') is bad input."""
   if unit not in UNITS:
     raise ValueError(f'text unit {unit!r} is not one of {UNITS}')
   for path in expand(pattern):

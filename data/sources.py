@@ -1,15 +1,14 @@
 """Sources: each selected `config.data.sources` entry as a random-access sequence of items.
 
-Items by format:
-  'text'        a document string (or a `Bad` marker for a record that cannot be read);
-  'sft'         (where, messages) with messages = [{'role', 'content'}, ...];
-  'preference'  (where, chosen messages, rejected messages).
-Text items are tokenised lazily in the pipeline; SFT and preference items are few and are
-read, checked and deduplicated up front. Every source carries `stats`: counts known when it
-is built (bad input skipped, hygiene outcomes of a prepared local corpus, records read).
+Items by format: 'text' a document string (or a `Bad` record that cannot be read); 'sft'
+(where, messages) with messages = [{'role', 'content'}, ...]; 'preference' (where, chosen
+messages, rejected messages). Text is tokenised lazily in the pipeline; SFT and preference items
+are read, checked and deduplicated up front. `Source.stats` holds the counts known when built
+(bad input skipped, a prepared local corpus's hygiene outcomes, records read).
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any, Sequence
 
@@ -39,72 +38,55 @@ class Source:
   lazy_hygiene: bool  # Text filters still to apply per document in the pipeline.
 
 
-class _Embedded:
-  """Documents `start ..` of the generated corpus, made on demand."""
+class _Lazy:
+  """`size` items made on demand: item i is `get(i)`."""
 
-  def __init__(self, seed: int, start: int, size: int):
-    self.seed, self.start, self.size = seed, start, size
+  def __init__(self, size: int, get):
+    self.size, self.get = size, get
 
   def __len__(self) -> int:
     return self.size
 
-  def __getitem__(self, index: int) -> str:
+  def __getitem__(self, index: int):
     if not 0 <= index < self.size:
       raise IndexError(index)
-    return corpus.document(self.seed, self.start + int(index))
+    return self.get(int(index))
 
 
-class _TextRecords:
+def _text_records(source, field: str, label: str) -> _Lazy:
   """The text field of each record of a tfds data source, decoded from UTF-8."""
 
-  def __init__(self, source, field: str, label: str):
-    self.source, self.field, self.label = source, field, label
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def record(self, index: int) -> str | Bad:
-    value = self.source[int(index)][self.field]
+  def record(index: int) -> str | Bad:
+    value = source[index][field]
     if isinstance(value, str):
       return value
     try:
       return bytes(value).decode('utf-8')
     except UnicodeDecodeError as e:
-      return Bad(f'{self.label} record {index}', 'invalid_utf8', f'invalid UTF-8 at byte {e.start}')
+      return Bad(f'{label} record {index}', 'invalid_utf8', f'invalid UTF-8 at byte {e.start}')
+  return _Lazy(len(source), record)
 
-  __getitem__ = record
 
+def _spans(records: _Lazy, unit: str) -> _Lazy:
+  """Records cut into paragraphs or lines: item i is a (record, start, end) slice of one."""
+  spans, sep = [], '\n\n' if unit == 'paragraph' else '\n'
+  for i in range(len(records)):
+    text = records[i]
+    if isinstance(text, Bad):
+      spans.append((i, -1, -1))
+      continue
+    start = 0
+    for piece in text.split(sep):
+      if piece.strip():
+        spans.append((i, start, start + len(piece)))
+      start += len(piece) + len(sep)
+  spans = np.asarray(spans, np.int64).reshape(-1, 3)
+  text_of = functools.lru_cache(maxsize=1)(records.__getitem__)  # Neighbour spans share it.
 
-class _Spans:
-  """Records cut into paragraphs or lines: item i is a (record, start, end) slice."""
-
-  def __init__(self, records: _TextRecords, unit: str):
-    self.records = records
-    spans = []
-    for i in range(len(records)):
-      text = records.record(i)
-      if isinstance(text, Bad):
-        spans.append((i, -1, -1))
-        continue
-      sep = '\n\n' if unit == 'paragraph' else '\n'
-      start = 0
-      for piece in text.split(sep):
-        if piece.strip():
-          spans.append((i, start, start + len(piece)))
-        start += len(piece) + len(sep)
-    self.spans = np.asarray(spans, np.int64).reshape(-1, 3)
-    self._cached = (-1, '')
-
-  def __len__(self) -> int:
-    return self.spans.shape[0]
-
-  def __getitem__(self, index: int) -> str | Bad:
-    record, start, end = (int(v) for v in self.spans[int(index)])
-    if start < 0:
-      return self.records.record(record)
-    if self._cached[0] != record:
-      self._cached = (record, self.records.record(record))
-    return self._cached[1][start:end]
+  def span(index: int) -> str | Bad:
+    record, start, end = (int(v) for v in spans[index])
+    return text_of(record) if start < 0 else text_of(record)[start:end]
+  return _Lazy(spans.shape[0], span)
 
 
 def _data_dir(data_cfg, workdir: str) -> str:
@@ -119,10 +101,8 @@ def _held_out(items: list, fraction: float, split: str) -> list:
 
 def _jsonl_items(entry, data_cfg, split: str) -> tuple[list, dict]:
   bad = readers.BadInput(data_cfg.on_bad_input, max_chars=data_cfg.max_doc_chars)
-  seen = hygiene_lib.Hygiene(ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(),
-                                                        'min_chars': 0, 'max_chars': 0,
-                                                        'min_alpha_ratio': 0.0,
-                                                        'max_repeated_line_ratio': 1.0}))
+  seen = hygiene_lib.Hygiene(data_cfg.hygiene, min_chars=0, max_chars=0, min_alpha_ratio=0.0,
+                             max_repeated_line_ratio=1.0)  # Normalisation and dedup only.
   items, records = [], 0
   for where, obj in readers.iter_jsonl(entry.path, bad):
     records += 1
@@ -148,13 +128,10 @@ def _embedded_examples(entry, data_cfg, split: str) -> list:
   rows = rows[:n] if split == 'train' else rows[n:]
   out = []
   for i, row in enumerate(rows):
-    where = f'embedded {entry.format} example {i}'
     user = {'role': 'user', 'content': row['prompt']}
-    if entry.format == 'sft':
-      out.append((where, [user, {'role': 'assistant', 'content': row['response']}]))
-    else:
-      out.append((where, [user, {'role': 'assistant', 'content': row['chosen']}],
-                  [user, {'role': 'assistant', 'content': row['rejected']}]))
+    replies = [row['response']] if entry.format == 'sft' else [row['chosen'], row['rejected']]
+    out.append((f'embedded {entry.format} example {i}',
+                *([user, {'role': 'assistant', 'content': r}] for r in replies)))
   return out
 
 
@@ -163,14 +140,12 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
   """The items of `split` of one source entry."""
   if split not in data_config.SPLITS:
     raise data_config.DataConfigError(f'split {split!r} is not one of {data_config.SPLITS}')
-  weight = float(entry.get('weight', 1.0))
   stats: dict[str, Any] = {}
-  lazy = False
   if entry.kind == 'embedded' and entry.format == 'text':
     n_train, n_eval = int(data_cfg.embedded_docs), int(data_cfg.embedded_eval_docs)
     start, size = (0, n_train) if split == 'train' else (n_train, n_eval)
-    items = _Embedded(int(data_cfg.embedded_seed), start, size)
-    lazy = True
+    seed = int(data_cfg.embedded_seed)
+    items = _Lazy(size, lambda i: corpus.document(seed, start + i))
   elif entry.kind == 'embedded':
     items = _embedded_examples(entry, data_cfg, split)
   elif entry.kind == 'tfds':
@@ -178,10 +153,9 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
     tfds_split = entry.split if split == 'train' else entry.eval_split
     src = builders.tfds_source(entry.name, tfds_split, _data_dir(data_cfg, workdir),
                                entry.manual_dir)
-    records = _TextRecords(src, entry.text_field, f'tfds {entry.name}[{tfds_split}]')
-    items = _Spans(records, entry.doc_unit) if entry.doc_unit else records
+    records = _text_records(src, entry.text_field, f'tfds {entry.name}[{tfds_split}]')
+    items = _spans(records, entry.doc_unit) if entry.doc_unit else records
     stats['records'] = len(records)
-    lazy = True
   elif entry.kind == 'local':
     from data import builders  # pylint: disable=import-outside-toplevel
     builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
@@ -191,14 +165,15 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
       raise data_config.DataConfigError(
           f'config.data.sources.{name}: the prepared corpus has no {split!r} split (too few '
           f'documents, or eval_fraction is 0; counts when prepared: {stats})')
-    items = _TextRecords(builder.as_data_source(split), 'text', f'local {name}[{split}]')
+    items = _text_records(builder.as_data_source(split), 'text', f'local {name}[{split}]')
   else:
     items, stats = _jsonl_items(entry, data_cfg, split)
   if len(items) == 0:  # pylint: disable=g-explicit-length-test
     raise data_config.DataConfigError(f'config.data.sources.{name}: split {split!r} is empty '
                                       f'(counts when read: {stats})')
   stats['items'] = len(items)
-  return Source(name, entry.format, weight, items, stats, lazy)
+  lazy = entry.kind in ('embedded', 'tfds') and entry.format == 'text'
+  return Source(name, entry.format, float(entry.get('weight', 1.0)), items, stats, lazy)
 
 
 def build_all(data_cfg, split: str, workdir: str) -> list[Source]:
@@ -212,12 +187,9 @@ def sample_texts(sources: list[Source], n: int) -> list[str]:
   out = []
   for s in sources:
     k = min(len(s.items), max(1, round(n * s.weight / total)))
-    for i in range(k):
-      item = s.items[i]
-      if isinstance(item, Bad):
-        continue
+    for item in (s.items[i] for i in range(k)):
       if isinstance(item, str):
         out.append(item)
-      else:
+      elif not isinstance(item, Bad):  # (where, messages, ...)
         out.extend(m['content'] for messages in item[1:] for m in messages)
   return out

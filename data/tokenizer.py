@@ -1,22 +1,12 @@
 """SentencePiece tokenizers: training (unigram or BPE), caching, and a small wrapper class.
 
-Trained models round-trip any UTF-8 text exactly, `decode(encode(x)) == x`: identity
-normalisation, no whitespace collapsing, no dummy prefix, whitespace-only pieces allowed, and
-byte fallback for every character the vocabulary lacks (emoji, CJK, control characters).
-Digits are split so numbers tokenise one digit at a time.
+Trained models round-trip any UTF-8 text, `decode(encode(x)) == x` (identity normalisation, no
+whitespace collapsing or dummy prefix, byte fallback), and split digits. Their ids: PAD=0, BOS=1,
+EOS=2, UNK=3, then the `CHAT_MARKERS` as control symbols (never produced by encoding text, only
+inserted by id by a chat template, dropped by `decode`); a newline is its own piece. `Tokenizer`
+also loads models such as Llama's (UNK=0, no PAD: `pad_id` is 0, only under a zero loss mask).
 
-Special ids of trained models: PAD=0, BOS=1, EOS=2, UNK=3, then the chat-role markers
-`<|system|>`, `<|user|>`, `<|assistant|>`, `<|end|>` as control symbols: encoding text never
-produces them (a user typing "<|user|>" gets ordinary pieces), only a chat template inserts
-them by id, and `decode` drops them. A newline is its own user-defined piece.
-
-`Tokenizer` also loads existing models such as Llama's or Mistral's `tokenizer.model`
-(there UNK=0, BOS=1, EOS=2 and no PAD: `pad_id` then falls back to 0, which is only ever
-used under a zero loss mask).
-
-CLI:
-  python -m data.tokenizer train --input 'texts/*.txt' --vocab-size 8000 \
-      --model-type unigram --out /tmp/tok
+CLI: python -m data.tokenizer train --input 'texts/*.txt' --vocab-size 8000 --out /tmp/tok
 """
 
 import argparse
@@ -53,12 +43,10 @@ class Tokenizer:
       self._sp.Load(self.path)
     except (OSError, RuntimeError) as e:
       raise TokenizerError(f'tokenizer model {self.path} cannot be loaded: {e}') from e
+    self.vocab_size, self.unk_id = self._sp.GetPieceSize(), self._sp.unk_id()
+    self.pad_id = max(self._sp.pad_id(), 0)  # 0 where the model has no PAD.
     byte_ids = [self.piece_id(f'<0x{b:02X}>') for b in METASPACE.encode('utf-8')]
     self._metaspace_ids = byte_ids if None not in byte_ids else []
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.GetPieceSize()
 
   @property
   def bos_id(self) -> int:
@@ -68,15 +56,6 @@ class Tokenizer:
   def eos_id(self) -> int:
     return self._required(self._sp.eos_id(), 'EOS')
 
-  @property
-  def unk_id(self) -> int:
-    return self._sp.unk_id()
-
-  @property
-  def pad_id(self) -> int:
-    pad = self._sp.pad_id()
-    return pad if pad >= 0 else 0
-
   def _required(self, token_id: int, name: str) -> int:
     if token_id < 0:
       raise TokenizerError(f'tokenizer model {self.path} has no {name} token')
@@ -85,9 +64,7 @@ class Tokenizer:
   def piece_id(self, piece: str) -> int | None:
     """The id of `piece`, or None when the vocabulary lacks it."""
     token_id = self._sp.PieceToId(piece)
-    if token_id == self._sp.unk_id() and piece != self._sp.IdToPiece(token_id):
-      return None
-    return token_id
+    return None if token_id == self.unk_id and piece != self._sp.IdToPiece(token_id) else token_id
 
   def special_id(self, piece: str) -> int:
     """The id of a special piece such as '<|user|>'; an error naming the model if absent."""
@@ -103,8 +80,7 @@ class Tokenizer:
     return self._sp.EncodeAsIds(text)
 
   def _encode_with_metaspace(self, text: str) -> list[int]:
-    # SentencePiece writes spaces as U+2581 inside pieces, so a literal U+2581 would come
-    # back as a space; spelling it with its three UTF-8 byte pieces keeps it exact.
+    # A literal U+2581 would decode as a space: spell it with its three UTF-8 byte pieces.
     ids = []
     for i, part in enumerate(text.split(METASPACE)):
       if i:
@@ -131,10 +107,8 @@ def _lines(docs: Iterable[str], max_chars: int) -> Iterable[str]:
 
 def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | os.PathLike,
           *, max_sentence_length: int = 16_384) -> Tokenizer:
-  """Trains a model on `docs` and writes `prefix.model` / `prefix.vocab` (atomically).
-
-  The vocabulary has at most `vocab_size` pieces: fewer when the text cannot support more.
-  """
+  """Trains a model on `docs` and writes `prefix.model` / `prefix.vocab` atomically; it has at
+  most `vocab_size` pieces (fewer when the text cannot support more)."""
   if model_type not in MODEL_TYPES:
     raise TokenizerError(f'tokenizer type {model_type!r} is not one of {MODEL_TYPES}')
   min_vocab = 256 + 4 + len(CHAT_MARKERS) + 1 + 16
@@ -149,28 +123,18 @@ def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | o
     try:
       spm.SentencePieceTrainer.Train(
           sentence_iterator=iter(_lines(docs, max_sentence_length // 4)),  # <= 4 bytes a char
-          model_prefix=tmp_prefix,
-          model_type=model_type,
-          vocab_size=vocab_size,
+          model_prefix=tmp_prefix, model_type=model_type, vocab_size=vocab_size,
           hard_vocab_limit=False,  # A small corpus may support fewer pieces; never more.
-          character_coverage=0.9995,
-          byte_fallback=True,
-          normalization_rule_name='identity',
-          remove_extra_whitespaces=False,
-          add_dummy_prefix=False,
-          allow_whitespace_only_pieces=True,
-          split_digits=True,
-          split_by_whitespace=True,
-          max_sentence_length=max_sentence_length,
-          input_sentence_size=0,
+          character_coverage=0.9995, byte_fallback=True, normalization_rule_name='identity',
+          remove_extra_whitespaces=False, add_dummy_prefix=False,
+          allow_whitespace_only_pieces=True, split_digits=True, split_by_whitespace=True,
+          max_sentence_length=max_sentence_length, input_sentence_size=0,
           shuffle_input_sentence=False,
           pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
           pad_piece='<pad>', bos_piece='<s>', eos_piece='</s>', unk_piece='<unk>',
-          control_symbols=list(CHAT_MARKERS),
-          user_defined_symbols=[NEWLINE],
+          control_symbols=list(CHAT_MARKERS), user_defined_symbols=[NEWLINE],
           num_threads=1,  # One thread: the same model on every host.
-          minloglevel=2,
-      )
+          minloglevel=2)
     except RuntimeError as e:
       raise TokenizerError(f'training a {model_type} tokenizer of vocab size {vocab_size} '
                            f'failed: {e}') from e
@@ -201,14 +165,6 @@ def fingerprint(docs: Sequence[str], vocab_size: int, model_type: str) -> str:
   return h.hexdigest()[:16]
 
 
-def read_text_files(pattern: str) -> list[str]:
-  """The contents of every file matching `pattern` (a path or glob), one document per file."""
-  try:
-    return [doc for _, doc in readers.iter_text(pattern, 'file', readers.BadInput('raise'))]
-  except (FileNotFoundError, readers.BadInputError) as e:
-    raise TokenizerError(f'--input: {e}') from e
-
-
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog='python -m data.tokenizer', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,9 +175,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   t.add_argument('--model-type', choices=MODEL_TYPES, default='unigram')
   t.add_argument('--out', required=True, help='output prefix: writes PREFIX.model, PREFIX.vocab')
   args = parser.parse_args(argv)
-  try:
-    tok = train(read_text_files(args.input), args.vocab_size, args.model_type, args.out)
-  except TokenizerError as e:
+  try:  # One document per file.
+    docs = [doc for _, doc in readers.iter_text(args.input, 'file', readers.BadInput('raise'))]
+    tok = train(docs, args.vocab_size, args.model_type, args.out)
+  except (TokenizerError, FileNotFoundError, readers.BadInputError) as e:
     parser.exit(2, f'error: {e}\n')
   print(f'wrote {tok.path} ({args.model_type}, vocab size {tok.vocab_size})')
 

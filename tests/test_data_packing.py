@@ -9,6 +9,13 @@ from data import packing
 BOS, EOS = 1, 2
 
 
+def pack_documents(docs_ids, seq_len, *, bos_id, eos_id, policy='concat', pad_id=0):
+  """Packs tokenised documents (lists of ids without BOS/EOS): dict of [N, T] arrays."""
+  examples = (packing.lm_example(np.concatenate([[bos_id], np.asarray(ids, np.int32), [eos_id]]))
+              for ids in docs_ids)
+  return packing.pack_examples(examples, seq_len, policy, pad_id)
+
+
 def _docs(n, max_len, seed=0):
   rng = np.random.default_rng(seed)
   return [rng.integers(10, 1000, size=rng.integers(0, max_len)).astype(np.int32) for _ in range(n)]
@@ -27,7 +34,7 @@ def _segments(rows):
 @pytest.mark.parametrize('seq_len', [1, 7, 64])
 def test_invariants(policy, seq_len):
   docs = _docs(60, 90)
-  rows = packing.pack_documents(docs, seq_len, bos_id=BOS, eos_id=EOS, policy=policy)
+  rows = pack_documents(docs, seq_len, bos_id=BOS, eos_id=EOS, policy=policy)
   assert set(rows) == set(packing.FEATURES)
   for k in packing.FEATURES:
     assert rows[k].shape[1] == seq_len
@@ -65,7 +72,7 @@ def _rebuild(rows):
 
 def test_targets_never_cross_documents():
   docs = _docs(40, 30, seed=1)
-  rows = packing.pack_documents(docs, 50, bos_id=BOS, eos_id=EOS)
+  rows = pack_documents(docs, 50, bos_id=BOS, eos_id=EOS)
   for r, _, sl in _segments(rows):
     targets = rows['targets'][r, sl]
     # EOS only ever appears as the last target of a segment, BOS never as a target.
@@ -75,10 +82,10 @@ def test_targets_never_cross_documents():
 
 def test_pad_policy_keeps_short_documents_whole():
   docs = _docs(50, 40, seed=2)
-  rows = packing.pack_documents(docs, 48, bos_id=BOS, eos_id=EOS, policy='pad')
+  rows = pack_documents(docs, 48, bos_id=BOS, eos_id=EOS, policy='pad')
   for r, _, sl in _segments(rows):
     assert rows['inputs'][r, sl][0] == BOS and rows['targets'][r, sl][-1] == EOS
-  concat = packing.pack_documents(docs, 48, bos_id=BOS, eos_id=EOS, policy='concat')
+  concat = pack_documents(docs, 48, bos_id=BOS, eos_id=EOS, policy='concat')
   assert concat['loss_mask'].shape[0] <= rows['loss_mask'].shape[0]
   assert np.sum(concat['loss_mask'] == 0) < 48, 'concat pads only the final row'
 
@@ -86,7 +93,7 @@ def test_pad_policy_keeps_short_documents_whole():
 def test_long_document_is_cut_into_restarting_chunks():
   doc = np.arange(10, 110, dtype=np.int32)  # 100 tokens -> 101 shifted pairs
   for policy in packing.POLICIES:
-    rows = packing.pack_documents([doc], 32, bos_id=BOS, eos_id=EOS, policy=policy)
+    rows = pack_documents([doc], 32, bos_id=BOS, eos_id=EOS, policy=policy)
     assert rows['inputs'].shape == (4, 32)
     assert np.all(rows['segment_ids'][:3] == 1)
     assert np.array_equal(rows['positions'][1], np.arange(32))
@@ -113,7 +120,7 @@ def test_bad_arguments():
     packing.RowPacker(8, 'best')
   with pytest.raises(ValueError, match='positive'):
     packing.RowPacker(0)
-  empty = packing.pack_documents([], 8, bos_id=BOS, eos_id=EOS)
+  empty = pack_documents([], 8, bos_id=BOS, eos_id=EOS)
   assert empty['inputs'].shape == (0, 8)
 
 
@@ -121,7 +128,7 @@ def test_32k_rows_pack_every_token():
   """32,768-token rows (the Mixtral context); speed is measured in benchmarks/bench_data.py."""
   seq_len = 32_768
   docs = _docs(2_000, 400, seed=3)  # ~400k tokens: about 12 rows
-  rows = packing.pack_documents(docs, seq_len, bos_id=BOS, eos_id=EOS)
+  rows = pack_documents(docs, seq_len, bos_id=BOS, eos_id=EOS)
   n_tokens = sum(len(d) + 1 for d in docs)
   assert rows['loss_mask'].sum() == n_tokens
   assert rows['positions'].max() < 400 + 1
@@ -147,7 +154,7 @@ def test_loss_of_packed_rows_equals_loss_of_documents_one_by_one():
                       jnp.asarray(rows['segment_ids']))
     return float(jnp.sum(token_nll(logits, jnp.asarray(rows['targets'])) * rows['loss_mask']))
 
-  packed = packing.pack_documents(docs, 24, bos_id=1, eos_id=2, policy='pad')
+  packed = pack_documents(docs, 24, bos_id=1, eos_id=2, policy='pad')
   assert packed['inputs'].shape[0] < len(docs)  # Several documents share rows.
-  alone = sum(loss_sum(packing.pack_documents([d], 24, bos_id=1, eos_id=2, policy='pad')) for d in docs)
+  alone = sum(loss_sum(pack_documents([d], 24, bos_id=1, eos_id=2, policy='pad')) for d in docs)
   np.testing.assert_allclose(loss_sum(packed), alone, rtol=1e-5)

@@ -1,12 +1,10 @@
 """The command line of `python -m train` and `python -m train.posttrain`.
 
-    --config FILE[:ARG]   an experiment file: its get_config() (get_config(ARG) with :ARG)
-    --config.KEY=VALUE    overrides, parsed as the type of the value they replace
-
-absl parses the other flags (`parse_flags`, given to app.run). `main` runs a stage on the
-resulting config; every bad input it meets (config, experiment file, data, tokenizer, a
-non-finite step) ends the process with one line `error: ...` naming the key, flag or
-file:line, never a traceback; so does a lost peer process (train/distributed.py).
+`--config FILE[:ARG]` names an experiment file (its get_config(), or get_config(ARG)), and
+`--config.KEY=VALUE` overrides are parsed as the type of the value they replace; absl parses the
+other flags (`parse_flags`). Every bad input `main` meets (config, experiment file, data,
+tokenizer, a non-finite step, a lost peer process) ends it with one line `error: ...` naming
+the key, flag or file:line, never a traceback.
 """
 
 import ast

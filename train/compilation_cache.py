@@ -5,8 +5,7 @@ import os
 import jax
 
 
-def enable(path: str | None = None) -> str:
-  path = path or os.environ.get('MESHLM_JAX_CACHE', os.path.expanduser('~/.cache/meshlm/jax_cache'))
-  jax.config.update('jax_compilation_cache_dir', path)
+def enable() -> None:
+  default = os.path.expanduser('~/.cache/meshlm/jax_cache')
+  jax.config.update('jax_compilation_cache_dir', os.environ.get('MESHLM_JAX_CACHE', default))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  return path

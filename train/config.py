@@ -1,9 +1,8 @@
 """Config defaults, experiment files and validation. Experiment files start from `defaults()`.
 
-Every key a run reads is listed here, so a typo in an experiment file or a `--config.x=y`
-override is an error that names the key, and configs that cannot work fail before compiling.
-`load_experiment` reads an experiment file; its errors name the file:line (train/cli.py adds
-the command line's overrides).
+Every key a run reads is listed here, so a typo in an experiment file or an override is an error
+naming the key, and configs that cannot work fail before compiling; `load_experiment`'s errors
+name the file:line.
 """
 
 import dataclasses
@@ -14,6 +13,7 @@ import traceback
 
 import ml_collections
 
+from data import config as data_config
 from model.config import ConfigError, ModelConfig
 from model.sharding import spec_axes
 from train.context import Placement
@@ -25,7 +25,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = dataclasses.asdict(ModelConfig())
   c.mesh = dict(data=1, fsdp=-1, expert=1, tensor=1)
   c.sharding_rules = ml_collections.ConfigDict()  # Overrides of model/sharding.py RULES.
-  c.data = _data_defaults()
+  c.data = data_config.default_config()
   c.optim = dict(peak_lr=3e-3, warmup_steps=100, final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
                  weight_decay=0.1, clip_norm=1.0)
   c.train = dict(
@@ -52,11 +52,6 @@ def defaults() -> ml_collections.ConfigDict:
   c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1,
                         peer_timeout_s=0.0)  # 0: MESHLM_PEER_TIMEOUT_S, else 10 (train/distributed.py).
   return c
-
-
-def _data_defaults() -> ml_collections.ConfigDict:
-  from data.config import default_config
-  return default_config()
 
 
 # Sections whose keys are the user's own names (checked by their owners: data.config.validate).
@@ -147,9 +142,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   if config.optim.warmup_steps > t.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps} is longer than the whole run '
                       f'(train.steps={t.steps})')
-  if t.steps < 1:
-    raise ConfigError(f'train.steps={t.steps} must be positive')
-  for key in ('log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
+  for key in ('steps', 'log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
     if t[key] < 1:
       raise ConfigError(f'train.{key}={t[key]} must be positive')
   for key, ok, what in (('peak_lr', o.peak_lr > 0, '> 0'), ('b1', 0 <= o.b1 < 1, 'in [0, 1)'),
@@ -165,7 +158,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
                       f'checkpoints folder)')
   if t.sample_every < 0:
     raise ConfigError(f'train.sample_every={t.sample_every} must be >= 0 (0: no samples)')
-  from data import config as data_config
   try:
     data_config.validate(config.data, vocab_size=cfg.vocab_size, global_batch=t.global_batch,
                          process_count=process_count)

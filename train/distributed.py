@@ -1,43 +1,18 @@
-"""Multi-process start-up, and data-iterator state that survives a change of process count.
+"""Multi-process start-up, lost-peer detection, and data-iterator state across process counts.
 
-Start-up (`maybe_initialize`): with `distributed.enabled` (config, `--config.distributed.*`
-flags, or the environment below) the process joins JAX's distributed runtime before touching
-any device. Values are taken from, in order: the config, the environment, JAX's cluster
-auto-detection (SLURM, Open MPI, Cloud TPU / GKE TPU pods, Kubernetes; `mpi4py` only when
-asked for). On CPU the collectives go through gloo.
+`maybe_initialize` (docs/scale.md, section 3) joins JAX's distributed runtime when
+`distributed.enabled`: each value from the config, else its MESHLM_* variable (`ENV`), else JAX's
+cluster detection; gloo collectives on CPU; processes other than 0 then log only warnings.
 
-    MESHLM_DISTRIBUTED=1                 same as distributed.enabled=True
-    MESHLM_COORDINATOR_ADDRESS=host:port distributed.coordinator_address (process 0 listens here)
-    MESHLM_NUM_PROCESSES=N               distributed.num_processes
-    MESHLM_PROCESS_ID=i                  distributed.process_id
-    MESHLM_CLUSTER=slurm|ompi|...        force one of JAX's cluster detectors
-    MESHLM_LOG_ALL_PROCESSES=1           keep INFO logs on every process (default: process 0)
-    MESHLM_PEER_TIMEOUT_S=s              distributed.peer_timeout_s (default 10)
+`exit_on_lost_peer`: each process advances a counter in the coordinator's key-value store every
+BEAT_S; a peer whose counter stands still for `peer_timeout_s` is lost, and the survivors print
+one line naming it and the last checkpoint and leave with status 1 (os._exit: JAX's shutdown
+would wait for it). JAX's own timeouts, 2 * peer_timeout_s, are the backstop; a lost process 0
+(the coordination service) ends the others through JAX's client, with its message.
 
-Once joined, processes other than 0 log only warnings and errors (the `meshlm`, `model` and
-`train` loggers). Metrics, TensorBoard, metrics.jsonl and the progress bar are process 0's
-already (train/metrics.py Writer, train/loop.py); every process writes its own checkpoint
-shards (orbax; the JSON data-state item is written by process 0 from what all gathered).
-
-A lost process (`exit_on_lost_peer`, around the CLIs' runs): each process advances a counter in
-the coordinator's key-value store every BEAT_S. A peer whose counter stands still for
-`peer_timeout_s` is lost: the survivors print one line naming it and the last checkpoint, and
-leave at once with status 1 (os._exit: JAX's shutdown would wait for the lost peer, then abort).
-A run that raises waits for that verdict and re-raises once every peer's counter moved. JAX's
-heartbeat and shutdown timeouts, 2 * peer_timeout_s, are the backstop; JAX itself reports a lost
-task only by aborting the others (its Python callback cannot be set). Process 0 hosts JAX's
-coordination service: if it is lost, JAX's client ends the others at once with its own message.
-
-Data state (`gather_data_state`, `local_data_state`): each process iterates over its own rows
-of every global batch (data/pipeline.py), so its iterator state describes only those rows.
-orbax writes a JSON item from process 0 alone; saving `data.get_state()` directly would keep
-process 0's rows and lose the others'. Instead every process's state is gathered (a small
-collective) and the checkpoint stores the list. On restore with the same process count each
-process takes its own entry; with a different count the per-row stream states are concatenated
-in global row order and re-split (row r of a global batch is the same document stream whatever
-the number of processes), so a run saved by 2 processes resumes exactly on 1, or on 4. A
-pipeline indexed by global batch (the preference pairs of data/pipeline.py) has the same
-position on every process and moves as it is.
+Data state: each process iterates over its own rows of every global batch (data/pipeline.py) and
+orbax writes the JSON item from process 0 alone, so checkpoints hold every process's state
+(`gather_data_state`), re-split by global row on another process count (`local_data_state`).
 """
 
 import atexit
@@ -194,8 +169,7 @@ _workdir = '.'  # The run's, for the checkpoint a lost process's message names.
 
 def _exit_lost(lost: list[int], beat: _Beat):
   root = os.path.join(os.path.abspath(_workdir), 'checkpoints')
-  # orbax's finalized steps, read from the directory: a CheckpointManager would wait at a
-  # barrier for the lost process.
+  # Read from the directory: a CheckpointManager would wait at a barrier for the lost process.
   step = max(ocp.utils.checkpoint_steps(root), default=None) if os.path.isdir(root) else None
   resume = (f'the last checkpoint is step {step} in {root}: run the same command again to resume '
             f'from it' if step is not None else 'no checkpoint was saved: a new run starts at step 0')
@@ -259,7 +233,9 @@ def _rows(state: dict, where: str) -> list:
 
 
 def local_data_state(saved: dict, process_index: int, process_count: int) -> dict:
-  """This process's iterator state from what `gather_data_state` saved (or a bare state)."""
+  """This process's iterator state from what `gather_data_state` saved (or a bare state). On
+  another process count the row streams are joined in global row order and re-split (row r is
+  the same stream whatever the count); batch-indexed pipelines (preference pairs) move as is."""
   if not saved:
     return saved
   if saved.get('format') == STATE_FORMAT:
@@ -274,12 +250,11 @@ def local_data_state(saved: dict, process_index: int, process_count: int) -> dic
   if len(states) == process_count:
     return states[process_index]
   where = f'restoring a {len(states)}-process data state on {process_count} processes'
+  state = copy.deepcopy(states[0])
+  state['signature'].update(process_index=process_index, process_count=process_count)
   if all('parents' not in s.get('grain', {}) and s.get('grain') == states[0].get('grain')
          for s in states):
-    # Batch-indexed pipelines (preference pairs): every process is at the same global batch.
-    state = copy.deepcopy(states[0])
-    state['signature'].update(process_index=process_index, process_count=process_count)
-    return state
+    return state  # Batch-indexed pipelines (preference pairs): all at the same global batch.
   rows = [row for s in states for row in _rows(s, where)]
   signatures = [{k: v for k, v in s['signature'].items() if k not in ('process_index', 'process_count')}
                 for s in states]
@@ -290,7 +265,5 @@ def local_data_state(saved: dict, process_index: int, process_count: int) -> dic
     raise ValueError(f'{where}: {len(rows)} row streams for a global batch of {global_batch}, '
                      f'which must split evenly over {process_count} processes')
   local = global_batch // process_count
-  state = copy.deepcopy(states[0])
-  state['signature'].update(process_index=process_index, process_count=process_count)
   state['grain']['parents'] = rows[process_index * local:(process_index + 1) * local]
   return state

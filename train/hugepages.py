@@ -1,12 +1,10 @@
 """Transparent huge pages for host buffers: CPU runs re-execute themselves with them on.
 
-On XLA:CPU every step allocates its large buffers (logits, their gradient, ...) afresh, and
-Linux maps fresh memory 4 KiB page by page (the cost: benchmarks/results/dense_cpu.md). glibc
-(>= 2.35) asks for transparent huge pages on large allocations when started with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at process start. So the CLIs call `reexec()`
-first thing: if the variable is missing and the kernel offers THP (`madvise` or `always`), the
-process replaces itself (same pid, same arguments) with one that has it. Opt out with
-MESHLM_HUGEPAGES=0; notebooks set GLIBC_TUNABLES themselves before starting Jupyter.
+XLA:CPU allocates each step's large buffers afresh, and Linux maps fresh memory page by page
+(the cost: benchmarks/results/dense_cpu.md). glibc >= 2.35 asks for transparent huge pages on
+large allocations under GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at process start; so
+the CLIs call `reexec()` first: if the variable is missing and the kernel offers THP, the process
+replaces itself (same pid and arguments) with one that has it. MESHLM_HUGEPAGES=0 opts out.
 """
 
 import os
@@ -23,18 +21,17 @@ def wanted() -> bool:
     return False  # Already set (by us or by the user): never loop.
   try:
     with open(_THP) as f:
-      mode = f.read()
+      return '[never]' not in f.read()
   except OSError:
     return False
-  return '[never]' not in mode
 
 
 def reexec() -> None:
   """Replace this process with the same command plus the huge-page tunable, when wanted."""
   if not wanted():
     return
-  env = dict(os.environ)
-  env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES', ''), _TUNABLE]))
+  tunables = ':'.join(filter(None, [os.environ.get('GLIBC_TUNABLES', ''), _TUNABLE]))
+  env = {**os.environ, 'GLIBC_TUNABLES': tunables}
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)

@@ -1,34 +1,23 @@
 """Runs untrusted Python programs, one separate, isolated, resource-limited process each.
 
-Isolation tiers, strongest first; `isolation_name()` picks the first that works on this machine
-(or the one named by env MESHLM_SANDBOX = bwrap | unshare | rlimits):
+Tiers, strongest first (`TIERS`; README, "HumanEval isolation"):
+`isolation_name()` picks the first that works here, or the one env MESHLM_SANDBOX names. In every
+tier stdin is /dev/null, the environment is minimal, a runner sets the rlimits before it compiles
+the program (no `preexec_fn`: the caller is multi-threaded), and the parent kills it after
+`Limits.timeout_s` of run time. As root each worker slot runs under its own unprivileged uid
+(RLIMIT_NPROC never applies to root), whose stray processes are killed afterwards.
 
-  bwrap    bubblewrap (Debian package `bubblewrap`): new user, pid, network, ipc, uts and cgroup
-           namespaces; the whole filesystem is bound read-only, with a private size-capped tmpfs
-           on /tmp (the working directory) and /run, and fresh /dev and /proc.
-  unshare  util-linux `unshare`: new user, pid, network, ipc, uts and mount namespaces; files are
-           protected only by their permissions (as root: the unprivileged per-slot uid below).
-  rlimits  no namespaces: resource limits, timeout and (as root) the unprivileged uid only.
-           A warning is logged when this tier is picked automatically.
-
-In every tier: stdin is /dev/null, the environment is minimal, a small runner sets the resource
-limits (RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_CPU, RLIMIT_NOFILE, no core files) before
-it compiles the untrusted code (no `preexec_fn`: the caller is multi-threaded), and the parent
-kills the process after `Limits.timeout_s` of program run time. When the parent runs as root,
-each worker slot runs under its own unprivileged uid derived from the parent's pid (the kernel
-never applies RLIMIT_NPROC to root), and stray processes of that uid are killed afterwards.
-
-A program passes when it runs to its end: exit code 0 and the runner's end marker (a random
-nonce on a private pipe), so an accidental `exit(0)` or `os._exit(0)` counts as a failure. The
-marker defends against accidents, not against code written to forge it.
+A program passes when it runs to its end: exit code 0 and the runner's end marker (a random nonce
+on a private pipe), so an accidental `exit(0)` fails. The marker defends against accidents, not
+against code written to forge it.
 """
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
-import queue
 import secrets
 import select
 import shutil
@@ -40,18 +29,16 @@ import tempfile
 import threading
 import time
 
-TIERS = ('bwrap', 'unshare', 'rlimits')
-ENV_TIER = 'MESHLM_SANDBOX'
-ENV_PYTHON = 'MESHLM_SANDBOX_PYTHON'
-MAX_SLOTS = 16
-
-_DESCRIPTIONS = {
+TIERS = {  # Strongest first: what each isolates.
     'bwrap': ('bubblewrap: user/pid/net/ipc/uts/cgroup namespaces, read-only filesystem, '
               'private tmpfs /tmp and /run, rlimits'),
     'unshare': ('util-linux unshare: user/pid/net/ipc/uts/mount namespaces, filesystem guarded '
                 'by permissions only, rlimits'),
     'rlimits': 'no namespaces: separate process with rlimits and a timeout only',
 }
+ENV_TIER = 'MESHLM_SANDBOX'
+ENV_PYTHON = 'MESHLM_SANDBOX_PYTHON'
+MAX_SLOTS = 16
 
 # Runs inside the sandbox: argv = status_fd nonce program_path as nproc fsize cpu nofile.
 _RUNNER = '''
@@ -122,7 +109,7 @@ class Outcome:
 
 
 def isolation_description(name: str | None = None) -> str:
-  return _DESCRIPTIONS[name or isolation_name()]
+  return TIERS[name or isolation_name()]
 
 
 def _slot_uid(slot: int) -> int | None:
@@ -135,11 +122,8 @@ def _slot_uid(slot: int) -> int | None:
 
 
 def _drop_to(uid: int | None) -> tuple[list[str], dict]:
-  """argv prefix and Popen kwargs that run the command as `uid` (nothing for None).
-
-  util-linux `setpriv` switches uid in the command line, so Popen can still vfork: with Popen's
-  own `user=` it must fork, copying the page tables of a parent that may hold a large model.
-  """
+  """argv prefix and Popen kwargs that run the command as `uid` (nothing for None); `setpriv`
+  first, so that Popen can vfork (its `user=` forks, copying a large parent's page tables)."""
   if uid is None:
     return [], {}
   setpriv = shutil.which('setpriv')
@@ -151,25 +135,16 @@ def _drop_to(uid: int | None) -> tuple[list[str], dict]:
 def _others_can_run(path: str) -> bool:
   """True when a stranger uid can traverse to and execute (a folder: enter) `path`."""
   p = pathlib.Path(path)
-  if not os.stat(p).st_mode & stat.S_IXOTH:
-    return False
-  return all(os.stat(d).st_mode & stat.S_IXOTH for d in p.parents)
+  return all(os.stat(d).st_mode & stat.S_IXOTH for d in (p, *p.parents))
 
 
 def sandbox_python(drop_uid: bool) -> str:
-  """The interpreter the sandbox runs: env MESHLM_SANDBOX_PYTHON, this one, or a system python3.
-
-  A venv's interpreter resolves to its base interpreter (stdlib only, no site-packages). When the
-  program runs under a stranger uid, the interpreter must be reachable by it (e.g. a pyenv build
-  under /root is not), so a system python3 is used instead.
-  """
+  """env MESHLM_SANDBOX_PYTHON, else this interpreter's base (stdlib only), else a system python3
+  where a stranger uid (`drop_uid`) cannot reach it (e.g. a pyenv build under /root)."""
   if os.environ.get(ENV_PYTHON):
     return os.environ[ENV_PYTHON]
-  candidates = [os.path.realpath(sys.executable)]
-  for d in ('/usr/bin', '/usr/local/bin', '/bin'):
-    found = shutil.which('python3', path=d)
-    if found:
-      candidates.append(os.path.realpath(found))
+  system = [shutil.which('python3', path=d) for d in ('/usr/bin', '/usr/local/bin', '/bin')]
+  candidates = [os.path.realpath(p) for p in (sys.executable, *system) if p]
   if not drop_uid:
     return candidates[0]
   for c in candidates:
@@ -200,7 +175,7 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
     return wrap + runner, work
   if tier == 'rlimits':
     return runner, work
-  raise ValueError(f'unknown sandbox tier {tier!r}; expected one of {TIERS}')
+  raise ValueError(f'unknown sandbox tier {tier!r}; expected one of {tuple(TIERS)}')
 
 
 def _pids_of_uid(uid: int) -> list[int]:
@@ -238,8 +213,7 @@ def _read_until(fd: int, deadline: float, want: int) -> bytes:
   """Reads from a pipe until `want` bytes, EOF or the deadline."""
   data = b''
   while len(data) < want:
-    left = deadline - time.monotonic()
-    if left <= 0 or not select.select([fd], [], [], left)[0]:
+    if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
       break
     chunk = os.read(fd, want - len(data))
     if not chunk:
@@ -299,19 +273,14 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
       seconds = time.monotonic() - t0
-      os.set_blocking(read_fd, False)
-      try:
-        marker = os.read(read_fd, 64)
-      except BlockingIOError:
-        marker = b''
+      marker = _read_until(read_fd, 0.0, 64)  # What the runner wrote, without waiting.
     finally:
       os.close(read_fd)
       if uid is not None and (tier == 'rlimits' or timed_out):
         _kill_uid(uid, python)
     detail = _tail(output, limits.output_chars)
   if not started:
-    status = 'error'
-    detail = f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
+    status, detail = 'error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
   elif timed_out:
     status, detail = 'timeout', f'timed out after {limits.timeout_s} s\n{detail}'
   elif proc.returncode == 0 and marker == nonce.encode():
@@ -325,6 +294,7 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
 
 _probed: dict[str, Outcome] = {}
 _probe_lock = threading.Lock()
+_warned = []  # The rlimits-only warning is logged once per process.
 
 
 def probe(tier: str) -> Outcome:
@@ -349,33 +319,22 @@ def available_tiers() -> list[str]:
 def isolation_name() -> str:
   """The tier in use: env MESHLM_SANDBOX if set (it must work), else the strongest that works."""
   forced = os.environ.get(ENV_TIER, 'auto')
-  if forced != 'auto':
-    if forced not in TIERS:
-      raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {TIERS}')
-    outcome = probe(forced)
-    if not outcome.passed:
-      raise SandboxError(f'env {ENV_TIER}={forced} does not work here: {outcome.detail}')
-    return forced
-  for tier in TIERS:
+  if forced != 'auto' and forced not in TIERS:
+    raise SandboxError(f'env {ENV_TIER}={forced!r}; expected auto or one of {tuple(TIERS)}')
+  for tier in TIERS if forced == 'auto' else (forced,):
     outcome = probe(tier)
     if outcome.passed:
-      if tier == 'rlimits':
-        _warn_once()
+      if tier == 'rlimits' and forced == 'auto' and not _warned:
+        _warned.append(True)
+        logging.warning('sandbox: neither bubblewrap nor unshare namespaces work here; untrusted '
+                        'code runs with resource limits only (no network or filesystem '
+                        'isolation). Install bubblewrap: apt-get install -y bubblewrap')
       return tier
+    if forced != 'auto':
+      raise SandboxError(f'env {ENV_TIER}={forced} does not work here: {outcome.detail}')
     logging.info('sandbox tier %s unavailable: %s', tier, outcome.detail.strip()[-300:])
   raise SandboxError(f'no sandbox tier works here (TMPDIR={tempfile.gettempdir()}): '
                      + '; '.join(f'{t}: {probe(t).detail.strip()[-300:]}' for t in TIERS))
-
-
-_warned = []
-
-
-def _warn_once():
-  if not _warned:
-    _warned.append(True)
-    logging.warning('sandbox: neither bubblewrap nor unshare namespaces work here; untrusted code '
-                    'runs with resource limits only (no network or filesystem isolation). '
-                    'Install bubblewrap: apt-get install -y bubblewrap')
 
 
 def default_workers() -> int:
@@ -388,16 +347,11 @@ def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: st
   """Runs many programs, `workers` at a time (threads that each drive one sandboxed process)."""
   tier = isolation or isolation_name()
   workers = min(workers or default_workers(), MAX_SLOTS)
-  slots: queue.Queue[int] = queue.Queue()
-  for s in range(workers):
-    slots.put(s)
+  slots, thread = itertools.count(), threading.local()  # Each worker thread has its own slot.
 
   def one(source: str) -> Outcome:
-    slot = slots.get()
-    try:
-      return run_program(source, limits=limits, isolation=tier, slot=slot)
-    finally:
-      slots.put(slot)
+    return run_program(source, limits=limits, isolation=tier, slot=thread.slot)
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+  with concurrent.futures.ThreadPoolExecutor(
+      max_workers=workers, initializer=lambda: setattr(thread, 'slot', next(slots))) as pool:
     return list(pool.map(one, sources))

@@ -1,15 +1,11 @@
 """Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`, `dpo`.
 
-    stage   'sft' (the normal train loop, train/loop.py), 'rm', 'ppo' or 'dpo'.
-    rm      reward model: Bradley-Terry loss on preference pairs (train/posttrain/reward.py).
-    ppo     RLHF with PPO (train/posttrain/ppo.py, ppo_loop.py).
-    dpo     direct preference optimisation (train/posttrain/dpo.py).
-
-Shared keys keep their train/config.py meaning: `train.init_from` is the checkpoint the trained
-model starts from (SFT: the pre-trained LM; RM, PPO, DPO: the SFT model), `train.steps` counts
-optimiser steps (RM, DPO) or PPO iterations (one rollout batch each), `train.global_batch` is
-pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is the optimiser of the trained
-model (for PPO: of the policy; the critic has `ppo.critic_lr`).
+`stage`: 'sft' (the train loop as it is), 'rm' (train/posttrain/reward.py), 'ppo'
+(train/posttrain/ppo.py, ppo_loop.py) or 'dpo' (train/posttrain/dpo.py). Shared keys keep their
+meaning: `train.init_from` is the starting checkpoint (SFT: the pre-trained LM; others: the SFT
+model), `train.steps` counts optimiser steps (RM, DPO) or PPO iterations (one rollout batch
+each), `train.global_batch` is pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is
+the trained model's (PPO: the policy's; the critic has `ppo.critic_lr`).
 """
 
 import ml_collections
@@ -37,17 +33,13 @@ def defaults() -> ml_collections.ConfigDict:
       temperature=1.0,  # Rollout sampling (1.0 with no top-k/p: samples follow the policy).
       ppo_epochs=4,  # Passes over each rollout batch.
       num_minibatches=4,  # Per pass; each is one optimiser step.
-      cliprange=0.2,
-      cliprange_value=0.2,
-      vf_coef=0.1,
+      cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
       ent_coef=0.0,  # Entropy bonus: loss -= ent_coef * mean token entropy.
-      gamma=1.0,
-      lam=0.95,
+      gamma=1.0, lam=0.95,
       kl_coef=0.05,  # Initial (or fixed) coefficient of the per-token KL penalty.
       kl_estimator='k1',  # 'k1': logp - logp_ref; 'k3': (r - 1) - log r with r = p_ref / p.
       adaptive_kl=False,  # Ziegler et al. controller towards kl_target.
-      kl_target=6.0,
-      kl_horizon=10_000,
+      kl_target=6.0, kl_horizon=10_000,
       whiten_rewards=False,
       missing_eos_penalty=0.0,  # Subtracted from the score of completions that never end.
       critic_lr=1e-5,  # Peak learning rate of the critic (same schedule shape as optim).
@@ -70,14 +62,12 @@ def ppo_updates(config) -> int:
 
 
 def validate(config, num_devices: int, process_count: int = 1):
-  """Checks keys against `defaults()` and the shared checks of train/config.py; returns the
-  ModelConfig."""
+  """`defaults()`'s keys and train/config.py's checks, then the stage's; returns the ModelConfig."""
   base_config.check_keys(config, defaults())
   if config.stage not in STAGES:
     raise ConfigError(f'stage={config.stage!r}: use one of {STAGES}')
-  shared = ml_collections.ConfigDict(config.to_dict())
-  for key in ('stage', 'rm', 'ppo', 'dpo'):
-    del shared[key]
+  shared = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
+                                     if k not in ('stage', 'rm', 'ppo', 'dpo')})
   if config.stage == 'ppo':  # The schedule counts optimiser updates, not iterations.
     shared.train.steps = ppo_updates(config)
   cfg = base_config.validate(shared, num_devices, process_count)
@@ -99,11 +89,9 @@ def validate(config, num_devices: int, process_count: int = 1):
     if minibatch % config.train.grad_accum:
       raise ConfigError(f'train.grad_accum={config.train.grad_accum} must divide the PPO '
                         f'minibatch of {minibatch} rollouts')
-    for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len'):
-      if p[key] < 1:
-        raise ConfigError(f'ppo.{key}={p[key]} must be positive')
-    if not p.critic_lr > 0:
-      raise ConfigError(f'ppo.critic_lr={p.critic_lr} must be > 0')
+    for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len', 'critic_lr'):
+      if not p[key] > 0:
+        raise ConfigError(f'ppo.{key}={p[key]} must be > 0')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
