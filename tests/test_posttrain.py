@@ -1,5 +1,7 @@
 """Post-training pieces: SFT masking, reward model reading and loss, PPO invariants, DPO loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,7 +44,7 @@ def test_sft_gradient_ignores_prompt_targets(sft_batch):
   cfg = tiny_cfg(vocab_size=VOCAB)
   mdef, _ = state_lib.model_def(cfg)
   params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
-  grad = jax.jit(jax.grad(lambda p, b: step_lib.loss_sums(p, b, None, mdef)[0]))
+  grad = jax.jit(jax.grad(lambda p, b: step_lib.lm_loss(mdef)(p, b, None)[0]))
   base = grad(params, batch)
   rng = np.random.default_rng(0)
   prompt_changed = dict(batch, targets=np.where(mask == 0, rng.integers(0, VOCAB, mask.shape),
@@ -183,11 +185,14 @@ def test_zero_advantages_and_value_error_leave_models_unchanged():
                                       'ppo': {'critic_lr': 1e-2}})
   txs, schedules = ppo_loop.optimizers(config, 10)
   state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
-           'opt_state': {'policy': txs['policy'].init(policy), 'critic': txs['critic'].init(critic)},
+           'opt_state': {'params': txs['params'].init(policy), 'critic': txs['critic'].init(critic)},
            'rng': jax.random.PRNGKey(0)}
-  step = jax.jit(lambda s, b: ppo_loop.update_step(
-      s, b, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=ppo.LossConfig(ent_coef=0.0), txs=txs,
-      schedules=schedules))
+  loss_fn = functools.partial(ppo_loop.update_loss, mdef=mdef, critic_mdef=critic_mdef,
+                              loss_cfg=ppo.LossConfig(ent_coef=0.0))
+  step = jax.jit(lambda s, b: step_lib.train_step(
+      s, b, None, make_loss=lambda _: loss_fn, tx=step_lib.per_key(txs),
+      schedule=schedules['params'], count_name='tokens', use_rng=False,
+      trained=('params', 'critic'), grad_metrics=ppo_loop.grad_norms))
   micro = jax.tree.map(lambda x: x[None], batch)
   new, m = step(state, micro)
   assert float(m['policy/grad_norm']) == 0.0 and max_abs_diff(new['params'], policy) == 0.0

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from model.config import ConfigError
 from model.heads import ScalarModel
 from train import distributed, loop
 from train import workdir as workdir_lib
@@ -162,7 +163,7 @@ def rm_run(tmp_path_factory, lm_run):
 
 
 def _ppo_config(lm_run, rm_run, **train):
-  c = _config('tiny_ppo', init_from=lm_run, **{'steps': 2, **train})
+  c = _config('tiny_ppo', init_from=lm_run, **{'steps': 2, 'ckpt_every': 4, **train})
   c.ppo.update(reward_model=rm_run, max_new_tokens=4, num_minibatches=2, ppo_epochs=2,
                eval_prompts=4, max_prompt_len=32)
   return c
@@ -171,13 +172,24 @@ def _ppo_config(lm_run, rm_run, **train):
 def test_ppo_resume_is_bit_identical(tmp_path, lm_run, rm_run):
   straight = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'a'))
   first = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'b'), stop_after=1)
-  assert int(first['state']['step']) == 4 and first['eval/score'] is None  # 2 epochs x 2.
+  assert int(first.state['step']) == 4 and first.eval == {}  # Ends the iteration: 2 epochs x 2.
   resumed = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'b'))
-  last = lambda r: next(h for h in r['history'] if h['step'] == 2 and 'loss' in h)
-  for key in ('loss', 'objective/scores', 'objective/kl', 'policy/grad_norm'):
-    assert last(straight)[key] == last(resumed)[key], key
-  for x, y in zip(jax.tree.leaves(straight['state']), jax.tree.leaves(resumed['state'])):
+  a, b = ({h['step']: h for h in r.history if 'loss' in h} for r in (straight, resumed))
+  assert sorted(b) == [5, 6, 7, 8] and sorted(a) == list(range(1, 9))
+  for step in b:
+    for key in ('loss', 'objective/scores', 'objective/kl', 'objective/kl_coef',
+                'policy/grad_norm', 'val/grad_norm'):
+      assert a[step][key] == b[step][key], (step, key)
+  assert straight.eval == resumed.eval and set(straight.eval) == {'eval/score_before', 'eval/score'}
+  for x, y in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  saved = json.loads((tmp_path / 'b/checkpoints/8/data/metadata').read_text())
+  assert saved['process_states'][0]['iteration'] == 2
+
+
+def test_ppo_checkpoints_only_between_iterations(tmp_path, lm_run, rm_run):
+  with pytest.raises(ConfigError, match=r'train.ckpt_every=2: PPO saves between iterations'):
+    run_stage(_ppo_config(lm_run, rm_run, ckpt_every=2), str(tmp_path))
 
 
 def test_ppo_nan_policy(tmp_path, lm_run, rm_run):
@@ -189,5 +201,5 @@ def test_ppo_nan_policy(tmp_path, lm_run, rm_run):
   with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite'):
     run_stage(diverging('stop'), str(tmp_path / 'stop'))
   result = run_stage(diverging('skip'), str(tmp_path / 'skip'))
-  assert result['history'][-2]['skipped_steps'] >= 1
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result['state']))
+  assert result.history[-2]['skipped_steps'] >= 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state))

@@ -113,9 +113,9 @@ def lower_train_step(config, devices=None):
     shape = (t.grad_accum, t.global_batch // t.grad_accum, config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_mask' else jnp.int32,
                                      sharding=batch_sharding) for k in BATCH_KEYS}
-    step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding,
-                                   use_router_noise=cfg.is_moe and cfg.router_jitter > 0)
-    return step.lower(state, batch), cfg
+    step = step_lib.jit_step(lambda _: step_lib.lm_loss(mdef), tx, schedule, shardings, batch_sharding,
+                             use_rng=cfg.is_moe and cfg.router_jitter > 0)
+    return step.lower(state, batch, None), cfg
 
 
 def _memory(stats, num_layers: int, seconds: float) -> CompiledMemory:

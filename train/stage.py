@@ -16,6 +16,8 @@ from data import pipeline
 from model.transformer import Decoder
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
+from train import optimizer as optimizer_lib
+from train import state as state_lib
 from train import step as step_lib
 
 
@@ -27,29 +29,63 @@ def _keep(ctx, mdef, data, make_eval_data, steps_left):
 class Stage:
   """The parts of a run that differ between stages.
 
+  steps: loop steps of the run (optimiser updates; the schedule's length);
   validate(config, devices, processes) -> ModelConfig (raises ConfigError);
   make_data(ctx, split) -> iterator of process-local numpy batches [B_local, ...] (nested dicts
-    allowed) with get_state() / set_state() and `.tokenizer`;
+    allowed) with get_state() / set_state(), counts() and `.tokenizer`;
   make_loss(mdef, frozen) -> loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums));
-  init_params(ctx, mdef, fresh_params) -> params of a fresh run (`fresh_params`: as initialised);
+  init_state(ctx, mdef, state) -> the state of a fresh run (`state`: as initialised), e.g. its
+    params from `train.init_from`;
   prepare(ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data): once,
     after the restore (`data` is at the position of the next step): e.g. load a frozen reference
     (passed to make_loss in every step) or wrap the data;
-  eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...).
+  eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...);
+  make_state(ctx, steps) -> (state, shardings, mdef, tx, schedule): a freshly initialised state,
+    its shardings, the ModelDef of state['params'], the optimiser (of the `trained` tree) and its
+    learning-rate schedule; None: {'step', 'params', 'opt_state', 'rng'} of `model_cls` with
+    train/optimizer.py's optimiser of `optim`;
+  trained / grad_metrics: train/step.py train_step's (the state keys trained as one tree, extra
+    metrics of the gradients);
+  before_step(data, state, step) -> scalars: called before the batch of every step is read (the
+    rollout phase of PPO); what it returns is logged with every later step until it returns new
+    values for the same keys;
+  evaluate(data, params, frozen) -> eval scalars, instead of the means of the loss metrics over
+    `eval_batches` held-out batches;
+  save_every: checkpoints only at multiples of it (ckpt_every, the last step, and a stop request,
+    which waits for the next multiple);
+  replicate_batch: batches are replicated over the mesh, not split along the batch axes.
   """
   name: str
+  steps: int
   validate: Callable
   make_data: Callable
   make_loss: Callable
-  init_params: Callable
+  init_state: Callable
   eval_batches: int
+  step_tokens: int  # Tokens per step, for throughput.
   model_cls: Any = Decoder
   prepare: Callable = _keep
   eval_metrics: Callable = lambda means: {}
   count_name: str = 'tokens'  # The metric of the step's count (tokens, pairs).
-  rows_per_example: int = 1  # Sequences per batch row (pairs: 2), for throughput.
   shown: tuple = ()  # Metrics added to the log line.
   use_rng: bool = False  # A per-step RNG for the loss (MoE router noise).
+  make_state: Callable | None = None
+  trained: tuple | None = None
+  grad_metrics: Callable | None = None
+  before_step: Callable = lambda data, state, step: {}
+  evaluate: Callable | None = None
+  save_every: int = 1
+  replicate_batch: bool = False
+
+  def new_state(self, ctx, steps: int):
+    """make_state's (state, shardings, mdef, tx, schedule), or the default one."""
+    if self.make_state is not None:
+      return self.make_state(ctx, steps)
+    optim = ctx.config.optim
+    tx, schedule = optimizer_lib.make(optim, steps), optimizer_lib.schedule(optim, steps)
+    state, shardings, mdef = state_lib.create(ctx.cfg, tx, ctx.mesh, ctx.config.train.seed,
+                                              self.model_cls)
+    return state, shardings, mdef, tx, schedule
 
 
 def lm_stage(config) -> Stage:
@@ -63,15 +99,15 @@ def lm_stage(config) -> Stage:
         workdir=ctx.workdir, split=split, process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.train.seed)
 
-  def init_params(ctx, mdef, params):
+  def init_state(ctx, mdef, state):
     if not init_from:
-      return params
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    return ckpt_lib.restore_params(init_from, params, shardings)
+      return state
+    shardings = jax.tree.map(lambda x: x.sharding, state['params'])
+    return dict(state, params=ckpt_lib.restore_params(init_from, state['params'], shardings))
 
-  cfg = config_lib.model_config(config)
-  return Stage(name='lm', validate=config_lib.validate, make_data=make_data,
-               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_params=init_params,
-               eval_batches=int(config.train.eval_batches),
+  cfg, t = config_lib.model_config(config), config.train
+  return Stage(name='lm', steps=int(t.steps), validate=config_lib.validate, make_data=make_data,
+               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_state=init_state,
+               eval_batches=int(t.eval_batches), step_tokens=t.global_batch * config.data.seq_len,
                eval_metrics=lambda m: {'eval/perplexity': float(np.exp(min(m['eval/loss'], 50.0)))},
                use_rng=cfg.is_moe and cfg.router_jitter > 0)

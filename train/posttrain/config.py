@@ -9,7 +9,9 @@ Shared keys keep their train/config.py meaning: `train.init_from` is the checkpo
 model starts from (SFT: the pre-trained LM; RM, PPO, DPO: the SFT model), `train.steps` counts
 optimiser steps (RM, DPO) or PPO iterations (one rollout batch each), `train.global_batch` is
 pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is the optimiser of the trained
-model (for PPO: of the policy; the critic has `ppo.critic_lr`).
+model (for PPO: of the policy; the critic has `ppo.critic_lr`). Every other step-counted key
+(log_every, ckpt_every, eval_every, sample_every, profile_steps) counts optimiser updates, in
+PPO too (train/posttrain/ppo_loop.py).
 """
 
 import ml_collections
@@ -102,6 +104,11 @@ def validate(config, num_devices: int, process_count: int = 1):
     for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len'):
       if p[key] < 1:
         raise ConfigError(f'ppo.{key}={p[key]} must be positive')
+    per_iteration = p.ppo_epochs * p.num_minibatches
+    if config.train.ckpt_every % per_iteration:
+      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations '
+                        f'(the rollout batch is not saved); use a multiple of ppo.ppo_epochs x '
+                        f'ppo.num_minibatches = {per_iteration} updates')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
