@@ -88,10 +88,18 @@ def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str
   params = keep(optax.apply_updates(old, updates), old)
   new_state = dict(state, step=state['step'] + 1, opt_state=keep(opt_state, state['opt_state']),
                    rng=rng, **({'params': params} if trained is None else params))
-  metrics.update({'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
+  metrics.update({'grad_norm': grad_norm, 'param_norm': scaled_norm(params),
                   'learning_rate': schedule(state['step']), count_name: count,
                   'nonfinite': 1 - finite, **(grad_metrics(grads) if grad_metrics else {})})
   return new_state, metrics
+
+
+def scaled_norm(tree):
+  """The L2 norm of a tree's leaves, finite for every finite tree: scaled by the largest |x|
+  first, so that huge (diverged but finite) params do not overflow to inf."""
+  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)]))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return scale * optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32) / scale, tree))
 
 
 def per_key(txs: dict) -> optax.GradientTransformation:
