@@ -74,7 +74,7 @@ def bench_pack_only(seq_len: int, rows: int, seconds: float, workdir: str):
   tok = it.tokenizer
   from data import corpus  # pylint: disable=import-outside-toplevel
   docs = [np.asarray([tok.bos_id] + ids + [tok.eos_id], np.int32)
-          for ids in tok.encode_batch(corpus.documents(seed=1, num_docs=20_000))]
+          for ids in map(tok.encode, corpus.documents(seed=1, num_docs=20_000))]
   examples = [packing.lm_example(d) for d in docs]
   packers = [packing.RowPacker(seq_len) for _ in range(rows)]
   cursor = [0]

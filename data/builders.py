@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -69,10 +70,13 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return readers.iter_text(spec['path'], spec['unit'], bad)
     return readers.iter_jsonl_text(spec['path'], spec['text_field'], bad)
 
+  def _bad_input(self, policy: str, log: bool = True) -> readers.BadInput:
+    return readers.BadInput(policy, log, self._spec['max_doc_chars'], self._spec['long_docs'])
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     spec = self._spec
-    bad = readers.BadInput(spec['on_bad_input'])
+    bad = self._bad_input(spec['on_bad_input'])
     clean = hygiene_lib.Hygiene(ml_collections.ConfigDict(spec['hygiene']))
     kept = [where for where, text in self._documents(bad) if clean.check(text) is not None]
     assignment = dict.fromkeys(kept, 'train')
@@ -89,7 +93,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, assignment: dict[str, str], split: str):
     normalize = self._spec['hygiene'].get('normalize', '')
-    for where, text in self._documents(readers.BadInput('skip', log=False)):
+    for where, text in self._documents(self._bad_input('skip', log=False)):
       if assignment.get(where) == split:
         yield where, {'text': hygiene_lib.unicodedata.normalize(normalize, text)
                                  if normalize else text}
@@ -101,21 +105,31 @@ def local_spec(entry: ml_collections.ConfigDict, data_cfg: ml_collections.Config
           'format': entry.get('file_format', 'text'), 'unit': entry.get('unit', 'paragraph'),
           'text_field': entry.get('text_field', 'text'),
           'eval_fraction': float(entry.get('eval_fraction', 0.01)),
-          'hygiene': data_cfg.hygiene.to_dict(), 'on_bad_input': data_cfg.on_bad_input}
+          'hygiene': data_cfg.hygiene.to_dict(), 'on_bad_input': data_cfg.on_bad_input,
+          'max_doc_chars': int(data_cfg.max_doc_chars), 'long_docs': data_cfg.long_docs}
+
+
+@contextlib.contextmanager
+def _own_tempdir():
+  """tfds makes `tempfile.mkdtemp('tfds')` folders it never removes (a builder of an unprepared
+  dataset looks for its info in a bucket): they go into a folder of ours, removed afterwards."""
+  with tempfile.TemporaryDirectory(prefix='meshlm-tfds-') as tmp:
+    saved, tempfile.tempdir = tempfile.tempdir, tmp
+    try:
+      yield
+    finally:
+      tempfile.tempdir = saved
 
 
 def prepare_local(spec: dict[str, Any], data_dir: str) -> tfds.core.DatasetBuilder:
   """Prepares (once) the local corpus `spec` under `data_dir`; returns a builder to read it."""
-  builder = LocalCorpus(spec=spec, data_dir=data_dir, file_format='array_record')
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    with contextlib.redirect_stdout(sys.stderr):  # tfds prints progress to stdout
-      builder.download_and_prepare()
+  with _own_tempdir():
+    builder = LocalCorpus(spec=spec, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+      tfds.disable_progress_bar()
+      with contextlib.redirect_stdout(sys.stderr):  # tfds prints progress to stdout
+        builder.download_and_prepare()
   return tfds.builder_from_directory(builder.data_dir)
-
-
-def local_metadata(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
-  return dict(builder.info.metadata or {})
 
 
 class _TinyShakespeare(tiny_shakespeare.Builder, skip_registration=True):
@@ -149,14 +163,13 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '') -> None:
   base = name.split(':')[0].split('/')[0]
   cls = TF_FREE_PREPARERS.get(base)
   kwargs = {'data_dir': data_dir, 'file_format': 'array_record'}
-  builder = cls(**kwargs) if cls and base == name else tfds.builder(name, **kwargs)
-  if builder.is_prepared():
-    return
-  tfds.disable_progress_bar()
   config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+  tfds.disable_progress_bar()
   try:
-    with contextlib.redirect_stdout(sys.stderr):
-      builder.download_and_prepare(download_config=config)
+    with _own_tempdir(), contextlib.redirect_stdout(sys.stderr):
+      builder = cls(**kwargs) if cls and base == name else tfds.builder(name, **kwargs)
+      if not builder.is_prepared():
+        builder.download_and_prepare(download_config=config)
   except ModuleNotFoundError as e:
     raise PrepareError(f'preparing tfds dataset {name!r} needs {e.name}, which is not '
                        f'installed; prepare it where it is and point data_dir there') from e
@@ -171,7 +184,8 @@ def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '',
   if prepare:
     prepare_tfds(name, data_dir, manual_dir)
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    with _own_tempdir():
+      return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises assorted types for "not prepared" and "no such split".
     raise PrepareError(f'tfds dataset {name!r} split {split!r} cannot be read from '
                        f'{data_dir}: {e}. Prepare it with `python -m data.prepare tfds '

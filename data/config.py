@@ -13,6 +13,9 @@ Top-level keys (read by data.pipeline):
   shuffle_seed      seed of the document order (reshuffled every epoch).
   tfds_data_dir     where tfds datasets and prepared local corpora live ('' = workdir/tfds).
   on_bad_input      'raise' (error naming file:line) or 'skip' (drop, count, log).
+  max_doc_chars     the longest document read from a file (0: no bound); a longer one is
+                    split, truncated or skipped as `long_docs` says ('split', 'truncate',
+                    'skip'), and counted (see data.readers).
   hygiene           normalisation, dedup and quality filters (see data.hygiene).
   embedded_seed, embedded_docs, embedded_eval_docs
                     the generated corpus (data.corpus): seed, training and held-out sizes.
@@ -33,16 +36,18 @@ Entries of `sources` (a ConfigDict each; `kind`, `format` and `weight` always):
 
 import ml_collections
 
-from data import hygiene
+from data import hygiene, readers
 
 KINDS = ('embedded', 'tfds', 'local', 'jsonl')
 FORMATS = ('text', 'sft', 'preference')
 SPLITS = ('train', 'eval')
-_ENTRY_KEYS = {
-    'embedded': set(),
-    'tfds': {'name', 'split', 'eval_split', 'text_field', 'doc_unit', 'manual_dir'},
-    'local': {'path', 'file_format', 'unit', 'text_field', 'eval_fraction', 'name'},
-    'jsonl': {'path', 'sft_format', 'eval_fraction'},
+_ENTRY_DEFAULTS = {  # Keys of a `sources` entry beyond kind, format and weight, by kind.
+    'embedded': {},
+    'tfds': {'name': '', 'split': 'train', 'eval_split': 'validation', 'text_field': 'text',
+             'doc_unit': '', 'manual_dir': ''},
+    'local': {'path': '', 'file_format': 'text', 'unit': 'paragraph', 'text_field': 'text',
+              'eval_fraction': 0.01, 'name': ''},
+    'jsonl': {'path': '', 'sft_format': 'auto', 'eval_fraction': 0.05},
 }
 
 
@@ -53,15 +58,8 @@ class DataConfigError(ValueError):
 def source_entry(kind: str, format: str = 'text', weight: float = 1.0,  # pylint: disable=redefined-builtin
                  **kwargs) -> ml_collections.ConfigDict:
   """A `sources` entry, e.g. source_entry('tfds', name='tiny_shakespeare', doc_unit='paragraph')."""
-  defaults = {
-      'tfds': {'name': '', 'split': 'train', 'eval_split': 'validation', 'text_field': 'text',
-               'doc_unit': '', 'manual_dir': ''},
-      'local': {'path': '', 'file_format': 'text', 'unit': 'paragraph', 'text_field': 'text',
-                'eval_fraction': 0.01, 'name': ''},
-      'jsonl': {'path': '', 'sft_format': 'auto', 'eval_fraction': 0.05},
-  }.get(kind, {})
   return ml_collections.ConfigDict({'kind': kind, 'format': format, 'weight': weight,
-                                    **defaults, **kwargs})
+                                    **_ENTRY_DEFAULTS.get(kind, {}), **kwargs})
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -80,6 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.shuffle_seed = 0
   c.tfds_data_dir = ''
   c.on_bad_input = 'raise'
+  c.max_doc_chars = 1_000_000
+  c.long_docs = 'split'
   c.hygiene = hygiene.default_config()
   c.embedded_seed = 0
   c.embedded_docs = 50_000
@@ -104,13 +104,16 @@ def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
       raise DataConfigError(f'{key}.kind: {entry.get("kind")!r} is not one of {KINDS}')
     if entry.get('format') not in FORMATS:
       raise DataConfigError(f'{key}.format: {entry.get("format")!r} is not one of {FORMATS}')
-    unknown = set(entry.keys()) - {'kind', 'format', 'weight'} - _ENTRY_KEYS[entry.kind]
+    unknown = set(entry.keys()) - {'kind', 'format', 'weight'} - set(_ENTRY_DEFAULTS[entry.kind])
     if unknown:
       raise DataConfigError(f'{key}: unknown key(s) {sorted(unknown)} for kind {entry.kind!r}')
     if not float(entry.get('weight', 1.0)) > 0:
       raise DataConfigError(f'{key}.weight: must be positive, got {entry.get("weight")}')
-    if entry.kind in ('local', 'jsonl') and not entry.get('path'):
-      raise DataConfigError(f'{key}.path: a file or glob is needed')
+    if entry.kind in ('local', 'jsonl') and '://' not in entry.get('path', ''):  # URLs: when read.
+      try:
+        readers.expand(entry.get('path') or '', 'a file or glob')
+      except FileNotFoundError as e:
+        raise DataConfigError(f'{key}.path: {e}') from e
     if entry.kind == 'tfds' and not entry.get('name'):
       raise DataConfigError(f'{key}.name: a tfds dataset name is needed')
     if entry.kind == 'jsonl' and entry.format == 'text':
@@ -124,7 +127,7 @@ def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
 
 def validate(cfg, *, vocab_size: int, global_batch: int, process_count: int) -> None:
   """Raises DataConfigError naming the first bad key."""
-  from data import packing, readers, tokenizer  # pylint: disable=import-outside-toplevel
+  from data import packing, tokenizer  # pylint: disable=import-outside-toplevel
 
   def check(ok, key, msg):
     if not ok:
@@ -138,6 +141,9 @@ def validate(cfg, *, vocab_size: int, global_batch: int, process_count: int) -> 
         f'{cfg.tokenizer_type!r} is not one of {tokenizer.MODEL_TYPES}')
   check(cfg.on_bad_input in readers.ON_BAD_INPUT, 'on_bad_input',
         f'{cfg.on_bad_input!r} is not one of {readers.ON_BAD_INPUT}')
+  check(cfg.long_docs in readers.LONG_DOCS, 'long_docs',
+        f'{cfg.long_docs!r} is not one of {readers.LONG_DOCS}')
+  check(int(cfg.max_doc_chars) >= 0, 'max_doc_chars', f'must be >= 0, got {cfg.max_doc_chars}')
   check(cfg.hygiene.normalize in hygiene.NORMALIZATIONS, 'hygiene.normalize',
         f'{cfg.hygiene.normalize!r} is not one of {hygiene.NORMALIZATIONS}')
   for key in ('tokenizer_docs', 'embedded_docs', 'embedded_eval_docs', 'embedded_examples'):

@@ -14,7 +14,6 @@ preference pairs with a right and a wrong answer (`preferences`) for the SFT/RLH
 """
 
 import random
-from typing import Iterator
 
 NAMES = ('Alice', 'Bob', 'Carla', 'David', 'Elena', 'Farid', 'Grace', 'Hiro', 'Ines', 'Jonas',
          'Kemi', 'Leo', 'Maya', 'Nikos', 'Olga', 'Pablo', 'Quinn', 'Rosa', 'Sam', 'Tariq',
@@ -210,14 +209,6 @@ def document(seed: int, index: int) -> str:
 def documents(seed: int = 0, num_docs: int = 20_000, start: int = 0) -> list[str]:
   """Documents `start .. start + num_docs - 1` drawn with `seed` (about 230 bytes each)."""
   return [document(seed, i) for i in range(start, start + num_docs)]
-
-
-def iter_documents(seed: int = 0, start: int = 0) -> Iterator[str]:
-  """An endless stream of documents."""
-  index = start
-  while True:
-    yield document(seed, index)
-    index += 1
 
 
 def _question(rng: random.Random) -> tuple[str, str]:

@@ -20,7 +20,6 @@ import unicodedata
 import ml_collections
 
 NORMALIZATIONS = ('', 'NFC', 'NFKC')
-REASONS = ('empty', 'too_short', 'too_long', 'low_alpha', 'repeated_lines', 'duplicate')
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -25,7 +25,6 @@ every time, so the first N batches make a fixed eval set.
 """
 
 import collections
-import json
 import os
 import sys
 from typing import Any
@@ -170,9 +169,6 @@ class DataIterator:
                        f'(saved vs now: {diff})')
     self._iterator.set_state(state['grain'])
 
-  def state_json(self) -> str:
-    return json.dumps(self.get_state())
-
 
 def _effective_seed(shuffle_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(shuffle_seed), int(seed)]).generate_state(1)[0])
@@ -200,9 +196,11 @@ def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
   return encode
 
 
-def _tokenize_chat(src: sources.Source, template: chat.ChatTemplate, seq_len: int,
-                   bad: readers.BadInput) -> list:
-  """SFT items -> [(ids, weights)]; preference items -> [((ids, w), (ids, w))]; length-checked."""
+def _tokenize_chat(src: sources.Source, tok: tokenizer_lib.Tokenizer, data_cfg) -> list:
+  """SFT items -> [(ids, weights)]; preference items -> [((ids, w), (ids, w))]; those longer
+  than seq_len are bad input, counted in `src.stats`; an error with the counts if none is left."""
+  template, seq_len = chat.ChatTemplate(tok), int(data_cfg.seq_len)
+  bad = readers.BadInput(data_cfg.on_bad_input)
   out = []
   for item in src.items:
     where, conversations = item[0], item[1:]
@@ -212,6 +210,10 @@ def _tokenize_chat(src: sources.Source, template: chat.ChatTemplate, seq_len: in
       bad(where, 'too_long', f'example of {longest} tokens is longer than seq_len {seq_len}')
       continue
     out.append(encoded[0] if len(encoded) == 1 else tuple(encoded))
+  src.stats.update(too_long=bad.counts.get('too_long', 0), items=len(out))
+  if not out:
+    raise data_config.DataConfigError(f'config.data.sources.{src.name}: no example fits seq_len '
+                                      f'{seq_len} (counts: {src.stats})')
   return out
 
 
@@ -268,13 +270,8 @@ def make_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size: int, globa
     if s.format == 'text':
       ds = ds.map(_text_encoder(tok, data_cfg, i, s.lazy_hygiene))
     else:
-      bad = readers.BadInput(data_cfg.on_bad_input)
-      examples = _tokenize_chat(s, chat.ChatTemplate(tok), seq_len, bad)
-      if not examples:
-        raise data_config.DataConfigError(f'config.data.sources.{s.name}: no example fits '
-                                          f'seq_len {seq_len}')
-      s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(examples))
-      ds = grain.MapDataset.source([{**packing.lm_example(*e), 'source': i} for e in examples])
+      ds = grain.MapDataset.source([{**packing.lm_example(*e), 'source': i}
+                                    for e in _tokenize_chat(s, tok, data_cfg)])
     datasets.append(ds)
     build_stats[s.name] = s.stats
   shuffle = signature['shuffle_seed'] if split == 'train' else None
@@ -307,13 +304,7 @@ def make_preference_iterator(data_cfg: ml_collections.ConfigDict, *, vocab_size:
   seq_len = int(data_cfg.seq_len)
   datasets, build_stats = [], {}
   for s in srcs:
-    bad = readers.BadInput(data_cfg.on_bad_input)
-    pairs = _tokenize_chat(s, chat.ChatTemplate(tok), seq_len, bad)
-    if not pairs:
-      raise data_config.DataConfigError(f'config.data.sources.{s.name}: no pair fits '
-                                        f'seq_len {seq_len}')
-    s.stats.update(too_long=bad.counts.get('too_long', 0), items=len(pairs))
-    datasets.append(grain.MapDataset.source(pairs))
+    datasets.append(grain.MapDataset.source(_tokenize_chat(s, tok, data_cfg)))
     build_stats[s.name] = s.stats
   shuffle = signature['shuffle_seed'] if split == 'train' else None
   mixed = _mix(datasets, [s.weight for s in srcs], shuffle)

@@ -4,7 +4,8 @@
   python -m data.prepare local --path 'corpus/*.txt' --data-dir D [--unit paragraph]
       [--file-format text|jsonl] [--text-field text] [--name N] [--eval-fraction 0.01]
       [--normalize NFC] [--dedup] [--min-chars N] [--max-chars N] [--min-alpha-ratio R]
-      [--max-repeated-line-ratio R] [--on-bad-input raise|skip]
+      [--max-repeated-line-ratio R] [--on-bad-input raise|skip] [--max-doc-chars N]
+      [--long-docs split|truncate|skip]
 
 `local` prints where the corpus went and its counts (documents per split, bad input skipped,
 hygiene outcomes). To train on it, add a `sources` entry with the same settings
@@ -35,25 +36,26 @@ def main(argv: Sequence[str] | None = None) -> None:
   loc.add_argument('--unit', choices=readers.UNITS, default='paragraph')
   loc.add_argument('--text-field', default='text')
   loc.add_argument('--eval-fraction', type=float, default=0.01)
-  loc.add_argument('--normalize', choices=hygiene.NORMALIZATIONS, default='')
-  loc.add_argument('--dedup', action='store_true')
-  loc.add_argument('--min-chars', type=int, default=0)
-  loc.add_argument('--max-chars', type=int, default=0)
-  loc.add_argument('--min-alpha-ratio', type=float, default=0.0)
-  loc.add_argument('--max-repeated-line-ratio', type=float, default=1.0)
-  loc.add_argument('--on-bad-input', choices=readers.ON_BAD_INPUT, default='raise')
+  data_defaults = data_config.default_config()
+  knobs = {k: data_defaults[k] for k in ('on_bad_input', 'max_doc_chars', 'long_docs')}
+  knobs.update(data_defaults.hygiene.to_dict())  # The config.data keys of a corpus, as flags.
+  choices = {'on_bad_input': readers.ON_BAD_INPUT, 'long_docs': readers.LONG_DOCS,
+             'normalize': hygiene.NORMALIZATIONS}
+  for key, value in knobs.items():
+    flag = '--' + key.replace('_', '-')
+    if isinstance(value, bool):
+      loc.add_argument(flag, action='store_true')
+    else:
+      loc.add_argument(flag, type=type(value), default=value, choices=choices.get(key))
   args = parser.parse_args(argv)
   try:
     if args.command == 'tfds':
       builders.prepare_tfds(args.name, args.data_dir, args.manual_dir)
       print(f'prepared tfds {args.name} under {args.data_dir}')
       return
-    data_cfg = data_config.default_config()
-    data_cfg.on_bad_input = args.on_bad_input
-    data_cfg.hygiene.update(normalize=args.normalize, dedup=args.dedup,
-                            min_chars=args.min_chars, max_chars=args.max_chars,
-                            min_alpha_ratio=args.min_alpha_ratio,
-                            max_repeated_line_ratio=args.max_repeated_line_ratio)
+    data_cfg = data_defaults
+    for key in knobs:
+      (data_cfg.hygiene if key in data_cfg.hygiene else data_cfg)[key] = getattr(args, key)
     entry = data_config.source_entry('local', path=args.path, name=args.name,
                                      file_format=args.file_format, unit=args.unit,
                                      text_field=args.text_field,
@@ -63,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.exit(2, f'error: {e}\n')
   splits = {name: info.num_examples for name, info in builder.info.splits.items()}
   report = {'dir': str(builder.data_dir), 'splits': splits,
-            **builders.local_metadata(builder)}
+            **(builder.info.metadata or {})}
   print(json.dumps(report, indent=1, default=str))
 
 

@@ -114,13 +114,11 @@ def _data_dir(data_cfg, workdir: str) -> str:
 def _held_out(items: list, fraction: float, split: str) -> list:
   """Every k-th item (k = 1/fraction) is 'eval', the rest 'train'."""
   every = max(1, round(1 / fraction)) if fraction > 0 else 0
-  keep = [x for n, x in enumerate(items)
-          if (every and n % every == every - 1) == (split == 'eval')]
-  return keep
+  return [x for n, x in enumerate(items) if (every and n % every == every - 1) == (split == 'eval')]
 
 
 def _jsonl_items(entry, data_cfg, split: str) -> tuple[list, dict]:
-  bad = readers.BadInput(data_cfg.on_bad_input)
+  bad = readers.BadInput(data_cfg.on_bad_input, max_chars=data_cfg.max_doc_chars)
   seen = hygiene_lib.Hygiene(ml_collections.ConfigDict({**data_cfg.hygiene.to_dict(),
                                                         'min_chars': 0, 'max_chars': 0,
                                                         'min_alpha_ratio': 0.0,
@@ -188,16 +186,17 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
     from data import builders  # pylint: disable=import-outside-toplevel
     builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
                                      _data_dir(data_cfg, workdir))
+    stats.update(builder.info.metadata or {})
     if split not in builder.info.splits:
       raise data_config.DataConfigError(
           f'config.data.sources.{name}: the prepared corpus has no {split!r} split (too few '
-          f'documents, or eval_fraction is 0)')
+          f'documents, or eval_fraction is 0; counts when prepared: {stats})')
     items = _TextRecords(builder.as_data_source(split), 'text', f'local {name}[{split}]')
-    stats.update(builders.local_metadata(builder))
   else:
     items, stats = _jsonl_items(entry, data_cfg, split)
   if len(items) == 0:  # pylint: disable=g-explicit-length-test
-    raise data_config.DataConfigError(f'config.data.sources.{name}: split {split!r} is empty')
+    raise data_config.DataConfigError(f'config.data.sources.{name}: split {split!r} is empty '
+                                      f'(counts when read: {stats})')
   stats['items'] = len(items)
   return Source(name, entry.format, weight, items, stats, lazy)
 

@@ -20,7 +20,6 @@ CLI:
 """
 
 import argparse
-import glob
 import hashlib
 import os
 import pathlib
@@ -28,6 +27,8 @@ import tempfile
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+
+from data import readers
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 CHAT_MARKERS = ('<|system|>', '<|user|>', '<|assistant|>', '<|end|>')
@@ -101,9 +102,6 @@ class Tokenizer:
       return self._encode_with_metaspace(text)
     return self._sp.EncodeAsIds(text)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [self.encode(t) for t in texts]
-
   def _encode_with_metaspace(self, text: str) -> list[int]:
     # SentencePiece writes spaces as U+2581 inside pieces, so a literal U+2581 would come
     # back as a space; spelling it with its three UTF-8 byte pieces keeps it exact.
@@ -122,12 +120,13 @@ class Tokenizer:
     return self._sp.IdToPiece(int(token_id))
 
 
-def _lines(docs: Iterable[str]) -> Iterable[str]:
-  """Training sentences: SentencePiece reads one line at a time, newlines are pieces of ours."""
+def _lines(docs: Iterable[str], max_chars: int) -> Iterable[str]:
+  """Training sentences: SentencePiece reads one line at a time, newlines are pieces of ours;
+  longer lines are cut into `max_chars` pieces (SentencePiece would drop them)."""
   for doc in docs:
     for line in doc.split(NEWLINE):
-      if line.strip():
-        yield line
+      for i in range(0, len(line) if line.strip() else 0, max_chars):
+        yield line[i:i + max_chars]
 
 
 def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | os.PathLike,
@@ -149,7 +148,7 @@ def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | o
     tmp_prefix = os.path.join(tmp, 'model')
     try:
       spm.SentencePieceTrainer.Train(
-          sentence_iterator=iter(_lines(docs)),
+          sentence_iterator=iter(_lines(docs, max_sentence_length // 4)),  # <= 4 bytes a char
           model_prefix=tmp_prefix,
           model_type=model_type,
           vocab_size=vocab_size,
@@ -204,19 +203,10 @@ def fingerprint(docs: Sequence[str], vocab_size: int, model_type: str) -> str:
 
 def read_text_files(pattern: str) -> list[str]:
   """The contents of every file matching `pattern` (a path or glob), one document per file."""
-  paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-  if not paths:
-    raise TokenizerError(f'--input {pattern!r} matches no file')
-  docs = []
-  for p in paths:
-    try:
-      with open(p, encoding='utf-8') as f:
-        docs.append(f.read())
-    except FileNotFoundError as e:
-      raise TokenizerError(f'--input file {p} does not exist') from e
-    except UnicodeDecodeError as e:
-      raise TokenizerError(f'--input file {p} is not valid UTF-8 at byte {e.start}') from e
-  return docs
+  try:
+    return [doc for _, doc in readers.iter_text(pattern, 'file', readers.BadInput('raise'))]
+  except (FileNotFoundError, readers.BadInputError) as e:
+    raise TokenizerError(f'--input: {e}') from e
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,44 +8,16 @@
         --config.train.init_from=gs://B/sft --config.ppo.reward_model=gs://B/rm \\
         --config.data.sources.sft.path='gs://B/sft_data/*.jsonl'
 
-Kept from the seed's earlier stages (experiments/dense_65b.py, dense_65b_sft.py): the 65B dense
-model, 256 A100-80GB, AdamW b1=0.9, b2=0.95, eps=1e-6, global-norm clipping 1.0, cosine decay to
-10% of peak, sequences of 2,048 tokens. Everything below is not stated by the seed and chosen
-here, with the reason:
-
-Mesh: tensor=8 (within an 8-GPU NVLink node) x fsdp=32 for PPO, instead of fsdp=256: rollouts
-decode one token at a time, and each step gathers the layer weights over the fsdp axis; with
-tensor=8 a device gathers 1/8 of the model per step instead of all of it. The batch is then
-split 32 ways, so rollout batches and minibatches are multiples of 32. The reward model trains
-like SFT (fsdp=256).
-
-Reward model: 1 epoch over the pairs (more overfits, as InstructGPT reports for its RMs);
-assuming about 160,000 pairs (the size of Anthropic hh-rlhf's training split) at 512 pairs per
-step: 313 steps, warm-up 10 (3%), peak 9e-6 (the order InstructGPT used for RM training), no
-weight decay, margin 0 (plain Bradley-Terry).
-
-PPO: 512 prompts per iteration, each rollout batch used for 2 epochs of 8 minibatches of 64
-(InstructGPT-like batch 512 / minibatch 64); 500 iterations = 256,000 episodes, the order of
-InstructGPT's PPO runs; 8,000 optimiser steps, of which 2% warm-up (160). Policy peak lr 1e-6
-(RLHF actors of this size train at 5e-7..1e-6; SFT's 2e-5 would wreck the policy in a few
-updates); critic peak 5e-6 (critics are usually run 5-10x hotter than the actor). Prompts up to
-1,024 tokens, completions up to 512, sampled at temperature 1. KL: fixed coefficient 0.02 (the
-value InstructGPT used), k1 estimator; gamma 1, lambda 0.95, clip 0.2 for ratio and values,
-value coefficient 0.1, no entropy bonus, a penalty of 1.0 for completions that never end. The
-critic starts from the reward model. The reference model is kept in host memory between uses
-(ppo.ref_on_host) to leave room for the rollout KV cache: 512 x 1,536 slots x 80 layers x 64 kv
-heads x 128 x 2 (k, v) in bfloat16 = 2.1 TB, 8 GB per device.
-
-Per-device memory of PPO training (params/Adam in float32, sharded 256 ways): policy 1.0 GB +
-Adam 2.1 GB, critic the same, reward model 1.0 GB, reference 1.0 GB (host): about 8 GB before
-activations (remat 'full') and the rollout cache.
+The model, hardware and AdamW come from the earlier stages; the rest is chosen here, for the
+reasons in docs/experiments.md: PPO on tensor=8 x fsdp=32 (rollouts gather 1/8 of the weights
+per step), the reward model 1 epoch over ~160,000 pairs, PPO 500 iterations of 512 prompts with
+InstructGPT-like settings, and the reference model kept in host memory for the rollout KV cache.
 """
 
 from data.config import source_entry
 from experiments import dense_65b
 from train.posttrain.config import defaults
 
-SEQ_LEN = 2048
 RM_PAIRS = 160_000  # Assumed size of the preference data (hh-rlhf train: 160,800).
 RM_BATCH = 512
 PPO_ITERATIONS = 500
@@ -55,11 +27,11 @@ PPO_BATCH = 512
 def _base(stage: str):
   c = defaults()
   pre = dense_65b.get_config()
-  c.model.update(pre.model)
-  c.hardware.update(pre.hardware)
+  for section in ('model', 'mesh', 'optim', 'hardware'):  # Pre-training's; fsdp=256.
+    c[section].update(pre[section])
   c.stage = stage
-  c.data.update(packing='pad', seq_len=SEQ_LEN)
-  c.optim.update(b1=0.9, b2=0.95, eps=1e-6, clip_norm=1.0, final_lr_frac=0.1, weight_decay=0.0)
+  c.data.update(packing='pad', seq_len=pre.data.seq_len)
+  c.optim.weight_decay = 0.0
   return c
 
 
@@ -68,7 +40,6 @@ def get_config(stage: str = 'ppo'):
     c = _base('rm')
     c.data.sources.pairs = source_entry('jsonl', 'preference', path='', eval_fraction=0.01)
     c.data.source = 'pairs'
-    c.mesh.update(data=1, fsdp=256, expert=1, tensor=1)
     steps = -(-RM_PAIRS // RM_BATCH)
     c.optim.update(peak_lr=9e-6, warmup_steps=10)
     c.train.update(steps=steps, global_batch=RM_BATCH, grad_accum=2, log_every=5,

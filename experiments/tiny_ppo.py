@@ -4,11 +4,8 @@
         --config.train.init_from=/tmp/tiny/sft --config.ppo.reward_model=/tmp/tiny/rm
 
 Prompts are the user turns of the embedded instruction pairs; completions of up to 32 tokens
-(the longest answers, counts of up to seven numbers, take about 28) sampled at temperature 1.
-40 iterations of 32 rollouts, each used for 2 epochs of 2 minibatches (160 policy updates):
-3 minutes on a shared 2-core CPU. Measured (benchmarks/results/posttrain_pipeline.md): the
-held-out reward-model score rises (1.07 -> 2.79) while exact-match accuracy falls (47.7% ->
-37.9%): the tiny reward model rewards over-long counts and cannot check sums.
+(the longest answers take about 28) sampled at temperature 1; 40 iterations of 32 rollouts, each
+used for 2 epochs of 2 minibatches. Results: benchmarks/results/posttrain_pipeline.md.
 """
 
 from experiments import tiny_dense

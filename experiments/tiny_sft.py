@@ -3,12 +3,9 @@
     python -m train.posttrain --config experiments/tiny_sft.py --workdir /tmp/tiny/sft \\
         --config.train.init_from=/tmp/tiny/pretrain
 
-(`python -m train` runs it too, given --config.data.tokenizer=<the pre-training run's
-tokenizer>; `train.posttrain` fills that in from init_from.) The data are the generated
-question/answer pairs of data/corpus.py in the chat template; the loss mask covers only the
-assistant reply and its end marker (data/chat.py), packed whole ('pad') into rows of 128.
-Everything else is the normal train loop. 150 steps of 16 rows (each row holds several
-examples) see about 8,000 examples, 1.6 epochs of the 5,000 generated ones.
+The generated question/answer pairs of data/corpus.py in the chat template, loss on the
+assistant reply and its end marker only, packed whole ('pad') into rows of 128. 150 steps of 16
+rows see about 8,000 examples, 1.6 epochs of the 5,000 generated ones.
 """
 
 from experiments import tiny_dense

@@ -107,7 +107,7 @@ def test_cli(tmp_path, capsys):
   with pytest.raises(SystemExit):
     tokenizer_lib.main(['train', '--input', str(tmp_path / 'latin1.txt'), '--vocab-size',
                         '400', '--out', str(out)])
-  assert 'not valid UTF-8' in capsys.readouterr().err
+  assert 'latin1.txt:1: invalid UTF-8' in capsys.readouterr().err
 
 
 def test_loads_llama_style_models(tmp_path):

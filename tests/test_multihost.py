@@ -8,7 +8,13 @@ then constant), so a 3-step run is a prefix of a 6-step one:
   C  1 process x 8 devices, steps 1-6 uninterrupted.
 A's losses must equal C's for steps 1-3 and B's must equal C's for steps 4-6 (read back from
 the TensorBoard event files). Only process 0 logs the run, its metrics and the `auto` attention
-choice; process 1 logs that it joined. The other tests check the pieces without starting processes.
+choice; process 1 logs that it joined.
+
+A lost process: one of 2 processes is killed (SIGKILL) and the survivor must exit non-zero within
+distributed.peer_timeout_s with one line naming it and the last checkpoint, without a traceback or
+JAX's fatal abort: a model-free driver whose survivor is in a collective or at a barrier, and
+(slow) the CLI killed after its first checkpoint. The other tests check the pieces without
+starting processes.
 """
 
 import json
@@ -194,6 +200,7 @@ def test_gather_on_one_process():
 class _Cfg:
   def __init__(self, **kw):
     self.enabled, self.coordinator_address, self.num_processes, self.process_id = False, '', 0, -1
+    self.peer_timeout_s = 0.0
     self.__dict__.update(kw)
 
 
@@ -203,11 +210,21 @@ def test_settings_from_config_env_and_errors():
   s = distributed.settings(_Cfg(), env)
   assert (s.enabled, s.coordinator_address, s.num_processes, s.process_id) == (True, 'h:1', 4, 3)
   s = distributed.settings(_Cfg(enabled=True, coordinator_address='c:2', num_processes=2, process_id=0), env)
-  assert s.initialize_kwargs() == {'coordinator_address': 'c:2', 'num_processes': 2, 'process_id': 0}
+  # JAX's heartbeat and shutdown timeouts: twice distributed.peer_timeout_s (default 10 s).
+  backstop = {'heartbeat_timeout_seconds': 20, 'shutdown_timeout_seconds': 20}
+  assert s.initialize_kwargs() == {'coordinator_address': 'c:2', 'num_processes': 2, 'process_id': 0,
+                                   **backstop}
   # Enabled with nothing given: everything left to JAX's cluster detection (SLURM, Open MPI, TPU).
-  assert distributed.settings(_Cfg(enabled=True), {}).initialize_kwargs() == {}
+  assert distributed.settings(_Cfg(enabled=True), {}).initialize_kwargs() == backstop
   assert distributed.settings(_Cfg(enabled=True), {'MESHLM_CLUSTER': 'slurm'}).initialize_kwargs() == {
-      'cluster_detection_method': 'slurm'}
+      'cluster_detection_method': 'slurm', **backstop}
+  assert distributed.settings(_Cfg(), {'MESHLM_PEER_TIMEOUT_S': '3.5'}).peer_timeout_s == 3.5
+  assert distributed.settings(_Cfg(peer_timeout_s=4.0), {'MESHLM_PEER_TIMEOUT_S': '3.5'}).initialize_kwargs() == {
+      'heartbeat_timeout_seconds': 8, 'shutdown_timeout_seconds': 8}
+  with pytest.raises(ConfigError, match='MESHLM_PEER_TIMEOUT_S=.soon. is not a number'):
+    distributed.settings(_Cfg(), {'MESHLM_PEER_TIMEOUT_S': 'soon'})
+  with pytest.raises(ConfigError, match='peer_timeout_s=-1 must be at least 3 s'):
+    distributed.settings(_Cfg(peer_timeout_s=-1.0), {})
   assert not distributed.settings(_Cfg(), {}).enabled
   assert not distributed.maybe_initialize(_Cfg(), {})  # Disabled: nothing happens.
   with pytest.raises(ConfigError, match='MESHLM_NUM_PROCESSES'):
@@ -260,3 +277,129 @@ def test_stage_on_two_processes_resumes_on_one(tmp_path, pretrained, stage):
   assert sorted(a) == [1, 2] and sorted(b) == [3, 4] and sorted(c) == [1, 2, 3, 4]
   np.testing.assert_allclose([a[s] for s in (1, 2)], [c[s] for s in (1, 2)], rtol=2e-5)
   np.testing.assert_allclose([b[s] for s in (3, 4)], [c[s] for s in (3, 4)], rtol=2e-5)
+
+
+def _lost_host(tmp_path, args, env: dict, ready, victim: int = 1) -> tuple[float, str]:
+  """Starts `args(i)` as process i = 0, 1, waits for `ready()`, kills `victim` with SIGKILL and
+  returns (seconds from the kill to the survivor's exit, the survivor's output). Start-up may
+  take minutes on a loaded machine; only the exit is timed."""
+  procs, logs = [], [tmp_path / f'process_{i}.log' for i in range(2)]
+  for i in range(2):
+    with open(logs[i], 'w') as log:
+      procs.append(subprocess.Popen(args(i), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    deadline = time.monotonic() + 600
+    while not ready():
+      assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+      assert time.monotonic() < deadline, 'the run never got ready'
+      time.sleep(0.05)
+    procs[victim].kill()
+    t_kill = time.monotonic()
+    rc = procs[1 - victim].wait(timeout=120)
+    elapsed = time.monotonic() - t_kill
+  finally:
+    for p in procs:
+      p.kill()
+  out = logs[1 - victim].read_text()
+  assert rc != 0, out[-3000:]
+  return elapsed, out
+
+
+def _assert_one_clean_line(out: str, lost: int, step: int) -> str:
+  lines = [line for line in out.splitlines() if 'lost process' in line]
+  assert len(lines) == 1, out[-3000:]
+  assert lines[0].startswith(f'error: lost process {lost} of 2 '), lines[0]
+  assert f'the last checkpoint is step {step} in ' in lines[0], lines[0]
+  for noise in ('Traceback', 'Fatal Python error', 'Check failure stack trace', 'Terminating process'):
+    assert noise not in out, f'{noise!r} in the survivor\'s output:\n{out[-3000:]}'
+  return lines[0]
+
+
+# A run's body without a model: the survivor (process 0) is in a collective (the main thread gets
+# gloo's error) or waits at a coordination-service barrier the killed peer never reaches (no
+# error: only the beat thread notices), or both raise. Process 0 writes argv[4] when both are
+# under way.
+_DRIVER = """
+import pathlib, sys, time
+import ml_collections, numpy as np
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
+from train import distributed
+address, pid, workdir, ready, mode = sys.argv[1:]
+cfg = ml_collections.ConfigDict(dict(enabled=True, coordinator_address=address, num_processes=2,
+                                     process_id=int(pid), peer_timeout_s=0.0))
+with distributed.exit_on_lost_peer(workdir):
+  distributed.maybe_initialize(cfg)
+  for i in range(20):
+    multihost_utils.process_allgather(np.array([i]))
+  if pid == '0':
+    pathlib.Path(ready).touch()
+  if mode == 'raise':
+    raise RuntimeError('a bug on every process')
+  while mode == 'collective':
+    multihost_utils.process_allgather(np.array([i]))
+  if pid == '0':
+    jax_distributed.global_state.client.wait_at_barrier('never_reached', 10**8)
+  time.sleep(10**6)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize('mode, timeout_s', [('collective', None), ('barrier', 3)])
+def test_lost_process_in_collective_or_barrier(tmp_path, mode, timeout_s):
+  """Process 1 of 2 is killed; process 0 exits non-zero within distributed.peer_timeout_s (the
+  default, or MESHLM_PEER_TIMEOUT_S) plus two beats, with one line naming process 1 and the last
+  finalized checkpoint (not the unfinished save beside it)."""
+  (tmp_path / 'run/checkpoints/7').mkdir(parents=True)
+  (tmp_path / 'run/checkpoints/9.orbax-checkpoint-tmp-1').mkdir()
+  ready = tmp_path / 'ready'
+  env = _env(2) | ({distributed.ENV['peer_timeout_s']: str(timeout_s)} if timeout_s else {})
+  port = _free_port()
+  args = lambda i: [sys.executable, '-c', _DRIVER, f'localhost:{port}', str(i), str(tmp_path / 'run'), str(ready), mode]
+  elapsed, out = _lost_host(tmp_path, args, env, ready.exists)
+  _assert_one_clean_line(out, lost=1, step=7)
+  timeout_s = timeout_s or distributed.PEER_TIMEOUT_S
+  assert elapsed < timeout_s + 2 * distributed.BEAT_S, (elapsed, out[-2000:])
+  print(f'{mode}: survivor exited {elapsed:.1f} s after the kill (peer_timeout_s={timeout_s:g})')
+
+
+@pytest.mark.multiprocess
+def test_error_on_every_process_is_not_a_lost_process(tmp_path):
+  """Both processes raise: each reports its own error once the peer's counter moved (seconds,
+  not the 60 s peer_timeout_s set here), and no process is called lost."""
+  port, ready = _free_port(), tmp_path / 'ready'
+  procs = [subprocess.Popen([sys.executable, '-c', _DRIVER, f'localhost:{port}', str(i), str(tmp_path),
+                             str(ready), 'raise'], cwd=REPO, env=_env(2) | {'MESHLM_PEER_TIMEOUT_S': '60'},
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  deadline = time.monotonic() + 300
+  while not ready.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+    time.sleep(0.05)
+  t_ready = time.monotonic()
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  elapsed = time.monotonic() - t_ready
+  for p, out in zip(procs, outs):
+    assert p.returncode == 1 and 'RuntimeError: a bug on every process' in out, out[-3000:]
+    assert 'lost process' not in out, out[-3000:]
+  assert elapsed < 30, elapsed
+  print(f'both processes reported their error {elapsed:.1f} s after raising')
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer):
+  """The CLI on 2 processes with the default distributed.peer_timeout_s: process 1 is killed
+  (SIGKILL) after the first checkpoint; process 0 exits non-zero within 30 s of the kill with
+  one line naming process 1 and the newest checkpoint on disk, without a traceback or JAX's
+  fatal abort."""
+  from orbax.checkpoint import utils as ocp_utils
+  workdir, port = tmp_path / 'run', _free_port()
+  args = lambda i: [
+      sys.executable, '-m', 'train', '--config', str(REPO / 'experiments/tiny_dense.py'),
+      '--workdir', str(workdir), '--config.train.steps=100000', f'--config.data.tokenizer={tokenizer}',
+      *OVERRIDES, '--config.distributed.enabled=True', '--config.distributed.num_processes=2',
+      f'--config.distributed.coordinator_address=localhost:{port}', f'--config.distributed.process_id={i}']
+  ckpts = workdir / 'checkpoints'
+  elapsed, out = _lost_host(tmp_path, args, _env(4), lambda: ckpts.is_dir() and ocp_utils.checkpoint_steps(ckpts))
+  line = _assert_one_clean_line(out, lost=1, step=max(ocp_utils.checkpoint_steps(ckpts)))
+  assert elapsed < 30, (elapsed, line)
+  print(f'survivor exited {elapsed:.1f} s after the kill: {line}')

@@ -35,10 +35,10 @@ def test_every_experiment_validates_for_its_mesh(name):
   num_devices = math.prod(sizes) * (8 if -1 in config.mesh.values() else 1)
   for name, source in config.data.sources.items():  # Paths the command line must give.
     if 'path' in source and not source.path:
-      source.path = f'/data/{name}.jsonl'
+      source.path = f'gs://bucket/{name}.jsonl'
   if 'stage' in config:  # Post-training stages carry their own sections (train/posttrain/config.py).
     from train.posttrain import config as posttrain_config
-    config.train.init_from = config.train.init_from or '/checkpoints/of/the/previous/stage'
+    config.train.init_from = config.train.init_from or 'gs://bucket/previous_stage'
     if config.stage == 'ppo':
       config.ppo.reward_model = config.ppo.reward_model or '/workdir/of/the/reward/model'
     cfg = posttrain_config.validate(config, num_devices)

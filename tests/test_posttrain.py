@@ -279,7 +279,7 @@ def test_large_posttrain_configs_validate():
     base_config.validate(c, devices)
   for stage, source in (('rm', 'pairs'), ('ppo', 'sft')):
     c = dense_65b_rlhf.get_config(stage)
-    c.train.init_from = '/sft'
-    c.ppo.reward_model = '/rm'
+    c.train.init_from = 'gs://bucket/sft'
+    c.ppo.reward_model = 'gs://bucket/rm'
     c.data.sources[source].path = f'gs://bucket/{source}/*.jsonl'
     pt_config.validate(c, 256)

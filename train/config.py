@@ -1,11 +1,17 @@
-"""Config defaults and validation. Experiment files start from `defaults()` and override.
+"""Config defaults, experiment files and validation. Experiment files start from `defaults()`.
 
 Every key a run reads is listed here, so a typo in an experiment file or a `--config.x=y`
 override is an error that names the key, and configs that cannot work fail before compiling.
+`load_experiment` reads an experiment file; its errors name the file:line (train/cli.py adds
+the command line's overrides).
 """
 
 import dataclasses
+import difflib
+import importlib.util
 import math
+import os
+import traceback
 
 import ml_collections
 
@@ -41,7 +47,8 @@ def defaults() -> ml_collections.ConfigDict:
       peak_tflops=0.0,  # Per-device peak for MFU; 0: from the device table, or measured on CPU.
       device_memory_gb=0.0,  # Per-device memory the planner checks against (0: unknown).
   )
-  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1)
+  c.distributed = dict(enabled=False, coordinator_address='', num_processes=0, process_id=-1,
+                        peer_timeout_s=0.0)  # 0: MESHLM_PEER_TIMEOUT_S, else 10 (train/distributed.py).
   return c
 
 
@@ -63,10 +70,45 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
     if name in FREE_FORM:
       continue
     if key not in reference:
-      raise ConfigError(f'unknown config key {name!r}; known keys here: {", ".join(sorted(reference.keys()))}')
+      raise unknown_key(name, reference.keys())
     value, ref = config[key], reference[key]
     if isinstance(ref, ml_collections.ConfigDict) and len(ref) and isinstance(value, ml_collections.ConfigDict):
       check_keys(value, ref, f'{name}.')
+
+
+def unknown_key(name: str, known) -> ConfigError:
+  """The error of an unknown key `name` among `known`, with the closest known one."""
+  close = difflib.get_close_matches(name.rsplit('.', 1)[-1], list(known), 1)
+  hint = f'did you mean {close[0]!r}?' if close else f'known keys here: {", ".join(sorted(known))}'
+  return ConfigError(f'unknown config key {name!r}; {hint}')
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the experiment file `spec` (`path:arg`: `get_config(arg)`)."""
+  path, arg = spec, ()
+  if not os.path.isfile(spec) and ':' in spec:
+    path, arg = spec.rsplit(':', 1)[0], (spec.rsplit(':', 1)[1],)
+  if not os.path.isfile(path):
+    raise ConfigError(f'--config {spec}: no such experiment file')
+  module_spec = importlib.util.spec_from_file_location('meshlm_experiment', path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, 'get_config', None)):
+      raise ConfigError(f'{path}: the experiment file defines no get_config()')
+    config = module.get_config(*arg)
+  except SyntaxError as e:
+    raise ConfigError(f'{e.filename}:{e.lineno}: {e.msg} (syntax error in the experiment file)') from e
+  except ConfigError:
+    raise
+  except Exception as e:  # Whatever the file raises: say where, without the traceback.
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    raise ConfigError(f'{path}:{lines[-1] if lines else 1}: loading the experiment raised '
+                      f'{type(e).__name__}: {e}') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'{path}: get_config() returned a {type(config).__name__}, not a ConfigDict')
+  return config
 
 
 def model_config(config) -> ModelConfig:
@@ -79,14 +121,18 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   cfg = model_config(config)
   from train.mesh import mesh_shape
   sizes = mesh_shape(config.mesh, num_devices)
-  t = config.train
+  t, o = config.train, config.optim
   if t.grad_accum < 1 or t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}')
   micro = t.global_batch // t.grad_accum
-  from model.sharding import make_rules
+  from model.sharding import make_rules, spec_axes
   rules = make_rules(config.sharding_rules.to_dict())
-  target = rules['batch']
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
+  for name, target in rules.items():
+    unknown = set(spec_axes(target)) - set(sizes)
+    if unknown:
+      raise ConfigError(f'sharding_rules.{name}={target!r}: {", ".join(sorted(unknown))} is not a '
+                        f'mesh axis ({", ".join(sizes)})')
+  axes = spec_axes(rules['batch'])
   shards = math.prod(sizes[a] for a in axes)
   if micro % shards:
     raise ConfigError(f'micro-batch train.global_batch / train.grad_accum = {micro} is not divisible by '
@@ -107,6 +153,17 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   for key in ('log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
     if t[key] < 1:
       raise ConfigError(f'train.{key}={t[key]} must be positive')
+  for key, ok, what in (('peak_lr', o.peak_lr > 0, '> 0'), ('b1', 0 <= o.b1 < 1, 'in [0, 1)'),
+                        ('b2', 0 <= o.b2 < 1, 'in [0, 1)'), ('eps', o.eps > 0, '> 0'),
+                        ('weight_decay', o.weight_decay >= 0, '>= 0'),
+                        ('clip_norm', o.clip_norm >= 0, '>= 0 (0: no clipping)'),
+                        ('warmup_steps', o.warmup_steps >= 0, '>= 0'),
+                        ('final_lr_frac', 0 <= o.final_lr_frac <= 1, 'in [0, 1]')):
+    if not ok:
+      raise ConfigError(f'optim.{key}={o[key]} must be {what}')
+  if t.init_from and '://' not in t.init_from and not os.path.isdir(t.init_from):
+    raise ConfigError(f'train.init_from={t.init_from}: no such directory (a run\'s workdir or '
+                      f'checkpoints folder)')
   if t.sample_every < 0:
     raise ConfigError(f'train.sample_every={t.sample_every} must be >= 0 (0: no samples)')
   from data import config as data_config

@@ -12,11 +12,21 @@ asked for). On CPU the collectives go through gloo.
     MESHLM_PROCESS_ID=i                  distributed.process_id
     MESHLM_CLUSTER=slurm|ompi|...        force one of JAX's cluster detectors
     MESHLM_LOG_ALL_PROCESSES=1           keep INFO logs on every process (default: process 0)
+    MESHLM_PEER_TIMEOUT_S=s              distributed.peer_timeout_s (default 10)
 
 Once joined, processes other than 0 log only warnings and errors (the `meshlm`, `model` and
 `train` loggers). Metrics, TensorBoard, metrics.jsonl and the progress bar are process 0's
 already (train/metrics.py Writer, train/loop.py); every process writes its own checkpoint
 shards (orbax; the JSON data-state item is written by process 0 from what all gathered).
+
+A lost process (`exit_on_lost_peer`, around the CLIs' runs): each process advances a counter in
+the coordinator's key-value store every BEAT_S. A peer whose counter stands still for
+`peer_timeout_s` is lost: the survivors print one line naming it and the last checkpoint, and
+leave at once with status 1 (os._exit: JAX's shutdown would wait for the lost peer, then abort).
+A run that raises waits for that verdict and re-raises once every peer's counter moved. JAX's
+heartbeat and shutdown timeouts, 2 * peer_timeout_s, are the backstop; JAX itself reports a lost
+task only by aborting the others (its Python callback cannot be set). Process 0 hosts JAX's
+coordination service: if it is lost, JAX's client ends the others at once with its own message.
 
 Data state (`gather_data_state`, `local_data_state`): each process iterates over its own rows
 of every global batch (data/pipeline.py), so its iterator state describes only those rows.
@@ -30,14 +40,21 @@ pipeline indexed by global batch (the preference pairs of data/pipeline.py) has 
 position on every process and moves as it is.
 """
 
+import atexit
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from jax._src import distributed as jax_distributed  # Its client: the coordinator's key-value store.
 
 from model.config import ConfigError
 
@@ -45,9 +62,12 @@ log = logging.getLogger('meshlm')
 
 ENV = {'enabled': 'MESHLM_DISTRIBUTED', 'coordinator_address': 'MESHLM_COORDINATOR_ADDRESS',
        'num_processes': 'MESHLM_NUM_PROCESSES', 'process_id': 'MESHLM_PROCESS_ID',
-       'cluster': 'MESHLM_CLUSTER', 'log_all': 'MESHLM_LOG_ALL_PROCESSES'}
+       'cluster': 'MESHLM_CLUSTER', 'log_all': 'MESHLM_LOG_ALL_PROCESSES',
+       'peer_timeout_s': 'MESHLM_PEER_TIMEOUT_S'}
 QUIET_LOGGERS = ('meshlm', 'model', 'train')  # INFO from these only on process 0.
 STATE_FORMAT = 'meshlm_per_process_v1'
+PEER_TIMEOUT_S = 10.0  # distributed.peer_timeout_s when neither config nor environment sets it.
+BEAT_S = 1.0  # How often each process advances its liveness counter.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,21 +77,24 @@ class Settings:
   num_processes: int | None
   process_id: int | None
   cluster: str | None  # A JAX cluster detector name ('slurm', 'ompi', ...), None: auto.
+  peer_timeout_s: float = PEER_TIMEOUT_S
 
   def initialize_kwargs(self) -> dict:
     kw = {'coordinator_address': self.coordinator_address, 'num_processes': self.num_processes,
           'process_id': self.process_id, 'cluster_detection_method': self.cluster}
-    return {k: v for k, v in kw.items() if v is not None}
+    backstop = max(1, round(2 * self.peer_timeout_s))  # JAX's timeouts: whole seconds.
+    return {k: v for k, v in kw.items() if v is not None} | {
+        'heartbeat_timeout_seconds': backstop, 'shutdown_timeout_seconds': backstop}
 
 
-def _env_int(environ, name: str) -> int | None:
+def _env_number(environ, name: str, kind=int):
   value = environ.get(name, '').strip()
   if not value:
     return None
   try:
-    return int(value)
+    return kind(value)
   except ValueError:
-    raise ConfigError(f'environment variable {name}={value!r} is not an integer') from None
+    raise ConfigError(f'environment variable {name}={value!r} is not {"an integer" if kind is int else "a number"}') from None
 
 
 def settings(dist_cfg, environ=None) -> Settings:
@@ -82,13 +105,17 @@ def settings(dist_cfg, environ=None) -> Settings:
     raise ConfigError(f'environment variable {ENV["enabled"]}={flag!r}: use 1/0 or true/false')
   enabled = bool(dist_cfg.enabled) or flag in ('1', 'true')
   address = dist_cfg.coordinator_address or environ.get(ENV['coordinator_address'], '') or None
-  num = dist_cfg.num_processes if dist_cfg.num_processes > 0 else _env_int(environ, ENV['num_processes'])
-  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else _env_int(environ, ENV['process_id'])
+  num = dist_cfg.num_processes if dist_cfg.num_processes > 0 else _env_number(environ, ENV['num_processes'])
+  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else _env_number(environ, ENV['process_id'])
+  timeout = (dist_cfg.peer_timeout_s or _env_number(environ, ENV['peer_timeout_s'], float)
+             or PEER_TIMEOUT_S)
   if num is not None and num < 1:
     raise ConfigError(f'distributed.num_processes={num} must be positive')
   if pid is not None and num is not None and not 0 <= pid < num:
     raise ConfigError(f'distributed.process_id={pid} is outside [0, num_processes={num})')
-  return Settings(enabled, address, num, pid, environ.get(ENV['cluster'], '').strip() or None)
+  if timeout < 3 * BEAT_S:  # A live peer's counter can seem to stand still for 2 beats.
+    raise ConfigError(f'distributed.peer_timeout_s={timeout:g} must be at least {3 * BEAT_S:g} s')
+  return Settings(enabled, address, num, pid, environ.get(ENV['cluster'], '').strip() or None, timeout)
 
 
 def maybe_initialize(dist_cfg, environ=None) -> bool:
@@ -113,7 +140,93 @@ def maybe_initialize(dist_cfg, environ=None) -> bool:
   if jax.process_index() != 0 and environ.get(ENV['log_all'], '').strip() not in ('1', 'true'):
     for name in QUIET_LOGGERS:
       logging.getLogger(name).setLevel(logging.WARNING)
+  if jax.process_count() > 1:
+    global _beat
+    _beat = _Beat(jax_distributed.global_state.client, s.peer_timeout_s)
   return True
+
+
+class _Beat:
+  """This process's liveness counter in the coordinator's key-value store, advanced every BEAT_S
+  by a daemon thread that also reads the peers' counters and ends the process (`_exit_lost`)
+  once one has stood still for `timeout_s`; a peer that wrote 'done' finished and is never lost."""
+
+  def __init__(self, client, timeout_s: float):
+    self.client, self.timeout_s = client, timeout_s
+    self.me, self.count = jax.process_index(), jax.process_count()
+    # Per peer: its last counter value and a time before which it was written.
+    self.moved = {p: (None, time.monotonic()) for p in range(self.count) if p != self.me}
+    self.stop = threading.Event()
+    self.thread = threading.Thread(target=self._run, name='meshlm-beat', daemon=True)
+    self.thread.start()
+    atexit.register(self.stop.set)  # Before JAX's own atexit shutdown (registered earlier).
+
+  def _run(self):
+    beat, previous = 0, time.monotonic()
+    while not self.stop.wait(BEAT_S):
+      beat, start = beat + 1, time.monotonic()
+      try:
+        self.client.key_value_set(f'meshlm/beat/{self.me}', str(beat), allow_overwrite=True)
+        counters = dict(self.client.key_value_dir_get('meshlm/beat/'))
+      except Exception:  # The store is unreachable: nobody moves, and process 0 hosts it.
+        counters = None
+      if counters is not None:
+        for p, (seen, _) in self.moved.items():
+          value = counters.get(f'meshlm/beat/{p}')
+          if value != seen or value == 'done':  # Written after the previous read began.
+            self.moved[p] = value, float('inf') if value == 'done' else previous
+        previous = start
+      now = time.monotonic()
+      lost = [p for p, (_, t) in self.moved.items() if now - t > self.timeout_s]
+      if lost and not self.stop.is_set():
+        _exit_lost([0] if 0 in lost else lost, self)
+
+  def finish(self):
+    """Marks this process's run finished: peers still finishing theirs do not count it lost."""
+    self.stop.set()
+    self.thread.join()
+    self.client.key_value_set(f'meshlm/beat/{self.me}', 'done', allow_overwrite=True)
+
+
+_beat: _Beat | None = None  # Set once maybe_initialize joined a run of several processes.
+_workdir = '.'  # The run's, for the checkpoint a lost process's message names.
+
+
+def _exit_lost(lost: list[int], beat: _Beat):
+  root = os.path.join(os.path.abspath(_workdir), 'checkpoints')
+  # orbax's finalized steps, read from the directory: a CheckpointManager would wait at a
+  # barrier for the lost process.
+  step = max(ocp.utils.checkpoint_steps(root), default=None) if os.path.isdir(root) else None
+  resume = (f'the last checkpoint is step {step} in {root}: run the same command again to resume '
+            f'from it' if step is not None else 'no checkpoint was saved: a new run starts at step 0')
+  if beat.me == 0 and beat.count > 2:
+    time.sleep(2 * BEAT_S)  # Let the other survivors report before the coordination service goes.
+  sys.stdout.flush()
+  sys.stderr.write(f'error: lost process {", ".join(map(str, lost))} of {beat.count} (no sign of '
+                   f'life for {beat.timeout_s:g} s, distributed.peer_timeout_s); {resume}\n')
+  sys.stderr.flush()
+  os._exit(1)
+
+
+@contextlib.contextmanager
+def exit_on_lost_peer(workdir: str):
+  """Around a run in `workdir` (the CLIs' main): in a run of several processes, a lost peer ends
+  this process with one line naming the peer and the last checkpoint (see the module doc). An
+  exception waits for that verdict, up to peer_timeout_s, and propagates once every peer moved."""
+  global _workdir
+  _workdir = workdir
+  try:
+    yield
+  except Exception:
+    if _beat is not None:
+      t = time.monotonic()
+      while (any(moved <= t for _, moved in _beat.moved.values())
+             and time.monotonic() < t + _beat.timeout_s + 2 * BEAT_S):
+        time.sleep(BEAT_S / 4)  # The beat thread ends the process if a peer is lost.
+      _beat.stop.set()
+    raise
+  if _beat is not None:
+    _beat.finish()
 
 
 def _allgather_text(text: str) -> list[str]:

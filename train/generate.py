@@ -4,36 +4,29 @@
         [--config experiments/X.py] [--max_new_tokens 64] [--temperature 0.8 --top_k 50
         --top_p 0.95] [--stop '\\n'] [--seed 0]
 
-    from train.generate import Generator
     gen = Generator.from_checkpoint('/tmp/run')      # or Generator(cfg, params, tokenizer, mesh)
     [c] = gen.generate(['What is 2 + 3?'], chat=True, max_new_tokens=16)
     c.text, c.token_ids, c.logprobs, c.finish_reason
 
-DIR is a run's workdir, its `checkpoints/` folder, or one `checkpoints/<step>` in it. The model
-shape comes from `--config`, else from `config.json` in the workdir (written by the post-training
-stages). The tokenizer is `config.data.tokenizer`, else the one the run trained and cached
-under `workdir/tokenizer/`.
-
+DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>` (train/workdir.py).
 Decoding (model/decode.py) is jitted once per (batch, prompt, total length) bucket and sampling
-setting: prompts are left-padded to a power-of-two bucket (at least `min_bucket`), new tokens
-get a power-of-two bucket too, and the batch is filled up to a power of two that the mesh's
-batch axes divide, so calls with other lengths or batch sizes reuse the compiled code. Rows
-stop at EOS (and, with `chat`, at the `<|end|>` marker); stop strings are checked on the host
-every `stop_check_every` tokens, between jitted chunks of decoding, and a stopped row keeps
-its tokens up to the one that completes the stop string (the text is cut before it).
+setting: prompts are left-padded to a power of two (at least `min_bucket`), new tokens get a
+power-of-two bucket too, and the batch is filled up to a power of two that the batch shards
+divide. Rows stop at EOS (with `chat` also at `<|end|>`); stop strings are checked on the host
+every `stop_check_every` tokens, and a stopped row keeps its tokens up to the one that completes
+the stop string (the text is cut before it).
 """
 
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from data.chat import ChatTemplate
 from model import decode
@@ -42,9 +35,8 @@ from model.sharding import logical_to_spec, make_rules, use_rules
 from train import compilation_cache
 from train import state as state_lib
 from train import workdir as workdir_lib
-from train.mesh import make_mesh
-
-log = logging.getLogger('meshlm')
+from train.context import Placement
+from train.mesh import batch_shards, make_mesh
 
 
 @dataclasses.dataclass
@@ -89,19 +81,14 @@ class Generator:
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
     self.rules = make_rules() if rules is None else rules
+    self.placement = Placement(self.mesh, self.rules)
     # The decoding config only differs for MoE (no dropped tokens); the params are the same.
     self.mdef, abstract = state_lib.model_def(decode.decoding_config(cfg))
-    with use_rules(self.rules):
-      self.param_shardings = state_lib.param_shardings(self.mdef, abstract, self.mesh)
-    self.params = None if params is None else self.place(params)
+    shardings = self.placement.param_shardings(self.mdef, abstract)
+    self.params = None if params is None else jax.device_put(params, shardings)
     self.max_batch, self.min_bucket, self.stop_check_every = max_batch, min_bucket, stop_check_every
-    batch_axes = logical_to_spec(('batch',), rules=self.rules)[0]
-    batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-    self.batch_shards = math.prod(self.mesh.shape[a] for a in batch_axes)
+    self.batch_shards = batch_shards(self.mesh, self.rules)
     self._fns = {}
-
-  def place(self, params):
-    return jax.device_put(params, self.param_shardings)
 
   @classmethod
   def from_checkpoint(cls, checkpoint: str, config=None, *, mesh=None, **kw) -> 'Generator':
@@ -134,21 +121,26 @@ class Generator:
     return [[self.tokenizer.bos_id] + self.tokenizer.encode(p) for p in prompts]
 
   def stop_ids(self, chat: bool) -> list[int]:
-    ids = [self.tokenizer.eos_id]
-    if chat:
-      ids.append(self.tokenizer.special_id('<|end|>'))
-    return ids
+    return [self.tokenizer.eos_id] + ([self.tokenizer.special_id('<|end|>')] if chat else [])
 
   def generate(self, prompts: list[str], *, max_new_tokens: int = 128,
                sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-               chat: bool = False, seed: int = 0, params=None, progress=None) -> list[Completion]:
+               chat: bool = False, seed: int = 0, params=None) -> list[Completion]:
     """Completions of text prompts (with `chat`, each is a user turn in the chat template)."""
-    ids = self.prompt_ids(prompts, chat)
+    return self.complete(self.prompt_ids(prompts, chat), max_new_tokens=max_new_tokens,
+                         sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat), seed=seed,
+                         params=params)
+
+  def complete(self, ids: list[list[int]], *, max_new_tokens: int,
+               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
+               stop_ids: list[int] | None = None, seed: int = 0, params=None,
+               progress=None) -> list[Completion]:
+    """Completions of token prompts, `max_batch` at a time (`progress`: a tqdm bar, or None)."""
     out = []
     for i in range(0, len(ids), self.max_batch):
       rollout = self.generate_ids(ids[i:i + self.max_batch], max_new_tokens=max_new_tokens,
-                                  sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat),
-                                  seed=seed + i, params=params)
+                                  sampling=sampling, stop=stop, stop_ids=stop_ids, seed=seed + i,
+                                  params=params)
       for j in range(rollout.tokens_bs.shape[0]):
         token_ids = rollout.completion_ids(j)
         p = rollout.prompt_len
@@ -161,9 +153,9 @@ class Generator:
     return out
 
   def _text(self, token_ids: list[int], stop) -> str:
+    """The decoded ids, cut before the first stop string."""
     text = self.tokenizer.decode(token_ids)
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[:min(cuts)] if cuts else text
+    return text[:min([text.find(s) for s in stop if s and s in text], default=len(text))]
 
   def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int,
                    sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
@@ -188,8 +180,7 @@ class Generator:
     data = NamedSharding(self.mesh, logical_to_spec(('batch', None), (b, p), self.mesh, self.rules))
     with jax.set_mesh(self.mesh), use_rules(self.rules):
       tokens_bp, lengths_b, done_b = jax.device_put(
-          (tokens_bp, lengths_b, done_b),
-          (data, NamedSharding(self.mesh, PartitionSpec()), NamedSharding(self.mesh, PartitionSpec())))
+          (tokens_bp, lengths_b, done_b), (data, self.placement.replicated, self.placement.replicated))
       state = start(params, tokens_bp, lengths_b, done_b, eos_e, jax.random.PRNGKey(seed),
                     total_len=total)
       stopped = np.zeros(b, bool)
@@ -217,21 +208,19 @@ class Generator:
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
     return Rollout(tokens_bs, logprobs_bs, np.asarray(lengths_b)[:n], num_new_b, p, finish)
 
+  def _has_stop(self, ids, stop) -> bool:
+    text = self.tokenizer.decode(ids)
+    return any(s and s in text for s in stop)
+
   def _stop_length(self, ids, stop) -> int:
     """How many of `ids` it takes for the text to contain a stop string."""
-    for k in range(1, len(ids) + 1):
-      text = self.tokenizer.decode(ids[:k])
-      if any(s and s in text for s in stop):
-        return k
-    return len(ids)
+    return next((k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop)), len(ids))
 
   def _stop_strings(self, state, done, stop, p) -> np.ndarray:
+    """Rows not done whose new tokens contain a stop string."""
     tokens_bs, num_new_b = np.asarray(state['tokens_bs']), np.asarray(state['num_new_b'])
-    hit = np.zeros(len(done), bool)
-    for i in np.nonzero(~done)[0]:
-      text = self.tokenizer.decode(tokens_bs[i, p:p + num_new_b[i]])
-      hit[i] = any(s and s in text for s in stop)
-    return hit
+    return np.array([not done[i] and self._has_stop(tokens_bs[i, p:p + num_new_b[i]], stop)
+                     for i in range(len(done))], bool)
 
   def _batch_bucket(self, n: int) -> int:
     b = bucket(n, 1)

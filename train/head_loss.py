@@ -1,18 +1,12 @@
 """Output head and next-token loss fused and chunked: sum of masked NLL without [b, t, vocab].
 
-For a small model the head is most of the FLOPs and its [b, t, vocab] float32 logits are the
-largest activations. Left to autodiff, XLA:CPU writes the logits, the softmax and the logit
-gradient as whole arrays (each freshly allocated, each ~262 MB for the benchmark model) and
-fuses the gradient into a transposing copy for the weight-gradient matmul. Here the forward
-pass of the custom VJP walks the sequence in chunks of <= 1,024 tokens per device and, per chunk,
-computes logits, logsumexp, d logits = softmax - onehot, and accumulates dW and dh: the
-backward pass only scales them by the incoming cotangent. Without differentiation only the
-loss is computed.
-
-It runs inside `jax.shard_map` on each device's own tokens: the head matrix arrives gathered
-over FSDP, its vocabulary may stay split over a mesh axis (the logsumexp and target logit are
-then combined with pmax/psum over it), and dW is summed over the token shards once per call,
-not once per chunk (which is what an auto-partitioned scan over chunks would do).
+The forward pass of the custom VJP walks each device's tokens in chunks of <= CHUNK_TOKENS and,
+per chunk, computes logits, logsumexp, d logits = softmax - onehot, and accumulates dW and dh;
+the backward pass only scales them by the incoming cotangent. Without differentiation only the
+loss is computed. It runs inside `jax.shard_map`: the head matrix arrives gathered over FSDP,
+its vocabulary may stay split over a mesh axis (logsumexp and target logit are then combined
+with pmax/psum over it), and dW is summed over the token shards once per call, not per chunk.
+Why (the whole-array logits XLA:CPU writes otherwise): benchmarks/results/dense_cpu.md.
 """
 
 import functools
@@ -28,11 +22,7 @@ CHUNK_TOKENS = 1024  # Tokens per chunk per device: [1024, vocab] float32 logits
 
 def chunk_len(b: int, t: int) -> int:
   """Largest divisor c of t with b * c <= CHUNK_TOKENS (at least 1)."""
-  best = 1
-  for c in range(1, t + 1):
-    if t % c == 0 and b * c <= CHUNK_TOKENS:
-      best = c
-  return best
+  return max((c for c in range(1, t + 1) if t % c == 0 and b * c <= CHUNK_TOKENS), default=1)
 
 
 def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: bool):

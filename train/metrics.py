@@ -17,6 +17,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger('meshlm')
 
@@ -32,8 +35,7 @@ PEAK_TFLOPS = {
 def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
   """Best-of-`repeats` FLOP/s of one n x n x n matmul on one device (all its cores)."""
   device = device or jax.local_devices()[0]
-  # From numpy: under `jax.set_mesh`, jnp.ones would be laid out over the whole (multi-process) mesh.
-  a = jax.device_put(np.ones((n, n), dtype), device)
+  a = jax.device_put(np.ones((n, n), dtype), device)  # Not jnp: that would follow the run's mesh.
   f = jax.jit(lambda a, b: a @ b)
   best = float('inf')
   with jax.set_mesh(jax.sharding.Mesh(np.asarray([device]), ('one',))):  # Not the run's mesh.
@@ -54,8 +56,7 @@ def peak_flops(hardware_cfg) -> tuple[float, str]:
   for name, tflops in PEAK_TFLOPS.items():
     if kind.startswith(name):
       return tflops * 1e12 * len(devices), f'device table ({kind})'
-  # CPU (or unknown): emulated CPU devices share the host's cores, so the measured rate of one
-  # matmul using all cores is the whole machine's peak, not per device.
+  # CPU: emulated devices share the host's cores, so one all-core matmul is the whole peak.
   return measure_matmul_flops(), f'matmul rate measured now on {kind}'
 
 
@@ -70,8 +71,7 @@ class Throughput:
     self.t0, self.tokens, self.steps, self.excluded = time.perf_counter(), 0.0, 0, 0.0
 
   def update(self, tokens: float):
-    self.tokens += tokens
-    self.steps += 1
+    self.tokens, self.steps = self.tokens + tokens, self.steps + 1
 
   @contextlib.contextmanager
   def paused(self):
@@ -94,13 +94,12 @@ class Throughput:
 class Writer:
   """Scalars to the log line and TensorBoard (tensorboardX; no TensorFlow), process 0 only."""
 
-  def __init__(self, workdir: str, enabled: bool = True, shown: tuple = ()):
-    self.enabled = enabled and jax.process_index() == 0
+  def __init__(self, workdir: str, shown: tuple = ()):
+    self.enabled = jax.process_index() == 0
     self.shown = SHOWN + tuple(shown)  # Keys on the log line (eval/* always).
     self.tb = self.jsonl = None
     self.history: list[dict] = []
     if self.enabled:
-      from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
@@ -135,28 +134,22 @@ class Progress:
 
   def __init__(self, enabled: bool, total: int, initial: int = 0, stream=None):
     stream = sys.stderr if stream is None else stream
-    self.bar = self._redirect = None
-    if not (enabled and jax.process_index() == 0 and stream.isatty()):
-      return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    self.bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=stream)
-    self._redirect = logging_redirect_tqdm([log], tqdm_class=tqdm)
+    shown = enabled and jax.process_index() == 0 and stream.isatty()
+    self.bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, file=stream,
+                    disable=not shown)
+    self._redirect = (logging_redirect_tqdm([log], tqdm_class=tqdm) if shown
+                      else contextlib.nullcontext())
     self._redirect.__enter__()
 
   def update(self, metrics: dict | None = None):
     """One step done; `metrics` (a log step's) puts the latest loss next to the bar."""
-    if self.bar is None:
-      return
     if metrics and 'loss' in metrics:
       self.bar.set_postfix(loss=f'{float(metrics["loss"]):.4g}', refresh=False)
     self.bar.update(1)
 
   def close(self):
-    if self.bar is not None:
-      self.bar.close()
-      self._redirect.__exit__(None, None, None)
-      self.bar = None
+    self.bar.close()
+    self._redirect.__exit__(None, None, None)
 
 
 SHOWN = ('loss', 'learning_rate', 'grad_norm', 'perf/tokens_per_sec', 'perf/step_time', 'perf/mfu',

@@ -2,12 +2,9 @@
 
     python -m train.plots WORKDIR      # (re)writes WORKDIR/curves.png
 
-The loop calls `write(workdir)` at the end of every run. It reads `workdir/metrics.jsonl`, which
-holds every call of a run (resumes append to it; a step logged twice keeps its last value),
-and draws two panels over steps: train and eval loss, and training tokens/s. The first
-throughput point includes compilation. matplotlib (the `plot` extra) is optional: without it,
-`write` logs one line and returns None. The figure is drawn with matplotlib's object API (no
-pyplot), so no display is needed and a notebook's own plotting backend is left alone.
+The loop calls `write(workdir)` at the end of every run: two panels over the steps of
+`workdir/metrics.jsonl` (train and eval loss; training tokens/s). matplotlib (the `plot` extra)
+is optional and used through its object API (no pyplot, no display needed).
 """
 
 import json
@@ -18,7 +15,10 @@ import sys
 log = logging.getLogger('meshlm')
 
 FILENAME = 'curves.png'
-CURVES = (('loss', 'train loss'), ('eval/loss', 'eval loss'), ('perf/tokens_per_sec', 'tokens/s'))
+CURVES = (  # (metric, label, panel, line style)
+    ('loss', 'train loss', 'loss', {}),
+    ('eval/loss', 'eval loss', 'loss', {'marker': 'o', 'markersize': 4}),
+    ('perf/tokens_per_sec', 'tokens/s', 'tokens/s', {'color': 'tab:green'}))
 
 
 def read_metrics(path: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -38,10 +38,9 @@ def read_metrics(path: str) -> dict[str, tuple[list[int], list[float]]]:
   return {tag: (sorted(v), [v[s] for s in sorted(v)]) for tag, v in by_tag.items()}
 
 
-def write(workdir: str, path: str | None = None) -> str | None:
-  """Draws the curves of `workdir` into `path` (default workdir/curves.png); returns the path,
-  or None (with a log line) when matplotlib is missing, nothing was logged yet, or the
-  metrics file cannot be read: a finished run never fails for its plot."""
+def write(workdir: str) -> str | None:
+  """Draws the curves of `workdir` into workdir/curves.png and returns its path, or None with a
+  log line (no matplotlib, nothing logged, an unreadable metrics file)."""
   try:
     from matplotlib.figure import Figure
   except ImportError:
@@ -56,23 +55,18 @@ def write(workdir: str, path: str | None = None) -> str | None:
   if 'loss' not in metrics:
     log.info('no train loss logged in %s yet: no %s', source, FILENAME)
     return None
-  path = path or os.path.join(workdir, FILENAME)
+  path = os.path.join(workdir, FILENAME)
   fig = Figure(figsize=(8, 6.5))
-  ax_loss, ax_tps = fig.subplots(2, 1, sharex=True)
-  for tag, label in CURVES[:2]:
+  axes = dict(zip(('loss', 'tokens/s'), fig.subplots(2, 1, sharex=True)))
+  for tag, label, ax, style in CURVES:
     if tag in metrics:
-      steps, values = metrics[tag]
-      ax_loss.plot(steps, values, marker='o' if tag.startswith('eval') else None, markersize=4,
-                   label=label)
-  ax_loss.set_ylabel('loss (nats / token)')
-  ax_loss.legend()
-  ax_loss.grid(alpha=0.3)
-  if CURVES[2][0] in metrics:
-    steps, values = metrics[CURVES[2][0]]
-    ax_tps.plot(steps, values, color='tab:green', label=CURVES[2][1])
-  ax_tps.set_ylabel('training tokens / s')
-  ax_tps.set_xlabel('step')
-  ax_tps.grid(alpha=0.3)
+      axes[ax].plot(*metrics[tag], label=label, **style)
+  axes['loss'].set_ylabel('loss (nats / token)')
+  axes['loss'].legend()
+  axes['tokens/s'].set_ylabel('training tokens / s')
+  axes['tokens/s'].set_xlabel('step')
+  for ax in axes.values():
+    ax.grid(alpha=0.3)
   fig.suptitle(os.path.basename(os.path.abspath(workdir)))
   fig.tight_layout()
   fig.savefig(path + '.tmp.png', dpi=100)

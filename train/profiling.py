@@ -1,13 +1,10 @@
 """An optional jax.profiler trace of a window of training steps: `train.profile_steps='FIRST:LAST'`.
 
 Steps FIRST .. LAST-1 (the loop's 0-based step indices; a resumed run inside the window traces
-its remaining steps) are traced into `workdir/profile/plugins/profile/<time>/`: `*.xplane.pb` for
-TensorBoard's profile plugin or XProf, `*.trace.json.gz` for Perfetto (ui.perfetto.dev). The
-loop wraps every step in `jax.profiler.StepTraceAnnotation('train', step_num=step)`, so the
-trace shows where each step starts. The last traced step is waited for before the trace stops,
-so its device work is inside the window. Host and device tracers are on; the Python tracer is
-off: it records every Python call (about a million events for two steps of the tiny model),
-which makes the trace slow to write and cuts the Perfetto trace short at its event limit.
+its remaining steps) are traced into `workdir/profile/plugins/profile/<time>/` (`*.xplane.pb`
+for TensorBoard / XProf, `*.trace.json.gz` for Perfetto); the loop marks every step with a
+`StepTraceAnnotation('train', step_num=step)`. The last traced step is waited for before the
+trace stops. The Python tracer is off (it records every Python call; docs/observability.md).
 """
 
 import logging
@@ -43,7 +40,7 @@ class TraceWindow:
   def maybe_start(self, step: int):
     if self.window and not (self.active or self.finished) and self.window[0] <= step < self.window[1]:
       options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0  # See the module docstring.
+      options.python_tracer_level = 0
       jax.profiler.start_trace(self.logdir, profiler_options=options)
       self.active = True
       log.info('profiling steps %d..%d into %s', step, self.window[1] - 1, self.logdir)

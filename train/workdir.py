@@ -11,7 +11,6 @@ convert and the post-training stages all read runs through this module.
 
 import dataclasses
 import glob
-import importlib.util
 import json
 import os
 
@@ -65,12 +64,7 @@ def load_config(config, workdir: str) -> ml_collections.ConfigDict:
   if isinstance(config, ml_collections.ConfigDict):
     return config
   if config:
-    spec = importlib.util.spec_from_file_location('meshlm_experiment', config)
-    if spec is None or not os.path.isfile(config):
-      raise FileNotFoundError(f'--config {config}: no such experiment file')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_experiment(config)
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise ConfigError(f'{workdir} has no config.json: pass --config with the experiment file '

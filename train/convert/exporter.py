@@ -1,13 +1,11 @@
 """meshlm checkpoint -> Hugging Face folder (`python -m train.convert to-hf CKPT_DIR OUT_DIR`).
 
-CKPT_DIR is a run's workdir, its `checkpoints/` folder or one `checkpoints/<step>` (as for
-train.generate); the model shape comes from `--config`, else the workdir's config.json. OUT_DIR
-gets config.json (LlamaForCausalLM, or MixtralForCausalLM for MoE models), the weights as
-`model.safetensors` or as shards of at most `max_shard_bytes` with model.safetensors.index.json
-(experts in the published w1/w2/w3 layout), and tokenizer.model when the run has a SentencePiece
-model. Tensors are read one at a time from the checkpoint (a slice of one stacked parameter)
-and streamed into the shard being written: resident memory is about one tensor plus the storage
-chunks tensorstore decodes for it.
+CKPT_DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>`; the model shape
+comes from `--config`, else the workdir's config.json. OUT_DIR gets config.json
+(LlamaForCausalLM, or MixtralForCausalLM for MoE), the weights as `model.safetensors` or shards
+of at most `max_shard_bytes` with model.safetensors.index.json (experts in the published
+w1/w2/w3 layout), and tokenizer.model when the run has one. Tensors are read one slice at a time
+and streamed into the shard being written: about one tensor is resident at a time.
 """
 
 import json
@@ -32,14 +30,10 @@ def locate(checkpoint: str, config=None):
   """(run config, ModelConfig, checkpoints folder, step, workdir) of a checkpoint path."""
   root, step, workdir = workdir_lib.resolve_checkpoint(checkpoint)
   config = workdir_lib.load_config(config, workdir)
-  cfg = config_lib.model_config(config)
+  step = workdir_lib.latest_step(root) if step is None else step
   if step is None:
-    steps = [int(d) for d in os.listdir(root) if d.isdigit()
-             and os.path.isfile(os.path.join(root, d, 'commit_success.txt'))]
-    if not steps:
-      raise FileNotFoundError(f'{root}: no finished checkpoint step')
-    step = max(steps)
-  return config, cfg, root, step, workdir
+    raise FileNotFoundError(f'{root}: no finished checkpoint step')
+  return config, config_lib.model_config(config), root, step, workdir
 
 
 def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = None,
@@ -52,12 +46,14 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
   if dtype not in ('float32', 'bfloat16', 'float16'):
     raise ConvertError(f'--dtype {dtype!r}: use float32, bfloat16 or float16')
   out_dtype = np.dtype(jnp.dtype(dtype))
+  spm = Tokenizer(tok) if tok else None
+  special = {'bos_id': spm.bos_id, 'eos_id': spm.eos_id} if spm else {}
   hf = hf_layout.hf_config(cfg, seq_len=int(config.data.seq_len), dtype=dtype,
-                           **_special_ids(tok))  # Raises first if the model has no HF form.
+                           **special)  # Raises first if the model has no HF form.
   _, abstract = model_def(cfg)
   links = hf_layout.links(cfg)
   for link in {link.path: link for link in links}.values():
-    want = tuple(_get(abstract, link.path).shape)
+    want = tuple(hf_layout.leaf(abstract, link.path).shape)
     if stored.shape(link.path) != want:
       raise ConvertError(f'{stored.directory}: param {"/".join(link.path)} is '
                          f'{list(stored.shape(link.path))}, but the config ({workdir}) implies '
@@ -68,9 +64,9 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
   if old:
     raise FileExistsError(f'{out_dir} already holds {old[0]}; export into a new folder')
   os.makedirs(out_dir, exist_ok=True)
-  specs = [(link.hf_name, out_dtype, link.hf_shape) for link in links]
   by_name = {link.hf_name: link for link in links}
-  shards = safetensors_io.plan_shards(specs, max_shard_bytes)
+  shards = safetensors_io.plan_shards(
+      [(link.hf_name, out_dtype, link.hf_shape) for link in links], max_shard_bytes)
   weight_map, total = {}, 0
   for i, shard in enumerate(shards):
     name = safetensors_io.shard_name(i, len(shards))
@@ -80,7 +76,7 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
     safetensors_io.write_file(os.path.join(out_dir, name), shard, values)
     for n, dt, shape in shard:
       weight_map[n] = name
-      total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+      total += safetensors_io.nbytes(dt, shape)
   if len(shards) > 1:
     safetensors_io.write_index(out_dir, weight_map, total)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
@@ -88,16 +84,3 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
   if tok:
     shutil.copyfile(tok, os.path.join(out_dir, 'tokenizer.model'))
   return out_dir
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _special_ids(path: str | None) -> dict:
-  if not path:
-    return {}
-  tok = Tokenizer(path)
-  return {'bos_id': tok.bos_id, 'eos_id': tok.eos_id}

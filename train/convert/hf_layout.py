@@ -1,32 +1,17 @@
 """The Hugging Face layout of Llama, Mistral and Mixtral checkpoints, and how it maps to meshlm.
 
-config.json <-> ModelConfig. Read keys: model_type (llama, mistral, mixtral), vocab_size,
-hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-head_dim (default: hidden_size // num_attention_heads), rms_norm_eps, rope_theta or
-rope_parameters.rope_theta, tie_word_embeddings, max_position_embeddings (-> data.seq_len) and,
-for Mixtral, num_local_experts, num_experts_per_tok, router_jitter_noise. A key left out means
-what it means to transformers (DEFAULTS, per model type). Mixtral imports use
-dispatch='dropless' (no token is dropped, as in Mixtral and transformers).
+config.json <-> ModelConfig: a key left out means what it means to transformers (DEFAULTS, per
+model type); Mixtral imports use dispatch='dropless'. Anything that changes the function the
+model computes and that meshlm does not implement is a ConvertError naming the key.
 
-Anything that would change the function the model computes and that meshlm does not implement
-is an error naming the key: rope scaling, partial rotary, sliding-window attention (shorter
-than max_position_embeddings), attention/MLP biases, activations other than SiLU, quantisation,
-layer types other than full attention.
-
-Tensors. Hugging Face stores a linear layer as W [out, in] (y = x W^T); meshlm stores the
-input axis first, so a slice is W^T reshaped: q_proj [n*h, d] -> q_dnh [d, n, h], o_proj
-[d, n*h] -> o_nhd [n, h, d], gate/up [f, d] -> [d, f], down [d, f] -> [f, d], router [e, d] ->
-[d, e], lm_head [v, d] -> head_dv [d, v]. Head j of q_proj is rows [j*h, (j+1)*h); with GQA,
-query head j reads kv head j // (n / k) in both codebases. RoPE: the published Hugging Face
-checkpoints are already in the 'rotate half' layout (the q/k rows of each head hold the first
-and then the second half of the rotary pairs), which is meshlm's, so q/k need no permutation.
-Norm scales and the embedding table are copied. Per-layer tensors go to slice [layer] (and
-[layer, expert] for expert weights) of meshlm's stacked parameters.
-
-Mixtral experts come in two layouts: the published one (block_sparse_moe.experts.{e}.w1 (gate),
-w3 (up), w2 (down), block_sparse_moe.gate = router), which transformers also writes by default,
-and transformers' fused in-memory one (mlp.experts.gate_up_proj [e, 2f, d] = gate rows then up
-rows, mlp.experts.down_proj [e, d, f], mlp.gate). Import reads either; export writes the first.
+Tensors: Hugging Face stores a linear layer as W [out, in]; meshlm stores the input axis first,
+so a slice is W^T reshaped (q_proj [n*h, d] -> q_dnh [d, n, h], o_proj [d, n*h] -> o_nhd, gate/
+up [f, d] -> [d, f], down [d, f] -> [f, d], router [e, d] -> [d, e], lm_head [v, d] -> head_dv).
+q/k need no permutation (both use the 'rotate half' RoPE layout). Per-layer tensors fill slice
+[layer] (and [layer, expert]) of the stacked parameters. Mixtral experts: the published layout
+(block_sparse_moe.experts.{e}.w1/w2/w3) or transformers' fused one (mlp.experts.gate_up_proj
+[e, 2f, d] = gate rows then up rows); import reads either, export writes the first.
+docs/convert.md has the details.
 """
 
 import dataclasses
@@ -55,25 +40,15 @@ class ConvertError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-  """One Hugging Face tensor and the meshlm parameter slice it fills.
-
-  kind 'copy': the slice is the tensor. kind 'linear': the slice is the tensor with its last
-  two axes swapped ([.., out, in] -> [.., in, out]), rows `rows` of the out axis only (for the
-  fused gate_up tensor), reshaped to the slice's shape."""
+  """One Hugging Face tensor and the meshlm parameter slice `path`[`index`] it fills: 'copy'
+  (the tensor as is) or 'linear' (its last two axes swapped, only rows `rows` of the out axis
+  for the fused gate_up tensor), reshaped to the slice's shape."""
   hf_name: str
   hf_shape: tuple[int, ...]
   path: tuple[str, ...]
   index: tuple[int, ...]
   kind: str
   rows: tuple[int, int] | None = None
-
-
-def _get(hf: dict, key: str, source: str, default=None, required: bool = False):
-  if key not in hf or hf[key] is None:
-    if required:
-      raise ConvertError(f'{source}: missing key {key!r}')
-    return default
-  return hf[key]
 
 
 def _reject(source: str, key: str, value, why: str):
@@ -83,59 +58,57 @@ def _reject(source: str, key: str, value, why: str):
 def model_kwargs(hf: dict, source: str = 'config.json', *,
                  allow_sliding_window: bool = False) -> tuple[dict, int]:
   """(ModelConfig keyword arguments, max_position_embeddings) of a Hugging Face config dict."""
+  get = lambda key, default=None: default if hf.get(key) is None else hf[key]
+
+  def need(key):
+    if hf.get(key) is None:
+      raise ConvertError(f'{source}: missing key {key!r}')
+    return int(hf[key])
+
   model_type = hf.get('model_type')
   if model_type not in MODEL_TYPES:
     _reject(source, 'model_type', model_type, f'only {", ".join(MODEL_TYPES)} are converted')
-  act = _get(hf, 'hidden_act', source, 'silu')
-  if act != 'silu':
-    _reject(source, 'hidden_act', act, 'meshlm MLPs are SwiGLU (silu)')
+  if get('hidden_act', 'silu') != 'silu':
+    _reject(source, 'hidden_act', hf['hidden_act'], 'meshlm MLPs are SwiGLU (silu)')
   for key in ('attention_bias', 'mlp_bias'):
-    if _get(hf, key, source, False):
+    if get(key, False):
       _reject(source, key, hf[key], 'meshlm projections have no bias')
   if hf.get('quantization_config'):
     _reject(source, 'quantization_config', '...', 'dequantise the checkpoint first')
-  scaling = hf.get('rope_scaling')
+  scaling, rope = hf.get('rope_scaling'), hf.get('rope_parameters') or {}
   if scaling and scaling.get('rope_type', scaling.get('type', 'default')) != 'default':
     _reject(source, 'rope_scaling', scaling, 'meshlm implements plain RoPE only')
-  rope = hf.get('rope_parameters') or {}
   if rope.get('rope_type', 'default') != 'default':
     _reject(source, 'rope_parameters.rope_type', rope['rope_type'],
             'meshlm implements plain RoPE only')
-  for key, params in (('partial_rotary_factor', hf),
-                      ('rope_parameters.partial_rotary_factor', rope)):
-    factor = params.get(key.split('.')[-1])
+  for key, factor in (('partial_rotary_factor', hf.get('partial_rotary_factor')),
+                      ('rope_parameters.partial_rotary_factor', rope.get('partial_rotary_factor'))):
     if factor is not None and factor != 1.0:
       _reject(source, key, factor, 'meshlm rotates the whole head dimension')
   layer_types = hf.get('layer_types') or []
   if any(t != 'full_attention' for t in layer_types):
     _reject(source, 'layer_types', sorted(set(layer_types)), 'meshlm layers all use full attention')
   default = DEFAULTS[model_type]
-  seq_len = int(_get(hf, 'max_position_embeddings', source, default['max_position_embeddings']))
+  seq_len = int(get('max_position_embeddings', default['max_position_embeddings']))
   window = hf.get('sliding_window', default['sliding_window'])
   if window is not None and window < seq_len and not allow_sliding_window:
     _reject(source, 'sliding_window', window,
             f'meshlm attends over the whole context (max_position_embeddings={seq_len}); the model '
             f'is only the same for sequences of at most {window} tokens. Pass '
             '--allow_sliding_window to convert anyway')
-  theta = rope.get('rope_theta', hf.get('rope_theta', default['rope_theta']))
-  d = int(_get(hf, 'hidden_size', source, required=True))
-  n = int(_get(hf, 'num_attention_heads', source, required=True))
+  d, n = need('hidden_size'), need('num_attention_heads')
   kw = dict(
-      vocab_size=int(_get(hf, 'vocab_size', source, required=True)), d_model=d,
-      num_layers=int(_get(hf, 'num_hidden_layers', source, required=True)), num_heads=n,
-      num_kv_heads=int(_get(hf, 'num_key_value_heads', source,
-                            default['num_key_value_heads'] or n)),
-      head_dim=int(_get(hf, 'head_dim', source, d // n)),
-      mlp_dim=int(_get(hf, 'intermediate_size', source, required=True)),
-      rope_theta=float(theta),
-      norm_eps=float(_get(hf, 'rms_norm_eps', source, default['rms_norm_eps'])),
-      tie_embeddings=bool(_get(hf, 'tie_word_embeddings', source, False)))
+      vocab_size=need('vocab_size'), d_model=d, num_layers=need('num_hidden_layers'), num_heads=n,
+      num_kv_heads=int(get('num_key_value_heads', default['num_key_value_heads'] or n)),
+      head_dim=int(get('head_dim', d // n)), mlp_dim=need('intermediate_size'),
+      rope_theta=float(rope.get('rope_theta', hf.get('rope_theta', default['rope_theta']))),
+      norm_eps=float(get('rms_norm_eps', default['rms_norm_eps'])),
+      tie_embeddings=bool(get('tie_word_embeddings', False)))
   if model_type == 'mixtral':
-    kw.update(num_experts=int(_get(hf, 'num_local_experts', source, default['num_local_experts'])),
-              experts_per_token=int(_get(hf, 'num_experts_per_tok', source,
-                                         default['num_experts_per_tok'])),
+    kw.update(num_experts=int(get('num_local_experts', default['num_local_experts'])),
+              experts_per_token=int(get('num_experts_per_tok', default['num_experts_per_tok'])),
               moe_mlp_dim=kw['mlp_dim'], moe_every=1, dispatch='dropless',
-              router_jitter=float(_get(hf, 'router_jitter_noise', source, 0.0)))
+              router_jitter=float(get('router_jitter_noise', 0.0)))
   try:
     ModelConfig(**kw).validate(prefix=f'{source} -> model')
   except ConfigError as e:
@@ -244,3 +217,10 @@ def to_hf(link: Link, slice_value):
     return slice_value.reshape(link.hf_shape)
   out_dim, in_dim = link.hf_shape[-2:]
   return slice_value.reshape(in_dim, out_dim).T
+
+
+def leaf(tree: dict, path: tuple[str, ...]):
+  """The value at `path` of a nested dict (the parameter a Link fills)."""
+  for key in path:
+    tree = tree[key]
+  return tree

@@ -1,17 +1,11 @@
 """Hugging Face folder -> meshlm run folder (`python -m train.convert from-hf HF_DIR OUT_DIR`).
 
-OUT_DIR gets:
-  config.json                 the full run config (train/config.py defaults, `model` from the
-                              Hugging Face config.json, data.seq_len = max_position_embeddings,
-                              data.tokenizer = the copied tokenizer.model, if any);
-  checkpoints/0/              the params (train/convert/store.py), for --config.train.init_from;
-  tokenizer/tokenizer.model   the SentencePiece model, when HF_DIR has one.
-
-Memory: tensors are memory-mapped from the safetensors files one at a time, in file order,
-transposed and written into their slice of a disk-backed memmap of the stacked parameter; the
-resident memory is about one tensor (plus its cast when the dtype changes) and then, while orbax
-writes, a few storage chunks per parameter (store.CHUNK_BYTES each). Disk: the scratch memmaps
-(OUT_DIR/.scratch, deleted at the end) and the checkpoint, each the size of the model.
+OUT_DIR gets config.json (the full run config: train/config.py defaults, `model` from the HF
+config.json, data.seq_len = max_position_embeddings, data.tokenizer = the copied tokenizer),
+checkpoints/0/ (the params, for --config.train.init_from) and tokenizer/tokenizer.model when
+HF_DIR has one. Tensors are memory-mapped one at a time, in file order, into their slice of a
+disk-backed memmap of the stacked parameter (OUT_DIR/.scratch, deleted at the end), which orbax
+then writes piecewise (train/convert/store.py): about one tensor is resident at a time.
 """
 
 import json
@@ -19,6 +13,7 @@ import logging
 import os
 import shutil
 
+import jax
 import numpy as np
 
 from data.tokenizer import Tokenizer
@@ -32,29 +27,16 @@ from train.convert.hf_layout import ConvertError
 log = logging.getLogger('meshlm.convert')
 
 
-def read_hf_config(hf_dir: str) -> dict:
-  path = os.path.join(hf_dir, 'config.json')
-  if not os.path.isfile(path):
-    raise ConvertError(f'{hf_dir}: no config.json (expected a Hugging Face model folder)')
-  with open(path) as f:
-    return json.load(f)
-
-
-def run_config(cfg_kwargs: dict, seq_len: int):
-  """The ml_collections run config the other tools read (train.workdir.load_config)."""
-  config = defaults()
-  config.model.update(cfg_kwargs)
-  config.data.seq_len = int(seq_len)
-  return config
-
-
 def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
             compute_dtype: str | None = None, allow_sliding_window: bool = False,
             chunk_bytes: int = store.CHUNK_BYTES) -> str:
   """Converts; returns the checkpoints folder (the value for --config.train.init_from)."""
   hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
   source = os.path.join(hf_dir, 'config.json')
-  hf = read_hf_config(hf_dir)
+  if not os.path.isfile(source):
+    raise ConvertError(f'{hf_dir}: no config.json (expected a Hugging Face model folder)')
+  with open(source) as f:
+    hf = json.load(f)
   kwargs, seq_len = hf_layout.model_kwargs(hf, source, allow_sliding_window=allow_sliding_window)
   tensors = safetensors_io.open_folder(hf_dir)
   param_dtype = param_dtype or hf_layout.hf_dtype(hf) or _tensor_dtype(tensors)
@@ -83,7 +65,9 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
 
-  config = run_config(kwargs, seq_len)
+  config = defaults()
+  config.model.update(kwargs)
+  config.data.seq_len = int(seq_len)
   if os.path.isfile(spm):
     config.data.tokenizer = os.path.join(out_dir, 'tokenizer', 'tokenizer.model')
     os.makedirs(os.path.dirname(config.data.tokenizer), exist_ok=True)
@@ -106,9 +90,8 @@ def _tensor_dtype(tensors) -> str:
 
 def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
   """{tensor name: its Links}; every expected tensor present, none left over, shapes right."""
-  experts = hf_layout.expert_layout(tensors)
   plan = {}
-  for link in hf_layout.links(cfg, experts):
+  for link in hf_layout.links(cfg, hf_layout.expert_layout(tensors)):
     plan.setdefault(link.hf_name, []).append(link)
   missing = [name for name in plan if name not in tensors]
   if missing:
@@ -129,20 +112,15 @@ def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
 
 
 def _allocate(cfg: ModelConfig, scratch: str):
-  """Disk-backed zero memmaps for every param, and how many leading axes are stacked."""
+  """Disk-backed zero memmaps for every param, and how many leading axes (layer, expert) each
+  has stacked."""
   _, abstract = model_def(cfg)
-  params, stacked = {}, {}
-
-  def make(tree, out, stack, prefix):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        make(value, out.setdefault(key, {}), stack.setdefault(key, {}), prefix + (key,))
-        continue
-      path = os.path.join(scratch, '.'.join(prefix + (key,)))
-      out[key] = np.memmap(path, dtype=np.dtype(value.dtype), mode='w+', shape=value.shape)
-      stack[key] = (prefix[:1] == ('layers',)) + key.endswith(('_edf', '_efd'))
-
-  make(abstract, params, stacked, ())
+  keys = lambda kp: tuple(k.key for k in kp)
+  params = jax.tree_util.tree_map_with_path(
+      lambda kp, x: np.memmap(os.path.join(scratch, '.'.join(keys(kp))), dtype=np.dtype(x.dtype),
+                              mode='w+', shape=x.shape), abstract)
+  stacked = jax.tree_util.tree_map_with_path(
+      lambda kp, _: (keys(kp)[0] == 'layers') + keys(kp)[-1].endswith(('_edf', '_efd')), abstract)
   return params, stacked
 
 
@@ -155,16 +133,9 @@ def _fill(plan: dict, tensors: dict, params: dict, dtype: np.dtype) -> None:
         continue
       value = f.get(name)
       for link in plan[name]:
-        target = params
-        for key in link.path:
-          target = target[key]
+        target = hf_layout.leaf(params, link.path)
         slot_shape = target.shape[len(link.index):]
         target[link.index] = hf_layout.to_meshlm(link, value, slot_shape).astype(dtype, copy=False)
       del value
-    for leaf in _leaves(params):
+    for leaf in jax.tree.leaves(params):
       leaf.flush()
-
-
-def _leaves(tree):
-  for value in tree.values():
-    yield from (_leaves(value) if isinstance(value, dict) else (value,))

@@ -1,14 +1,12 @@
 """`load_checkpoint(DIR)`: a meshlm checkpoint (trained, or imported from Hugging Face) as a
 function from int32 token ids [batch, length] to float32 logits [batch, length, vocab].
 
-    from train.convert import load_checkpoint
-    model = load_checkpoint('/tmp/mistral')          # a workdir, checkpoints/ or checkpoints/<step>
+    model = load_checkpoint('/tmp/mistral')   # a workdir, checkpoints/ or checkpoints/<step>
     logits_btv = model(np.array([[1, 415, 2936]], np.int32))
-    model.cfg, model.params, model.tokenizer         # tokenizer: None when the run has none
+    model.cfg, model.params, model.tokenizer  # tokenizer: None when the run has none
 
-Params are restored with train.checkpoint.restore_params (the `--config.train.init_from` path)
-and sharded over `mesh` (default: all devices on the fsdp axis); the forward is jitted once per
-input shape. Every row is one sequence starting at position 0 (no padding, no segments).
+Params are restored as for `--config.train.init_from` and sharded over `mesh` (default: all
+devices on the fsdp axis). Every row is one sequence starting at position 0 (no padding).
 """
 
 import dataclasses

@@ -1,14 +1,10 @@
-"""safetensors files with numpy only: lazy reads (one memory-mapped tensor at a time) and
+"""safetensors files with numpy only: lazy reads (one memory-mapped tensor at a time),
 streaming writes (one tensor in memory at a time), and the sharded-checkpoint index.
 
-The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
-{dtype, shape, data_offsets: [begin, end]} (offsets from the end of the header; an optional
-`__metadata__` entry of strings), then the raw little-endian row-major bytes. Written headers
-are padded with spaces to a multiple of 8 bytes so that every tensor starts aligned.
-
-A Hugging Face checkpoint folder holds either `model.safetensors`, or shards named in
-`model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map": {name: file}}).
-bfloat16 is numpy's `ml_dtypes.bfloat16` (installed with JAX).
+Format: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}} (offsets from the end of the header; optional `__metadata__`),
+then the raw little-endian bytes. Written headers are space-padded to a multiple of 8 bytes.
+A folder holds `model.safetensors`, or shards named in `model.safetensors.index.json`.
 """
 
 import json
@@ -28,6 +24,10 @@ CODES = {dtype: code for code, dtype in DTYPES.items()}
 INDEX = 'model.safetensors.index.json'
 SINGLE = 'model.safetensors'
 _MAX_HEADER = 100 << 20
+
+
+def nbytes(dtype, shape) -> int:
+  return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 class FormatError(ValueError):
@@ -60,8 +60,7 @@ class SafetensorsFile:
       if code not in DTYPES:
         raise FormatError(f'{path}: tensor {name} has dtype {code!r}; supported: '
                           f'{", ".join(DTYPES)}')
-      nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
-      if end - begin != nbytes or begin < 0 or self.data_start + end > size:
+      if end - begin != nbytes(DTYPES[code], shape) or begin < 0 or self.data_start + end > size:
         raise FormatError(f'{path}: tensor {name} (shape {list(shape)}, {code}) has data offsets '
                           f'[{begin}, {end}] that do not match its size or the file')
       self.entries[name] = (DTYPES[code], shape, begin)
@@ -88,10 +87,10 @@ def header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: d
   """The length-prefixed, space-padded header for tensors (name, dtype, shape) in this order."""
   header, offset = {'__metadata__': metadata}, 0
   for name, dtype, shape in specs:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = nbytes(dtype, shape)
     header[name] = {'dtype': CODES[np.dtype(dtype)], 'shape': list(shape),
-                    'data_offsets': [offset, offset + nbytes]}
-    offset += nbytes
+                    'data_offsets': [offset, offset + size]}
+    offset += size
   text = json.dumps(header, separators=(',', ':')).encode()
   text += b' ' * (-(8 + len(text)) % 8)
   return struct.pack('<Q', len(text)) + text
@@ -103,14 +102,12 @@ def write_file(path: str, specs, arrays, metadata: dict | None = None) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'wb') as f:
     f.write(header_bytes(specs, metadata or {'format': 'pt'}))
-    count = 0
     for (name, dtype, shape), value in zip(specs, arrays, strict=True):
       value = np.ascontiguousarray(value)
       if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
         raise ValueError(f'{path}: tensor {name} is {value.dtype}{list(value.shape)}, but the '
                          f'header says {np.dtype(dtype)}{list(shape)}')
       f.write(value.reshape(-1).view(np.uint8).data)
-      count += 1
   os.replace(tmp, path)
 
 
@@ -119,12 +116,11 @@ def plan_shards(specs, max_shard_bytes: int) -> list[list]:
   than that gets a shard of its own)."""
   shards, current, size = [], [], 0
   for spec in specs:
-    nbytes = int(np.prod(spec[2], dtype=np.int64)) * np.dtype(spec[1]).itemsize
-    if current and size + nbytes > max_shard_bytes:
+    if current and size + nbytes(spec[1], spec[2]) > max_shard_bytes:
       shards.append(current)
       current, size = [], 0
     current.append(spec)
-    size += nbytes
+    size += nbytes(spec[1], spec[2])
   if current:
     shards.append(current)
   return shards

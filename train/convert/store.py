@@ -1,19 +1,11 @@
 """meshlm checkpoints written and read piecewise, so that no whole model is ever in host memory.
 
-Writing (import). Each stacked parameter is first a numpy memmap in a scratch folder on disk,
-filled one Hugging Face tensor at a time; orbax then saves the memmaps as step 0 of a
-`checkpoints/` folder laid out like the training loop's (items `state` = {'params': ...} and
-`data` = {}), so `train.checkpoint.restore_params` (`--config.train.init_from`), train.generate
-and train.eval read it unchanged. Two settings keep orbax from holding the arrays in memory:
-the numpy handler does not deep-copy its inputs (orbax's default does, as a guard against
-concurrent modification; nothing modifies these), and the arrays are stored without OCDBT (which
-buffers a whole array's encoded chunks before writing them) in chunks of at most `chunk_bytes`,
-split along the layer (and expert) axes first. What stays resident is then a few chunks per
-array in flight; the memmaps' pages are file-backed and reclaimable.
-
-Reading (export). A checkpoint written by the training loop (OCDBT, chunks = device shards) or
-by the import is opened with tensorstore, one array at a time, and read one slice at a time
-(`read_slice(path, index)`): only the chunks overlapping the slice are decoded.
+Writing (import): numpy memmaps are saved as step 0 of a `checkpoints/` folder laid out like
+the training loop's (items `state` = {'params': ...} and `data` = {}), so restore_params,
+train.generate and train.eval read it unchanged. orbax is kept from holding whole arrays: no
+defensive copy of the inputs, no OCDBT, chunks of at most `chunk_bytes` split along the layer
+(and expert) axes first. Reading (export): one array at a time through tensorstore, one slice
+at a time (`read_slice`): only the chunks overlapping the slice are decoded.
 """
 
 import json
@@ -30,8 +22,8 @@ CHUNK_BYTES = 64 << 20
 
 
 def _registry():
-  """numpy arrays saved without a defensive copy (jax.Array listed only so that orbax does not
-  warn that array metadata is off; none is saved here)."""
+  """numpy arrays saved without a defensive copy (jax.Array listed only against an orbax
+  warning; none is saved here)."""
   return ocp.type_handlers.create_type_handler_registry(
       (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
       (jax.Array, ocp.type_handlers.ArrayHandler()))
@@ -44,7 +36,7 @@ def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int
                                                    use_ocdbt=False),
               'data': ocp.JsonCheckpointHandler()}
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  save_args = _map(
+  save_args = jax.tree.map(
       lambda x, n: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n))),
       params, stacked_axes)
   manager = ocp.CheckpointManager(os.path.abspath(root), options=options, item_handlers=handlers)
@@ -53,12 +45,6 @@ def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int
       data=ocp.args.JsonSave({})))
   manager.wait_until_finished()
   manager.close()
-
-
-def _map(fn, tree, *rest):
-  if isinstance(tree, dict):
-    return {k: _map(fn, tree[k], *(r[k] for r in rest)) for k in tree}
-  return fn(tree, *rest)
 
 
 class StoredParams:
@@ -72,11 +58,8 @@ class StoredParams:
     with open(meta_path) as f:
       meta = json.load(f)
     self.use_ocdbt, self.use_zarr3 = bool(meta.get('use_ocdbt')), bool(meta.get('use_zarr3'))
-    self.names = set()
-    for entry in meta['tree_metadata'].values():
-      keys = tuple(k['key'] for k in entry['key_metadata'])
-      if keys[0] == 'params':
-        self.names.add(keys[1:])
+    keys = [tuple(k['key'] for k in e['key_metadata']) for e in meta['tree_metadata'].values()]
+    self.names = {k[1:] for k in keys if k[0] == 'params'}
     self.context = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
     self._open = {}
 

@@ -1,11 +1,10 @@
 """python -m train.eval --checkpoint DIR [--config experiments/X.py] --tasks mmlu,gsm8k,humaneval,loss
        [--limit N] [--out results.json] [--data_dir DIR] [--max_new_tokens N] [--mmlu_subjects a,b]
 
-Evaluates a meshlm checkpoint (train/eval/model_lm.py) on the benchmarks of this package and on
-`loss`, the mean token loss of `train.eval_batches` batches of the config's eval split, then
-prints a table (train/eval/report.py) and writes all results as JSON. `--limit` caps the
-questions per MMLU subject and the problems of GSM8K and HumanEval. `--config` defaults to the
-workdir's config.json. Benchmark files come from --data_dir, env SHARED_DATA or ../shared/data.
+Evaluates a checkpoint (train/eval/model_lm.py) on the benchmarks and on `loss` (the mean token
+loss of `train.eval_batches` batches of the config's eval split), prints a table and writes
+the results as JSON. `--limit` caps the questions per MMLU subject and the GSM8K and HumanEval
+problems; `--config` defaults to the workdir's config.json.
 """
 
 import argparse
@@ -84,28 +83,26 @@ def main(argv=None) -> int:
     lm = MeshLM(gen, max_length=args.max_length or int(run.config.data.seq_len),
                 batch_size=args.batch_size)
     gen_kw = {} if args.max_new_tokens is None else {'max_new_tokens': args.max_new_tokens}
+    tasks_fn = {
+        'mmlu': lambda: mmlu.evaluate(
+            lm, args.data_dir, count_tokens=lm.count_tokens, max_length=lm.max_length,
+            subject_names=[s for s in args.mmlu_subjects.split(',') if s] or None,
+            limit_per_subject=args.limit),
+        'gsm8k': lambda: gsm8k.evaluate(lm, args.data_dir, limit=args.limit, **gen_kw),
+        'humaneval': lambda: humaneval.evaluate(
+            lm, args.data_dir, limit=args.limit, num_samples=args.humaneval_samples,
+            temperature=args.temperature, **gen_kw),
+        'loss': lambda: eval_loss(run.config, lm, run.workdir)}
     results = []
     for task in tasks:
       print(f'[{task}]', file=sys.stderr, flush=True)
-      if task == 'mmlu':
-        names = [s for s in args.mmlu_subjects.split(',') if s] or None
-        results.append(mmlu.evaluate(lm, args.data_dir, count_tokens=lm.count_tokens,
-                                     max_length=lm.max_length, subject_names=names,
-                                     limit_per_subject=args.limit))
-      elif task == 'gsm8k':
-        results.append(gsm8k.evaluate(lm, args.data_dir, limit=args.limit, **gen_kw))
-      elif task == 'humaneval':
-        results.append(humaneval.evaluate(lm, args.data_dir, limit=args.limit,
-                                          num_samples=args.humaneval_samples,
-                                          temperature=args.temperature, **gen_kw))
-      else:
-        results.append(eval_loss(run.config, lm, run.workdir))
+      results.append(tasks_fn[task]())
   except (ConfigError, FileNotFoundError, ValueError, SandboxError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   benchmarks = [r for r in results if r['task'] != 'loss']
   if benchmarks:
-    report.print_table(benchmarks)
+    print(report.format_table(benchmarks), flush=True)
   for r in results:
     if r['task'] == 'loss':  # Not a fraction: report.py would print it as a percentage.
       print(f'loss: {r["metrics"]["loss"]:.4f} (perplexity {r["metrics"]["perplexity"]:.3f}) '

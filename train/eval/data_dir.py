@@ -1,5 +1,8 @@
-"""Where the benchmark files live: an argument, env SHARED_DATA, or ../shared/data from the repo."""
+"""Where the benchmark files live (an argument, env SHARED_DATA, or ../shared/data from the repo)
+and how their JSON-lines files are read."""
 
+import gzip
+import json
 import os
 import pathlib
 
@@ -18,3 +21,24 @@ def resolve(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
     raise FileNotFoundError(f'benchmark data folder {path} does not exist; pass data_dir or set '
                             f'env SHARED_DATA (default: ../shared/data from the repo root)')
   return path
+
+
+def read_jsonl(path: pathlib.Path, kind: str, keys: tuple[str, ...]) -> list[dict]:
+  """The rows of a JSON-lines file (gzip if it ends in .gz), each with string values at `keys`.
+  Errors name the file and line; a file without rows is one."""
+  rows = []
+  with (gzip.open if path.suffix == '.gz' else open)(path, 'rt', encoding='utf-8') as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
+      missing = [k for k in keys if not isinstance(row.get(k), str)]
+      if missing:
+        raise ValueError(f'{path}:{line_no}: {kind} row needs string {missing}')
+      rows.append(row)
+  if not rows:
+    raise ValueError(f'{path}: no {kind} rows')
+  return rows

@@ -8,14 +8,12 @@ dropped, `5.50` -> `5.5`, `007` -> `7`) and compared as strings. No number count
 """
 
 import decimal
-import json
 import pathlib
 import random
 import re
 
 from train.eval import data_dir as data_dir_lib
 from train.eval import lm as lm_lib
-from train.eval import text as text_lib
 
 TRAIN_FILE = 'gsm8k_train.jsonl'
 TEST_FILE = 'gsm8k_test.jsonl'
@@ -27,21 +25,7 @@ _CALCULATOR = re.compile(r'<<[^>]*>>')
 
 def load(path: str | pathlib.Path) -> list[dict]:
   """Rows `{"question", "answer"}`; errors name the file and line."""
-  rows = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      if not isinstance(row.get('question'), str) or not isinstance(row.get('answer'), str):
-        raise ValueError(f'{path}:{line_no}: GSM8K row needs string "question" and "answer"')
-      rows.append(row)
-  if not rows:
-    raise ValueError(f'{path}: no GSM8K rows')
-  return rows
+  return data_dir_lib.read_jsonl(pathlib.Path(path), 'GSM8K', ('question', 'answer'))
 
 
 def normalise(number: str) -> str | None:
@@ -89,7 +73,7 @@ def build_prompt(shots: list[dict], question: str, keep_calculator: bool = False
 
 def truncate(completion: str) -> str:
   """Cuts the completion at the earliest of STOP_SEQUENCES (the sequence itself is dropped)."""
-  return text_lib.truncate(completion, STOP_SEQUENCES)
+  return lm_lib.truncate(completion, STOP_SEQUENCES)
 
 
 def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = None, *,
@@ -113,18 +97,11 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
     gold = extract_strict(row['answer'])
     if gold is None:
       raise ValueError(f'GSM8K gold answer without "#### <number>": {row["answer"][-80:]!r}')
-    strict, flexible = extract_strict(completion), extract_flexible(completion)
-    items.append({'gold': gold, 'strict': strict, 'flexible': flexible,
-                  'completion': completion})
-  n = len(items)
-  return {
-      'task': 'gsm8k',
-      'metrics': {
-          'exact_match_strict': sum(i['strict'] == i['gold'] for i in items) / n,
-          'exact_match_flexible': sum(i['flexible'] == i['gold'] for i in items) / n,
-      },
-      'count': n,
-      'config': {'k': k, 'seed': seed, 'max_new_tokens': max_new_tokens,
-                 'keep_calculator': keep_calculator, 'limit': limit},
-      'items': items,
-  }
+    items.append({'gold': gold, 'strict': extract_strict(completion),
+                  'flexible': extract_flexible(completion), 'completion': completion})
+  match = lambda key: sum(i[key] == i['gold'] for i in items) / len(items)
+  return {'task': 'gsm8k', 'count': len(items), 'items': items,
+          'metrics': {'exact_match_strict': match('strict'),
+                      'exact_match_flexible': match('flexible')},
+          'config': {'k': k, 'seed': seed, 'max_new_tokens': max_new_tokens,
+                     'keep_calculator': keep_calculator, 'limit': limit}}

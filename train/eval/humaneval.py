@@ -7,8 +7,6 @@ again here, whatever the model did.
 """
 
 import dataclasses
-import gzip
-import json
 import pathlib
 import time
 
@@ -16,7 +14,6 @@ import numpy as np
 
 from train.eval import data_dir as data_dir_lib
 from train.eval import lm as lm_lib
-from train.eval import text as text_lib
 from train.eval import sandbox
 
 STOP_SEQUENCES = ('\nclass', '\ndef', '\n#', '\nif', '\nprint')
@@ -35,28 +32,13 @@ class Problem:
 
 
 def load_problems(data_dir: str | pathlib.Path | None = None) -> list[Problem]:
-  path = data_dir_lib.resolve(data_dir) / FILE
-  problems = []
-  with gzip.open(path, 'rt', encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      missing = [k for k in _KEYS if k not in row]
-      if missing:
-        raise ValueError(f'{path}:{line_no}: HumanEval row lacks {missing}')
-      problems.append(Problem(**{k: row[k] for k in _KEYS}))
-  if not problems:
-    raise ValueError(f'{path}: no HumanEval problems')
-  return problems
+  rows = data_dir_lib.read_jsonl(data_dir_lib.resolve(data_dir) / FILE, 'HumanEval', _KEYS)
+  return [Problem(**{k: row[k] for k in _KEYS}) for row in rows]
 
 
 def truncate(completion: str) -> str:
   """Cuts the completion at the earliest of STOP_SEQUENCES (the sequence itself is dropped)."""
-  return text_lib.truncate(completion, STOP_SEQUENCES)
+  return lm_lib.truncate(completion, STOP_SEQUENCES)
 
 
 def program(problem: Problem, completion: str) -> str:
@@ -92,27 +74,16 @@ def score(problems: list[Problem], completions: list[list[str]], *, ks: tuple[in
   per_problem = {}
   for i, p in enumerate(problems):
     mine = outcomes[i * n:(i + 1) * n]
-    per_problem[p.task_id] = {
-        'passed': sum(o.passed for o in mine),
-        'statuses': [o.status for o in mine],
-        'first_completion': completions[i][0],
-        'first_detail': mine[0].detail[-500:],
-    }
-  metrics = {}
-  for k in ks:
-    if k <= n:
-      metrics[f'pass@{k}'] = float(np.mean([pass_at_k(n, r['passed'], k)
-                                            for r in per_problem.values()]))
-  return {
-      'task': 'humaneval',
-      'metrics': metrics,
-      'num_problems': len(problems),
-      'num_samples': n,
-      'isolation': tier,
-      'isolation_description': sandbox.isolation_description(tier),
-      'sandbox_seconds': seconds,
-      'per_problem': per_problem,
-  }
+    per_problem[p.task_id] = {'passed': sum(o.passed for o in mine),
+                              'statuses': [o.status for o in mine],
+                              'first_completion': completions[i][0],
+                              'first_detail': mine[0].detail[-500:]}
+  metrics = {f'pass@{k}': float(np.mean([pass_at_k(n, r['passed'], k)
+                                         for r in per_problem.values()])) for k in ks if k <= n}
+  return {'task': 'humaneval', 'metrics': metrics, 'num_problems': len(problems),
+          'num_samples': n, 'isolation': tier,
+          'isolation_description': sandbox.isolation_description(tier),
+          'sandbox_seconds': seconds, 'per_problem': per_problem}
 
 
 def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = None, *,

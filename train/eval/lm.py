@@ -13,9 +13,13 @@ class LanguageModel(Protocol):
 
   def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
                temperature: float = 0.0, num_samples: int = 1) -> list[list[str]]:
-    """For each prompt, `num_samples` continuations (without the prompt).
-
-    Generation may end at the first stop sequence; callers cut at stop sequences themselves,
-    so returning text past one is allowed. temperature 0 is greedy decoding.
-    """
+    """For each prompt, `num_samples` continuations (without the prompt); temperature 0 is
+    greedy. Text past a stop sequence may come back: callers cut it with `truncate`."""
     ...
+
+
+def truncate(text: str, stop: tuple[str, ...] | list[str]) -> str:
+  """Cuts `text` at the earliest occurrence of any stop sequence (dropping the sequence)."""
+  if not all(stop):
+    raise ValueError('empty stop sequence')
+  return text[:min([text.find(s) for s in stop if s in text], default=len(text))]

@@ -116,21 +116,12 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
     scores_n4 = np.asarray(scores, dtype=np.float64).reshape(len(test), len(CHOICES))
     predicted = [CHOICES[i] for i in np.argmax(scores_n4, axis=1)]
     correct = sum(p == item.answer for p, item in zip(predicted, test))
-    per_subject[subject] = {
-        'accuracy': correct / len(test),
-        'correct': correct,
-        'count': len(test),
-        'min_k': min(kk for _, kk in prompts),
-    }
+    per_subject[subject] = {'accuracy': correct / len(test), 'correct': correct,
+                            'count': len(test), 'min_k': min(kk for _, kk in prompts)}
     correct_total += correct
     count_total += len(test)
-  return {
-      'task': 'mmlu',
-      'metrics': {
-          'accuracy': correct_total / count_total,  # Micro average over all questions.
-          'macro_accuracy': float(np.mean([s['accuracy'] for s in per_subject.values()])),
-      },
-      'count': count_total,
-      'config': {'k': k, 'max_length': max_length, 'limit_per_subject': limit_per_subject},
-      'per_subject': per_subject,
-  }
+  macro = float(np.mean([s['accuracy'] for s in per_subject.values()]))
+  return {'task': 'mmlu', 'metrics': {'accuracy': correct_total / count_total,  # Micro average.
+                                      'macro_accuracy': macro},
+          'count': count_total, 'per_subject': per_subject,
+          'config': {'k': k, 'max_length': max_length, 'limit_per_subject': limit_per_subject}}

@@ -1,28 +1,24 @@
-"""`LanguageModel` (train/eval/lm.py) over a meshlm model: a checkpoint, its tokenizer, a mesh.
+"""`LanguageModel` (train/eval/lm.py) over a meshlm model, through train/generate.py's Generator.
 
-loglikelihood: requests are tokenised the way the reference harness does it (trailing spaces
-of the context move to the continuation; the continuation's ids are those of context +
-continuation after the context's ids when the context tokenises the same alone), prefixed with
-BOS, cut on the left to `max_length` tokens, sorted by length, right-padded to power-of-two
-buckets and scored in batches by one jitted forward pass each; the sum of the continuation's
-token log-probs comes back, not the logits.
-
-generate: train/generate.py's Generator (KV cache, buckets, stop strings), prompts cut on the
-left so that prompt + new tokens fit `max_length` when they can; `num_samples` > 1 repeats each
-prompt in the batch (rows draw independent samples).
+loglikelihood: tokenised as the reference harness does (trailing spaces of the context move to
+the continuation; the continuation's ids are those of context + continuation after the
+context's ids when the context tokenises the same alone), BOS first, cut on the left to
+`max_length`, sorted by length, right-padded to power-of-two buckets and scored in batches by
+one jitted forward pass each. generate: prompts cut on the left so that prompt + new tokens fit
+`max_length` when they can; `num_samples` > 1 repeats each prompt (rows sample independently).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from model import decode
 from train import generate as gen_lib
-from train import workdir as workdir_lib
+from train import step as step_lib
 
 
 def _progress(total: int, desc: str):
-  from tqdm import tqdm
   return tqdm(total=total, desc=desc, unit='req', dynamic_ncols=True, leave=False, disable=None)
 
 
@@ -37,19 +33,9 @@ class MeshLM:
 
     def score(params, tokens_bt, mask_bt):
       logits_btv, _ = mdef.build(params)(tokens_bt[:, :-1])
-      logp_btv = jax.nn.log_softmax(logits_btv, axis=-1)
-      target_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-      return jnp.sum(target_bt * mask_bt[:, 1:], axis=-1)
+      return -jnp.sum(step_lib.token_nll(logits_btv, tokens_bt[:, 1:]) * mask_bt[:, 1:], axis=-1)
 
     self._score = jax.jit(score)
-
-  @classmethod
-  def from_checkpoint(cls, checkpoint: str, config=None, *, max_length: int | None = None,
-                      batch_size: int = 16) -> 'MeshLM':
-    run = workdir_lib.load_run(checkpoint, config)
-    gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
-                            max_batch=batch_size)
-    return cls(gen, max_length=max_length or int(run.config.data.seq_len), batch_size=batch_size)
 
   def count_tokens(self, text: str) -> int:
     return 1 + len(self.tok.encode(text))
@@ -97,14 +83,9 @@ class MeshLM:
     budget = max(self.max_length - max_new_tokens, self.max_length // 2)
     ids = [([self.tok.bos_id] + self.tok.encode(p))[-budget:] for p in prompts]
     ids = [x for x in ids for _ in range(num_samples)]
-    sampling = decode.Sampling(temperature=temperature)
-    texts = []
     bar = _progress(len(ids), 'generate')
-    for i in range(0, len(ids), self.gen.max_batch):
-      out = self.gen.generate_ids(ids[i:i + self.gen.max_batch], max_new_tokens=max_new_tokens,
-                                  sampling=sampling, stop=stop, seed=i)
-      for j in range(out.tokens_bs.shape[0]):
-        texts.append(self.gen._text(out.completion_ids(j), stop))
-      bar.update(out.tokens_bs.shape[0])
+    texts = [c.text for c in self.gen.complete(ids, max_new_tokens=max_new_tokens, stop=stop,
+                                               sampling=decode.Sampling(temperature=temperature),
+                                               progress=bar)]
     bar.close()
     return [texts[k * num_samples:(k + 1) * num_samples] for k in range(len(prompts))]

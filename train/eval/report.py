@@ -39,20 +39,14 @@ def read_json(path: str | os.PathLike) -> list[dict]:
   return document['results']
 
 
-def _count(result: dict) -> str:
-  for key in ('count', 'num_problems'):
-    if key in result:
-      return str(result[key])
-  return ''
-
-
 def format_table(results: list[dict], per_subject: bool = False) -> str:
   """Rows `task | metric | value | n`; with per_subject, MMLU subjects follow their task row."""
   _check(results)
   rows = [('task', 'metric', 'value', 'n')]
   for r in results:
     for name, value in r['metrics'].items():
-      rows.append((r['task'], name, f'{100 * value:.2f}%', _count(r)))
+      rows.append((r['task'], name, f'{100 * value:.2f}%',
+                   str(r.get('count', r.get('num_problems', '')))))
     if per_subject:
       for subject, s in r.get('per_subject', {}).items():
         rows.append((f'  {subject}', 'accuracy', f'{100 * s["accuracy"]:.2f}%', str(s['count'])))
@@ -60,7 +54,3 @@ def format_table(results: list[dict], per_subject: bool = False) -> str:
   lines = [' | '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, '-+-'.join('-' * w for w in widths))
   return '\n'.join(lines)
-
-
-def print_table(results: list[dict], per_subject: bool = False):
-  print(format_table(results, per_subject), flush=True)

@@ -149,7 +149,7 @@ def _drop_to(uid: int | None) -> tuple[list[str], dict]:
 
 
 def _others_can_run(path: str) -> bool:
-  """True when a stranger uid can traverse to and execute `path`."""
+  """True when a stranger uid can traverse to and execute (a folder: enter) `path`."""
   p = pathlib.Path(path)
   if not os.stat(p).st_mode & stat.S_IXOTH:
     return False
@@ -264,6 +264,10 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
   nonce = secrets.token_hex(16)
   with tempfile.TemporaryDirectory(prefix='meshlm-sandbox-') as host_dir:
     os.chmod(host_dir, 0o755)
+    if uid is not None and not _others_can_run(host_dir):
+      raise SandboxError(f'TMPDIR {tempfile.gettempdir()} cannot be reached by the unprivileged '
+                         f'uid the programs run as (a folder above it is not world-executable); '
+                         f'set TMPDIR to one that is, e.g. /tmp')
     program = os.path.join(host_dir, 'program.py')
     with open(program, 'w', encoding='utf-8') as f:
       f.write(source)
@@ -332,8 +336,8 @@ def probe(tier: str) -> Outcome:
       else:
         try:
           _probed[tier] = run_program(_PROBE, isolation=tier, limits=Limits(timeout_s=30.0))
-        except OSError as e:
-          _probed[tier] = Outcome('error', f'{tier}: {e}', 0.0)
+        except (OSError, SandboxError) as e:
+          _probed[tier] = Outcome('error', str(e), 0.0)
     return _probed[tier]
 
 
@@ -359,7 +363,8 @@ def isolation_name() -> str:
         _warn_once()
       return tier
     logging.info('sandbox tier %s unavailable: %s', tier, outcome.detail.strip()[-300:])
-  raise SandboxError(f'no sandbox tier works here: {probe("rlimits").detail}')
+  raise SandboxError(f'no sandbox tier works here (TMPDIR={tempfile.gettempdir()}): '
+                     + '; '.join(f'{t}: {probe(t).detail.strip()[-300:]}' for t in TIERS))
 
 
 _warned = []

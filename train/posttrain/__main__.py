@@ -6,23 +6,18 @@ experiment, e.g. experiments/tiny_sft.py) is SFT: the normal train loop, run aft
 model's tokenizer. Every stage writes DIR/config.json.
 """
 
-import sys
-
 import jax
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from model.config import ConfigError
-from train import compilation_cache, distributed, loop
+from train import cli, distributed, loop
 from train import workdir as workdir_lib
 from train.posttrain import config as pt_config
 from train.posttrain import dpo, ppo_loop, reward, setup
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file with a get_config().',
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and config.json go here.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and config.json go here.')
+flags.mark_flags_as_required(['workdir'])
 
 
 def run(config, workdir: str, *, stop_after: int | None = None):
@@ -48,14 +43,5 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   return loop.run(config, workdir, stage=make_stage(config), stop_after=stop_after)
 
 
-def main(argv):
-  del argv
-  compilation_cache.enable()
-  try:
-    run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, FileNotFoundError, loop.NonFiniteError) as e:
-    sys.exit(f'error: {e}')
-
-
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: cli.main(run, argv), flags_parser=cli.parse_flags)

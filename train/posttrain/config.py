@@ -109,6 +109,8 @@ def validate(config, num_devices: int, process_count: int = 1):
       raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations '
                         f'(the rollout batch is not saved); use a multiple of ppo.ppo_epochs x '
                         f'ppo.num_minibatches = {per_iteration} updates')
+    if not p.critic_lr > 0:
+      raise ConfigError(f'ppo.critic_lr={p.critic_lr} must be > 0')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
