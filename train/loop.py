@@ -72,7 +72,7 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
   distributed.maybe_initialize(config.distributed)
   stage = stage_lib.lm_stage(config) if stage is None else stage
   ctx = context_lib.make(config, workdir, stage.validate)
-  cfg, t, steps = ctx.cfg, config.train, stage.steps
+  cfg, t, steps = ctx.cfg, config.train, stage.steps or config.train.steps
   trace = profiling.TraceWindow(t.profile_steps, os.path.join(workdir, 'profile'))
   if jax.process_index() == 0:  # What train.generate / train.eval / the next stage read back.
     workdir_lib.write_config(config, workdir)

@@ -3,7 +3,7 @@
 A stage is its model class, its data, its loss and its initial params; the loop does the rest
 (sharded state, resume, the step of train/step.py, NaN policy, SIGTERM, checkpoints with the
 gathered data state, eval, samples, profiler window, progress bar, TensorBoard and metrics).
-Pre-training and SFT are `lm_stage`; the reward model and DPO are in train/posttrain/.
+Pre-training and SFT are `lm_stage`; the reward model, DPO and PPO are in train/posttrain/.
 """
 
 import dataclasses
@@ -29,7 +29,6 @@ def _keep(ctx, mdef, data, make_eval_data, steps_left):
 class Stage:
   """The parts of a run that differ between stages.
 
-  steps: loop steps of the run (optimiser updates; the schedule's length);
   validate(config, devices, processes) -> ModelConfig (raises ConfigError);
   make_data(ctx, split) -> iterator of process-local numpy batches [B_local, ...] (nested dicts
     allowed) with get_state() / set_state(), counts() and `.tokenizer`;
@@ -40,29 +39,23 @@ class Stage:
     after the restore (`data` is at the position of the next step): e.g. load a frozen reference
     (passed to make_loss in every step) or wrap the data;
   eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...);
-  make_state(ctx, steps) -> (state, shardings, mdef, tx, schedule): a freshly initialised state,
-    its shardings, the ModelDef of state['params'], the optimiser (of the `trained` tree) and its
-    learning-rate schedule; None: {'step', 'params', 'opt_state', 'rng'} of `model_cls` with
-    train/optimizer.py's optimiser of `optim`;
-  trained / grad_metrics: train/step.py train_step's (the state keys trained as one tree, extra
-    metrics of the gradients);
-  before_step(data, state, step) -> scalars: called before the batch of every step is read (the
-    rollout phase of PPO); what it returns is logged with every later step until it returns new
-    values for the same keys;
-  evaluate(data, params, frozen) -> eval scalars, instead of the means of the loss metrics over
-    `eval_batches` held-out batches;
-  save_every: checkpoints only at multiples of it (ckpt_every, the last step, and a stop request,
-    which waits for the next multiple);
-  replicate_batch: batches are replicated over the mesh, not split along the batch axes.
+  make_state(ctx, steps) -> (state, shardings, mdef of state['params'], tx, lr schedule) of a
+    fresh run; None: {'step', 'params', 'opt_state', 'rng'} of `model_cls`, train/optimizer.py;
+  trained, grad_metrics: train/step.py train_step's;
+  before_step(data, state, step) -> scalars, logged with every later step until replaced (PPO's
+    rollout phase);
+  evaluate(data, params, frozen) -> eval scalars, instead of the loss means over eval batches;
+  save_every: checkpoints (and a stop request's) only at multiples of it;
+  replicate_batch: batches replicated over the mesh, not split along its batch axes.
   """
   name: str
-  steps: int
   validate: Callable
   make_data: Callable
   make_loss: Callable
   init_state: Callable
   eval_batches: int
   step_tokens: int  # Tokens per step, for throughput.
+  steps: int = 0  # Loop steps (optimiser updates; the schedule's length); 0: train.steps.
   model_cls: Any = Decoder
   prepare: Callable = _keep
   eval_metrics: Callable = lambda means: {}
@@ -83,9 +76,8 @@ class Stage:
       return self.make_state(ctx, steps)
     optim = ctx.config.optim
     tx, schedule = optimizer_lib.make(optim, steps), optimizer_lib.schedule(optim, steps)
-    state, shardings, mdef = state_lib.create(ctx.cfg, tx, ctx.mesh, ctx.config.train.seed,
-                                              self.model_cls)
-    return state, shardings, mdef, tx, schedule
+    return (*state_lib.create(ctx.cfg, tx, ctx.mesh, ctx.config.train.seed, self.model_cls), tx,
+            schedule)
 
 
 def lm_stage(config) -> Stage:
@@ -106,7 +98,7 @@ def lm_stage(config) -> Stage:
     return dict(state, params=ckpt_lib.restore_params(init_from, state['params'], shardings))
 
   cfg, t = config_lib.model_config(config), config.train
-  return Stage(name='lm', steps=int(t.steps), validate=config_lib.validate, make_data=make_data,
+  return Stage(name='lm', validate=config_lib.validate, make_data=make_data,
                make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_state=init_state,
                eval_batches=int(t.eval_batches), step_tokens=t.global_batch * config.data.seq_len,
                eval_metrics=lambda m: {'eval/perplexity': float(np.exp(min(m['eval/loss'], 50.0)))},

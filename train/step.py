@@ -97,9 +97,9 @@ def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str
 def scaled_norm(tree):
   """The L2 norm of a tree's leaves, finite for every finite tree: scaled by the largest |x|
   first, so that huge (diverged but finite) params do not overflow to inf."""
-  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)]))
-  scale = jnp.where(scale > 0, scale, 1.0)
-  return scale * optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32) / scale, tree))
+  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+  scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
+  return scale * optax.tree.norm(jax.tree.map(lambda x: x / scale, tree))
 
 
 def per_key(txs: dict) -> optax.GradientTransformation:

@@ -7,7 +7,6 @@ model's tokenizer. Every stage writes DIR/config.json.
 """
 
 import jax
-import ml_collections
 from absl import app, flags
 
 from model.config import ConfigError
@@ -26,9 +25,8 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   if stage not in pt_config.STAGES:
     raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
   if stage == 'sft':
-    config = ml_collections.ConfigDict(config.to_dict())
     if config.train.init_from:
-      config.data.tokenizer = workdir_lib.inherited_tokenizer(config)
+      config = setup.stage_config(config)
       # train/loop.py restores the latest step of a checkpoints folder: accept a workdir too.
       root, step, _ = workdir_lib.resolve_checkpoint(config.train.init_from)
       if step is not None:

@@ -106,9 +106,8 @@ def validate(config, num_devices: int, process_count: int = 1):
         raise ConfigError(f'ppo.{key}={p[key]} must be positive')
     per_iteration = p.ppo_epochs * p.num_minibatches
     if config.train.ckpt_every % per_iteration:
-      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations '
-                        f'(the rollout batch is not saved); use a multiple of ppo.ppo_epochs x '
-                        f'ppo.num_minibatches = {per_iteration} updates')
+      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations; '
+                        f'use a multiple of ppo.ppo_epochs x ppo.num_minibatches = {per_iteration}')
     if not p.critic_lr > 0:
       raise ConfigError(f'ppo.critic_lr={p.critic_lr} must be > 0')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:

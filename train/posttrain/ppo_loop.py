@@ -18,20 +18,18 @@ model (score at the last token of prompt + completion laid out as in RM training
 GAE, whitened advantages (ppo.py) -> `ppo_epochs` passes of `num_minibatches` optimiser updates
 over the batch, shuffled.
 
-Through the loop: the rollout phase is the stage's `before_step` hook (`Rollouts.refill`, at
-the first update of each iteration); each loop step is one optimiser update of the trained tree
-{'params': policy, 'critic': critic} by train/step.py's step, so `state['step']`, the step of
-metrics.jsonl, the log and the progress bar, non-finite reports and every step-counted key
-(log_every, ckpt_every, eval_every, sample_every, profile_steps) count updates: a run has
-train.steps x ppo_epochs x num_minibatches of them. Checkpoints are taken between iterations
-only (the rollout batch is not saved): `train.ckpt_every` must be a multiple of the updates per
-iteration, and a stop request finishes the iteration first. The data state {'iteration',
-'kl_coef', 'score_before'} makes resume bit-identical. Checkpoints hold the policy as `params`,
-so every LM tool (generate, eval, the next stage) reads a PPO workdir like any other; the critic
-and optimiser states sit beside it. A logged update has its own loss/*, policy/*, val/* and the
-objective/* and completions/* of the rollout it trains on; the evaluation (at the end, or every
-eval_every updates) is the mean reward of greedy completions of `ppo.eval_prompts` held-out
-prompts, eval/score, with eval/score_before of the initial policy.
+Through the loop: the rollout phase is the stage's `before_step` hook (Rollouts.refill, at an
+iteration's first update); a loop step is one update of the trained tree {'params': policy,
+'critic'} by train/step.py, so state['step'], metrics.jsonl, the log, the progress bar,
+non-finite reports and the step-counted keys (log_every, ckpt_every, eval_every, sample_every,
+profile_steps) count updates: train.steps x ppo_epochs x num_minibatches of them. The rollout
+batch is not saved, so checkpoints fall between iterations (ckpt_every: a multiple of the
+updates per iteration; a stop request finishes the iteration); with the data state
+{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. Checkpoints hold the policy as
+`params` (every LM tool reads a PPO workdir like any other), the critic beside it. A logged
+update has its loss/*, policy/*, val/* and the objective/*, completions/* of its rollout; the
+eval (at the end or every eval_every) is eval/score, the mean reward of greedy completions of
+`ppo.eval_prompts` held-out prompts, with eval/score_before of the initial policy.
 """
 
 import functools
@@ -104,23 +102,6 @@ def reward_layout(lay: dict, num_new_b, prompt_len: int, end_id: int, newline: l
   return {'inputs': tokens, 'positions': positions, 'segment_ids': segs}
 
 
-class Models:
-  """The jitted forward passes over rollouts (each compiled once per rollout shape)."""
-
-  def __init__(self, mdef, critic_mdef, rm_mdef):
-    def logp(params, tokens, positions, segs):
-      logits, _ = mdef.build(params)(tokens, positions, segs)
-      return ppo.token_logprobs_and_entropy(logits, tokens)
-
-    def values(params, tokens, positions, segs):
-      return critic_mdef.build(params)(tokens, positions, segs)[0][:, :-1]
-
-    def scores(params, rows):
-      return reward.rewards(rm_mdef.build(params), rows)[0]
-
-    self.logp, self.values, self.scores = jax.jit(logp), jax.jit(values), jax.jit(scores)
-
-
 def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
   kl_bt = ppo.kl_penalty(rollout['logprobs'], rollout['ref_logprobs'], p.kl_estimator)
   mask = rollout['mask']
@@ -146,13 +127,12 @@ def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg):
 
 
 def optimizers(config, num_updates: int):
-  critic_optim = ml_collections.ConfigDict(config.optim.to_dict())
-  critic_optim.peak_lr = config.ppo.critic_lr
-  txs = {'params': optimizer_lib.make(config.optim, num_updates),
-         'critic': optimizer_lib.make(critic_optim, num_updates)}
-  schedules = {'params': optimizer_lib.schedule(config.optim, num_updates),
-               'critic': optimizer_lib.schedule(critic_optim, num_updates)}
-  return txs, schedules
+  """({'params', 'critic'}: optimiser, same: schedule): the policy's `optim`, the critic's with
+  peak ppo.critic_lr."""
+  optims = {'params': config.optim, 'critic': ml_collections.ConfigDict(
+      dict(config.optim.to_dict(), peak_lr=config.ppo.critic_lr))}
+  return ({k: optimizer_lib.make(o, num_updates) for k, o in optims.items()},
+          {k: optimizer_lib.schedule(o, num_updates) for k, o in optims.items()})
 
 
 def grad_norms(grads) -> dict:
@@ -206,7 +186,8 @@ def stage(config) -> stage_lib.Stage:
       step_tokens=t.global_batch // p.num_minibatches * (p.max_prompt_len + p.max_new_tokens),
       shown=SHOWN, make_state=make_state, trained=('params', 'critic'), grad_metrics=grad_norms,
       before_step=lambda data, state, step: data.refill(state),
-      evaluate=lambda data, params, frozen: data.evaluate(params),
+      evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
+                                             'eval/score': data.mean_score(params)},
       save_every=p.ppo_epochs * p.num_minibatches,
       # Replicated: a minibatch need not divide over the batch shards.
       replicate_batch=True)
@@ -230,8 +211,12 @@ class Rollouts:
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
-    self.models = Models(state_lib.model_def(ctx.cfg)[0], critic_mdef,
-                         state_lib.model_def(rm_cfg, ScalarModel)[0])
+    mdef, rm_mdef = state_lib.model_def(ctx.cfg)[0], state_lib.model_def(rm_cfg, ScalarModel)[0]
+    # Forward passes over rollouts, each compiled once per rollout shape.
+    self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
+        mdef.build(params)(*rows)[0], rows[0]))
+    self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
+    self.scores = jax.jit(lambda params, rows: reward.rewards(rm_mdef.build(params), rows)[0])
     self.generator = gen_lib.Generator(ctx.cfg, None, tok, ctx.mesh, ctx.rules,
                                        max_batch=t.global_batch)
     self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
@@ -243,9 +228,6 @@ class Rollouts:
           lambda s: s.with_memory_kind('pinned_host'), self.ref_shardings))
     self.kl = ppo.AdaptiveKL(p.kl_coef, p.kl_target if p.adaptive_kl else None, p.kl_horizon)
     self.iteration, self.score_before, self.queue = 0, None, []
-
-  def __iter__(self):
-    return self
 
   def __next__(self) -> dict:
     return self.queue.pop(0)
@@ -269,20 +251,17 @@ class Rollouts:
                                       params=policy)
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
-    logprobs, entropy = self.models.logp(policy, *args)
-    ref = self.ref_params
-    if p.ref_on_host:
-      ref = jax.device_put(ref, self.ref_shardings)
-    ref_logprobs, _ = self.models.logp(ref, *args)
+    logprobs, entropy = self.logp(policy, *args)
+    ref = jax.device_put(self.ref_params, self.ref_shardings) if p.ref_on_host else self.ref_params
+    ref_logprobs, _ = self.logp(ref, *args)
     del ref
     rows = reward_layout(lay, out.num_new_b, out.prompt_len, self.end_id, self.newline)
-    scores = np.asarray(self.models.scores(self.rm_params, rows), np.float32)
+    scores = np.asarray(self.scores(self.rm_params, rows), np.float32)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
     scores = scores - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]
-    batch = {'tokens': lay['tokens'], 'positions': lay['positions'],
-             'segment_ids': lay['segment_ids'], 'mask': mask,
-             'logprobs': np.asarray(logprobs), 'ref_logprobs': np.asarray(ref_logprobs)}
+    batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
+                 logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
     metrics = {'objective/entropy': float(np.sum(np.asarray(entropy) * mask) / max(mask.sum(), 1)),
                'completions/mean_length': float(out.num_new_b.mean()),
                'completions/truncated_fraction': float(truncated.mean())}
@@ -292,9 +271,6 @@ class Rollouts:
     """Mean reward of greedy completions of the held-out prompts."""
     _, scores, _ = self.rollout(policy, self.eval_prompts, seed=0, sampling=decode.Sampling())
     return float(scores.mean())
-
-  def evaluate(self, policy) -> dict:
-    return {'eval/score_before': self.score_before, 'eval/score': self.mean_score(policy)}
 
   def refill(self, state) -> dict:
     """The rollout phase of an iteration, if the queue is empty: its metrics (else {})."""
@@ -310,14 +286,12 @@ class Rollouts:
     batch, scores, metrics = self.rollout(
         state['params'], [self.prompts[i] for i in pick], seed=t.seed * 1_000_003 + it,
         sampling=decode.Sampling(temperature=p.temperature))
-    batch['values'] = np.asarray(self.models.values(
+    batch['values'] = np.asarray(self.values(
         state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
     kl_coef = self.kl.value
-    adv = self.advantages({k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')},
-                          scores, kl_coef)
-    batch['advantages'], batch['returns'] = (np.asarray(adv['advantages']),
-                                             np.asarray(adv['returns']))
-    kl = float(np.asarray(adv['kl_sum_b']).mean())
+    batch.update(jax.tree.map(np.asarray, self.advantages(
+        {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
+    kl = float(batch.pop('kl_sum_b').mean())
     rng = np.random.default_rng([t.seed, it])
     for _ in range(p.ppo_epochs):
       for mb in np.split(rng.permutation(b), p.num_minibatches):
