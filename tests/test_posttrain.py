@@ -11,11 +11,14 @@ from flax import nnx
 
 from data import config as data_config
 from data import pipeline
+from experiments import dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b, mixtral_8x7b_sft
 from model.config import ConfigError
 from model.heads import ScalarModel, last_index
 from model.transformer import Decoder
+from train import config as base_config
 from train import step as step_lib
 from train import state as state_lib
+from train.posttrain import config as pt_config
 from train.posttrain import dpo, ppo, ppo_loop, reward
 from tests.util import max_abs_diff, tiny_cfg
 
@@ -248,9 +251,6 @@ def test_dpo_loss_hand_computed_and_vanishing_beta():
 
 
 def test_large_posttrain_configs_state_their_numbers():
-  from experiments import (dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b,
-                           mixtral_8x7b_sft)
-  from train.posttrain import config as pt_config
   sft = dense_65b_sft.get_config()
   # 1.5B tokens at 16,384 x 2,048 tokens per step: 45 steps, 1 epoch; warm-up 4.8% of it.
   assert sft.train.steps == 45 and 44 * 16_384 * 2048 < 1.5e9 <= 45 * 16_384 * 2048
@@ -268,9 +268,6 @@ def test_large_posttrain_configs_state_their_numbers():
 
 
 def test_large_posttrain_configs_validate():
-  from experiments import dense_65b_rlhf, dense_65b_sft, mixtral_8x7b_sft
-  from train import config as base_config
-  from train.posttrain import config as pt_config
   for module, devices in ((dense_65b_sft, 256), (mixtral_8x7b_sft, 512)):
     c = module.get_config()
     with pytest.raises(ConfigError, match='data.sources.sft.path'):  # Given on the command line.

@@ -1,7 +1,8 @@
-"""The post-training stages keep the train loop's promises (they run through it): resume is
-bit-identical, train.nan_policy stops naming the step or counts the skipped update, the data
-state is saved gathered over processes, and through the CLI SIGTERM saves and exits 0 and a
-kill -9 followed by the same command ends where an uninterrupted run does."""
+"""Every stage (pre-training, SFT, RM, DPO, PPO) keeps the train loop's promises (they run
+through it): resume is bit-identical, train.nan_policy stops naming the step or counts the
+skipped update, the data state is saved gathered over processes, and through the CLI SIGTERM
+saves and exits 0 (also during start-up) and a kill -9 followed by the same command ends where
+an uninterrupted run does, bit for bit."""
 
 import ast
 import functools
@@ -23,6 +24,7 @@ from model.config import ConfigError
 from model.heads import ScalarModel
 from train import distributed, loop
 from train import workdir as workdir_lib
+from train.posttrain import config as pt_config
 from train.posttrain.__main__ import run as run_stage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -291,6 +293,8 @@ def test_ppo_resume_is_bit_identical(tmp_path, lm_run, rm_run):
 def test_ppo_checkpoints_only_between_iterations(tmp_path, lm_run, rm_run):
   with pytest.raises(ConfigError, match=r'train.ckpt_every=2: PPO saves between iterations'):
     run_stage(_ppo_config(lm_run, rm_run, ckpt_every=2), str(tmp_path))
+  with pytest.raises(ConfigError, match=r'distributed.num_processes=2: PPO runs on one process'):
+    pt_config.validate(_ppo_config(lm_run, rm_run), 8, process_count=2)
 
 
 def test_ppo_nan_policy(tmp_path, lm_run, rm_run):

@@ -104,6 +104,9 @@ def validate(config, num_devices: int, process_count: int = 1):
     for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len'):
       if p[key] < 1:
         raise ConfigError(f'ppo.{key}={p[key]} must be positive')
+    if process_count > 1:
+      raise ConfigError(f'distributed.num_processes={process_count}: PPO runs on one process (its '
+                        f'rollouts are not split over processes)')
     per_iteration = p.ppo_epochs * p.num_minibatches
     if config.train.ckpt_every % per_iteration:
       raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations; '
