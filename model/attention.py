@@ -12,22 +12,17 @@ segment 0. A KV cache passes absolute positions and segment 0 for its empty slot
 with no allowed key returns zeros.
 
 Implementations (IMPLEMENTATIONS):
-  reference  plain einsums and an explicit [b, t, s] boolean mask; the ground truth of the tests.
-  xla        one [t, s] score matrix per head in plain JAX, with its backward pass written out
-             (GEMM-friendly layouts; see the section below).
-  chunked    blockwise online-softmax attention in plain JAX with a custom VJP (flash-attention
-             style: the backward pass recomputes scores block by block from the saved
-             log-sum-exp); memory O(t + s) plus one [chunk, chunk] block, never [t, s]. Block
-             pairs with no allowed (query, key) pair, e.g. the future under causality, are
-             skipped with lax.cond.
+  reference  plain einsums and an explicit [b, t, s] boolean mask; the tests' ground truth.
+  xla        one [t, s] score matrix per head, backward pass written out (GEMM-friendly layouts).
+  chunked    blockwise online softmax with a custom VJP (flash-attention style: the backward
+             recomputes scores per block from the saved log-sum-exp); memory O(t + s) plus one
+             [chunk, chunk] block. Block pairs with no allowed pair are skipped (lax.cond).
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
-  splash     TPU Pallas splash attention with segment ids and a causal mask, TPUs only; under a
-             mesh it runs in `shard_map` over the batch and head axes (whole sequences per
-             device).
+  splash     TPU Pallas splash attention (segment ids, causal mask); under a mesh in `shard_map`
+             over the batch and head axes (whole sequences per device).
   auto       `resolve()` picks one per platform and shape and logs the choice once.
-
-The platform is that of the mesh being compiled for (`model.sharding.mesh_platform`), so a TPU
-kernel compiles ahead of time on abstract TPU devices from a CPU host (train/aot.py).
+The platform is the mesh's (`model.sharding.mesh_platform`): a TPU kernel compiles ahead of
+time on abstract TPU devices from a CPU host (train/aot.py).
 """
 
 import logging
@@ -41,11 +36,8 @@ from model.sharding import logical_to_spec, mesh_platform
 
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
-# Without a fused kernel (CPU, or GPU in float32), 'auto' uses 'chunked' from this many
-# query * key pairs on, 'xla' below. At 4,096 x 4,096 (8 heads, head dim 64, float32) XLA plans
-# 1.6 GiB for forward+backward against 0.24 GiB for 'chunked', and on a 2-core CPU 'chunked' was
-# also faster there (causal block skipping): benchmarks/results/attention.md. Below it the single
-# [t, s] matrix is small and one fused XLA computation has less overhead than a loop of blocks.
+# Without a fused kernel, 'auto' takes 'chunked' from this many query * key pairs on, 'xla'
+# below (memory and time: benchmarks/results/attention.md).
 AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
@@ -87,15 +79,11 @@ def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q
 
 def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None = None,
             dtype=None, head_dim: int | None = None) -> str:
-  """The concrete implementation that `implementation` means for these lengths.
-
-  'auto' picks: 'cudnn' on GPU for float16/bfloat16 inputs with more than one query
-  (a one-token decode step gains nothing from a fused kernel; cuDNN also needs a head dim that is
-  a multiple of 8 and at most 128, or 256 from Hopper on — 128 is assumed here); 'splash' on TPU
-  when the call is self-attention (q_len == kv_len) over a multiple of 128 tokens; otherwise
-  'chunked' when q_len * kv_len >= AUTO_CHUNKED_MIN_PAIRS and 'xla' below that. `backend`,
-  `dtype` and `head_dim` default to the mesh's platform / 'unknown' (treated as eligible).
-  """
+  """The concrete implementation `implementation` means for these lengths. 'auto': 'cudnn' on
+  GPU for float16/bfloat16 with more than one query and a head dim that is a multiple of 8, at
+  most 128; 'splash' on TPU for self-attention (q_len == kv_len) over a multiple of 128 tokens;
+  else 'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on, 'xla' below. `backend`,
+  `dtype` and `head_dim` default to the mesh's platform / unknown (treated as eligible)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model/attention.py: implementation {implementation!r} is not one of '
                      f'{IMPLEMENTATIONS}')
@@ -125,19 +113,9 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
   return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# xla: one score matrix per head, in plain JAX with a written-out backward pass.
-#
-# Queries are regrouped per kv head as [b, k, m, h] with m = (t, g) merged (g = n / k query heads
-# share a kv head; GQA never repeats K/V), so every matmul is one batched GEMM over (b, k) whose
-# rows are m. The backward computes dK and dV transposed ([b, k, h, s], then a small transpose):
-# XLA:CPU runs ds^T @ q about 1.5x slower than q^T @ ds at these shapes. Written out this way the
-# forward+backward of one layer (32 x 256 tokens, 8 / 2 heads of 64) takes 0.71-0.75x the time of
-# `jax.nn.dot_product_attention(implementation='xla')`, whose vmap over query groups makes XLA copy
-# the [t, s] tensors between layouts (benchmarks/results/attention_xla_cpu.md), and plans 0.75x
-# its memory (attention.md). When the tensor axis is larger than the kv heads, the query
-# group dim is sharded and the merge into m makes XLA regroup it (correct, with some traffic).
-# As a custom VJP it supports reverse mode (grad, remat), not forward-mode `jax.jvp`.
+# xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k), so every
+# matmul is one batched GEMM over (b, k); the backward computes dK and dV transposed, the faster
+# layout on XLA:CPU (benchmarks/results/attention_xla_cpu.md). Reverse mode only (custom VJP).
 
 
 def _probabilities(q_bkmh, k_bksh, mask_bt1s):
@@ -192,12 +170,8 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
   return o_bkmh.reshape(b, k, t, n // k, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
-# ----------------------------------------------------------------------------------------------
-# chunked: blockwise attention with online softmax and a blockwise custom VJP.
-#
-# Blocked layouts: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side arrays are
-# [nk, b, r, ...] (r keys per block). Scores of one block pair are [b, k, g, c, r] (g = n / k
-# query heads per kv head), so GQA never repeats K/V.
+# chunked: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side [nk, b, r, ...]
+# (r keys per block); scores of one block pair are [b, k, g, c, r] (g = n / k).
 
 
 def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
@@ -215,15 +189,9 @@ def _block_logits(q_bckgh, k_brkh, scale):
 def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
   """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows).
 
-  The barrier ties the segment ids, positions and key validity to q, k and v. Without it, the
-  gradient of a `lax.scan` over layers that closes over the (layer-invariant) segment ids and
-  positions runs scan's loop-invariant hoisting (jax `_scan_known_hoisting`) on this forward:
-  partial evaluation with the layer scan's constants known splits every mask-only value of the
-  two block loops below (the [b, 1, 1, c, r] block masks, their [b, k, g, c, r] broadcasts in the
-  `where`s) into a loop that precomputes them for all (query block, key block) pairs, [t, s] per
-  head, and feeds them to the layer loop. Through the barrier they depend on the layer's
-  activations, so they stay inside the loops, one block pair at a time.
-  """
+  The barrier ties the (layer-invariant) segment ids, positions and key validity to q, k, v:
+  without it, the layer scan's loop-invariant hoisting precomputes every block mask for all
+  block pairs ([t, s] per head) outside the layer loop."""
   (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
       jax.lax.optimization_barrier((q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr,
                                     kpos_kbr, kvalid_kbr))
@@ -351,10 +319,6 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
   return out_btkgh.reshape(b, t, n, h)
 
 
-# ----------------------------------------------------------------------------------------------
-# Accelerator kernels.
-
-
 def _require_nvidia_gpu():
   backend = mesh_platform()
   platform_version = ''
@@ -368,15 +332,9 @@ def _require_nvidia_gpu():
 
 
 def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
-  """cuDNN fused attention; the segment/position mask goes in as a boolean mask.
-
-  jax 0.10.2's `dot_product_attention(implementation='cudnn')` has no segment ids: its
-  is_causal is index-based (wrong for a KV cache or for positions that do not follow the index)
-  and query/key_value_seq_lengths only describe one unpadded prefix per row, not packed
-  documents. Its `mask` argument is exact for any packing and any positions; cuDNN receives it
-  as an additive [b, 1, t, s] bias, so this path stores t * s mask values (2 bytes each in bf16)
-  per batch row, while scores and probabilities stay inside the fused kernel.
-  """
+  """cuDNN fused attention with the segment/position rule as a boolean `mask` (exact for any
+  packing and positions, unlike its index-based is_causal and prefix seq_lengths); cuDNN takes
+  it as an additive [b, 1, t, s] bias, scores and probabilities stay inside the kernel."""
   _require_nvidia_gpu()
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"model/attention.py: implementation 'cudnn' needs bfloat16 or float16 "
@@ -388,19 +346,11 @@ def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
 
 
 def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret=False):
-  """TPU Pallas splash attention: segment ids plus an index-causal mask.
-
-  Splash takes segment ids but no positions; its causal mask compares indices. That equals the
-  position rule for self-attention (t == s) where positions grow by one along each document,
-  which is how packed training batches are built. KV-cache decoding (t != s) is refused: use
-  'xla' there. `interpret=True` runs the kernel in the Pallas interpreter (tests on CPU).
-
-  A Pallas kernel is opaque to the SPMD partitioner, so under a mesh the kernel runs inside
-  `jax.shard_map` on each device's own batch rows and heads: q, k, v keep the activation
-  sharding of model/transformer.py (batch; query and kv heads over their rule's axes, split the
-  same ways so that each device holds whole GQA groups). The sequence must not be split
-  (`sharding_rules.length` unset): splash needs whole sequences.
-  """
+  """TPU Pallas splash attention: segment ids plus an index-causal mask, which equals the
+  position rule for self-attention (t == s) with positions growing by one per document, as in
+  packed training batches; t != s is refused. `interpret=True`: the Pallas interpreter (tests).
+  Under a mesh it runs in `jax.shard_map` on each device's batch rows and heads (whole GQA
+  groups); the sequence must not be split (`sharding_rules.length` unset)."""
   platform = mesh_platform()
   if not interpret and platform != 'tpu':
     raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the target "
@@ -428,8 +378,7 @@ def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, inte
 
 
 def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret):
-  """Splash on the rows and heads at hand: MHA kernel when k == n, else one MQA kernel per kv
-  head over its g query heads."""
+  """Splash on the rows and heads at hand: MHA kernel when k == n, else MQA per kv head."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas TPU import: only when used.
   b, t, n, h = q_btnh.shape
   s, k = k_bskh.shape[1:3]

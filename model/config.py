@@ -60,8 +60,14 @@ class ModelConfig:
   def is_moe(self) -> bool:
     return self.num_experts > 0
 
-  def is_moe_layer(self, layer: int) -> bool:
-    return self.is_moe and (layer + 1) % self.moe_every == 0
+  @property
+  def layers_per_unit(self) -> int:
+    """Layers of the stacked unit (model/transformer.py): moe_every for MoE, else 1."""
+    return self.moe_every if self.is_moe else 1
+
+  @property
+  def num_units(self) -> int:
+    return self.num_layers // self.layers_per_unit
 
   @property
   def dtype(self):

@@ -11,26 +11,17 @@ bucket of new tokens; the KV cache has S slots):
   segment    0              | 1              | 1                  | 0
   position   0              | 0 .. len_b-1   | len_b ..           | (len_b + column - P)
 
-Left padding puts every prompt's last token in column P-1 and lets all rows write the same
-cache slot at each step; segment 0 keeps the padding invisible, and positions count from each
-prompt's first real token, so a row computes exactly what it would alone (tests check it
-against a full forward pass of the unpadded sequence).
+All rows write the same cache slot at each step; segment 0 keeps the padding invisible and
+positions count from each prompt's first real token, so a row computes exactly what it would
+alone (tests check it against a full forward pass of the unpadded sequence).
 
 Sampling (`Sampling`): greedy when temperature == 0, else softmax(logits / temperature)
-restricted to the top_k tokens (0: all) and to the smallest set of most likely tokens whose
-probability reaches top_p (1.0: all). The log-probability returned with each sampled token is
-that of the model itself, log_softmax(logits)[token], whatever the sampling settings: what
-RLHF needs as the behaviour policy when sampling at temperature 1 with no truncation.
+restricted to the top_k tokens (0: all) and to the smallest most-likely set whose probability
+reaches top_p (1.0: all). The log-probability returned with each token is the model's own,
+log_softmax(logits)[token], whatever the sampling settings (RLHF's behaviour policy).
 
 The state of a decoding run is a dict of arrays (see `start`), so a run can be advanced in
 chunks between which the host checks stop strings, without recompiling anything.
-
-Mixture-of-experts models decode with `decoding_config(cfg)`: the same parameters, but never a
-dropped token. With 'capacity' dispatch a row's expert buffers hold
-ceil(capacity_factor * t * k / e) slots, so a prefill of t columns may drop assignments that
-one-token steps (t = 1) never drop, and the left padding, first in token order, would take
-slots from the prompt: a prompt's continuation would depend on its batch. Raising the factor
-to e / k gives every expert t slots (nothing can drop), which is what dropless serving computes.
 """
 
 import dataclasses
@@ -44,8 +35,9 @@ from model.transformer import init_cache
 
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` for generation: MoE 'capacity' dispatch with capacity_factor >= experts / top-k
-  (see the module docstring); every other config is returned as is. Parameters are unchanged."""
+  """`cfg` for generation: MoE 'capacity' dispatch with capacity_factor >= experts / top-k, so
+  that nothing drops (a prefill of t columns could drop what one-token steps never drop, and
+  the left padding would take the prompt's slots); every other config as is."""
   if cfg.is_moe and cfg.dispatch == 'capacity':
     no_drop = cfg.num_experts / cfg.experts_per_token
     if cfg.capacity_factor < no_drop:
@@ -128,6 +120,14 @@ def _is_eos(tokens_b, eos_ids_e):
   return jnp.any(tokens_b[:, None] == eos_ids_e[None, :], axis=-1)
 
 
+def _next(logits_bv, rng, done_b, sampling: Sampling, pad_id: int):
+  """(token_b, logprob_b, rng): one sampled token per row; pad_id and log-prob 0 where done."""
+  rng, key = jax.random.split(rng)
+  token_b = sample_tokens(logits_bv, key, sampling)
+  logprob_b = jnp.where(done_b, 0.0, token_logprobs(logits_bv, token_b))
+  return jnp.where(done_b, pad_id, token_b), logprob_b, rng
+
+
 def start(model, tokens_bp, lengths_b, *, total_len: int, rng, sampling: Sampling, eos_ids_e,
           done_b=None, pad_id: int = 0, cache_dtype=None) -> dict:
   """Prefills the cache with the prompts and samples the first new token of every row.
@@ -145,12 +145,8 @@ def start(model, tokens_bp, lengths_b, *, total_len: int, rng, sampling: Samplin
   positions_bp, segment_ids_bp = prompt_layout(lengths_b, p)
   cache = init_cache(model.cfg, b, total_len, cache_dtype)
   h_bpd, cache = model.extend(tokens_bp, positions_bp, segment_ids_bp, cache, 0)
-  logits_bv = model.logits(h_bpd[:, -1:])[:, 0]
-  rng, key = jax.random.split(rng)
-  first_b = sample_tokens(logits_bv, key, sampling)
   done_b = jnp.zeros((b,), bool) if done_b is None else done_b
-  logprob_b = jnp.where(done_b, 0.0, token_logprobs(logits_bv, first_b))
-  first_b = jnp.where(done_b, pad_id, first_b)
+  first_b, logprob_b, rng = _next(model.logits(h_bpd[:, -1:])[:, 0], rng, done_b, sampling, pad_id)
   tokens_bs = jnp.full((b, total_len), pad_id, jnp.int32).at[:, :p].set(tokens_bp)
   tokens_bs = tokens_bs.at[:, p].set(first_b)
   logprobs_bs = jnp.zeros((b, total_len), jnp.float32).at[:, p].set(logprob_b)
@@ -174,11 +170,8 @@ def advance(model, state: dict, limit, *, sampling: Sampling, eos_ids_e, pad_id:
     last_b1 = jax.lax.dynamic_slice_in_dim(s['tokens_bs'], col, 1, axis=1)
     positions_b1 = (s['lengths_b'] + s['step'] - 1)[:, None]
     h_b1d, cache = model.extend(last_b1, positions_b1, jnp.ones_like(last_b1), s['cache'], col)
-    logits_bv = model.logits(h_b1d)[:, 0]
-    rng, key = jax.random.split(s['rng'])
-    new_b = sample_tokens(logits_bv, key, sampling)
-    logprob_b = jnp.where(s['done_b'], 0.0, token_logprobs(logits_bv, new_b))
-    new_b = jnp.where(s['done_b'], pad_id, new_b)
+    new_b, logprob_b, rng = _next(model.logits(h_b1d)[:, 0], s['rng'], s['done_b'], sampling,
+                                  pad_id)
     tokens_bs = jax.lax.dynamic_update_slice_in_dim(s['tokens_bs'], new_b[:, None], col + 1, 1)
     logprobs_bs = jax.lax.dynamic_update_slice_in_dim(s['logprobs_bs'], logprob_b[:, None],
                                                       col + 1, 1)

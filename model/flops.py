@@ -15,11 +15,11 @@ import jax
 from flax import nnx
 
 from model.config import ModelConfig
+from model.transformer import Decoder
 
 
 def abstract_params(cfg: ModelConfig):
   """ShapeDtypeStructs of all parameters (a pure dict), built by `jax.eval_shape` only."""
-  from model.transformer import Decoder  # Local import: avoids a cycle with model/__init__.
   abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 

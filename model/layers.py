@@ -9,7 +9,9 @@ Conventions used across model/:
     n query heads, k kv heads, h head dim, f MLP width, v vocab, e experts.
 """
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,58 +92,79 @@ class SwiGLU(nnx.Module):
                   self.down_fd[...].astype(dt))
 
 
-_HIDDEN = ('batch', 'length', 'act_mlp')
+class Layout(NamedTuple):
+  """Einsum letters and logical axes of a SwiGLU: `group` leads the weights and the rows (''
+  for a dense MLP, 'e' for stacked experts), `rows` are the token dims of x."""
+  group: str
+  rows: str
+  hidden_axes: tuple
+  out_axes: tuple | None  # Constraint on y and dx; None: left to the partitioner.
 
 
-@jax.custom_vjp
-def swiglu(x_btd, gate_df, up_df, down_fd):
-  """down(silu(x @ gate) * (x @ up)), with its backward pass written out.
-
-  Autodiff fuses the SiLU derivative (several inputs) into the transpose that feeds each
-  weight-gradient matmul, and XLA:CPU runs such transposing fusions with strided reads, slower
-  than the matmuls themselves. Written out, every matmul operand is one plain array
-  (benchmarks/bench_dense.py). The forward keeps x, g and u; the backward recomputes
-  h = silu(g) * u next to the SiLU derivative (one [b, t, f] residual fewer per layer).
-  """
-  return _swiglu_fwd(x_btd, gate_df, up_df, down_fd)[0]
+DENSE = Layout('', 'bt', ('batch', 'length', 'act_mlp'), None)
 
 
-def _swiglu_fwd(x_btd, gate_df, up_df, down_fd):
-  g_btf = constrain(jnp.einsum('btd,df->btf', x_btd, gate_df), _HIDDEN)
-  u_btf = constrain(jnp.einsum('btd,df->btf', x_btd, up_df), _HIDDEN)
-  h_btf = constrain(jax.nn.silu(g_btf) * u_btf, _HIDDEN)
-  y_btd = jnp.einsum('btf,fd->btd', h_btf, down_fd)
-  return y_btd, (x_btd, g_btf, u_btf, gate_df, up_df, down_fd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def swiglu_of(layout: Layout, x, gate, up, down):
+  """down(silu(x @ gate) * (x @ up)) with its backward pass written out: autodiff fuses the SiLU
+  derivative into the transposes feeding the weight-gradient matmuls, which XLA:CPU runs with
+  strided reads (benchmarks/bench_dense.py). Here every matmul operand is one plain array. The
+  forward keeps x, g and u; the backward recomputes h = silu(g) * u. As a custom VJP it supports
+  reverse mode (grad, remat), not forward-mode `jax.jvp`."""
+  return _swiglu_fwd(layout, x, gate, up, down)[0]
 
 
-def _swiglu_bwd(residuals, dy_btd):
-  x_btd, g_btf, u_btf, gate_df, up_df, down_fd = residuals
-  h_btf = constrain(jax.nn.silu(g_btf) * u_btf, _HIDDEN)
-  dh_btf = constrain(jnp.einsum('btd,fd->btf', dy_btd, down_fd), _HIDDEN)
-  d_down_fd = jnp.einsum('mf,md->fd', merge_rows(h_btf), merge_rows(dy_btd))
+def _letters(layout: Layout):
+  g, r = layout.group, layout.rows
+  return g + r + 'd', g + 'df', g + r + 'f', g + 'fd'
+
+
+def _swiglu_fwd(layout, x, gate, up, down):
+  x_, w_in, h_, w_out = _letters(layout)
+  hidden = lambda a: constrain(a, layout.hidden_axes)
+  g = hidden(jnp.einsum(f'{x_},{w_in}->{h_}', x, gate))
+  u = hidden(jnp.einsum(f'{x_},{w_in}->{h_}', x, up))
+  y = jnp.einsum(f'{h_},{w_out}->{x_}', hidden(jax.nn.silu(g) * u), down)
+  return _constrain_out(layout, y), (x, g, u, gate, up, down)
+
+
+def _constrain_out(layout, a):
+  return a if layout.out_axes is None else constrain(a, layout.out_axes)
+
+
+def _swiglu_bwd(layout, residuals, dy):
+  x, g, u, gate, up, down = residuals
+  x_, w_in, h_, w_out = _letters(layout)
+  hidden = lambda a: constrain(a, layout.hidden_axes)
+  lead, m = len(layout.group), layout.group + 'm'
+  dy = _constrain_out(layout, dy)
+  h = hidden(jax.nn.silu(g) * u)
+  dh = hidden(jnp.einsum(f'{x_},{w_out}->{h_}', dy, down))
+  d_down = jnp.einsum(f'{m}f,{m}d->{w_out}', merge_rows(h, lead), merge_rows(dy, lead))
   # silu(g) = g * s with s = sigmoid(g); silu'(g) = s * (1 + g * (1 - s)). Float32 elementwise.
-  g32, u32, dh32 = (a.astype(jnp.float32) for a in (g_btf, u_btf, dh_btf))
+  g32, u32, dh32 = (a.astype(jnp.float32) for a in (g, u, dh))
   s32 = jax.nn.sigmoid(g32)
-  dg_btf = constrain((dh32 * u32 * s32 * (1.0 + g32 * (1.0 - s32))).astype(g_btf.dtype), _HIDDEN)
-  du_btf = constrain((dh32 * g32 * s32).astype(u_btf.dtype), _HIDDEN)
-  x_md = merge_rows(x_btd)
-  d_gate_df = jnp.einsum('md,mf->df', x_md, merge_rows(dg_btf))
-  d_up_df = jnp.einsum('md,mf->df', x_md, merge_rows(du_btf))
-  dx_btd = jnp.einsum('btf,df->btd', dg_btf, gate_df) + jnp.einsum('btf,df->btd', du_btf, up_df)
-  return dx_btd, d_gate_df, d_up_df, d_down_fd
+  dg = hidden((dh32 * u32 * s32 * (1.0 + g32 * (1.0 - s32))).astype(g.dtype))
+  du = hidden((dh32 * g32 * s32).astype(u.dtype))
+  x_m = merge_rows(x, lead)
+  d_gate = jnp.einsum(f'{m}d,{m}f->{w_in}', x_m, merge_rows(dg, lead))
+  d_up = jnp.einsum(f'{m}d,{m}f->{w_in}', x_m, merge_rows(du, lead))
+  dx = _constrain_out(layout, jnp.einsum(f'{h_},{w_in}->{x_}', dg, gate) +
+                      jnp.einsum(f'{h_},{w_in}->{x_}', du, up))
+  return dx, d_gate, d_up, d_down
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+swiglu_of.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def swiglu(x_btd, gate_df, up_df, down_fd):
+  """The dense MLP's `swiglu_of`."""
+  return swiglu_of(DENSE, x_btd, gate_df, up_df, down_fd)
 
 
 def merge_rows(a, lead: int = 0):
   """Merges the dims between the first `lead` and the last into one row dim (a free reshape):
-  [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1.
-
-  Weight gradients contract over all token dims. Given two contracting dims (b and t), XLA:CPU
-  first transposes the operand to put them minor, and when the operand is a layer-scan residual
-  that transpose is fused with the dynamic-slice that reads it, a strided copy about as slow as
-  the matmul. One merged row dim is contracted in place (a scan of MoE weight-gradient matmuls:
-  71 -> 84 GFLOP/s; the whole model: benchmarks/results/moe_model_cpu.md).
-  """
+  [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1. Weight gradients contract over
+  it in place; given two contracting dims XLA:CPU first transposes the operand, fused with the
+  layer scan's dynamic-slice into a strided copy (benchmarks/results/moe_model_cpu.md)."""
   return a.reshape(*a.shape[:lead], -1, a.shape[-1])

@@ -1,67 +1,46 @@
 """Sparse mixture-of-experts feed-forward block (Mixtral-style), a drop-in for `layers.SwiGLU`.
 
 Routing. A float32 linear router gives logits_bte; each token picks its top k experts
-(k = cfg.experts_per_token; ties go to the lower expert index) and weighs them
-with a softmax over the k selected logits (= Mixtral's softmax-then-renormalise). In training
-(`deterministic=False`, rngs given) the router input may be multiplied by uniform noise in
-[1 - cfg.router_jitter, 1 + cfg.router_jitter]; experts always see the clean input.
+(k = cfg.experts_per_token; ties to the lower index) weighed by a softmax over the k selected
+logits (= Mixtral's softmax-then-renormalise). In training (`deterministic=False`, rngs given)
+the router input may be multiplied by uniform noise in [1 - router_jitter, 1 + router_jitter];
+experts always see the clean input.
 
-Experts are SwiGLU MLPs whose weights are stacked on a leading `expert` axis. Three dispatch
-implementations (cfg.dispatch) compute the same function whenever nothing is dropped:
-  * 'capacity': every expert has a fixed buffer of c slots per group, with
-      c = min(t, ceil(capacity_factor * t * k / e)),
-    a group being one batch row (t tokens). Assignments beyond c are dropped: that expert's term
-    is left out of the token's output (the residual connection still carries the token) and the
-    other selected weights are NOT renormalised. Priority within a row: all top-1 choices in
-    token order first, then all top-2 choices in token order, and so on. Rows are the groups
-    because each row's slot positions then come from a cumsum over that row alone: the result
-    does not depend on how the batch is split over devices, and nothing needs a cross-device
-    prefix sum. capacity_factor >= e / k makes c = t, so nothing can be dropped (the cap at t
-    only trims slots that can never fill: a token picks an expert at most once).
-    Tokens are moved into the [e, b, c, d] expert buffers with an index gather (and back with a
-    gather of each token's k slots); the backward passes are scatter-adds. This keeps memory at
-    O(b t k) indices instead of the O(b t e c) one-hot dispatch/combine tensors of GShard-style
-    einsum dispatch, whose matmuls cost O(b t^2 k d) (quadratic in the row length): on CPU the two
-    tie at 256-token rows and gather wins clearly at 1024 (benchmarks/results/moe_block*.md).
-  * 'dropless': token-expert assignments sorted by expert and multiplied with grouped matmuls;
-    group sizes are traced values, nothing is dropped. The grouped matmul (cfg.grouped_matmul)
-    is `jax.lax.ragged_dot` or the megablox Pallas kernel `gmm` (TPU; the Pallas interpreter
-    elsewhere); 'auto' takes `gmm` when compiling for TPU (the mesh's platform) and
-    `ragged_dot` otherwise (docs/scale.md compares the two as compiled by XLA:TPU).
-  * 'reference': a Python loop over experts, each applied densely to every token and masked by
-    its routing weight. Simple enough to trust; tests compare the others against it.
-The capacity path runs the experts through `expert_swiglu`, whose backward is written out (see
-there: autodiff's version is slower on XLA:CPU); as a custom VJP it supports
-reverse mode (grad, remat) but not forward-mode `jax.jvp`.
+Experts are SwiGLU MLPs stacked on a leading `expert` axis. Three dispatch implementations
+(cfg.dispatch) compute the same function whenever nothing is dropped:
+  * 'capacity': every expert has c = min(t, ceil(capacity_factor * t * k / e)) slots per batch
+    row. Assignments beyond c are dropped (that term is left out of the token's output, the
+    residual still carries the token; the other weights are NOT renormalised). Priority within
+    a row: all top-1 choices in token order, then all top-2 choices, ... Rows are the groups so
+    that slot positions come from a cumsum over one row: the result does not depend on how the
+    batch is split over devices. capacity_factor >= e / k makes c = t: nothing can drop.
+    Tokens move into the [e, b, c, d] buffers with an index gather (O(b t k) indices, not the
+    O(b t e c) one-hot tensors of einsum dispatch: benchmarks/results/moe_block*.md).
+  * 'dropless': assignments sorted by expert and multiplied with grouped matmuls (traced group
+    sizes, nothing dropped): cfg.grouped_matmul `ragged_dot`, or megablox `gmm` (Pallas; the
+    interpreter off TPU); 'auto' takes `gmm` when compiling for TPU, `ragged_dot` otherwise.
+  * 'reference': a loop over experts, each applied densely and masked by its routing weight;
+    tests compare the others against it.
 
-Expert parallelism. Expert weights carry the logical `expert` axis (mesh axis `expert`), and
-the dispatched buffer x_ebcd is annotated with ('act_expert', 'batch', 'capacity', 'act_embed')
-via `sharding.constrain`. Tokens arrive sharded over batch (whose mesh axes include `expert`);
-the annotation asks for them sharded over experts instead, and the SPMD partitioner resolves
-the change with an all-to-all, runs each expert on its own devices, and sends results back the
-same way for the combine. We use these compiler-resolved annotations rather than a hand-written
-`shard_map` all-to-all because the same model code then runs unchanged on any mesh (expert=1,
-expert split with fsdp/tensor, a single device, a notebook with no mesh), stays differentiable
-with no custom transposes, and lets XLA fuse/overlap the collectives; the cost is that the
-communication is chosen by the compiler (tests/test_moe.py checks that an all-to-all is what
-it picks). 'dropless' runs inside `jax.shard_map` over each device's own tokens: the sort and
-the grouped matmuls are local, the expert weights arrive gathered over the `fsdp` and `expert`
-axes (FSDP for experts: no all-to-all, tokens never leave their device) and stay split over
-`tensor` on the MLP width, whose partial outputs a psum adds. So `expert` > 1 with dropless is
-data parallelism plus expert-weight sharding at rest; capacity dispatch is the all-to-all
-expert-parallel path. (A sort over the whole global batch, as an unsharded argsort would do,
-makes every device hold every device's tokens: ~600 GiB per device for Mixtral's batch.)
+Expert parallelism. Expert weights carry the logical `expert` axis; the capacity buffer x_ebcd
+is annotated ('act_expert', 'batch', 'capacity', 'act_embed'), so the SPMD partitioner moves
+tokens from batch to expert sharding with an all-to-all and back for the combine (compiler-
+resolved annotations: the same code runs on any mesh or none; tests/test_moe.py checks the
+all-to-all). 'dropless' runs in `jax.shard_map` on each device's own tokens: the sort and the
+grouped matmuls are local, the expert weights arrive gathered over `fsdp` and `expert` and
+split over `tensor` on the MLP width (a psum adds the partial outputs). So with dropless,
+`expert` > 1 is data parallelism plus expert-weight sharding at rest; a global sort would make
+every device hold every device's tokens.
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
-  * load_balance_loss = e * sum_e f_e * P_e (Switch Transformer), f_e = (assignments to e over
-    all k choices, before capacity drops) / (n * k), P_e = mean over tokens of softmax(logits)_e.
-    Both sum to 1, so the loss is exactly 1.0 whenever f or P is uniform (balanced routing, the
-    value the loss pushes towards); concentrating both on k experts gives e / k.
-  * router_z_loss = mean over tokens of logsumexp(logits)^2 (ST-MoE).
-  * aux_loss = cfg.load_balance_weight * load_balance_loss + cfg.router_z_weight * router_z_loss:
-    the caller adds this to the training loss.
-  * dropped_fraction: dropped assignments / (n * k) (0 for 'dropless' and 'reference').
-  * router_entropy: mean over tokens of the entropy (nats) of softmax(logits).
+  * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
+    before drops) / (n k), P_e = mean over tokens of softmax(logits)_e; 1.0 when either is
+    uniform, e / k when both concentrate on k experts;
+  * router_z_loss = mean over tokens of logsumexp(logits)^2 (ST-MoE);
+  * aux_loss = load_balance_weight * load_balance_loss + router_z_weight * router_z_loss, for
+    the caller to add to the loss;
+  * dropped_fraction: dropped assignments / (n k) (0 for 'dropless' and 'reference');
+  * router_entropy: mean entropy (nats) of softmax(logits);
   * expert_load_min / expert_load_max: min / max over experts of f_e (1/e when balanced).
 """
 
@@ -73,15 +52,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from model.config import DISPATCH_IMPLS, ConfigError, ModelConfig
-from model.layers import merge_rows, param
+from model.config import ConfigError, ModelConfig
+from model.layers import Layout, param, swiglu_of
 from model.sharding import constrain, logical_to_spec, mesh_platform, spec_axes
 
 AUX_KEYS = ('aux_loss', 'load_balance_loss', 'router_z_loss', 'dropped_fraction', 'router_entropy',
             'expert_load_min', 'expert_load_max')
 
 _BUFFER_AXES = ('act_expert', 'batch', 'capacity', 'act_embed')
-_HIDDEN_AXES = ('act_expert', 'batch', 'capacity', 'act_mlp')
 
 
 def capacity(cfg: ModelConfig, tokens_per_group: int) -> int:
@@ -117,50 +95,13 @@ def top_k(logits_bte, k: int):
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
-@jax.custom_vjp
+EXPERTS = Layout('e', 'bc', ('act_expert', 'batch', 'capacity', 'act_mlp'), _BUFFER_AXES)
+
+
 def expert_swiglu(x_ebcd, gate_edf, up_edf, down_efd):
-  """down(silu(x @ gate) * (x @ up)) of every expert on its [b, c] buffer slots.
-
-  The backward pass is written out (`_swiglu_bwd`) instead of left to autodiff for speed on
-  CPU: autodiff fuses the SiLU derivative (five inputs) into the transpose that feeds each
-  weight-gradient matmul, and XLA:CPU runs that transposing fusion with page-strided reads
-  (2048 x 2048 float32: 164 ms, against 9 ms for the plain transpose plus 6 ms for the
-  elementwise math unfused). Written out, every matmul operand is one plain array. The forward
-  keeps x, g and u; the backward recomputes h = silu(g) * u next to the SiLU derivative (one
-  [e, b, c, f] residual fewer per layer, and in a layer scan one stacked copy fewer each way).
-  """
-  return _swiglu_fwd(x_ebcd, gate_edf, up_edf, down_efd)[0]
-
-
-def _swiglu_fwd(x_ebcd, gate_edf, up_edf, down_efd):
-  g_ebcf = constrain(jnp.einsum('ebcd,edf->ebcf', x_ebcd, gate_edf), _HIDDEN_AXES)
-  u_ebcf = constrain(jnp.einsum('ebcd,edf->ebcf', x_ebcd, up_edf), _HIDDEN_AXES)
-  h_ebcf = constrain(jax.nn.silu(g_ebcf) * u_ebcf, _HIDDEN_AXES)
-  y_ebcd = constrain(jnp.einsum('ebcf,efd->ebcd', h_ebcf, down_efd), _BUFFER_AXES)
-  return y_ebcd, (x_ebcd, g_ebcf, u_ebcf, gate_edf, up_edf, down_efd)
-
-
-def _swiglu_bwd(residuals, dy_ebcd):
-  x_ebcd, g_ebcf, u_ebcf, gate_edf, up_edf, down_efd = residuals
-  dy_ebcd = constrain(dy_ebcd, _BUFFER_AXES)
-  h_ebcf = constrain(jax.nn.silu(g_ebcf) * u_ebcf, _HIDDEN_AXES)
-  dh_ebcf = constrain(jnp.einsum('ebcd,efd->ebcf', dy_ebcd, down_efd), _HIDDEN_AXES)
-  d_down_efd = jnp.einsum('emf,emd->efd', merge_rows(h_ebcf, 1), merge_rows(dy_ebcd, 1))
-  # silu(g) = g * s with s = sigmoid(g); silu'(g) = s * (1 + g * (1 - s)). Float32 elementwise.
-  g32, u32, dh32 = (a.astype(jnp.float32) for a in (g_ebcf, u_ebcf, dh_ebcf))
-  s32 = jax.nn.sigmoid(g32)
-  dg_ebcf = constrain((dh32 * u32 * s32 * (1.0 + g32 * (1.0 - s32))).astype(g_ebcf.dtype),
-                      _HIDDEN_AXES)
-  du_ebcf = constrain((dh32 * g32 * s32).astype(u_ebcf.dtype), _HIDDEN_AXES)
-  x_emd = merge_rows(x_ebcd, 1)  # Weight gradients contract over merged rows: see merge_rows.
-  d_gate_edf = jnp.einsum('emd,emf->edf', x_emd, merge_rows(dg_ebcf, 1))
-  d_up_edf = jnp.einsum('emd,emf->edf', x_emd, merge_rows(du_ebcf, 1))
-  dx_ebcd = constrain(jnp.einsum('ebcf,edf->ebcd', dg_ebcf, gate_edf) +
-                      jnp.einsum('ebcf,edf->ebcd', du_ebcf, up_edf), _BUFFER_AXES)
-  return dx_ebcd, d_gate_edf, d_up_edf, d_down_efd
-
-
-expert_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+  """down(silu(x @ gate) * (x @ up)) of every expert on its [b, c] buffer slots
+  (model/layers.py swiglu_of: the backward written out)."""
+  return swiglu_of(EXPERTS, x_ebcd, gate_edf, up_edf, down_efd)
 
 
 def _dropless_shard_specs(shape_btd, f: int, mesh):
@@ -190,13 +131,10 @@ def _gmm_tile(size: int) -> int:
 
 
 def grouped_matmul(x_md, w_eij, group_sizes_e, kernel: str):
-  """Rows of x_md are sorted by group, group e has group_sizes_e[e] rows (summing to m); row r
-  of group e is multiplied by w_eij[e]. Returns [m, j] in x's dtype.
-
-  'gmm' is megablox's kernel (custom VJP: gmm for dx, tgmm for dw), compiled for TPU and run
-  in the Pallas interpreter on other platforms (tests). Its row tile must divide m: rows are
-  padded with zeros, counted in the last group (zero rows add nothing to any gradient) and
-  sliced off the result."""
+  """Rows of x_md sorted by group, group e has group_sizes_e[e] rows (summing to m); row r of
+  group e is multiplied by w_eij[e]. Returns [m, j] in x's dtype. 'gmm' (megablox: gmm for dx,
+  tgmm for dw) needs a row tile dividing m: zero rows are appended, counted in the last group
+  (they add nothing to any gradient) and sliced off."""
   if kernel == 'ragged_dot':
     return jax.lax.ragged_dot(x_md, w_eij, group_sizes_e)
   if kernel != 'gmm':
@@ -214,14 +152,9 @@ def grouped_matmul(x_md, w_eij, group_sizes_e, kernel: str):
 
 
 def _dropless_local(x_btd, experts_btk, weights_btk, gate_edf, up_edf, down_efd, *, k: int, e: int,
-                    psum_axes: tuple[str, ...], kernel: str = 'ragged_dot'):
-  """Dropless experts on the tokens at hand: assignments sorted by expert, grouped matmuls.
-
-  Under a mesh this runs inside `shard_map` on each device's own tokens, so the sort is local
-  (a global argsort would make every device hold every device's tokens). The expert weights
-  arrive gathered over FSDP and expert axes (FSDP semantics for the experts: dropless does not
-  move tokens between devices; use capacity dispatch for all-to-all expert parallelism).
-  """
+                    kernel: str, psum_axes: tuple[str, ...] = ()):
+  """Dropless experts on the tokens at hand (one device's, under shard_map): assignments sorted
+  by expert, grouped matmuls, partial outputs summed over `psum_axes`."""
   b, t, d = x_btd.shape
   experts_m = experts_btk.reshape(b * t * k)
   order_m = jnp.argsort(experts_m, stable=True)  # Assignment m of the sorted list.
@@ -278,10 +211,8 @@ class MoeBlock(nnx.Module):
       y_btd, kept_btk = self._capacity(x_btd, experts_btk, weights_btk)
     elif cfg.dispatch == 'dropless':
       y_btd, kept_btk = self._dropless(x_btd, experts_btk, weights_btk), None
-    elif cfg.dispatch == 'reference':
+    else:  # 'reference' (cfg.validate() in __init__ checked the name).
       y_btd, kept_btk = self._reference(x_btd, experts_btk, weights_btk), None
-    else:
-      raise ConfigError(f'model.dispatch: {cfg.dispatch!r} is not one of {DISPATCH_IMPLS}')
     y_btd = constrain(y_btd.astype(cfg.dtype), ('batch', 'length', 'act_embed'))
     return y_btd, self._aux(logits_bte, experts_btk, kept_btk)
 
@@ -321,17 +252,16 @@ class MoeBlock(nnx.Module):
     """Sort + grouped matmul, run per device shard of the tokens (see `_dropless_shard_specs`)."""
     experts = self._experts()
     kernel = grouped_matmul_kernel(self.cfg.grouped_matmul)
+    local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
+                              e=self.cfg.num_experts, kernel=kernel)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-      return _dropless_local(x_btd, experts_btk, weights_btk, *experts, k=self.cfg.experts_per_token,
-                             e=self.cfg.num_experts, psum_axes=(), kernel=kernel)
+      return local(x_btd, experts_btk, weights_btk, *experts)
     x_spec, w_specs, f_axes = _dropless_shard_specs(x_btd.shape, experts[0].shape[-1], mesh)
-    local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
-                              e=self.cfg.num_experts, psum_axes=f_axes, kernel=kernel)
     # Pallas kernels declare no varying-manual-axes types: shard_map's check is off for gmm.
-    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + w_specs,
-                         out_specs=x_spec, check_vma=kernel != 'gmm')(
-                             x_btd, experts_btk, weights_btk, *experts)
+    return jax.shard_map(functools.partial(local, psum_axes=f_axes), mesh=mesh,
+                         in_specs=(x_spec, x_spec, x_spec) + w_specs, out_specs=x_spec,
+                         check_vma=kernel != 'gmm')(x_btd, experts_btk, weights_btk, *experts)
 
   def _reference(self, x_btd, experts_btk, weights_btk):
     gate_edf, up_edf, down_efd = self._experts()

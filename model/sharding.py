@@ -11,7 +11,6 @@ ZeRO-3), `expert` (expert parallel; data parallel for everything that is not an 
 
 import contextlib
 import contextvars
-import logging
 from typing import Mapping, Sequence
 
 import jax
@@ -48,7 +47,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 _rules = contextvars.ContextVar('meshlm_rules', default=RULES)
-log = logging.getLogger(__name__)
 
 
 def make_rules(overrides: Mapping[str, object] | None = None) -> dict:
@@ -70,10 +68,6 @@ def use_rules(rules: Mapping[str, object]):
     _rules.reset(token)
 
 
-def current_rules() -> dict:
-  return _rules.get()
-
-
 def spec_axes(target) -> tuple[str, ...]:
   """A rule target or PartitionSpec entry (None, 'axis' or a tuple) as a tuple of mesh axes."""
   if target is None:
@@ -86,7 +80,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
   """PartitionSpec for logical `axes`. With `shape` and `mesh`, mesh axes that do not divide
   a dimension (e.g. kv_heads=1 over tensor=2) or that are size 1 are dropped: that dimension
   is replicated instead of failing deep inside XLA."""
-  rules = current_rules() if rules is None else rules
+  rules = _rules.get() if rules is None else rules
   used: set[str] = set()
   spec = []
   for i, name in enumerate(axes):

@@ -25,6 +25,7 @@ from flax import nnx
 from model import attention as attention_lib
 from model.config import ModelConfig
 from model.layers import RMSNorm, Embed, SwiGLU, param, rope
+from model.moe import MoeBlock
 from model.sharding import constrain
 
 REMAT_POLICIES = {
@@ -102,11 +103,7 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
-    if moe:
-      from model.moe import MoeBlock  # Imported lazily: dense models never need it.
-      self.mlp = MoeBlock(cfg, rngs)
-    else:
-      self.mlp = SwiGLU(cfg, rngs)
+    self.mlp = MoeBlock(cfg, rngs) if moe else SwiGLU(cfg, rngs)
 
   def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, segment_ids_bt)
@@ -129,58 +126,50 @@ class Block(nnx.Module):
     x_btd, _ = self._mlp_residual(x_btd + out_btd, None)
     return x_btd, k_btkh, v_btkh
 
+  def blocks(self):
+    return (self,)
+
 
 class Unit(nnx.Module):
   """`moe_every` consecutive layers, the last one MoE: the repeated (stacked) piece."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.size = cfg.moe_every if cfg.is_moe else 1
+    self.size = cfg.layers_per_unit
     for i in range(self.size):
       setattr(self, f'block{i}', Block(cfg, rngs, moe=cfg.is_moe and i == self.size - 1))
 
+  def blocks(self):
+    return tuple(getattr(self, f'block{i}') for i in range(self.size))
+
   def __call__(self, x_btd, positions_bt, segment_ids_bt, rng=None):
     aux = {}
-    for i in range(self.size):
-      x_btd, block_aux = getattr(self, f'block{i}')(x_btd, positions_bt, segment_ids_bt, rng)
+    for block in self.blocks():
+      x_btd, block_aux = block(x_btd, positions_bt, segment_ids_bt, rng)
       aux = aux or block_aux
     return x_btd, aux
-
-  def extend(self, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
-             kv_positions_bs, index):
-    new_k, new_v = [], []
-    for i in range(self.size):
-      kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
-      x_btd, k_btkh, v_btkh = getattr(self, f'block{i}').extend(x_btd, positions_bt,
-                                                                segment_ids_bt, kv)
-      new_k.append(k_btkh)
-      new_v.append(v_btkh)
-    return x_btd, jnp.stack(new_k), jnp.stack(new_v)
 
 
 def _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
                  kv_positions_bs, index):
-  """Unit.extend, or a single Block's seen as a unit of one block."""
-  if isinstance(unit, Unit):
-    return unit.extend(x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
-                       kv_positions_bs, index)
-  kv = (k_mbskh[0], v_mbskh[0], kv_segment_ids_bs, kv_positions_bs, index)
-  x_btd, k_btkh, v_btkh = unit.extend(x_btd, positions_bt, segment_ids_bt, kv)
-  return x_btd, k_btkh[None], v_btkh[None]
+  """Block.extend over the blocks of a stacked unit (a Unit, or one Block); returns (x_btd,
+  new k_mbtkh, new v_mbtkh)."""
+  new_k, new_v = [], []
+  for i, block in enumerate(unit.blocks()):
+    kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
+    x_btd, k_btkh, v_btkh = block.extend(x_btd, positions_bt, segment_ids_bt, kv)
+    new_k.append(k_btkh)
+    new_v.append(v_btkh)
+  return x_btd, jnp.stack(new_k), jnp.stack(new_v)
 
 
 # Logical axes of the cache's k and v: [units, blocks per unit, b, s, kv heads, h].
 CACHE_AXES = (None, None, 'batch', None, 'act_kv_heads', None)
 
 
-def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
-  per_unit = cfg.moe_every if cfg.is_moe else 1
-  return (cfg.num_layers // per_unit, per_unit, batch, length, cfg.num_kv_heads, cfg.dim_per_head)
-
-
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   """An empty cache of `length` slots (see the module docstring); k/v in `dtype` (default: the
   compute dtype)."""
-  shape = cache_shape(cfg, batch, length)
+  shape = (cfg.num_units, cfg.layers_per_unit, batch, length, cfg.num_kv_heads, cfg.dim_per_head)
   dtype = cfg.dtype if dtype is None else dtype
   zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
   return {'k': zeros(), 'v': zeros(), 'segment_ids': jnp.zeros((batch, length), jnp.int32),
@@ -188,8 +177,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
 
 
 def _stacked_units(cfg: ModelConfig, rngs: nnx.Rngs):
-  num_units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
-  unit_cls = Unit if cfg.is_moe and cfg.moe_every > 1 else Block
+  num_units = cfg.num_units
+  unit_cls = Unit if cfg.layers_per_unit > 1 else Block
 
   @nnx.split_rngs(splits=num_units)
   @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -236,15 +225,7 @@ class Decoder(nnx.Module):
     if self.cfg.remat != 'none':
       body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
     rngs = None if rng is None else jax.random.split(rng, self.num_units)
-    if self.cfg.scan_layers:
-      x_btd, aux_l = jax.lax.scan(body, x_btd, (state, rngs))
-    else:
-      auxes = []
-      for i in range(self.num_units):
-        xs = jax.tree.map(lambda a: a[i], (state, rngs))
-        x_btd, aux = body(x_btd, xs)
-        auxes.append(aux)
-      aux_l = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes[0] else {}
+    x_btd, aux_l = self._over_units(body, x_btd, (state, rngs))
     aux = {k: (jnp.sum(v) if k == 'aux_loss' else jnp.mean(v)) for k, v in aux_l.items()}
     return self.final_norm(x_btd), aux
 
@@ -279,15 +260,20 @@ class Decoder(nnx.Module):
 
     carry = (x_btd, cache['k'], cache['v'])
     units = jnp.arange(self.num_units, dtype=jnp.int32)
-    if self.cfg.scan_layers:
-      carry, _ = jax.lax.scan(body, carry, (state, units))
-    else:
-      for i in range(self.num_units):
-        carry, _ = body(carry, (jax.tree.map(lambda a: a[i], state), units[i]))
-    x_btd, k_all, v_all = carry
+    (x_btd, k_all, v_all), _ = self._over_units(body, carry, (state, units))
     cache = {'k': constrain(k_all, CACHE_AXES), 'v': constrain(v_all, CACHE_AXES),
              'segment_ids': kv_segment_ids_bs, 'positions': kv_positions_bs}
     return self.final_norm(x_btd), cache
+
+  def _over_units(self, body, carry, xs):
+    """`lax.scan(body, carry, xs)` over the stacked units, or the same as a Python loop."""
+    if self.cfg.scan_layers:
+      return jax.lax.scan(body, carry, xs)
+    ys = []
+    for i in range(self.num_units):
+      carry, y = body(carry, jax.tree.map(lambda a: a[i], xs))
+      ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
   def head_matrix(self):
     """The output head as a [d_model, vocab] matrix in the compute dtype (tied: the embedding

@@ -180,7 +180,7 @@ def test_export_of_a_meshlm_checkpoint(tmp_path):
   config.data.seq_len = 32
   cfg = config_lib.model_config(config)
   params = state_lib.init_params(cfg, jax.random.PRNGKey(3))
-  ckpt = Checkpointer(str(tmp_path / 'run' / 'checkpoints'), async_save=False)
+  ckpt = Checkpointer(str(tmp_path / 'run' / 'checkpoints'))
   ckpt.save(7, {'step': np.int32(7), 'params': params, 'rng': jax.random.PRNGKey(0)}, {'pos': 1},
             force=True)
   ckpt.close()

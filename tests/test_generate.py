@@ -240,7 +240,7 @@ def tiny_run(tmp_path_factory, tok):
   config.train.update(eval_batches=2)
   cfg = tiny_cfg(vocab_size=400)
   params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
-  saver = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
+  saver = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'))
   saver.save(7, {'step': jnp.int32(7), 'params': params}, {}, force=True)
   saver.close()
   workdir_lib.write_config(config, str(workdir))

@@ -18,10 +18,10 @@ import pytest
 from experiments import dense_65b, mixtral_8x7b
 from model import count_params
 from model.config import ConfigError
-from model.sharding import make_rules
 from tests.util import run_config
 from train import aot, memory, plan
 from train.config import model_config
+from train.context import Placement
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_saved_activations_per_layer_are_what_jax_saves(remat):
                               jnp.ones((b, t, 32)))
   activations = [aval for aval, source in residuals if 'argument params' not in source]
   got = sum(aval.size * aval.dtype.itemsize for aval in activations)
-  shapes = memory.Shapes({}, make_rules())
+  shapes = memory.Shapes(Placement.abstract(run_config(), {}))
   inter = memory._layer_intermediates(cfg, shapes, b, t)
   assert got == sum(inter[kind] * count for kind, count in memory.RESIDUALS[remat].items())
 

@@ -1,16 +1,29 @@
-"""orbax checkpoints: async saves every N steps and at the end, keep the last K, restore the
-latest (onto any mesh: the restore target carries the current run's shardings).
+"""Verified orbax checkpoints: a save every N steps and at the end, the last K kept, the newest
+intact step restored (onto any mesh: the restore target carries the current run's shardings).
 
-A checkpoint holds the train state (step, params, optimizer state, RNG) and, as JSON, the data
-iterator's position, so a resumed run sees exactly the batches it would have seen.
+A step N/ holds the train state (step, params, optimizer state, RNG), the data iterator's position
+as JSON (a resumed run sees exactly the batches it would have seen) and `checksums.json` (size and
+CRC-32 of every other file, written once orbax has committed the step). Guarantees:
+- `save` returns once the step is committed and checksummed, so a kill -9 at any moment loses at
+  most one save interval (orbax's asynchronous save would overlap the next steps with the write).
+- Restore checks a step's files against its checksums before reading it. A step that fails, or
+  that orbax / tensorstore cannot read, is named in one warning with the file, moved aside to
+  `N.damaged`, and the next older step is tried; nothing is deleted. No step intact: a
+  ConfigError naming each step's damage, nothing moved.
+- A step without checksums.json (older, or killed just after orbax's commit, when its data is
+  complete) is read with a warning; an empty step directory is damaged.
 """
 
+import concurrent.futures
+import json
 import logging
 import os
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from model.config import ConfigError
 
@@ -18,71 +31,177 @@ from train.state import abstract_state
 
 log = logging.getLogger(__name__)
 
+ITEMS = ('state', 'data')
+CHECKSUMS = 'checksums.json'
+
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data'))
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict | None, *, force: bool = False) -> bool:
+    """Writes `step`; returns (True if it saved) once it is committed and checksummed."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=force)
+    saved = self.manager.save(step, args=args, force=force)
+    if saved and jax.process_index() == 0:
+      write_checksums(os.path.join(self.directory, str(step)))
+    return saved
 
   def restore(self, state_like, shardings, step: int | None = None):
-    """(state, data_state) of `step` (default: latest), placed with `shardings`."""
-    step = self.latest_step() if step is None else step
+    """(state, data_state) of `step` (default: the newest intact one), placed with `shardings`."""
     target = abstract_state(shardings, state_like)
-    check_shapes(os.path.join(self.directory, str(step)), target)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+
+    def read(step, where):
+      check_shapes(where, target, exact=True)
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+
+    step, restored = restore_intact(self.manager, read, step)
     log.info('restored step %d from %s', step, self.directory)
     return restored['state'], restored['data']
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
-    self.manager.wait_until_finished()
     self.manager.close()
 
 
 def restore_params(directory: str, abstract_params, param_shardings, step: int | None = None):
-  """Only the params of a checkpoint (for `train.init_from`): the optimizer state is not read."""
-  directory = os.path.abspath(directory)
-  manager = ocp.CheckpointManager(directory, item_names=('state', 'data'))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'train.init_from={directory}: no checkpoint found there')
+  """Only the params of a checkpoint (`train.init_from`, the tools): the optimizer state is not
+  read; `step` defaults to the newest intact one."""
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
   target = {'params': jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    abstract_params, param_shardings)}
-  check_shapes(os.path.join(directory, str(step)), target)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                     partial_restore=True)))
-  manager.close()
-  return restored['state']['params']
+
+  def read(step, where):
+    check_shapes(where, target)
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+
+  try:
+    return restore_intact(manager, read, step)[1]['state']['params']
+  finally:
+    manager.close()
 
 
-def check_shapes(where: str, target) -> None:
+def restore_intact(manager, read, step: int | None = None):
+  """(step, read(step, its directory)) of `step`, or of the newest step that verifies and reads.
+  The damaged steps newer than it are moved aside, each reported in one line; a ConfigError
+  naming every damaged step when none is intact (then nothing is moved)."""
+  root = os.fspath(manager.directory)
+  steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+  damaged = []
+  for s in steps:
+    where = os.path.join(root, str(s))
+    try:
+      verify(where)
+      result = read(s, where)
+    except ConfigError:  # The run's config does not fit an intact step: not damage.
+      raise
+    except Exception as e:  # Whatever orbax, tensorstore or the OS raise reading it.
+      damaged.append((s, where, f'{e}'.strip().split('\n')[0][:300] or type(e).__name__))
+      continue
+    if damaged:
+      for bad, path, why in damaged if jax.process_index() == 0 else ():
+        log.warning('checkpoint step %d is damaged (%s): moved aside to %s; falling back to step %d',
+                    bad, why, move_aside(path), s)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('meshlm checkpoint fallback')
+      manager.reload()
+    return s, result
+  if not damaged:
+    raise ConfigError(f'{root}: no checkpoint there')
+  raise ConfigError(f'no intact checkpoint in {root}: ' + '; '.join(
+      f'step {s}: {why}' for s, _, why in damaged) + ' (nothing was moved or deleted: move the damaged steps away, or use a new workdir)')
+
+
+def verify(where: str) -> None:
+  """Raises (naming the first file that differs) unless the files of step directory `where` are
+  those its checksums.json lists; a step without checksums passes with a warning."""
+  path = os.path.join(where, CHECKSUMS)
+  if not os.path.isfile(path):
+    if not os.path.isdir(where) or not os.listdir(where):
+      raise FileNotFoundError('the step directory is empty')
+    log.warning('checkpoint %s has no %s (written before checksums, or killed just after orbax '
+                'committed it): restoring it unverified', where, CHECKSUMS)
+    return
+  try:
+    with open(path) as f:
+      expected = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{CHECKSUMS} is not valid JSON ({e})') from e
+
+  def problem(item):
+    name, (size, crc) = item
+    file = os.path.join(where, name)
+    if not os.path.isfile(file):
+      return f'{name} is missing'
+    if os.path.getsize(file) != size:
+      return f'{name} has {os.path.getsize(file)} bytes, {size} were written'
+    return None if file_crc(file) == crc else f'{name} does not match its checksum'
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # zlib releases the GIL.
+    problems = [p for p in pool.map(problem, sorted(expected.items())) if p]
+  if problems:
+    more = f' (and {len(problems) - 1} more files)' if len(problems) > 1 else ''
+    raise ValueError(problems[0] + more)
+
+
+def write_checksums(where: str) -> None:
+  """checksums.json in step directory `where`: {relative path: [size, CRC-32]} of every file."""
+  names = sorted(os.path.relpath(os.path.join(d, f), where)
+                 for d, _, files in os.walk(where) for f in files)
+  names = [n for n in names if n != CHECKSUMS]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    crcs = pool.map(lambda n: file_crc(os.path.join(where, n)), names)
+    sums = {n: [os.path.getsize(os.path.join(where, n)), c] for n, c in zip(names, crcs)}
+  path = os.path.join(where, CHECKSUMS)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(sums, f)
+  os.replace(path + '.tmp', path)
+
+
+def file_crc(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(16 << 20):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def move_aside(path: str) -> str:
+  """Renames step directory `path` to `path.damaged` (`.damaged2`, ... when taken)."""
+  aside, n = path + '.damaged', 1
+  while os.path.exists(aside):
+    n += 1
+    aside = f'{path}.damaged{n}'
+  os.rename(path, aside)
+  return aside
+
+
+def check_shapes(where: str, target, exact: bool = False) -> None:
   """A clear error when the run's model no longer matches the checkpoint's params (before orbax
-  fails with a message naming neither)."""
+  fails with a message naming neither); `exact`: the checkpoint may hold no other params."""
   stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / 'state')
   stored_shapes = {jax.tree_util.keystr(k): tuple(m.shape)
                    for k, m in jax.tree_util.tree_flatten_with_path(stored['params'])[0]}
-  for key, x in jax.tree_util.tree_flatten_with_path(target['params'])[0]:
-    name = jax.tree_util.keystr(key)
+  wanted = {jax.tree_util.keystr(k): tuple(x.shape)
+            for k, x in jax.tree_util.tree_flatten_with_path(target['params'])[0]}
+  differs = 'model.* differs from the run that wrote it (use a new workdir, or the same model config)'
+  for name, shape in wanted.items():
     if name not in stored_shapes:
-      raise ConfigError(f'checkpoint {where} has no {name}: the model config (model.*) differs from '
-                        f'the one that wrote it')
-    if stored_shapes[name] != tuple(x.shape):
+      raise ConfigError(f'checkpoint {where} has no {name}: {differs}')
+    if stored_shapes[name] != shape:
       raise ConfigError(f'checkpoint {where}: {name} has shape {stored_shapes[name]} but this run\'s '
-                        f'model expects {tuple(x.shape)}; model.* differs from the run that wrote it '
-                        f'(use a new workdir, or the same model config)')
+                        f'model expects {shape}; {differs}')
+  extra = sorted(set(stored_shapes) - set(wanted)) if exact else []
+  if extra:
+    raise ConfigError(f'checkpoint {where} has {extra[0]}, which this run\'s model lacks (e.g. '
+                      f'model.tie_embeddings changed): {differs}')

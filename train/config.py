@@ -9,13 +9,15 @@ the command line's overrides).
 import dataclasses
 import difflib
 import importlib.util
-import math
 import os
 import traceback
 
 import ml_collections
 
 from model.config import ConfigError, ModelConfig
+from model.sharding import spec_axes
+from train.context import Placement
+from train.mesh import mesh_shape
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -119,21 +121,18 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   """All static checks of a run; returns the ModelConfig. Runs before anything compiles."""
   check_keys(config)
   cfg = model_config(config)
-  from train.mesh import mesh_shape
   sizes = mesh_shape(config.mesh, num_devices)
   t, o = config.train, config.optim
   if t.grad_accum < 1 or t.global_batch % t.grad_accum:
     raise ConfigError(f'train.global_batch={t.global_batch} is not divisible by train.grad_accum={t.grad_accum}')
   micro = t.global_batch // t.grad_accum
-  from model.sharding import make_rules, spec_axes
-  rules = make_rules(config.sharding_rules.to_dict())
-  for name, target in rules.items():
+  placement = Placement.abstract(config, sizes)  # train/context.py: the one builder of rules.
+  for name, target in placement.rules.items():
     unknown = set(spec_axes(target)) - set(sizes)
     if unknown:
       raise ConfigError(f'sharding_rules.{name}={target!r}: {", ".join(sorted(unknown))} is not a '
                         f'mesh axis ({", ".join(sizes)})')
-  axes = spec_axes(rules['batch'])
-  shards = math.prod(sizes[a] for a in axes)
+  axes, shards = spec_axes(placement.rules['batch']), placement.batch_shards
   if micro % shards:
     raise ConfigError(f'micro-batch train.global_batch / train.grad_accum = {micro} is not divisible by '
                       f'the {shards} batch shards (mesh axes {axes} of sizes {[sizes[a] for a in axes]})')

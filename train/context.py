@@ -1,8 +1,9 @@
 """The run context: the validated config, its ModelConfig, and the mesh and logical rules, built
-once at the start of a run and handed to everything that places arrays.
+once at the start of a run (or of a plan or compile) and handed to everything that places
+arrays. This module is the one place that builds mesh and rules from a config.
 
-`Placement` is the mesh + rules pair on its own (what a tool that loads a model needs);
-`RunContext` adds the run's config, ModelConfig and workdir (what a training stage needs).
+`Placement` is the mesh + rules pair on its own (what a tool that loads a model needs; the
+planner's on an AbstractMesh); `RunContext` adds the config, ModelConfig and workdir.
 """
 
 import dataclasses
@@ -11,9 +12,9 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
-from model.sharding import logical_to_spec, make_rules, use_rules
+from model.sharding import MESH_AXES, logical_to_spec, make_rules, use_rules
 from train import state as state_lib
-from train.mesh import make_mesh
+from train.mesh import batch_shards, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +27,17 @@ class Placement:
     """config.mesh (or `mesh`) and config.sharding_rules."""
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     return cls(mesh, make_rules(config.sharding_rules.to_dict()))
+
+  @classmethod
+  def abstract(cls, config, sizes: dict) -> 'Placement':
+    """config.sharding_rules on an AbstractMesh of `sizes` (mesh axis -> size, default 1):
+    for planning, no devices needed."""
+    shape = tuple(int(sizes.get(a, 1)) for a in MESH_AXES)
+    return cls(jax.sharding.AbstractMesh(shape, MESH_AXES), make_rules(config.sharding_rules.to_dict()))
+
+  @property
+  def batch_shards(self) -> int:
+    return batch_shards(self.mesh, self.rules)
 
   def param_shardings(self, mdef, abstract_params):
     with use_rules(self.rules):
@@ -49,9 +61,11 @@ class RunContext(Placement):
   workdir: str = ''
 
 
-def make(config, workdir: str, validate) -> RunContext:
+def make(config, workdir: str, validate, devices=None) -> RunContext:
   """Validates `config` (validate(config, devices, processes) -> ModelConfig, raising
-  ConfigError before anything is built), then builds the mesh and rules once."""
-  cfg = validate(config, jax.device_count(), jax.process_count())
-  placement = Placement.of(config)
+  ConfigError before anything is built), then builds the mesh over `devices` (default: all;
+  or the abstract devices of a compile target) and the rules once."""
+  devices = jax.devices() if devices is None else devices
+  cfg = validate(config, len(devices), jax.process_count())
+  placement = Placement.of(config, make_mesh(config.mesh, devices))
   return RunContext(placement.mesh, placement.rules, config=config, cfg=cfg, workdir=workdir)

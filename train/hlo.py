@@ -54,9 +54,6 @@ class Collectives:
   def moved_wide_bytes(self) -> float:
     return sum(c.moved_wide for c in self.by_kind.values())
 
-  def as_dict(self) -> dict:
-    return {k: dataclasses.asdict(v) for k, v in self.by_kind.items()}
-
 
 def _computations(text: str) -> tuple[dict, str]:
   comps, entry, name = {}, None, None

@@ -1,15 +1,12 @@
 """Transparent huge pages for host buffers: CPU runs re-execute themselves with them on.
 
-On XLA:CPU every step allocates its large buffers (logits [b, t, vocab], their gradient, ...)
-afresh, and Linux maps fresh memory 4 KiB page by page: a 256 MiB buffer costs ~0.11 s of
-page faults per step on this project's CI machine (writing it takes 0.03 s with huge pages).
-glibc (>= 2.35) asks the kernel for transparent huge pages on its large allocations when
-started with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, a setting read only at process start. So
-the CLIs call `reexec()` first thing: if the variable is missing and the kernel offers THP
-(`madvise` or `always`), the process replaces itself (same pid, same arguments) with one that
-has it. Measured on the tiny dense benchmark model: step 3.11 s -> 2.27 s
-(benchmarks/results/dense_cpu.md). Opt out with MESHLM_HUGEPAGES=0; notebooks set
-GLIBC_TUNABLES themselves before starting Jupyter if they want it.
+On XLA:CPU every step allocates its large buffers (logits, their gradient, ...) afresh, and
+Linux maps fresh memory 4 KiB page by page (the cost: benchmarks/results/dense_cpu.md). glibc
+(>= 2.35) asks for transparent huge pages on large allocations when started with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at process start. So the CLIs call `reexec()`
+first thing: if the variable is missing and the kernel offers THP (`madvise` or `always`), the
+process replaces itself (same pid, same arguments) with one that has it. Opt out with
+MESHLM_HUGEPAGES=0; notebooks set GLIBC_TUNABLES themselves before starting Jupyter.
 """
 
 import os

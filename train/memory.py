@@ -1,9 +1,8 @@
 """Analytic per-device memory of one training step, from shapes and sharding rules only.
 
-Everything is counted per device, in bytes, from the config's mesh (`mesh.*`), the sharding
-rules (model/sharding.py RULES + `sharding_rules`), dtypes and the remat policy. Nothing is
-allocated: parameter shapes come from `jax.eval_shape`, shard shapes from `logical_to_spec`
-on an abstract mesh (a dimension is split only by mesh axes that divide it, as in training).
+Counted per device, in bytes, from the mesh sizes, the sharding rules, dtypes and the remat
+policy. Nothing is allocated: parameter shapes come from `jax.eval_shape`, shard shapes from
+`logical_to_spec` on the run context's abstract mesh (train/context.py Placement.abstract).
 
     persistent   params (param_dtype) + AdamW mu and nu (same dtype) + the gradient
                  accumulator (param_dtype; a second copy while grad_accum > 1 adds a micro-
@@ -20,9 +19,9 @@ on an abstract mesh (a dimension is split only by mesh axes that divide it, as i
                  device's own shard (in param_dtype), as much again for its full gradient
                  before the reduce-scatter, and a compute-dtype copy of the whole.
 
-The counts of saved tensors per layer are those of model/transformer.py (see RESIDUALS and
-`_layer_intermediates`). XLA fuses and schedules; the estimate is checked against XLA's own
-plan of a compiled step (train/aot.py) in tests/test_plan.py, within TOLERANCE.
+Saved tensors per layer are those of model/transformer.py (RESIDUALS, `_layer_intermediates`);
+tests/test_plan.py holds the estimate to XLA's plan of a compiled step (train/aot.py) within
+TOLERANCE.
 """
 
 import dataclasses
@@ -32,8 +31,12 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
-from model.sharding import MESH_AXES, logical_to_spec, make_rules
+from model.moe import capacity
+from model.sharding import logical_to_spec, spec_axes
+from train import context as context_lib
+from train.config import model_config
 from train.head_loss import chunk_len
+from train.state import model_def
 
 GIB = 1024 ** 3
 TOLERANCE = 0.35  # |analytic - compiled| / compiled on the configs of tests/test_plan.py.
@@ -55,39 +58,25 @@ class Memory:
     return (self.params + self.optimizer + self.grads + self.activations + self.transient
             + self.batch)
 
-  def as_dict(self) -> dict:
-    return {**dataclasses.asdict(self), 'total': self.total}
-
 
 class Shapes:
-  """Per-device element counts of logical tensors on the config's mesh."""
+  """Per-device element counts of logical tensors under a Placement (mesh + rules)."""
 
-  def __init__(self, mesh_sizes: dict, rules: dict):
-    self.sizes = {a: int(mesh_sizes.get(a, 1)) for a in MESH_AXES}
-    self.mesh = jax.sharding.AbstractMesh(tuple(self.sizes[a] for a in MESH_AXES), MESH_AXES)
-    self.rules = rules
+  def __init__(self, placement: context_lib.Placement):
+    self.mesh, self.rules = placement.mesh, placement.rules
 
-  def split(self, axes, shape) -> int:
-    """How many ways a tensor of `shape` with logical `axes` is split."""
+  def split(self, axes, shape, gathered=()) -> int:
+    """How many ways a tensor of `shape` with logical `axes` is split (but for `gathered`)."""
     spec = logical_to_spec(axes, shape, self.mesh, self.rules)
-    ways = 1
-    for entry in spec:
-      for axis in ((entry,) if isinstance(entry, str) else entry or ()):
-        ways *= self.sizes[axis]
-    return ways
+    return math.prod(self.mesh.shape[a] for entry in spec for a in spec_axes(entry)
+                     if a not in gathered)
 
   def local(self, axes, shape) -> int:
     return math.prod(shape) // self.split(axes, shape)
 
   def gathered(self, axes, shape) -> int:
     """Elements per device once the `fsdp` (and `data`) splits are all-gathered for compute."""
-    spec = logical_to_spec(axes, shape, self.mesh, self.rules)
-    ways = 1
-    for entry in spec:
-      for axis in ((entry,) if isinstance(entry, str) else entry or ()):
-        if axis not in ('fsdp', 'data'):
-          ways *= self.sizes[axis]
-    return math.prod(shape) // ways
+    return math.prod(shape) // self.split(axes, shape, ('fsdp', 'data'))
 
 
 # Tensors saved per layer for the backward pass, in units of the per-device activation tensors
@@ -116,7 +105,7 @@ def _layer_intermediates(cfg: ModelConfig, s: Shapes, micro: int, seq: int) -> d
   }
   if cfg.attention in ('xla', 'reference'):  # The [b, n, t, s] scores are materialised.
     out['scores'] = s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4
-  per_unit = cfg.moe_every if cfg.is_moe else 1
+  per_unit = cfg.layers_per_unit
   dense_blocks = per_unit - 1 if cfg.is_moe else 1
   mlp = s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
   out['mlp'] = dense_blocks / per_unit * mlp
@@ -138,7 +127,6 @@ def _moe_intermediates(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
     rows = tokens * kk
     gathered = 3 * e * d * f_local * c
     return router + rows * (2 * d + 3 * f_local) * c + gathered
-  from model.moe import capacity
   b_local = s.local(('batch',), (b,))
   t_local = tokens // max(b_local, 1)
   slots = e * capacity(cfg, t_local) * b_local // s.split(('act_expert',), (e,))
@@ -157,21 +145,20 @@ def _attention_transient(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
 
 
 def _param_leaves(cfg: ModelConfig):
-  from train.state import model_def
   mdef, abstract = model_def(cfg)
   axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
   return list(zip(axes, jax.tree_util.tree_leaves(abstract)))
 
 
 def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory:
-  """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes`."""
-  from train.config import model_config
+  """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes` (mesh
+  axis -> size, default 1)."""
   cfg = model_config(config) if cfg is None else cfg
-  s = Shapes(mesh_sizes, make_rules(config.sharding_rules.to_dict()))
+  s = Shapes(context_lib.Placement.abstract(config, mesh_sizes))
   w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize
   t = config.train
   micro, seq = t.global_batch // t.grad_accum, config.data.seq_len
-  units = cfg.num_layers // (cfg.moe_every if cfg.is_moe else 1)
+  units = cfg.num_units
 
   # Per group (one layer unit, the output head, the input table): elements once gathered for
   # compute, and how many of those are not this device's own shard (the all-gathered extra).

@@ -37,11 +37,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """The config's mesh over `devices` (default: all). Devices of another platform than this
-  process's (abstract devices of a compile target, train/targets.py) are laid out by
-  `jax.make_mesh` for their physical topology (or, where no mesh axis maps onto whole physical
-  axes, e.g. tensor=4 on an 8x8x8 torus, with physical axes split); a mesh that cannot be laid out on it is a
-  ConfigError naming `mesh.*`."""
+  """The config's mesh over `devices` (default: all). Abstract devices of a compile target
+  (another platform than this process's) are laid out for their physical topology; a mesh
+  that cannot be is a ConfigError naming `mesh.*`."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)

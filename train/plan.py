@@ -2,20 +2,18 @@
                        [--devices N] [--compile]
 
 What a config costs and whether it fits, without allocating a single parameter:
-  * parameters (total, active per token) and training FLOPs per token, attention included at
-    the config's sequence length (model/flops.py);
+  * parameters (total, active per token) and training FLOPs per token at the config's sequence
+    length (model/flops.py);
   * per-device memory under the config's mesh: params, optimizer state, gradients, saved
-    activations (with the config's remat policy) and the peak working set (train/memory.py);
-    with --compile also XLA's own plan of the train step, compiled ahead of time on emulated
-    CPU devices of the config's full mesh at reduced depth (train/aot.py) and extrapolated to
-    the config's depth;
-  * whether that fits `hardware.device_memory_gb`;
+    activations (remat policy) and the peak working set (train/memory.py); with --compile also
+    XLA's plan of the train step on emulated CPU devices of the full mesh at reduced depth
+    (train/aot.py), extrapolated to the config's depth; with --target the real step compiled
+    for an accelerator that is not attached: memory, FLOPs, collectives and a roofline;
+  * whether that fits `hardware.device_memory_gb` (or the target's HBM);
   * tokens/s, step time and time to train at a stated MFU (against `hardware.peak_tflops`),
     and the MFU that a stated wall clock implies.
-
-Before anything else it runs the training run's own static checks (train/config.py validate:
-batch divisible by the batch-sharding axes, warm-up within the run, ...). A config over the
-device memory is printed, then reported as an error (exit status 1).
+It first runs the run's own static checks (train/config.py validate). A config over the device
+memory is printed, then reported as an error (exit status 1).
 """
 
 import json
@@ -30,11 +28,13 @@ from ml_collections import config_flags
 from model import count_params, training_flops_per_token
 from model.config import ConfigError
 from model.moe import grouped_matmul_kernel
-from model.sharding import make_rules
 from train import aot, targets
 from train import config as config_lib
+from train import context as context_lib
 from train import memory as memory_lib
+from train.memory import gib
 from train.mesh import mesh_shape
+from train.metrics import PEAK_TFLOPS
 
 
 def define_flags() -> None:
@@ -74,7 +74,6 @@ def peak_tflops(config) -> float:
   `hardware.name`; 0 when unknown."""
   if config.hardware.peak_tflops > 0:
     return float(config.hardware.peak_tflops)
-  from train.metrics import PEAK_TFLOPS
   for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
     if name and name in config.hardware.name:
       return tflops
@@ -93,9 +92,6 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   seq = config.data.seq_len
   counts = count_params(cfg)
   flops = training_flops_per_token(cfg, seq)
-  rules = make_rules(config.sharding_rules.to_dict())
-  batch_axes = rules['batch'] if isinstance(rules['batch'], (tuple, list)) else (rules['batch'],)
-  batch_shards = math.prod(sizes[a] for a in batch_axes if a)
   micro = t.global_batch // t.grad_accum
   tokens_per_step = t.global_batch * seq
   total_tokens = tokens_per_step * t.steps
@@ -114,7 +110,8 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'attention_flops_per_token': flops.attention_per_token,
       'global_batch': t.global_batch,
       'grad_accum': t.grad_accum,
-      'sequences_per_device_per_micro_batch': micro / batch_shards,
+      'sequences_per_device_per_micro_batch':
+          micro / context_lib.Placement.abstract(config, sizes).batch_shards,
       'tokens_per_step': tokens_per_step,
       'steps': t.steps,
       'warmup_steps': config.optim.warmup_steps,
@@ -122,13 +119,10 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'remat': cfg.remat,
       'attention': cfg.attention,
       'dispatch': cfg.dispatch if cfg.is_moe else '',
-      'mem_params_gib': memory_lib.gib(mem.params),
-      'mem_optimizer_gib': memory_lib.gib(mem.optimizer),
-      'mem_grads_gib': memory_lib.gib(mem.grads),
-      'mem_activations_gib': memory_lib.gib(mem.activations),
-      'mem_transient_gib': memory_lib.gib(mem.transient),
+      **{f'mem_{k}_gib': gib(getattr(mem, k))
+         for k in ('params', 'optimizer', 'grads', 'activations', 'transient')},
       'mem_transient_phase': mem.transient_phase,
-      'mem_total_gib': memory_lib.gib(mem.total),
+      'mem_total_gib': gib(mem.total),
       'device_memory_gib': float(config.hardware.device_memory_gb),
   }
   limit = config.hardware.device_memory_gb
@@ -150,13 +144,11 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
 
 
 def _validate(config, n: int):
-  """train/config.py validate, as the run does it, and warnings. One exception: the data
-  sources. A config may name sources that only the command line completes (e.g.
-  experiments/dense_65b_sft.py's `sft`, whose path is a flag); the planner reads no data, so a
-  data-source error is reported as a warning and the rest is planned with the default sources.
-  A post-training config (train/posttrain/config.py: `stage`, `rm`, `ppo`, `dpo`) is planned as
-  its trained decoder's update step; the warning says what that leaves out.
-  Returns (validated model config, config to plan with, warnings)."""
+  """train/config.py validate, as the run does it. Returns (ModelConfig, config to plan with,
+  warnings). A data-source error (sources that only the command line completes, e.g.
+  dense_65b_sft's `sft`) is a warning and the default sources are planned: the planner reads no
+  data. A post-training config (`stage`, `rm`, `ppo`, `dpo`) is planned as its decoder's update
+  step; the warning says what that leaves out."""
   config, warnings = _policy_step(config)
   try:
     return config_lib.validate(config, n), config, warnings
@@ -209,11 +201,8 @@ def check_fits(p: dict) -> None:
         f'(params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
         f'{p["mem_grads_gib"]}, activations {p["mem_activations_gib"]} with model.remat='
         f'{p["remat"]!r}, peak working set {p["mem_transient_gib"]} in the '
-        f'{p["mem_transient_phase"]} phase). Try: ' + '; '.join(_fixes(p)) + ' (docs/scale.md).')
-
-
-def _fixes(p: dict) -> list[str]:
-  return _knobs(p['remat'], head=p['mem_transient_phase'] == 'head')
+        f'{p["mem_transient_phase"]} phase). Try: '
+        + '; '.join(_knobs(p['remat'], head=p['mem_transient_phase'] == 'head')) + ' (docs/scale.md).')
 
 
 def _knobs(remat: str, *, head: bool = False, grad_accum: int = 0, micro: int = 0,
@@ -238,8 +227,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   estimate of the same variant. `run(config, devices)` compiles (default: a child process)."""
   run = run or aot.compiled_memory_subprocess
   cfg = config_lib.model_config(config)
-  per_unit = cfg.moe_every if cfg.is_moe else 1
-  units = cfg.num_layers // per_unit
+  per_unit = cfg.layers_per_unit
   d1, d2 = (int(d) for d in depths[:2])
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
@@ -247,29 +235,33 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
   r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
   per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
-  total = r1.total_bytes + (units - d1) * per_unit_bytes
+  total = _to_depth(r1.total_bytes, r2.total_bytes, d1, d2, cfg.num_units)
   variant = aot.compile_variant(config, cfg.num_layers)
   analytic = memory_lib.estimate(variant, mesh_shape(config.mesh, devices)).total
   return {
       'compiled_attention': variant.model.attention,
       'compiled_compute_dtype': variant.model.compute_dtype,
       'compiled_depths_layers': [d1 * per_unit, d2 * per_unit],
-      'compiled_total_at_depths_gib': [memory_lib.gib(r.total_bytes) for r in (r1, r2)],
-      'compiled_temp_at_depths_gib': [memory_lib.gib(r.temp_bytes) for r in (r1, r2)],
-      'compiled_per_layer_gib': memory_lib.gib(per_unit_bytes / per_unit),
-      'compiled_total_gib': memory_lib.gib(total),
-      'analytic_of_compiled_variant_gib': memory_lib.gib(analytic),
+      'compiled_total_at_depths_gib': [gib(r.total_bytes) for r in (r1, r2)],
+      'compiled_temp_at_depths_gib': [gib(r.temp_bytes) for r in (r1, r2)],
+      'compiled_per_layer_gib': gib(per_unit_bytes / per_unit),
+      'compiled_total_gib': gib(total),
+      'analytic_of_compiled_variant_gib': gib(analytic),
       'analytic_over_compiled': round(analytic / total, 3),
       'compile_seconds': round(r1.compile_seconds + r2.compile_seconds, 1),
   }
 
 
+def _to_depth(v1: float, v2: float, d1: int, d2: int, units: int) -> float:
+  """Linear in depth: v1 at d1 layer units, v2 at d2, extrapolated to `units`."""
+  return v1 + (units - d1) * (v2 - v1) / (d2 - d1)
+
+
 def _flops_variant(config, layers: int):
-  """One micro-batch of `config` with `layers` layers unrolled: XLA's cost_analysis() counts a
-  loop body once whatever its trip count, so FLOPs and bytes are measured on unrolled layers
-  at two depths and extrapolated (linear in depth), and one micro-batch step is multiplied by
-  train.grad_accum (the optimizer update, ~10 FLOPs per parameter, is then counted
-  grad_accum times: negligible next to 6 x params x tokens)."""
+  """One micro-batch of `config` with `layers` layers unrolled: cost_analysis() counts a loop
+  body once, so FLOPs and bytes are measured unrolled at two depths, extrapolated in depth and
+  multiplied by train.grad_accum (which counts the optimizer update grad_accum times:
+  negligible next to 6 x params x tokens)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.num_layers = layers
   c.model.scan_layers = False
@@ -310,8 +302,8 @@ def target_section(config, target, compile_fn=None) -> dict:
   try:
     full = compile_fn(config, target)
   except aot.DoesNotFit as e:
-    raise ConfigError(f'{e}. Try: ' + '; '.join(_target_fixes(cfg, config)) +
-                      ' (docs/scale.md)') from None
+    raise ConfigError(f'{e}. Try: ' + '; '.join(_target_fixes(config))
+                      + ' (docs/scale.md)') from None
   seq = config.data.seq_len
   attention = aot.target_variant(config, target.platform)[0].model.attention
   tokens_per_device = config.train.global_batch * seq / n
@@ -320,12 +312,9 @@ def target_section(config, target, compile_fn=None) -> dict:
     xla_flops, hbm_bytes, kernel_flops = model_flops * remat_flops_ratio(cfg, seq), None, 0.0
     flops_source = 'model/flops.py x remat (the compiler gives no cost_analysis here)'
   else:
-    per_unit = cfg.moe_every if cfg.is_moe else 1
-    units = cfg.num_layers // per_unit
-    r1, r2 = (compile_fn(_flops_variant(config, d * per_unit), target) for d in (1, 2))
-    accum = config.train.grad_accum
-    xla_flops = accum * (r1.flops + (units - 1) * (r2.flops - r1.flops))
-    hbm_bytes = accum * (r1.bytes_accessed + (units - 1) * (r2.bytes_accessed - r1.bytes_accessed))
+    r1, r2 = (compile_fn(_flops_variant(config, d * cfg.layers_per_unit), target) for d in (1, 2))
+    grow = lambda a, b: config.train.grad_accum * _to_depth(a, b, 1, 2, cfg.num_units)
+    xla_flops, hbm_bytes = grow(r1.flops, r2.flops), grow(r1.bytes_accessed, r2.bytes_accessed)
     kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
     flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
                     + (' + splash analytically' if kernel_flops else ''))
@@ -349,7 +338,7 @@ def target_section(config, target, compile_fn=None) -> dict:
     times['hbm'] = hbm_bytes / hbm_bw
   step_s = max(times.values())
   mem = full.memory
-  p = {
+  return {
       'target': target.name,
       'target_devices': n,
       'target_devices_per_chip': target.devices_per_chip,
@@ -357,10 +346,10 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target_attention': attention,
       'target_grouped_matmul': (grouped_matmul_kernel(cfg.grouped_matmul, target.platform)
                                 if cfg.is_moe and cfg.dispatch == 'dropless' else ''),
-      'target_arguments_gib': memory_lib.gib(mem.argument_bytes),
-      'target_temporaries_gib': memory_lib.gib(mem.temp_bytes),
-      'target_total_gib': memory_lib.gib(mem.total_bytes),
-      'target_hbm_gib': memory_lib.gib(target.device_hbm_bytes),
+      'target_arguments_gib': gib(mem.argument_bytes),
+      'target_temporaries_gib': gib(mem.temp_bytes),
+      'target_total_gib': gib(mem.total_bytes),
+      'target_hbm_gib': gib(target.device_hbm_bytes),
       'target_fits': bool(mem.total_bytes <= target.device_hbm_bytes),
       'target_compiled_tflops_per_step': compiled_flops / 1e12,
       'target_xla_tflops_per_step': xla_flops / 1e12,
@@ -384,11 +373,10 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target_days_to_train': round(config.train.steps * step_s / 86400, 2),
       'target_compile_s': round(full.memory.compile_seconds, 1),
   }
-  return p
 
 
-def _target_fixes(cfg, config) -> list[str]:
-  t = config.train
+def _target_fixes(config) -> list[str]:
+  cfg, t = config_lib.model_config(config), config.train
   return _knobs(cfg.remat, grad_accum=t.grad_accum, micro=t.global_batch // t.grad_accum,
                 moe=cfg.is_moe)
 
@@ -397,12 +385,11 @@ def check_target_fits(p: dict, config) -> None:
   """ConfigError naming the knobs if the target compiler's plan exceeds the chip's HBM."""
   if 'target_fits' not in p or p['target_fits']:
     return
-  cfg = config_lib.model_config(config)
   raise ConfigError(
       f'{p["target"]}: the compiled train step needs {p["target_total_gib"]} GiB per device '
       f'(arguments {p["target_arguments_gib"]}, temporaries {p["target_temporaries_gib"]}), over '
-      f'the {p["target_hbm_gib"]} GiB of HBM. Try: ' + '; '.join(_target_fixes(cfg, config)) +
-      ' (docs/scale.md).')
+      f'the {p["target_hbm_gib"]} GiB of HBM. Try: ' + '; '.join(_target_fixes(config))
+      + ' (docs/scale.md).')
 
 
 def _fmt(value) -> str:
@@ -479,11 +466,8 @@ def main(argv):
       p.update(target_section(config, target))
     if _COMPILE.value:
       p.update(compiled_section(config, p['devices'], _DEPTHS.value))
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
-  sys.stdout.write((json.dumps(p, indent=2) if _JSON.value else format_table(p)) + '\n')
-  try:
-    if _TARGET.value:
+    sys.stdout.write((json.dumps(p, indent=2) if _JSON.value else format_table(p)) + '\n')
+    if target is not None:
       check_target_fits(p, config)
     else:
       check_fits(p)

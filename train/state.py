@@ -66,20 +66,31 @@ def state_shardings(mdef: ModelDef, abstract_state, tx: optax.GradientTransforma
   return {'step': replicated, 'params': p_shard, 'opt_state': opt_shard, 'rng': replicated}
 
 
-def create(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int, model_cls=Decoder):
-  """Returns (state, shardings, ModelDef): the state initialised in place on the mesh."""
-  mdef, _ = model_def(cfg, model_cls)
-
+def _initialiser(cfg: ModelConfig, tx: optax.GradientTransformation, model_cls):
   def init(seed):
     key = jax.random.PRNGKey(seed)
     params = init_params(cfg, jax.random.fold_in(key, 0), model_cls)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
             'rng': jax.random.fold_in(key, 1)}
+  return init
 
-  abstract = jax.eval_shape(init, seed)
-  shardings = state_shardings(mdef, abstract, tx, mesh)
+
+def create(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int, model_cls=Decoder):
+  """Returns (state, shardings, ModelDef): the state initialised in place on the mesh."""
+  mdef, _ = model_def(cfg, model_cls)
+  init = _initialiser(cfg, tx, model_cls)
+  shardings = state_shardings(mdef, jax.eval_shape(init, seed), tx, mesh)
   state = jax.jit(init, out_shardings=shardings, static_argnums=0)(seed)
   return state, shardings, mdef
+
+
+def abstract(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, model_cls=Decoder):
+  """`create` without allocating: (ShapeDtypeStructs carrying their shardings, shardings,
+  ModelDef); the mesh's devices may be abstract ones of a compile target."""
+  mdef, _ = model_def(cfg, model_cls)
+  shapes = jax.eval_shape(_initialiser(cfg, tx, model_cls), 0)
+  shardings = state_shardings(mdef, shapes, tx, mesh)
+  return abstract_state(shardings, shapes), shardings, mdef
 
 
 def abstract_state(shardings, state_like):

@@ -1,27 +1,20 @@
 """Compile targets: accelerators that are not attached, as abstract devices, and their chip facts.
 
 A target is written `PLATFORM:CHIP:TOPOLOGY`, e.g. `tpu:v5p:8x8x8` (512 v5p chips),
-`tpu:v5e:16x16`, `tpu:v6e:8x8`, `tpu:v4:4x4x4`. `abstract_devices(target)` asks libtpu (the
-optional extra `.[tpu]`) for the topology's devices: real XLA:TPU compiles for them from a
-CPU-only host, nothing can run on them. train/aot.py compiles the train step for those devices
-and train/plan.py prints the result against the chip's numbers below.
+`tpu:v5e:16x16`, `gpu:h100:512`. `abstract_devices(target)` asks libtpu (extra `.[tpu]`) or the
+CUDA PJRT plugin (extra `.[gpu-plan]`, the plugin alone, given a GpuTargetConfigProto written
+from GPUS: `gpu_target_config`) for the target's devices: the real compiler runs for them from
+a CPU-only host, nothing can run on them (train/aot.py, train/plan.py --target).
 
-CHIPS holds one row per chip generation, from Google Cloud's published TPU specifications
-(per chip: HBM capacity, peak bf16 dense TFLOP/s, HBM bandwidth, inter-chip interconnect
-bandwidth as the spec sheet's Gbps figure / 8). GPU rows are NVIDIA's SXM data-sheet figures
-(bf16 dense, HBM3/HBM2e bandwidth, NVLink bandwidth per GPU). A device may be a fraction of a
-chip (TPU v4 exposes both TensorCores of a chip as devices): `devices_per_chip` comes from the
-topology and every per-device figure is the chip's divided by it.
+CHIPS: per chip, HBM, peak bf16 dense TFLOP/s, HBM and interconnect bandwidth, from Google
+Cloud's TPU specifications (ICI: the spec sheet's Gbps / 8) and NVIDIA's SXM data sheets
+(NVLink per GPU; `wide_gbps`: InfiniBand per GPU, for collectives of groups larger than one
+host of 8 GPUs). A device may be a fraction of a chip (TPU v4's two TensorCores): every
+per-device figure is the chip's divided by `devices_per_chip`.
 
-GPU targets (`gpu:h100:512`, `gpu:a100:256`; 8 GPUs per host) compile with XLA:GPU through the
-CUDA PJRT plugin (extra `.[gpu-plan]`: the plugin alone, no CUDA libraries) given a target
-description (`gpu_target_config`, a GpuTargetConfigProto written from GPUS below) instead of an
-attached GPU. JAX checks the local cuDNN library and the local GPU's compute capability while
-tracing `cudnn` attention; neither exists here, so `compile_context` answers those two checks
-for the target (the cuDNN version the target config names, its compute capability) while the
-step is traced. XLA then compiles with its heuristics (no autotuning: no device to time on).
-Collectives of groups larger than one host (8 GPUs) run at the inter-node bandwidth
-(`Chip.wide_gbps`, InfiniBand per GPU) rather than NVLink.
+Tracing `cudnn` attention, JAX checks the local cuDNN library and GPU, neither of which exists
+here: `compile_context` answers both for the target. XLA:GPU then compiles with its heuristics
+(no device to autotune on).
 """
 
 import contextlib

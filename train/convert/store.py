@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from train.checkpoint import write_checksums
+
 STEP = 0
 CHUNK_BYTES = 64 << 20
 
@@ -45,6 +47,7 @@ def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int
       data=ocp.args.JsonSave({})))
   manager.wait_until_finished()
   manager.close()
+  write_checksums(os.path.join(os.path.abspath(root), str(STEP)))
 
 
 class StoredParams:
