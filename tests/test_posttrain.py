@@ -14,7 +14,6 @@ from data import pipeline
 from experiments import dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b, mixtral_8x7b_sft
 from model.config import ConfigError
 from model.heads import ScalarModel, last_index
-from model.transformer import Decoder
 from train import config as base_config
 from train import step as step_lib
 from train import state as state_lib

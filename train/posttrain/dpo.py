@@ -25,7 +25,7 @@ import numpy as np
 
 from train import step as step_lib
 from train import workdir as workdir_lib
-from train.posttrain import pairs, setup
+from train.posttrain import pairs
 
 log = logging.getLogger('meshlm')
 
