@@ -116,15 +116,15 @@ def time_training(c, steps: int, warmup: int) -> dict:
     batch_sharding = jax.sharding.NamedSharding(
         mesh, logical_to_spec((None, 'batch', 'length'), rules=rules))
     batch = jax.device_put(synthetic_batch(c, cfg.vocab_size), batch_sharding)
-    step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding)
+    step = step_lib.jit_step(lambda _: step_lib.lm_loss(mdef), tx, schedule, shardings, batch_sharding)
     t0 = time.perf_counter()
     for _ in range(warmup):
-      state, metrics = step(state, batch)
+      state, metrics = step(state, batch, None)
     jax.block_until_ready(state)
     compile_and_warmup = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, metrics = step(state, batch)
+      state, metrics = step(state, batch, None)
     jax.block_until_ready(state)
     seconds = (time.perf_counter() - t0) / steps
   return {'step_seconds': seconds, 'loss': float(metrics['loss']),

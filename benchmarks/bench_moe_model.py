@@ -107,15 +107,15 @@ class Runner:
                'segment_ids': np.ones((1, b, t), np.int32),
                'loss_mask': np.ones((1, b, t), np.float32)}
       self.batch = jax.device_put(batch, sharding)
-      self.step_fn = step_lib.jit_train_step(mdef, tx, optimizer_lib.schedule(optim, 1000),
-                                             shardings, sharding)
+      self.step_fn = step_lib.jit_step(lambda _: step_lib.lm_loss(mdef), tx,
+                                       optimizer_lib.schedule(optim, 1000), shardings, sharding)
     self.metrics = None
 
   def step(self) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one step."""
     with jax.set_mesh(self.mesh), use_rules(self.rules):
       start, cpu = time.perf_counter(), time.process_time()
-      self.state, self.metrics = self.step_fn(self.state, self.batch)
+      self.state, self.metrics = self.step_fn(self.state, self.batch, None)
       jax.block_until_ready((self.state, self.metrics))
       return time.perf_counter() - start, time.process_time() - cpu
 

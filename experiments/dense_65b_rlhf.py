@@ -53,8 +53,9 @@ def get_config(stage: str = 'ppo'):
   c.data.source = 'sft'
   c.mesh.update(data=1, fsdp=32, expert=1, tensor=8)
   c.optim.update(peak_lr=1e-6, warmup_steps=160)
-  c.train.update(steps=PPO_ITERATIONS, global_batch=PPO_BATCH, grad_accum=1, log_every=1,
-                 ckpt_every=25, ckpt_keep=2)
+  # log_every and ckpt_every count updates (2 x 8 an iteration): every iteration, every 25.
+  c.train.update(steps=PPO_ITERATIONS, global_batch=PPO_BATCH, grad_accum=1, log_every=16,
+                 ckpt_every=400, ckpt_keep=2)
   c.ppo.update(max_prompt_len=1024, max_new_tokens=512, temperature=1.0, ppo_epochs=2,
                num_minibatches=8, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, ent_coef=0.0,
                gamma=1.0, lam=0.95, kl_coef=0.02, kl_estimator='k1', adaptive_kl=False,

@@ -1,6 +1,9 @@
 """The train loop end to end: resume is bit-identical, also onto another mesh; NaN handling;
 bad configs fail before compiling."""
 
+import json
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import pytest
 from model.config import ConfigError
 from tests.util import run_config
 from train import loop
+from train import step as step_lib
 
 
 def losses(result):
@@ -45,19 +49,37 @@ def _with_mesh(**sizes):
   return c
 
 
-def test_nan_stops_with_the_step(tmp_path):
-  c = run_config()
+def _diverging(**train):
+  c = run_config(**train)
   c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
-  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite'):
-    loop.run(c, str(tmp_path / 'stop'))
+  return c
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_nan_stops_with_the_step(tmp_path):
+  """The step the error names is the step metrics.jsonl and the log mark non-finite."""
+  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite') as e:
+    loop.run(_diverging(), str(tmp_path / 'stop'))
+  named = int(re.match(r'step (\d+):', str(e.value)).group(1))
+  bad = [r['step'] for r in _rows(tmp_path / 'stop') if r.get('nonfinite') == 1]
+  assert bad == [named]
 
 
 def test_nan_skip_counts_and_keeps_weights_finite(tmp_path):
-  c = run_config(nan_policy='skip')
-  c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
-  result = loop.run(c, str(tmp_path / 'skip'))
+  result = loop.run(_diverging(nan_policy='skip'), str(tmp_path / 'skip'))
   assert result.history[-2]['skipped_steps'] >= 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state['params']))
+  # A dropped update's param_norm is the norm of the params kept: those of the step before.
+  rows = [r for r in _rows(tmp_path / 'skip') if 'loss' in r]
+  dropped = [i for i, r in enumerate(rows) if r['nonfinite'] == 1]
+  assert dropped and dropped[0] > 0 and dropped[-1] == len(rows) - 1
+  for i in dropped:
+    assert np.isfinite(rows[i]['param_norm']) and rows[i]['param_norm'] == rows[i - 1]['param_norm']
+  np.testing.assert_allclose(rows[-1]['param_norm'], float(step_lib.scaled_norm(result.state['params'])),
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize('edit, message', [

@@ -60,7 +60,7 @@ def initial_params():
 
 def loss_and_grads(cfg, mesh_, rules=None):
   """Loss, aux, gradients (each / token count), the params and the compiled HLO of
-  step.accumulate_grads over one micro-batch, with params and batch laid out on `mesh_`."""
+  step.accumulate of the LM loss over one micro-batch, with params and batch laid out on `mesh_`."""
   rules = make_rules() if rules is None else rules
   b = packed_batch(MICRO, T, cfg.vocab_size, seed=3)
   batch = {k: v[None] for k, v in b.items()}  # One micro-batch: [1, MICRO, T].
@@ -69,9 +69,11 @@ def loss_and_grads(cfg, mesh_, rules=None):
     shardings = state_lib.param_shardings(mdef, abstract, mesh_)
     params = jax.device_put(initial_params(), shardings)
     batch = jax.device_put(batch, NamedSharding(mesh_, logical_to_spec((None, 'batch', 'length'))))
-    fn = jax.jit(functools.partial(step_lib.accumulate_grads, mdef=mdef))
-    compiled = fn.lower(params, batch, None).compile()
-    grads, nll, count, aux = compiled(params, batch, None)
+    fn = jax.jit(lambda p, b: step_lib.accumulate(step_lib.lm_loss(mdef), p, b, None))
+    compiled = fn.lower(params, batch).compile()
+    grads, count, sums = compiled(params, batch)
+    nll = sums['loss']
+    aux = {k[len('moe/'):]: v / count for k, v in sums.items() if k != 'loss'}
   grads = jax.tree.map(lambda g: g / count, grads)
   return {'loss': float(nll / count), 'aux': {k: float(v) for k, v in aux.items()},
           'grads': grads, 'params': params, 'hlo': compiled.as_text()}

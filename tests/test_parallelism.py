@@ -2,7 +2,7 @@
 
 For each mesh (fsdp x tensor, pure fsdp, tensor with the sequence sharded over `tensor`,
 data x fsdp) one optimiser step of train.step.train_step on the 8-device CPU mesh is compared
-with the same step on a 1-device mesh: loss, gradients (accumulate_grads over 2 micro-batches),
+with the same step on a 1-device mesh: loss, gradients (accumulate over 2 micro-batches),
 the updated params and Adam moments. Then the per-device shard shapes of params and of the
 moments mu / nu are checked against a table written out by hand, so a rule that silently
 replicates (or shards the wrong dimension) fails.
@@ -74,11 +74,12 @@ def _run(mesh_, rules, with_grads=False):
     batch = jax.device_put(_batch(), batch_sharding)
     grads = None
     if with_grads:
-      grads_fn = jax.jit(functools.partial(step_lib.accumulate_grads, mdef=mdef))
-      grads, _, count, _ = grads_fn(state['params'], batch, None)
+      grads_fn = jax.jit(lambda p, b: step_lib.accumulate(step_lib.lm_loss(mdef), p, b, None))
+      grads, count, _ = grads_fn(state['params'], batch)
       grads = jax.tree.map(lambda g: g / count, grads)
-    step = step_lib.jit_train_step(mdef, tx, schedule, shardings, batch_sharding)
-    new_state, metrics = step(state, batch)
+    step = step_lib.jit_step(lambda _: step_lib.lm_loss(mdef), tx, schedule, shardings,
+                             batch_sharding)
+    new_state, metrics = step(state, batch, None)
     return new_state, metrics, grads
 
 

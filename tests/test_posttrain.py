@@ -1,5 +1,7 @@
 """Post-training pieces: SFT masking, reward model reading and loss, PPO invariants, DPO loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,11 +11,13 @@ from flax import nnx
 
 from data import config as data_config
 from data import pipeline
+from experiments import dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b, mixtral_8x7b_sft
 from model.config import ConfigError
 from model.heads import ScalarModel, last_index
-from model.transformer import Decoder
+from train import config as base_config
 from train import step as step_lib
 from train import state as state_lib
+from train.posttrain import config as pt_config
 from train.posttrain import dpo, ppo, ppo_loop, reward
 from tests.util import max_abs_diff, tiny_cfg
 
@@ -42,7 +46,7 @@ def test_sft_gradient_ignores_prompt_targets(sft_batch):
   cfg = tiny_cfg(vocab_size=VOCAB)
   mdef, _ = state_lib.model_def(cfg)
   params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
-  grad = jax.jit(jax.grad(lambda p, b: step_lib.loss_sums(p, b, None, mdef)[0]))
+  grad = jax.jit(jax.grad(lambda p, b: step_lib.lm_loss(mdef)(p, b, None)[0]))
   base = grad(params, batch)
   rng = np.random.default_rng(0)
   prompt_changed = dict(batch, targets=np.where(mask == 0, rng.integers(0, VOCAB, mask.shape),
@@ -183,11 +187,14 @@ def test_zero_advantages_and_value_error_leave_models_unchanged():
                                       'ppo': {'critic_lr': 1e-2}})
   txs, schedules = ppo_loop.optimizers(config, 10)
   state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
-           'opt_state': {'policy': txs['policy'].init(policy), 'critic': txs['critic'].init(critic)},
+           'opt_state': {'params': txs['params'].init(policy), 'critic': txs['critic'].init(critic)},
            'rng': jax.random.PRNGKey(0)}
-  step = jax.jit(lambda s, b: ppo_loop.update_step(
-      s, b, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=ppo.LossConfig(ent_coef=0.0), txs=txs,
-      schedules=schedules))
+  loss_fn = functools.partial(ppo_loop.update_loss, mdef=mdef, critic_mdef=critic_mdef,
+                              loss_cfg=ppo.LossConfig(ent_coef=0.0))
+  step = jax.jit(lambda s, b: step_lib.train_step(
+      s, b, None, make_loss=lambda _: loss_fn, tx=step_lib.per_key(txs),
+      schedule=schedules['params'], count_name='tokens', use_rng=False,
+      trained=('params', 'critic'), grad_metrics=ppo_loop.grad_norms))
   micro = jax.tree.map(lambda x: x[None], batch)
   new, m = step(state, micro)
   assert float(m['policy/grad_norm']) == 0.0 and max_abs_diff(new['params'], policy) == 0.0
@@ -243,9 +250,6 @@ def test_dpo_loss_hand_computed_and_vanishing_beta():
 
 
 def test_large_posttrain_configs_state_their_numbers():
-  from experiments import (dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b,
-                           mixtral_8x7b_sft)
-  from train.posttrain import config as pt_config
   sft = dense_65b_sft.get_config()
   # 1.5B tokens at 16,384 x 2,048 tokens per step: 45 steps, 1 epoch; warm-up 4.8% of it.
   assert sft.train.steps == 45 and 44 * 16_384 * 2048 < 1.5e9 <= 45 * 16_384 * 2048
@@ -263,9 +267,6 @@ def test_large_posttrain_configs_state_their_numbers():
 
 
 def test_large_posttrain_configs_validate():
-  from experiments import dense_65b_rlhf, dense_65b_sft, mixtral_8x7b_sft
-  from train import config as base_config
-  from train.posttrain import config as pt_config
   for module, devices in ((dense_65b_sft, 256), (mixtral_8x7b_sft, 512)):
     c = module.get_config()
     with pytest.raises(ConfigError, match='data.sources.sft.path'):  # Given on the command line.

@@ -21,8 +21,8 @@ def loss_and_grads(mesh_sizes, cfg, batch, accum=1):
 
     @jax.jit
     def f(params, b):
-      grads, nll, count, _ = step_lib.accumulate_grads(params, b, None, mdef)
-      return nll / count, jax.tree.map(lambda g: g / count, grads)
+      grads, count, sums = step_lib.accumulate(step_lib.lm_loss(mdef), params, b, None)
+      return sums['loss'] / count, jax.tree.map(lambda g: g / count, grads)
     loss, grads = f(state['params'], dbatch)
   return state, loss, grads
 

@@ -1,11 +1,16 @@
-"""The post-training stages keep the train loop's promises (they run through it): resume is
-bit-identical, train.nan_policy stops naming the step or counts the skipped update, the data
-state is saved gathered over processes, and through the CLI SIGTERM saves and exits 0 and a
-kill -9 followed by the same command ends where an uninterrupted run does."""
+"""Every stage (pre-training, SFT, RM, DPO, PPO) keeps the train loop's promises (they run
+through it): resume is bit-identical, train.nan_policy stops naming the step or counts the
+skipped update, the data state is saved gathered over processes, and through the CLI SIGTERM
+saves and exits 0 (also during start-up) and a kill -9 followed by the same command ends where
+an uninterrupted run does, bit for bit."""
 
+import ast
+import functools
+import importlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -15,9 +20,11 @@ import jax
 import numpy as np
 import pytest
 
+from model.config import ConfigError
 from model.heads import ScalarModel
 from train import distributed, loop
 from train import workdir as workdir_lib
+from train.posttrain import config as pt_config
 from train.posttrain.__main__ import run as run_stage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +34,6 @@ DATA = dict(seq_len=64, tokenizer_docs=300, embedded_docs=400, embedded_examples
 
 
 def _config(name: str, **train):
-  import importlib
   c = importlib.import_module(f'experiments.{name}').get_config()
   c.model.update(SMALL)
   c.data.update(DATA)
@@ -75,33 +81,102 @@ def test_stage_resume_is_bit_identical(tmp_path, lm_run, stage):
   assert saved['format'] == distributed.STATE_FORMAT and len(saved['process_states']) == 1
 
 
-@pytest.mark.parametrize('stage', ['rm', 'dpo'])
+@pytest.mark.parametrize('stage', ['sft', 'rm', 'dpo'])
 def test_stage_nan_policy(tmp_path, lm_run, stage):
   def diverging(policy):
     c = _stage_config(stage, lm_run, steps=3, nan_policy=policy)
     c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
     return c
-  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite'):
-    run_stage(diverging('stop'), str(tmp_path / 'stop'))
+  _assert_stop_names_the_step(lambda: run_stage(diverging('stop'), str(tmp_path / 'stop')),
+                              tmp_path / 'stop')
   result = run_stage(diverging('skip'), str(tmp_path / 'skip'))
   assert max(h.get('skipped_steps', 0) for h in result.history) >= 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state['params']))
 
 
-def _cli(stage: str, lm_run: str, workdir, steps: int):
-  return [sys.executable, '-m', 'train.posttrain', '--config', str(REPO / f'experiments/tiny_{stage}.py'),
-          '--workdir', str(workdir), f'--config.train.init_from={lm_run}',
-          f'--config.train.steps={steps}', '--config.train.ckpt_every=2',
-          '--config.train.log_every=1', '--config.train.global_batch=8',
-          '--config.train.progress=False', '--config.optim.warmup_steps=1',
-          f'--config.{stage}.eval_batches=1',
+@pytest.fixture(scope='module')
+def rm_run(tmp_path_factory, lm_run):
+  workdir = tmp_path_factory.mktemp('rm')
+  run_stage(_stage_config('rm', lm_run, steps=1, ckpt_every=1), str(workdir))
+  return str(workdir)
+
+
+# Through the CLI, every stage: (module, experiment, keys of its own, loop steps per iteration).
+CLI_STAGES = {
+    'pretrain': ('train', 'tiny_dense', ['--config.train.eval_batches=1'], 1),
+    'sft': ('train.posttrain', 'tiny_sft', ['--config.train.eval_batches=1'], 1),
+    'rm': ('train.posttrain', 'tiny_rm', ['--config.rm.eval_batches=1'], 1),
+    'dpo': ('train.posttrain', 'tiny_dpo', ['--config.dpo.eval_batches=1'], 1),
+    'ppo': ('train.posttrain', 'tiny_ppo', ['--config.ppo.max_new_tokens=4',
+                                            '--config.ppo.num_minibatches=2',
+                                            '--config.ppo.ppo_epochs=2', '--config.ppo.eval_prompts=4',
+                                            '--config.ppo.max_prompt_len=32'], 4),
+}
+
+
+def _assert_stop_names_the_step(run, workdir):
+  """The step NonFiniteError names is the one step metrics.jsonl marks non-finite."""
+  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite') as e:
+    run()
+  bad = [step for step, row in _metrics(workdir).items() if row.get('nonfinite') == 1]
+  assert bad == [int(re.match(r'step (\d+):', str(e.value)).group(1))]
+
+
+def _cli(stage: str, runs: dict, workdir, steps: int, *extra):
+  """The command of `stage` for `steps` loop steps (PPO: steps / 4 iterations of 4 updates)."""
+  module, experiment, own, per_iteration = CLI_STAGES[stage]
+  return [sys.executable, '-m', module, '--config', str(REPO / f'experiments/{experiment}.py'),
+          '--workdir', str(workdir), *_overrides(stage, runs, steps), *extra]
+
+
+def _overrides(stage: str, runs: dict, steps: int) -> list[str]:
+  _, _, own, per_iteration = CLI_STAGES[stage]
+  return [f'--config.train.steps={steps // per_iteration}',
+          f'--config.train.ckpt_every={2 * per_iteration}', '--config.train.log_every=1',
+          '--config.train.global_batch=8', '--config.train.progress=False',
+          '--config.optim.warmup_steps=1', '--config.hardware.peak_tflops=1.0', *own,
+          *([f'--config.train.init_from={runs["lm"]}'] if stage != 'pretrain' else []),
+          *([f'--config.ppo.reward_model={runs["rm"]}'] if stage == 'ppo' else []),
           *(f'--config.model.{k}={v}' for k, v in SMALL.items()),
           *(f'--config.data.{k}={v}' for k, v in DATA.items())]
+
+
+def _in_process(stage: str, runs: dict, workdir, steps: int):
+  """The run the CLI command of `stage` makes, in this process: its config from the same
+  overrides (a literal where the text is one, else the string)."""
+  c = importlib.import_module(f'experiments.{CLI_STAGES[stage][1]}').get_config()
+  for arg in _overrides(stage, runs, steps):
+    path, value = arg[len('--config.'):].split('=', 1)
+    *parents, key = path.split('.')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    functools.reduce(lambda d, k: d[k], parents, c)[key] = value
+  return run_stage(c, str(workdir))
+
+
+@pytest.fixture(scope='module')
+def runs(lm_run, rm_run):
+  return {'lm': lm_run, 'rm': rm_run}
 
 
 def _start(cmd):
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _finish(cmd):
+  return subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
+
+
+def _wait_for(proc, path: pathlib.Path, timeout: float = 600):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline and not path.exists():
+    assert proc.poll() is None, f'the run ended early:\n{proc.stdout.read()[-3000:]}'
+    time.sleep(0.1)
+  assert path.exists(), f'no {path}'
 
 
 def _wait_for_checkpoint(proc, workdir, step: int, timeout: float = 600):
@@ -113,56 +188,85 @@ def _wait_for_checkpoint(proc, workdir, step: int, timeout: float = 600):
     if steps and max(steps) >= step:
       return max(steps)
     assert proc.poll() is None, f'the run ended early:\n{proc.stdout.read()[-3000:]}'
-    time.sleep(0.2)
+    time.sleep(0.1)
   raise TimeoutError(f'no checkpoint {step} in {workdir}')
 
 
-def test_stage_sigterm_and_kill_through_the_cli(tmp_path, lm_run):
-  """rm: SIGTERM saves and exits 0; after a resume, kill -9; the same command again finishes
-  with the losses and params of an uninterrupted run."""
-  steps = 40
-  cmd = lambda w: _cli('rm', lm_run, w, steps)
+def _metrics(workdir) -> dict:
+  """step -> every metric logged at it but the timings (a step run again logs again: the last
+  value counts)."""
+  out = {}
+  for line in (workdir / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    out.setdefault(row.pop('step'), {}).update(
+        {k: v for k, v in row.items() if not k.startswith('perf/')})
+  return out
+
+
+@pytest.mark.parametrize('stage', list(CLI_STAGES))
+def test_stage_sigterm_and_kill_through_the_cli(tmp_path, runs, stage):
+  """SIGTERM saves and exits 0; after a resume, kill -9; the same command again finishes with
+  the metrics and params of an uninterrupted run, bit for bit."""
+  steps, per_iteration = 16, CLI_STAGES[stage][3]
   w = tmp_path / 'killed'
-  proc = _start(cmd(w))
-  _wait_for_checkpoint(proc, w, 2)
+  proc = _start(_cli(stage, runs, w, steps))
+  _wait_for_checkpoint(proc, w, 2 * per_iteration)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
   assert 'stop requested: saved a checkpoint at step' in out
   stopped = workdir_lib.latest_step(str(w / 'checkpoints'))
-  assert 2 <= stopped < steps
+  assert 2 * per_iteration <= stopped < steps and stopped % per_iteration == 0
 
-  proc = _start(cmd(w))
-  _wait_for_checkpoint(proc, w, stopped + 2)
+  proc = _start(_cli(stage, runs, w, steps))
+  _wait_for_checkpoint(proc, w, stopped + 1)
   proc.kill()  # SIGKILL: no handler runs, a checkpoint may be half written.
   proc.communicate(timeout=60)
-  done = subprocess.run(cmd(w), cwd=REPO, capture_output=True, text=True,
-                        env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
-  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-  straight = subprocess.run(cmd(tmp_path / 'straight'), cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600)
-  assert straight.returncode == 0, straight.stderr[-3000:]
+  done = _finish(_cli(stage, runs, w, steps))
+  assert done.returncode == 0, done.stdout[-3000:]
+  _in_process(stage, runs, tmp_path / 'straight', steps)  # The same config, never interrupted.
 
-  def metrics(workdir):  # The last value logged for each step (a re-run step logs again).
-    rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-    return {r['step']: r['loss'] for r in rows if 'loss' in r and 'rm/accuracy' in r}
-  a, b = metrics(tmp_path / 'straight'), metrics(w)
+  a, b = _metrics(tmp_path / 'straight'), _metrics(w)
   assert sorted(a) == sorted(b) == list(range(1, steps + 1)) and a == b
-  ra, rb = (workdir_lib.load_run(str(d), model_cls=ScalarModel) for d in (tmp_path / 'straight', w))
+  model_cls = ScalarModel if stage == 'rm' else None
+  ra, rb = (workdir_lib.load_run(str(d), model_cls=model_cls) for d in (tmp_path / 'straight', w))
   assert ra.step == rb.step == steps
   for x, y in zip(jax.tree.leaves(ra.params), jax.tree.leaves(rb.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.fixture(scope='module')
-def rm_run(tmp_path_factory, lm_run):
-  workdir = tmp_path_factory.mktemp('rm')
-  run_stage(_stage_config('rm', lm_run, steps=1, ckpt_every=1), str(workdir))
-  return str(workdir)
+# Both CLIs (train.posttrain runs SFT, RM and DPO as it runs PPO); every stage in-process.
+@pytest.mark.parametrize('stage', ['pretrain', 'ppo'])
+def test_stage_nonfinite_stop_names_the_step_through_the_cli(tmp_path, runs, stage):
+  """nan_policy=stop: exit status 1 and one line naming the step that metrics.jsonl marks
+  non-finite (skip, which counts the dropped updates, is tested in-process per stage:
+  test_stage_nan_policy, test_ppo_nan_policy, tests/test_loop.py)."""
+  out = _finish(_cli(stage, runs, tmp_path, 4 * CLI_STAGES[stage][3], '--config.optim.peak_lr=1e30',
+                     '--config.optim.clip_norm=0.0', *(['--config.ppo.critic_lr=1e30']
+                                                       if stage == 'ppo' else [])))
+  assert out.returncode == 1, out.stdout[-3000:]
+  named = re.search(r'error: step (\d+): non-finite loss or gradient', out.stdout)
+  assert named, out.stdout[-3000:]
+  bad = [step for step, row in _metrics(tmp_path).items() if row.get('nonfinite') == 1]
+  assert bad == [int(named.group(1))]
+  assert 'Traceback' not in out.stdout
+
+
+def test_sigterm_during_start_up_exits_cleanly(tmp_path):
+  """SIGTERM before the first step: exit status 0, one line saying nothing was trained."""
+  proc = _start(_cli('pretrain', {}, tmp_path, 40))
+  _wait_for(proc, tmp_path / 'config.json')  # Written at the start of the run.
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'stop requested before the first step: nothing trained, nothing saved' in out
+  saved = tmp_path / 'checkpoints'
+  assert not (saved.exists() and [d for d in os.listdir(saved) if d.isdigit()])
+  assert 'Traceback' not in out
 
 
 def _ppo_config(lm_run, rm_run, **train):
-  c = _config('tiny_ppo', init_from=lm_run, **{'steps': 2, **train})
+  c = _config('tiny_ppo', init_from=lm_run, **{'steps': 2, 'ckpt_every': 4, **train})
   c.ppo.update(reward_model=rm_run, max_new_tokens=4, num_minibatches=2, ppo_epochs=2,
                eval_prompts=4, max_prompt_len=32)
   return c
@@ -171,13 +275,26 @@ def _ppo_config(lm_run, rm_run, **train):
 def test_ppo_resume_is_bit_identical(tmp_path, lm_run, rm_run):
   straight = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'a'))
   first = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'b'), stop_after=1)
-  assert int(first['state']['step']) == 4 and first['eval/score'] is None  # 2 epochs x 2.
+  assert int(first.state['step']) == 4 and first.eval == {}  # Ends the iteration: 2 epochs x 2.
   resumed = run_stage(_ppo_config(lm_run, rm_run), str(tmp_path / 'b'))
-  last = lambda r: next(h for h in r['history'] if h['step'] == 2 and 'loss' in h)
-  for key in ('loss', 'objective/scores', 'objective/kl', 'policy/grad_norm'):
-    assert last(straight)[key] == last(resumed)[key], key
-  for x, y in zip(jax.tree.leaves(straight['state']), jax.tree.leaves(resumed['state'])):
+  a, b = ({h['step']: h for h in r.history if 'loss' in h} for r in (straight, resumed))
+  assert sorted(b) == [5, 6, 7, 8] and sorted(a) == list(range(1, 9))
+  for step in b:
+    for key in ('loss', 'objective/scores', 'objective/kl', 'objective/kl_coef',
+                'policy/grad_norm', 'val/grad_norm'):
+      assert a[step][key] == b[step][key], (step, key)
+  assert straight.eval == resumed.eval and set(straight.eval) == {'eval/score_before', 'eval/score'}
+  for x, y in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  saved = json.loads((tmp_path / 'b/checkpoints/8/data/metadata').read_text())
+  assert saved['process_states'][0]['iteration'] == 2
+
+
+def test_ppo_checkpoints_only_between_iterations(tmp_path, lm_run, rm_run):
+  with pytest.raises(ConfigError, match=r'train.ckpt_every=2: PPO saves between iterations'):
+    run_stage(_ppo_config(lm_run, rm_run, ckpt_every=2), str(tmp_path))
+  with pytest.raises(ConfigError, match=r'distributed.num_processes=2: PPO runs on one process'):
+    pt_config.validate(_ppo_config(lm_run, rm_run), 8, process_count=2)
 
 
 def test_ppo_nan_policy(tmp_path, lm_run, rm_run):
@@ -186,8 +303,8 @@ def test_ppo_nan_policy(tmp_path, lm_run, rm_run):
     c.optim.update(peak_lr=1e30, warmup_steps=1, clip_norm=0.0)
     c.ppo.critic_lr = 1e30
     return c
-  with pytest.raises(loop.NonFiniteError, match=r'step \d+: non-finite'):
-    run_stage(diverging('stop'), str(tmp_path / 'stop'))
+  _assert_stop_names_the_step(lambda: run_stage(diverging('stop'), str(tmp_path / 'stop')),
+                              tmp_path / 'stop')
   result = run_stage(diverging('skip'), str(tmp_path / 'skip'))
-  assert result['history'][-2]['skipped_steps'] >= 1
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result['state']))
+  assert result.history[-2]['skipped_steps'] >= 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state))

@@ -115,10 +115,10 @@ def lower_train_step(config, devices=None):
     shape = (t.grad_accum, t.global_batch // t.grad_accum, config.data.seq_len)
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'loss_mask' else jnp.int32,
                                      sharding=batch_sharding) for k in BATCH_KEYS}
-    step = step_lib.jit_train_step(mdef, tx, optimizer_lib.schedule(config.optim, t.steps),
-                                   shardings, batch_sharding,
-                                   use_router_noise=ctx.cfg.is_moe and ctx.cfg.router_jitter > 0)
-    return step.lower(state, batch), ctx.cfg
+    step = step_lib.jit_step(lambda _: step_lib.lm_loss(mdef), tx,
+                             optimizer_lib.schedule(config.optim, t.steps), shardings,
+                             batch_sharding, use_rng=ctx.cfg.is_moe and ctx.cfg.router_jitter > 0)
+    return step.lower(state, batch, None), ctx.cfg
 
 
 def _memory(compiled, num_layers: int, seconds: float) -> CompiledMemory:

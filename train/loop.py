@@ -3,7 +3,7 @@
 
 Importable from a notebook: `train.loop.run(config, workdir)` returns the final state and the
 metric history. `python -m train` and `python -m train.posttrain` are thin wrappers around it;
-a stage (train/stage.py: pre-training and SFT, the reward model, DPO) supplies its model, data,
+a stage (train/stage.py: pre-training and SFT, the reward model, DPO, PPO) supplies its model, data,
 loss and initial params, and every stage keeps the same promises: resume is bit-identical,
 SIGTERM saves a checkpoint and exits cleanly, `train.nan_policy` stops naming the step or counts
 the skipped update, and the data state of every process travels in the checkpoint.
@@ -15,6 +15,7 @@ profile/ when `train.profile_steps` asks for a jax.profiler trace (train/profili
 """
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -28,7 +29,6 @@ from train import checkpoint as ckpt_lib
 from train import context as context_lib
 from train import distributed
 from train import metrics as metrics_lib
-from train import optimizer as optimizer_lib
 from train import plots, profiling
 from train import samples as samples_lib
 from train import stage as stage_lib
@@ -58,12 +58,21 @@ def run(config, workdir: str, *, stage: stage_lib.Stage | None = None,
         stop_after: int | None = None) -> RunResult:
   """Trains (or resumes) the run in `workdir`; `stage` defaults to the LM stage of `config`.
   `stop_after=N` leaves after N steps of this call, with a checkpoint, as SIGTERM would
-  (notebooks and the resume tests use it)."""
+  (notebooks and the resume tests use it). SIGTERM is handled from the start: one that comes
+  before the first step ends the run there, with nothing trained and nothing saved."""
   setup_logging()
+  stop = StopSignal()
+  try:
+    return _run(config, workdir, stage, stop_after, stop)
+  finally:
+    stop.restore()
+
+
+def _run(config, workdir, stage, stop_after, stop) -> RunResult:
   distributed.maybe_initialize(config.distributed)
   stage = stage_lib.lm_stage(config) if stage is None else stage
   ctx = context_lib.make(config, workdir, stage.validate)
-  cfg, t = ctx.cfg, config.train
+  cfg, t, steps = ctx.cfg, config.train, stage.steps or config.train.steps
   trace = profiling.TraceWindow(t.profile_steps, os.path.join(workdir, 'profile'))
   if jax.process_index() == 0:  # What train.generate / train.eval / the next stage read back.
     workdir_lib.write_config(config, workdir)
@@ -73,9 +82,7 @@ def run(config, workdir: str, *, stage: stage_lib.Stage | None = None,
   with jax.set_mesh(ctx.mesh), use_rules(ctx.rules):
     data = stage.make_data(ctx, 'train')
     log.info('data sources as built: %s', getattr(data, 'build_stats', {}))
-    tx = optimizer_lib.make(config.optim, t.steps)
-    schedule = optimizer_lib.schedule(config.optim, t.steps)
-    state, shardings, mdef = state_lib.create(cfg, tx, ctx.mesh, t.seed, stage.model_cls)
+    state, shardings, mdef, tx, schedule = stage.new_state(ctx, steps)
     log.info('parameters: %s', f'{sum(x.size for x in jax.tree.leaves(state["params"])):,}')
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
@@ -85,50 +92,56 @@ def run(config, workdir: str, *, stage: stage_lib.Stage | None = None,
                                                   jax.process_count()))
       log.info('%s: resuming from step %d', stage.name, int(state['step']))
     else:
-      state['params'] = stage.init_params(ctx, mdef, state['params'])
+      state = stage.init_state(ctx, mdef, state)
       if t.init_from:
         log.info('%s: params initialised from %s', stage.name, t.init_from)
     start = int(state['step'])
     frozen, data, make_eval_data = stage.prepare(ctx, mdef, data,
                                                  lambda: stage.make_data(ctx, 'eval'),
-                                                 t.steps - start)
+                                                 steps - start)
 
     make_loss = lambda f: stage.make_loss(mdef, f)
     train_step = step_lib.jit_step(make_loss, tx, schedule, shardings,
-                                   count_name=stage.count_name, use_rng=stage.use_rng)
-    evaluate = Evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx)
+                                   count_name=stage.count_name, use_rng=stage.use_rng,
+                                   trained=stage.trained, grad_metrics=stage.grad_metrics)
+    batch_sharding = (lambda ndim: ctx.replicated) if stage.replicate_batch else ctx.batch_sharding
+    evaluate = (functools.partial(stage.evaluate, data) if stage.evaluate else
+                Evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))
     writer = metrics_lib.Writer(workdir, shown=stage.shown)
     flops = training_flops_per_token(cfg, config.data.seq_len)
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
              flops.per_token, flops.dense_equivalent, peak, peak_source)
     throughput = metrics_lib.Throughput(flops.per_token, peak)
-    tokens_per_step = t.global_batch * stage.rows_per_example * config.data.seq_len
     sampler = None
     if t.sample_every and stage.model_cls is Decoder:
       sampler = samples_lib.Sampler(cfg, data.tokenizer, ctx.mesh, ctx.rules)
-    progress = metrics_lib.Progress(t.progress, t.steps, start)
-    stop = StopSignal()
-    eval_metrics = {}
+    progress = metrics_lib.Progress(t.progress, steps, start)
+    eval_metrics, source_metrics = {}, {}
 
     try:
       pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
       skipped = 0
-      for step in range(start, t.steps):
+      if stop.requested:  # During start-up: nothing trained yet.
+        saved = f'the latest checkpoint is still step {start}' if start else 'nothing saved'
+        log.warning('stop requested before the first step: nothing trained, %s; exiting', saved)
+      for step in range(start, start if stop.requested else steps):
+        done = step + 1  # The step's number everywhere: metrics, log, progress, errors.
         trace.maybe_start(step)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
-          batch = device_batch(next(data), t.grad_accum, ctx.batch_sharding)
+          source_metrics.update(stage.before_step(data, state, step))
+          batch = device_batch(next(data), t.grad_accum, batch_sharding)
           state, metrics = train_step(state, batch, frozen)
         with throughput.paused():  # Writing the trace out is not training time.
           trace.maybe_stop(step, state)
-        skipped += check_finite(pending, t.nan_policy)
-        pending = (step, metrics)
-        throughput.update(tokens_per_step)
-        done, logged = step + 1, None
-        if done % t.log_every == 0 or done == t.steps:
-          skipped += check_finite(pending, t.nan_policy)
+        skipped += check_finite(pending, t.nan_policy, writer)
+        pending = (done, metrics)
+        throughput.update(stage.step_tokens)
+        logged = None
+        if done % t.log_every == 0 or done == steps:
+          skipped += check_finite(pending, t.nan_policy, writer)
           pending = None
-          logged = writer.scalars(done, {**metrics, **throughput.report(), 'skipped_steps': skipped,
-                                         **data_counts(data)})
+          logged = writer.scalars(done, {**metrics, **source_metrics, **throughput.report(),
+                                         'skipped_steps': skipped, **data_counts(data)})
         if t.eval_every and done % t.eval_every == 0:
           with throughput.paused():
             eval_metrics = writer.scalars(done, evaluate(state['params'], frozen))
@@ -137,20 +150,20 @@ def run(config, workdir: str, *, stage: stage_lib.Stage | None = None,
             sampler.write(writer, done, state['params'])
         if stop_after is not None and done - start >= stop_after:
           stop.requested = True
-        if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
+        may_save = done % stage.save_every == 0
+        if may_save and (done % t.ckpt_every == 0 or done == steps or stop.requested):
           checkpointer.save(done, state, distributed.gather_data_state(data.get_state()), force=True)
         progress.update(logged)
-        if stop.requested:
+        if stop.requested and may_save:
           log.warning('stop requested: saved a checkpoint at step %d, exiting', done)
           break
-      skipped += check_finite(pending, t.nan_policy)
+      skipped += check_finite(pending, t.nan_policy, writer)
       if not stop.requested and not t.eval_every:
         eval_metrics = writer.scalars(int(state['step']), evaluate(state['params'], frozen))
     finally:  # Also on errors: pending async checkpoint writes complete.
       trace.close()
       checkpointer.close()
       writer.close()
-      stop.restore()
       progress.close()
   if writer.enabled:
     plots.write(workdir)
@@ -183,8 +196,11 @@ def data_counts(data) -> dict:
           for key, value in counts.items()}
 
 
-def check_finite(pending, policy: str) -> int:
-  """1 if the pending step had a non-finite loss or gradient (its update was dropped)."""
+def check_finite(pending, policy: str, writer) -> int:
+  """1 if the pending (step number, metrics) had a non-finite loss or gradient (its update was
+  dropped); `step` is the number metrics.jsonl, the log and the progress bar give that step (1
+  for the first). With policy 'stop' its metrics are written (at that step), then
+  NonFiniteError names it."""
   if pending is None:
     return 0
   step, metrics = pending
@@ -193,6 +209,7 @@ def check_finite(pending, policy: str) -> int:
   message = (f'step {step}: non-finite loss or gradient (loss={float(metrics["loss"])}, '
              f'grad_norm={float(metrics["grad_norm"])}); the update was not applied')
   if policy == 'stop':
+    writer.scalars(step, metrics)
     raise NonFiniteError(message + '. Resume from the last checkpoint with a lower optim.peak_lr, '
                          'or set train.nan_policy=skip.')
   log.warning('%s; skipping (train.nan_policy=skip)', message)

@@ -3,7 +3,7 @@
 A stage is its model class, its data, its loss and its initial params; the loop does the rest
 (sharded state, resume, the step of train/step.py, NaN policy, SIGTERM, checkpoints with the
 gathered data state, eval, samples, profiler window, progress bar, TensorBoard and metrics).
-Pre-training and SFT are `lm_stage`; the reward model and DPO are in train/posttrain/.
+Pre-training and SFT are `lm_stage`; the reward model, DPO and PPO are in train/posttrain/.
 """
 
 import dataclasses
@@ -16,6 +16,8 @@ from data import pipeline
 from model.transformer import Decoder
 from train import checkpoint as ckpt_lib
 from train import config as config_lib
+from train import optimizer as optimizer_lib
+from train import state as state_lib
 from train import step as step_lib
 
 
@@ -29,27 +31,53 @@ class Stage:
 
   validate(config, devices, processes) -> ModelConfig (raises ConfigError);
   make_data(ctx, split) -> iterator of process-local numpy batches [B_local, ...] (nested dicts
-    allowed) with get_state() / set_state() and `.tokenizer`;
+    allowed) with get_state() / set_state(), counts() and `.tokenizer`;
   make_loss(mdef, frozen) -> loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums));
-  init_params(ctx, mdef, fresh_params) -> params of a fresh run (`fresh_params`: as initialised);
+  init_state(ctx, mdef, state) -> the state of a fresh run (`state`: as initialised), e.g. its
+    params from `train.init_from`;
   prepare(ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data): once,
     after the restore (`data` is at the position of the next step): e.g. load a frozen reference
     (passed to make_loss in every step) or wrap the data;
-  eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...).
+  eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...);
+  make_state(ctx, steps) -> (state, shardings, mdef of state['params'], tx, lr schedule) of a
+    fresh run; None: {'step', 'params', 'opt_state', 'rng'} of `model_cls`, train/optimizer.py;
+  trained, grad_metrics: train/step.py train_step's;
+  before_step(data, state, step) -> scalars, logged with every later step until replaced (PPO's
+    rollout phase);
+  evaluate(data, params, frozen) -> eval scalars, instead of the loss means over eval batches;
+  save_every: checkpoints (and a stop request's) only at multiples of it;
+  replicate_batch: batches replicated over the mesh, not split along its batch axes.
   """
   name: str
   validate: Callable
   make_data: Callable
   make_loss: Callable
-  init_params: Callable
+  init_state: Callable
   eval_batches: int
+  step_tokens: int  # Tokens per step, for throughput.
+  steps: int = 0  # Loop steps (optimiser updates; the schedule's length); 0: train.steps.
   model_cls: Any = Decoder
   prepare: Callable = _keep
   eval_metrics: Callable = lambda means: {}
   count_name: str = 'tokens'  # The metric of the step's count (tokens, pairs).
-  rows_per_example: int = 1  # Sequences per batch row (pairs: 2), for throughput.
   shown: tuple = ()  # Metrics added to the log line.
   use_rng: bool = False  # A per-step RNG for the loss (MoE router noise).
+  make_state: Callable | None = None
+  trained: tuple | None = None
+  grad_metrics: Callable | None = None
+  before_step: Callable = lambda data, state, step: {}
+  evaluate: Callable | None = None
+  save_every: int = 1
+  replicate_batch: bool = False
+
+  def new_state(self, ctx, steps: int):
+    """make_state's (state, shardings, mdef, tx, schedule), or the default one."""
+    if self.make_state is not None:
+      return self.make_state(ctx, steps)
+    optim = ctx.config.optim
+    tx, schedule = optimizer_lib.make(optim, steps), optimizer_lib.schedule(optim, steps)
+    return (*state_lib.create(ctx.cfg, tx, ctx.mesh, ctx.config.train.seed, self.model_cls), tx,
+            schedule)
 
 
 def lm_stage(config) -> Stage:
@@ -63,15 +91,15 @@ def lm_stage(config) -> Stage:
         workdir=ctx.workdir, split=split, process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.train.seed)
 
-  def init_params(ctx, mdef, params):
+  def init_state(ctx, mdef, state):
     if not init_from:
-      return params
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    return ckpt_lib.restore_params(init_from, params, shardings)
+      return state
+    shardings = jax.tree.map(lambda x: x.sharding, state['params'])
+    return dict(state, params=ckpt_lib.restore_params(init_from, state['params'], shardings))
 
-  cfg = config_lib.model_config(config)
+  cfg, t = config_lib.model_config(config), config.train
   return Stage(name='lm', validate=config_lib.validate, make_data=make_data,
-               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_params=init_params,
-               eval_batches=int(config.train.eval_batches),
+               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_state=init_state,
+               eval_batches=int(t.eval_batches), step_tokens=t.global_batch * config.data.seq_len,
                eval_metrics=lambda m: {'eval/perplexity': float(np.exp(min(m['eval/loss'], 50.0)))},
                use_rng=cfg.is_moe and cfg.router_jitter > 0)

@@ -63,33 +63,43 @@ def accumulate(loss_fn, params, batch, rng):
 
 
 def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str, use_rng: bool,
-               grad_metrics=None):
-  """One optimiser step of state {'step', 'params', 'opt_state', 'rng'}.
+               trained: tuple | None = None, grad_metrics=None):
+  """One optimiser step of state {'step', 'params', 'opt_state', 'rng', ...}.
 
   make_loss(frozen) -> loss_fn: `frozen` (e.g. a DPO reference, or None) enters the jitted step
-  as an argument, not as a constant. Metrics: every metric sum / count, and 'grad_norm',
-  'param_norm', 'learning_rate', `count_name` (the count), 'nonfinite' (1: update dropped), and
-  grad_metrics(grads) if given.
+  as an argument, not as a constant. `trained`: state keys trained as one tree {key: state[key]}
+  (`tx` then takes that dict, e.g. per_key; the loss gets it as its params); None: state['params']
+  alone. Metrics: every metric sum / count, and 'grad_norm', 'param_norm' (of the params kept:
+  a dropped update leaves them as they were), 'learning_rate', `count_name` (the count),
+  'nonfinite' (1: update dropped), and grad_metrics(grads) if given.
   """
   rng, step_rng = jax.random.split(state['rng'])
-  grads, count, sums = accumulate(make_loss(frozen), state['params'], batch,
-                                  step_rng if use_rng else None)
+  old = state['params'] if trained is None else {k: state[k] for k in trained}
+  grads, count, sums = accumulate(make_loss(frozen), old, batch, step_rng if use_rng else None)
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   metrics = {k: v / denom for k, v in sums.items()}
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+  updates, opt_state = tx.update(grads, state['opt_state'], old)
   # A non-finite loss or gradient never reaches the weights: the update is dropped whatever the
   # policy; the loop then stops (nan_policy='stop') or counts it and goes on ('skip').
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = dict(state, step=state['step'] + 1, params=keep(params, state['params']),
-                   opt_state=keep(opt_state, state['opt_state']), rng=rng)
-  metrics.update({'grad_norm': grad_norm, 'param_norm': optax.tree.norm(params),
+  keep = lambda new, prev: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, prev)
+  params = keep(optax.apply_updates(old, updates), old)
+  new_state = dict(state, step=state['step'] + 1, opt_state=keep(opt_state, state['opt_state']),
+                   rng=rng, **({'params': params} if trained is None else params))
+  metrics.update({'grad_norm': grad_norm, 'param_norm': scaled_norm(params),
                   'learning_rate': schedule(state['step']), count_name: count,
                   'nonfinite': 1 - finite, **(grad_metrics(grads) if grad_metrics else {})})
   return new_state, metrics
+
+
+def scaled_norm(tree):
+  """The L2 norm of a tree's leaves, finite for every finite tree: scaled by the largest |x|
+  first, so that huge (diverged but finite) params do not overflow to inf."""
+  scale = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
+  scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
+  return scale * optax.tree.norm(jax.tree.map(lambda x: x / scale, tree))
 
 
 def per_key(txs: dict) -> optax.GradientTransformation:
@@ -101,10 +111,11 @@ def per_key(txs: dict) -> optax.GradientTransformation:
 
 
 def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, *, count_name='tokens',
-             use_rng=False):
-  """jitted (state, batch, frozen) -> (state, metrics); the state is donated."""
+             use_rng=False, trained=None, grad_metrics=None):
+  """jitted (state, batch, frozen) -> (state, metrics) of train_step; the state is donated."""
   fn = functools.partial(train_step, make_loss=make_loss, tx=tx, schedule=schedule,
-                         count_name=count_name, use_rng=use_rng)
+                         count_name=count_name, use_rng=use_rng, trained=trained,
+                         grad_metrics=grad_metrics)
   return jax.jit(fn, in_shardings=(shardings, batch_sharding, None),
                  out_shardings=(shardings, None), donate_argnums=0)
 
@@ -126,40 +137,19 @@ def token_nll(logits_btv, targets_bt):
   return logz_bt - target_logit_bt
 
 
-def loss_sums(params, batch, rng, mdef):
-  """(loss_sum to differentiate, (nll_sum, token_count, aux)) for one micro-batch."""
-  model = mdef.build(params)
-  h_btd, aux = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], rng)
-  mask_bt = batch['loss_mask'].astype(jnp.float32)
-  # The head and the loss fused, chunked over the sequence (train/head_loss.py): equal to
-  # sum(token_nll(model.logits(h_btd), targets) * mask) without [b, t, vocab] arrays.
-  nll_sum = head_nll_sum(h_btd, model.head_matrix(), batch['targets'], mask_bt)
-  count = jnp.sum(mask_bt)
-  # The aux loss is a per-micro-batch mean; weighting it by the token count makes the final
-  # division by the total count a token-weighted mean over micro-batches.
-  total = nll_sum + aux.get('aux_loss', 0.0) * count
-  return total, (nll_sum, count, aux)
-
-
 def lm_loss(mdef):
   """loss_fn of the LM stages: metric sums 'loss' (NLL) and the MoE aux values 'moe/*'
   weighted by token count (so their means are token-weighted over micro-batches)."""
   def loss_fn(params, micro, rng):
-    total, (nll_sum, count, aux) = loss_sums(params, micro, rng, mdef)
+    model = mdef.build(params)
+    h_btd, aux = model.hidden(micro['inputs'], micro['positions'], micro['segment_ids'], rng)
+    mask_bt = micro['loss_mask'].astype(jnp.float32)
+    # The head and the loss fused, chunked over the sequence (train/head_loss.py): equal to
+    # sum(token_nll(model.logits(h_btd), targets) * mask) without [b, t, vocab] arrays.
+    nll_sum = head_nll_sum(h_btd, model.head_matrix(), micro['targets'], mask_bt)
+    count = jnp.sum(mask_bt)
+    # The aux loss is a per-micro-batch mean; weighting it by the token count makes the final
+    # division by the total count a token-weighted mean over micro-batches.
+    total = nll_sum + aux.get('aux_loss', 0.0) * count
     return total, (count, {'loss': nll_sum, **{f'moe/{k}': v * count for k, v in aux.items()}})
   return loss_fn
-
-
-def accumulate_grads(params, batch, rng, mdef):
-  """LM gradient, NLL and token sums over the micro-batches, and the token-weighted aux means."""
-  grads, count, sums = accumulate(lm_loss(mdef), params, batch, rng)
-  aux = {k[len('moe/'):]: v / jnp.maximum(count, 1.0) for k, v in sums.items() if k != 'loss'}
-  return grads, sums['loss'], count, aux
-
-
-def jit_train_step(mdef, tx, schedule, shardings, batch_sharding, use_router_noise=False):
-  """The LM step as jitted (state, batch) -> (state, metrics) (compile-only users: train/aot.py)."""
-  fn = functools.partial(train_step, frozen=None, make_loss=lambda _: lm_loss(mdef), tx=tx,
-                         schedule=schedule, count_name='tokens', use_rng=use_router_noise)
-  return jax.jit(fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                 donate_argnums=0)

@@ -35,12 +35,13 @@ def eval_loss(config, lm, workdir: str) -> dict:
   data = pipeline.make_iterator(config.data, vocab_size=gen.cfg.vocab_size,
                                 global_batch=config.train.global_batch, workdir=workdir,
                                 split='eval', seed=config.train.seed)
-  fn = jax.jit(lambda p, b: step_lib.loss_sums(p, b, None, gen.mdef)[1][:2])
+  fn = jax.jit(lambda p, b: step_lib.lm_loss(gen.mdef)(p, b, None)[1])
   nll = tokens = 0.0
   with jax.set_mesh(gen.mesh):
     for _ in range(config.train.eval_batches):
       batch = {k: np.asarray(v) for k, v in next(data).items()}
-      n, c = fn(gen.params, batch)
+      c, sums = fn(gen.params, batch)
+      n = sums['loss']
       nll, tokens = nll + float(n), tokens + float(c)
   loss = nll / max(tokens, 1.0)
   return {'task': 'loss', 'metrics': {'loss': loss, 'perplexity': math.exp(min(loss, 50.0))},

@@ -7,7 +7,6 @@ model's tokenizer. Every stage writes DIR/config.json.
 """
 
 import jax
-import ml_collections
 from absl import app, flags
 
 from model.config import ConfigError
@@ -21,15 +20,13 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def run(config, workdir: str, *, stop_after: int | None = None):
-  """Runs the stage `config` describes through the train loop; returns its RunResult (PPO: its
-  result dict)."""
+  """Runs the stage `config` describes through the train loop; returns its RunResult."""
   stage = config.get('stage', 'sft')
   if stage not in pt_config.STAGES:
     raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
   if stage == 'sft':
-    config = ml_collections.ConfigDict(config.to_dict())
     if config.train.init_from:
-      config.data.tokenizer = workdir_lib.inherited_tokenizer(config)
+      config = setup.stage_config(config)
       # train/loop.py restores the latest step of a checkpoints folder: accept a workdir too.
       root, step, _ = workdir_lib.resolve_checkpoint(config.train.init_from)
       if step is not None:
@@ -40,9 +37,7 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   distributed.maybe_initialize(config.distributed)  # Before anything asks JAX for devices.
   pt_config.validate(config, jax.device_count(), jax.process_count())  # Before reading init_from.
   config = setup.stage_config(config)
-  if stage == 'ppo':
-    return ppo_loop.run(config, workdir, stop_after)
-  make_stage = {'rm': reward.stage, 'dpo': dpo.stage}[stage]
+  make_stage = {'rm': reward.stage, 'dpo': dpo.stage, 'ppo': ppo_loop.stage}[stage]
   return loop.run(config, workdir, stage=make_stage(config), stop_after=stop_after)
 
 

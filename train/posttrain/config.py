@@ -6,6 +6,8 @@ meaning: `train.init_from` is the starting checkpoint (SFT: the pre-trained LM; 
 model), `train.steps` counts optimiser steps (RM, DPO) or PPO iterations (one rollout batch
 each), `train.global_batch` is pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is
 the trained model's (PPO: the policy's; the critic has `ppo.critic_lr`).
+Every other step-counted key (log_every, ckpt_every, eval_every, sample_every, profile_steps)
+counts optimiser updates, in PPO too (train/posttrain/ppo_loop.py).
 """
 
 import ml_collections
@@ -92,6 +94,13 @@ def validate(config, num_devices: int, process_count: int = 1):
     for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len', 'critic_lr'):
       if not p[key] > 0:
         raise ConfigError(f'ppo.{key}={p[key]} must be > 0')
+    if process_count > 1:
+      raise ConfigError(f'distributed.num_processes={process_count}: PPO runs on one process (its '
+                        f'rollouts are not split over processes)')
+    per_iteration = p.ppo_epochs * p.num_minibatches
+    if config.train.ckpt_every % per_iteration:
+      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations; '
+                        f'use a multiple of ppo.ppo_epochs x ppo.num_minibatches = {per_iteration}')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:

@@ -25,7 +25,7 @@ import numpy as np
 
 from train import step as step_lib
 from train import workdir as workdir_lib
-from train.posttrain import pairs, setup
+from train.posttrain import pairs
 
 log = logging.getLogger('meshlm')
 
@@ -102,8 +102,8 @@ def stage(config):
   beta = float(config.dpo.beta)
   reference = config.dpo.reference or config.train.init_from
 
-  def init_params(ctx, mdef, params):
-    return workdir_lib.restore_params(config.train.init_from, ctx.cfg, ctx)
+  def init_state(ctx, mdef, state):
+    return dict(state, params=workdir_lib.restore_params(config.train.init_from, ctx.cfg, ctx))
 
   def prepare(ctx, mdef, data, make_eval_data, steps_left):
     ref_params = workdir_lib.restore_params(reference, ctx.cfg, ctx)
@@ -119,7 +119,7 @@ def stage(config):
     return None, with_fields(data, train_refs), lambda: with_fields(make_eval_data(), eval_refs)
 
   return pairs.stage(
-      config, name='dpo', init_params=init_params, prepare=prepare,
+      config, name='dpo', init_state=init_state, prepare=prepare,
       make_loss=lambda mdef, frozen: lambda p, micro, rng: loss_fn(p, micro, frozen, mdef=mdef,
                                                                     beta=beta),
       shown=('rewards/accuracy', 'rewards/margin', 'rewards/chosen', 'rewards/rejected'))

@@ -1,4 +1,5 @@
-"""RLHF with PPO: rollouts from the policy, rewards from the reward model, KL to a frozen reference.
+"""RLHF with PPO, a stage of the one loop (train/loop.py): rollouts from the policy, rewards
+from the reward model, KL to a frozen reference.
 
 Models, all sharded on one mesh by the same logical rules (model/sharding.py):
   policy     Decoder, from `train.init_from` (the SFT model); trained with `optim`.
@@ -14,16 +15,25 @@ One iteration (`train.steps` of them): `train.global_batch` prompts (user turns 
 sources, chat template) -> completions sampled by train/generate.py at `ppo.temperature` ->
 one forward each of policy (log-probs, entropy), reference (log-probs), critic (values), reward
 model (score at the last token of prompt + completion laid out as in RM training) -> rewards,
-GAE, whitened advantages (ppo.py) -> `ppo_epochs` passes of `num_minibatches` optimiser steps
-over the batch, shuffled. Checkpoints hold the policy as `params`, so every LM tool (generate,
-eval, the next stage) reads a PPO workdir like any other; the critic and optimiser states sit
-beside it for resuming. Before the first and after the last iteration the mean reward of greedy
-completions of `ppo.eval_prompts` held-out prompts is logged (eval/score_before, eval/score).
+GAE, whitened advantages (ppo.py) -> `ppo_epochs` passes of `num_minibatches` optimiser updates
+over the batch, shuffled.
+
+Through the loop: the rollout phase is the stage's `before_step` hook (Rollouts.refill, at an
+iteration's first update); a loop step is one update of the trained tree {'params': policy,
+'critic'} by train/step.py, so state['step'], metrics.jsonl, the log, the progress bar,
+non-finite reports and the step-counted keys (log_every, ckpt_every, eval_every, sample_every,
+profile_steps) count updates: train.steps x ppo_epochs x num_minibatches of them. The rollout
+batch is not saved, so checkpoints fall between iterations (ckpt_every: a multiple of the
+updates per iteration; a stop request finishes the iteration); with the data state
+{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. Checkpoints hold the policy as
+`params` (every LM tool reads a PPO workdir like any other), the critic beside it. A logged
+update has its loss/*, policy/*, val/* and the objective/*, completions/* of its rollout; the
+eval (at the end or every eval_every) is eval/score, the mean reward of greedy completions of
+`ppo.eval_prompts` held-out prompts, with eval/score_before of the initial policy.
 """
 
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +46,11 @@ from data import sources
 from data.tokenizer import Tokenizer
 from model import decode
 from model.heads import ScalarModel
-from model.sharding import use_rules
-from train import checkpoint as ckpt_lib
+from model.transformer import Decoder
 from train import config as base_config
-from train import context as context_lib
 from train import generate as gen_lib
-from train import loop
-from train import metrics as metrics_lib
 from train import optimizer as optimizer_lib
+from train import stage as stage_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
@@ -95,23 +102,6 @@ def reward_layout(lay: dict, num_new_b, prompt_len: int, end_id: int, newline: l
   return {'inputs': tokens, 'positions': positions, 'segment_ids': segs}
 
 
-class Models:
-  """The jitted forward passes over rollouts (each compiled once per rollout shape)."""
-
-  def __init__(self, mdef, critic_mdef, rm_mdef):
-    def logp(params, tokens, positions, segs):
-      logits, _ = mdef.build(params)(tokens, positions, segs)
-      return ppo.token_logprobs_and_entropy(logits, tokens)
-
-    def values(params, tokens, positions, segs):
-      return critic_mdef.build(params)(tokens, positions, segs)[0][:, :-1]
-
-    def scores(params, rows):
-      return reward.rewards(rm_mdef.build(params), rows)[0]
-
-    self.logp, self.values, self.scores = jax.jit(logp), jax.jit(values), jax.jit(scores)
-
-
 def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
   kl_bt = ppo.kl_penalty(rollout['logprobs'], rollout['ref_logprobs'], p.kl_estimator)
   mask = rollout['mask']
@@ -123,11 +113,12 @@ def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
           'kl_sum_b': jnp.sum(kl_bt * mask, axis=1)}
 
 
-def update_loss(trainable, micro, rng, *, mdef, critic_mdef, loss_cfg):
-  policy = mdef.build(trainable['policy'])
+def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg):
+  """The loss_fn of a PPO update (train/step.py) of trained {'params': policy, 'critic'}."""
+  policy = mdef.build(trained['params'])
   logits, aux = policy(micro['tokens'], micro['positions'], micro['segment_ids'])
   logp_bt, entropy_bt = ppo.token_logprobs_and_entropy(logits, micro['tokens'])
-  values_bt = critic_mdef.build(trainable['critic'])(micro['tokens'], micro['positions'],
+  values_bt = critic_mdef.build(trained['critic'])(micro['tokens'], micro['positions'],
                                                      micro['segment_ids'])[0][:, :-1]
   loss, metrics = ppo.ppo_losses(logp_bt, entropy_bt, values_bt, micro, micro['mask'], loss_cfg)
   count = jnp.sum(micro['mask'])
@@ -135,111 +126,124 @@ def update_loss(trainable, micro, rng, *, mdef, critic_mdef, loss_cfg):
   return total, (count, {k: v * count for k, v in dict(metrics, loss=loss).items()})
 
 
-def update_step(state, batch, *, mdef, critic_mdef, loss_cfg, txs, schedules):
-  """One PPO update by train/step.py's step: policy and critic are one trained tree
-  {'policy', 'critic'} (opt_state alike), each with its own optimiser; a non-finite update is
-  dropped as in every stage."""
-  loss_fn = functools.partial(update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg)
-  norms = lambda g: {'policy/grad_norm': optax.tree.norm(g['policy']),
-                     'val/grad_norm': optax.tree.norm(g['critic'])}
-  new, metrics = step_lib.train_step(
-      dict(state, params={'policy': state['params'], 'critic': state['critic']}), batch, None,
-      make_loss=lambda _: loss_fn, tx=step_lib.per_key(txs), schedule=schedules['policy'],
-      count_name='tokens', use_rng=False, grad_metrics=norms)
-  return dict(new, params=new['params']['policy'], critic=new['params']['critic']), metrics
-
-
 def optimizers(config, num_updates: int):
-  critic_optim = ml_collections.ConfigDict(config.optim.to_dict())
-  critic_optim.peak_lr = config.ppo.critic_lr
-  txs = {'policy': optimizer_lib.make(config.optim, num_updates),
-         'critic': optimizer_lib.make(critic_optim, num_updates)}
-  schedules = {'policy': optimizer_lib.schedule(config.optim, num_updates),
-               'critic': optimizer_lib.schedule(critic_optim, num_updates)}
-  return txs, schedules
+  """({'params', 'critic'}: optimiser, same: schedule): the policy's `optim`, the critic's with
+  peak ppo.critic_lr."""
+  optims = {'params': config.optim, 'critic': ml_collections.ConfigDict(
+      dict(config.optim.to_dict(), peak_lr=config.ppo.critic_lr))}
+  return ({k: optimizer_lib.make(o, num_updates) for k, o in optims.items()},
+          {k: optimizer_lib.schedule(o, num_updates) for k, o in optims.items()})
 
 
-def run(config, workdir: str, stop_after: int | None = None) -> dict:
-  """`config`: a stage config with data.tokenizer filled in (train/posttrain/__main__.py)."""
-  loop.setup_logging()
-  env = context_lib.make(config, workdir, pt_config.validate)
-  cfg = env.cfg
-  workdir_lib.write_config(config, workdir)
+def grad_norms(grads) -> dict:
+  return {'policy/grad_norm': optax.tree.norm(grads['params']),
+          'val/grad_norm': optax.tree.norm(grads['critic'])}
+
+
+def stage(config) -> stage_lib.Stage:
+  """The PPO stage of `config` (a stage config with data.tokenizer filled in)."""
   t, p = config.train, config.ppo
-  tok = Tokenizer(config.data.tokenizer)
-  template = chat_lib.ChatTemplate(tok)
-  rm_config = workdir_lib.load_config(None, workdir_lib.run_workdir(p.reward_model))
-  rm_cfg = base_config.model_config(rm_config)
-  critic_cfg = rm_cfg if p.critic_init == 'reward_model' else cfg
-  num_updates = pt_config.ppo_updates(config)
-  with jax.set_mesh(env.mesh), use_rules(env.rules):
-    mdef, abstract = state_lib.model_def(cfg)
-    critic_mdef, critic_abstract = state_lib.model_def(critic_cfg, ScalarModel)
-    rm_mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
-    txs, schedules = optimizers(config, num_updates)
-    p_shard = env.param_shardings(mdef, abstract)
-    c_shard = env.param_shardings(critic_mdef, critic_abstract)
-    tx = step_lib.per_key(txs)  # As update_step applies them: Adam moments follow params.
-    trained, trained_shard = ({'policy': abstract, 'critic': critic_abstract},
-                              {'policy': p_shard, 'critic': c_shard})
-    opt_abstract = jax.eval_shape(tx.init, trained)
-    shardings = {'step': env.replicated, 'params': p_shard, 'critic': c_shard,
-                 'opt_state': {k: optax.tree_map_params(
-                     txs[k], lambda _, s: s, opt_abstract[k], trained_shard[k],
-                     transform_non_params=lambda _: env.replicated) for k in txs},
-                 'rng': env.replicated}
-    rm_params = workdir_lib.restore_params(p.reward_model, rm_cfg, env, ScalarModel)
-    ref_params = workdir_lib.restore_params(t.init_from, cfg, env)
-    if p.ref_on_host:
-      ref_params = jax.device_put(ref_params, jax.tree.map(
-          lambda s: s.with_memory_kind('pinned_host'), p_shard))
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=t.ckpt_keep)
-    if checkpointer.latest_step() is not None:
-      like = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract,
-              'critic': critic_abstract, 'opt_state': opt_abstract,
-              'rng': jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-      state, data_state = checkpointer.restore(like, shardings)
-      log.info('ppo: resuming from iteration %d', int(data_state['iteration']))
-    else:
-      policy = workdir_lib.restore_params(t.init_from, cfg, env)
-      critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, env, ScalarModel)
-                if p.critic_init == 'reward_model'
-                else setup.init_scalar_from_lm(t.init_from, cfg, env, t.seed))
-      state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
-               'opt_state': jax.jit(tx.init, out_shardings=shardings['opt_state'])(
-                   {'policy': policy, 'critic': critic}),
-               'rng': jax.random.PRNGKey(t.seed)}
-      data_state = {'iteration': 0, 'kl_coef': float(p.kl_coef)}
-    trainer = Trainer(config, cfg, env, tok, template, mdef, critic_mdef, rm_mdef, txs, schedules,
-                      shardings, workdir)
-    return trainer.train(state, data_state, ref_params, rm_params, checkpointer, p_shard,
-                         stop_after)
+  steps = pt_config.ppo_updates(config)
+  rm_cfg = base_config.model_config(workdir_lib.load_config(
+      None, workdir_lib.run_workdir(p.reward_model)))
+  critic_cfg = rm_cfg if p.critic_init == 'reward_model' else base_config.model_config(config)
+  critic_mdef, _ = state_lib.model_def(critic_cfg, ScalarModel)
+  txs, schedules = optimizers(config, steps)
+  tx = step_lib.per_key(txs)
+  loss_cfg = ppo.LossConfig(p.cliprange, p.cliprange_value, p.vf_coef, p.ent_coef)
+
+  def make_state(ctx, steps):
+    models = {'params': (ctx.cfg, Decoder), 'critic': (critic_cfg, ScalarModel)}
+
+    def init(seed):
+      key = jax.random.PRNGKey(seed)
+      trained = {k: state_lib.init_params(c, jax.random.fold_in(key, i), cls)
+                 for i, (k, (c, cls)) in zip((0, 2), models.items())}
+      return {'step': jnp.zeros((), jnp.int32), **trained, 'opt_state': tx.init(trained),
+              'rng': jax.random.fold_in(key, 1)}
+
+    abstract = jax.eval_shape(init, t.seed)
+    shardings = {'step': ctx.replicated, 'opt_state': {}, 'rng': ctx.replicated}
+    for k, (c, cls) in models.items():  # Adam moments follow their params, per model.
+      one = state_lib.state_shardings(state_lib.model_def(c, cls)[0], {
+          'params': abstract[k], 'opt_state': abstract['opt_state'][k]}, txs[k], ctx.mesh)
+      shardings[k], shardings['opt_state'][k] = one['params'], one['opt_state']
+    state = jax.jit(init, out_shardings=shardings, static_argnums=0)(t.seed)
+    return state, shardings, state_lib.model_def(ctx.cfg)[0], tx, schedules['params']
+
+  def init_state(ctx, mdef, state):
+    critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, ctx, ScalarModel)
+              if p.critic_init == 'reward_model'
+              else setup.trunk_and_head(t.init_from, ctx.cfg, ctx, state['critic']))
+    return dict(state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx), critic=critic)
+
+  return stage_lib.Stage(
+      name='ppo', steps=steps, validate=pt_config.validate,
+      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef, rm_cfg),
+      make_loss=lambda mdef, frozen: functools.partial(
+          update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg),
+      init_state=init_state, eval_batches=0,
+      step_tokens=t.global_batch // p.num_minibatches * (p.max_prompt_len + p.max_new_tokens),
+      shown=SHOWN, make_state=make_state, trained=('params', 'critic'), grad_metrics=grad_norms,
+      before_step=lambda data, state, step: data.refill(state),
+      evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
+                                             'eval/score': data.mean_score(params)},
+      save_every=p.ppo_epochs * p.num_minibatches,
+      # Replicated: a minibatch need not divide over the batch shards.
+      replicate_batch=True)
 
 
-class Trainer:
-  """The PPO iterations of `run`, with its jitted pieces."""
+class Rollouts:
+  """The PPO stage's data. `refill(state)`, when the queue is empty, samples and scores the next
+  iteration's rollout batch with state's policy and critic and queues its ppo_epochs x
+  num_minibatches shuffled minibatches ({ROLLOUT_KEYS: [B / num_minibatches, ...]} numpy),
+  which next() hands out in order. Its state {'iteration', 'kl_coef', 'score_before'} is whole
+  between iterations (where the loop saves)."""
 
-  def __init__(self, config, cfg, env, tok, template, mdef, critic_mdef, rm_mdef, txs, schedules,
-               shardings, workdir):
-    self.config, self.env, self.tok, self.workdir = config, env, tok, workdir
-    p = config.ppo
+  def __init__(self, config, ctx, critic_mdef, rm_cfg):
+    t, p = config.train, config.ppo
+    self.config = config
+    self.tokenizer = tok = Tokenizer(config.data.tokenizer)
+    template = chat_lib.ChatTemplate(tok)
     self.end_id = tok.special_id('<|end|>')
     self.stop_ids = [tok.eos_id, self.end_id]
     self.newline = list(template.newline)
-    self.prompts = load_prompts(config, template, 'train', workdir)
-    self.eval_prompts = load_prompts(config, template, 'eval', workdir)[:p.eval_prompts]
-    self.models = Models(mdef, critic_mdef, rm_mdef)
-    self.generator = gen_lib.Generator(cfg, None, tok, env.mesh, env.rules,
-                                       max_batch=config.train.global_batch)
-    loss_cfg = ppo.LossConfig(p.cliprange, p.cliprange_value, p.vf_coef, p.ent_coef)
-    self.update = jax.jit(
-        lambda s, b: update_step(s, b, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg,
-                                 txs=txs, schedules=schedules),
-        in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=0)
+    self.prompts = load_prompts(config, template, 'train', ctx.workdir)
+    self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
+    self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
+    mdef, rm_mdef = state_lib.model_def(ctx.cfg)[0], state_lib.model_def(rm_cfg, ScalarModel)[0]
+    # Forward passes over rollouts, each compiled once per rollout shape.
+    self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
+        mdef.build(params)(*rows)[0], rows[0]))
+    self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
+    self.scores = jax.jit(lambda params, rows: reward.rewards(rm_mdef.build(params), rows)[0])
+    self.generator = gen_lib.Generator(ctx.cfg, None, tok, ctx.mesh, ctx.rules,
+                                       max_batch=t.global_batch)
     self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
+    self.rm_params = workdir_lib.restore_params(p.reward_model, rm_cfg, ctx, ScalarModel)
+    self.ref_params = workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)
+    self.ref_shardings = jax.tree.map(lambda x: x.sharding, self.ref_params)
+    if p.ref_on_host:
+      self.ref_params = jax.device_put(self.ref_params, jax.tree.map(
+          lambda s: s.with_memory_kind('pinned_host'), self.ref_shardings))
     self.kl = ppo.AdaptiveKL(p.kl_coef, p.kl_target if p.adaptive_kl else None, p.kl_horizon)
+    self.iteration, self.score_before, self.queue = 0, None, []
 
-  def rollout(self, policy, ref_params, rm_params, prompt_ids, *, seed, sampling, p_shard):
+  def __next__(self) -> dict:
+    return self.queue.pop(0)
+
+  def get_state(self) -> dict:
+    return {'iteration': self.iteration, 'kl_coef': self.kl.value,
+            'score_before': self.score_before}
+
+  def set_state(self, state: dict):
+    self.iteration, self.kl.value = state['iteration'], state['kl_coef']
+    self.score_before, self.queue = state['score_before'], []
+
+  def counts(self) -> dict:
+    return {}
+
+  def rollout(self, policy, prompt_ids, *, seed, sampling):
     """Sample completions and score them: (dict of [b, t] numpy arrays, scores, metrics)."""
     p = self.config.ppo
     out = self.generator.generate_ids(prompt_ids, max_new_tokens=p.max_new_tokens,
@@ -247,99 +251,55 @@ class Trainer:
                                       params=policy)
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
-    logprobs, entropy = self.models.logp(policy, *args)
-    ref = ref_params
-    if p.ref_on_host:
-      ref = jax.device_put(ref_params, p_shard)
-    ref_logprobs, _ = self.models.logp(ref, *args)
+    logprobs, entropy = self.logp(policy, *args)
+    ref = jax.device_put(self.ref_params, self.ref_shardings) if p.ref_on_host else self.ref_params
+    ref_logprobs, _ = self.logp(ref, *args)
     del ref
     rows = reward_layout(lay, out.num_new_b, out.prompt_len, self.end_id, self.newline)
-    scores = np.asarray(self.models.scores(rm_params, rows), np.float32)
+    scores = np.asarray(self.scores(self.rm_params, rows), np.float32)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
     scores = scores - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]
-    batch = {'tokens': lay['tokens'], 'positions': lay['positions'],
-             'segment_ids': lay['segment_ids'], 'mask': mask,
-             'logprobs': np.asarray(logprobs), 'ref_logprobs': np.asarray(ref_logprobs)}
+    batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
+                 logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
     metrics = {'objective/entropy': float(np.sum(np.asarray(entropy) * mask) / max(mask.sum(), 1)),
                'completions/mean_length': float(out.num_new_b.mean()),
                'completions/truncated_fraction': float(truncated.mean())}
     return batch, scores, metrics
 
-  def mean_score(self, policy, ref_params, rm_params, p_shard) -> float:
+  def mean_score(self, policy) -> float:
     """Mean reward of greedy completions of the held-out prompts."""
-    _, scores, _ = self.rollout(policy, ref_params, rm_params, self.eval_prompts, seed=0,
-                                sampling=decode.Sampling(), p_shard=p_shard)
+    _, scores, _ = self.rollout(policy, self.eval_prompts, seed=0, sampling=decode.Sampling())
     return float(scores.mean())
 
-  def train(self, state, data_state, ref_params, rm_params, checkpointer, p_shard,
-            stop_after=None) -> dict:
-    """The iterations from data_state['iteration']; the loop's promises hold per update (the
-    step of train/step.py, train.nan_policy) and per iteration (SIGTERM or `stop_after`
-    iterations: a checkpoint, then return)."""
-    config, p, t = self.config, self.config.ppo, self.config.train
-    self.kl.value = data_state['kl_coef']
-    writer = metrics_lib.Writer(self.workdir, shown=SHOWN)
-    start, skipped, eval_after = data_state['iteration'], 0, None
-    progress = metrics_lib.Progress(t.progress, t.steps, start)
-    stop = loop.StopSignal()
-    sampling = decode.Sampling(temperature=p.temperature)
-    b, num_mb = t.global_batch, p.num_minibatches
-    order = np.random.default_rng(t.seed).permutation(len(self.prompts))
-    eval_before = self.mean_score(state['params'], ref_params, rm_params, p_shard)
-    log.info('ppo: mean reward of greedy completions of %d held-out prompts: %.4f',
-             len(self.eval_prompts), eval_before)
-    try:
-      for it in range(start, t.steps):
-        pick = [order[(it * b + j) % len(order)] for j in range(b)]
-        batch, scores, metrics = self.rollout(
-            state['params'], ref_params, rm_params, [self.prompts[i] for i in pick],
-            seed=t.seed * 1_000_003 + it, sampling=sampling, p_shard=p_shard)
-        batch['values'] = np.asarray(self.models.values(
-            state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
-        kl_coef = self.kl.value
-        adv = self.advantages({k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask',
-                                                     'values')}, scores, kl_coef)
-        batch['advantages'], batch['returns'] = np.asarray(adv['advantages']), np.asarray(
-            adv['returns'])
-        kl_sum = np.asarray(adv['kl_sum_b'])
-        rng = np.random.default_rng([t.seed, it])
-        updates = []
-        for _ in range(p.ppo_epochs):
-          perm = rng.permutation(b)
-          for mb in np.split(perm, num_mb):
-            # Replicated: a minibatch need not divide over the batch shards (one process).
-            micro = step_lib.device_batch({k: batch[k][mb] for k in ROLLOUT_KEYS}, t.grad_accum,
-                                          self.env.replicated)
-            update = int(state['step'])
-            state, m = self.update(state, micro)
-            skipped += loop.check_finite((update, m), t.nan_policy)
-            updates.append(m)
-        metrics.update({k: float(np.mean([float(u[k]) for u in updates])) for k in updates[0]})
-        metrics.update({
-            'objective/kl': float(kl_sum.mean()), 'objective/scores': float(scores.mean()),
-            'objective/non_score_reward': float(-kl_coef * kl_sum.mean()),
-            'objective/rlhf_reward': float(scores.mean() - kl_coef * kl_sum.mean()),
-            'objective/kl_coef': kl_coef, 'skipped_steps': skipped})
-        self.kl.update(float(kl_sum.mean()), b)
-        done = it + 1
-        data_state = {'iteration': done, 'kl_coef': self.kl.value}
-        logged = writer.scalars(done, metrics) if done % t.log_every == 0 or done == t.steps else None
-        stop.requested |= stop_after is not None and done - start >= stop_after
-        if done % t.ckpt_every == 0 or done == t.steps or stop.requested:
-          checkpointer.save(done, state, data_state, force=True)
-        progress.update(logged)
-        if stop.requested:
-          log.warning('stop requested: saved a checkpoint at iteration %d, exiting', done)
-          break
-      else:
-        eval_after = self.mean_score(state['params'], ref_params, rm_params, p_shard)
-        writer.scalars(t.steps, {'eval/score_before': eval_before, 'eval/score': eval_after})
-    finally:
-      checkpointer.close()
-      writer.close()
-      stop.restore()
-      progress.close()
-    return {'state': state, 'history': writer.history, 'eval/score_before': eval_before,
-            'eval/score': eval_after}
-
+  def refill(self, state) -> dict:
+    """The rollout phase of an iteration, if the queue is empty: its metrics (else {})."""
+    if self.queue:
+      return {}
+    t, p = self.config.train, self.config.ppo
+    if self.score_before is None:
+      self.score_before = self.mean_score(state['params'])
+      log.info('ppo: mean reward of greedy completions of %d held-out prompts: %.4f',
+               len(self.eval_prompts), self.score_before)
+    it, b = self.iteration, t.global_batch
+    pick = [self.order[(it * b + j) % len(self.order)] for j in range(b)]
+    batch, scores, metrics = self.rollout(
+        state['params'], [self.prompts[i] for i in pick], seed=t.seed * 1_000_003 + it,
+        sampling=decode.Sampling(temperature=p.temperature))
+    batch['values'] = np.asarray(self.values(
+        state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
+    kl_coef = self.kl.value
+    batch.update(jax.tree.map(np.asarray, self.advantages(
+        {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
+    kl = float(batch.pop('kl_sum_b').mean())
+    rng = np.random.default_rng([t.seed, it])
+    for _ in range(p.ppo_epochs):
+      for mb in np.split(rng.permutation(b), p.num_minibatches):
+        self.queue.append({k: batch[k][mb] for k in ROLLOUT_KEYS})
+    self.kl.update(kl, b)
+    self.iteration += 1
+    return dict(metrics, **{
+        'objective/kl': kl, 'objective/scores': float(scores.mean()),
+        'objective/non_score_reward': -kl_coef * kl,
+        'objective/rlhf_reward': float(scores.mean()) - kl_coef * kl,
+        'objective/kl_coef': kl_coef})

@@ -58,11 +58,11 @@ def stage(config):
   """The reward-model stage: the trunk from `train.init_from` (the SFT model), a fresh head."""
   margin = float(config.rm.margin)
 
-  def init_params(ctx, mdef, params):
-    return {'decoder': setup.restore_trunk(config.train.init_from, ctx.cfg, ctx),
-            'head': params['head']}
+  def init_state(ctx, mdef, state):
+    return dict(state, params=setup.trunk_and_head(config.train.init_from, ctx.cfg, ctx,
+                                                   state['params']))
 
   return pairs.stage(
-      config, name='rm', model_cls=ScalarModel, init_params=init_params,
+      config, name='rm', model_cls=ScalarModel, init_state=init_state,
       make_loss=lambda mdef, frozen: functools.partial(loss_fn, mdef=mdef, margin=margin),
       shown=('rm/accuracy', 'rm/margin', 'rm/chosen', 'rm/rejected'))

@@ -7,12 +7,10 @@ config.json (written by the loop) has that tokenizer path filled in, so
 `python -m train.generate --checkpoint <its workdir>` and the next stage find everything.
 """
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from model.heads import ScalarModel, trunk_config
-from train import state as state_lib
+from model.heads import trunk_config
 from train import workdir as workdir_lib
 
 
@@ -28,11 +26,9 @@ def restore_trunk(checkpoint: str, cfg, placement):
   return workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
 
 
-def init_scalar_from_lm(checkpoint: str, cfg, placement, seed: int):
-  """ScalarModel params: the trunk from an LM checkpoint, a freshly initialised head."""
-  mdef, abstract = state_lib.model_def(cfg, ScalarModel)
-  fresh = jax.jit(lambda k: state_lib.init_params(cfg, k, ScalarModel),
-                  out_shardings=placement.param_shardings(mdef, abstract))(jax.random.PRNGKey(seed))
+def trunk_and_head(checkpoint: str, cfg, placement, fresh):
+  """ScalarModel params: the trunk from an LM checkpoint, the head of `fresh` (freshly
+  initialised ScalarModel params)."""
   return {'decoder': restore_trunk(checkpoint, cfg, placement), 'head': fresh['head']}
 
 

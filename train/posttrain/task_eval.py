@@ -36,7 +36,7 @@ from train import context as context_lib
 from train import generate as gen_lib
 from train import state as state_lib
 from train import workdir as workdir_lib
-from train.posttrain import ppo_loop, reward, setup
+from train.posttrain import ppo_loop, reward
 
 KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'What is \d+ - \d+\?')),
          ('times', re.compile(r'What is \d+ times \d+\?')), ('capital', re.compile('capital')),
