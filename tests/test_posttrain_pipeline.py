@@ -30,7 +30,7 @@ def _config(name: str, **train):
   c.data.update(seq_len=64, tokenizer_docs=300, embedded_docs=400, embedded_examples=200,
                 embedded_eval_docs=40)
   c.optim.update(warmup_steps=1)
-  c.train.update(steps=2, log_every=1, ckpt_every=2, eval_batches=1, global_batch=8, **train)
+  c.train.update({**dict(steps=2, log_every=1, ckpt_every=2, eval_batches=1, global_batch=8), **train})
   c.train.progress = False
   return c
 
@@ -49,12 +49,12 @@ def test_tiny_pipeline_few_steps(tmp_path):
   rm = run_stage(rm_cfg, str(w / 'rm'))
   assert {'eval/rm/accuracy', 'eval/rm/margin', 'eval/rm/chosen', 'eval/rm/rejected'} <= set(rm.eval)
   assert {'rm/accuracy', 'rm/margin', 'loss'} <= set(rm.history[-2])
-  ppo_cfg = _config('tiny_ppo', init_from=str(w / 'sft'))
+  ppo_cfg = _config('tiny_ppo', init_from=str(w / 'sft'), ckpt_every=4)  # Updates: 2 epochs x 2.
   ppo_cfg.ppo.update(reward_model=str(w / 'rm'), max_new_tokens=4, num_minibatches=2,
                      ppo_epochs=2, eval_prompts=4, max_prompt_len=32, ref_on_host=True,
                      kl_estimator='k3', adaptive_kl=True)
   ppo = run_stage(ppo_cfg, str(w / 'ppo'))
-  last = ppo['history'][-2]
+  last = ppo.history[-2]
   for key in ('objective/kl', 'objective/rlhf_reward', 'objective/entropy', 'policy/clipfrac',
               'policy/approxkl', 'val/clipfrac', 'loss/value', 'completions/mean_length'):
     assert np.isfinite(last[key]), key
@@ -69,8 +69,8 @@ def test_tiny_pipeline_few_steps(tmp_path):
   assert {'eval/rewards/accuracy', 'eval/rewards/margin'} <= set(dpo.eval)
   # Every stage's workdir is an LM checkpoint the generic tools read (PPO and DPO: policies).
   for stage in ('pretrain', 'sft', 'ppo', 'dpo'):
-    run = workdir_lib.load_run(str(w / stage))
-    assert run.step == 2 and run.tokenizer.path == tokenizer
+    run = workdir_lib.load_run(str(w / stage))  # PPO's steps are updates: 2 iterations x 4.
+    assert run.step == (8 if stage == 'ppo' else 2) and run.tokenizer.path == tokenizer
   out = w / 'results.json'
   assert task_eval.main(['--run', f'sft={w / "sft"}', '--run', f'ppo={w / "ppo"}', '--num', '8',
                          '--max_new_tokens', '4', '--reward_model', str(w / 'rm'),
