@@ -133,8 +133,8 @@ def _probabilities(q_bkmh, k_bksh, mask_bt1s):
 
 
 @jax.custom_vjp
-def _grouped_attention(q_bkmh, k_bksh, v_bksh, mask_bt1s):
-  return _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s)[0]
+def _grouped_attention(*args):  # (q_bkmh, k_bksh, v_bksh, mask_bt1s).
+  return _grouped_fwd(*args)[0]
 
 
 def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
@@ -193,8 +193,8 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
   without it, the layer scan's loop-invariant hoisting precomputes every block mask for all
   block pairs ([t, s] per head) outside the layer loop."""
   (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
-      jax.lax.optimization_barrier((q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr,
-                                    kpos_kbr, kvalid_kbr))
+      jax.lax.optimization_barrier(
+          (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
 
   def one_q_block(args):
@@ -231,9 +231,8 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
 
 
 @jax.custom_vjp
-def _flash(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
-  return _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr,
-                        kvalid_kbr)[0]
+def _flash(*args):  # Arguments of _flash_forward.
+  return _flash_forward(*args)[0]
 
 
 def _flash_fwd(*args):
@@ -321,9 +320,8 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
 
 def _require_nvidia_gpu():
   backend = mesh_platform()
-  platform_version = ''
-  if backend == jax.default_backend():
-    platform_version = getattr(jax.devices()[0].client, 'platform_version', '').lower()
+  platform_version = (getattr(jax.devices()[0].client, 'platform_version', '').lower()
+                      if backend == jax.default_backend() else '')
   if backend not in ('gpu', 'cuda') or 'rocm' in platform_version:
     raise RuntimeError(
         f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the target "
@@ -382,8 +380,7 @@ def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas TPU import: only when used.
   b, t, n, h = q_btnh.shape
   s, k = k_bskh.shape[1:3]
-  g = n // k
-  scale = 1.0 / math.sqrt(h)
+  g, scale = n // k, 1.0 / math.sqrt(h)
   segment_ids = splash.SegmentIds(q=q_segment_ids_bt.astype(jnp.int32),
                                   kv=kv_segment_ids_bs.astype(jnp.int32))
   q_bknth = (q_btnh * jnp.asarray(scale, q_btnh.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
@@ -405,22 +402,16 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
   _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
                 kv_positions_bs)
-  _, t, _, h = q_btnh.shape
-  s = k_bskh.shape[1]
-  impl = resolve(implementation, t, s, dtype=q_btnh.dtype, head_dim=h)
-  if implementation == 'auto':
-    key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
-    if key not in _logged_choices:
-      _logged_choices.add(key)
-      log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, key[0], key[1], key[2],
-               key[3])
+  impl = resolve(implementation, q_btnh.shape[1], k_bskh.shape[1], dtype=q_btnh.dtype,
+                 head_dim=q_btnh.shape[3])
+  key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
+  if implementation == 'auto' and key not in _logged_choices:
+    _logged_choices.add(key)
+    log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, *key[:4])
   segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
-  if impl == 'reference':
-    return _reference(q_btnh, k_bskh, v_bskh, make_mask(*segs))
-  if impl == 'xla':
-    return _xla(q_btnh, k_bskh, v_bskh, make_mask(*segs))
   if impl == 'chunked':
     return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
-  if impl == 'cudnn':
-    return _cudnn(q_btnh, k_bskh, v_bskh, make_mask(*segs))
-  return _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+  if impl == 'splash':
+    return _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+  return {'reference': _reference, 'xla': _xla, 'cudnn': _cudnn}[impl](
+      q_btnh, k_bskh, v_bskh, make_mask(*segs))

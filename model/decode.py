@@ -3,29 +3,22 @@
 Pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
 
 Continuous batching over a fixed number of decode slots (`start`, `run`), in one jitted loop:
-the KV cache has one row of S = P + N columns per slot (P: a bucket of prompt lengths, N: of new
-tokens); before each one-token step of all slots, queued prompts are prefilled into the slots
-that are free (prefill interleaved with decoding). A slot's row is laid out as one row of a
-static batch:
+one cache row of S = P + N columns per slot (P, N: buckets of prompt and new lengths); before
+each one-token step of all slots, queued prompts are prefilled into the free slots. A row:
 
   column     0 .. P-1-len | P-len .. P-1 | P .. P+num_new-1 | ..
   token      pad          | prompt       | generated        | empty
   segment    0            | 1            | 1                | 0
   position   0            | 0 .. len-1   | len ..           |
 
-Left padding puts every prompt's last token in column P-1; each slot writes its next token at
-its own column P + num_new - 1 (Decoder.extend with an index per row); segment 0 keeps padding
-and empty slots invisible, and positions count from each prompt's first real token, so a
-sequence computes what it would alone, whatever its slot or neighbours (tests check it against
-a full forward pass). Admission resets the whole row, so nothing of a slot's previous sequence
-is left. The random key of a sequence's token i is the run's key folded with (sequence id, i):
-which slot a sequence gets, and when, does not change what it samples.
+Each slot writes its next token at its own column P + num_new - 1 (an index per row); segment
+0 hides padding and empty slots and positions count from the prompt's first token, so a
+sequence computes what it would alone, whatever its slot or neighbours. Admission resets the
+whole row. Token i of a sequence draws with the run's key folded with (sequence id, i).
 
-Sampling (`Sampling`): greedy when temperature == 0, else softmax(logits / temperature)
-restricted to the top_k tokens (0: all) and to the smallest set of most likely tokens whose
-probability reaches top_p (1.0: all). The log-probability returned with each sampled token is
-that of the model itself, log_softmax(logits)[token], whatever the sampling settings: what
-RLHF needs as the behaviour policy when sampling at temperature 1 with no truncation.
+Sampling: greedy when temperature == 0, else softmax(logits / temperature) restricted to the
+top_k tokens (0: all) and the smallest most likely set reaching top_p (1.0: all). The returned
+log-probability is the model's own, log_softmax(logits)[token], whatever the settings.
 """
 
 import dataclasses
@@ -41,8 +34,7 @@ from model.transformer import CACHE_AXES, init_cache
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
   """`cfg` for generation: MoE 'capacity' dispatch with capacity_factor >= experts / top-k, so
-  that nothing drops (a prefill of t columns could drop what one-token steps never drop, and
-  the left padding would take the prompt's slots); every other config as is."""
+  that a prefill drops nothing (one-token steps never do); every other config as is."""
   if cfg.is_moe and cfg.dispatch == 'capacity':
     no_drop = cfg.num_experts / cfg.experts_per_token
     if cfg.capacity_factor < no_drop:

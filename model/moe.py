@@ -14,8 +14,7 @@ Experts are SwiGLU MLPs stacked on a leading `expert` axis. Three dispatch imple
     a row: all top-1 choices in token order, then all top-2 choices, ... Rows are the groups so
     that slot positions come from a cumsum over one row: the result does not depend on how the
     batch is split over devices. capacity_factor >= e / k makes c = t: nothing can drop.
-    Tokens move into the [e, b, c, d] buffers with an index gather (O(b t k) indices, not the
-    O(b t e c) one-hot tensors of einsum dispatch: benchmarks/results/moe_block*.md).
+    Tokens move into the [e, b, c, d] buffers with an index gather, not one-hot einsums.
   * 'dropless': assignments sorted by expert and multiplied with grouped matmuls (traced group
     sizes, nothing dropped): cfg.grouped_matmul `ragged_dot`, or megablox `gmm` (Pallas; the
     interpreter off TPU); 'auto' takes `gmm` when compiling for TPU, `ragged_dot` otherwise.
@@ -26,11 +25,10 @@ Expert parallelism. Expert weights carry the logical `expert` axis; the capacity
 is annotated ('act_expert', 'batch', 'capacity', 'act_embed'), so the SPMD partitioner moves
 tokens from batch to expert sharding with an all-to-all and back for the combine (compiler-
 resolved annotations: the same code runs on any mesh or none; tests/test_moe.py checks the
-all-to-all). 'dropless' runs in `jax.shard_map` on each device's own tokens: the sort and the
-grouped matmuls are local, the expert weights arrive gathered over `fsdp` and `expert` and
-split over `tensor` on the MLP width (a psum adds the partial outputs). So with dropless,
-`expert` > 1 is data parallelism plus expert-weight sharding at rest; a global sort would make
-every device hold every device's tokens.
+all-to-all). 'dropless' runs in `jax.shard_map` on each device's own tokens (local sort and
+grouped matmuls; expert weights gathered over `fsdp` and `expert`, split over `tensor` on the
+MLP width, a psum adds the partial outputs): there `expert` > 1 is data parallelism plus
+expert-weight sharding at rest.
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
@@ -207,12 +205,10 @@ class MoeBlock(nnx.Module):
                        f'got {x_btd.shape}')
     x_btd = x_btd.astype(cfg.dtype)
     logits_bte, experts_btk, weights_btk = self.route(x_btd, rngs=rngs, deterministic=deterministic)
-    if cfg.dispatch == 'capacity':
-      y_btd, kept_btk = self._capacity(x_btd, experts_btk, weights_btk)
-    elif cfg.dispatch == 'dropless':
-      y_btd, kept_btk = self._dropless(x_btd, experts_btk, weights_btk), None
-    else:  # 'reference' (cfg.validate() in __init__ checked the name).
-      y_btd, kept_btk = self._reference(x_btd, experts_btk, weights_btk), None
+    # cfg.validate() in __init__ checked the name; kept_btk is None where nothing drops.
+    dispatch = {'capacity': self._capacity, 'dropless': self._dropless,
+                'reference': self._reference}[cfg.dispatch]
+    y_btd, kept_btk = dispatch(x_btd, experts_btk, weights_btk)
     y_btd = constrain(y_btd.astype(cfg.dtype), ('batch', 'length', 'act_embed'))
     return y_btd, self._aux(logits_bte, experts_btk, kept_btk)
 
@@ -249,19 +245,19 @@ class MoeBlock(nnx.Module):
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 
   def _dropless(self, x_btd, experts_btk, weights_btk):
-    """Sort + grouped matmul, run per device shard of the tokens (see `_dropless_shard_specs`)."""
+    """Sort + grouped matmul per device shard of the tokens (`_dropless_shard_specs`); (y, None)."""
     experts = self._experts()
     kernel = grouped_matmul_kernel(self.cfg.grouped_matmul)
     local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
                               e=self.cfg.num_experts, kernel=kernel)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-      return local(x_btd, experts_btk, weights_btk, *experts)
+      return local(x_btd, experts_btk, weights_btk, *experts), None
     x_spec, w_specs, f_axes = _dropless_shard_specs(x_btd.shape, experts[0].shape[-1], mesh)
     # Pallas kernels declare no varying-manual-axes types: shard_map's check is off for gmm.
     return jax.shard_map(functools.partial(local, psum_axes=f_axes), mesh=mesh,
                          in_specs=(x_spec, x_spec, x_spec) + w_specs, out_specs=x_spec,
-                         check_vma=kernel != 'gmm')(x_btd, experts_btk, weights_btk, *experts)
+                         check_vma=kernel != 'gmm')(x_btd, experts_btk, weights_btk, *experts), None
 
   def _reference(self, x_btd, experts_btk, weights_btk):
     gate_edf, up_edf, down_efd = self._experts()
@@ -270,7 +266,7 @@ class MoeBlock(nnx.Module):
       w_bt = jnp.sum(jnp.where(experts_btk == i, weights_btk, 0.0), axis=-1).astype(x_btd.dtype)
       h_btf = jax.nn.silu(x_btd @ gate_edf[i]) * (x_btd @ up_edf[i])
       y_btd = y_btd + w_bt[..., None] * (h_btf @ down_efd[i])
-    return y_btd
+    return y_btd, None
 
   def _aux(self, logits_bte, experts_btk, kept_btk):
     cfg = self.cfg
@@ -283,8 +279,7 @@ class MoeBlock(nnx.Module):
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_bte, axis=-1)))
     log_probs_bte = jax.nn.log_softmax(logits_bte, axis=-1)
     entropy = jnp.mean(-jnp.sum(probs_bte * log_probs_bte, axis=-1))
-    dropped = (jnp.float32(0.0) if kept_btk is None
-               else 1.0 - jnp.mean(kept_btk.astype(jnp.float32)))
+    dropped = 0.0 if kept_btk is None else 1.0 - jnp.mean(kept_btk.astype(jnp.float32))
     aux = {
         'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
         'load_balance_loss': load_balance,
@@ -294,4 +289,4 @@ class MoeBlock(nnx.Module):
         'expert_load_min': jnp.min(load_e),
         'expert_load_max': jnp.max(load_e),
     }
-    return {name: aux[name].astype(jnp.float32) for name in AUX_KEYS}
+    return {name: jnp.asarray(aux[name], jnp.float32) for name in AUX_KEYS}

@@ -1,17 +1,14 @@
 """Ahead-of-time compile of the train step: the compiler's own plan, for a compile target
 (`compile_for_target`: TPU / GPU devices that are not attached, train/targets.py) or for
 emulated CPU devices (`compiled_memory`). Nothing is allocated and nothing runs: the step is
-lowered with abstract inputs (ShapeDtypeStructs carrying their shardings). memory_analysis() of
-an SPMD program describes one device: argument + temp bytes are the per-device footprint
-(outputs alias the donated state).
+lowered with abstract inputs (ShapeDtypeStructs carrying their shardings); memory_analysis()
+describes one device.
 
-`compile_for_target` compiles the config as it is (full depth, its dtypes, attention and MoE
-dispatch); only another platform's fused attention kernel becomes the target's
-(`target_variant`). It reports memory_analysis(), cost_analysis() and the collectives of the
-optimised HLO (train/hlo.py).
+`compile_for_target` compiles the config as it is but for another platform's fused attention
+kernel (`target_variant`): memory_analysis(), cost_analysis() and collectives (train/hlo.py).
 
 The CPU plan (`python -m train.plan --compile`) is of `compile_variant`, which differs from the
-config in documented ways only, so that the analytic model (train/memory.py) can be held to it:
+config only so, for the analytic model (train/memory.py) to be held to it:
   * attention: `cudnn`, `splash` and `auto` become `xla` (the fused kernels exist only on GPU /
     TPU; `chunked` inside the layer scan keeps every block pair's residuals in JAX 0.10.2,
     docs/scale.md, while memory.py counts `xla`'s [b, n, t, t] scores exactly);

@@ -9,14 +9,11 @@
     c.text, c.token_ids, c.logprobs, c.finish_reason
 
 DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>` (train/workdir.py).
-Decoding (model/decode.py) is continuous batching over `slots` decode slots (max_batch, rounded
-up to a multiple of the batch shards): a prompt is prefilled into a slot as soon as
-`admit_rows` slots are free, while the others go on decoding. Prompts are left-padded to a
-power of two (at least `min_bucket`), new tokens get a power-of-two bucket too, so one
-compilation serves every batch and length in the buckets. Sequences stop at EOS (with `chat`
-also at `<|end|>`) or `max_new_tokens`; stop strings are checked on the host every
-`stop_check_every` tokens, and a stopped sequence keeps its tokens up to the one that completes
-the stop string (the text is cut before it).
+Continuous batching (model/decode.py) over max_batch slots (rounded up to a multiple of the
+batch shards), prompts admitted `admit_rows` at a time. Prompt and new lengths are bucketed to
+powers of two (>= `min_bucket`): one compilation per bucket. Sequences stop at EOS (`chat`: also
+`<|end|>`), `max_new_tokens`, or a stop string (checked on the host every `stop_check_every`
+tokens; tokens kept up to the one completing it, text cut before it).
 """
 
 import argparse
@@ -82,7 +79,6 @@ class Generator:
     self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
     self.rules = make_rules() if rules is None else rules
     self.placement = Placement(self.mesh, self.rules)
-    # The decoding config only differs for MoE (no dropped tokens); the params are the same.
     dec_cfg = decode.decoding_config(cfg)
     self.mdef, abstract = state_lib.model_def(dec_cfg)
     shardings = self.placement.param_shardings(self.mdef, abstract)
@@ -124,21 +120,17 @@ class Generator:
   def stop_ids(self, chat: bool) -> list[int]:
     return [self.tokenizer.eos_id] + ([self.tokenizer.special_id('<|end|>')] if chat else [])
 
-  def generate(self, prompts: list[str], *, max_new_tokens: int = 128,
-               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-               chat: bool = False, seed: int = 0, params=None) -> list[Completion]:
-    """Completions of text prompts (with `chat`, each is a user turn in the chat template)."""
+  def generate(self, prompts: list[str], *, max_new_tokens: int = 128, chat: bool = False,
+               **kw) -> list[Completion]:
+    """Completions of text prompts (with `chat`, each is a user turn in the chat template);
+    `kw`: sampling, stop, seed, params of `generate_ids`."""
     return self.complete(self.prompt_ids(prompts, chat), max_new_tokens=max_new_tokens,
-                         sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat), seed=seed,
-                         params=params)
+                         stop_ids=self.stop_ids(chat), **kw)
 
-  def complete(self, ids: list[list[int]], *, max_new_tokens: int,
-               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-               stop_ids: list[int] | None = None, seed: int = 0, params=None,
-               progress=None) -> list[Completion]:
-    """Completions of token prompts (`progress`: a tqdm bar, or None)."""
-    rollout = self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                                stop_ids=stop_ids, seed=seed, params=params)
+  def complete(self, ids: list[list[int]], *, stop: list[str] | tuple = (), progress=None,
+               **kw) -> list[Completion]:
+    """Completions of token prompts (`progress`: a tqdm bar, or None; `kw`: of `generate_ids`)."""
+    rollout = self.generate_ids(ids, stop=stop, **kw)
     out, p = [], rollout.prompt_len
     for j in range(len(ids)):
       token_ids = rollout.completion_ids(j)
@@ -204,6 +196,9 @@ class Generator:
                    np.concatenate([np.zeros((n, p), np.float32), logprobs_nn], 1),
                    lengths_n[:n], num_new_n, p, finish)
 
+  def _batch_bucket(self, n: int) -> int:
+    return math.lcm(bucket(n, 1), self.batch_shards)
+
   def _has_stop(self, ids, stop) -> bool:
     text = self.tokenizer.decode(ids)
     return any(s and s in text for s in stop)
@@ -211,9 +206,6 @@ class Generator:
   def _stop_length(self, ids, stop) -> int:
     """How many of `ids` it takes for the text to contain a stop string."""
     return next((k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop)), len(ids))
-
-  def _batch_bucket(self, n: int) -> int:
-    return math.lcm(bucket(n, 1), self.batch_shards)
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,9 @@
 """Collectives of a compiled program, per executed step, from its optimised HLO text.
 
-`collectives(compiled.as_text(), num_devices)` walks the module's call graph from the entry
-computation and counts every all-gather, reduce-scatter, all-reduce, all-to-all and
-collective-permute as often as it runs: an op inside a `while` body (the scan over layers, the
-gradient-accumulation scan) counts once per iteration. A loop's trip count is read from its
-condition computation (`compare(counter, constant(N)), direction=LT`, as `lax.scan` lowers);
-a loop whose count cannot be read counts once and is reported in `unknown_trip_counts`.
+`collectives(compiled.as_text(), num_devices)` walks the call graph from the entry computation
+and counts each collective (KINDS) as often as it runs: once per iteration of a `while` body,
+whose trip count is read from its condition (`compare(counter, constant(N)), direction=LT`);
+an unreadable loop counts once and is reported in `unknown_trip_counts`.
 
 XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter*` computation (an
 all-reduce whose result is sliced); it is counted as one reduce-scatter. Asynchronous pairs

@@ -8,7 +8,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
 from model.config import ConfigError
-from model.sharding import MESH_AXES
+from model.sharding import MESH_AXES, spec_axes
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -67,6 +67,4 @@ def _target_grid(shape, devices, sizes):
 
 def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
   """How many ways the batch dimension is split (product of the mesh axes `batch` maps to)."""
-  target = rules['batch']
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in spec_axes(rules['batch']))

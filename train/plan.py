@@ -38,8 +38,7 @@ from train.metrics import PEAK_TFLOPS
 
 
 def define_flags() -> None:
-  """The CLI's flags, defined only when run as `python -m train.plan`: importing this module as a
-  library (tests, notebooks) must not claim absl flag names such as --config."""
+  """The CLI's flags, defined only by `python -m train.plan` (a library import claims none)."""
   global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS, _TARGET
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
   _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
@@ -98,9 +97,6 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   mem = memory_lib.estimate(config, sizes, cfg)
   p = {
       'warnings': warnings,
-      'config_name': config.hardware.name or '',
-      'devices': n,
-      'mesh': ' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device',
       'params_total': counts.total,
       'params_active': counts.active,
       'params_embedding': counts.embedding,
@@ -108,6 +104,9 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'flops_per_token': flops.per_token,
       'flops_per_token_dense_equivalent': flops.dense_equivalent,
       'attention_flops_per_token': flops.attention_per_token,
+      'config_name': config.hardware.name or '',
+      'devices': n,
+      'mesh': ' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device',
       'global_batch': t.global_batch,
       'grad_accum': t.grad_accum,
       'sequences_per_device_per_micro_batch':
@@ -127,8 +126,7 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   }
   limit = config.hardware.device_memory_gb
   p['fits'] = None if limit <= 0 else bool(mem.total <= limit * memory_lib.GIB)
-  peak = peak_tflops(config)
-  p['peak_tflops_per_device'] = peak
+  p['peak_tflops_per_device'] = peak = peak_tflops(config)
   p['mfu'] = mfu
   if peak > 0:
     cluster_flops = n * peak * 1e12
@@ -145,10 +143,8 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
 
 def _validate(config, n: int):
   """train/config.py validate, as the run does it. Returns (ModelConfig, config to plan with,
-  warnings). A data-source error (sources that only the command line completes, e.g.
-  dense_65b_sft's `sft`) is a warning and the default sources are planned: the planner reads no
-  data. A post-training config (`stage`, `rm`, `ppo`, `dpo`) is planned as its decoder's update
-  step; the warning says what that leaves out."""
+  warnings). A data-source error is a warning and the default sources are planned (the planner
+  reads no data); a post-training config is planned as its decoder's update step."""
   config, warnings = _policy_step(config)
   try:
     return config_lib.validate(config, n), config, warnings
@@ -189,13 +185,10 @@ def _default_sources(config):
 
 
 def check_fits(p: dict) -> None:
-  """ConfigError if the analytic per-device estimate exceeds the device memory. (The compiled
-  plan is of a CPU variant, float32 with `xla` attention, so it is not the config's own.)"""
-  limit = p['device_memory_gib']
-  if limit <= 0:
-    return
-  worst = p['mem_total_gib']
-  if worst > limit:
+  """ConfigError if the analytic per-device estimate exceeds the device memory (the compiled CPU
+  plan is of a variant, not the config's own)."""
+  limit, worst = p['device_memory_gib'], p['mem_total_gib']
+  if 0 < limit < worst:
     raise ConfigError(
         f'hardware.device_memory_gb={limit:g}: the per-device memory estimate is {worst:.1f} GiB '
         f'(params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
@@ -291,9 +284,8 @@ def remat_flops_ratio(cfg, seq_len: int) -> float:
 
 def target_section(config, target, compile_fn=None) -> dict:
   """The config's real train step compiled for `target` (a name or a train/targets.py Target):
-  the target compiler's memory per device against the chip's HBM, FLOPs and HBM bytes per
-  step, the collectives of the compiled HLO, and the roofline step time they imply. Raises ConfigError
-  for a target or mesh that cannot work; `check_target_fits` for a step that does not fit."""
+  memory per device against the chip's HBM, FLOPs and HBM bytes per step, the collectives and
+  the roofline step time. ConfigError for a target or mesh that cannot work."""
   compile_fn = compile_fn or aot.compile_for_target
   target = targets.abstract_devices(target) if isinstance(target, str) else target
   n = len(target.devices)
@@ -407,47 +399,29 @@ def _fmt(value) -> str:
   return str(value)
 
 
-SECTIONS = (
-    ('model', ('params_total', 'params_active', 'params_embedding', 'seq_len', 'flops_per_token',
-               'flops_per_token_dense_equivalent', 'attention_flops_per_token')),
-    ('run', ('config_name', 'devices', 'mesh', 'global_batch', 'grad_accum',
-             'sequences_per_device_per_micro_batch', 'tokens_per_step', 'steps', 'warmup_steps',
-             'total_tokens', 'remat', 'attention', 'dispatch')),
-    ('memory per device, analytic (GiB)', (
-        'mem_params_gib', 'mem_optimizer_gib', 'mem_grads_gib', 'mem_activations_gib',
-        'mem_transient_gib', 'mem_transient_phase', 'mem_total_gib', 'device_memory_gib', 'fits')),
-    ('memory per device, XLA plan on emulated CPU devices (GiB)', (
-        'compiled_attention', 'compiled_compute_dtype', 'compiled_depths_layers',
-        'compiled_total_at_depths_gib', 'compiled_temp_at_depths_gib', 'compiled_per_layer_gib',
-        'compiled_total_gib',
-        'analytic_of_compiled_variant_gib', 'analytic_over_compiled', 'compile_seconds')),
-    ('compiled for the target by its own compiler, per device', (
-        'target', 'target_devices', 'target_devices_per_chip', 'target_attention',
-        'target_grouped_matmul', 'target_arguments_gib', 'target_temporaries_gib',
-        'target_total_gib', 'target_hbm_gib', 'target_fits', 'target_compiled_tflops_per_step',
-        'target_xla_tflops_per_step', 'target_kernel_tflops_per_step',
-        'target_model_tflops_per_step', 'target_compiled_over_model_flops', 'target_remat_explains',
-        'target_flops_source', 'target_hbm_gb_per_step')),
-    ('collectives per step (count, GB result, GB moved per device)', ('target_collectives',)),
-    ('roofline (perfect overlap: step = max of the three; no overlap: their sum)', (
-        'target_compute_s', 'target_hbm_s', 'target_collectives_s', 'target_roofline_step_s',
-        'target_no_overlap_step_s', 'target_bound_by', 'target_roofline_mfu',
-        'target_days_to_train', 'target_compile_s')),
-    ('throughput', ('peak_tflops_per_device', 'mfu', 'tokens_per_sec', 'step_seconds',
-                    'days_to_train', 'wall_clock_days', 'mfu_implied_by_wall_clock')),
-)
+# The table is p's keys in order (the sections' dicts keep their keys in table order), a title
+# before each section's first key; '' values are left out.
+TITLES = {
+    'params_total': 'model',
+    'config_name': 'run',
+    'mem_params_gib': 'memory per device, analytic (GiB)',
+    'peak_tflops_per_device': 'throughput',
+    'target': 'compiled for the target by its own compiler, per device',
+    'target_collectives': 'collectives per step (count, GB result, GB moved per device)',
+    'target_compute_s': 'roofline (perfect overlap: step = max of the three; no overlap: their sum)',
+    'compiled_attention': 'memory per device, XLA plan on emulated CPU devices (GiB)',
+}
+NOT_IN_TABLE = ('warnings', 'target_notes', 'target_unknown_trip_counts')
 
 
 def format_table(p: dict) -> str:
   lines = [f'warning: {w}' for w in p.get('warnings', [])]
   lines += [f'note: {w}' for w in p.get('target_notes', [])]
-  width = max(len(k) for _, keys in SECTIONS for k in keys)
-  for title, keys in SECTIONS:
-    rows = [(k, p[k]) for k in keys if k in p and p[k] != '']
-    if not rows:
-      continue
-    lines.append(f'[{title}]')
-    lines += [f'  {k:<{width}}  {_fmt(v)}' for k, v in rows]
+  width = max(len(k) for k in p if k not in NOT_IN_TABLE)
+  for k, v in p.items():
+    lines += [f'[{TITLES[k]}]'] if k in TITLES else []
+    if k not in NOT_IN_TABLE and v != '':
+      lines.append(f'  {k:<{width}}  {_fmt(v)}')
   return '\n'.join(lines)
 
 

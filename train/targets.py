@@ -7,14 +7,9 @@ from GPUS: `gpu_target_config`) for the target's devices: the real compiler runs
 a CPU-only host, nothing can run on them (train/aot.py, train/plan.py --target).
 
 CHIPS: per chip, HBM, peak bf16 dense TFLOP/s, HBM and interconnect bandwidth, from Google
-Cloud's TPU specifications (ICI: the spec sheet's Gbps / 8) and NVIDIA's SXM data sheets
-(NVLink per GPU; `wide_gbps`: InfiniBand per GPU, for collectives of groups larger than one
-host of 8 GPUs). A device may be a fraction of a chip (TPU v4's two TensorCores): every
-per-device figure is the chip's divided by `devices_per_chip`.
-
-Tracing `cudnn` attention, JAX checks the local cuDNN library and GPU, neither of which exists
-here: `compile_context` answers both for the target. XLA:GPU then compiles with its heuristics
-(no device to autotune on).
+Cloud's TPU specifications (ICI: Gbps / 8) and NVIDIA's SXM data sheets (NVLink per GPU;
+`wide_gbps`: InfiniBand per GPU, between hosts of 8). Per-device figures are the chip's over
+`devices_per_chip` (TPU v4: two TensorCores).
 """
 
 import contextlib
