@@ -79,11 +79,10 @@ def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q
 
 def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None = None,
             dtype=None, head_dim: int | None = None) -> str:
-  """The concrete implementation `implementation` means for these lengths. 'auto': 'cudnn' on
-  GPU for float16/bfloat16 with more than one query and a head dim that is a multiple of 8, at
-  most 128; 'splash' on TPU for self-attention (q_len == kv_len) over a multiple of 128 tokens;
-  else 'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on, 'xla' below. `backend`,
-  `dtype` and `head_dim` default to the mesh's platform / unknown (treated as eligible)."""
+  """The concrete implementation `implementation` means. 'auto': 'cudnn' on GPU for 16-bit
+  floats, q_len > 1 and a head dim in 8, 16, ..., 128; 'splash' on TPU for self-attention over
+  a multiple of 128 tokens; else 'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on,
+  'xla' below. `backend` defaults to the mesh's platform; unknown dtype / head_dim qualify."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model/attention.py: implementation {implementation!r} is not one of '
                      f'{IMPLEMENTATIONS}')
@@ -188,10 +187,8 @@ def _block_logits(q_bckgh, k_brkh, scale):
 
 def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
   """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows).
-
-  The barrier ties the (layer-invariant) segment ids, positions and key validity to q, k, v:
-  without it, the layer scan's loop-invariant hoisting precomputes every block mask for all
-  block pairs ([t, s] per head) outside the layer loop."""
+  The barrier ties the segment ids and positions to q, k, v: else the layer scan hoists every
+  block pair's mask out of its loop."""
   (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
       jax.lax.optimization_barrier(
           (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr))
@@ -269,11 +266,9 @@ def _flash_bwd(residuals, dout_qbckgh):
                             preferred_element_type=jnp.float32)
       return (dk_brkh, dv_brkh), dq_bckgh
 
-    def skip(carry, qs, mask):
-      return carry, jnp.zeros(qs[0].shape, jnp.float32)
-
     def step(carry, qs):
       mask = _block_mask(*qs[4:], kseg_br, kpos_br, kvalid_br)
+      skip = lambda carry, qs, _: (carry, jnp.zeros(qs[0].shape, jnp.float32))
       return jax.lax.cond(jnp.any(mask), update, skip, carry, qs, mask)
 
     zeros_brkh = jnp.zeros(k_brkh.shape, jnp.float32)
@@ -330,9 +325,8 @@ def _require_nvidia_gpu():
 
 
 def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
-  """cuDNN fused attention with the segment/position rule as a boolean `mask` (exact for any
-  packing and positions, unlike its index-based is_causal and prefix seq_lengths); cuDNN takes
-  it as an additive [b, 1, t, s] bias, scores and probabilities stay inside the kernel."""
+  """cuDNN fused attention with the segment/position rule as a boolean [b, 1, t, s] `mask`
+  (exact for any packing, unlike its index-based is_causal and seq_lengths)."""
   _require_nvidia_gpu()
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"model/attention.py: implementation 'cudnn' needs bfloat16 or float16 "
@@ -344,11 +338,9 @@ def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
 
 
 def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret=False):
-  """TPU Pallas splash attention: segment ids plus an index-causal mask, which equals the
-  position rule for self-attention (t == s) with positions growing by one per document, as in
-  packed training batches; t != s is refused. `interpret=True`: the Pallas interpreter (tests).
-  Under a mesh it runs in `jax.shard_map` on each device's batch rows and heads (whole GQA
-  groups); the sequence must not be split (`sharding_rules.length` unset)."""
+  """TPU Pallas splash attention: segment ids plus an index-causal mask (the position rule for
+  self-attention of packed batches; t != s is refused). `interpret`: the Pallas interpreter.
+  Under a mesh, `jax.shard_map` over batch rows and whole GQA head groups (no sequence split)."""
   platform = mesh_platform()
   if not interpret and platform != 'tpu':
     raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the target "

@@ -119,11 +119,10 @@ def _is_eos(tokens_b, eos_ids_e):
 
 def start(cfg: ModelConfig, slots: int, tokens_np, lengths_n, new_len: int,
           cache_dtype=None) -> dict:
-  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots (see
-  the module docstring): the prompts, `queued` (how many were admitted), a cache of P + new_len
-  columns, per slot the sequence it holds (seq_b), its prompt length, num_new_b (tokens
-  generated, EOS included) and done_b (finished or free); per sequence the generated tokens_nn,
-  logprobs_nn (0 past its end) and num_new_n."""
+  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots: the
+  prompts, `queued` (how many admitted), a cache of P + new_len columns; per slot its sequence
+  (seq_b), prompt length, num_new_b (tokens made, EOS included), done_b (finished or free); per
+  sequence tokens_nn, logprobs_nn (0 past its end) and num_new_n."""
   n, p = tokens_np.shape
   zeros_b = jnp.zeros((slots,), jnp.int32)
   return {'cache': init_cache(cfg, slots, p + new_len, cache_dtype), 'prompts_np': tokens_np,
@@ -189,10 +188,9 @@ def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
 
 def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng,
         sampling: Sampling, eos_ids_e) -> dict:
-  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token
-  steps, or until all are done (EOS or `max_new` tokens). Before each step, queued prompts are
-  admitted `rows` at a time while that many slots are free (fewer at the end of the queue);
-  with `static`, only when every slot is free (static batching, for comparison)."""
+  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token steps
+  or until all are done (EOS or `max_new` tokens). Before each step queued prompts are admitted
+  `rows` at a time while slots are free; with `static`, only when all are (static batching)."""
   slots = state['done_b'].shape[0]
 
   def admissible(s):
@@ -213,9 +211,8 @@ def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng
 
 
 def sequence_layout(tokens_bs, lengths_b, num_new_b, prompt_len: int) -> dict:
-  """The buffer as one sequence per row, for a full forward pass over prompt + completion:
-  tokens, positions, segment ids (0 on padding) and `response_mask` (1 on generated tokens,
-  EOS included). Works on numpy or jax arrays of a finished (or partial) run."""
+  """The buffer (numpy or jax) as one sequence per row for a forward pass: tokens, positions,
+  segment ids (0 on padding) and `response_mask` (1 on generated tokens, EOS included)."""
   xp = jnp if isinstance(tokens_bs, jax.Array) else np
   s = tokens_bs.shape[1]
   col_s = xp.arange(s)[None, :]

@@ -1,12 +1,9 @@
 """Building blocks: parameters with logical axes, RMSNorm, embeddings, RoPE, SwiGLU MLP.
 
-Conventions used across model/:
-  * every parameter is an `nnx.Param(value, axes=(logical names...))`; model/sharding.py maps
-    the names onto the mesh;
-  * parameters are stored in `cfg.weight_dtype` and cast to `cfg.dtype` (the compute dtype)
-    right before use;
-  * tensor names carry their shape: b batch, t query length, s key length, d model width,
-    n query heads, k kv heads, h head dim, f MLP width, v vocab, e experts.
+Conventions of model/: every parameter is an `nnx.Param(value, axes=(logical names...))`
+(model/sharding.py maps them onto the mesh), stored in `cfg.weight_dtype` and cast to `cfg.dtype`
+right before use; tensor names carry their shape: b batch, t query length, s key length,
+d model width, n query heads, k kv heads, h head dim, f MLP width, v vocab, e experts.
 """
 
 import functools

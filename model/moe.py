@@ -1,34 +1,22 @@
 """Sparse mixture-of-experts feed-forward block (Mixtral-style), a drop-in for `layers.SwiGLU`.
 
-Routing. A float32 linear router gives logits_bte; each token picks its top k experts
-(k = cfg.experts_per_token; ties to the lower index) weighed by a softmax over the k selected
-logits (= Mixtral's softmax-then-renormalise). In training (`deterministic=False`, rngs given)
-the router input may be multiplied by uniform noise in [1 - router_jitter, 1 + router_jitter];
-experts always see the clean input.
+Routing: a float32 linear router gives logits_bte; each token takes its top k experts (ties to
+the lower index) weighed by a softmax over the k selected logits. In training the router input
+may be scaled by uniform noise in [1 - router_jitter, 1 + router_jitter] (experts see the clean
+input).
 
-Experts are SwiGLU MLPs stacked on a leading `expert` axis. Three dispatch implementations
-(cfg.dispatch) compute the same function whenever nothing is dropped:
-  * 'capacity': every expert has c = min(t, ceil(capacity_factor * t * k / e)) slots per batch
-    row. Assignments beyond c are dropped (that term is left out of the token's output, the
-    residual still carries the token; the other weights are NOT renormalised). Priority within
-    a row: all top-1 choices in token order, then all top-2 choices, ... Rows are the groups so
-    that slot positions come from a cumsum over one row: the result does not depend on how the
-    batch is split over devices. capacity_factor >= e / k makes c = t: nothing can drop.
-    Tokens move into the [e, b, c, d] buffers with an index gather, not one-hot einsums.
-  * 'dropless': assignments sorted by expert and multiplied with grouped matmuls (traced group
-    sizes, nothing dropped): cfg.grouped_matmul `ragged_dot`, or megablox `gmm` (Pallas; the
-    interpreter off TPU); 'auto' takes `gmm` when compiling for TPU, `ragged_dot` otherwise.
-  * 'reference': a loop over experts, each applied densely and masked by its routing weight;
-    tests compare the others against it.
-
-Expert parallelism. Expert weights carry the logical `expert` axis; the capacity buffer x_ebcd
-is annotated ('act_expert', 'batch', 'capacity', 'act_embed'), so the SPMD partitioner moves
-tokens from batch to expert sharding with an all-to-all and back for the combine (compiler-
-resolved annotations: the same code runs on any mesh or none; tests/test_moe.py checks the
-all-to-all). 'dropless' runs in `jax.shard_map` on each device's own tokens (local sort and
-grouped matmuls; expert weights gathered over `fsdp` and `expert`, split over `tensor` on the
-MLP width, a psum adds the partial outputs): there `expert` > 1 is data parallelism plus
-expert-weight sharding at rest.
+Experts are SwiGLU MLPs stacked on a leading `expert` axis. cfg.dispatch (all equal when
+nothing drops):
+  * 'capacity': c = min(t, ceil(capacity_factor * t * k / e)) slots per expert per batch row;
+    assignments beyond c are dropped (left out of the output, other weights NOT renormalised),
+    by priority top-1 choices in token order, then top-2, ... Per-row slots make the result
+    independent of the batch split; capacity_factor >= e / k drops nothing. The [e, b, c, d]
+    buffer is annotated ('act_expert', 'batch', 'capacity', 'act_embed'): the partitioner moves
+    tokens to expert sharding with an all-to-all and back.
+  * 'dropless': assignments sorted by expert, grouped matmuls (cfg.grouped_matmul `ragged_dot`
+    or megablox `gmm`; 'auto': `gmm` when compiling for TPU), in `jax.shard_map` on each
+    device's own tokens with expert weights gathered but for the `tensor`-split MLP width.
+  * 'reference': a dense loop over experts masked by routing weight (the tests' ground truth).
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
@@ -79,8 +67,7 @@ def slot_positions(experts_btk, num_experts: int):
 
 def top_k(logits_bte, k: int):
   """(values_btk, indices_btk) of the k largest logits, ties to the lower index like
-  `lax.top_k`. Built from k argmax rounds because XLA's SPMD partitioner all-gathers the batch
-  for a TopK op, while these reductions and selects stay local to each batch shard."""
+  `lax.top_k`, from k argmax rounds: local to each batch shard (a TopK op all-gathers it)."""
   e = logits_bte.shape[-1]
   masked_bte = logits_bte
   values, indices = [], []
@@ -103,9 +90,8 @@ def expert_swiglu(x_ebcd, gate_edf, up_edf, down_efd):
 
 
 def _dropless_shard_specs(shape_btd, f: int, mesh):
-  """shard_map specs for the dropless path: tokens keep their activation sharding (batch, and
-  length if sequence-sharded), expert weights are gathered except for the expert MLP width,
-  which stays split over its mesh axes (tensor parallel; a psum adds the partial outputs)."""
+  """shard_map specs of the dropless path: tokens keep their activation sharding, expert weights
+  are gathered but for the MLP width, which stays split (a psum adds the partial outputs)."""
   b, t, _ = shape_btd
   x_spec = logical_to_spec(('batch', 'length', None), (b, t, 1), mesh)
   used = {a for part in x_spec for a in spec_axes(part)}
@@ -129,10 +115,8 @@ def _gmm_tile(size: int) -> int:
 
 
 def grouped_matmul(x_md, w_eij, group_sizes_e, kernel: str):
-  """Rows of x_md sorted by group, group e has group_sizes_e[e] rows (summing to m); row r of
-  group e is multiplied by w_eij[e]. Returns [m, j] in x's dtype. 'gmm' (megablox: gmm for dx,
-  tgmm for dw) needs a row tile dividing m: zero rows are appended, counted in the last group
-  (they add nothing to any gradient) and sliced off."""
+  """[m, j] in x's dtype: row r of group e (group_sizes_e[e] rows each, sorted) times w_eij[e].
+  'gmm' needs a row tile dividing m: zero rows are appended to the last group and sliced off."""
   if kernel == 'ragged_dot':
     return jax.lax.ragged_dot(x_md, w_eij, group_sizes_e)
   if kernel != 'gmm':

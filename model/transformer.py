@@ -233,10 +233,9 @@ class Decoder(nnx.Module):
     return self.final_norm(x_btd), aux
 
   def extend(self, tokens_bt, positions_bt, segment_ids_bt, cache, index):
-    """Runs t new tokens through the model with a KV cache (prefill: t = prompt length, at
-    index 0; decoding: t = 1). Writes their keys/values into slots [index, index + t) and
-    returns (final-normed h_btd, updated cache). Segment id 0 marks padding: it is written as
-    an empty slot that no real token attends to."""
+    """t new tokens through the model with a KV cache (prefill, or t = 1 to decode): their keys
+    and values go into slots [index, index + t) (segment 0: an empty slot). Returns
+    (final-normed h_btd, updated cache)."""
     b, s = cache['segment_ids'].shape
     if tokens_bt.shape[0] != b or tokens_bt.shape[1] > s:
       raise ValueError(f'model/transformer.py Decoder.extend: tokens {tokens_bt.shape} do not fit '

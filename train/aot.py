@@ -87,9 +87,8 @@ def compile_variant(config, num_layers: int):
 
 
 def target_variant(config, platform: str):
-  """The config as compiled for `platform`: a fused attention kernel of another platform
-  becomes this platform's (dense_65b names `cudnn`; on a TPU target, `splash`). Returns (copy,
-  notes)."""
+  """(copy, notes): the config as compiled for `platform`, where a fused attention kernel of
+  another platform becomes this platform's (dense_65b's `cudnn` on TPU: `splash`)."""
   c = copy.deepcopy(config)
   was = c.model.attention
   c.model.attention = PLATFORM_ATTENTION.get(platform, {}).get(was, was)
@@ -100,9 +99,8 @@ def target_variant(config, platform: str):
 
 
 def lower_train_step(config, devices=None):
-  """`train.step.train_step` of `config` lowered for its mesh over `devices` (default: this
-  process's; or a compile target's abstract devices), with abstract inputs. Returns (lowered,
-  validated ModelConfig)."""
+  """(lowered, validated ModelConfig): the train step of `config` lowered with abstract inputs
+  for its mesh over `devices` (default: this process's; or a compile target's)."""
   ctx = context_lib.make(config, '', config_lib.validate, devices)
   t = config.train
   with jax.set_mesh(ctx.mesh), use_rules(ctx.rules):

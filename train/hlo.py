@@ -80,10 +80,9 @@ def _type_bytes(line: str, start: int) -> float:
 
 
 def _result_bytes(kind: str, total: float, n: int, is_start: bool) -> float:
-  """The collective's result bytes. An async start's type holds operands and results (plus
-  small u32 contexts for a permute): all-gather (x, n x) -> n/(n+1) of it, reduce-scatter
-  (n x, x) -> 1/(n+1), all-to-all and collective-permute (x, x) -> 1/2; an all-reduce start
-  holds its results only."""
+  """The collective's result bytes. An async start's type holds operands and results:
+  all-gather (x, n x) -> n/(n+1) of it, reduce-scatter (n x, x) -> 1/(n+1), all-to-all and
+  collective-permute (x, x) -> 1/2; an all-reduce start holds its results only."""
   if not is_start or kind == 'all-reduce':
     return total
   n = max(n, 1)

@@ -140,12 +140,6 @@ def _attention_transient(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
   return 4 * s.local(('batch', 'act_heads', None, None), (b, n, block, block)) * 4
 
 
-def _param_leaves(cfg: ModelConfig):
-  mdef, abstract = model_def(cfg)
-  axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
-  return list(zip(axes, jax.tree_util.tree_leaves(abstract)))
-
-
 def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory:
   """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes` (mesh
   axis -> size, default 1)."""
@@ -160,7 +154,9 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   # compute, and how many of those are not this device's own shard (the all-gathered extra).
   params = 0
   groups = {'layer': [0, 0], 'head': [0, 0], 'embed': [0, 0]}
-  for axes, leaf in _param_leaves(cfg):
+  mdef, abstract = model_def(cfg)
+  leaf_axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
+  for axes, leaf in zip(leaf_axes, jax.tree_util.tree_leaves(abstract)):
     local, gathered = s.local(axes, leaf.shape), s.gathered(axes, leaf.shape)
     params += local * w
     group = ('layer' if axes[0] == 'layers' else 'embed' if axes == ('vocab', 'embed')

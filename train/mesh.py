@@ -37,9 +37,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """The config's mesh over `devices` (default: all). Abstract devices of a compile target
-  (another platform than this process's) are laid out for their physical topology; a mesh
-  that cannot be is a ConfigError naming `mesh.*`."""
+  """The config's mesh over `devices` (default: all); a compile target's abstract devices are
+  laid out for their physical topology (ConfigError naming `mesh.*` if they cannot be)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)

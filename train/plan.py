@@ -1,19 +1,14 @@
 """python -m train.plan --config experiments/<name>.py [--json] [--mfu 0.4] [--wall-clock-days 42]
                        [--devices N] [--compile]
 
-What a config costs and whether it fits, without allocating a single parameter:
-  * parameters (total, active per token) and training FLOPs per token at the config's sequence
-    length (model/flops.py);
-  * per-device memory under the config's mesh: params, optimizer state, gradients, saved
-    activations (remat policy) and the peak working set (train/memory.py); with --compile also
-    XLA's plan of the train step on emulated CPU devices of the full mesh at reduced depth
-    (train/aot.py), extrapolated to the config's depth; with --target the real step compiled
-    for an accelerator that is not attached: memory, FLOPs, collectives and a roofline;
-  * whether that fits `hardware.device_memory_gb` (or the target's HBM);
-  * tokens/s, step time and time to train at a stated MFU (against `hardware.peak_tflops`),
-    and the MFU that a stated wall clock implies.
-It first runs the run's own static checks (train/config.py validate). A config over the device
-memory is printed, then reported as an error (exit status 1).
+What a config costs and whether it fits, allocating nothing (after train/config.py validate):
+  * parameters (total, active) and training FLOPs per token (model/flops.py);
+  * per-device memory under the config's mesh (train/memory.py); with --compile also XLA's plan
+    on emulated CPU devices at reduced depth, extrapolated (train/aot.py); with --target the
+    real step compiled for an accelerator that is not attached: memory, FLOPs, collectives and
+    a roofline; whether that fits `hardware.device_memory_gb` (or the target's HBM);
+  * tokens/s, step time and time to train at a stated MFU, and the MFU a wall clock implies.
+A config over the device memory is printed, then reported as an error (exit status 1).
 """
 
 import json
@@ -215,9 +210,9 @@ def _knobs(remat: str, *, head: bool = False, grad_accum: int = 0, micro: int = 
 
 
 def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
-  """XLA's per-device plan of the CPU variant (train/aot.py compile_variant) at two reduced
-  depths (layer units), extrapolated linearly to the config's depth, next to the analytic
-  estimate of the same variant. `run(config, devices)` compiles (default: a child process)."""
+  """XLA's per-device plan of the CPU variant (train/aot.py compile_variant) at two depths
+  (layer units) extrapolated to the config's, next to the analytic estimate of that variant.
+  `run(config, devices)` compiles (default: a child process)."""
   run = run or aot.compiled_memory_subprocess
   cfg = config_lib.model_config(config)
   per_unit = cfg.layers_per_unit
@@ -227,7 +222,6 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   _, config, _ = _validate(config, devices)  # The compiled step reads no data either.
   r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
   r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
-  per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
   total = _to_depth(r1.total_bytes, r2.total_bytes, d1, d2, cfg.num_units)
   variant = aot.compile_variant(config, cfg.num_layers)
   analytic = memory_lib.estimate(variant, mesh_shape(config.mesh, devices)).total
@@ -237,7 +231,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
       'compiled_depths_layers': [d1 * per_unit, d2 * per_unit],
       'compiled_total_at_depths_gib': [gib(r.total_bytes) for r in (r1, r2)],
       'compiled_temp_at_depths_gib': [gib(r.temp_bytes) for r in (r1, r2)],
-      'compiled_per_layer_gib': gib(per_unit_bytes / per_unit),
+      'compiled_per_layer_gib': gib((r2.total_bytes - r1.total_bytes) / (d2 - d1) / per_unit),
       'compiled_total_gib': gib(total),
       'analytic_of_compiled_variant_gib': gib(analytic),
       'analytic_over_compiled': round(analytic / total, 3),
@@ -251,10 +245,8 @@ def _to_depth(v1: float, v2: float, d1: int, d2: int, units: int) -> float:
 
 
 def _flops_variant(config, layers: int):
-  """One micro-batch of `config` with `layers` layers unrolled: cost_analysis() counts a loop
-  body once, so FLOPs and bytes are measured unrolled at two depths, extrapolated in depth and
-  multiplied by train.grad_accum (which counts the optimizer update grad_accum times:
-  negligible next to 6 x params x tokens)."""
+  """One micro-batch of `config` with `layers` layers unrolled (cost_analysis() counts a loop
+  body once); the caller multiplies by train.grad_accum (the update counted that often)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.num_layers = layers
   c.model.scan_layers = False
@@ -264,9 +256,8 @@ def _flops_variant(config, layers: int):
 
 
 def kernel_flops_per_token(cfg, seq_len: int, attention: str) -> float:
-  """Training FLOPs per token inside Pallas kernels that XLA's cost_analysis() counts as zero:
-  splash attention (model/flops.py's attention term; with remat its forward runs twice, x 4/3).
-  megablox gmm declares a cost estimate to XLA, which counts it (tests/test_targets.py)."""
+  """Training FLOPs per token in Pallas kernels that cost_analysis() counts as zero: splash
+  attention (x 4/3 with remat); megablox gmm declares its cost to XLA (tests/test_targets.py)."""
   if attention != 'splash':
     return 0.0
   return training_flops_per_token(cfg, seq_len).attention_per_token * (
@@ -274,9 +265,8 @@ def kernel_flops_per_token(cfg, seq_len: int, attention: str) -> float:
 
 
 def remat_flops_ratio(cfg, seq_len: int) -> float:
-  """Compiled / model FLOPs that remat alone explains: with a remat policy the layers' forward
-  runs twice (4/3 of their 3x-forward training FLOPs; `full` recomputes all of it, the others
-  at most that), the output head's does not."""
+  """Compiled / model FLOPs that remat alone explains: the layers' forward runs twice (4/3 of
+  their training FLOPs; at most that for partial policies), the output head's once."""
   total = training_flops_per_token(cfg, seq_len).per_token
   head = 6 * cfg.d_model * cfg.vocab_size
   return 1.0 if cfg.remat == 'none' else ((total - head) * 4 / 3 + head) / total
@@ -310,9 +300,10 @@ def target_section(config, target, compile_fn=None) -> dict:
     kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
     flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
                     + (' + splash analytically' if kernel_flops else ''))
-  peak = target.chip.peak_tflops * 1e12 / target.devices_per_chip
-  hbm_bw = target.chip.hbm_gbps * 1e9 / target.devices_per_chip
-  ici_bw = target.chip.ici_gbps * 1e9 / target.devices_per_chip
+  chip, shares = target.chip, target.devices_per_chip  # Per-device figures: the chip's / shares.
+  peak, hbm_bw = chip.peak_tflops * 1e12 / shares, chip.hbm_gbps * 1e9 / shares
+  ici_bw = chip.ici_gbps * 1e9 / shares
+  wide_bw = chip.wide_gbps * 1e9 / shares if chip.wide_gbps else ici_bw
   compiled_flops = xla_flops + kernel_flops
   notes = list(full.notes)
   if compiled_flops < model_flops:  # cost_analysis missed work: never a roofline above 100%.
@@ -323,7 +314,6 @@ def target_section(config, target, compile_fn=None) -> dict:
   else:
     compiled_for_time = compiled_flops
   wide = full.collectives.moved_wide_bytes
-  wide_bw = (target.chip.wide_gbps * 1e9 / target.devices_per_chip) if target.chip.wide_gbps else ici_bw
   times = {'compute': compiled_for_time / peak,
            'collectives': (full.collectives.moved_bytes - wide) / ici_bw + wide / wide_bw}
   if hbm_bytes is not None:
