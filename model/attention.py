@@ -14,9 +14,9 @@ with no allowed key returns zeros.
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the tests' ground truth.
   xla        one [t, s] score matrix per head, backward pass written out (GEMM-friendly layouts).
-  chunked    blockwise online softmax with a custom VJP (flash-attention style: the backward
-             recomputes scores per block from the saved log-sum-exp); memory O(t + s) plus one
-             [chunk, chunk] block. Block pairs with no allowed pair are skipped (lax.cond).
+  chunked    blockwise online softmax, flash-attention style custom VJP (the backward recomputes
+             scores per block from the log-sum-exp): memory O(t + s) plus one block; block pairs
+             with no allowed pair are skipped (lax.cond).
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
   splash     TPU Pallas splash attention (segment ids, causal mask); under a mesh in `shard_map`
              over the batch and head axes (whole sequences per device).
@@ -115,8 +115,6 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
 # xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k), so every
 # matmul is one batched GEMM over (b, k); the backward computes dK and dV transposed, the faster
 # layout on XLA:CPU (benchmarks/results/attention_xla_cpu.md). Reverse mode only (custom VJP).
-
-
 def _probabilities(q_bkmh, k_bksh, mask_bt1s):
   """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
   b, k, m, h = q_bkmh.shape
@@ -171,8 +169,6 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
 
 # chunked: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side [nk, b, r, ...]
 # (r keys per block); scores of one block pair are [b, k, g, c, r] (g = n / k).
-
-
 def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
   """[b, 1, 1, c, r] boolean mask of one (query block, key block) pair."""
   ok_bcr = ((qseg_bc[:, :, None] == kseg_br[:, None, :]) &

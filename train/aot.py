@@ -1,22 +1,17 @@
-"""Ahead-of-time compile of the train step: the compiler's own plan, for a compile target
-(`compile_for_target`: TPU / GPU devices that are not attached, train/targets.py) or for
-emulated CPU devices (`compiled_memory`). Nothing is allocated and nothing runs: the step is
-lowered with abstract inputs (ShapeDtypeStructs carrying their shardings); memory_analysis()
-describes one device.
-
-`compile_for_target` compiles the config as it is but for another platform's fused attention
-kernel (`target_variant`): memory_analysis(), cost_analysis() and collectives (train/hlo.py).
+"""Ahead-of-time compile of the train step, lowered with abstract inputs (ShapeDtypeStructs
+carrying their shardings; nothing is allocated or run): the compiler's own per-device plan for
+a compile target (`compile_for_target`: TPU / GPU devices that are not attached,
+train/targets.py; the config as it is but for another platform's fused attention kernel,
+`target_variant`) or for emulated CPU devices (`compiled_memory`).
 
 The CPU plan (`python -m train.plan --compile`) is of `compile_variant`, which differs from the
 config only so, for the analytic model (train/memory.py) to be held to it:
-  * attention: `cudnn`, `splash` and `auto` become `xla` (the fused kernels exist only on GPU /
-    TPU; `chunked` inside the layer scan keeps every block pair's residuals in JAX 0.10.2,
-    docs/scale.md, while memory.py counts `xla`'s [b, n, t, t] scores exactly);
-  * compute dtype float32 (XLA:CPU plans float32 buffers for bfloat16 dots and most
-    elementwise ops);
+  * attention `cudnn`, `splash`, `auto` -> `xla` (fused kernels are GPU / TPU only; `chunked`
+    in the layer scan keeps every block pair's residuals in JAX 0.10.2, docs/scale.md);
+  * compute dtype float32 (XLA:CPU plans float32 buffers for bfloat16 dots and elementwise ops);
   * depth: a few layer units; per-device shapes of everything else are unchanged.
-Emulated devices must exist before JAX starts, so a mesh larger than this process's device
-count compiles in a child process (`compiled_memory_subprocess`).
+A mesh larger than this process's device count compiles in a child process
+(`compiled_memory_subprocess`): emulated devices must exist before JAX starts.
 """
 
 import copy

@@ -39,8 +39,7 @@ from train.mesh import batch_shards, make_mesh
 @dataclasses.dataclass
 class Completion:
   text: str  # Decoded completion, cut before the first stop string; no EOS / end marker.
-  token_ids: list[int]  # Generated ids, the stop token (EOS / <|end|>) included if reached;
-  # with a stop string, up to the token that completes it.
+  token_ids: list[int]  # Generated ids, up to the stop token (EOS, <|end|>) or stop string.
   logprobs: list[float]  # log p(token | prefix) of each generated id under the model.
   finish_reason: str  # 'eos', 'stop' (a stop string) or 'length'.
   prompt_tokens: int

@@ -3,9 +3,8 @@
 Bytes per device from mesh sizes, sharding rules, dtypes and the remat policy; nothing is
 allocated (`jax.eval_shape`, `logical_to_spec` on train/context.py Placement.abstract).
 
-    persistent   params (param_dtype) + AdamW mu and nu (same dtype) + the gradient
-                 accumulator (param_dtype; a second copy while grad_accum > 1 adds a micro-
-                 batch's gradients into it)
+    persistent   params + AdamW mu and nu + the gradient accumulator (param_dtype; twice
+                 with grad_accum > 1: a micro-batch's gradients are added into it)
     activations  what the forward pass keeps for the backward pass, for every layer, under
                  `model.remat` (RESIDUALS below), for one micro-batch
     transient    the largest working set on top of that, the max of three phases:

@@ -136,11 +136,22 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   return p
 
 
+POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'dpo')
+
+
 def _validate(config, n: int):
   """train/config.py validate, as the run does it. Returns (ModelConfig, config to plan with,
   warnings). A data-source error is a warning and the default sources are planned (the planner
   reads no data); a post-training config is planned as its decoder's update step."""
-  config, warnings = _policy_step(config)
+  warnings, present = [], [k for k in POSTTRAIN_SECTIONS if k in config]
+  if present:
+    warnings.append(f'stage {config.get("stage", "") or "post-training"!r}: planned as the decoder '
+                    f'update step of train.global_batch={config.train.global_batch} sequences of '
+                    f'data.seq_len={config.data.seq_len} tokens on this mesh; the reference, '
+                    f'reward and value models and rollouts are not counted here')
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key in present:
+      del config[key]
   try:
     return config_lib.validate(config, n), config, warnings
   except ConfigError as e:
@@ -149,23 +160,6 @@ def _validate(config, n: int):
     trimmed = _default_sources(config)
     return config_lib.validate(trimmed, n), trimmed, warnings + [
         f'data: {e} (the run would stop there; the planner reads no data and plans the rest)']
-
-
-POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'dpo')
-
-
-def _policy_step(config):
-  present = [k for k in POSTTRAIN_SECTIONS if k in config]
-  if not present:
-    return config, []
-  stage = config.get('stage', '') or 'post-training'
-  trimmed = ml_collections.ConfigDict(config.to_dict())
-  for key in present:
-    del trimmed[key]
-  return trimmed, [f'stage {stage!r}: planned as the decoder update step of train.global_batch='
-                   f'{config.train.global_batch} sequences of data.seq_len={config.data.seq_len} '
-                   f'tokens on this mesh; the reference, reward and value models and rollouts '
-                   f'are not counted here']
 
 
 def _default_sources(config):

@@ -142,10 +142,12 @@ def abstract_devices(target: str) -> Target:
   """The target's devices as libtpu (TPU) or the CUDA plugin (GPU) describes them: compile-only
   devices, nothing needs to be attached."""
   platform, chip, topology = parse(target)
+  make = lambda devices, chips: Target(name=target, platform=platform, chip_name=chip,
+                                       topology=topology, chip=CHIPS[f'{platform}:{chip}'],
+                                       devices=devices, chips=chips)
   if platform == 'gpu':
     devices = _gpu_devices(target, chip, topology)
-    return Target(name=target, platform=platform, chip_name=chip, topology=topology,
-                  chip=CHIPS[f'{platform}:{chip}'], devices=devices, chips=len(devices))
+    return make(devices, len(devices))
   # libtpu takes a machine-wide lock file unless told that several processes may load it (a
   # planner next to a test run, or two planners): nothing here drives a real TPU.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
@@ -154,15 +156,9 @@ def abstract_devices(target: str) -> Target:
   except Exception as e:  # libtpu missing, or a topology name it rejects: one line, not a trace.
     raise ConfigError(f'--target={target!r}: libtpu cannot describe topology {chip}:{topology} '
                       f'({_first_line(e)}); install the extra with `pip install -e ".[tpu]"`') from None
-  devices = tuple(desc.devices)
-  try:
-    chips = math.prod(int(x) for x in topology.split('x'))
-  except ValueError:
-    chips = len(devices)
-  if chips < 1 or len(devices) % chips:
-    chips = len(devices)
-  return Target(name=target, platform=platform, chip_name=chip, topology=topology,
-                chip=CHIPS[f'{platform}:{chip}'], devices=devices, chips=chips)
+  devices, dims = tuple(desc.devices), topology.split('x')
+  chips = math.prod(int(x) for x in dims) if all(x.isdigit() for x in dims) else 0
+  return make(devices, chips if chips >= 1 and len(devices) % chips == 0 else len(devices))
 
 
 def _gpu_devices(target: str, chip: str, count: str) -> tuple:
