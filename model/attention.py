@@ -21,8 +21,7 @@ Implementations (IMPLEMENTATIONS):
   splash     TPU Pallas splash attention (segment ids, causal mask); under a mesh in `shard_map`
              over the batch and head axes (whole sequences per device).
   auto       `resolve()` picks one per platform and shape and logs the choice once.
-The platform is the mesh's (`model.sharding.mesh_platform`): a TPU kernel compiles ahead of
-time on abstract TPU devices from a CPU host (train/aot.py).
+The platform is the mesh's (`model.sharding.mesh_platform`; abstract devices too, train/aot.py).
 """
 
 import logging

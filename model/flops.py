@@ -3,8 +3,8 @@
 Training FLOPs per token = 3 x forward (forward + backward), with
   forward = 2 x (matmul parameters touched by one token)           [projections, MLP/experts, head]
           + 4 x layers x heads x head_dim x (mean keys attended)   [q.k and p.v]
-For causal attention over a context of T tokens a query attends (T + 1) / 2 keys on average;
-that is what we count (the work the model needs), so MFU is not inflated by masked-out work.
+Causal attention over T tokens counts (T + 1) / 2 keys per query (the work the model needs:
+masked-out work does not inflate MFU).
 MoE layers count only the k active experts plus the router; `dense_equivalent` counts all E.
 """
 

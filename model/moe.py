@@ -20,11 +20,9 @@ nothing drops):
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
-    before drops) / (n k), P_e = mean over tokens of softmax(logits)_e; 1.0 when either is
-    uniform, e / k when both concentrate on k experts;
+    before drops) / (n k), P_e = mean over tokens of softmax(logits)_e (1.0 when uniform);
   * router_z_loss = mean over tokens of logsumexp(logits)^2 (ST-MoE);
-  * aux_loss = load_balance_weight * load_balance_loss + router_z_weight * router_z_loss, for
-    the caller to add to the loss;
+  * aux_loss = load_balance_weight * load_balance_loss + router_z_weight * router_z_loss;
   * dropped_fraction: dropped assignments / (n k) (0 for 'dropless' and 'reference');
   * router_entropy: mean entropy (nats) of softmax(logits);
   * expert_load_min / expert_load_max: min / max over experts of f_e (1/e when balanced).

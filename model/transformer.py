@@ -182,19 +182,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
 
 
 def _stacked_units(cfg: ModelConfig, rngs: nnx.Rngs):
-  num_units = cfg.num_units
-  unit_cls = Unit if cfg.layers_per_unit > 1 else Block
-
-  @nnx.split_rngs(splits=num_units)
+  @nnx.split_rngs(splits=cfg.num_units)
   @nnx.vmap(in_axes=(0,), out_axes=0)
   def create(rngs):
-    return unit_cls(cfg, rngs, moe=cfg.is_moe) if unit_cls is Block else unit_cls(cfg, rngs)
+    return Unit(cfg, rngs) if cfg.layers_per_unit > 1 else Block(cfg, rngs, moe=cfg.is_moe)
 
   units = create(rngs)
   for _, var in nnx.iter_graph(units):  # Stacked: a leading 'layers' axis on every parameter.
     if isinstance(var, nnx.Variable):
       var.set_metadata('axes', ('layers',) + tuple(var.get_metadata()['axes']))
-  return units, num_units
+  return units, cfg.num_units
 
 
 class Decoder(nnx.Module):

@@ -38,8 +38,7 @@ from train import targets
 
 COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
-# What each platform compiles for another platform's fused attention kernel (CPU: `xla`, see
-# the module docstring).
+# What each platform compiles for another platform's fused attention kernel (module docstring).
 PLATFORM_ATTENTION = {'tpu': {'cudnn': 'splash'}, 'gpu': {'splash': 'cudnn'},
                       'cpu': {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}}
 

@@ -51,9 +51,7 @@ def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: b
   vary = lambda x, axes: jax.lax.pcast(x, axes, to='varying') if axes else x
   acc0 = vary(jnp.float32(0), token_axes)
   if not grads:
-    def body(acc, x):
-      return acc + chunk(*x)[3], None
-    nll, _ = jax.lax.scan(body, acc0, xs)
+    nll, _ = jax.lax.scan(lambda acc, x: (acc + chunk(*x)[3], None), acc0, xs)
     return (jax.lax.psum(nll, token_axes) if token_axes else nll), None, None
 
   def body(carry, x):

@@ -44,14 +44,6 @@ class Collectives:
   by_kind: dict  # kind -> Collective, for every kind in KINDS.
   unknown_trip_counts: int  # While loops whose trip count could not be read (counted once).
 
-  @property
-  def moved_bytes(self) -> float:
-    return sum(c.moved for c in self.by_kind.values())
-
-  @property
-  def moved_wide_bytes(self) -> float:
-    return sum(c.moved_wide for c in self.by_kind.values())
-
 
 def _computations(text: str) -> tuple[dict, str]:
   comps, entry, name = {}, None, None

@@ -307,9 +307,10 @@ def target_section(config, target, compile_fn=None) -> dict:
     compiled_for_time = model_flops * remat_flops_ratio(cfg, seq)
   else:
     compiled_for_time = compiled_flops
-  wide = full.collectives.moved_wide_bytes
+  kinds = full.collectives.by_kind.values()
+  wide = sum(c.moved_wide for c in kinds)
   times = {'compute': compiled_for_time / peak,
-           'collectives': (full.collectives.moved_bytes - wide) / ici_bw + wide / wide_bw}
+           'collectives': (sum(c.moved for c in kinds) - wide) / ici_bw + wide / wide_bw}
   if hbm_bytes is not None:
     times['hbm'] = hbm_bytes / hbm_bw
   step_s = max(times.values())

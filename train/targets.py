@@ -41,9 +41,8 @@ CHIPS = {
 }
 GPUS_PER_HOST = 8
 
-# What XLA:GPU needs to know of a GPU it cannot query: the device-description fields of
-# stream_executor.GpuDeviceInfoProto that JAX 0.10.2's plugin parses (from NVIDIA's data sheets:
-# SMs, shared memory, L2, clocks, memory size and bandwidth).
+# What XLA:GPU needs to know of a GPU it cannot query: the GpuDeviceInfoProto fields JAX 0.10.2's
+# plugin parses, from NVIDIA's data sheets.
 GPUS = {
     'a100': dict(name='NVIDIA A100-SXM4-80GB', cc=(8, 0, 'NONE'), core_count=108, fpus_per_core=64,
                  shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
@@ -148,8 +147,7 @@ def abstract_devices(target: str) -> Target:
   if platform == 'gpu':
     devices = _gpu_devices(target, chip, topology)
     return make(devices, len(devices))
-  # libtpu takes a machine-wide lock file unless told that several processes may load it (a
-  # planner next to a test run, or two planners): nothing here drives a real TPU.
+  # No machine-wide libtpu lock: several planners or tests may load it; none drives a real TPU.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     desc = topologies.get_topology_desc(platform='tpu', topology_name=f'{chip}:{topology}')
