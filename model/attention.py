@@ -308,7 +308,9 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
   return out_btkgh.reshape(b, t, n, h)
 
 
-def _require_nvidia_gpu():
+def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
+  """cuDNN fused attention with the segment/position rule as a boolean [b, 1, t, s] `mask`
+  (exact for any packing, unlike its index-based is_causal and seq_lengths)."""
   backend = mesh_platform()
   platform_version = (getattr(jax.devices()[0].client, 'platform_version', '').lower()
                       if backend == jax.default_backend() else '')
@@ -317,12 +319,6 @@ def _require_nvidia_gpu():
         f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the target "
         f"backend is {backend!r} ({platform_version or 'no platform version'}); use 'xla', "
         f"'chunked' or 'auto' instead.")
-
-
-def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
-  """cuDNN fused attention with the segment/position rule as a boolean [b, 1, t, s] `mask`
-  (exact for any packing, unlike its index-based is_causal and seq_lengths)."""
-  _require_nvidia_gpu()
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"model/attention.py: implementation 'cudnn' needs bfloat16 or float16 "
                      f"inputs, got {q_btnh.dtype}; set model.compute_dtype='bfloat16' or use "

@@ -57,10 +57,6 @@ class Sampling:
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f'sampling top_p must be in (0, 1] (1 = off), got {self.top_p}')
 
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
-
 
 def filter_logits(logits_bv, sampling: Sampling):
   """logits / temperature with -inf outside the top-k and top-p sets (not for greedy)."""
@@ -81,7 +77,7 @@ def filter_logits(logits_bv, sampling: Sampling):
 
 def sample_tokens(logits_bv, rng, sampling: Sampling):
   """int32 [b]: one token per row."""
-  if sampling.greedy:
+  if sampling.temperature == 0.0:  # Greedy.
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, filter_logits(logits_bv, sampling), axis=-1).astype(jnp.int32)
 

@@ -33,8 +33,7 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: s
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.eps = cfg.norm_eps
-    self.dtype = cfg.dtype
+    self.eps, self.dtype = cfg.norm_eps, cfg.dtype
     self.scale = param(rngs, (dim,), ('norm',), cfg.weight_dtype, init='ones')
 
   def __call__(self, x):

@@ -200,8 +200,7 @@ class MoeBlock(nnx.Module):
             self.down_efd[...].astype(dt))
 
   def _capacity(self, x_btd, experts_btk, weights_btk):
-    b, t, d = x_btd.shape
-    e = self.cfg.num_experts
+    (b, t, d), e, k = x_btd.shape, self.cfg.num_experts, self.cfg.experts_per_token
     c = capacity(self.cfg, t)
     pos_btk = slot_positions(experts_btk, e)
     kept_btk = pos_btk < c
@@ -209,7 +208,6 @@ class MoeBlock(nnx.Module):
     slot_btk = jnp.where(kept_btk, experts_btk * c + pos_btk, e * c)
     # Inverse map, slot -> token; empty slots point at an appended zero row (index t). Row-wise
     # ops are vmapped so the gathers/scatters carry batch dims the partitioner keeps local.
-    k = self.cfg.experts_per_token
     token_n = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
     slot_bn = slot_btk.reshape(b, t * k)
     empty_s = jnp.full((e * c,), t, jnp.int32)

@@ -54,9 +54,7 @@ def use_rules(rules: Mapping[str, object]):
 
 def spec_axes(target) -> tuple[str, ...]:
   """A rule target or PartitionSpec entry (None, 'axis' or a tuple) as a tuple of mesh axes."""
-  if target is None:
-    return ()
-  return (target,) if isinstance(target, str) else tuple(target)
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None,

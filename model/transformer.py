@@ -104,8 +104,7 @@ class Block(nnx.Module):
     return self._mlp_residual(x_btd, rng)
 
   def _mlp_residual(self, x_btd, rng):
-    h_btd = self.mlp_norm(x_btd)
-    aux = {}
+    h_btd, aux = self.mlp_norm(x_btd), {}
     if self.moe:
       h_btd, aux = self.mlp(h_btd, rngs=None if rng is None else nnx.Rngs(rng),
                             deterministic=rng is None)

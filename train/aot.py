@@ -62,8 +62,8 @@ class CompiledMemory:
 class TargetCompile:
   """What the target's own compiler planned for one train step, per device."""
   memory: CompiledMemory
-  flops: float | None  # cost_analysis(): FLOPs per device (a loop body counted once); None
-  bytes_accessed: float | None  # when the compiler gives none (XLA:GPU without a device).
+  flops: float | None  # cost_analysis() per device (a loop body once); None: the compiler
+  bytes_accessed: float | None  # gives none (XLA:GPU without a device).
   collectives: hlo.Collectives
   notes: tuple  # How the compiled config differs from the one given (target_variant).
 
@@ -147,10 +147,9 @@ def compile_for_target(config, target) -> TargetCompile:
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return TargetCompile(memory=_memory(compiled, cfg.num_layers, seconds),
-                       flops=float(cost['flops']) if 'flops' in cost else None,
-                       bytes_accessed=(float(cost['bytes accessed']) if 'bytes accessed' in cost
-                                       else None),
+  get = lambda key: float(cost[key]) if key in cost else None
+  return TargetCompile(memory=_memory(compiled, cfg.num_layers, seconds), flops=get('flops'),
+                       bytes_accessed=get('bytes accessed'),
                        collectives=hlo.collectives(compiled.as_text(), len(target.devices),
                                                    target.local_devices),
                        notes=notes)

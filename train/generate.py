@@ -160,8 +160,7 @@ class Generator:
     if params is None:
       raise ValueError('train/generate.py: this Generator has no params; pass params=')
     n, slots, pad = len(prompts), self.slots, self.tokenizer.pad_id
-    p, new = bucket(max(len(x) for x in prompts), self.min_bucket), bucket(max_new_tokens,
-                                                                           self.min_bucket)
+    p, new = (bucket(x, self.min_bucket) for x in (max(map(len, prompts)), max_new_tokens))
     n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
     tokens_np, lengths_n = decode.left_pad(list(prompts) + [prompts[0]] * (n_pad - n), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
@@ -185,8 +184,9 @@ class Generator:
                                          for k in ('tokens_nn', 'logprobs_nn', 'num_new_n'))
     stopped = np.array([bool(stop) and self._has_stop(t[:k], stop)
                         for t, k in zip(tokens_nn, num_new_n)], bool)
-    for i in np.nonzero(stopped)[0]:  # Drop what was generated past the stop string.
-      num_new_n[i] = self._stop_length(tokens_nn[i, :num_new_n[i]], stop)
+    for i in np.nonzero(stopped)[0]:  # Keep the tokens up to the one completing a stop string.
+      ids = tokens_nn[i, :num_new_n[i]]
+      num_new_n[i] = next(k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop))
       tokens_nn[i, num_new_n[i]:], logprobs_nn[i, num_new_n[i]:] = pad, 0.0
     eos_seen = np.isin(tokens_nn[np.arange(n), np.maximum(num_new_n, 1) - 1], eos_e)
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
@@ -201,10 +201,6 @@ class Generator:
   def _has_stop(self, ids, stop) -> bool:
     text = self.tokenizer.decode(ids)
     return any(s and s in text for s in stop)
-
-  def _stop_length(self, ids, stop) -> int:
-    """How many of `ids` it takes for the text to contain a stop string."""
-    return next((k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop)), len(ids))
 
 
 def main(argv=None) -> int:

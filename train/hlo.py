@@ -141,10 +141,8 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
         cond = re.search(r'condition=%?([\w.\-]+)', line).group(1)
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         trips = int(known.group(1)) if known else _trip_count(comps.get(cond, []))
-        if trips is None:
-          unknown[0] += 1
-          trips = 1
-        walk(body, times * trips)
+        unknown[0] += trips is None  # Counted once.
+        walk(body, times * (1 if trips is None else trips))
         continue
       kind = op[:-len('-start')] if op.endswith('-start') else op
       if kind in KINDS:

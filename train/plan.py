@@ -214,8 +214,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
   _, config, _ = _validate(config, devices)  # The compiled step reads no data either.
-  r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
-  r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
+  r1, r2 = (run(aot.compile_variant(config, d * per_unit), devices) for d in (d1, d2))
   total = _to_depth(r1.total_bytes, r2.total_bytes, d1, d2, cfg.num_units)
   variant = aot.compile_variant(config, cfg.num_layers)
   analytic = memory_lib.estimate(variant, mesh_shape(config.mesh, devices)).total
@@ -247,15 +246,6 @@ def _flops_variant(config, layers: int):
   c.train.global_batch = config.train.global_batch // config.train.grad_accum
   c.train.grad_accum = 1
   return c
-
-
-def kernel_flops_per_token(cfg, seq_len: int, attention: str) -> float:
-  """Training FLOPs per token in Pallas kernels that cost_analysis() counts as zero: splash
-  attention (x 4/3 with remat); megablox gmm declares its cost to XLA (tests/test_targets.py)."""
-  if attention != 'splash':
-    return 0.0
-  return training_flops_per_token(cfg, seq_len).attention_per_token * (
-      4 / 3 if cfg.remat != 'none' else 1.0)
 
 
 def remat_flops_ratio(cfg, seq_len: int) -> float:
@@ -291,7 +281,11 @@ def target_section(config, target, compile_fn=None) -> dict:
     r1, r2 = (compile_fn(_flops_variant(config, d * cfg.layers_per_unit), target) for d in (1, 2))
     grow = lambda a, b: config.train.grad_accum * _to_depth(a, b, 1, 2, cfg.num_units)
     xla_flops, hbm_bytes = grow(r1.flops, r2.flops), grow(r1.bytes_accessed, r2.bytes_accessed)
-    kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
+    # Splash's FLOPs (x 4/3 with remat), which cost_analysis() counts as zero; megablox gmm
+    # declares its cost to XLA (tests/test_targets.py).
+    kernel_flops = (training_flops_per_token(cfg, seq).attention_per_token
+                    * (4 / 3 if cfg.remat != 'none' else 1.0) * tokens_per_device
+                    if attention == 'splash' else 0.0)
     flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
                     + (' + splash analytically' if kernel_flops else ''))
   chip, shares = target.chip, target.devices_per_chip  # Per-device figures: the chip's / shares.
