@@ -147,7 +147,6 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize
   t = config.train
   micro, seq = t.global_batch // t.grad_accum, config.data.seq_len
-  units = cfg.num_units
 
   # Per group (one layer unit, the output head, the input table): elements once gathered for
   # compute, and how many of those are not this device's own shard (the all-gathered extra).
@@ -161,7 +160,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
     group = ('layer' if axes[0] == 'layers' else 'embed' if axes == ('vocab', 'embed')
              else 'head' if axes == ('embed', 'vocab') else None)
     if group:
-      per = units if group == 'layer' else 1
+      per = cfg.num_units if group == 'layer' else 1
       groups[group][0] += gathered // per
       groups[group][1] += (gathered - local) // per
   if cfg.tie_embeddings:
@@ -194,8 +193,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   backward = _all_saved(inter, scores=False)  # One layer's activation gradients.
   recompute = 0 if cfg.remat == 'none' else backward
   layer = weights('layer') + recompute + backward + _attention_transient(cfg, s, micro, seq)
-  embed = groups['embed'][1] * 2 * w
-  phases = {'head': head, 'layer': layer, 'embed': embed}
+  phases = {'head': head, 'layer': layer, 'embed': groups['embed'][1] * 2 * w}
   phase = max(phases, key=phases.get)
   batch_bytes = 5 * 4 * s.local((None, 'batch', 'length'), (t.grad_accum, micro, seq))
   return Memory(params=params, optimizer=2 * params, grads=grads, activations=activations,
