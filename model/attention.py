@@ -98,8 +98,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
 
 
 def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
-  b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
+  (b, t, n, h), k = q_btnh.shape, k_bskh.shape[2]
   q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
   logits_bkgts = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k_bskh,
                             preferred_element_type=jnp.float32) / math.sqrt(h)
@@ -158,8 +157,7 @@ _grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
-  b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
+  (b, t, n, h), k = q_btnh.shape, k_bskh.shape[2]
   q_bkmh = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 1, 3, 4).reshape(b, k, -1, h)
   o_bkmh = _grouped_attention(q_bkmh, jnp.swapaxes(k_bskh, 1, 2), jnp.swapaxes(v_bskh, 1, 2),
                               mask_bts[:, :, None, :])

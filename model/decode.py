@@ -1,6 +1,5 @@
-"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling.
-
-Pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
+"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling;
+pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
 
 Continuous batching over a fixed number of decode slots (`start`, `run`), in one jitted loop:
 one cache row of S = P + N columns per slot (P, N: buckets of prompt and new lengths); before
