@@ -14,15 +14,14 @@ with no allowed key returns zeros.
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the tests' ground truth.
   xla        one [t, s] score matrix per head, backward pass written out (GEMM-friendly layouts).
-  chunked    blockwise online softmax with a custom VJP (flash-attention style: the backward
-             recomputes scores per block from the saved log-sum-exp); memory O(t + s) plus one
-             [chunk, chunk] block. Block pairs with no allowed pair are skipped (lax.cond).
+  chunked    blockwise online softmax, flash-attention style custom VJP (the backward recomputes
+             scores per block from the log-sum-exp): memory O(t + s) plus one block; block pairs
+             with no allowed pair are skipped (lax.cond).
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
   splash     TPU Pallas splash attention (segment ids, causal mask); under a mesh in `shard_map`
              over the batch and head axes (whole sequences per device).
   auto       `resolve()` picks one per platform and shape and logs the choice once.
-The platform is the mesh's (`model.sharding.mesh_platform`): a TPU kernel compiles ahead of
-time on abstract TPU devices from a CPU host (train/aot.py).
+The platform is the mesh's (`model.sharding.mesh_platform`; abstract devices too, train/aot.py).
 """
 
 import logging
@@ -79,11 +78,10 @@ def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q
 
 def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None = None,
             dtype=None, head_dim: int | None = None) -> str:
-  """The concrete implementation `implementation` means for these lengths. 'auto': 'cudnn' on
-  GPU for float16/bfloat16 with more than one query and a head dim that is a multiple of 8, at
-  most 128; 'splash' on TPU for self-attention (q_len == kv_len) over a multiple of 128 tokens;
-  else 'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on, 'xla' below. `backend`,
-  `dtype` and `head_dim` default to the mesh's platform / unknown (treated as eligible)."""
+  """The concrete implementation `implementation` means. 'auto': 'cudnn' on GPU for 16-bit
+  floats, q_len > 1 and a head dim in 8, 16, ..., 128; 'splash' on TPU for self-attention over
+  a multiple of 128 tokens; else 'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on,
+  'xla' below. `backend` defaults to the mesh's platform; unknown dtype / head_dim qualify."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model/attention.py: implementation {implementation!r} is not one of '
                      f'{IMPLEMENTATIONS}')
@@ -100,8 +98,7 @@ def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None
 
 
 def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
-  b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
+  (b, t, n, h), k = q_btnh.shape, k_bskh.shape[2]
   q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
   logits_bkgts = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, k_bskh,
                             preferred_element_type=jnp.float32) / math.sqrt(h)
@@ -116,8 +113,6 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
 # xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k), so every
 # matmul is one batched GEMM over (b, k); the backward computes dK and dV transposed, the faster
 # layout on XLA:CPU (benchmarks/results/attention_xla_cpu.md). Reverse mode only (custom VJP).
-
-
 def _probabilities(q_bkmh, k_bksh, mask_bt1s):
   """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
   b, k, m, h = q_bkmh.shape
@@ -133,8 +128,8 @@ def _probabilities(q_bkmh, k_bksh, mask_bt1s):
 
 
 @jax.custom_vjp
-def _grouped_attention(q_bkmh, k_bksh, v_bksh, mask_bt1s):
-  return _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s)[0]
+def _grouped_attention(*args):  # (q_bkmh, k_bksh, v_bksh, mask_bt1s).
+  return _grouped_fwd(*args)[0]
 
 
 def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
@@ -162,8 +157,7 @@ _grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
-  b, t, n, h = q_btnh.shape
-  k = k_bskh.shape[2]
+  (b, t, n, h), k = q_btnh.shape, k_bskh.shape[2]
   q_bkmh = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 1, 3, 4).reshape(b, k, -1, h)
   o_bkmh = _grouped_attention(q_bkmh, jnp.swapaxes(k_bskh, 1, 2), jnp.swapaxes(v_bskh, 1, 2),
                               mask_bts[:, :, None, :])
@@ -172,8 +166,6 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
 
 # chunked: q-side arrays are [nq, b, c, ...] (c query rows per block), kv-side [nk, b, r, ...]
 # (r keys per block); scores of one block pair are [b, k, g, c, r] (g = n / k).
-
-
 def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
   """[b, 1, 1, c, r] boolean mask of one (query block, key block) pair."""
   ok_bcr = ((qseg_bc[:, :, None] == kseg_br[:, None, :]) &
@@ -188,13 +180,11 @@ def _block_logits(q_bckgh, k_brkh, scale):
 
 def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
   """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows).
-
-  The barrier ties the (layer-invariant) segment ids, positions and key validity to q, k, v:
-  without it, the layer scan's loop-invariant hoisting precomputes every block mask for all
-  block pairs ([t, s] per head) outside the layer loop."""
+  The barrier ties the segment ids and positions to q, k, v: else the layer scan hoists every
+  block pair's mask out of its loop."""
   (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
-      jax.lax.optimization_barrier((q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr,
-                                    kpos_kbr, kvalid_kbr))
+      jax.lax.optimization_barrier(
+          (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
 
   def one_q_block(args):
@@ -231,9 +221,8 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
 
 
 @jax.custom_vjp
-def _flash(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
-  return _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr,
-                        kvalid_kbr)[0]
+def _flash(*args):  # Arguments of _flash_forward.
+  return _flash_forward(*args)[0]
 
 
 def _flash_fwd(*args):
@@ -270,11 +259,9 @@ def _flash_bwd(residuals, dout_qbckgh):
                             preferred_element_type=jnp.float32)
       return (dk_brkh, dv_brkh), dq_bckgh
 
-    def skip(carry, qs, mask):
-      return carry, jnp.zeros(qs[0].shape, jnp.float32)
-
     def step(carry, qs):
       mask = _block_mask(*qs[4:], kseg_br, kpos_br, kvalid_br)
+      skip = lambda carry, qs, _: (carry, jnp.zeros(qs[0].shape, jnp.float32))
       return jax.lax.cond(jnp.any(mask), update, skip, carry, qs, mask)
 
     zeros_brkh = jnp.zeros(k_brkh.shape, jnp.float32)
@@ -319,23 +306,17 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
   return out_btkgh.reshape(b, t, n, h)
 
 
-def _require_nvidia_gpu():
+def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
+  """cuDNN fused attention with the segment/position rule as a boolean [b, 1, t, s] `mask`
+  (exact for any packing, unlike its index-based is_causal and seq_lengths)."""
   backend = mesh_platform()
-  platform_version = ''
-  if backend == jax.default_backend():
-    platform_version = getattr(jax.devices()[0].client, 'platform_version', '').lower()
+  platform_version = (getattr(jax.devices()[0].client, 'platform_version', '').lower()
+                      if backend == jax.default_backend() else '')
   if backend not in ('gpu', 'cuda') or 'rocm' in platform_version:
     raise RuntimeError(
         f"model/attention.py: implementation 'cudnn' needs an NVIDIA GPU with cuDNN, but the target "
         f"backend is {backend!r} ({platform_version or 'no platform version'}); use 'xla', "
         f"'chunked' or 'auto' instead.")
-
-
-def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
-  """cuDNN fused attention with the segment/position rule as a boolean `mask` (exact for any
-  packing and positions, unlike its index-based is_causal and prefix seq_lengths); cuDNN takes
-  it as an additive [b, 1, t, s] bias, scores and probabilities stay inside the kernel."""
-  _require_nvidia_gpu()
   if q_btnh.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"model/attention.py: implementation 'cudnn' needs bfloat16 or float16 "
                      f"inputs, got {q_btnh.dtype}; set model.compute_dtype='bfloat16' or use "
@@ -346,11 +327,9 @@ def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
 
 
 def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret=False):
-  """TPU Pallas splash attention: segment ids plus an index-causal mask, which equals the
-  position rule for self-attention (t == s) with positions growing by one per document, as in
-  packed training batches; t != s is refused. `interpret=True`: the Pallas interpreter (tests).
-  Under a mesh it runs in `jax.shard_map` on each device's batch rows and heads (whole GQA
-  groups); the sequence must not be split (`sharding_rules.length` unset)."""
+  """TPU Pallas splash attention: segment ids plus an index-causal mask (the position rule for
+  self-attention of packed batches; t != s is refused). `interpret`: the Pallas interpreter.
+  Under a mesh, `jax.shard_map` over batch rows and whole GQA head groups (no sequence split)."""
   platform = mesh_platform()
   if not interpret and platform != 'tpu':
     raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the target "
@@ -382,8 +361,7 @@ def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # Pallas TPU import: only when used.
   b, t, n, h = q_btnh.shape
   s, k = k_bskh.shape[1:3]
-  g = n // k
-  scale = 1.0 / math.sqrt(h)
+  g, scale = n // k, 1.0 / math.sqrt(h)
   segment_ids = splash.SegmentIds(q=q_segment_ids_bt.astype(jnp.int32),
                                   kv=kv_segment_ids_bs.astype(jnp.int32))
   q_bknth = (q_btnh * jnp.asarray(scale, q_btnh.dtype)).reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
@@ -405,22 +383,16 @@ def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
   _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
                 kv_positions_bs)
-  _, t, _, h = q_btnh.shape
-  s = k_bskh.shape[1]
-  impl = resolve(implementation, t, s, dtype=q_btnh.dtype, head_dim=h)
-  if implementation == 'auto':
-    key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
-    if key not in _logged_choices:
-      _logged_choices.add(key)
-      log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, key[0], key[1], key[2],
-               key[3])
+  impl = resolve(implementation, q_btnh.shape[1], k_bskh.shape[1], dtype=q_btnh.dtype,
+                 head_dim=q_btnh.shape[3])
+  key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
+  if implementation == 'auto' and key not in _logged_choices:
+    _logged_choices.add(key)
+    log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, *key[:4])
   segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
-  if impl == 'reference':
-    return _reference(q_btnh, k_bskh, v_bskh, make_mask(*segs))
-  if impl == 'xla':
-    return _xla(q_btnh, k_bskh, v_bskh, make_mask(*segs))
   if impl == 'chunked':
     return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
-  if impl == 'cudnn':
-    return _cudnn(q_btnh, k_bskh, v_bskh, make_mask(*segs))
-  return _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+  if impl == 'splash':
+    return _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs)
+  return {'reference': _reference, 'xla': _xla, 'cudnn': _cudnn}[impl](
+      q_btnh, k_bskh, v_bskh, make_mask(*segs))

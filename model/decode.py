@@ -1,31 +1,23 @@
-"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling.
-
-Pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
+"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling;
+pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
 
 Continuous batching over a fixed number of decode slots (`start`, `run`), in one jitted loop:
-the KV cache has one row of S = P + N columns per slot (P: a bucket of prompt lengths, N: of new
-tokens); before each one-token step of all slots, queued prompts are prefilled into the slots
-that are free (prefill interleaved with decoding). A slot's row is laid out as one row of a
-static batch:
+one cache row of S = P + N columns per slot (P, N: buckets of prompt and new lengths); before
+each one-token step of all slots, queued prompts are prefilled into the free slots. A row:
 
   column     0 .. P-1-len | P-len .. P-1 | P .. P+num_new-1 | ..
   token      pad          | prompt       | generated        | empty
   segment    0            | 1            | 1                | 0
   position   0            | 0 .. len-1   | len ..           |
 
-Left padding puts every prompt's last token in column P-1; each slot writes its next token at
-its own column P + num_new - 1 (Decoder.extend with an index per row); segment 0 keeps padding
-and empty slots invisible, and positions count from each prompt's first real token, so a
-sequence computes what it would alone, whatever its slot or neighbours (tests check it against
-a full forward pass). Admission resets the whole row, so nothing of a slot's previous sequence
-is left. The random key of a sequence's token i is the run's key folded with (sequence id, i):
-which slot a sequence gets, and when, does not change what it samples.
+Each slot writes its next token at its own column P + num_new - 1 (an index per row); segment
+0 hides padding and empty slots and positions count from the prompt's first token, so a
+sequence computes what it would alone, whatever its slot or neighbours. Admission resets the
+whole row. Token i of a sequence draws with the run's key folded with (sequence id, i).
 
-Sampling (`Sampling`): greedy when temperature == 0, else softmax(logits / temperature)
-restricted to the top_k tokens (0: all) and to the smallest set of most likely tokens whose
-probability reaches top_p (1.0: all). The log-probability returned with each sampled token is
-that of the model itself, log_softmax(logits)[token], whatever the sampling settings: what
-RLHF needs as the behaviour policy when sampling at temperature 1 with no truncation.
+Sampling: greedy when temperature == 0, else softmax(logits / temperature) restricted to the
+top_k tokens (0: all) and the smallest most likely set reaching top_p (1.0: all). The returned
+log-probability is the model's own, log_softmax(logits)[token], whatever the settings.
 """
 
 import dataclasses
@@ -41,8 +33,7 @@ from model.transformer import CACHE_AXES, init_cache
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
   """`cfg` for generation: MoE 'capacity' dispatch with capacity_factor >= experts / top-k, so
-  that nothing drops (a prefill of t columns could drop what one-token steps never drop, and
-  the left padding would take the prompt's slots); every other config as is."""
+  that a prefill drops nothing (one-token steps never do); every other config as is."""
   if cfg.is_moe and cfg.dispatch == 'capacity':
     no_drop = cfg.num_experts / cfg.experts_per_token
     if cfg.capacity_factor < no_drop:
@@ -65,10 +56,6 @@ class Sampling:
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f'sampling top_p must be in (0, 1] (1 = off), got {self.top_p}')
 
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
-
 
 def filter_logits(logits_bv, sampling: Sampling):
   """logits / temperature with -inf outside the top-k and top-p sets (not for greedy)."""
@@ -89,7 +76,7 @@ def filter_logits(logits_bv, sampling: Sampling):
 
 def sample_tokens(logits_bv, rng, sampling: Sampling):
   """int32 [b]: one token per row."""
-  if sampling.greedy:
+  if sampling.temperature == 0.0:  # Greedy.
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, filter_logits(logits_bv, sampling), axis=-1).astype(jnp.int32)
 
@@ -127,11 +114,10 @@ def _is_eos(tokens_b, eos_ids_e):
 
 def start(cfg: ModelConfig, slots: int, tokens_np, lengths_n, new_len: int,
           cache_dtype=None) -> dict:
-  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots (see
-  the module docstring): the prompts, `queued` (how many were admitted), a cache of P + new_len
-  columns, per slot the sequence it holds (seq_b), its prompt length, num_new_b (tokens
-  generated, EOS included) and done_b (finished or free); per sequence the generated tokens_nn,
-  logprobs_nn (0 past its end) and num_new_n."""
+  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots: the
+  prompts, `queued` (how many admitted), a cache of P + new_len columns; per slot its sequence
+  (seq_b), prompt length, num_new_b (tokens made, EOS included), done_b (finished or free); per
+  sequence tokens_nn, logprobs_nn (0 past its end) and num_new_n."""
   n, p = tokens_np.shape
   zeros_b = jnp.zeros((slots,), jnp.int32)
   return {'cache': init_cache(cfg, slots, p + new_len, cache_dtype), 'prompts_np': tokens_np,
@@ -197,10 +183,9 @@ def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
 
 def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng,
         sampling: Sampling, eos_ids_e) -> dict:
-  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token
-  steps, or until all are done (EOS or `max_new` tokens). Before each step, queued prompts are
-  admitted `rows` at a time while that many slots are free (fewer at the end of the queue);
-  with `static`, only when every slot is free (static batching, for comparison)."""
+  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token steps
+  or until all are done (EOS or `max_new` tokens). Before each step queued prompts are admitted
+  `rows` at a time while slots are free; with `static`, only when all are (static batching)."""
   slots = state['done_b'].shape[0]
 
   def admissible(s):
@@ -221,9 +206,8 @@ def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng
 
 
 def sequence_layout(tokens_bs, lengths_b, num_new_b, prompt_len: int) -> dict:
-  """The buffer as one sequence per row, for a full forward pass over prompt + completion:
-  tokens, positions, segment ids (0 on padding) and `response_mask` (1 on generated tokens,
-  EOS included). Works on numpy or jax arrays of a finished (or partial) run."""
+  """The buffer (numpy or jax) as one sequence per row for a forward pass: tokens, positions,
+  segment ids (0 on padding) and `response_mask` (1 on generated tokens, EOS included)."""
   xp = jnp if isinstance(tokens_bs, jax.Array) else np
   s = tokens_bs.shape[1]
   col_s = xp.arange(s)[None, :]

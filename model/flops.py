@@ -3,8 +3,8 @@
 Training FLOPs per token = 3 x forward (forward + backward), with
   forward = 2 x (matmul parameters touched by one token)           [projections, MLP/experts, head]
           + 4 x layers x heads x head_dim x (mean keys attended)   [q.k and p.v]
-For causal attention over a context of T tokens a query attends (T + 1) / 2 keys on average;
-that is what we count (the work the model needs), so MFU is not inflated by masked-out work.
+Causal attention over T tokens counts (T + 1) / 2 keys per query (the work the model needs:
+masked-out work does not inflate MFU).
 MoE layers count only the k active experts plus the router; `dense_equivalent` counts all E.
 """
 
@@ -18,12 +18,6 @@ from model.config import ModelConfig
 from model.transformer import Decoder
 
 
-def abstract_params(cfg: ModelConfig):
-  """ShapeDtypeStructs of all parameters (a pure dict), built by `jax.eval_shape` only."""
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
-  return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamCount:
   total: int
@@ -32,13 +26,13 @@ class ParamCount:
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
-  leaves = jax.tree_util.tree_leaves_with_path(abstract_params(cfg))
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))  # Nothing allocated.
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   total = sum(math.prod(x.shape) for _, x in leaves)
   expert = sum(math.prod(x.shape) for path, x in leaves
                if any(getattr(p, 'key', None) in ('gate_edf', 'up_edf', 'down_efd') for p in path))
   inactive = expert * (cfg.num_experts - cfg.experts_per_token) // cfg.num_experts if cfg.is_moe else 0
-  embedding = cfg.vocab_size * cfg.d_model
-  return ParamCount(total=total, active=total - inactive, embedding=embedding)
+  return ParamCount(total=total, active=total - inactive, embedding=cfg.vocab_size * cfg.d_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +47,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> Flops:
   # Matmul parameters: everything but the input table (a gather) and the norm scales.
   norms = (2 * cfg.num_layers + 1) * cfg.d_model
   lookup = 0 if cfg.tie_embeddings else counts.embedding  # Tied: the table is the head matmul.
-  matmul_active = counts.active - lookup - norms
-  matmul_all = counts.total - lookup - norms
-  mean_keys = (seq_len + 1) / 2
-  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * mean_keys
-  return Flops(per_token=3 * (2 * matmul_active + attention),
-               dense_equivalent=3 * (2 * matmul_all + attention),
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (seq_len + 1) / 2
+  return Flops(per_token=3 * (2 * (counts.active - lookup - norms) + attention),
+               dense_equivalent=3 * (2 * (counts.total - lookup - norms) + attention),
                attention_per_token=3 * attention)

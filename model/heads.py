@@ -1,13 +1,8 @@
 """Scalar heads on the decoder: reward models and PPO critics.
 
-`ScalarModel` is the decoder trunk (embeddings, blocks, final norm) with a linear head giving
-one float per position. It never computes LM logits, so it is built without the output table:
-the trunk is a `Decoder` of the same config with `tie_embeddings=True`, which only drops
-`head_dv`. Its params are `{'decoder': <Decoder params minus head_dv>, 'head': {'w_d', 'bias'}}`;
-the `decoder` part loads from any LM checkpoint of the same shape (train/posttrain/setup.py).
-
-`last_index` finds each row's last real token from a mask (1 = real token), wherever the
-padding is (left, right, both, or segment 0 in a packed layout): a sequence's score is read there.
+`ScalarModel`: the decoder trunk (a `Decoder` with `tie_embeddings=True`: no `head_dv`) and a
+linear head giving one float per position. Params: `{'decoder': <Decoder params minus head_dv>,
+'head': {'w_d', 'bias'}}`; `decoder` loads from an LM checkpoint of the same shape.
 """
 
 import dataclasses
@@ -29,9 +24,8 @@ class ScalarHead(nnx.Module):
     self.bias = param(rngs, (1,), (None,), cfg.weight_dtype, init='zeros')
 
   def __call__(self, h_btd):
-    w_d = self.w_d[...].astype(jnp.float32)
-    return jnp.einsum('btd,d->bt', h_btd.astype(jnp.float32), w_d) + self.bias[...][0].astype(
-        jnp.float32)
+    w_d, bias = self.w_d[...].astype(jnp.float32), self.bias[...][0].astype(jnp.float32)
+    return jnp.einsum('btd,d->bt', h_btd.astype(jnp.float32), w_d) + bias
 
 
 class ScalarModel(nnx.Module):
@@ -53,9 +47,9 @@ def trunk_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def last_index(mask_bt):
-  """int32 [b]: the column of each row's last nonzero mask entry (0 for an all-zero row)."""
-  t = mask_bt.shape[1]
-  col_bt = jnp.arange(t, dtype=jnp.int32)[None, :]
+  """int32 [b]: the column of each row's last nonzero mask entry (0 for an all-zero row),
+  wherever the padding is (left, right, both, or segment 0 of a packed row)."""
+  col_bt = jnp.arange(mask_bt.shape[1], dtype=jnp.int32)[None, :]
   return jnp.max(jnp.where(mask_bt > 0, col_bt, 0), axis=1).astype(jnp.int32)
 
 

@@ -1,12 +1,9 @@
 """Building blocks: parameters with logical axes, RMSNorm, embeddings, RoPE, SwiGLU MLP.
 
-Conventions used across model/:
-  * every parameter is an `nnx.Param(value, axes=(logical names...))`; model/sharding.py maps
-    the names onto the mesh;
-  * parameters are stored in `cfg.weight_dtype` and cast to `cfg.dtype` (the compute dtype)
-    right before use;
-  * tensor names carry their shape: b batch, t query length, s key length, d model width,
-    n query heads, k kv heads, h head dim, f MLP width, v vocab, e experts.
+Conventions of model/: every parameter is an `nnx.Param(value, axes=(logical names...))`
+(model/sharding.py maps them onto the mesh), stored in `cfg.weight_dtype` and cast to `cfg.dtype`
+right before use; tensor names carry their shape: b batch, t query length, s key length,
+d model width, n query heads, k kv heads, h head dim, f MLP width, v vocab, e experts.
 """
 
 import functools
@@ -24,10 +21,8 @@ from model.sharding import constrain
 def param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: str = 'normal'):
   """A parameter with logical `axes`: truncated-normal scaled by 1/sqrt(fan_in), or ones/zeros."""
   assert len(shape) == len(axes), (shape, axes)
-  if init == 'ones':
-    value = jnp.ones(shape, dtype)
-  elif init == 'zeros':
-    value = jnp.zeros(shape, dtype)
+  if init in ('ones', 'zeros'):
+    value = (jnp.ones if init == 'ones' else jnp.zeros)(shape, dtype)
   else:
     std = 1.0 / math.sqrt(fan_in if fan_in is not None else shape[0])
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
@@ -38,8 +33,7 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, fan_in: int | None = None, init: s
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.eps = cfg.norm_eps
-    self.dtype = cfg.dtype
+    self.eps, self.dtype = cfg.norm_eps, cfg.dtype
     self.scale = param(rngs, (dim,), ('norm',), cfg.weight_dtype, init='ones')
 
   def __call__(self, x):
@@ -49,7 +43,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding; `attend` reuses the table as a tied output head."""
+  """Token embedding (a tied output head reads `table_vd`: Decoder.head_matrix)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.dtype = cfg.dtype
@@ -59,10 +53,6 @@ class Embed(nnx.Module):
   def __call__(self, tokens_bt):
     x_btd = jnp.take(self.table_vd[...], tokens_bt, axis=0).astype(self.dtype)
     return constrain(x_btd, ('batch', 'length', 'act_embed'))
-
-  def attend(self, x_btd):
-    table_vd = self.table_vd[...].astype(self.dtype)
-    return jnp.einsum('btd,vd->btv', x_btd, table_vd)
 
 
 def rope(x_btnh, positions_bt, theta: float):
@@ -106,11 +96,9 @@ DENSE = Layout('', 'bt', ('batch', 'length', 'act_mlp'), None)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def swiglu_of(layout: Layout, x, gate, up, down):
-  """down(silu(x @ gate) * (x @ up)) with its backward pass written out: autodiff fuses the SiLU
-  derivative into the transposes feeding the weight-gradient matmuls, which XLA:CPU runs with
-  strided reads (benchmarks/bench_dense.py). Here every matmul operand is one plain array. The
-  forward keeps x, g and u; the backward recomputes h = silu(g) * u. As a custom VJP it supports
-  reverse mode (grad, remat), not forward-mode `jax.jvp`."""
+  """down(silu(x @ gate) * (x @ up)) with its backward written out, every matmul operand one
+  plain array (benchmarks/bench_dense.py). Saves x, g, u; the backward recomputes h. Reverse
+  mode only (custom VJP)."""
   return _swiglu_fwd(layout, x, gate, up, down)[0]
 
 
@@ -164,7 +152,6 @@ def swiglu(x_btd, gate_df, up_df, down_fd):
 
 def merge_rows(a, lead: int = 0):
   """Merges the dims between the first `lead` and the last into one row dim (a free reshape):
-  [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1. Weight gradients contract over
-  it in place; given two contracting dims XLA:CPU first transposes the operand, fused with the
-  layer scan's dynamic-slice into a strided copy (benchmarks/results/moe_model_cpu.md)."""
+  [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1, so weight gradients contract
+  over one dim (benchmarks/results/moe_model_cpu.md)."""
   return a.reshape(*a.shape[:lead], -1, a.shape[-1])

@@ -1,44 +1,28 @@
 """Sparse mixture-of-experts feed-forward block (Mixtral-style), a drop-in for `layers.SwiGLU`.
 
-Routing. A float32 linear router gives logits_bte; each token picks its top k experts
-(k = cfg.experts_per_token; ties to the lower index) weighed by a softmax over the k selected
-logits (= Mixtral's softmax-then-renormalise). In training (`deterministic=False`, rngs given)
-the router input may be multiplied by uniform noise in [1 - router_jitter, 1 + router_jitter];
-experts always see the clean input.
+Routing: a float32 linear router gives logits_bte; each token takes its top k experts (ties to
+the lower index) weighed by a softmax over the k selected logits. In training the router input
+may be scaled by uniform noise in [1 - router_jitter, 1 + router_jitter] (experts see the clean
+input).
 
-Experts are SwiGLU MLPs stacked on a leading `expert` axis. Three dispatch implementations
-(cfg.dispatch) compute the same function whenever nothing is dropped:
-  * 'capacity': every expert has c = min(t, ceil(capacity_factor * t * k / e)) slots per batch
-    row. Assignments beyond c are dropped (that term is left out of the token's output, the
-    residual still carries the token; the other weights are NOT renormalised). Priority within
-    a row: all top-1 choices in token order, then all top-2 choices, ... Rows are the groups so
-    that slot positions come from a cumsum over one row: the result does not depend on how the
-    batch is split over devices. capacity_factor >= e / k makes c = t: nothing can drop.
-    Tokens move into the [e, b, c, d] buffers with an index gather (O(b t k) indices, not the
-    O(b t e c) one-hot tensors of einsum dispatch: benchmarks/results/moe_block*.md).
-  * 'dropless': assignments sorted by expert and multiplied with grouped matmuls (traced group
-    sizes, nothing dropped): cfg.grouped_matmul `ragged_dot`, or megablox `gmm` (Pallas; the
-    interpreter off TPU); 'auto' takes `gmm` when compiling for TPU, `ragged_dot` otherwise.
-  * 'reference': a loop over experts, each applied densely and masked by its routing weight;
-    tests compare the others against it.
-
-Expert parallelism. Expert weights carry the logical `expert` axis; the capacity buffer x_ebcd
-is annotated ('act_expert', 'batch', 'capacity', 'act_embed'), so the SPMD partitioner moves
-tokens from batch to expert sharding with an all-to-all and back for the combine (compiler-
-resolved annotations: the same code runs on any mesh or none; tests/test_moe.py checks the
-all-to-all). 'dropless' runs in `jax.shard_map` on each device's own tokens: the sort and the
-grouped matmuls are local, the expert weights arrive gathered over `fsdp` and `expert` and
-split over `tensor` on the MLP width (a psum adds the partial outputs). So with dropless,
-`expert` > 1 is data parallelism plus expert-weight sharding at rest; a global sort would make
-every device hold every device's tokens.
+Experts are SwiGLU MLPs stacked on a leading `expert` axis. cfg.dispatch (all equal when
+nothing drops):
+  * 'capacity': c = min(t, ceil(capacity_factor * t * k / e)) slots per expert per batch row;
+    assignments beyond c are dropped (left out of the output, other weights NOT renormalised),
+    by priority top-1 choices in token order, then top-2, ... Per-row slots make the result
+    independent of the batch split; capacity_factor >= e / k drops nothing. The [e, b, c, d]
+    buffer is annotated ('act_expert', 'batch', 'capacity', 'act_embed'): the partitioner moves
+    tokens to expert sharding with an all-to-all and back.
+  * 'dropless': assignments sorted by expert, grouped matmuls (cfg.grouped_matmul `ragged_dot`
+    or megablox `gmm`; 'auto': `gmm` when compiling for TPU), in `jax.shard_map` on each
+    device's own tokens with expert weights gathered but for the `tensor`-split MLP width.
+  * 'reference': a dense loop over experts masked by routing weight (the tests' ground truth).
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
-    before drops) / (n k), P_e = mean over tokens of softmax(logits)_e; 1.0 when either is
-    uniform, e / k when both concentrate on k experts;
+    before drops) / (n k), P_e = mean over tokens of softmax(logits)_e (1.0 when uniform);
   * router_z_loss = mean over tokens of logsumexp(logits)^2 (ST-MoE);
-  * aux_loss = load_balance_weight * load_balance_loss + router_z_weight * router_z_loss, for
-    the caller to add to the loss;
+  * aux_loss = load_balance_weight * load_balance_loss + router_z_weight * router_z_loss;
   * dropped_fraction: dropped assignments / (n k) (0 for 'dropless' and 'reference');
   * router_entropy: mean entropy (nats) of softmax(logits);
   * expert_load_min / expert_load_max: min / max over experts of f_e (1/e when balanced).
@@ -81,8 +65,7 @@ def slot_positions(experts_btk, num_experts: int):
 
 def top_k(logits_bte, k: int):
   """(values_btk, indices_btk) of the k largest logits, ties to the lower index like
-  `lax.top_k`. Built from k argmax rounds because XLA's SPMD partitioner all-gathers the batch
-  for a TopK op, while these reductions and selects stay local to each batch shard."""
+  `lax.top_k`, from k argmax rounds: local to each batch shard (a TopK op all-gathers it)."""
   e = logits_bte.shape[-1]
   masked_bte = logits_bte
   values, indices = [], []
@@ -105,9 +88,8 @@ def expert_swiglu(x_ebcd, gate_edf, up_edf, down_efd):
 
 
 def _dropless_shard_specs(shape_btd, f: int, mesh):
-  """shard_map specs for the dropless path: tokens keep their activation sharding (batch, and
-  length if sequence-sharded), expert weights are gathered except for the expert MLP width,
-  which stays split over its mesh axes (tensor parallel; a psum adds the partial outputs)."""
+  """shard_map specs of the dropless path: tokens keep their activation sharding, expert weights
+  are gathered but for the MLP width, which stays split (a psum adds the partial outputs)."""
   b, t, _ = shape_btd
   x_spec = logical_to_spec(('batch', 'length', None), (b, t, 1), mesh)
   used = {a for part in x_spec for a in spec_axes(part)}
@@ -131,10 +113,8 @@ def _gmm_tile(size: int) -> int:
 
 
 def grouped_matmul(x_md, w_eij, group_sizes_e, kernel: str):
-  """Rows of x_md sorted by group, group e has group_sizes_e[e] rows (summing to m); row r of
-  group e is multiplied by w_eij[e]. Returns [m, j] in x's dtype. 'gmm' (megablox: gmm for dx,
-  tgmm for dw) needs a row tile dividing m: zero rows are appended, counted in the last group
-  (they add nothing to any gradient) and sliced off."""
+  """[m, j] in x's dtype: row r of group e (group_sizes_e[e] rows each, sorted) times w_eij[e].
+  'gmm' needs a row tile dividing m: zero rows are appended to the last group and sliced off."""
   if kernel == 'ragged_dot':
     return jax.lax.ragged_dot(x_md, w_eij, group_sizes_e)
   if kernel != 'gmm':
@@ -207,12 +187,10 @@ class MoeBlock(nnx.Module):
                        f'got {x_btd.shape}')
     x_btd = x_btd.astype(cfg.dtype)
     logits_bte, experts_btk, weights_btk = self.route(x_btd, rngs=rngs, deterministic=deterministic)
-    if cfg.dispatch == 'capacity':
-      y_btd, kept_btk = self._capacity(x_btd, experts_btk, weights_btk)
-    elif cfg.dispatch == 'dropless':
-      y_btd, kept_btk = self._dropless(x_btd, experts_btk, weights_btk), None
-    else:  # 'reference' (cfg.validate() in __init__ checked the name).
-      y_btd, kept_btk = self._reference(x_btd, experts_btk, weights_btk), None
+    # cfg.validate() in __init__ checked the name; kept_btk is None where nothing drops.
+    dispatch = {'capacity': self._capacity, 'dropless': self._dropless,
+                'reference': self._reference}[cfg.dispatch]
+    y_btd, kept_btk = dispatch(x_btd, experts_btk, weights_btk)
     y_btd = constrain(y_btd.astype(cfg.dtype), ('batch', 'length', 'act_embed'))
     return y_btd, self._aux(logits_bte, experts_btk, kept_btk)
 
@@ -222,8 +200,7 @@ class MoeBlock(nnx.Module):
             self.down_efd[...].astype(dt))
 
   def _capacity(self, x_btd, experts_btk, weights_btk):
-    b, t, d = x_btd.shape
-    e = self.cfg.num_experts
+    (b, t, d), e, k = x_btd.shape, self.cfg.num_experts, self.cfg.experts_per_token
     c = capacity(self.cfg, t)
     pos_btk = slot_positions(experts_btk, e)
     kept_btk = pos_btk < c
@@ -231,7 +208,6 @@ class MoeBlock(nnx.Module):
     slot_btk = jnp.where(kept_btk, experts_btk * c + pos_btk, e * c)
     # Inverse map, slot -> token; empty slots point at an appended zero row (index t). Row-wise
     # ops are vmapped so the gathers/scatters carry batch dims the partitioner keeps local.
-    k = self.cfg.experts_per_token
     token_n = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
     slot_bn = slot_btk.reshape(b, t * k)
     empty_s = jnp.full((e * c,), t, jnp.int32)
@@ -249,19 +225,19 @@ class MoeBlock(nnx.Module):
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 
   def _dropless(self, x_btd, experts_btk, weights_btk):
-    """Sort + grouped matmul, run per device shard of the tokens (see `_dropless_shard_specs`)."""
+    """Sort + grouped matmul per device shard of the tokens (`_dropless_shard_specs`); (y, None)."""
     experts = self._experts()
     kernel = grouped_matmul_kernel(self.cfg.grouped_matmul)
     local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
                               e=self.cfg.num_experts, kernel=kernel)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-      return local(x_btd, experts_btk, weights_btk, *experts)
+      return local(x_btd, experts_btk, weights_btk, *experts), None
     x_spec, w_specs, f_axes = _dropless_shard_specs(x_btd.shape, experts[0].shape[-1], mesh)
     # Pallas kernels declare no varying-manual-axes types: shard_map's check is off for gmm.
     return jax.shard_map(functools.partial(local, psum_axes=f_axes), mesh=mesh,
                          in_specs=(x_spec, x_spec, x_spec) + w_specs, out_specs=x_spec,
-                         check_vma=kernel != 'gmm')(x_btd, experts_btk, weights_btk, *experts)
+                         check_vma=kernel != 'gmm')(x_btd, experts_btk, weights_btk, *experts), None
 
   def _reference(self, x_btd, experts_btk, weights_btk):
     gate_edf, up_edf, down_efd = self._experts()
@@ -270,7 +246,7 @@ class MoeBlock(nnx.Module):
       w_bt = jnp.sum(jnp.where(experts_btk == i, weights_btk, 0.0), axis=-1).astype(x_btd.dtype)
       h_btf = jax.nn.silu(x_btd @ gate_edf[i]) * (x_btd @ up_edf[i])
       y_btd = y_btd + w_bt[..., None] * (h_btf @ down_efd[i])
-    return y_btd
+    return y_btd, None
 
   def _aux(self, logits_bte, experts_btk, kept_btk):
     cfg = self.cfg
@@ -283,8 +259,7 @@ class MoeBlock(nnx.Module):
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_bte, axis=-1)))
     log_probs_bte = jax.nn.log_softmax(logits_bte, axis=-1)
     entropy = jnp.mean(-jnp.sum(probs_bte * log_probs_bte, axis=-1))
-    dropped = (jnp.float32(0.0) if kept_btk is None
-               else 1.0 - jnp.mean(kept_btk.astype(jnp.float32)))
+    dropped = 0.0 if kept_btk is None else 1.0 - jnp.mean(kept_btk.astype(jnp.float32))
     aux = {
         'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
         'load_balance_loss': load_balance,
@@ -294,4 +269,4 @@ class MoeBlock(nnx.Module):
         'expert_load_min': jnp.min(load_e),
         'expert_load_max': jnp.max(load_e),
     }
-    return {name: aux[name].astype(jnp.float32) for name in AUX_KEYS}
+    return {name: jnp.asarray(aux[name], jnp.float32) for name in AUX_KEYS}

@@ -1,12 +1,9 @@
 """The one table that maps logical axis names to mesh axes, and the helpers that apply it.
 
-Model code names axes logically (`embed`, `heads`, ...); nothing in model/ mentions a mesh
-axis. Changing the parallelism of a run means editing RULES (or overriding entries from the
-config's `sharding_rules`), never the model.
-
-Mesh axes: `data` (pure data parallel), `fsdp` (data parallel + parameter/optimizer sharding,
-ZeRO-3), `expert` (expert parallel; data parallel for everything that is not an expert), and
-`tensor` (Megatron-style sharding of heads and MLP width).
+Model code names axes logically (`embed`, `heads`, ...), never a mesh axis: a run's parallelism
+is RULES with the config's `sharding_rules` overrides. Mesh axes: `data` (data parallel),
+`fsdp` (data parallel + parameter/optimizer sharding, ZeRO-3), `expert` (expert parallel; data
+parallel for the rest), `tensor` (Megatron-style heads and MLP width).
 """
 
 import contextlib
@@ -23,27 +20,14 @@ MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 # logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 RULES: dict[str, str | tuple[str, ...] | None] = {
     # Parameters.
-    'vocab': 'tensor',
-    'embed': 'fsdp',
-    'heads': 'tensor',
-    'kv_heads': 'tensor',
-    'head_dim': None,
-    'mlp': 'tensor',
-    'expert': 'expert',
-    'expert_embed': 'fsdp',
-    'expert_mlp': 'tensor',
-    'norm': None,
-    'layers': None,
-    # Activations.
-    'batch': ('data', 'fsdp', 'expert'),
-    'length': None,  # Set to 'tensor' for sequence sharding of long contexts.
-    'act_embed': None,
-    'act_heads': 'tensor',
-    'act_kv_heads': 'tensor',
-    'act_mlp': 'tensor',
-    'act_vocab': 'tensor',
-    'act_expert': 'expert',
-    'capacity': None,
+    'vocab': 'tensor', 'embed': 'fsdp', 'heads': 'tensor', 'kv_heads': 'tensor',
+    'head_dim': None, 'mlp': 'tensor',
+    'expert': 'expert', 'expert_embed': 'fsdp', 'expert_mlp': 'tensor',
+    'norm': None, 'layers': None,
+    # Activations ('length': 'tensor' shards long contexts over the sequence).
+    'batch': ('data', 'fsdp', 'expert'), 'length': None, 'act_embed': None,
+    'act_heads': 'tensor', 'act_kv_heads': 'tensor', 'act_mlp': 'tensor', 'act_vocab': 'tensor',
+    'act_expert': 'expert', 'capacity': None,
 }
 
 _rules = contextvars.ContextVar('meshlm_rules', default=RULES)
@@ -70,16 +54,13 @@ def use_rules(rules: Mapping[str, object]):
 
 def spec_axes(target) -> tuple[str, ...]:
   """A rule target or PartitionSpec entry (None, 'axis' or a tuple) as a tuple of mesh axes."""
-  if target is None:
-    return ()
-  return (target,) if isinstance(target, str) else tuple(target)
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None,
                     rules: Mapping[str, object] | None = None) -> PartitionSpec:
-  """PartitionSpec for logical `axes`. With `shape` and `mesh`, mesh axes that do not divide
-  a dimension (e.g. kv_heads=1 over tensor=2) or that are size 1 are dropped: that dimension
-  is replicated instead of failing deep inside XLA."""
+  """PartitionSpec for logical `axes`. With `shape` and `mesh`, mesh axes of size 1 or that do
+  not divide the dimension (kv_heads=1 over tensor=2) are dropped: it is replicated instead."""
   rules = _rules.get() if rules is None else rules
   used: set[str] = set()
   spec = []
@@ -105,9 +86,8 @@ def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int],
 
 
 def mesh_platform() -> str:
-  """The platform being compiled for: that of the mesh set with `jax.set_mesh` (whose devices
-  may be abstract ones of a TPU topology with no TPU attached, train/aot.py), else JAX's
-  default backend. Kernel choices read this, never `jax.default_backend()` alone."""
+  """The platform being compiled for: the `jax.set_mesh` mesh's (maybe abstract devices of a
+  compile target, train/aot.py), else JAX's default backend. Kernel choices read this."""
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh.empty else mesh.abstract_device
   return device.platform if device is not None else jax.default_backend()

@@ -1,11 +1,8 @@
 """Decoder-only transformer: pre-norm blocks of GQA attention and a SwiGLU (or MoE) MLP.
 
-Layers are stored stacked: every block parameter has a leading `layers` axis, whether the
-forward pass scans over them (`cfg.scan_layers`, compile time independent of depth) or unrolls
-a Python loop. The parameter tree is therefore identical in both modes.
-
-With `cfg.moe_every = m > 1`, the stacked unit is a group of m layers whose last is MoE
-(dense and MoE layers interleaved); otherwise the unit is one block.
+Every block parameter has a leading `layers` axis (stacked units), scanned
+(`cfg.scan_layers`) or unrolled: the parameter tree is the same in both modes. With
+`cfg.moe_every = m > 1` the stacked unit is m layers whose last is MoE; otherwise one block.
 
 KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
   k, v          [units, blocks per unit, b, s, kv_heads, h]: kv heads, never repeated to n heads;
@@ -14,8 +11,7 @@ KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
 `Decoder.extend(tokens_bt, positions_bt, segment_ids_bt, cache, index)` writes the t new tokens
 into slots [index, index + t) of every layer (`index`: a scalar, or int32 [b], one per row) and
 attends over the whole cache with the usual mask (same segment, key position <= query
-position), so empty slots are invisible. It uses the
-same parameters and layer functions as the no-cache forward, which is left as it was.
+position), so empty slots are invisible; same parameters and layer functions as the forward.
 """
 
 import jax
@@ -89,9 +85,7 @@ class Attention(nnx.Module):
 
 
 def decode_attention(implementation: str) -> str:
-  """The attention implementation of cached calls: fused kernels (cudnn, splash) need
-  self-attention shapes (t == s) and the block-skipping 'chunked' one gains nothing over a
-  short query block, so cached calls use the plain XLA one (or the reference, if asked)."""
+  """The attention of cached calls (t != s: no fused kernel): 'xla', or 'reference' if asked."""
   return 'reference' if implementation == 'reference' else 'xla'
 
 
@@ -110,8 +104,7 @@ class Block(nnx.Module):
     return self._mlp_residual(x_btd, rng)
 
   def _mlp_residual(self, x_btd, rng):
-    h_btd = self.mlp_norm(x_btd)
-    aux = {}
+    h_btd, aux = self.mlp_norm(x_btd), {}
     if self.moe:
       h_btd, aux = self.mlp(h_btd, rngs=None if rng is None else nnx.Rngs(rng),
                             deterministic=rng is None)
@@ -188,27 +181,22 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
 
 
 def _stacked_units(cfg: ModelConfig, rngs: nnx.Rngs):
-  num_units = cfg.num_units
-  unit_cls = Unit if cfg.layers_per_unit > 1 else Block
-
-  @nnx.split_rngs(splits=num_units)
+  @nnx.split_rngs(splits=cfg.num_units)
   @nnx.vmap(in_axes=(0,), out_axes=0)
   def create(rngs):
-    return unit_cls(cfg, rngs, moe=cfg.is_moe) if unit_cls is Block else unit_cls(cfg, rngs)
+    return Unit(cfg, rngs) if cfg.layers_per_unit > 1 else Block(cfg, rngs, moe=cfg.is_moe)
 
   units = create(rngs)
-  for _, var in nnx.iter_graph(units):
+  for _, var in nnx.iter_graph(units):  # Stacked: a leading 'layers' axis on every parameter.
     if isinstance(var, nnx.Variable):
       var.set_metadata('axes', ('layers',) + tuple(var.get_metadata()['axes']))
-  return units, num_units
+  return units, cfg.num_units
 
 
 class Decoder(nnx.Module):
-  """tokens [b, t] (+ positions, segment ids) -> float32 logits [b, t, v] and an aux dict.
-
-  The aux dict is empty for dense models; for MoE it holds the router losses and statistics
-  averaged over MoE layers, and `aux_loss` (weighted, summed over layers) to add to the loss.
-  """
+  """tokens [b, t] (+ positions, segment ids) -> float32 logits [b, t, v] and an aux dict: empty
+  when dense; for MoE the router statistics averaged over MoE layers and `aux_loss` (weighted,
+  summed over layers) to add to the loss."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -232,19 +220,18 @@ class Decoder(nnx.Module):
       unit = nnx.merge(graphdef, unit_state)
       return unit(x_btd, positions_bt, segment_ids_bt, unit_rng)
 
-    policy = REMAT_POLICIES[self.cfg.remat]
     if self.cfg.remat != 'none':
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
+                            prevent_cse=not self.cfg.scan_layers)
     rngs = None if rng is None else jax.random.split(rng, self.num_units)
     x_btd, aux_l = self._over_units(body, x_btd, (state, rngs))
     aux = {k: (jnp.sum(v) if k == 'aux_loss' else jnp.mean(v)) for k, v in aux_l.items()}
     return self.final_norm(x_btd), aux
 
   def extend(self, tokens_bt, positions_bt, segment_ids_bt, cache, index):
-    """Runs t new tokens through the model with a KV cache (prefill: t = prompt length, at
-    index 0; decoding: t = 1). Writes their keys/values into slots [index, index + t) and
-    returns (final-normed h_btd, updated cache). Segment id 0 marks padding: it is written as
-    an empty slot that no real token attends to."""
+    """t new tokens through the model with a KV cache (prefill, or t = 1 to decode): their keys
+    and values go into slots [index, index + t) (segment 0: an empty slot). Returns
+    (final-normed h_btd, updated cache)."""
     b, s = cache['segment_ids'].shape
     if tokens_bt.shape[0] != b or tokens_bt.shape[1] > s:
       raise ValueError(f'model/transformer.py Decoder.extend: tokens {tokens_bt.shape} do not fit '
@@ -291,10 +278,7 @@ class Decoder(nnx.Module):
     return self.head_dv[...].astype(self.cfg.dtype)
 
   def logits(self, h_btd):
-    if self.cfg.tie_embeddings:
-      logits_btv = self.embed.attend(h_btd)
-    else:
-      logits_btv = jnp.einsum('btd,dv->btv', h_btd, self.head_dv[...].astype(self.cfg.dtype))
+    logits_btv = jnp.einsum('btd,dv->btv', h_btd, self.head_matrix())
     return constrain(logits_btv.astype(jnp.float32), ('batch', 'length', 'act_vocab'))
 
   def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, rng=None):

@@ -1,25 +1,17 @@
-"""Ahead-of-time compile of the train step: the compiler's own plan, for a compile target
-(`compile_for_target`: TPU / GPU devices that are not attached, train/targets.py) or for
-emulated CPU devices (`compiled_memory`). Nothing is allocated and nothing runs: the step is
-lowered with abstract inputs (ShapeDtypeStructs carrying their shardings). memory_analysis() of
-an SPMD program describes one device: argument + temp bytes are the per-device footprint
-(outputs alias the donated state).
-
-`compile_for_target` compiles the config as it is (full depth, its dtypes, attention and MoE
-dispatch); only another platform's fused attention kernel becomes the target's
-(`target_variant`). It reports memory_analysis(), cost_analysis() and the collectives of the
-optimised HLO (train/hlo.py).
+"""Ahead-of-time compile of the train step, lowered with abstract inputs (ShapeDtypeStructs
+carrying their shardings; nothing is allocated or run): the compiler's own per-device plan for
+a compile target (`compile_for_target`: TPU / GPU devices that are not attached,
+train/targets.py; the config as it is but for another platform's fused attention kernel,
+`target_variant`) or for emulated CPU devices (`compiled_memory`).
 
 The CPU plan (`python -m train.plan --compile`) is of `compile_variant`, which differs from the
-config in documented ways only, so that the analytic model (train/memory.py) can be held to it:
-  * attention: `cudnn`, `splash` and `auto` become `xla` (the fused kernels exist only on GPU /
-    TPU; `chunked` inside the layer scan keeps every block pair's residuals in JAX 0.10.2,
-    docs/scale.md, while memory.py counts `xla`'s [b, n, t, t] scores exactly);
-  * compute dtype float32 (XLA:CPU plans float32 buffers for bfloat16 dots and most
-    elementwise ops);
+config only so, for the analytic model (train/memory.py) to be held to it:
+  * attention `cudnn`, `splash`, `auto` -> `xla` (fused kernels are GPU / TPU only; `chunked`
+    in the layer scan keeps every block pair's residuals in JAX 0.10.2, docs/scale.md);
+  * compute dtype float32 (XLA:CPU plans float32 buffers for bfloat16 dots and elementwise ops);
   * depth: a few layer units; per-device shapes of everything else are unchanged.
-Emulated devices must exist before JAX starts, so a mesh larger than this process's device
-count compiles in a child process (`compiled_memory_subprocess`).
+A mesh larger than this process's device count compiles in a child process
+(`compiled_memory_subprocess`): emulated devices must exist before JAX starts.
 """
 
 import copy
@@ -46,8 +38,7 @@ from train import targets
 
 COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
-# What each platform compiles for another platform's fused attention kernel (CPU: `xla`, see
-# the module docstring).
+# What each platform compiles for another platform's fused attention kernel (module docstring).
 PLATFORM_ATTENTION = {'tpu': {'cudnn': 'splash'}, 'gpu': {'splash': 'cudnn'},
                       'cpu': {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}}
 
@@ -71,8 +62,8 @@ class CompiledMemory:
 class TargetCompile:
   """What the target's own compiler planned for one train step, per device."""
   memory: CompiledMemory
-  flops: float | None  # cost_analysis(): FLOPs per device (a loop body counted once); None
-  bytes_accessed: float | None  # when the compiler gives none (XLA:GPU without a device).
+  flops: float | None  # cost_analysis() per device (a loop body once); None: the compiler
+  bytes_accessed: float | None  # gives none (XLA:GPU without a device).
   collectives: hlo.Collectives
   notes: tuple  # How the compiled config differs from the one given (target_variant).
 
@@ -90,9 +81,8 @@ def compile_variant(config, num_layers: int):
 
 
 def target_variant(config, platform: str):
-  """The config as compiled for `platform`: a fused attention kernel of another platform
-  becomes this platform's (dense_65b names `cudnn`; on a TPU target, `splash`). Returns (copy,
-  notes)."""
+  """(copy, notes): the config as compiled for `platform`, where a fused attention kernel of
+  another platform becomes this platform's (dense_65b's `cudnn` on TPU: `splash`)."""
   c = copy.deepcopy(config)
   was = c.model.attention
   c.model.attention = PLATFORM_ATTENTION.get(platform, {}).get(was, was)
@@ -103,9 +93,8 @@ def target_variant(config, platform: str):
 
 
 def lower_train_step(config, devices=None):
-  """`train.step.train_step` of `config` lowered for its mesh over `devices` (default: this
-  process's; or a compile target's abstract devices), with abstract inputs. Returns (lowered,
-  validated ModelConfig)."""
+  """(lowered, validated ModelConfig): the train step of `config` lowered with abstract inputs
+  for its mesh over `devices` (default: this process's; or a compile target's)."""
   ctx = context_lib.make(config, '', config_lib.validate, devices)
   t = config.train
   with jax.set_mesh(ctx.mesh), use_rules(ctx.rules):
@@ -158,10 +147,9 @@ def compile_for_target(config, target) -> TargetCompile:
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return TargetCompile(memory=_memory(compiled, cfg.num_layers, seconds),
-                       flops=float(cost['flops']) if 'flops' in cost else None,
-                       bytes_accessed=(float(cost['bytes accessed']) if 'bytes accessed' in cost
-                                       else None),
+  get = lambda key: float(cost[key]) if key in cost else None
+  return TargetCompile(memory=_memory(compiled, cfg.num_layers, seconds), flops=get('flops'),
+                       bytes_accessed=get('bytes accessed'),
                        collectives=hlo.collectives(compiled.as_text(), len(target.devices),
                                                    target.local_devices),
                        notes=notes)

@@ -9,14 +9,11 @@
     c.text, c.token_ids, c.logprobs, c.finish_reason
 
 DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>` (train/workdir.py).
-Decoding (model/decode.py) is continuous batching over `slots` decode slots (max_batch, rounded
-up to a multiple of the batch shards): a prompt is prefilled into a slot as soon as
-`admit_rows` slots are free, while the others go on decoding. Prompts are left-padded to a
-power of two (at least `min_bucket`), new tokens get a power-of-two bucket too, so one
-compilation serves every batch and length in the buckets. Sequences stop at EOS (with `chat`
-also at `<|end|>`) or `max_new_tokens`; stop strings are checked on the host every
-`stop_check_every` tokens, and a stopped sequence keeps its tokens up to the one that completes
-the stop string (the text is cut before it).
+Continuous batching (model/decode.py) over max_batch slots (rounded up to a multiple of the
+batch shards), prompts admitted `admit_rows` at a time. Prompt and new lengths are bucketed to
+powers of two (>= `min_bucket`): one compilation per bucket. Sequences stop at EOS (`chat`: also
+`<|end|>`), `max_new_tokens`, or a stop string (checked on the host every `stop_check_every`
+tokens; tokens kept up to the one completing it, text cut before it).
 """
 
 import argparse
@@ -42,8 +39,7 @@ from train.mesh import batch_shards, make_mesh
 @dataclasses.dataclass
 class Completion:
   text: str  # Decoded completion, cut before the first stop string; no EOS / end marker.
-  token_ids: list[int]  # Generated ids, the stop token (EOS / <|end|>) included if reached;
-  # with a stop string, up to the token that completes it.
+  token_ids: list[int]  # Generated ids, up to the stop token (EOS, <|end|>) or stop string.
   logprobs: list[float]  # log p(token | prefix) of each generated id under the model.
   finish_reason: str  # 'eos', 'stop' (a stop string) or 'length'.
   prompt_tokens: int
@@ -82,7 +78,6 @@ class Generator:
     self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
     self.rules = make_rules() if rules is None else rules
     self.placement = Placement(self.mesh, self.rules)
-    # The decoding config only differs for MoE (no dropped tokens); the params are the same.
     dec_cfg = decode.decoding_config(cfg)
     self.mdef, abstract = state_lib.model_def(dec_cfg)
     shardings = self.placement.param_shardings(self.mdef, abstract)
@@ -124,21 +119,17 @@ class Generator:
   def stop_ids(self, chat: bool) -> list[int]:
     return [self.tokenizer.eos_id] + ([self.tokenizer.special_id('<|end|>')] if chat else [])
 
-  def generate(self, prompts: list[str], *, max_new_tokens: int = 128,
-               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-               chat: bool = False, seed: int = 0, params=None) -> list[Completion]:
-    """Completions of text prompts (with `chat`, each is a user turn in the chat template)."""
+  def generate(self, prompts: list[str], *, max_new_tokens: int = 128, chat: bool = False,
+               **kw) -> list[Completion]:
+    """Completions of text prompts (with `chat`, each is a user turn in the chat template);
+    `kw`: sampling, stop, seed, params of `generate_ids`."""
     return self.complete(self.prompt_ids(prompts, chat), max_new_tokens=max_new_tokens,
-                         sampling=sampling, stop=stop, stop_ids=self.stop_ids(chat), seed=seed,
-                         params=params)
+                         stop_ids=self.stop_ids(chat), **kw)
 
-  def complete(self, ids: list[list[int]], *, max_new_tokens: int,
-               sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
-               stop_ids: list[int] | None = None, seed: int = 0, params=None,
-               progress=None) -> list[Completion]:
-    """Completions of token prompts (`progress`: a tqdm bar, or None)."""
-    rollout = self.generate_ids(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                                stop_ids=stop_ids, seed=seed, params=params)
+  def complete(self, ids: list[list[int]], *, stop: list[str] | tuple = (), progress=None,
+               **kw) -> list[Completion]:
+    """Completions of token prompts (`progress`: a tqdm bar, or None; `kw`: of `generate_ids`)."""
+    rollout = self.generate_ids(ids, stop=stop, **kw)
     out, p = [], rollout.prompt_len
     for j in range(len(ids)):
       token_ids = rollout.completion_ids(j)
@@ -169,8 +160,7 @@ class Generator:
     if params is None:
       raise ValueError('train/generate.py: this Generator has no params; pass params=')
     n, slots, pad = len(prompts), self.slots, self.tokenizer.pad_id
-    p, new = bucket(max(len(x) for x in prompts), self.min_bucket), bucket(max_new_tokens,
-                                                                           self.min_bucket)
+    p, new = (bucket(x, self.min_bucket) for x in (max(map(len, prompts)), max_new_tokens))
     n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
     tokens_np, lengths_n = decode.left_pad(list(prompts) + [prompts[0]] * (n_pad - n), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
@@ -194,8 +184,9 @@ class Generator:
                                          for k in ('tokens_nn', 'logprobs_nn', 'num_new_n'))
     stopped = np.array([bool(stop) and self._has_stop(t[:k], stop)
                         for t, k in zip(tokens_nn, num_new_n)], bool)
-    for i in np.nonzero(stopped)[0]:  # Drop what was generated past the stop string.
-      num_new_n[i] = self._stop_length(tokens_nn[i, :num_new_n[i]], stop)
+    for i in np.nonzero(stopped)[0]:  # Keep the tokens up to the one completing a stop string.
+      ids = tokens_nn[i, :num_new_n[i]]
+      num_new_n[i] = next(k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop))
       tokens_nn[i, num_new_n[i]:], logprobs_nn[i, num_new_n[i]:] = pad, 0.0
     eos_seen = np.isin(tokens_nn[np.arange(n), np.maximum(num_new_n, 1) - 1], eos_e)
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
@@ -204,16 +195,12 @@ class Generator:
                    np.concatenate([np.zeros((n, p), np.float32), logprobs_nn], 1),
                    lengths_n[:n], num_new_n, p, finish)
 
+  def _batch_bucket(self, n: int) -> int:
+    return math.lcm(bucket(n, 1), self.batch_shards)
+
   def _has_stop(self, ids, stop) -> bool:
     text = self.tokenizer.decode(ids)
     return any(s and s in text for s in stop)
-
-  def _stop_length(self, ids, stop) -> int:
-    """How many of `ids` it takes for the text to contain a stop string."""
-    return next((k for k in range(1, len(ids) + 1) if self._has_stop(ids[:k], stop)), len(ids))
-
-  def _batch_bucket(self, n: int) -> int:
-    return math.lcm(bucket(n, 1), self.batch_shards)
 
 
 def main(argv=None) -> int:

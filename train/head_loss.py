@@ -1,12 +1,10 @@
 """Output head and next-token loss fused and chunked: sum of masked NLL without [b, t, vocab].
 
-The forward pass of the custom VJP walks each device's tokens in chunks of <= CHUNK_TOKENS and,
-per chunk, computes logits, logsumexp, d logits = softmax - onehot, and accumulates dW and dh;
-the backward pass only scales them by the incoming cotangent. Without differentiation only the
-loss is computed. It runs inside `jax.shard_map`: the head matrix arrives gathered over FSDP,
-its vocabulary may stay split over a mesh axis (logsumexp and target logit are then combined
-with pmax/psum over it), and dW is summed over the token shards once per call, not per chunk.
-Why (the whole-array logits XLA:CPU writes otherwise): benchmarks/results/dense_cpu.md.
+The custom VJP's forward walks each device's tokens in chunks of <= CHUNK_TOKENS: logits,
+logsumexp, d logits = softmax - onehot, accumulating dW and dh; the backward only scales them
+by the cotangent (no differentiation: the loss only). Inside `jax.shard_map` the head matrix is
+gathered over FSDP, its vocabulary may stay split (pmax/psum combine logsumexp and the target
+logit), and dW is summed over the token shards once per call (benchmarks/results/dense_cpu.md).
 """
 
 import functools
@@ -53,9 +51,7 @@ def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: b
   vary = lambda x, axes: jax.lax.pcast(x, axes, to='varying') if axes else x
   acc0 = vary(jnp.float32(0), token_axes)
   if not grads:
-    def body(acc, x):
-      return acc + chunk(*x)[3], None
-    nll, _ = jax.lax.scan(body, acc0, xs)
+    nll, _ = jax.lax.scan(lambda acc, x: (acc + chunk(*x)[3], None), acc0, xs)
     return (jax.lax.psum(nll, token_axes) if token_axes else nll), None, None
 
   def body(carry, x):

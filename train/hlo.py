@@ -1,11 +1,9 @@
 """Collectives of a compiled program, per executed step, from its optimised HLO text.
 
-`collectives(compiled.as_text(), num_devices)` walks the module's call graph from the entry
-computation and counts every all-gather, reduce-scatter, all-reduce, all-to-all and
-collective-permute as often as it runs: an op inside a `while` body (the scan over layers, the
-gradient-accumulation scan) counts once per iteration. A loop's trip count is read from its
-condition computation (`compare(counter, constant(N)), direction=LT`, as `lax.scan` lowers);
-a loop whose count cannot be read counts once and is reported in `unknown_trip_counts`.
+`collectives(compiled.as_text(), num_devices)` walks the call graph from the entry computation
+and counts each collective (KINDS) as often as it runs: once per iteration of a `while` body,
+whose trip count is read from its condition (`compare(counter, constant(N)), direction=LT`);
+an unreadable loop counts once and is reported in `unknown_trip_counts`.
 
 XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter*` computation (an
 all-reduce whose result is sliced); it is counted as one reduce-scatter. Asynchronous pairs
@@ -46,14 +44,6 @@ class Collectives:
   by_kind: dict  # kind -> Collective, for every kind in KINDS.
   unknown_trip_counts: int  # While loops whose trip count could not be read (counted once).
 
-  @property
-  def moved_bytes(self) -> float:
-    return sum(c.moved for c in self.by_kind.values())
-
-  @property
-  def moved_wide_bytes(self) -> float:
-    return sum(c.moved_wide for c in self.by_kind.values())
-
 
 def _computations(text: str) -> tuple[dict, str]:
   comps, entry, name = {}, None, None
@@ -82,10 +72,9 @@ def _type_bytes(line: str, start: int) -> float:
 
 
 def _result_bytes(kind: str, total: float, n: int, is_start: bool) -> float:
-  """The collective's result bytes. An async start's type holds operands and results (plus
-  small u32 contexts for a permute): all-gather (x, n x) -> n/(n+1) of it, reduce-scatter
-  (n x, x) -> 1/(n+1), all-to-all and collective-permute (x, x) -> 1/2; an all-reduce start
-  holds its results only."""
+  """The collective's result bytes. An async start's type holds operands and results:
+  all-gather (x, n x) -> n/(n+1) of it, reduce-scatter (n x, x) -> 1/(n+1), all-to-all and
+  collective-permute (x, x) -> 1/2; an all-reduce start holds its results only."""
   if not is_start or kind == 'all-reduce':
     return total
   n = max(n, 1)
@@ -152,10 +141,8 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
         cond = re.search(r'condition=%?([\w.\-]+)', line).group(1)
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         trips = int(known.group(1)) if known else _trip_count(comps.get(cond, []))
-        if trips is None:
-          unknown[0] += 1
-          trips = 1
-        walk(body, times * trips)
+        unknown[0] += trips is None  # Counted once.
+        walk(body, times * (1 if trips is None else trips))
         continue
       kind = op[:-len('-start')] if op.endswith('-start') else op
       if kind in KINDS:

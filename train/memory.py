@@ -1,12 +1,10 @@
 """Analytic per-device memory of one training step, from shapes and sharding rules only.
 
-Counted per device, in bytes, from the mesh sizes, the sharding rules, dtypes and the remat
-policy. Nothing is allocated: parameter shapes come from `jax.eval_shape`, shard shapes from
-`logical_to_spec` on the run context's abstract mesh (train/context.py Placement.abstract).
+Bytes per device from mesh sizes, sharding rules, dtypes and the remat policy; nothing is
+allocated (`jax.eval_shape`, `logical_to_spec` on train/context.py Placement.abstract).
 
-    persistent   params (param_dtype) + AdamW mu and nu (same dtype) + the gradient
-                 accumulator (param_dtype; a second copy while grad_accum > 1 adds a micro-
-                 batch's gradients into it)
+    persistent   params + AdamW mu and nu + the gradient accumulator (param_dtype; twice
+                 with grad_accum > 1: a micro-batch's gradients are added into it)
     activations  what the forward pass keeps for the backward pass, for every layer, under
                  `model.remat` (RESIDUALS below), for one micro-batch
     transient    the largest working set on top of that, the max of three phases:
@@ -19,7 +17,6 @@ policy. Nothing is allocated: parameter shapes come from `jax.eval_shape`, shard
                  device's own shard (in param_dtype), as much again for its full gradient
                  before the reduce-scatter, and a compute-dtype copy of the whole.
 
-Saved tensors per layer are those of model/transformer.py (RESIDUALS, `_layer_intermediates`);
 tests/test_plan.py holds the estimate to XLA's plan of a compiled step (train/aot.py) within
 TOLERANCE.
 """
@@ -79,11 +76,9 @@ class Shapes:
     return math.prod(shape) // self.split(axes, shape, ('fsdp', 'data'))
 
 
-# Tensors saved per layer for the backward pass, in units of the per-device activation tensors
-# of `_layer_intermediates`, by remat policy (model/transformer.py REMAT_POLICIES), as JAX's
-# `saved_residuals` lists them for a Block (tests/test_plan.py checks the bytes). The layer
-# input (the residual stream x) is always saved: it is the carry of the layer loop. (The down
-# projection's output is never needed by the backward pass, so no policy keeps it.)
+# Tensors saved per layer for the backward pass, in units of `_layer_intermediates`, by remat
+# policy (model/transformer.py REMAT_POLICIES), as JAX's `saved_residuals` lists them for a
+# Block (tests/test_plan.py checks the bytes); x, the layer loop's carry, is always saved.
 RESIDUALS = {
     'full': {'x': 1},
     'attn_proj': {'x': 2, 'q': 1, 'kv': 2},  # x, attn_out (d wide), q_proj, k_proj, v_proj.
@@ -144,12 +139,6 @@ def _attention_transient(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
   return 4 * s.local(('batch', 'act_heads', None, None), (b, n, block, block)) * 4
 
 
-def _param_leaves(cfg: ModelConfig):
-  mdef, abstract = model_def(cfg)
-  axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
-  return list(zip(axes, jax.tree_util.tree_leaves(abstract)))
-
-
 def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory:
   """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes` (mesh
   axis -> size, default 1)."""
@@ -158,19 +147,20 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize
   t = config.train
   micro, seq = t.global_batch // t.grad_accum, config.data.seq_len
-  units = cfg.num_units
 
   # Per group (one layer unit, the output head, the input table): elements once gathered for
   # compute, and how many of those are not this device's own shard (the all-gathered extra).
   params = 0
   groups = {'layer': [0, 0], 'head': [0, 0], 'embed': [0, 0]}
-  for axes, leaf in _param_leaves(cfg):
+  mdef, abstract = model_def(cfg)
+  leaf_axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
+  for axes, leaf in zip(leaf_axes, jax.tree_util.tree_leaves(abstract)):
     local, gathered = s.local(axes, leaf.shape), s.gathered(axes, leaf.shape)
     params += local * w
     group = ('layer' if axes[0] == 'layers' else 'embed' if axes == ('vocab', 'embed')
              else 'head' if axes == ('embed', 'vocab') else None)
     if group:
-      per = units if group == 'layer' else 1
+      per = cfg.num_units if group == 'layer' else 1
       groups[group][0] += gathered // per
       groups[group][1] += (gathered - local) // per
   if cfg.tie_embeddings:
@@ -186,9 +176,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
       saved += inter['moe']
   activations = cfg.num_layers * saved
 
-  # train/head_loss.py: the head + loss walks chunks of <= CHUNK_TOKENS local tokens, keeping
-  # one chunk's [tokens, vocab] float32 logits, softmax and gradient, the f32 dW accumulator
-  # and dh ([local tokens, d] f32) instead of the whole micro-batch's logits.
+  # train/head_loss.py: one chunk's f32 logits, softmax and gradient, the f32 dW and dh.
   b_local = s.local(('batch',), (micro,))
   t_local = s.local(('batch', 'length'), (micro, seq)) // max(b_local, 1)
   chunk = b_local * chunk_len(b_local, t_local)
@@ -205,8 +193,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   backward = _all_saved(inter, scores=False)  # One layer's activation gradients.
   recompute = 0 if cfg.remat == 'none' else backward
   layer = weights('layer') + recompute + backward + _attention_transient(cfg, s, micro, seq)
-  embed = groups['embed'][1] * 2 * w
-  phases = {'head': head, 'layer': layer, 'embed': embed}
+  phases = {'head': head, 'layer': layer, 'embed': groups['embed'][1] * 2 * w}
   phase = max(phases, key=phases.get)
   batch_bytes = 5 * 4 * s.local((None, 'batch', 'length'), (t.grad_accum, micro, seq))
   return Memory(params=params, optimizer=2 * params, grads=grads, activations=activations,
@@ -214,10 +201,9 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
 
 
 def _all_saved(inter: dict, scores: bool = True) -> float:
-  """Everything one layer keeps without remat: in model/transformer.py's Block, d-wide x (the
-  input, two norm outputs, the attention output, the residual sum), their float32 norm
-  statistics, q (pre- and post-rope), k (pre/post) and v, attention output o, the scores if
-  materialised (and their probabilities), and the MLP's gate, up, sigmoid, silu and product."""
+  """What one Block keeps without remat: 4 d-wide x (input, norm outputs, attention output,
+  residual sum) and the f32 norm statistics, q, k (pre/post rope), v and o, the scores and
+  probabilities if materialised, and the MLP's gate, up, sigmoid, silu and product."""
   return (4 * inter['x'] + inter['x32'] + 3 * inter['q'] + 3 * inter['kv']
           + (2 * inter['scores'] if scores else 0)
           + 5 * inter['mlp'] + inter['moe'])

@@ -8,7 +8,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
 from model.config import ConfigError
-from model.sharding import MESH_AXES
+from model.sharding import MESH_AXES, spec_axes
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -37,9 +37,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  """The config's mesh over `devices` (default: all). Abstract devices of a compile target
-  (another platform than this process's) are laid out for their physical topology; a mesh
-  that cannot be is a ConfigError naming `mesh.*`."""
+  """The config's mesh over `devices` (default: all); a compile target's abstract devices are
+  laid out for their physical topology (ConfigError naming `mesh.*` if they cannot be)."""
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(mesh_cfg, len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
@@ -67,6 +66,4 @@ def _target_grid(shape, devices, sizes):
 
 def batch_shards(mesh: jax.sharding.Mesh, rules) -> int:
   """How many ways the batch dimension is split (product of the mesh axes `batch` maps to)."""
-  target = rules['batch']
-  axes = (target,) if isinstance(target, str) else tuple(target or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in spec_axes(rules['batch']))

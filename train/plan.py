@@ -1,19 +1,14 @@
 """python -m train.plan --config experiments/<name>.py [--json] [--mfu 0.4] [--wall-clock-days 42]
                        [--devices N] [--compile]
 
-What a config costs and whether it fits, without allocating a single parameter:
-  * parameters (total, active per token) and training FLOPs per token at the config's sequence
-    length (model/flops.py);
-  * per-device memory under the config's mesh: params, optimizer state, gradients, saved
-    activations (remat policy) and the peak working set (train/memory.py); with --compile also
-    XLA's plan of the train step on emulated CPU devices of the full mesh at reduced depth
-    (train/aot.py), extrapolated to the config's depth; with --target the real step compiled
-    for an accelerator that is not attached: memory, FLOPs, collectives and a roofline;
-  * whether that fits `hardware.device_memory_gb` (or the target's HBM);
-  * tokens/s, step time and time to train at a stated MFU (against `hardware.peak_tflops`),
-    and the MFU that a stated wall clock implies.
-It first runs the run's own static checks (train/config.py validate). A config over the device
-memory is printed, then reported as an error (exit status 1).
+What a config costs and whether it fits, allocating nothing (after train/config.py validate):
+  * parameters (total, active) and training FLOPs per token (model/flops.py);
+  * per-device memory under the config's mesh (train/memory.py); with --compile also XLA's plan
+    on emulated CPU devices at reduced depth, extrapolated (train/aot.py); with --target the
+    real step compiled for an accelerator that is not attached: memory, FLOPs, collectives and
+    a roofline; whether that fits `hardware.device_memory_gb` (or the target's HBM);
+  * tokens/s, step time and time to train at a stated MFU, and the MFU a wall clock implies.
+A config over the device memory is printed, then reported as an error (exit status 1).
 """
 
 import json
@@ -38,8 +33,7 @@ from train.metrics import PEAK_TFLOPS
 
 
 def define_flags() -> None:
-  """The CLI's flags, defined only when run as `python -m train.plan`: importing this module as a
-  library (tests, notebooks) must not claim absl flag names such as --config."""
+  """The CLI's flags, defined only by `python -m train.plan` (a library import claims none)."""
   global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS, _TARGET
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
   _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
@@ -98,9 +92,6 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   mem = memory_lib.estimate(config, sizes, cfg)
   p = {
       'warnings': warnings,
-      'config_name': config.hardware.name or '',
-      'devices': n,
-      'mesh': ' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device',
       'params_total': counts.total,
       'params_active': counts.active,
       'params_embedding': counts.embedding,
@@ -108,6 +99,9 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'flops_per_token': flops.per_token,
       'flops_per_token_dense_equivalent': flops.dense_equivalent,
       'attention_flops_per_token': flops.attention_per_token,
+      'config_name': config.hardware.name or '',
+      'devices': n,
+      'mesh': ' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 1) or 'one device',
       'global_batch': t.global_batch,
       'grad_accum': t.grad_accum,
       'sequences_per_device_per_micro_batch':
@@ -127,8 +121,7 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   }
   limit = config.hardware.device_memory_gb
   p['fits'] = None if limit <= 0 else bool(mem.total <= limit * memory_lib.GIB)
-  peak = peak_tflops(config)
-  p['peak_tflops_per_device'] = peak
+  p['peak_tflops_per_device'] = peak = peak_tflops(config)
   p['mfu'] = mfu
   if peak > 0:
     cluster_flops = n * peak * 1e12
@@ -143,13 +136,22 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   return p
 
 
+POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'dpo')
+
+
 def _validate(config, n: int):
   """train/config.py validate, as the run does it. Returns (ModelConfig, config to plan with,
-  warnings). A data-source error (sources that only the command line completes, e.g.
-  dense_65b_sft's `sft`) is a warning and the default sources are planned: the planner reads no
-  data. A post-training config (`stage`, `rm`, `ppo`, `dpo`) is planned as its decoder's update
-  step; the warning says what that leaves out."""
-  config, warnings = _policy_step(config)
+  warnings). A data-source error is a warning and the default sources are planned (the planner
+  reads no data); a post-training config is planned as its decoder's update step."""
+  warnings, present = [], [k for k in POSTTRAIN_SECTIONS if k in config]
+  if present:
+    warnings.append(f'stage {config.get("stage", "") or "post-training"!r}: planned as the decoder '
+                    f'update step of train.global_batch={config.train.global_batch} sequences of '
+                    f'data.seq_len={config.data.seq_len} tokens on this mesh; the reference, '
+                    f'reward and value models and rollouts are not counted here')
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key in present:
+      del config[key]
   try:
     return config_lib.validate(config, n), config, warnings
   except ConfigError as e:
@@ -158,23 +160,6 @@ def _validate(config, n: int):
     trimmed = _default_sources(config)
     return config_lib.validate(trimmed, n), trimmed, warnings + [
         f'data: {e} (the run would stop there; the planner reads no data and plans the rest)']
-
-
-POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'dpo')
-
-
-def _policy_step(config):
-  present = [k for k in POSTTRAIN_SECTIONS if k in config]
-  if not present:
-    return config, []
-  stage = config.get('stage', '') or 'post-training'
-  trimmed = ml_collections.ConfigDict(config.to_dict())
-  for key in present:
-    del trimmed[key]
-  return trimmed, [f'stage {stage!r}: planned as the decoder update step of train.global_batch='
-                   f'{config.train.global_batch} sequences of data.seq_len={config.data.seq_len} '
-                   f'tokens on this mesh; the reference, reward and value models and rollouts '
-                   f'are not counted here']
 
 
 def _default_sources(config):
@@ -189,13 +174,10 @@ def _default_sources(config):
 
 
 def check_fits(p: dict) -> None:
-  """ConfigError if the analytic per-device estimate exceeds the device memory. (The compiled
-  plan is of a CPU variant, float32 with `xla` attention, so it is not the config's own.)"""
-  limit = p['device_memory_gib']
-  if limit <= 0:
-    return
-  worst = p['mem_total_gib']
-  if worst > limit:
+  """ConfigError if the analytic per-device estimate exceeds the device memory (the compiled CPU
+  plan is of a variant, not the config's own)."""
+  limit, worst = p['device_memory_gib'], p['mem_total_gib']
+  if 0 < limit < worst:
     raise ConfigError(
         f'hardware.device_memory_gb={limit:g}: the per-device memory estimate is {worst:.1f} GiB '
         f'(params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
@@ -222,9 +204,9 @@ def _knobs(remat: str, *, head: bool = False, grad_accum: int = 0, micro: int = 
 
 
 def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
-  """XLA's per-device plan of the CPU variant (train/aot.py compile_variant) at two reduced
-  depths (layer units), extrapolated linearly to the config's depth, next to the analytic
-  estimate of the same variant. `run(config, devices)` compiles (default: a child process)."""
+  """XLA's per-device plan of the CPU variant (train/aot.py compile_variant) at two depths
+  (layer units) extrapolated to the config's, next to the analytic estimate of that variant.
+  `run(config, devices)` compiles (default: a child process)."""
   run = run or aot.compiled_memory_subprocess
   cfg = config_lib.model_config(config)
   per_unit = cfg.layers_per_unit
@@ -232,9 +214,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
   if not 0 < d1 < d2:
     raise ConfigError(f'--compile_depths={list(depths)}: need two increasing positive depths')
   _, config, _ = _validate(config, devices)  # The compiled step reads no data either.
-  r1 = run(aot.compile_variant(config, d1 * per_unit), devices)
-  r2 = run(aot.compile_variant(config, d2 * per_unit), devices)
-  per_unit_bytes = (r2.total_bytes - r1.total_bytes) / (d2 - d1)
+  r1, r2 = (run(aot.compile_variant(config, d * per_unit), devices) for d in (d1, d2))
   total = _to_depth(r1.total_bytes, r2.total_bytes, d1, d2, cfg.num_units)
   variant = aot.compile_variant(config, cfg.num_layers)
   analytic = memory_lib.estimate(variant, mesh_shape(config.mesh, devices)).total
@@ -244,7 +224,7 @@ def compiled_section(config, devices: int, depths=(2, 3), run=None) -> dict:
       'compiled_depths_layers': [d1 * per_unit, d2 * per_unit],
       'compiled_total_at_depths_gib': [gib(r.total_bytes) for r in (r1, r2)],
       'compiled_temp_at_depths_gib': [gib(r.temp_bytes) for r in (r1, r2)],
-      'compiled_per_layer_gib': gib(per_unit_bytes / per_unit),
+      'compiled_per_layer_gib': gib((r2.total_bytes - r1.total_bytes) / (d2 - d1) / per_unit),
       'compiled_total_gib': gib(total),
       'analytic_of_compiled_variant_gib': gib(analytic),
       'analytic_over_compiled': round(analytic / total, 3),
@@ -258,10 +238,8 @@ def _to_depth(v1: float, v2: float, d1: int, d2: int, units: int) -> float:
 
 
 def _flops_variant(config, layers: int):
-  """One micro-batch of `config` with `layers` layers unrolled: cost_analysis() counts a loop
-  body once, so FLOPs and bytes are measured unrolled at two depths, extrapolated in depth and
-  multiplied by train.grad_accum (which counts the optimizer update grad_accum times:
-  negligible next to 6 x params x tokens)."""
+  """One micro-batch of `config` with `layers` layers unrolled (cost_analysis() counts a loop
+  body once); the caller multiplies by train.grad_accum (the update counted that often)."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.num_layers = layers
   c.model.scan_layers = False
@@ -270,20 +248,9 @@ def _flops_variant(config, layers: int):
   return c
 
 
-def kernel_flops_per_token(cfg, seq_len: int, attention: str) -> float:
-  """Training FLOPs per token inside Pallas kernels that XLA's cost_analysis() counts as zero:
-  splash attention (model/flops.py's attention term; with remat its forward runs twice, x 4/3).
-  megablox gmm declares a cost estimate to XLA, which counts it (tests/test_targets.py)."""
-  if attention != 'splash':
-    return 0.0
-  return training_flops_per_token(cfg, seq_len).attention_per_token * (
-      4 / 3 if cfg.remat != 'none' else 1.0)
-
-
 def remat_flops_ratio(cfg, seq_len: int) -> float:
-  """Compiled / model FLOPs that remat alone explains: with a remat policy the layers' forward
-  runs twice (4/3 of their 3x-forward training FLOPs; `full` recomputes all of it, the others
-  at most that), the output head's does not."""
+  """Compiled / model FLOPs that remat alone explains: the layers' forward runs twice (4/3 of
+  their training FLOPs; at most that for partial policies), the output head's once."""
   total = training_flops_per_token(cfg, seq_len).per_token
   head = 6 * cfg.d_model * cfg.vocab_size
   return 1.0 if cfg.remat == 'none' else ((total - head) * 4 / 3 + head) / total
@@ -291,9 +258,8 @@ def remat_flops_ratio(cfg, seq_len: int) -> float:
 
 def target_section(config, target, compile_fn=None) -> dict:
   """The config's real train step compiled for `target` (a name or a train/targets.py Target):
-  the target compiler's memory per device against the chip's HBM, FLOPs and HBM bytes per
-  step, the collectives of the compiled HLO, and the roofline step time they imply. Raises ConfigError
-  for a target or mesh that cannot work; `check_target_fits` for a step that does not fit."""
+  memory per device against the chip's HBM, FLOPs and HBM bytes per step, the collectives and
+  the roofline step time. ConfigError for a target or mesh that cannot work."""
   compile_fn = compile_fn or aot.compile_for_target
   target = targets.abstract_devices(target) if isinstance(target, str) else target
   n = len(target.devices)
@@ -315,12 +281,17 @@ def target_section(config, target, compile_fn=None) -> dict:
     r1, r2 = (compile_fn(_flops_variant(config, d * cfg.layers_per_unit), target) for d in (1, 2))
     grow = lambda a, b: config.train.grad_accum * _to_depth(a, b, 1, 2, cfg.num_units)
     xla_flops, hbm_bytes = grow(r1.flops, r2.flops), grow(r1.bytes_accessed, r2.bytes_accessed)
-    kernel_flops = kernel_flops_per_token(cfg, seq, attention) * tokens_per_device
+    # Splash's FLOPs (x 4/3 with remat), which cost_analysis() counts as zero; megablox gmm
+    # declares its cost to XLA (tests/test_targets.py).
+    kernel_flops = (training_flops_per_token(cfg, seq).attention_per_token
+                    * (4 / 3 if cfg.remat != 'none' else 1.0) * tokens_per_device
+                    if attention == 'splash' else 0.0)
     flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
                     + (' + splash analytically' if kernel_flops else ''))
-  peak = target.chip.peak_tflops * 1e12 / target.devices_per_chip
-  hbm_bw = target.chip.hbm_gbps * 1e9 / target.devices_per_chip
-  ici_bw = target.chip.ici_gbps * 1e9 / target.devices_per_chip
+  chip, shares = target.chip, target.devices_per_chip  # Per-device figures: the chip's / shares.
+  peak, hbm_bw = chip.peak_tflops * 1e12 / shares, chip.hbm_gbps * 1e9 / shares
+  ici_bw = chip.ici_gbps * 1e9 / shares
+  wide_bw = chip.wide_gbps * 1e9 / shares if chip.wide_gbps else ici_bw
   compiled_flops = xla_flops + kernel_flops
   notes = list(full.notes)
   if compiled_flops < model_flops:  # cost_analysis missed work: never a roofline above 100%.
@@ -330,10 +301,10 @@ def target_section(config, target, compile_fn=None) -> dict:
     compiled_for_time = model_flops * remat_flops_ratio(cfg, seq)
   else:
     compiled_for_time = compiled_flops
-  wide = full.collectives.moved_wide_bytes
-  wide_bw = (target.chip.wide_gbps * 1e9 / target.devices_per_chip) if target.chip.wide_gbps else ici_bw
+  kinds = full.collectives.by_kind.values()
+  wide = sum(c.moved_wide for c in kinds)
   times = {'compute': compiled_for_time / peak,
-           'collectives': (full.collectives.moved_bytes - wide) / ici_bw + wide / wide_bw}
+           'collectives': (sum(c.moved for c in kinds) - wide) / ici_bw + wide / wide_bw}
   if hbm_bytes is not None:
     times['hbm'] = hbm_bytes / hbm_bw
   step_s = max(times.values())
@@ -407,47 +378,29 @@ def _fmt(value) -> str:
   return str(value)
 
 
-SECTIONS = (
-    ('model', ('params_total', 'params_active', 'params_embedding', 'seq_len', 'flops_per_token',
-               'flops_per_token_dense_equivalent', 'attention_flops_per_token')),
-    ('run', ('config_name', 'devices', 'mesh', 'global_batch', 'grad_accum',
-             'sequences_per_device_per_micro_batch', 'tokens_per_step', 'steps', 'warmup_steps',
-             'total_tokens', 'remat', 'attention', 'dispatch')),
-    ('memory per device, analytic (GiB)', (
-        'mem_params_gib', 'mem_optimizer_gib', 'mem_grads_gib', 'mem_activations_gib',
-        'mem_transient_gib', 'mem_transient_phase', 'mem_total_gib', 'device_memory_gib', 'fits')),
-    ('memory per device, XLA plan on emulated CPU devices (GiB)', (
-        'compiled_attention', 'compiled_compute_dtype', 'compiled_depths_layers',
-        'compiled_total_at_depths_gib', 'compiled_temp_at_depths_gib', 'compiled_per_layer_gib',
-        'compiled_total_gib',
-        'analytic_of_compiled_variant_gib', 'analytic_over_compiled', 'compile_seconds')),
-    ('compiled for the target by its own compiler, per device', (
-        'target', 'target_devices', 'target_devices_per_chip', 'target_attention',
-        'target_grouped_matmul', 'target_arguments_gib', 'target_temporaries_gib',
-        'target_total_gib', 'target_hbm_gib', 'target_fits', 'target_compiled_tflops_per_step',
-        'target_xla_tflops_per_step', 'target_kernel_tflops_per_step',
-        'target_model_tflops_per_step', 'target_compiled_over_model_flops', 'target_remat_explains',
-        'target_flops_source', 'target_hbm_gb_per_step')),
-    ('collectives per step (count, GB result, GB moved per device)', ('target_collectives',)),
-    ('roofline (perfect overlap: step = max of the three; no overlap: their sum)', (
-        'target_compute_s', 'target_hbm_s', 'target_collectives_s', 'target_roofline_step_s',
-        'target_no_overlap_step_s', 'target_bound_by', 'target_roofline_mfu',
-        'target_days_to_train', 'target_compile_s')),
-    ('throughput', ('peak_tflops_per_device', 'mfu', 'tokens_per_sec', 'step_seconds',
-                    'days_to_train', 'wall_clock_days', 'mfu_implied_by_wall_clock')),
-)
+# The table is p's keys in order (the sections' dicts keep their keys in table order), a title
+# before each section's first key; '' values are left out.
+TITLES = {
+    'params_total': 'model',
+    'config_name': 'run',
+    'mem_params_gib': 'memory per device, analytic (GiB)',
+    'peak_tflops_per_device': 'throughput',
+    'target': 'compiled for the target by its own compiler, per device',
+    'target_collectives': 'collectives per step (count, GB result, GB moved per device)',
+    'target_compute_s': 'roofline (perfect overlap: step = max of the three; no overlap: their sum)',
+    'compiled_attention': 'memory per device, XLA plan on emulated CPU devices (GiB)',
+}
+NOT_IN_TABLE = ('warnings', 'target_notes', 'target_unknown_trip_counts')
 
 
 def format_table(p: dict) -> str:
   lines = [f'warning: {w}' for w in p.get('warnings', [])]
   lines += [f'note: {w}' for w in p.get('target_notes', [])]
-  width = max(len(k) for _, keys in SECTIONS for k in keys)
-  for title, keys in SECTIONS:
-    rows = [(k, p[k]) for k in keys if k in p and p[k] != '']
-    if not rows:
-      continue
-    lines.append(f'[{title}]')
-    lines += [f'  {k:<{width}}  {_fmt(v)}' for k, v in rows]
+  width = max(len(k) for k in p if k not in NOT_IN_TABLE)
+  for k, v in p.items():
+    lines += [f'[{TITLES[k]}]'] if k in TITLES else []
+    if k not in NOT_IN_TABLE and v != '':
+      lines.append(f'  {k:<{width}}  {_fmt(v)}')
   return '\n'.join(lines)
 
 

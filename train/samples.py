@@ -1,9 +1,8 @@
 """Text samples during training: greedy continuations of fixed prompts, to TensorBoard and the log.
 
 Every `train.sample_every` steps the loop calls `Sampler.write(writer, step, params)`: the
-prompts (shaped like the embedded corpus, data/corpus.py) are continued greedily by
-train/generate.py's Generator from the current params as they lie sharded, so the same params
-always give the same text. TensorBoard gets one text entry per prompt (`samples/0`, ...).
+prompts are continued greedily from the params as they lie sharded (the same params give the
+same text); TensorBoard gets one text entry per prompt (`samples/0`, ...).
 """
 
 import logging

@@ -1,9 +1,8 @@
 """The train state (params, optimizer state, step, RNG), created directly sharded.
 
-Recipe: `jax.eval_shape` the initialiser, derive every leaf's NamedSharding from the logical
-axes the model declared (model/sharding.py), then `jax.jit(init, out_shardings=...)`: no
-parameter ever exists unsharded. With mesh.fsdp = N the params and the Adam moments are split
-N ways (ZeRO-3).
+`jax.eval_shape` the initialiser, derive each leaf's NamedSharding from the model's logical
+axes (model/sharding.py), then `jax.jit(init, out_shardings=...)`: no parameter ever exists
+unsharded.
 """
 
 import dataclasses
@@ -53,11 +52,8 @@ def init_params(cfg: ModelConfig, key, model_cls=Decoder):
 
 
 def state_shardings(mdef: ModelDef, abstract_state, tx: optax.GradientTransformation, mesh):
-  """Shardings for {'step','params','opt_state','rng'}: Adam moments follow their params.
-
-  Abstract: optax finds the param-shaped parts of the optimizer state by running `tx.init` on a
-  placeholder; it runs under `jax.eval_shape` here, so nothing executes on the mesh's devices
-  (which may be abstract TPU devices of a topology that is not attached: train/aot.py)."""
+  """Shardings for {'step','params','opt_state','rng'}: Adam moments follow their params. Runs
+  nothing on the mesh's devices (`tx.init` under `jax.eval_shape`; they may be abstract)."""
   p_shard = param_shardings(mdef, abstract_state['params'], mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shard = optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p), lambda _, s: s,

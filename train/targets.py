@@ -7,14 +7,9 @@ from GPUS: `gpu_target_config`) for the target's devices: the real compiler runs
 a CPU-only host, nothing can run on them (train/aot.py, train/plan.py --target).
 
 CHIPS: per chip, HBM, peak bf16 dense TFLOP/s, HBM and interconnect bandwidth, from Google
-Cloud's TPU specifications (ICI: the spec sheet's Gbps / 8) and NVIDIA's SXM data sheets
-(NVLink per GPU; `wide_gbps`: InfiniBand per GPU, for collectives of groups larger than one
-host of 8 GPUs). A device may be a fraction of a chip (TPU v4's two TensorCores): every
-per-device figure is the chip's divided by `devices_per_chip`.
-
-Tracing `cudnn` attention, JAX checks the local cuDNN library and GPU, neither of which exists
-here: `compile_context` answers both for the target. XLA:GPU then compiles with its heuristics
-(no device to autotune on).
+Cloud's TPU specifications (ICI: Gbps / 8) and NVIDIA's SXM data sheets (NVLink per GPU;
+`wide_gbps`: InfiniBand per GPU, between hosts of 8). Per-device figures are the chip's over
+`devices_per_chip` (TPU v4: two TensorCores).
 """
 
 import contextlib
@@ -46,9 +41,8 @@ CHIPS = {
 }
 GPUS_PER_HOST = 8
 
-# What XLA:GPU needs to know of a GPU it cannot query: the device-description fields of
-# stream_executor.GpuDeviceInfoProto that JAX 0.10.2's plugin parses (from NVIDIA's data sheets:
-# SMs, shared memory, L2, clocks, memory size and bandwidth).
+# What XLA:GPU needs to know of a GPU it cannot query: the GpuDeviceInfoProto fields JAX 0.10.2's
+# plugin parses, from NVIDIA's data sheets.
 GPUS = {
     'a100': dict(name='NVIDIA A100-SXM4-80GB', cc=(8, 0, 'NONE'), core_count=108, fpus_per_core=64,
                  shared_memory_per_core=167936, shared_memory_per_block_optin=166912,
@@ -147,27 +141,22 @@ def abstract_devices(target: str) -> Target:
   """The target's devices as libtpu (TPU) or the CUDA plugin (GPU) describes them: compile-only
   devices, nothing needs to be attached."""
   platform, chip, topology = parse(target)
+  make = lambda devices, chips: Target(name=target, platform=platform, chip_name=chip,
+                                       topology=topology, chip=CHIPS[f'{platform}:{chip}'],
+                                       devices=devices, chips=chips)
   if platform == 'gpu':
     devices = _gpu_devices(target, chip, topology)
-    return Target(name=target, platform=platform, chip_name=chip, topology=topology,
-                  chip=CHIPS[f'{platform}:{chip}'], devices=devices, chips=len(devices))
-  # libtpu takes a machine-wide lock file unless told that several processes may load it (a
-  # planner next to a test run, or two planners): nothing here drives a real TPU.
+    return make(devices, len(devices))
+  # No machine-wide libtpu lock: several planners or tests may load it; none drives a real TPU.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     desc = topologies.get_topology_desc(platform='tpu', topology_name=f'{chip}:{topology}')
   except Exception as e:  # libtpu missing, or a topology name it rejects: one line, not a trace.
     raise ConfigError(f'--target={target!r}: libtpu cannot describe topology {chip}:{topology} '
                       f'({_first_line(e)}); install the extra with `pip install -e ".[tpu]"`') from None
-  devices = tuple(desc.devices)
-  try:
-    chips = math.prod(int(x) for x in topology.split('x'))
-  except ValueError:
-    chips = len(devices)
-  if chips < 1 or len(devices) % chips:
-    chips = len(devices)
-  return Target(name=target, platform=platform, chip_name=chip, topology=topology,
-                chip=CHIPS[f'{platform}:{chip}'], devices=devices, chips=chips)
+  devices, dims = tuple(desc.devices), topology.split('x')
+  chips = math.prod(int(x) for x in dims) if all(x.isdigit() for x in dims) else 0
+  return make(devices, chips if chips >= 1 and len(devices) % chips == 0 else len(devices))
 
 
 def _gpu_devices(target: str, chip: str, count: str) -> tuple:
