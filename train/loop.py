@@ -35,7 +35,6 @@ from train import stage as stage_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
-from train.step import device_batch  # noqa: F401  (the batch reshaper, also used from here)
 
 log = logging.getLogger('meshlm')
 
@@ -106,21 +105,19 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
                                    trained=stage.trained, grad_metrics=stage.grad_metrics)
     batch_sharding = (lambda ndim: ctx.replicated) if stage.replicate_batch else ctx.batch_sharding
     evaluate = (functools.partial(stage.evaluate, data) if stage.evaluate else
-                Evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))
+                evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))
     writer = metrics_lib.Writer(workdir, shown=stage.shown)
     flops = training_flops_per_token(cfg, config.data.seq_len)
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
              flops.per_token, flops.dense_equivalent, peak, peak_source)
     throughput = metrics_lib.Throughput(flops.per_token, peak)
-    sampler = None
-    if t.sample_every and stage.model_cls is Decoder:
-      sampler = samples_lib.Sampler(cfg, data.tokenizer, ctx.mesh, ctx.rules)
+    sampler = (samples_lib.Sampler(cfg, data.tokenizer, ctx.mesh, ctx.rules)
+               if t.sample_every and stage.model_cls is Decoder else None)
     progress = metrics_lib.Progress(t.progress, steps, start)
     eval_metrics, source_metrics = {}, {}
 
     try:
-      pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
-      skipped = 0
+      pending, skipped = None, 0  # pending: the previous (step, metrics), checked one step late.
       if stop.requested:  # During start-up: nothing trained yet.
         saved = f'the latest checkpoint is still step {start}' if start else 'nothing saved'
         log.warning('stop requested before the first step: nothing trained, %s; exiting', saved)
@@ -129,7 +126,7 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
         trace.maybe_start(step)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           source_metrics.update(stage.before_step(data, state, step))
-          batch = device_batch(next(data), t.grad_accum, batch_sharding)
+          batch = step_lib.device_batch(next(data), t.grad_accum, batch_sharding)
           state, metrics = train_step(state, batch, frozen)
         with throughput.paused():  # Writing the trace out is not training time.
           trace.maybe_stop(step, state)
@@ -171,23 +168,19 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
                    mesh=ctx.mesh, eval=eval_metrics)
 
 
-class Evaluator:
-  """Metric means ('eval/<name>') over the stage's `eval_batches` held-out batches, from a
-  fresh eval iterator each time (so every evaluation sees the same batches)."""
-
-  def __init__(self, eval_fn, make_eval_data, stage, ctx):
-    self.eval_fn, self.make_eval_data, self.stage, self.ctx = eval_fn, make_eval_data, stage, ctx
-
-  def __call__(self, params, frozen) -> dict:
-    data = self.make_eval_data()
-    totals, count = {}, 0.0
-    for _ in range(self.stage.eval_batches):
-      n, sums = self.eval_fn(params, device_batch(next(data), 1, self.ctx.batch_sharding), frozen)
+def evaluator(eval_fn, make_eval_data, stage, ctx):
+  """(params, frozen) -> metric means ('eval/<name>') over the stage's `eval_batches` held-out
+  batches, from a fresh eval iterator each time (so every evaluation sees the same batches)."""
+  def evaluate(params, frozen) -> dict:
+    data, totals, count = make_eval_data(), {}, 0.0
+    for _ in range(stage.eval_batches):
+      n, sums = eval_fn(params, step_lib.device_batch(next(data), 1, ctx.batch_sharding), frozen)
       count += float(n)
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     means = {f'eval/{k}': v / max(count, 1.0) for k, v in totals.items()}
-    return {**means, **self.stage.eval_metrics(means)}
+    return {**means, **stage.eval_metrics(means)}
+  return evaluate
 
 
 def data_counts(data) -> dict:

@@ -21,54 +21,39 @@ from train import state as state_lib
 from train import step as step_lib
 
 
-def _keep(ctx, mdef, data, make_eval_data, steps_left):
-  return None, data, make_eval_data
-
-
 @dataclasses.dataclass
 class Stage:
-  """The parts of a run that differ between stages.
-
-  validate(config, devices, processes) -> ModelConfig (raises ConfigError);
-  make_data(ctx, split) -> iterator of process-local numpy batches [B_local, ...] (nested dicts
-    allowed) with get_state() / set_state(), counts() and `.tokenizer`;
-  make_loss(mdef, frozen) -> loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums));
-  init_state(ctx, mdef, state) -> the state of a fresh run (`state`: as initialised), e.g. its
-    params from `train.init_from`;
-  prepare(ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data): once,
-    after the restore (`data` is at the position of the next step): e.g. load a frozen reference
-    (passed to make_loss in every step) or wrap the data;
-  eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...);
-  make_state(ctx, steps) -> (state, shardings, mdef of state['params'], tx, lr schedule) of a
-    fresh run; None: {'step', 'params', 'opt_state', 'rng'} of `model_cls`, train/optimizer.py;
-  trained, grad_metrics: train/step.py train_step's;
-  before_step(data, state, step) -> scalars, logged with every later step until replaced (PPO's
-    rollout phase);
-  evaluate(data, params, frozen) -> eval scalars, instead of the loss means over eval batches;
-  save_every: checkpoints (and a stop request's) only at multiples of it;
-  replicate_batch: batches replicated over the mesh, not split along its batch axes.
-  """
+  """The parts of a run that differ between stages; `ctx` is the run's train/context.py
+  RunContext, `mdef` the ModelDef of state['params'], batches process-local numpy trees."""
   name: str
-  validate: Callable
+  validate: Callable  # (config, devices, processes) -> ModelConfig; raises ConfigError.
+  # (ctx, split) -> iterator of batches [B_local, ...] with get_state() / set_state(), counts()
+  # and `.tokenizer`.
   make_data: Callable
-  make_loss: Callable
-  init_state: Callable
+  make_loss: Callable  # (mdef, frozen) -> loss_fn(params, micro, rng), train/step.py's.
+  init_state: Callable  # (ctx, mdef, state as initialised) -> the state of a fresh run.
   eval_batches: int
   step_tokens: int  # Tokens per step, for throughput.
   steps: int = 0  # Loop steps (optimiser updates; the schedule's length); 0: train.steps.
   model_cls: Any = Decoder
-  prepare: Callable = _keep
-  eval_metrics: Callable = lambda means: {}
+  # (ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data), once after
+  # the restore (data at the next step's position): e.g. a frozen reference passed to make_loss.
+  prepare: Callable = lambda ctx, mdef, data, make_eval_data, steps_left: (None, data,
+                                                                           make_eval_data)
+  eval_metrics: Callable = lambda means: {}  # Extra eval scalars from the means ('eval/loss').
   count_name: str = 'tokens'  # The metric of the step's count (tokens, pairs).
   shown: tuple = ()  # Metrics added to the log line.
   use_rng: bool = False  # A per-step RNG for the loss (MoE router noise).
+  # (ctx, steps) -> (state, shardings, mdef, tx, schedule) of a fresh run; None: {'step',
+  # 'params', 'opt_state', 'rng'} of `model_cls` with train/optimizer.py's optimiser.
   make_state: Callable | None = None
-  trained: tuple | None = None
-  grad_metrics: Callable | None = None
+  trained: tuple | None = None  # train/step.py train_step's.
+  grad_metrics: Callable | None = None  # train/step.py train_step's.
+  # (data, state, step) -> scalars, logged with every later step until replaced (PPO's rollout).
   before_step: Callable = lambda data, state, step: {}
-  evaluate: Callable | None = None
-  save_every: int = 1
-  replicate_batch: bool = False
+  evaluate: Callable | None = None  # (data, params, frozen) -> eval scalars, not loss means.
+  save_every: int = 1  # Checkpoints (and a stop request's) only at multiples of it.
+  replicate_batch: bool = False  # Batches replicated over the mesh, not split over batch axes.
 
   def new_state(self, ctx, steps: int):
     """make_state's (state, shardings, mdef, tx, schedule), or the default one."""

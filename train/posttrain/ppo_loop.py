@@ -1,35 +1,20 @@
 """RLHF with PPO, a stage of the one loop (train/loop.py): rollouts from the policy, rewards
 from the reward model, KL to a frozen reference.
 
-Models, all sharded on one mesh by the same logical rules (model/sharding.py):
-  policy     Decoder, from `train.init_from` (the SFT model); trained with `optim`.
-  reference  a frozen copy of the same checkpoint; with `ppo.ref_on_host` it waits in host
-             memory (memory kind pinned_host) and is brought to the devices for each use.
-  reward     ScalarModel from `ppo.reward_model` (an RM run's workdir; its own config.json).
-  critic     a separate ScalarModel (not a head on the policy: the value loss then cannot pull
-             the policy's features), from the reward model (`critic_init='reward_model'`, the
-             usual choice) or the policy's trunk with a fresh head; trained with its own AdamW
-             (peak `ppo.critic_lr`, same warm-up/cosine shape and clipping as `optim`).
+Models, on one mesh by the same logical rules: the policy (Decoder from `train.init_from`,
+trained with `optim`); the frozen reference (the same checkpoint; in pinned host memory between
+uses with `ppo.ref_on_host`); the reward model (ScalarModel, `ppo.reward_model` run); the critic
+(a separate ScalarModel, from the reward model or the policy's trunk with a fresh head, per
+`ppo.critic_init`; its own AdamW at peak `ppo.critic_lr`, the schedule shape of `optim`).
 
-One iteration (`train.steps` of them): `train.global_batch` prompts (user turns of the SFT
-sources, chat template) -> completions sampled by train/generate.py at `ppo.temperature` ->
-one forward each of policy (log-probs, entropy), reference (log-probs), critic (values), reward
-model (score at the last token of prompt + completion laid out as in RM training) -> rewards,
-GAE, whitened advantages (ppo.py) -> `ppo_epochs` passes of `num_minibatches` optimiser updates
-over the batch, shuffled.
-
-Through the loop: the rollout phase is the stage's `before_step` hook (Rollouts.refill, at an
-iteration's first update); a loop step is one update of the trained tree {'params': policy,
-'critic'} by train/step.py, so state['step'], metrics.jsonl, the log, the progress bar,
-non-finite reports and the step-counted keys (log_every, ckpt_every, eval_every, sample_every,
-profile_steps) count updates: train.steps x ppo_epochs x num_minibatches of them. The rollout
-batch is not saved, so checkpoints fall between iterations (ckpt_every: a multiple of the
-updates per iteration; a stop request finishes the iteration); with the data state
-{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. Checkpoints hold the policy as
-`params` (every LM tool reads a PPO workdir like any other), the critic beside it. A logged
-update has its loss/*, policy/*, val/* and the objective/*, completions/* of its rollout; the
-eval (at the end or every eval_every) is eval/score, the mean reward of greedy completions of
-`ppo.eval_prompts` held-out prompts, with eval/score_before of the initial policy.
+One iteration (`train.steps` of them): `train.global_batch` prompts -> completions sampled at
+`ppo.temperature` -> log-probs, reference log-probs, values, reward scores -> rewards, GAE,
+whitened advantages (ppo.py) -> `ppo_epochs` x `num_minibatches` shuffled updates. The rollout
+is the stage's `before_step` (Rollouts.refill); a loop step is one update of {'params': policy,
+'critic'}, so every step-counted key counts updates. Checkpoints fall between iterations (the
+rollout batch is not saved); with the data state {'iteration', 'kl_coef', 'score_before'} resume
+is bit-identical. The eval is eval/score, the mean reward of greedy completions of
+`ppo.eval_prompts` held-out prompts, beside eval/score_before of the initial policy.
 """
 
 import functools
@@ -88,11 +73,9 @@ def load_prompts(config, template, split: str, workdir: str) -> list[list[int]]:
 def reward_layout(lay: dict, num_new_b, prompt_len: int, end_id: int, newline: list[int]) -> dict:
   """Prompt + completion as the RM saw pairs in training (data/chat.py: a reply ends
   `<|end|>` + newline): the newline is appended to completions that ended with the marker."""
-  b, s = lay['tokens'].shape
-  k = len(newline)
-  tokens = np.concatenate([lay['tokens'], np.zeros((b, k), np.int32)], axis=1)
-  segs = np.concatenate([lay['segment_ids'], np.zeros((b, k), np.int32)], axis=1)
-  positions = np.concatenate([lay['positions'], np.zeros((b, k), np.int32)], axis=1)
+  b, k = lay['tokens'].shape[0], len(newline)
+  tokens, segs, positions = (np.concatenate([lay[key], np.zeros((b, k), np.int32)], axis=1)
+                             for key in ('tokens', 'segment_ids', 'positions'))
   for i in range(b):
     end = prompt_len + int(num_new_b[i])
     if num_new_b[i] and tokens[i, end - 1] == end_id:
@@ -202,12 +185,10 @@ class Rollouts:
 
   def __init__(self, config, ctx, critic_mdef, rm_cfg):
     t, p = config.train, config.ppo
-    self.config = config
-    self.tokenizer = tok = Tokenizer(config.data.tokenizer)
+    self.config, self.tokenizer = config, (tok := Tokenizer(config.data.tokenizer))
     template = chat_lib.ChatTemplate(tok)
-    self.end_id = tok.special_id('<|end|>')
+    self.end_id, self.newline = tok.special_id('<|end|>'), list(template.newline)
     self.stop_ids = [tok.eos_id, self.end_id]
-    self.newline = list(template.newline)
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
@@ -254,11 +235,10 @@ class Rollouts:
     logprobs, entropy = self.logp(policy, *args)
     ref = jax.device_put(self.ref_params, self.ref_shardings) if p.ref_on_host else self.ref_params
     ref_logprobs, _ = self.logp(ref, *args)
-    del ref
     rows = reward_layout(lay, out.num_new_b, out.prompt_len, self.end_id, self.newline)
-    scores = np.asarray(self.scores(self.rm_params, rows), np.float32)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
-    scores = scores - p.missing_eos_penalty * truncated
+    scores = (np.asarray(self.scores(self.rm_params, rows), np.float32)
+              - p.missing_eos_penalty * truncated)
     mask = lay['response_mask'][:, 1:]
     batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
                  logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
@@ -291,15 +271,13 @@ class Rollouts:
     kl_coef = self.kl.value
     batch.update(jax.tree.map(np.asarray, self.advantages(
         {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
-    kl = float(batch.pop('kl_sum_b').mean())
+    kl, score = float(batch.pop('kl_sum_b').mean()), float(scores.mean())
     rng = np.random.default_rng([t.seed, it])
-    for _ in range(p.ppo_epochs):
-      for mb in np.split(rng.permutation(b), p.num_minibatches):
-        self.queue.append({k: batch[k][mb] for k in ROLLOUT_KEYS})
+    self.queue = [{k: batch[k][mb] for k in ROLLOUT_KEYS} for _ in range(p.ppo_epochs)
+                  for mb in np.split(rng.permutation(b), p.num_minibatches)]
     self.kl.update(kl, b)
     self.iteration += 1
-    return dict(metrics, **{
-        'objective/kl': kl, 'objective/scores': float(scores.mean()),
-        'objective/non_score_reward': -kl_coef * kl,
-        'objective/rlhf_reward': float(scores.mean()) - kl_coef * kl,
-        'objective/kl_coef': kl_coef})
+    return dict(metrics, **{'objective/kl': kl, 'objective/scores': score,
+                            'objective/non_score_reward': -kl_coef * kl,
+                            'objective/rlhf_reward': score - kl_coef * kl,
+                            'objective/kl_coef': kl_coef})
