@@ -100,9 +100,7 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
                                                  steps - start)
 
     make_loss = lambda f: stage.make_loss(mdef, f)
-    train_step = step_lib.jit_step(make_loss, tx, schedule, shardings,
-                                   count_name=stage.count_name, use_rng=stage.use_rng,
-                                   trained=stage.trained, grad_metrics=stage.grad_metrics)
+    train_step = step_lib.jit_step(make_loss, tx, schedule, shardings, **stage.step_options)
     batch_sharding = (lambda ndim: ctx.replicated) if stage.replicate_batch else ctx.batch_sharding
     evaluate = (functools.partial(stage.evaluate, data) if stage.evaluate else
                 evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))

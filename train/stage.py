@@ -41,14 +41,13 @@ class Stage:
   prepare: Callable = lambda ctx, mdef, data, make_eval_data, steps_left: (None, data,
                                                                            make_eval_data)
   eval_metrics: Callable = lambda means: {}  # Extra eval scalars from the means ('eval/loss').
-  count_name: str = 'tokens'  # The metric of the step's count (tokens, pairs).
+  # train/step.py train_step's keywords: count_name (the count's metric: 'tokens', 'pairs'),
+  # use_rng (a per-step RNG for the loss: MoE router noise), trained, grad_metrics.
+  step_options: dict = dataclasses.field(default_factory=dict)
   shown: tuple = ()  # Metrics added to the log line.
-  use_rng: bool = False  # A per-step RNG for the loss (MoE router noise).
   # (ctx, steps) -> (state, shardings, mdef, tx, schedule) of a fresh run; None: {'step',
   # 'params', 'opt_state', 'rng'} of `model_cls` with train/optimizer.py's optimiser.
   make_state: Callable | None = None
-  trained: tuple | None = None  # train/step.py train_step's.
-  grad_metrics: Callable | None = None  # train/step.py train_step's.
   # (data, state, step) -> scalars, logged with every later step until replaced (PPO's rollout).
   before_step: Callable = lambda data, state, step: {}
   evaluate: Callable | None = None  # (data, params, frozen) -> eval scalars, not loss means.
@@ -87,4 +86,4 @@ def lm_stage(config) -> Stage:
                make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_state=init_state,
                eval_batches=int(t.eval_batches), step_tokens=t.global_batch * config.data.seq_len,
                eval_metrics=lambda m: {'eval/perplexity': float(np.exp(min(m['eval/loss'], 50.0)))},
-               use_rng=cfg.is_moe and cfg.router_jitter > 0)
+               step_options={'use_rng': cfg.is_moe and cfg.router_jitter > 0})

@@ -1,20 +1,14 @@
 """DPO: the offline alternative to PPO, straight from preference pairs (Rafailov et al. 2023).
 
-With log-probs summed over each reply's learned tokens (the assistant mask of data/chat.py:
-the reply and its <|end|>), pi for the policy and ref for the frozen reference (the SFT model):
+With log-probs summed over each reply's learned tokens (the assistant mask of data/chat.py),
+pi for the policy and ref for the frozen reference (the SFT model):
 
   loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
-Implicit rewards beta * (pi - ref) give the metrics `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracy` (share of pairs with chosen > rejected), `rewards/margin` (mean chosen -
-rejected); `logps/chosen`, `logps/rejected` are the policy's summed log-probs.
-
-The reference is a second copy of the SFT params sharded like the policy. With
-`dpo.precompute_ref`, the run first computes the reference log-probs of every batch it will
-train on (and of the eval batches), then frees the reference, so training holds one model.
-
-    python -m train.posttrain --config experiments/tiny_dpo.py --workdir DIR \\
-        --config.train.init_from=SFT_WORKDIR
+Metrics: implicit rewards beta * (pi - ref) as `rewards/chosen`, `rewards/rejected`,
+`rewards/accuracy` (share chosen > rejected), `rewards/margin`; `logps/chosen`, `logps/rejected`
+(the policy's). The reference is sharded like the policy; with `dpo.precompute_ref` its
+log-probs of every train and eval batch are computed first and it is freed.
 """
 
 import logging

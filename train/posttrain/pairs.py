@@ -51,5 +51,6 @@ def stage(config, **kw) -> stage_lib.Stage:
   """A pair stage of `config` (its section config[name] has `eval_batches`)."""
   t = config.train
   return stage_lib.Stage(validate=pt_config.validate, make_data=make_data(config),
-                         eval_batches=int(config[kw['name']].eval_batches), count_name='pairs',
+                         eval_batches=int(config[kw['name']].eval_batches),
+                         step_options={'count_name': 'pairs'},
                          step_tokens=2 * t.global_batch * config.data.seq_len, **kw)

@@ -70,21 +70,6 @@ def load_prompts(config, template, split: str, workdir: str) -> list[list[int]]:
   return out
 
 
-def reward_layout(lay: dict, num_new_b, prompt_len: int, end_id: int, newline: list[int]) -> dict:
-  """Prompt + completion as the RM saw pairs in training (data/chat.py: a reply ends
-  `<|end|>` + newline): the newline is appended to completions that ended with the marker."""
-  b, k = lay['tokens'].shape[0], len(newline)
-  tokens, segs, positions = (np.concatenate([lay[key], np.zeros((b, k), np.int32)], axis=1)
-                             for key in ('tokens', 'segment_ids', 'positions'))
-  for i in range(b):
-    end = prompt_len + int(num_new_b[i])
-    if num_new_b[i] and tokens[i, end - 1] == end_id:
-      tokens[i, end:end + k] = newline
-      segs[i, end:end + k] = 1
-      positions[i, end:end + k] = positions[i, end - 1] + 1 + np.arange(k)
-  return {'inputs': tokens, 'positions': positions, 'segment_ids': segs}
-
-
 def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
   kl_bt = ppo.kl_penalty(rollout['logprobs'], rollout['ref_logprobs'], p.kl_estimator)
   mask = rollout['mask']
@@ -127,9 +112,8 @@ def stage(config) -> stage_lib.Stage:
   """The PPO stage of `config` (a stage config with data.tokenizer filled in)."""
   t, p = config.train, config.ppo
   steps = pt_config.ppo_updates(config)
-  rm_cfg = base_config.model_config(workdir_lib.load_config(
-      None, workdir_lib.run_workdir(p.reward_model)))
-  critic_cfg = rm_cfg if p.critic_init == 'reward_model' else base_config.model_config(config)
+  critic_cfg = (reward.run_model_config(p.reward_model) if p.critic_init == 'reward_model'
+                else base_config.model_config(config))
   critic_mdef, _ = state_lib.model_def(critic_cfg, ScalarModel)
   txs, schedules = optimizers(config, steps)
   tx = step_lib.per_key(txs)
@@ -162,12 +146,13 @@ def stage(config) -> stage_lib.Stage:
 
   return stage_lib.Stage(
       name='ppo', steps=steps, validate=pt_config.validate,
-      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef, rm_cfg),
+      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef),
       make_loss=lambda mdef, frozen: functools.partial(
           update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg),
       init_state=init_state, eval_batches=0,
       step_tokens=t.global_batch // p.num_minibatches * (p.max_prompt_len + p.max_new_tokens),
-      shown=SHOWN, make_state=make_state, trained=('params', 'critic'), grad_metrics=grad_norms,
+      shown=SHOWN, make_state=make_state,
+      step_options={'trained': ('params', 'critic'), 'grad_metrics': grad_norms},
       before_step=lambda data, state, step: data.refill(state),
       evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
                                              'eval/score': data.mean_score(params)},
@@ -183,25 +168,23 @@ class Rollouts:
   which next() hands out in order. Its state {'iteration', 'kl_coef', 'score_before'} is whole
   between iterations (where the loop saves)."""
 
-  def __init__(self, config, ctx, critic_mdef, rm_cfg):
+  def __init__(self, config, ctx, critic_mdef):
     t, p = config.train, config.ppo
     self.config, self.tokenizer = config, (tok := Tokenizer(config.data.tokenizer))
     template = chat_lib.ChatTemplate(tok)
-    self.end_id, self.newline = tok.special_id('<|end|>'), list(template.newline)
-    self.stop_ids = [tok.eos_id, self.end_id]
+    self.stop_ids = [tok.eos_id, tok.special_id('<|end|>')]
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
-    mdef, rm_mdef = state_lib.model_def(ctx.cfg)[0], state_lib.model_def(rm_cfg, ScalarModel)[0]
+    mdef = state_lib.model_def(ctx.cfg)[0]
     # Forward passes over rollouts, each compiled once per rollout shape.
     self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
         mdef.build(params)(*rows)[0], rows[0]))
     self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
-    self.scores = jax.jit(lambda params, rows: reward.rewards(rm_mdef.build(params), rows)[0])
     self.generator = gen_lib.Generator(ctx.cfg, None, tok, ctx.mesh, ctx.rules,
                                        max_batch=t.global_batch)
     self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
-    self.rm_params = workdir_lib.restore_params(p.reward_model, rm_cfg, ctx, ScalarModel)
+    self.scores = reward.reward_scorer(p.reward_model, tok, ctx)
     self.ref_params = workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)
     self.ref_shardings = jax.tree.map(lambda x: x.sharding, self.ref_params)
     if p.ref_on_host:
@@ -233,12 +216,10 @@ class Rollouts:
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
-    ref = jax.device_put(self.ref_params, self.ref_shardings) if p.ref_on_host else self.ref_params
-    ref_logprobs, _ = self.logp(ref, *args)
-    rows = reward_layout(lay, out.num_new_b, out.prompt_len, self.end_id, self.newline)
+    ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings)
+                                if p.ref_on_host else self.ref_params, *args)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
-    scores = (np.asarray(self.scores(self.rm_params, rows), np.float32)
-              - p.missing_eos_penalty * truncated)
+    scores = self.scores(out) - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]
     batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
                  logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
