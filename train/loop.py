@@ -1,17 +1,13 @@
 """The training loop of every stage: config -> run context -> data -> sharded state -> (resume)
--> steps -> checkpoints.
+-> steps -> checkpoints. `run(config, workdir)` (also from a notebook; `python -m train` and
+`python -m train.posttrain` wrap it) returns the final state and the metric history.
 
-Importable from a notebook: `train.loop.run(config, workdir)` returns the final state and the
-metric history. `python -m train` and `python -m train.posttrain` are thin wrappers around it;
-a stage (train/stage.py: pre-training and SFT, the reward model, DPO, PPO) supplies its model, data,
-loss and initial params, and every stage keeps the same promises: resume is bit-identical,
-SIGTERM saves a checkpoint and exits cleanly, `train.nan_policy` stops naming the step or counts
-the skipped update, and the data state of every process travels in the checkpoint.
-
-What a run leaves in `workdir`: config.json, checkpoints/, tokenizer/ (when it trained one),
-tb/ (TensorBoard scalars of every metric, text samples every `train.sample_every` steps),
-metrics.jsonl (the same scalars), curves.png (loss and throughput, train/plots.py), and
-profile/ when `train.profile_steps` asks for a jax.profiler trace (train/profiling.py).
+A stage (train/stage.py) supplies model, data, loss and initial params; every stage keeps the
+same promises: resume is bit-identical, SIGTERM saves a checkpoint and exits cleanly,
+`train.nan_policy` stops naming the step or counts the skipped update, and the data state of
+every process travels in the checkpoint. `workdir` gets config.json, checkpoints/, tokenizer/
+(when it trained one), tb/ (TensorBoard scalars; text samples every `train.sample_every` steps),
+metrics.jsonl, curves.png (train/plots.py) and profile/ (`train.profile_steps`).
 """
 
 import dataclasses

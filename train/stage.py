@@ -14,11 +14,11 @@ import numpy as np
 
 from data import pipeline
 from model.transformer import Decoder
-from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
+from train import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -65,8 +65,8 @@ class Stage:
 
 
 def lm_stage(config) -> Stage:
-  """Pre-training and SFT: next-token loss on data.pipeline batches; `train.init_from` (a
-  checkpoints folder) gives the params of a fresh run."""
+  """Pre-training and SFT: next-token loss on data.pipeline batches; `train.init_from` (any
+  train/workdir.py checkpoint path) gives the params of a fresh run."""
   init_from = config.train.init_from
 
   def make_data(ctx, split):
@@ -78,8 +78,7 @@ def lm_stage(config) -> Stage:
   def init_state(ctx, mdef, state):
     if not init_from:
       return state
-    shardings = jax.tree.map(lambda x: x.sharding, state['params'])
-    return dict(state, params=ckpt_lib.restore_params(init_from, state['params'], shardings))
+    return dict(state, params=workdir_lib.restore_params(init_from, ctx.cfg, ctx))
 
   cfg, t = config_lib.model_config(config), config.train
   return Stage(name='lm', validate=config_lib.validate, make_data=make_data,

@@ -31,7 +31,6 @@ from data import sources
 from data.tokenizer import Tokenizer
 from model import decode
 from model.heads import ScalarModel
-from model.transformer import Decoder
 from train import config as base_config
 from train import generate as gen_lib
 from train import optimizer as optimizer_lib
@@ -119,24 +118,14 @@ def stage(config) -> stage_lib.Stage:
   tx = step_lib.per_key(txs)
   loss_cfg = ppo.LossConfig(p.cliprange, p.cliprange_value, p.vf_coef, p.ent_coef)
 
-  def make_state(ctx, steps):
-    models = {'params': (ctx.cfg, Decoder), 'critic': (critic_cfg, ScalarModel)}
-
-    def init(seed):
-      key = jax.random.PRNGKey(seed)
-      trained = {k: state_lib.init_params(c, jax.random.fold_in(key, i), cls)
-                 for i, (k, (c, cls)) in zip((0, 2), models.items())}
-      return {'step': jnp.zeros((), jnp.int32), **trained, 'opt_state': tx.init(trained),
-              'rng': jax.random.fold_in(key, 1)}
-
-    abstract = jax.eval_shape(init, t.seed)
-    shardings = {'step': ctx.replicated, 'opt_state': {}, 'rng': ctx.replicated}
-    for k, (c, cls) in models.items():  # Adam moments follow their params, per model.
-      one = state_lib.state_shardings(state_lib.model_def(c, cls)[0], {
-          'params': abstract[k], 'opt_state': abstract['opt_state'][k]}, txs[k], ctx.mesh)
-      shardings[k], shardings['opt_state'][k] = one['params'], one['opt_state']
-    state = jax.jit(init, out_shardings=shardings, static_argnums=0)(t.seed)
-    return state, shardings, state_lib.model_def(ctx.cfg)[0], tx, schedules['params']
+  def make_state(ctx, steps):  # Each model's state as train/state.py makes it, then merged.
+    policy, policy_shardings, mdef = state_lib.create(ctx.cfg, txs['params'], ctx.mesh, t.seed)
+    critic, critic_shardings, _ = state_lib.create(critic_cfg, txs['critic'], ctx.mesh,
+                                                   t.seed + 1, ScalarModel)
+    merge = lambda p, c: dict(p, critic=c['params'],
+                              opt_state={'params': p['opt_state'], 'critic': c['opt_state']})
+    return (merge(policy, critic), merge(policy_shardings, critic_shardings), mdef, tx,
+            schedules['params'])
 
   def init_state(ctx, mdef, state):
     critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, ctx, ScalarModel)
