@@ -73,8 +73,7 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
   """Only the params of a checkpoint (`train.init_from`, the tools): the optimizer state is not
   read; `step` defaults to the newest intact one."""
   manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
-  target = {'params': jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   abstract_params, param_shardings)}
+  target = {'params': abstract_state(param_shardings, abstract_params)}
 
   def read(step, where):
     check_shapes(where, target)

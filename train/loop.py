@@ -207,16 +207,12 @@ class StopSignal:
   """SIGTERM (and SIGINT) request a checkpoint and a clean exit after the current step."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = {}
+    self.requested, self._previous = False, {}
     try:
       for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[sig] = signal.signal(sig, lambda *_: setattr(self, 'requested', True))
     except ValueError:  # Not the main thread (e.g. some notebook kernels): no handler.
       pass
-
-  def _handle(self, signum, frame):
-    self.requested = True
 
   def restore(self):
     for sig, handler in self._previous.items():

@@ -64,25 +64,27 @@ class Stage:
             schedule)
 
 
+def pipeline_data(make_iterator, config):
+  """The make_data of a data.pipeline iterator (make_iterator, make_preference_iterator)."""
+  return lambda ctx, split: make_iterator(
+      config.data, vocab_size=ctx.cfg.vocab_size, global_batch=config.train.global_batch,
+      workdir=ctx.workdir, split=split, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.train.seed)
+
+
 def lm_stage(config) -> Stage:
   """Pre-training and SFT: next-token loss on data.pipeline batches; `train.init_from` (any
   train/workdir.py checkpoint path) gives the params of a fresh run."""
-  init_from = config.train.init_from
-
-  def make_data(ctx, split):
-    return pipeline.make_iterator(
-        config.data, vocab_size=ctx.cfg.vocab_size, global_batch=config.train.global_batch,
-        workdir=ctx.workdir, split=split, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.train.seed)
+  cfg, t = config_lib.model_config(config), config.train
 
   def init_state(ctx, mdef, state):
-    if not init_from:
+    if not t.init_from:
       return state
-    return dict(state, params=workdir_lib.restore_params(init_from, ctx.cfg, ctx))
+    return dict(state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx))
 
-  cfg, t = config_lib.model_config(config), config.train
-  return Stage(name='lm', validate=config_lib.validate, make_data=make_data,
-               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_state=init_state,
+  return Stage(name='lm', validate=config_lib.validate,
+               make_data=pipeline_data(pipeline.make_iterator, config), init_state=init_state,
+               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef),
                eval_batches=int(t.eval_batches), step_tokens=t.global_batch * config.data.seq_len,
                eval_metrics=lambda m: {'eval/perplexity': float(np.exp(min(m['eval/loss'], 50.0)))},
                step_options={'use_rng': cfg.is_moe and cfg.router_jitter > 0})

@@ -24,13 +24,6 @@ from train.posttrain import pairs
 log = logging.getLogger('meshlm')
 
 
-def sequence_logps(logits_btv, targets_bt, mask_bt):
-  """float32 [b]: sum over t of mask * log p(target | prefix)."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  token_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return jnp.sum(token_bt * mask_bt, axis=-1)
-
-
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
   """Per-pair DPO loss and the implicit rewards (chosen, rejected)."""
   chosen = beta * (pi_chosen - ref_chosen)
@@ -40,10 +33,9 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
 
 def pair_logps(model, micro):
   """(chosen [m], rejected [m], aux): summed reply log-probs, both sides in one forward."""
-  m = micro['chosen']['inputs'].shape[0]
-  both = {k: jnp.concatenate([micro['chosen'][k], micro['rejected'][k]]) for k in pairs.FIELDS}
+  m, both = pairs.both_sides(micro)
   logits_btv, aux = model(both['inputs'], both['positions'], both['segment_ids'])
-  logps = sequence_logps(logits_btv, both['targets'], both['loss_mask'])
+  logps = -jnp.sum(step_lib.token_nll(logits_btv, both['targets']) * both['loss_mask'], axis=-1)
   return logps[:m], logps[m:], aux
 
 

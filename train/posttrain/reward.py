@@ -41,11 +41,8 @@ def loss_fn(params, micro, rng=None, *, mdef, margin=0.0):
   """Summed BT loss of a micro-batch of pairs, chosen and rejected in one forward pass:
   (loss_sum, (pair_count, metric_sums)), the loss_fn of train/step.py."""
   del rng
-  model = mdef.build(params)
-  m = micro['chosen']['inputs'].shape[0]
-  both = {k: jnp.concatenate([micro['chosen'][k], micro['rejected'][k]])
-          for k in ('inputs', 'positions', 'segment_ids')}
-  r_b, aux = rewards(model, both)
+  m, both = pairs.both_sides(micro)
+  r_b, aux = rewards(mdef.build(params), both)
   r_chosen, r_rejected = r_b[:m], r_b[m:]
   losses = bt_loss(r_chosen, r_rejected, margin)
   total = jnp.sum(losses) + aux.get('aux_loss', 0.0) * m
@@ -97,7 +94,7 @@ def reward_scorer(rm_workdir: str, tok, placement):
   rm_cfg = run_model_config(rm_workdir)
   mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
   params = workdir_lib.restore_params(rm_workdir, rm_cfg, placement, ScalarModel)
-  fn = jax.jit(lambda p, rows: reward.rewards(mdef.build(p), rows)[0])
+  fn = jax.jit(lambda p, rows: rewards(mdef.build(p), rows)[0])
   end, newline = tok.special_id('<|end|>'), list(chat_lib.ChatTemplate(tok).newline)
 
   def score(out):

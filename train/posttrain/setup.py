@@ -7,7 +7,6 @@ config.json (written by the loop) has that tokenizer path filled in, so
 `python -m train.generate --checkpoint <its workdir>` and the next stage find everything.
 """
 
-import jax.numpy as jnp
 import ml_collections
 
 from model.heads import trunk_config
@@ -26,7 +25,3 @@ def trunk_and_head(checkpoint: str, cfg, placement, fresh):
   the head of `fresh` (freshly initialised ScalarModel params)."""
   trunk = workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
   return {'decoder': trunk, 'head': fresh['head']}
-
-
-def masked_mean(x, mask, axis=None):
-  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)

@@ -58,13 +58,13 @@ def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=N
                                stop_ids=generator.stop_ids(True))
   replies = [out.completion_ids(j) for j in range(len(items))]
   correct = [is_correct(generator.tokenizer.decode(r), q['answer']) for r, q in zip(replies, items)]
-  lengths = [len(r) for r in replies]
   kinds = [kind(q['prompt']) for q in items]
   per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
               for k, _ in KINDS if k in kinds}
   novel = [bool(q.get('novel', True)) for q in items]
   result = {'accuracy': float(np.mean(correct)), 'count': len(items), 'per_kind': per_kind,
-            'mean_length': float(np.mean(lengths)), 'novel': float(np.mean(novel))}
+            'mean_length': float(np.mean([len(r) for r in replies])),
+            'novel': float(np.mean(novel))}
   if any(novel):
     result['novel_accuracy'] = float(np.mean([c for c, n in zip(correct, novel) if n]))
   if scorer is not None:
