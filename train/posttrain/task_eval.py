@@ -42,23 +42,15 @@ def questions(seed: int, num_train: int, num: int) -> list[dict]:
   return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
 
 
-def kind(prompt: str) -> str:
-  return next(name for name, pattern in KINDS if pattern.search(prompt))
-
-
-def is_correct(reply: str, answer: str) -> bool:
-  reply = reply.strip()
-  return reply == answer or reply == f'The answer is {answer}.'
-
-
 def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=None) -> dict:
   """Accuracy (overall and per kind) of greedy chat replies; `scorer(rollout) -> [b]` rewards."""
   prompts = generator.prompt_ids([q['prompt'] for q in items], chat=True)
   out = generator.generate_ids(prompts, max_new_tokens=max_new_tokens, sampling=decode.Sampling(),
                                stop_ids=generator.stop_ids(True))
   replies = [out.completion_ids(j) for j in range(len(items))]
-  correct = [is_correct(generator.tokenizer.decode(r), q['answer']) for r, q in zip(replies, items)]
-  kinds = [kind(q['prompt']) for q in items]
+  correct = [generator.tokenizer.decode(r).strip() in (q['answer'], f'The answer is {q["answer"]}.')
+             for r, q in zip(replies, items)]
+  kinds = [next(k for k, pattern in KINDS if pattern.search(q['prompt'])) for q in items]
   per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
               for k, _ in KINDS if k in kinds}
   novel = [bool(q.get('novel', True)) for q in items]
