@@ -39,7 +39,7 @@ def test_tiny_pipeline_few_steps(tmp_path):
   w = tmp_path
   pre = run_stage(_config('tiny_dense'), str(w / 'pretrain'))
   assert pre.history[-1]['step'] == 2 and (w / 'pretrain' / 'config.json').is_file()
-  tokenizer = workdir_lib.find_tokenizer(str(w / 'pretrain'))
+  tokenizer = workdir_lib.cached_tokenizer(str(w / 'pretrain'))
   sft_cfg = _config('tiny_sft', init_from=str(w / 'pretrain'))
   sft = run_stage(sft_cfg, str(w / 'sft'))
   assert workdir_lib.load_config(None, str(w / 'sft')).data.tokenizer == tokenizer

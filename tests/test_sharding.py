@@ -7,7 +7,7 @@ import pytest
 from model.sharding import make_rules, use_rules
 from tests.util import max_abs_diff, mesh, packed_batch, run_config, tiny_cfg
 from train import optimizer, state as state_lib, step as step_lib
-from train.loop import device_batch
+from train.step import device_batch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 

@@ -1,17 +1,14 @@
 """Verified orbax checkpoints: a save every N steps and at the end, the last K kept, the newest
 intact step restored (onto any mesh: the restore target carries the current run's shardings).
 
-A step N/ holds the train state (step, params, optimizer state, RNG), the data iterator's position
-as JSON (a resumed run sees exactly the batches it would have seen) and `checksums.json` (size and
-CRC-32 of every other file, written once orbax has committed the step). Guarantees:
-- `save` returns once the step is committed and checksummed, so a kill -9 at any moment loses at
-  most one save interval (orbax's asynchronous save would overlap the next steps with the write).
-- Restore checks a step's files against its checksums before reading it. A step that fails, or
-  that orbax / tensorstore cannot read, is named in one warning with the file, moved aside to
-  `N.damaged`, and the next older step is tried; nothing is deleted. No step intact: a
-  ConfigError naming each step's damage, nothing moved.
-- A step without checksums.json (older, or killed just after orbax's commit, when its data is
-  complete) is read with a warning; an empty step directory is damaged.
+A step N/ holds the train state, the data iterator's position as JSON and `checksums.json`
+(size and CRC-32 of every other file, written once orbax has committed the step). Guarantees:
+- `save` returns once the step is committed and checksummed: a kill -9 loses at most one interval.
+- Restore verifies a step's checksums before reading it. A step that fails, or that orbax /
+  tensorstore cannot read, is named in one warning, moved aside to `N.damaged`, and the next
+  older step is tried; nothing is deleted. No step intact: a ConfigError naming each step's
+  damage, nothing moved. A step without checksums.json (killed just after orbax's commit) is
+  read with a warning; an empty step directory is damaged.
 """
 
 import concurrent.futures
@@ -76,8 +73,7 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
   """Only the params of a checkpoint (`train.init_from`, the tools): the optimizer state is not
   read; `step` defaults to the newest intact one."""
   manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
-  target = {'params': jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   abstract_params, param_shardings)}
+  target = {'params': abstract_state(param_shardings, abstract_params)}
 
   def read(step, where):
     check_shapes(where, target)
@@ -189,11 +185,10 @@ def move_aside(path: str) -> str:
 def check_shapes(where: str, target, exact: bool = False) -> None:
   """A clear error when the run's model no longer matches the checkpoint's params (before orbax
   fails with a message naming neither); `exact`: the checkpoint may hold no other params."""
-  stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / 'state')
-  stored_shapes = {jax.tree_util.keystr(k): tuple(m.shape)
-                   for k, m in jax.tree_util.tree_flatten_with_path(stored['params'])[0]}
-  wanted = {jax.tree_util.keystr(k): tuple(x.shape)
-            for k, x in jax.tree_util.tree_flatten_with_path(target['params'])[0]}
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(x.shape)
+                         for k, x in jax.tree_util.tree_flatten_with_path(tree['params'])[0]}
+  stored_shapes = shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(where) / 'state'))
+  wanted = shapes(target)
   differs = 'model.* differs from the run that wrote it (use a new workdir, or the same model config)'
   for name, shape in wanted.items():
     if name not in stored_shapes:

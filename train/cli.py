@@ -85,9 +85,7 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     raise ConfigError(f'{flag}: {key} is a section; set one of its keys ({", ".join(old.keys())})')
   try:
     if isinstance(old, bool):
-      if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(text)
-      value = text.lower() in ('true', '1')
+      value = {'true': True, '1': True, 'false': False, '0': False}[text.lower()]
     elif isinstance(old, (int, float, str)):
       value = type(old)(text)
     else:  # None, tuples, lists: a Python literal; a bare word in a free-form section.
@@ -99,7 +97,7 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
         value = text
       value = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
     section[leaf] = value
-  except (ValueError, SyntaxError, TypeError) as e:
+  except (ValueError, SyntaxError, TypeError, KeyError) as e:
     raise ConfigError(f'{flag}: expected a {type(old).__name__} (the current value is {old!r})') from e
 
 

@@ -1,9 +1,7 @@
-"""The run context: the validated config, its ModelConfig, and the mesh and logical rules, built
-once at the start of a run (or of a plan or compile) and handed to everything that places
-arrays. This module is the one place that builds mesh and rules from a config.
-
-`Placement` is the mesh + rules pair on its own (what a tool that loads a model needs; the
-planner's on an AbstractMesh); `RunContext` adds the config, ModelConfig and workdir.
+"""The run context, the one place that builds mesh and logical rules from a config: once at the
+start of a run, plan or compile, then handed to everything that places arrays. `Placement` is
+mesh + rules (a tool loading a model; the planner's on an AbstractMesh); `RunContext` adds the
+validated config, its ModelConfig and the workdir.
 """
 
 import dataclasses

@@ -1,17 +1,13 @@
 """The training loop of every stage: config -> run context -> data -> sharded state -> (resume)
--> steps -> checkpoints.
+-> steps -> checkpoints. `run(config, workdir)` (also from a notebook; `python -m train` and
+`python -m train.posttrain` wrap it) returns the final state and the metric history.
 
-Importable from a notebook: `train.loop.run(config, workdir)` returns the final state and the
-metric history. `python -m train` and `python -m train.posttrain` are thin wrappers around it;
-a stage (train/stage.py: pre-training and SFT, the reward model, DPO, PPO) supplies its model, data,
-loss and initial params, and every stage keeps the same promises: resume is bit-identical,
-SIGTERM saves a checkpoint and exits cleanly, `train.nan_policy` stops naming the step or counts
-the skipped update, and the data state of every process travels in the checkpoint.
-
-What a run leaves in `workdir`: config.json, checkpoints/, tokenizer/ (when it trained one),
-tb/ (TensorBoard scalars of every metric, text samples every `train.sample_every` steps),
-metrics.jsonl (the same scalars), curves.png (loss and throughput, train/plots.py), and
-profile/ when `train.profile_steps` asks for a jax.profiler trace (train/profiling.py).
+A stage (train/stage.py) supplies model, data, loss and initial params; every stage keeps the
+same promises: resume is bit-identical, SIGTERM saves a checkpoint and exits cleanly,
+`train.nan_policy` stops naming the step or counts the skipped update, and the data state of
+every process travels in the checkpoint. `workdir` gets config.json, checkpoints/, tokenizer/
+(when it trained one), tb/ (TensorBoard scalars; text samples every `train.sample_every` steps),
+metrics.jsonl, curves.png (train/plots.py) and profile/ (`train.profile_steps`).
 """
 
 import dataclasses
@@ -35,7 +31,6 @@ from train import stage as stage_lib
 from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
-from train.step import device_batch  # noqa: F401  (the batch reshaper, also used from here)
 
 log = logging.getLogger('meshlm')
 
@@ -101,26 +96,22 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
                                                  steps - start)
 
     make_loss = lambda f: stage.make_loss(mdef, f)
-    train_step = step_lib.jit_step(make_loss, tx, schedule, shardings,
-                                   count_name=stage.count_name, use_rng=stage.use_rng,
-                                   trained=stage.trained, grad_metrics=stage.grad_metrics)
+    train_step = step_lib.jit_step(make_loss, tx, schedule, shardings, **stage.step_options)
     batch_sharding = (lambda ndim: ctx.replicated) if stage.replicate_batch else ctx.batch_sharding
     evaluate = (functools.partial(stage.evaluate, data) if stage.evaluate else
-                Evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))
+                evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))
     writer = metrics_lib.Writer(workdir, shown=stage.shown)
     flops = training_flops_per_token(cfg, config.data.seq_len)
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
              flops.per_token, flops.dense_equivalent, peak, peak_source)
     throughput = metrics_lib.Throughput(flops.per_token, peak)
-    sampler = None
-    if t.sample_every and stage.model_cls is Decoder:
-      sampler = samples_lib.Sampler(cfg, data.tokenizer, ctx.mesh, ctx.rules)
+    sampler = (samples_lib.Sampler(cfg, data.tokenizer, ctx.mesh, ctx.rules)
+               if t.sample_every and stage.model_cls is Decoder else None)
     progress = metrics_lib.Progress(t.progress, steps, start)
     eval_metrics, source_metrics = {}, {}
 
     try:
-      pending = None  # (step, metrics) of the previous step, checked one step late (no sync).
-      skipped = 0
+      pending, skipped = None, 0  # pending: the previous (step, metrics), checked one step late.
       if stop.requested:  # During start-up: nothing trained yet.
         saved = f'the latest checkpoint is still step {start}' if start else 'nothing saved'
         log.warning('stop requested before the first step: nothing trained, %s; exiting', saved)
@@ -129,7 +120,7 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
         trace.maybe_start(step)
         with jax.profiler.StepTraceAnnotation('train', step_num=step):
           source_metrics.update(stage.before_step(data, state, step))
-          batch = device_batch(next(data), t.grad_accum, batch_sharding)
+          batch = step_lib.device_batch(next(data), t.grad_accum, batch_sharding)
           state, metrics = train_step(state, batch, frozen)
         with throughput.paused():  # Writing the trace out is not training time.
           trace.maybe_stop(step, state)
@@ -171,23 +162,19 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
                    mesh=ctx.mesh, eval=eval_metrics)
 
 
-class Evaluator:
-  """Metric means ('eval/<name>') over the stage's `eval_batches` held-out batches, from a
-  fresh eval iterator each time (so every evaluation sees the same batches)."""
-
-  def __init__(self, eval_fn, make_eval_data, stage, ctx):
-    self.eval_fn, self.make_eval_data, self.stage, self.ctx = eval_fn, make_eval_data, stage, ctx
-
-  def __call__(self, params, frozen) -> dict:
-    data = self.make_eval_data()
-    totals, count = {}, 0.0
-    for _ in range(self.stage.eval_batches):
-      n, sums = self.eval_fn(params, device_batch(next(data), 1, self.ctx.batch_sharding), frozen)
+def evaluator(eval_fn, make_eval_data, stage, ctx):
+  """(params, frozen) -> metric means ('eval/<name>') over the stage's `eval_batches` held-out
+  batches, from a fresh eval iterator each time (so every evaluation sees the same batches)."""
+  def evaluate(params, frozen) -> dict:
+    data, totals, count = make_eval_data(), {}, 0.0
+    for _ in range(stage.eval_batches):
+      n, sums = eval_fn(params, step_lib.device_batch(next(data), 1, ctx.batch_sharding), frozen)
       count += float(n)
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     means = {f'eval/{k}': v / max(count, 1.0) for k, v in totals.items()}
-    return {**means, **self.stage.eval_metrics(means)}
+    return {**means, **stage.eval_metrics(means)}
+  return evaluate
 
 
 def data_counts(data) -> dict:
@@ -220,16 +207,12 @@ class StopSignal:
   """SIGTERM (and SIGINT) request a checkpoint and a clean exit after the current step."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = {}
+    self.requested, self._previous = False, {}
     try:
       for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[sig] = signal.signal(sig, lambda *_: setattr(self, 'requested', True))
     except ValueError:  # Not the main thread (e.g. some notebook kernels): no handler.
       pass
-
-  def _handle(self, signum, frame):
-    self.requested = True
 
   def restore(self):
     for sig, handler in self._previous.items():

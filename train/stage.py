@@ -14,61 +14,45 @@ import numpy as np
 
 from data import pipeline
 from model.transformer import Decoder
-from train import checkpoint as ckpt_lib
 from train import config as config_lib
 from train import optimizer as optimizer_lib
 from train import state as state_lib
 from train import step as step_lib
-
-
-def _keep(ctx, mdef, data, make_eval_data, steps_left):
-  return None, data, make_eval_data
+from train import workdir as workdir_lib
 
 
 @dataclasses.dataclass
 class Stage:
-  """The parts of a run that differ between stages.
-
-  validate(config, devices, processes) -> ModelConfig (raises ConfigError);
-  make_data(ctx, split) -> iterator of process-local numpy batches [B_local, ...] (nested dicts
-    allowed) with get_state() / set_state(), counts() and `.tokenizer`;
-  make_loss(mdef, frozen) -> loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums));
-  init_state(ctx, mdef, state) -> the state of a fresh run (`state`: as initialised), e.g. its
-    params from `train.init_from`;
-  prepare(ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data): once,
-    after the restore (`data` is at the position of the next step): e.g. load a frozen reference
-    (passed to make_loss in every step) or wrap the data;
-  eval_metrics(means) -> extra eval scalars from the eval means ('eval/loss', ...);
-  make_state(ctx, steps) -> (state, shardings, mdef of state['params'], tx, lr schedule) of a
-    fresh run; None: {'step', 'params', 'opt_state', 'rng'} of `model_cls`, train/optimizer.py;
-  trained, grad_metrics: train/step.py train_step's;
-  before_step(data, state, step) -> scalars, logged with every later step until replaced (PPO's
-    rollout phase);
-  evaluate(data, params, frozen) -> eval scalars, instead of the loss means over eval batches;
-  save_every: checkpoints (and a stop request's) only at multiples of it;
-  replicate_batch: batches replicated over the mesh, not split along its batch axes.
-  """
+  """The parts of a run that differ between stages; `ctx` is the run's train/context.py
+  RunContext, `mdef` the ModelDef of state['params'], batches process-local numpy trees."""
   name: str
-  validate: Callable
+  validate: Callable  # (config, devices, processes) -> ModelConfig; raises ConfigError.
+  # (ctx, split) -> iterator of batches [B_local, ...] with get_state() / set_state(), counts()
+  # and `.tokenizer`.
   make_data: Callable
-  make_loss: Callable
-  init_state: Callable
+  make_loss: Callable  # (mdef, frozen) -> loss_fn(params, micro, rng), train/step.py's.
+  init_state: Callable  # (ctx, mdef, state as initialised) -> the state of a fresh run.
   eval_batches: int
   step_tokens: int  # Tokens per step, for throughput.
   steps: int = 0  # Loop steps (optimiser updates; the schedule's length); 0: train.steps.
   model_cls: Any = Decoder
-  prepare: Callable = _keep
-  eval_metrics: Callable = lambda means: {}
-  count_name: str = 'tokens'  # The metric of the step's count (tokens, pairs).
+  # (ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data), once after
+  # the restore (data at the next step's position): e.g. a frozen reference passed to make_loss.
+  prepare: Callable = lambda ctx, mdef, data, make_eval_data, steps_left: (None, data,
+                                                                           make_eval_data)
+  eval_metrics: Callable = lambda means: {}  # Extra eval scalars from the means ('eval/loss').
+  # train/step.py train_step's keywords: count_name (the count's metric: 'tokens', 'pairs'),
+  # use_rng (a per-step RNG for the loss: MoE router noise), trained, grad_metrics.
+  step_options: dict = dataclasses.field(default_factory=dict)
   shown: tuple = ()  # Metrics added to the log line.
-  use_rng: bool = False  # A per-step RNG for the loss (MoE router noise).
+  # (ctx, steps) -> (state, shardings, mdef, tx, schedule) of a fresh run; None: {'step',
+  # 'params', 'opt_state', 'rng'} of `model_cls` with train/optimizer.py's optimiser.
   make_state: Callable | None = None
-  trained: tuple | None = None
-  grad_metrics: Callable | None = None
+  # (data, state, step) -> scalars, logged with every later step until replaced (PPO's rollout).
   before_step: Callable = lambda data, state, step: {}
-  evaluate: Callable | None = None
-  save_every: int = 1
-  replicate_batch: bool = False
+  evaluate: Callable | None = None  # (data, params, frozen) -> eval scalars, not loss means.
+  save_every: int = 1  # Checkpoints (and a stop request's) only at multiples of it.
+  replicate_batch: bool = False  # Batches replicated over the mesh, not split over batch axes.
 
   def new_state(self, ctx, steps: int):
     """make_state's (state, shardings, mdef, tx, schedule), or the default one."""
@@ -80,26 +64,27 @@ class Stage:
             schedule)
 
 
-def lm_stage(config) -> Stage:
-  """Pre-training and SFT: next-token loss on data.pipeline batches; `train.init_from` (a
-  checkpoints folder) gives the params of a fresh run."""
-  init_from = config.train.init_from
+def pipeline_data(make_iterator, config):
+  """The make_data of a data.pipeline iterator (make_iterator, make_preference_iterator)."""
+  return lambda ctx, split: make_iterator(
+      config.data, vocab_size=ctx.cfg.vocab_size, global_batch=config.train.global_batch,
+      workdir=ctx.workdir, split=split, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=config.train.seed)
 
-  def make_data(ctx, split):
-    return pipeline.make_iterator(
-        config.data, vocab_size=ctx.cfg.vocab_size, global_batch=config.train.global_batch,
-        workdir=ctx.workdir, split=split, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.train.seed)
+
+def lm_stage(config) -> Stage:
+  """Pre-training and SFT: next-token loss on data.pipeline batches; `train.init_from` (any
+  train/workdir.py checkpoint path) gives the params of a fresh run."""
+  cfg, t = config_lib.model_config(config), config.train
 
   def init_state(ctx, mdef, state):
-    if not init_from:
+    if not t.init_from:
       return state
-    shardings = jax.tree.map(lambda x: x.sharding, state['params'])
-    return dict(state, params=ckpt_lib.restore_params(init_from, state['params'], shardings))
+    return dict(state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx))
 
-  cfg, t = config_lib.model_config(config), config.train
-  return Stage(name='lm', validate=config_lib.validate, make_data=make_data,
-               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef), init_state=init_state,
+  return Stage(name='lm', validate=config_lib.validate,
+               make_data=pipeline_data(pipeline.make_iterator, config), init_state=init_state,
+               make_loss=lambda mdef, frozen: step_lib.lm_loss(mdef),
                eval_batches=int(t.eval_batches), step_tokens=t.global_batch * config.data.seq_len,
                eval_metrics=lambda m: {'eval/perplexity': float(np.exp(min(m['eval/loss'], 50.0)))},
-               use_rng=cfg.is_moe and cfg.router_jitter > 0)
+               step_options={'use_rng': cfg.is_moe and cfg.router_jitter > 0})

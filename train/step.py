@@ -44,9 +44,7 @@ def accumulate(loss_fn, params, batch, rng):
                          micro)
     return grad_fn(params, micro, None if rng is None else jax.random.fold_in(rng, i))
 
-  if num_micro == 1:
-    # No scan and no zero-initialised gradient sums to add into: one pass over the parameters
-    # fewer (for Mixtral-style MoE, whose parameters are mostly idle experts, that pass shows).
+  if num_micro == 1:  # No scan, no zero-initialised sums: one pass over the parameters fewer.
     grads, (count, sums) = micro_grads(first(batch), 0)
     return grads, count, sums
 
@@ -62,8 +60,8 @@ def accumulate(loss_fn, params, batch, rng):
   return grads, count, sums
 
 
-def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str, use_rng: bool,
-               trained: tuple | None = None, grad_metrics=None):
+def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str = 'tokens',
+               use_rng: bool = False, trained: tuple | None = None, grad_metrics=None):
   """One optimiser step of state {'step', 'params', 'opt_state', 'rng', ...}.
 
   make_loss(frozen) -> loss_fn: `frozen` (e.g. a DPO reference, or None) enters the jitted step
@@ -110,12 +108,10 @@ def per_key(txs: dict) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda p: {k: tx.init(p[k]) for k, tx in txs.items()}, update)
 
 
-def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, *, count_name='tokens',
-             use_rng=False, trained=None, grad_metrics=None):
-  """jitted (state, batch, frozen) -> (state, metrics) of train_step; the state is donated."""
-  fn = functools.partial(train_step, make_loss=make_loss, tx=tx, schedule=schedule,
-                         count_name=count_name, use_rng=use_rng, trained=trained,
-                         grad_metrics=grad_metrics)
+def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, **options):
+  """jitted (state, batch, frozen) -> (state, metrics) of train_step, `options` its keywords
+  (count_name, use_rng, trained, grad_metrics); the state is donated."""
+  fn = functools.partial(train_step, make_loss=make_loss, tx=tx, schedule=schedule, **options)
   return jax.jit(fn, in_shardings=(shardings, batch_sharding, None),
                  out_shardings=(shardings, None), donate_argnums=0)
 
@@ -144,12 +140,10 @@ def lm_loss(mdef):
     model = mdef.build(params)
     h_btd, aux = model.hidden(micro['inputs'], micro['positions'], micro['segment_ids'], rng)
     mask_bt = micro['loss_mask'].astype(jnp.float32)
-    # The head and the loss fused, chunked over the sequence (train/head_loss.py): equal to
-    # sum(token_nll(model.logits(h_btd), targets) * mask) without [b, t, vocab] arrays.
+    # sum(token_nll(model.logits(h_btd), targets) * mask), fused without [b, t, vocab] arrays.
     nll_sum = head_nll_sum(h_btd, model.head_matrix(), micro['targets'], mask_bt)
     count = jnp.sum(mask_bt)
-    # The aux loss is a per-micro-batch mean; weighting it by the token count makes the final
-    # division by the total count a token-weighted mean over micro-batches.
+    # The per-micro-batch aux mean, weighted by the count: token-weighted over micro-batches.
     total = nll_sum + aux.get('aux_loss', 0.0) * count
     return total, (count, {'loss': nll_sum, **{f'moe/{k}': v * count for k, v in aux.items()}})
   return loss_fn

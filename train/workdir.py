@@ -82,25 +82,15 @@ def write_config(config, workdir: str) -> str:
   return path
 
 
-def cached_tokenizers(workdir: str) -> list[str]:
-  """The tokenizer models a run trained and cached (normally one)."""
-  return sorted(glob.glob(os.path.join(workdir, 'tokenizer', '*.model')))
-
-
-def find_tokenizer(workdir: str) -> str:
-  """The path of the one tokenizer model a run cached (for the next stage's data.tokenizer)."""
-  cached = cached_tokenizers(workdir)
-  if len(cached) != 1:
-    raise FileNotFoundError(f'{workdir}/tokenizer: expected one cached *.model, found {cached}')
-  return cached[0]
+def cached_tokenizer(workdir: str) -> str | None:
+  """The one tokenizer model a run trained and cached in workdir/tokenizer/, else None."""
+  cached = glob.glob(os.path.join(workdir, 'tokenizer', '*.model'))
+  return cached[0] if len(cached) == 1 else None
 
 
 def tokenizer_path(config, workdir: str) -> str | None:
   """config.data.tokenizer, else the one model cached in workdir/tokenizer/, else None."""
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  cached = cached_tokenizers(workdir)
-  return cached[0] if len(cached) == 1 else None
+  return config.data.tokenizer or cached_tokenizer(workdir)
 
 
 def load_tokenizer(config, workdir: str):
@@ -118,16 +108,14 @@ def inherited_tokenizer(config) -> str:
   if config.data.tokenizer:
     return config.data.tokenizer
   workdir = run_workdir(config.train.init_from)
-  if os.path.isfile(os.path.join(workdir, 'config.json')):
-    previous = load_config(None, workdir)
-    if previous.data.tokenizer:
-      return previous.data.tokenizer
-  cached = cached_tokenizers(workdir)
-  if len(cached) != 1:
+  has_config = os.path.isfile(os.path.join(workdir, 'config.json'))
+  path = (has_config and load_config(None, workdir).data.tokenizer) or cached_tokenizer(workdir)
+  if not path:
     raise FileNotFoundError(
-        f'train.init_from={config.train.init_from}: cannot tell its tokenizer (found {cached} in '
-        f'{workdir}/tokenizer); set --config.data.tokenizer=PATH.model')
-  return cached[0]
+        f'train.init_from={config.train.init_from}: cannot tell its tokenizer (no config.json '
+        f'naming one, and not one *.model in {workdir}/tokenizer); set '
+        f'--config.data.tokenizer=PATH.model')
+  return path
 
 
 def latest_step(root: str) -> int | None:

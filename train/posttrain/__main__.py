@@ -11,7 +11,6 @@ from absl import app, flags
 
 from model.config import ConfigError
 from train import cli, distributed, loop
-from train import workdir as workdir_lib
 from train.posttrain import config as pt_config
 from train.posttrain import dpo, ppo_loop, reward, setup
 
@@ -25,14 +24,7 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   if stage not in pt_config.STAGES:
     raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
   if stage == 'sft':
-    if config.train.init_from:
-      config = setup.stage_config(config)
-      # train/loop.py restores the latest step of a checkpoints folder: accept a workdir too.
-      root, step, _ = workdir_lib.resolve_checkpoint(config.train.init_from)
-      if step is not None:
-        raise ConfigError(f'train.init_from={config.train.init_from}: the train loop starts from '
-                          f'the latest checkpoint of a run; pass its workdir')
-      config.train.init_from = root
+    config = setup.stage_config(config) if config.train.init_from else config
     return loop.run(config, workdir, stop_after=stop_after)
   distributed.maybe_initialize(config.distributed)  # Before anything asks JAX for devices.
   pt_config.validate(config, jax.device_count(), jax.process_count())  # Before reading init_from.

@@ -1,13 +1,9 @@
 """Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`, `dpo`.
 
-`stage`: 'sft' (the train loop as it is), 'rm' (train/posttrain/reward.py), 'ppo'
-(train/posttrain/ppo.py, ppo_loop.py) or 'dpo' (train/posttrain/dpo.py). Shared keys keep their
-meaning: `train.init_from` is the starting checkpoint (SFT: the pre-trained LM; others: the SFT
-model), `train.steps` counts optimiser steps (RM, DPO) or PPO iterations (one rollout batch
-each), `train.global_batch` is pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is
-the trained model's (PPO: the policy's; the critic has `ppo.critic_lr`).
-Every other step-counted key (log_every, ckpt_every, eval_every, sample_every, profile_steps)
-counts optimiser updates, in PPO too (train/posttrain/ppo_loop.py).
+`stage`: 'sft' (the train loop as it is), 'rm', 'ppo' or 'dpo'. `train.init_from` is the
+starting checkpoint, `train.steps` counts optimiser steps (RM, DPO) or PPO iterations,
+`train.global_batch` is pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is the
+trained model's (PPO: the policy's). Every other step-counted key counts optimiser updates.
 """
 
 import ml_collections

@@ -1,20 +1,14 @@
 """DPO: the offline alternative to PPO, straight from preference pairs (Rafailov et al. 2023).
 
-With log-probs summed over each reply's learned tokens (the assistant mask of data/chat.py:
-the reply and its <|end|>), pi for the policy and ref for the frozen reference (the SFT model):
+With log-probs summed over each reply's learned tokens (the assistant mask of data/chat.py),
+pi for the policy and ref for the frozen reference (the SFT model):
 
   loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
-Implicit rewards beta * (pi - ref) give the metrics `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracy` (share of pairs with chosen > rejected), `rewards/margin` (mean chosen -
-rejected); `logps/chosen`, `logps/rejected` are the policy's summed log-probs.
-
-The reference is a second copy of the SFT params sharded like the policy. With
-`dpo.precompute_ref`, the run first computes the reference log-probs of every batch it will
-train on (and of the eval batches), then frees the reference, so training holds one model.
-
-    python -m train.posttrain --config experiments/tiny_dpo.py --workdir DIR \\
-        --config.train.init_from=SFT_WORKDIR
+Metrics: implicit rewards beta * (pi - ref) as `rewards/chosen`, `rewards/rejected`,
+`rewards/accuracy` (share chosen > rejected), `rewards/margin`; `logps/chosen`, `logps/rejected`
+(the policy's). The reference is sharded like the policy; with `dpo.precompute_ref` its
+log-probs of every train and eval batch are computed first and it is freed.
 """
 
 import logging
@@ -30,13 +24,6 @@ from train.posttrain import pairs
 log = logging.getLogger('meshlm')
 
 
-def sequence_logps(logits_btv, targets_bt, mask_bt):
-  """float32 [b]: sum over t of mask * log p(target | prefix)."""
-  logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
-  token_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
-  return jnp.sum(token_bt * mask_bt, axis=-1)
-
-
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
   """Per-pair DPO loss and the implicit rewards (chosen, rejected)."""
   chosen = beta * (pi_chosen - ref_chosen)
@@ -46,10 +33,9 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
 
 def pair_logps(model, micro):
   """(chosen [m], rejected [m], aux): summed reply log-probs, both sides in one forward."""
-  m = micro['chosen']['inputs'].shape[0]
-  both = {k: jnp.concatenate([micro['chosen'][k], micro['rejected'][k]]) for k in pairs.FIELDS}
+  m, both = pairs.both_sides(micro)
   logits_btv, aux = model(both['inputs'], both['positions'], both['segment_ids'])
-  logps = sequence_logps(logits_btv, both['targets'], both['loss_mask'])
+  logps = -jnp.sum(step_lib.token_nll(logits_btv, both['targets']) * both['loss_mask'], axis=-1)
   return logps[:m], logps[m:], aux
 
 

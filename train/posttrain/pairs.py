@@ -6,14 +6,11 @@ per-pair fields ([B_local], e.g. DPO's pre-computed reference log-probs). The lo
 (train/loop.py) trains them like any other stage.
 """
 
-import jax
+import jax.numpy as jnp
 
 from data import pipeline
 from train import stage as stage_lib
 from train.posttrain import config as pt_config
-
-FIELDS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
-
 
 class Mapped:
   """An iterator whose batches are fn(batch) of `data`'s; state, counts and tokenizer are
@@ -32,24 +29,16 @@ class Mapped:
     return getattr(self.data, name)
 
 
-def select(batch: dict) -> dict:
-  """The model's fields of both sides of a batch of pairs."""
-  return {side: {f: batch[side][f] for f in FIELDS} for side in ('chosen', 'rejected')}
-
-
-def make_data(config):
-  def make(ctx, split):
-    data = pipeline.make_preference_iterator(
-        config.data, vocab_size=ctx.cfg.vocab_size, global_batch=config.train.global_batch,
-        workdir=ctx.workdir, split=split, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.train.seed)
-    return Mapped(data, select)
-  return make
+def both_sides(micro: dict) -> tuple[int, dict]:
+  """(m, the m chosen rows then the m rejected rows [2m, T] of every field) of a micro-batch."""
+  chosen, rejected = micro['chosen'], micro['rejected']
+  return chosen['inputs'].shape[0], {k: jnp.concatenate([chosen[k], rejected[k]]) for k in chosen}
 
 
 def stage(config, **kw) -> stage_lib.Stage:
   """A pair stage of `config` (its section config[name] has `eval_batches`)."""
-  t = config.train
-  return stage_lib.Stage(validate=pt_config.validate, make_data=make_data(config),
-                         eval_batches=int(config[kw['name']].eval_batches), count_name='pairs',
-                         step_tokens=2 * t.global_batch * config.data.seq_len, **kw)
+  return stage_lib.Stage(
+      validate=pt_config.validate,
+      make_data=stage_lib.pipeline_data(pipeline.make_preference_iterator, config),
+      eval_batches=int(config[kw['name']].eval_batches), step_options={'count_name': 'pairs'},
+      step_tokens=2 * config.train.global_batch * config.data.seq_len, **kw)

@@ -28,7 +28,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from train.posttrain.setup import masked_mean
+
+
+def masked_mean(x, mask, axis=None):
+  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 def token_logprobs_and_entropy(logits_btv, tokens_bt):
@@ -50,16 +53,10 @@ def kl_penalty(logp_bt, ref_logp_bt, estimator: str):
   raise ValueError(f'ppo.kl_estimator={estimator!r}: use k1 or k3')
 
 
-def last_action(mask_bt):
-  """int32 [b]: index of each row's last completion token."""
-  t = mask_bt.shape[1]
-  return jnp.max(jnp.where(mask_bt > 0, jnp.arange(t)[None, :], 0), axis=1)
-
-
 def shaped_rewards(scores_b, kl_bt, mask_bt, kl_coef):
   """r_j = -kl_coef * kl_j on completion tokens, + the score at the last one."""
   rewards_bt = -kl_coef * kl_bt * mask_bt
-  last_b = last_action(mask_bt)
+  last_b = jnp.max(jnp.where(mask_bt > 0, jnp.arange(mask_bt.shape[1])[None, :], 0), axis=1)
   return rewards_bt.at[jnp.arange(rewards_bt.shape[0]), last_b].add(scores_b)
 
 
@@ -84,10 +81,7 @@ def whiten(x_bt, mask_bt, shift_mean: bool = True):
   """(x - mean) / std over the masked entries (mean added back when not shift_mean)."""
   mean = masked_mean(x_bt, mask_bt)
   var = masked_mean((x_bt - mean) ** 2, mask_bt)
-  out = (x_bt - mean) * jax.lax.rsqrt(var + 1e-8)
-  if not shift_mean:
-    out = out + mean
-  return out * mask_bt
+  return ((x_bt - mean) * jax.lax.rsqrt(var + 1e-8) + (0.0 if shift_mean else mean)) * mask_bt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +114,12 @@ def ppo_losses(logp_bt, entropy_bt, values_bt, old, mask_bt, c: LossConfig):
   vf_loss = 0.5 * masked_mean(jnp.maximum(vf1_bt, vf2_bt), mask_bt)
   entropy = masked_mean(entropy_bt, mask_bt)
   loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
-  metrics = {
-      'loss/policy': pg_loss, 'loss/value': vf_loss, 'loss/total': loss,
-      'policy/entropy': entropy,
+  return loss, {
+      'loss/policy': pg_loss, 'loss/value': vf_loss, 'loss/total': loss, 'policy/entropy': entropy,
       'policy/approxkl': 0.5 * masked_mean(logratio_bt ** 2, mask_bt),
       'policy/clipfrac': masked_mean((pg2_bt > pg1_bt).astype(jnp.float32), mask_bt),
       'val/clipfrac': masked_mean((vf2_bt > vf1_bt).astype(jnp.float32), mask_bt),
-      'val/ratio': masked_mean(ratio_bt, mask_bt),
-  }
-  return loss, metrics
+      'val/ratio': masked_mean(ratio_bt, mask_bt)}
 
 
 class AdaptiveKL:

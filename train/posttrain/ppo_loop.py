@@ -1,35 +1,20 @@
 """RLHF with PPO, a stage of the one loop (train/loop.py): rollouts from the policy, rewards
 from the reward model, KL to a frozen reference.
 
-Models, all sharded on one mesh by the same logical rules (model/sharding.py):
-  policy     Decoder, from `train.init_from` (the SFT model); trained with `optim`.
-  reference  a frozen copy of the same checkpoint; with `ppo.ref_on_host` it waits in host
-             memory (memory kind pinned_host) and is brought to the devices for each use.
-  reward     ScalarModel from `ppo.reward_model` (an RM run's workdir; its own config.json).
-  critic     a separate ScalarModel (not a head on the policy: the value loss then cannot pull
-             the policy's features), from the reward model (`critic_init='reward_model'`, the
-             usual choice) or the policy's trunk with a fresh head; trained with its own AdamW
-             (peak `ppo.critic_lr`, same warm-up/cosine shape and clipping as `optim`).
+Models, on one mesh by the same logical rules: the policy (Decoder from `train.init_from`,
+trained with `optim`); the frozen reference (the same checkpoint; in pinned host memory between
+uses with `ppo.ref_on_host`); the reward model (ScalarModel, `ppo.reward_model` run); the critic
+(a separate ScalarModel, from the reward model or the policy's trunk with a fresh head, per
+`ppo.critic_init`; its own AdamW at peak `ppo.critic_lr`, the schedule shape of `optim`).
 
-One iteration (`train.steps` of them): `train.global_batch` prompts (user turns of the SFT
-sources, chat template) -> completions sampled by train/generate.py at `ppo.temperature` ->
-one forward each of policy (log-probs, entropy), reference (log-probs), critic (values), reward
-model (score at the last token of prompt + completion laid out as in RM training) -> rewards,
-GAE, whitened advantages (ppo.py) -> `ppo_epochs` passes of `num_minibatches` optimiser updates
-over the batch, shuffled.
-
-Through the loop: the rollout phase is the stage's `before_step` hook (Rollouts.refill, at an
-iteration's first update); a loop step is one update of the trained tree {'params': policy,
-'critic'} by train/step.py, so state['step'], metrics.jsonl, the log, the progress bar,
-non-finite reports and the step-counted keys (log_every, ckpt_every, eval_every, sample_every,
-profile_steps) count updates: train.steps x ppo_epochs x num_minibatches of them. The rollout
-batch is not saved, so checkpoints fall between iterations (ckpt_every: a multiple of the
-updates per iteration; a stop request finishes the iteration); with the data state
-{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. Checkpoints hold the policy as
-`params` (every LM tool reads a PPO workdir like any other), the critic beside it. A logged
-update has its loss/*, policy/*, val/* and the objective/*, completions/* of its rollout; the
-eval (at the end or every eval_every) is eval/score, the mean reward of greedy completions of
-`ppo.eval_prompts` held-out prompts, with eval/score_before of the initial policy.
+One iteration (`train.steps` of them): `train.global_batch` prompts -> completions sampled at
+`ppo.temperature` -> log-probs, reference log-probs, values, reward scores -> rewards, GAE,
+whitened advantages (ppo.py) -> `ppo_epochs` x `num_minibatches` shuffled updates. The rollout
+is the stage's `before_step` (Rollouts.refill); a loop step is one update of {'params': policy,
+'critic'}, so every step-counted key counts updates. Checkpoints fall between iterations (the
+rollout batch is not saved); with the data state {'iteration', 'kl_coef', 'score_before'} resume
+is bit-identical. The eval is eval/score, the mean reward of greedy completions of
+`ppo.eval_prompts` held-out prompts, beside eval/score_before of the initial policy.
 """
 
 import functools
@@ -46,7 +31,6 @@ from data import sources
 from data.tokenizer import Tokenizer
 from model import decode
 from model.heads import ScalarModel
-from model.transformer import Decoder
 from train import config as base_config
 from train import generate as gen_lib
 from train import optimizer as optimizer_lib
@@ -83,23 +67,6 @@ def load_prompts(config, template, split: str, workdir: str) -> list[list[int]]:
     raise base_config.ConfigError(f'no {split} prompt fits ppo.max_prompt_len='
                                   f'{config.ppo.max_prompt_len}')
   return out
-
-
-def reward_layout(lay: dict, num_new_b, prompt_len: int, end_id: int, newline: list[int]) -> dict:
-  """Prompt + completion as the RM saw pairs in training (data/chat.py: a reply ends
-  `<|end|>` + newline): the newline is appended to completions that ended with the marker."""
-  b, s = lay['tokens'].shape
-  k = len(newline)
-  tokens = np.concatenate([lay['tokens'], np.zeros((b, k), np.int32)], axis=1)
-  segs = np.concatenate([lay['segment_ids'], np.zeros((b, k), np.int32)], axis=1)
-  positions = np.concatenate([lay['positions'], np.zeros((b, k), np.int32)], axis=1)
-  for i in range(b):
-    end = prompt_len + int(num_new_b[i])
-    if num_new_b[i] and tokens[i, end - 1] == end_id:
-      tokens[i, end:end + k] = newline
-      segs[i, end:end + k] = 1
-      positions[i, end:end + k] = positions[i, end - 1] + 1 + np.arange(k)
-  return {'inputs': tokens, 'positions': positions, 'segment_ids': segs}
 
 
 def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
@@ -144,32 +111,21 @@ def stage(config) -> stage_lib.Stage:
   """The PPO stage of `config` (a stage config with data.tokenizer filled in)."""
   t, p = config.train, config.ppo
   steps = pt_config.ppo_updates(config)
-  rm_cfg = base_config.model_config(workdir_lib.load_config(
-      None, workdir_lib.run_workdir(p.reward_model)))
-  critic_cfg = rm_cfg if p.critic_init == 'reward_model' else base_config.model_config(config)
+  critic_cfg = (reward.run_model_config(p.reward_model) if p.critic_init == 'reward_model'
+                else base_config.model_config(config))
   critic_mdef, _ = state_lib.model_def(critic_cfg, ScalarModel)
   txs, schedules = optimizers(config, steps)
   tx = step_lib.per_key(txs)
   loss_cfg = ppo.LossConfig(p.cliprange, p.cliprange_value, p.vf_coef, p.ent_coef)
 
-  def make_state(ctx, steps):
-    models = {'params': (ctx.cfg, Decoder), 'critic': (critic_cfg, ScalarModel)}
-
-    def init(seed):
-      key = jax.random.PRNGKey(seed)
-      trained = {k: state_lib.init_params(c, jax.random.fold_in(key, i), cls)
-                 for i, (k, (c, cls)) in zip((0, 2), models.items())}
-      return {'step': jnp.zeros((), jnp.int32), **trained, 'opt_state': tx.init(trained),
-              'rng': jax.random.fold_in(key, 1)}
-
-    abstract = jax.eval_shape(init, t.seed)
-    shardings = {'step': ctx.replicated, 'opt_state': {}, 'rng': ctx.replicated}
-    for k, (c, cls) in models.items():  # Adam moments follow their params, per model.
-      one = state_lib.state_shardings(state_lib.model_def(c, cls)[0], {
-          'params': abstract[k], 'opt_state': abstract['opt_state'][k]}, txs[k], ctx.mesh)
-      shardings[k], shardings['opt_state'][k] = one['params'], one['opt_state']
-    state = jax.jit(init, out_shardings=shardings, static_argnums=0)(t.seed)
-    return state, shardings, state_lib.model_def(ctx.cfg)[0], tx, schedules['params']
+  def make_state(ctx, steps):  # Each model's state as train/state.py makes it, then merged.
+    policy, policy_shardings, mdef = state_lib.create(ctx.cfg, txs['params'], ctx.mesh, t.seed)
+    critic, critic_shardings, _ = state_lib.create(critic_cfg, txs['critic'], ctx.mesh,
+                                                   t.seed + 1, ScalarModel)
+    merge = lambda p, c: dict(p, critic=c['params'],
+                              opt_state={'params': p['opt_state'], 'critic': c['opt_state']})
+    return (merge(policy, critic), merge(policy_shardings, critic_shardings), mdef, tx,
+            schedules['params'])
 
   def init_state(ctx, mdef, state):
     critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, ctx, ScalarModel)
@@ -179,12 +135,13 @@ def stage(config) -> stage_lib.Stage:
 
   return stage_lib.Stage(
       name='ppo', steps=steps, validate=pt_config.validate,
-      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef, rm_cfg),
+      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef),
       make_loss=lambda mdef, frozen: functools.partial(
           update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg),
       init_state=init_state, eval_batches=0,
       step_tokens=t.global_batch // p.num_minibatches * (p.max_prompt_len + p.max_new_tokens),
-      shown=SHOWN, make_state=make_state, trained=('params', 'critic'), grad_metrics=grad_norms,
+      shown=SHOWN, make_state=make_state,
+      step_options={'trained': ('params', 'critic'), 'grad_metrics': grad_norms},
       before_step=lambda data, state, step: data.refill(state),
       evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
                                              'eval/score': data.mean_score(params)},
@@ -200,27 +157,23 @@ class Rollouts:
   which next() hands out in order. Its state {'iteration', 'kl_coef', 'score_before'} is whole
   between iterations (where the loop saves)."""
 
-  def __init__(self, config, ctx, critic_mdef, rm_cfg):
+  def __init__(self, config, ctx, critic_mdef):
     t, p = config.train, config.ppo
-    self.config = config
-    self.tokenizer = tok = Tokenizer(config.data.tokenizer)
+    self.config, self.tokenizer = config, (tok := Tokenizer(config.data.tokenizer))
     template = chat_lib.ChatTemplate(tok)
-    self.end_id = tok.special_id('<|end|>')
-    self.stop_ids = [tok.eos_id, self.end_id]
-    self.newline = list(template.newline)
+    self.stop_ids = [tok.eos_id, tok.special_id('<|end|>')]
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
-    mdef, rm_mdef = state_lib.model_def(ctx.cfg)[0], state_lib.model_def(rm_cfg, ScalarModel)[0]
+    mdef = state_lib.model_def(ctx.cfg)[0]
     # Forward passes over rollouts, each compiled once per rollout shape.
     self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
         mdef.build(params)(*rows)[0], rows[0]))
     self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
-    self.scores = jax.jit(lambda params, rows: reward.rewards(rm_mdef.build(params), rows)[0])
     self.generator = gen_lib.Generator(ctx.cfg, None, tok, ctx.mesh, ctx.rules,
                                        max_batch=t.global_batch)
     self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
-    self.rm_params = workdir_lib.restore_params(p.reward_model, rm_cfg, ctx, ScalarModel)
+    self.scores = reward.reward_scorer(p.reward_model, tok, ctx)
     self.ref_params = workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)
     self.ref_shardings = jax.tree.map(lambda x: x.sharding, self.ref_params)
     if p.ref_on_host:
@@ -252,13 +205,10 @@ class Rollouts:
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
-    ref = jax.device_put(self.ref_params, self.ref_shardings) if p.ref_on_host else self.ref_params
-    ref_logprobs, _ = self.logp(ref, *args)
-    del ref
-    rows = reward_layout(lay, out.num_new_b, out.prompt_len, self.end_id, self.newline)
-    scores = np.asarray(self.scores(self.rm_params, rows), np.float32)
+    ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings)
+                                if p.ref_on_host else self.ref_params, *args)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
-    scores = scores - p.missing_eos_penalty * truncated
+    scores = self.scores(out) - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]
     batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
                  logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
@@ -291,15 +241,13 @@ class Rollouts:
     kl_coef = self.kl.value
     batch.update(jax.tree.map(np.asarray, self.advantages(
         {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
-    kl = float(batch.pop('kl_sum_b').mean())
+    kl, score = float(batch.pop('kl_sum_b').mean()), float(scores.mean())
     rng = np.random.default_rng([t.seed, it])
-    for _ in range(p.ppo_epochs):
-      for mb in np.split(rng.permutation(b), p.num_minibatches):
-        self.queue.append({k: batch[k][mb] for k in ROLLOUT_KEYS})
+    self.queue = [{k: batch[k][mb] for k in ROLLOUT_KEYS} for _ in range(p.ppo_epochs)
+                  for mb in np.split(rng.permutation(b), p.num_minibatches)]
     self.kl.update(kl, b)
     self.iteration += 1
-    return dict(metrics, **{
-        'objective/kl': kl, 'objective/scores': float(scores.mean()),
-        'objective/non_score_reward': -kl_coef * kl,
-        'objective/rlhf_reward': float(scores.mean()) - kl_coef * kl,
-        'objective/kl_coef': kl_coef})
+    return dict(metrics, **{'objective/kl': kl, 'objective/scores': score,
+                            'objective/non_score_reward': -kl_coef * kl,
+                            'objective/rlhf_reward': score - kl_coef * kl,
+                            'objective/kl_coef': kl_coef})

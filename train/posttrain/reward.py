@@ -1,22 +1,23 @@
 """Reward model: the decoder with a scalar head (model/heads.py), trained on preference pairs.
 
-Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - margin), margin = rm.margin (0 is
-the plain BT likelihood). A sequence's reward is the head's output at its last real token
-(`model.heads.last_index` of segment_ids > 0), so left, right or no padding give the same
-reward. Metrics: `loss`, `rm/accuracy` (share of pairs with r_chosen > r_rejected), `rm/margin`
-(mean r_chosen - r_rejected), `rm/chosen`, `rm/rejected` (mean rewards); `eval/...` the same on
-held-out pairs.
-
-    python -m train.posttrain --config experiments/tiny_rm.py --workdir DIR \\
-        --config.train.init_from=SFT_WORKDIR
+Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is
+the head's output at its last real token (segment_ids > 0), whatever the padding. Metrics:
+`loss`, `rm/accuracy` (share r_chosen > r_rejected), `rm/margin`, `rm/chosen`, `rm/rejected`
+(means); `eval/...` the same on held-out pairs. `reward_scorer` scores generated completions
+(PPO's rollouts, train/posttrain/task_eval.py).
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from data import chat as chat_lib
 from model.heads import ScalarModel, at_index, last_index
+from train import config as base_config
+from train import state as state_lib
+from train import workdir as workdir_lib
 from train.posttrain import pairs, setup
 
 
@@ -40,11 +41,8 @@ def loss_fn(params, micro, rng=None, *, mdef, margin=0.0):
   """Summed BT loss of a micro-batch of pairs, chosen and rejected in one forward pass:
   (loss_sum, (pair_count, metric_sums)), the loss_fn of train/step.py."""
   del rng
-  model = mdef.build(params)
-  m = micro['chosen']['inputs'].shape[0]
-  both = {k: jnp.concatenate([micro['chosen'][k], micro['rejected'][k]])
-          for k in ('inputs', 'positions', 'segment_ids')}
-  r_b, aux = rewards(model, both)
+  m, both = pairs.both_sides(micro)
+  r_b, aux = rewards(mdef.build(params), both)
   r_chosen, r_rejected = r_b[:m], r_b[m:]
   losses = bt_loss(r_chosen, r_rejected, margin)
   total = jnp.sum(losses) + aux.get('aux_loss', 0.0) * m
@@ -66,3 +64,40 @@ def stage(config):
       config, name='rm', model_cls=ScalarModel, init_state=init_state,
       make_loss=lambda mdef, frozen: functools.partial(loss_fn, mdef=mdef, margin=margin),
       shown=('rm/accuracy', 'rm/margin', 'rm/chosen', 'rm/rejected'))
+
+
+def run_model_config(path: str):
+  """The ModelConfig of the run a checkpoint path belongs to (its config.json)."""
+  return base_config.model_config(workdir_lib.load_config(None, workdir_lib.run_workdir(path)))
+
+
+def reward_layout(out, end_id: int, newline: list[int]) -> dict:
+  """Prompt + completion of a train/generate.py result as the RM saw pairs in training
+  (data/chat.py: a reply ends `<|end|>` + newline): the newline is appended to completions that
+  ended with the marker."""
+  lay, num_new_b, prompt_len = out.layout(), out.num_new_b, out.prompt_len
+  b, k = lay['tokens'].shape[0], len(newline)
+  tokens, segs, positions = (np.concatenate([lay[key], np.zeros((b, k), np.int32)], axis=1)
+                             for key in ('tokens', 'segment_ids', 'positions'))
+  for i in range(b):
+    end = prompt_len + int(num_new_b[i])
+    if num_new_b[i] and tokens[i, end - 1] == end_id:
+      tokens[i, end:end + k] = newline
+      segs[i, end:end + k] = 1
+      positions[i, end:end + k] = positions[i, end - 1] + 1 + np.arange(k)
+  return {'inputs': tokens, 'positions': positions, 'segment_ids': segs}
+
+
+def reward_scorer(rm_workdir: str, tok, placement):
+  """generate result -> float32 [b] scores by the reward model of run `rm_workdir` (placed by a
+  train/context.py Placement) of prompt + completion, laid out by `reward_layout`."""
+  rm_cfg = run_model_config(rm_workdir)
+  mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
+  params = workdir_lib.restore_params(rm_workdir, rm_cfg, placement, ScalarModel)
+  fn = jax.jit(lambda p, rows: rewards(mdef.build(p), rows)[0])
+  end, newline = tok.special_id('<|end|>'), list(chat_lib.ChatTemplate(tok).newline)
+
+  def score(out):
+    with jax.set_mesh(placement.mesh):
+      return np.asarray(fn(params, reward_layout(out, end, newline)), np.float32)
+  return score

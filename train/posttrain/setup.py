@@ -7,7 +7,6 @@ config.json (written by the loop) has that tokenizer path filled in, so
 `python -m train.generate --checkpoint <its workdir>` and the next stage find everything.
 """
 
-import jax.numpy as jnp
 import ml_collections
 
 from model.heads import trunk_config
@@ -21,17 +20,8 @@ def stage_config(config) -> ml_collections.ConfigDict:
   return config
 
 
-def restore_trunk(checkpoint: str, cfg, placement):
-  """The ScalarModel `decoder` params (an LM checkpoint without its output table)."""
-  return workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
-
-
 def trunk_and_head(checkpoint: str, cfg, placement, fresh):
-  """ScalarModel params: the trunk from an LM checkpoint, the head of `fresh` (freshly
-  initialised ScalarModel params)."""
-  return {'decoder': restore_trunk(checkpoint, cfg, placement), 'head': fresh['head']}
-
-
-def masked_mean(x, mask, axis=None):
-  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
-
+  """ScalarModel params: the `decoder` trunk from an LM checkpoint (without its output table),
+  the head of `fresh` (freshly initialised ScalarModel params)."""
+  trunk = workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
+  return {'decoder': trunk, 'head': fresh['head']}

@@ -4,16 +4,13 @@
         --run ppo=/tmp/tiny/ppo [--reward_model /tmp/tiny/rm] [--config experiments/tiny_dense.py]
         [--num 256] [--out results.json]
 
-Questions are data/corpus.py `instructions` past the training examples (`data.embedded_examples`
-of the config): sums, differences, products, capitals, opposites and counting. They are held-out
-examples, not always unseen questions: products (0..12 x 0..12), capitals, opposites and counts
-come from small sets that the 5,000 training examples cover, so those kinds measure what SFT
-learned; sums and differences of numbers up to 99 are mostly new (`novel` in the results: the
-share of questions not in the training examples). Each is asked as a user turn of the chat
-template and answered greedily;
-an answer is correct when the reply is exactly the answer or "The answer is <answer>." (the two
-forms of the SFT data). With `--reward_model`, the mean reward-model score of the replies is
-reported too. A run's model config is its workdir's config.json, else `--config`.
+Questions are data/corpus.py `instructions` past the training examples (`data.embedded_examples`):
+sums, differences, products, capitals, opposites, counting. Products, capitals, opposites and
+counts come from small sets the training examples cover (they measure what SFT learned); sums
+and differences are mostly new (`novel`: the share of questions not among the training
+examples). Each is a chat user turn answered greedily; correct when the reply is exactly the
+answer or "The answer is <answer>.". `--reward_model` adds the mean RM score of the replies. A
+run's model config is its workdir's config.json, else `--config`.
 """
 
 import argparse
@@ -22,21 +19,15 @@ import os
 import re
 import sys
 
-import jax
 import numpy as np
 
 from data import corpus
-from data.chat import ChatTemplate
 from model import decode
 from model.config import ConfigError
-from model.heads import ScalarModel
 from train import compilation_cache
-from train import config as base_config
-from train import context as context_lib
 from train import generate as gen_lib
-from train import state as state_lib
 from train import workdir as workdir_lib
-from train.posttrain import ppo_loop, reward
+from train.posttrain import reward
 
 KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'What is \d+ - \d+\?')),
          ('times', re.compile(r'What is \d+ times \d+\?')), ('capital', re.compile('capital')),
@@ -51,52 +42,26 @@ def questions(seed: int, num_train: int, num: int) -> list[dict]:
   return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
 
 
-def kind(prompt: str) -> str:
-  return next(name for name, pattern in KINDS if pattern.search(prompt))
-
-
-def is_correct(reply: str, answer: str) -> bool:
-  reply = reply.strip()
-  return reply == answer or reply == f'The answer is {answer}.'
-
-
 def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=None) -> dict:
   """Accuracy (overall and per kind) of greedy chat replies; `scorer(rollout) -> [b]` rewards."""
   prompts = generator.prompt_ids([q['prompt'] for q in items], chat=True)
   out = generator.generate_ids(prompts, max_new_tokens=max_new_tokens, sampling=decode.Sampling(),
                                stop_ids=generator.stop_ids(True))
   replies = [out.completion_ids(j) for j in range(len(items))]
-  correct = [is_correct(generator.tokenizer.decode(r), q['answer']) for r, q in zip(replies, items)]
-  lengths = [len(r) for r in replies]
-  kinds = [kind(q['prompt']) for q in items]
+  correct = [generator.tokenizer.decode(r).strip() in (q['answer'], f'The answer is {q["answer"]}.')
+             for r, q in zip(replies, items)]
+  kinds = [next(k for k, pattern in KINDS if pattern.search(q['prompt'])) for q in items]
   per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
               for k, _ in KINDS if k in kinds}
   novel = [bool(q.get('novel', True)) for q in items]
   result = {'accuracy': float(np.mean(correct)), 'count': len(items), 'per_kind': per_kind,
-            'mean_length': float(np.mean(lengths)), 'novel': float(np.mean(novel))}
+            'mean_length': float(np.mean([len(r) for r in replies])),
+            'novel': float(np.mean(novel))}
   if any(novel):
     result['novel_accuracy'] = float(np.mean([c for c, n in zip(correct, novel) if n]))
   if scorer is not None:
-    result['reward'] = float(np.mean(np.asarray(scorer(out))))
+    result['reward'] = float(np.mean(scorer(out)))
   return result
-
-
-def reward_scorer(rm_workdir: str, generator, env):
-  """rollout -> RM scores of prompt + reply, laid out as in RM training (ppo_loop); `env`: a
-  train/context.py Placement."""
-  rm_cfg = base_config.model_config(workdir_lib.load_config(None,
-                                                            workdir_lib.run_workdir(rm_workdir)))
-  mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
-  params = workdir_lib.restore_params(rm_workdir, rm_cfg, env, ScalarModel)
-  fn = jax.jit(lambda p, rows: reward.rewards(mdef.build(p), rows)[0])
-  tok = generator.tokenizer
-  end, newline = tok.special_id('<|end|>'), list(ChatTemplate(tok).newline)
-
-  def score(out):
-    rows = ppo_loop.reward_layout(out.layout(), out.num_new_b, out.prompt_len, end, newline)
-    with jax.set_mesh(env.mesh):
-      return fn(params, rows)
-  return score
 
 
 def main(argv=None) -> int:
@@ -118,8 +83,8 @@ def main(argv=None) -> int:
       has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
       run = workdir_lib.load_run(path, None if has_json else (args.config or None))
       gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
-      env = context_lib.Placement(run.mesh, run.rules)
-      scorer = reward_scorer(args.reward_model, gen, env) if args.reward_model else None
+      scorer = (reward.reward_scorer(args.reward_model, run.tokenizer, gen.placement)
+                if args.reward_model else None)
       items = questions(int(run.config.data.embedded_seed), int(run.config.data.embedded_examples),
                         args.num)
       results[name] = evaluate(gen, items, max_new_tokens=args.max_new_tokens, scorer=scorer)
