@@ -14,12 +14,10 @@ with no allowed key returns zeros.
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the tests' ground truth.
   xla        one [t, s] score matrix per head, backward pass written out (GEMM-friendly layouts).
-  chunked    blockwise online softmax, flash-attention style custom VJP (the backward recomputes
-             scores per block from the log-sum-exp): memory O(t + s) plus one block; block pairs
-             with no allowed pair are skipped (lax.cond).
+  chunked    blockwise online softmax with a flash-attention custom VJP: memory O(t + s) plus
+             one block; block pairs with no allowed pair are skipped (lax.cond).
   cudnn      `jax.nn.dot_product_attention(implementation='cudnn')`, NVIDIA GPUs only.
-  splash     TPU Pallas splash attention (segment ids, causal mask); under a mesh in `shard_map`
-             over the batch and head axes (whole sequences per device).
+  splash     TPU Pallas splash attention, in `shard_map` over batch and heads (whole sequences).
   auto       `resolve()` picks one per platform and shape and logs the choice once.
 The platform is the mesh's (`model.sharding.mesh_platform`; abstract devices too, train/aot.py).
 """

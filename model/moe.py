@@ -5,18 +5,12 @@ the lower index) weighed by a softmax over the k selected logits. In training th
 may be scaled by uniform noise in [1 - router_jitter, 1 + router_jitter] (experts see the clean
 input).
 
-Experts are SwiGLU MLPs stacked on a leading `expert` axis. cfg.dispatch (all equal when
-nothing drops):
-  * 'capacity': c = min(t, ceil(capacity_factor * t * k / e)) slots per expert per batch row;
-    assignments beyond c are dropped (left out of the output, other weights NOT renormalised),
-    by priority top-1 choices in token order, then top-2, ... Per-row slots make the result
-    independent of the batch split; capacity_factor >= e / k drops nothing. The [e, b, c, d]
-    buffer is annotated ('act_expert', 'batch', 'capacity', 'act_embed'): the partitioner moves
-    tokens to expert sharding with an all-to-all and back.
-  * 'dropless': assignments sorted by expert, grouped matmuls (cfg.grouped_matmul `ragged_dot`
-    or megablox `gmm`; 'auto': `gmm` when compiling for TPU), in `jax.shard_map` on each
-    device's own tokens with expert weights gathered but for the `tensor`-split MLP width.
-  * 'reference': a dense loop over experts masked by routing weight (the tests' ground truth).
+Experts are SwiGLU MLPs stacked on a leading `expert` axis. cfg.dispatch (docs/moe.md; all
+equal when nothing drops): 'capacity' (c = min(t, ceil(capacity_factor * t * k / e)) slots per
+expert per batch row, later assignments dropped by priority top-1 choices in token order, then
+top-2, ...; other weights not renormalised; buffers [e, b, c, d] annotated ('act_expert',
+'batch', 'capacity', 'act_embed')), 'dropless' (grouped matmuls, cfg.grouped_matmul, in
+`jax.shard_map` on each device's own tokens) or 'reference' (a masked dense loop over experts).
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,

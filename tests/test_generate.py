@@ -253,7 +253,7 @@ def generator(tok):
 def test_generator_batches_buckets_and_stop_strings(generator):
   prompts = ['What is 3 + 4?', 'The capital of Peru is', 'Count from 2 to 5.']
   batch = generator.generate(prompts, max_new_tokens=10)
-  start, _ = generator._compiled(decode.Sampling())
+  start = generator._compiled(decode.Sampling())  # The jitted decoding loop.
   compiled = start._cache_size()
   # Alone (other batch and prompt sizes, same buckets): the same greedy completions.
   for p, c in zip(prompts, batch):

@@ -4,11 +4,9 @@
 `distributed.enabled`: each value from the config, else its MESHLM_* variable (`ENV`), else JAX's
 cluster detection; gloo collectives on CPU; processes other than 0 then log only warnings.
 
-`exit_on_lost_peer`: each process advances a counter in the coordinator's key-value store every
-BEAT_S; a peer whose counter stands still for `peer_timeout_s` is lost, and the survivors print
-one line naming it and the last checkpoint and leave with status 1 (os._exit: JAX's shutdown
-would wait for it). JAX's own timeouts, 2 * peer_timeout_s, are the backstop; a lost process 0
-(the coordination service) ends the others through JAX's client, with its message.
+`exit_on_lost_peer`: a peer whose liveness counter (in the coordinator's key-value store, one
+beat per BEAT_S) stands still for `peer_timeout_s` is lost; the survivors print one line naming
+it and the last checkpoint and leave with status 1 (README, "A lost process").
 
 Data state: each process iterates over its own rows of every global batch (data/pipeline.py) and
 orbax writes the JSON item from process 0 alone, so checkpoints hold every process's state

@@ -18,6 +18,7 @@ tokens; tokens kept up to the one completing it, text cut before it).
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -96,17 +97,14 @@ class Generator:
     run = workdir_lib.load_run(checkpoint, config, mesh=mesh)
     return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
 
-  # The jitted loop per sampling setting, with the shared start (jit's own cache handles shapes).
   def _compiled(self, sampling: decode.Sampling):
+    """The jitted decoding loop of one sampling setting (jit's own cache handles shapes)."""
     if sampling not in self._fns:
-      mdef, rows = self.mdef, self.admit_rows
-
-      def run(params, state, steps, num, max_new, eos_e, rng, static):
-        return decode.run(mdef.build(params), state, steps, num, max_new, rows=rows, static=static,
-                          rng=rng, sampling=sampling, eos_ids_e=eos_e)
-
-      self._fns[sampling] = (jax.jit(run, donate_argnums=1, static_argnames='static'),
-                             self._start)
+      run = functools.partial(decode.run, rows=self.admit_rows, sampling=sampling)
+      self._fns[sampling] = jax.jit(
+          lambda params, state, steps, num, max_new, eos_e, rng, static: run(
+              self.mdef.build(params), state, steps, num, max_new, static=static, rng=rng,
+              eos_ids_e=eos_e), donate_argnums=1, static_argnames='static')
     return self._fns[sampling]
 
   def prompt_ids(self, prompts: list, chat: bool) -> list[list[int]]:
@@ -164,10 +162,10 @@ class Generator:
     n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
     tokens_np, lengths_n = decode.left_pad(list(prompts) + [prompts[0]] * (n_pad - n), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
-    run, start = self._compiled(sampling)
+    run = self._compiled(sampling)
     steps = self.stop_check_every if stop else 1 << 30
     with jax.set_mesh(self.mesh), use_rules(self.rules):
-      state = start(slots, new, tokens_np, lengths_n)
+      state = self._start(slots, new, tokens_np, lengths_n)
       while True:
         state = run(params, state, np.int32(steps), np.int32(n), np.int32(max_new_tokens), eos_e,
                     jax.random.PRNGKey(seed), static=static)

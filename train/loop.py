@@ -151,7 +151,7 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
       skipped += check_finite(pending, t.nan_policy, writer)
       if not stop.requested and not t.eval_every:
         eval_metrics = writer.scalars(int(state['step']), evaluate(state['params'], frozen))
-    finally:  # Also on errors: pending async checkpoint writes complete.
+    finally:  # Also on errors: the trace, checkpointer, writer and progress bar are closed.
       trace.close()
       checkpointer.close()
       writer.close()

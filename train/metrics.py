@@ -1,7 +1,7 @@
 """Throughput, model FLOP utilisation, and where metrics go (log, progress bar, TensorBoard).
 
 MFU = model FLOPs per second (model/flops.py) / peak FLOPs of all devices. The peak comes from
-`hardware.peak_tflops`, else from PEAK_TFLOPS by device kind; on CPU it is the matmul rate
+`hardware.peak_tflops`, else from the chip table by device kind; on CPU it is the matmul rate
 measured at start-up in the same process (`measure_matmul_flops`), so CPU MFU says how close
 the step is to the best this machine's XLA can do on one big matmul.
 """
@@ -21,14 +21,20 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from train.targets import CHIPS
+
 log = logging.getLogger('meshlm')
 
-# Dense bf16 peak TFLOP/s per device (vendor figures, no sparsity).
-PEAK_TFLOPS = {
-    'NVIDIA A100-SXM4-80GB': 312.0, 'NVIDIA A100-SXM4-40GB': 312.0, 'NVIDIA A100 80GB PCIe': 312.0,
-    'NVIDIA H100 80GB HBM3': 989.0, 'NVIDIA H100': 989.0, 'NVIDIA H200': 989.0,
-    'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v6 lite': 918.0,
-}
+# Device kinds as JAX names them -> their chip in train/targets.py CHIPS (H200: the H100's compute).
+CHIP_OF_KIND = {'NVIDIA A100': 'gpu:a100', 'NVIDIA H100': 'gpu:h100', 'NVIDIA H200': 'gpu:h100',
+                'TPU v4': 'tpu:v4', 'TPU v5 lite': 'tpu:v5e', 'TPU v5e': 'tpu:v5e',
+                'TPU v5p': 'tpu:v5p', 'TPU v6 lite': 'tpu:v6e'}
+
+
+def table_peak_tflops(name: str) -> float:
+  """Dense bf16 peak TFLOP/s of the device kind `name` contains (the longest match); 0: none."""
+  kind = max((k for k in CHIP_OF_KIND if k in name), key=len, default=None)
+  return CHIPS[CHIP_OF_KIND[kind]].peak_tflops if kind else 0.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,9 +59,8 @@ def peak_flops(hardware_cfg) -> tuple[float, str]:
   if hardware_cfg.peak_tflops > 0:
     return hardware_cfg.peak_tflops * 1e12 * len(devices), 'config hardware.peak_tflops'
   kind = devices[0].device_kind
-  for name, tflops in PEAK_TFLOPS.items():
-    if kind.startswith(name):
-      return tflops * 1e12 * len(devices), f'device table ({kind})'
+  if table_peak_tflops(kind):
+    return table_peak_tflops(kind) * 1e12 * len(devices), f'device table ({kind})'
   # CPU: emulated devices share the host's cores, so one all-core matmul is the whole peak.
   return measure_matmul_flops(), f'matmul rate measured now on {kind}'
 
@@ -113,8 +118,10 @@ class Writer:
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps({'step': step, **metrics}) + '\n')
     self.jsonl.flush()
-    shown = ' '.join(f'{k.split("/")[-1]}={_fmt(v)}' for k, v in metrics.items()
-                     if k in self.shown or k.startswith('eval'))
+    keys = [k for k in metrics if k in self.shown or k.startswith('eval')]
+    short = [k.split('/')[-1] for k in keys]  # The full key where two short names would clash.
+    shown = ' '.join(f'{s if short.count(s) == 1 else k}={_fmt(metrics[k])}'
+                     for k, s in zip(keys, short))
     log.info('step %d: %s', step, shown)
     return metrics
 

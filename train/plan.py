@@ -18,24 +18,22 @@ import sys
 import jax
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from model import count_params, training_flops_per_token
 from model.config import ConfigError
 from model.moe import grouped_matmul_kernel
-from train import aot, targets
+from train import aot, cli, targets
 from train import config as config_lib
 from train import context as context_lib
 from train import memory as memory_lib
 from train.memory import gib
 from train.mesh import mesh_shape
-from train.metrics import PEAK_TFLOPS
+from train.metrics import table_peak_tflops
 
 
 def define_flags() -> None:
   """The CLI's flags, defined only by `python -m train.plan` (a library import claims none)."""
-  global _CONFIG, _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS, _TARGET
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file.', lock_config=True)
+  global _JSON, _MFU, _DAYS, _DEVICES, _COMPILE, _DEPTHS, _TARGET
   _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of tables.')
   _MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for tokens/s and time.')
   _DAYS = flags.DEFINE_float('wall_clock_days', 0.0, 'A wall clock for the whole run (days); '
@@ -64,14 +62,10 @@ def device_count(config, devices: int = 0) -> int:
 
 
 def peak_tflops(config) -> float:
-  """Per-device peak: `hardware.peak_tflops`, else the device table entry named in
-  `hardware.name`; 0 when unknown."""
-  if config.hardware.peak_tflops > 0:
-    return float(config.hardware.peak_tflops)
-  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name and name in config.hardware.name:
-      return tflops
-  return 0.0
+  """Per-device peak: `hardware.peak_tflops`, else the chip table's for `hardware.name`; 0 when
+  unknown."""
+  hw = config.hardware
+  return float(hw.peak_tflops) if hw.peak_tflops > 0 else table_peak_tflops(hw.name)
 
 
 def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float = 0.0) -> dict:
@@ -405,9 +399,8 @@ def format_table(p: dict) -> str:
 
 
 def main(argv):
-  del argv
-  config = _CONFIG.value
   try:
+    config = cli.from_args(argv[1:])
     target, devices = None, _DEVICES.value
     if _TARGET.value:
       if _TARGET.value.startswith('gpu:'):  # GPUs are compile-only here: the host runs on CPU.
@@ -430,4 +423,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

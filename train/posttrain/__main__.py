@@ -1,18 +1,20 @@
 """python -m train.posttrain --config experiments/<stage>.py --workdir DIR [--config.key=value ...]
 
 The stage is the config's `stage` ('rm', 'ppo', 'dpo'); a config without one (a train/config.py
-experiment, e.g. experiments/tiny_sft.py) is SFT: the normal train loop, run after filling in
-`data.tokenizer` from the `train.init_from` run so that fine-tuning keeps the pre-trained
-model's tokenizer. Every stage writes DIR/config.json.
+experiment, e.g. experiments/tiny_sft.py) is SFT: the normal train loop. Every stage keeps the
+tokenizer of the model it starts from (`data.tokenizer` filled in from the `train.init_from`
+run) and writes DIR/config.json, where train.generate, train.eval and the next stage find it.
 """
 
 import jax
+import ml_collections
 from absl import app, flags
 
 from model.config import ConfigError
 from train import cli, distributed, loop
+from train import workdir as workdir_lib
 from train.posttrain import config as pt_config
-from train.posttrain import dpo, ppo_loop, reward, setup
+from train.posttrain import dpo, ppo_loop, reward
 
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and config.json go here.')
 flags.mark_flags_as_required(['workdir'])
@@ -24,13 +26,20 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   if stage not in pt_config.STAGES:
     raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
   if stage == 'sft':
-    config = setup.stage_config(config) if config.train.init_from else config
+    config = stage_config(config) if config.train.init_from else config
     return loop.run(config, workdir, stop_after=stop_after)
   distributed.maybe_initialize(config.distributed)  # Before anything asks JAX for devices.
   pt_config.validate(config, jax.device_count(), jax.process_count())  # Before reading init_from.
-  config = setup.stage_config(config)
+  config = stage_config(config)
   make_stage = {'rm': reward.stage, 'dpo': dpo.stage, 'ppo': ppo_loop.stage}[stage]
   return loop.run(config, workdir, stage=make_stage(config), stop_after=stop_after)
+
+
+def stage_config(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with data.tokenizer filled in from the init_from run."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.tokenizer = workdir_lib.inherited_tokenizer(config)
+  return config
 
 
 if __name__ == '__main__':

@@ -17,10 +17,7 @@ completion is one contiguous run of 1s per row, and its last 1 ends the episode.
   entropy:   mean token entropy of the policy; loss -= ent_coef * entropy.
   adaptive KL (Ziegler et al. 2019): kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon.
 
-Metric names follow the reference RLHF libraries: objective/kl (mean over sequences of the
-summed KL), objective/entropy, objective/rlhf_reward (score - kl_coef * KL), objective/scores,
-policy/approxkl (0.5 * mean (logp - logp_old)^2), policy/clipfrac, val/clipfrac, loss/policy,
-loss/value, completions/mean_length.
+Metric names: docs/posttrain.md (they follow the reference RLHF libraries).
 """
 
 import dataclasses

@@ -39,7 +39,7 @@ from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
 from train.posttrain import config as pt_config
-from train.posttrain import ppo, reward, setup
+from train.posttrain import ppo, reward
 
 log = logging.getLogger('meshlm')
 SHOWN = ('objective/scores', 'objective/kl', 'objective/rlhf_reward', 'objective/entropy',
@@ -130,7 +130,7 @@ def stage(config) -> stage_lib.Stage:
   def init_state(ctx, mdef, state):
     critic = (workdir_lib.restore_params(p.reward_model, critic_cfg, ctx, ScalarModel)
               if p.critic_init == 'reward_model'
-              else setup.trunk_and_head(t.init_from, ctx.cfg, ctx, state['critic']))
+              else reward.trunk_and_head(t.init_from, ctx.cfg, ctx, state['critic']))
     return dict(state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx), critic=critic)
 
   return stage_lib.Stage(

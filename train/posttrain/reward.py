@@ -14,11 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import chat as chat_lib
-from model.heads import ScalarModel, at_index, last_index
+from model.heads import ScalarModel, at_index, last_index, trunk_config
 from train import config as base_config
 from train import state as state_lib
 from train import workdir as workdir_lib
-from train.posttrain import pairs, setup
+from train.posttrain import pairs
+
+
+def trunk_and_head(checkpoint: str, cfg, placement, fresh):
+  """ScalarModel params: the `decoder` trunk from an LM checkpoint (without its output table),
+  the head of `fresh` (freshly initialised ScalarModel params)."""
+  trunk = workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
+  return {'decoder': trunk, 'head': fresh['head']}
 
 
 def sequence_rewards(scores_bt, segment_ids_bt):
@@ -57,7 +64,7 @@ def stage(config):
   margin = float(config.rm.margin)
 
   def init_state(ctx, mdef, state):
-    return dict(state, params=setup.trunk_and_head(config.train.init_from, ctx.cfg, ctx,
+    return dict(state, params=trunk_and_head(config.train.init_from, ctx.cfg, ctx,
                                                    state['params']))
 
   return pairs.stage(
