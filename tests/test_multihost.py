@@ -389,11 +389,12 @@ def test_error_on_every_process_is_not_a_lost_process(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer):
-  """The CLI on 2 processes with the default distributed.peer_timeout_s: process 1 is killed
-  (SIGKILL) after the first checkpoint; process 0 exits non-zero within 30 s of the kill with
-  one line naming process 1 and the newest checkpoint on disk, without a traceback or JAX's
-  fatal abort."""
+@pytest.mark.parametrize('victim', [1, 0])
+def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer, victim):
+  """The CLI on 2 processes with the default distributed.peer_timeout_s: process `victim` is
+  killed (SIGKILL) after the first checkpoint; the other exits non-zero within 30 s of the kill
+  with one line naming the victim and the newest checkpoint on disk, without a traceback or
+  JAX's fatal abort."""
   from orbax.checkpoint import utils as ocp_utils
   workdir, port = tmp_path / 'run', _free_port()
   args = lambda i: [
@@ -402,7 +403,8 @@ def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer):
       *OVERRIDES, '--config.distributed.enabled=True', '--config.distributed.num_processes=2',
       f'--config.distributed.coordinator_address=localhost:{port}', f'--config.distributed.process_id={i}']
   ckpts = workdir / 'checkpoints'
-  elapsed, out = _lost_host(tmp_path, args, _env(4), lambda: ckpts.is_dir() and ocp_utils.checkpoint_steps(ckpts))
-  line = _assert_one_clean_line(out, lost=1, step=max(ocp_utils.checkpoint_steps(ckpts)))
+  ready = lambda: ckpts.is_dir() and ocp_utils.checkpoint_steps(ckpts)
+  elapsed, out = _lost_host(tmp_path, args, _env(4), ready, victim)
+  line = _assert_one_clean_line(out, lost=victim, step=max(ocp_utils.checkpoint_steps(ckpts)))
   assert elapsed < 30, (elapsed, line)
   print(f'survivor exited {elapsed:.1f} s after the kill: {line}')
