@@ -363,7 +363,8 @@ def test_lost_process_in_collective_or_barrier(tmp_path, mode, timeout_s, victim
   _assert_one_clean_line(out, lost=victim, step=7)
   timeout_s = timeout_s or distributed.PEER_TIMEOUT_S
   assert elapsed < timeout_s + 2 * distributed.BEAT_S, (elapsed, out[-2000:])
-  print(f'{mode}: survivor of process {victim} exited {elapsed:.1f} s after its kill (peer_timeout_s={timeout_s:g})')
+  print(f'{mode}: process {victim} killed, the survivor exited {elapsed:.1f} s later '
+        f'(peer_timeout_s={timeout_s:g})')
 
 
 @pytest.mark.multiprocess
