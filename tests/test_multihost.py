@@ -12,8 +12,9 @@ choice; process 1 logs that it joined.
 
 A lost process: one of 2 processes is killed (SIGKILL) and the survivor must exit non-zero within
 distributed.peer_timeout_s with one line naming it and the last checkpoint, without a traceback or
-JAX's fatal abort: a model-free driver whose survivor is in a collective or at a barrier, and
-(slow) the CLI killed after its first checkpoint. The other tests check the pieces without
+JAX's fatal abort: a model-free driver whose survivor is in a collective or at a barrier (process
+0, the coordination service's parent, killed too), and (slow) the CLI killed after its first
+checkpoint. The other tests check the pieces without
 starting processes.
 """
 
@@ -345,22 +346,25 @@ with distributed.exit_on_lost_peer(workdir):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize('mode, timeout_s', [('collective', None), ('barrier', 3)])
-def test_lost_process_in_collective_or_barrier(tmp_path, mode, timeout_s):
-  """Process 1 of 2 is killed; process 0 exits non-zero within distributed.peer_timeout_s (the
-  default, or MESHLM_PEER_TIMEOUT_S) plus two beats, with one line naming process 1 and the last
-  finalized checkpoint (not the unfinished save beside it)."""
+@pytest.mark.parametrize('mode, timeout_s, victim', [('collective', None, 1), ('barrier', 3, 1),
+                                                     ('collective', 3, 0)])
+def test_lost_process_in_collective_or_barrier(tmp_path, mode, timeout_s, victim):
+  """Process `victim` of 2 is killed (process 0 too: it started the coordination service, which
+  outlives it); the other exits non-zero within distributed.peer_timeout_s (the default, or
+  MESHLM_PEER_TIMEOUT_S) plus two beats, with one line naming the victim and the last finalized
+  checkpoint (not the unfinished save beside it)."""
   (tmp_path / 'run/checkpoints/7').mkdir(parents=True)
   (tmp_path / 'run/checkpoints/9.orbax-checkpoint-tmp-1').mkdir()
   ready = tmp_path / 'ready'
   env = _env(2) | ({distributed.ENV['peer_timeout_s']: str(timeout_s)} if timeout_s else {})
   port = _free_port()
   args = lambda i: [sys.executable, '-c', _DRIVER, f'localhost:{port}', str(i), str(tmp_path / 'run'), str(ready), mode]
-  elapsed, out = _lost_host(tmp_path, args, env, ready.exists)
-  _assert_one_clean_line(out, lost=1, step=7)
+  elapsed, out = _lost_host(tmp_path, args, env, ready.exists, victim)
+  _assert_one_clean_line(out, lost=victim, step=7)
   timeout_s = timeout_s or distributed.PEER_TIMEOUT_S
   assert elapsed < timeout_s + 2 * distributed.BEAT_S, (elapsed, out[-2000:])
-  print(f'{mode}: survivor exited {elapsed:.1f} s after the kill (peer_timeout_s={timeout_s:g})')
+  print(f'{mode}: process {victim} killed, the survivor exited {elapsed:.1f} s later '
+        f'(peer_timeout_s={timeout_s:g})')
 
 
 @pytest.mark.multiprocess
@@ -386,11 +390,12 @@ def test_error_on_every_process_is_not_a_lost_process(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer):
-  """The CLI on 2 processes with the default distributed.peer_timeout_s: process 1 is killed
-  (SIGKILL) after the first checkpoint; process 0 exits non-zero within 30 s of the kill with
-  one line naming process 1 and the newest checkpoint on disk, without a traceback or JAX's
-  fatal abort."""
+@pytest.mark.parametrize('victim', [1, 0])
+def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer, victim):
+  """The CLI on 2 processes with the default distributed.peer_timeout_s: process `victim` is
+  killed (SIGKILL) after the first checkpoint; the other exits non-zero within 30 s of the kill
+  with one line naming the victim and the newest checkpoint on disk, without a traceback or
+  JAX's fatal abort."""
   from orbax.checkpoint import utils as ocp_utils
   workdir, port = tmp_path / 'run', _free_port()
   args = lambda i: [
@@ -399,7 +404,8 @@ def test_lost_process_ends_the_survivor_with_one_line(tmp_path, tokenizer):
       *OVERRIDES, '--config.distributed.enabled=True', '--config.distributed.num_processes=2',
       f'--config.distributed.coordinator_address=localhost:{port}', f'--config.distributed.process_id={i}']
   ckpts = workdir / 'checkpoints'
-  elapsed, out = _lost_host(tmp_path, args, _env(4), lambda: ckpts.is_dir() and ocp_utils.checkpoint_steps(ckpts))
-  line = _assert_one_clean_line(out, lost=1, step=max(ocp_utils.checkpoint_steps(ckpts)))
+  ready = lambda: ckpts.is_dir() and ocp_utils.checkpoint_steps(ckpts)
+  elapsed, out = _lost_host(tmp_path, args, _env(4), ready, victim)
+  line = _assert_one_clean_line(out, lost=victim, step=max(ocp_utils.checkpoint_steps(ckpts)))
   assert elapsed < 30, (elapsed, line)
   print(f'survivor exited {elapsed:.1f} s after the kill: {line}')

@@ -6,7 +6,9 @@ cluster detection; gloo collectives on CPU; processes other than 0 then log only
 
 `exit_on_lost_peer`: a peer whose liveness counter (in the coordinator's key-value store, one
 beat per BEAT_S) stands still for `peer_timeout_s` is lost; the survivors print one line naming
-it and the last checkpoint and leave with status 1 (README, "A lost process").
+it and the last checkpoint and leave with status 1 (README, "A lost process"). Given the
+coordinator's address, process 0 runs the store (JAX's coordination service) in a child process
+(`_SERVICE`), so a killed process 0 is reported like any other.
 
 Data state: each process iterates over its own rows of every global batch (data/pipeline.py) and
 orbax writes the JSON item from process 0 alone, so checkpoints hold every process's state
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +44,18 @@ QUIET_LOGGERS = ('meshlm', 'model', 'train')  # INFO from these only on process 
 STATE_FORMAT = 'meshlm_per_process_v1'
 PEER_TIMEOUT_S = 10.0  # distributed.peer_timeout_s when neither config nor environment sets it.
 BEAT_S = 1.0  # How often each process advances its liveness counter.
+# The coordination service's process: it stops as JAX's would once process 0 wrote a byte after
+# its client's shutdown, is killed by a process 0 that reports a lost peer, and lingers for JAX's
+# heartbeat timeout (2 x peer_timeout_s) after process 0 vanished.
+_SERVICE = '''
+import os, sys, time
+from jax._src.lib import _jax
+address, num_processes, timeout_s = sys.argv[1:]
+service = _jax.get_distributed_runtime_service(address, int(num_processes), heartbeat_timeout=int(
+    timeout_s), shutdown_timeout=int(timeout_s))
+service.shutdown() if sys.stdin.buffer.read(1) else time.sleep(int(timeout_s))
+os._exit(0)
+'''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +113,9 @@ def maybe_initialize(dist_cfg, environ=None) -> bool:
     return False
   kwargs = s.initialize_kwargs()
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Only read by the CPU backend.
+  if s.process_id == 0 and s.coordinator_address and (s.num_processes or 0) > 1:
+    kwargs['coordinator_bind_address'] = 'localhost:0'  # JAX's in-process service, left unused.
+    _start_service(s.coordinator_address, s.num_processes, kwargs['heartbeat_timeout_seconds'])
   try:
     jax.distributed.initialize(**kwargs)
   except ValueError as e:  # JAX's message for missing values when no cluster was detected.
@@ -117,6 +135,14 @@ def maybe_initialize(dist_cfg, environ=None) -> bool:
     global _beat
     _beat = _Beat(jax_distributed.global_state.client, s.peer_timeout_s)
   return True
+
+
+def _start_service(address: str, num_processes: int, timeout_s: int):
+  global _service
+  _service = subprocess.Popen([sys.executable, '-c', _SERVICE, '[::]:' + address.rsplit(':', 1)[1],
+                               str(num_processes), str(timeout_s)], stdin=subprocess.PIPE)
+  # At exit, JAX's order: every client leaves (a barrier), then the service stops.
+  atexit.register(lambda: (jax.distributed.shutdown(), _service.communicate(b'x')))
 
 
 class _Beat:
@@ -141,7 +167,7 @@ class _Beat:
       try:
         self.client.key_value_set(f'meshlm/beat/{self.me}', str(beat), allow_overwrite=True)
         counters = dict(self.client.key_value_dir_get('meshlm/beat/'))
-      except Exception:  # The store is unreachable: nobody moves, and process 0 hosts it.
+      except Exception:  # The store is unreachable: nobody moves, and process 0 started it.
         counters = None
       if counters is not None:
         for p, (seen, _) in self.moved.items():
@@ -163,6 +189,7 @@ class _Beat:
 
 _beat: _Beat | None = None  # Set once maybe_initialize joined a run of several processes.
 _workdir = '.'  # The run's, for the checkpoint a lost process's message names.
+_service: subprocess.Popen | None = None  # On process 0: the coordination service's process.
 
 
 def _exit_lost(lost: list[int], beat: _Beat):
@@ -173,6 +200,8 @@ def _exit_lost(lost: list[int], beat: _Beat):
             f'from it' if step is not None else 'no checkpoint was saved: a new run starts at step 0')
   if beat.me == 0 and beat.count > 2:
     time.sleep(2 * BEAT_S)  # Let the other survivors report before the coordination service goes.
+  if _service is not None:
+    _service.kill()
   sys.stdout.flush()
   sys.stderr.write(f'error: lost process {", ".join(map(str, lost))} of {beat.count} (no sign of '
                    f'life for {beat.timeout_s:g} s, distributed.peer_timeout_s); {resume}\n')
