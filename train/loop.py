@@ -164,7 +164,8 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
 
 def evaluator(eval_fn, make_eval_data, stage, ctx):
   """(params, frozen) -> metric means ('eval/<name>') over the stage's `eval_batches` held-out
-  batches, from a fresh eval iterator each time (so every evaluation sees the same batches)."""
+  batches, from a fresh eval iterator each time (so every evaluation sees the same batches), and
+  'eval/count' (the items they averaged: tokens, pairs)."""
   def evaluate(params, frozen) -> dict:
     data, totals, count = make_eval_data(), {}, 0.0
     for _ in range(stage.eval_batches):
@@ -173,7 +174,7 @@ def evaluator(eval_fn, make_eval_data, stage, ctx):
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)
     means = {f'eval/{k}': v / max(count, 1.0) for k, v in totals.items()}
-    return {**means, **stage.eval_metrics(means)}
+    return {**means, **stage.eval_metrics(means), 'eval/count': count}
   return evaluate
 
 

@@ -8,17 +8,16 @@ problems; `--config` defaults to the workdir's config.json.
 """
 
 import argparse
-import math
 import os
 import sys
 
 import jax
-import numpy as np
 
-from data import pipeline
 from model.config import ConfigError
-from train import compilation_cache
+from train import compilation_cache, loop
+from train import context as context_lib
 from train import generate as gen_lib
+from train import stage as stage_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
 from train.eval import gsm8k, humaneval, mmlu, report
@@ -30,23 +29,17 @@ TASKS = ('mmlu', 'gsm8k', 'humaneval', 'loss')
 
 
 def eval_loss(config, lm, workdir: str) -> dict:
-  """Mean next-token loss over `config.train.eval_batches` batches of the eval split."""
-  gen = lm.gen
-  data = pipeline.make_iterator(config.data, vocab_size=gen.cfg.vocab_size,
-                                global_batch=config.train.global_batch, workdir=workdir,
-                                split='eval', seed=config.train.seed)
-  fn = jax.jit(lambda p, b: step_lib.lm_loss(gen.mdef)(p, b, None)[1])
-  nll = tokens = 0.0
+  """The train loop's evaluation of the LM stage (train/loop.py evaluator): the mean next-token
+  loss over `config.train.eval_batches` batches of the eval split."""
+  gen, stage = lm.gen, stage_lib.lm_stage(config)
+  ctx = context_lib.RunContext(gen.mesh, gen.rules, config=config, cfg=gen.cfg, workdir=workdir)
+  evaluate = loop.evaluator(step_lib.jit_eval(lambda frozen: stage.make_loss(gen.mdef, frozen)),
+                            lambda: stage.make_data(ctx, 'eval'), stage, ctx)
   with jax.set_mesh(gen.mesh):
-    for _ in range(config.train.eval_batches):
-      batch = {k: np.asarray(v) for k, v in next(data).items()}
-      c, sums = fn(gen.params, batch)
-      n = sums['loss']
-      nll, tokens = nll + float(n), tokens + float(c)
-  loss = nll / max(tokens, 1.0)
-  return {'task': 'loss', 'metrics': {'loss': loss, 'perplexity': math.exp(min(loss, 50.0))},
-          'count': int(tokens), 'config': {'eval_batches': config.train.eval_batches,
-                                           'source': str(config.data.source)}}
+    m = evaluate(gen.params, None)
+  return {'task': 'loss', 'metrics': {'loss': m['eval/loss'], 'perplexity': m['eval/perplexity']},
+          'count': int(m['eval/count']), 'config': {'eval_batches': config.train.eval_batches,
+                                                    'source': str(config.data.source)}}
 
 
 def main(argv=None) -> int:
