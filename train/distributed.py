@@ -77,12 +77,10 @@ class Settings:
 
 def _env_number(environ, name: str, kind=int):
   value = environ.get(name, '').strip()
-  if not value:
-    return None
   try:
-    return kind(value)
+    return kind(value) if value else None
   except ValueError:
-    raise ConfigError(f'environment variable {name}={value!r} is not {"an integer" if kind is int else "a number"}') from None
+    raise ConfigError(f'environment variable {name}={value!r} is not a{"n integer" if kind is int else " number"}') from None
 
 
 def settings(dist_cfg, environ=None) -> Settings:

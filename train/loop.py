@@ -99,7 +99,7 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
     train_step = step_lib.jit_step(make_loss, tx, schedule, shardings, **stage.step_options)
     batch_sharding = (lambda ndim: ctx.replicated) if stage.replicate_batch else ctx.batch_sharding
     evaluate = (functools.partial(stage.evaluate, data) if stage.evaluate else
-                evaluator(step_lib.jit_eval(make_loss), make_eval_data, stage, ctx))
+                evaluator(make_loss, make_eval_data, stage, ctx))
     writer = metrics_lib.Writer(workdir, shown=stage.shown)
     flops = training_flops_per_token(cfg, config.data.seq_len)
     log.info('model FLOPs/token %.3e (dense-equivalent %.3e); peak %.3e FLOP/s from %s',
@@ -162,14 +162,17 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
                    mesh=ctx.mesh, eval=eval_metrics)
 
 
-def evaluator(eval_fn, make_eval_data, stage, ctx):
-  """(params, frozen) -> metric means ('eval/<name>') over the stage's `eval_batches` held-out
-  batches, from a fresh eval iterator each time (so every evaluation sees the same batches), and
-  'eval/count' (the items they averaged: tokens, pairs)."""
+def evaluator(make_loss, make_eval_data, stage, ctx):
+  """(params, frozen) -> metric means ('eval/<name>') of make_loss(frozen) over the stage's
+  `eval_batches` held-out batches, from a fresh eval iterator each time (so every evaluation
+  sees the same batches), and 'eval/count' (the items they averaged: tokens, pairs)."""
+  eval_fn = jax.jit(lambda params, batch, frozen: make_loss(frozen)(params, batch, None)[1])
+
   def evaluate(params, frozen) -> dict:
     data, totals, count = make_eval_data(), {}, 0.0
     for _ in range(stage.eval_batches):
-      n, sums = eval_fn(params, step_lib.device_batch(next(data), 1, ctx.batch_sharding), frozen)
+      batch = step_lib.device_batch(next(data), 1, ctx.batch_sharding)
+      n, sums = eval_fn(params, jax.tree.map(lambda x: x[0], batch), frozen)
       count += float(n)
       for k, v in sums.items():
         totals[k] = totals.get(k, 0.0) + float(v)

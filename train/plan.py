@@ -49,16 +49,10 @@ def define_flags() -> None:
 
 
 def device_count(config, devices: int = 0) -> int:
-  sizes = dict(config.mesh)
-  if any(v == -1 for v in sizes.values()):
-    if devices < 1:
-      raise ConfigError(f'mesh {sizes} has a -1 axis: give the device count with --devices')
-    return devices
-  n = math.prod(sizes.values())
-  if devices and devices != n:
-    raise ConfigError(f'mesh: {sizes} (mesh.*) has {n} devices, but there are {devices} '
-                      f'(--devices, or the --target topology)')
-  return n
+  """`devices`, else the product of config.mesh (validate checks that they agree)."""
+  if not devices and -1 in dict(config.mesh).values():
+    raise ConfigError(f'mesh {dict(config.mesh)} has a -1 axis: give the device count with --devices')
+  return devices or math.prod(dict(config.mesh).values())
 
 
 def peak_tflops(config) -> float:

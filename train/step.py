@@ -116,12 +116,6 @@ def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, **options)
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
-def jit_eval(make_loss):
-  """jitted (params, batch of one micro-batch, frozen) -> (count, metric sums)."""
-  return jax.jit(lambda params, batch, frozen: make_loss(frozen)(
-      params, jax.tree.map(lambda x: x[0], batch), None)[1])
-
-
 # The language-model loss (pre-training, SFT).
 
 def token_nll(logits_btv, targets_bt):

@@ -18,7 +18,6 @@ from train import compilation_cache, loop
 from train import context as context_lib
 from train import generate as gen_lib
 from train import stage as stage_lib
-from train import step as step_lib
 from train import workdir as workdir_lib
 from train.eval import gsm8k, humaneval, mmlu, report
 from train.eval.model_lm import MeshLM
@@ -33,7 +32,7 @@ def eval_loss(config, lm, workdir: str) -> dict:
   loss over `config.train.eval_batches` batches of the eval split."""
   gen, stage = lm.gen, stage_lib.lm_stage(config)
   ctx = context_lib.RunContext(gen.mesh, gen.rules, config=config, cfg=gen.cfg, workdir=workdir)
-  evaluate = loop.evaluator(step_lib.jit_eval(lambda frozen: stage.make_loss(gen.mdef, frozen)),
+  evaluate = loop.evaluator(lambda frozen: stage.make_loss(gen.mdef, frozen),
                             lambda: stage.make_data(ctx, 'eval'), stage, ctx)
   with jax.set_mesh(gen.mesh):
     m = evaluate(gen.params, None)

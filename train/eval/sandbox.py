@@ -337,16 +337,12 @@ def isolation_name() -> str:
                      + '; '.join(f'{t}: {probe(t).detail.strip()[-300:]}' for t in TIERS))
 
 
-def default_workers() -> int:
-  """Two per core, 2 to 8: a run is mostly process start-up latency, not compute."""
-  return max(2, min(8, 2 * (os.cpu_count() or 1)))
-
-
 def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: str | None = None,
                  workers: int | None = None) -> list[Outcome]:
-  """Runs many programs, `workers` at a time (threads that each drive one sandboxed process)."""
+  """Runs many programs, `workers` at a time (threads that each drive one sandboxed process;
+  default two per core, 2 to 8: a run is mostly process start-up latency, not compute)."""
   tier = isolation or isolation_name()
-  workers = min(workers or default_workers(), MAX_SLOTS)
+  workers = min(workers or max(2, min(8, 2 * (os.cpu_count() or 1))), MAX_SLOTS)
   slots, thread = itertools.count(), threading.local()  # Each worker thread has its own slot.
 
   def one(source: str) -> Outcome:
