@@ -1,9 +1,12 @@
-"""Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`, `dpo`.
+"""Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`,
+`grpo`, `dpo`.
 
-`stage`: 'sft' (the train loop as it is), 'rm', 'ppo' or 'dpo'. `train.init_from` is the
-starting checkpoint, `train.steps` counts optimiser steps (RM, DPO) or PPO iterations,
-`train.global_batch` is pairs per step (RM, DPO) or prompts per rollout (PPO), `optim` is the
-trained model's (PPO: the policy's). Every other step-counted key counts optimiser updates.
+`stage`: 'sft' (the train loop as it is), 'rm', 'ppo', 'grpo' or 'dpo'. `train.init_from` is the
+starting checkpoint, `train.steps` counts optimiser steps (RM, DPO) or RL iterations (PPO, GRPO),
+`train.global_batch` is pairs per step (RM, DPO) or prompts per iteration (PPO, GRPO), `optim` is
+the trained model's (PPO: the policy's). Every other step-counted key counts optimiser updates.
+GRPO reads the rollout, clipping and KL keys of `ppo` (the critic's, GAE's and the reward
+model's are PPO's alone) and its own `grpo` section.
 """
 
 import ml_collections
@@ -11,7 +14,8 @@ import ml_collections
 from model.config import ConfigError
 from train import config as base_config
 
-STAGES = ('sft', 'rm', 'ppo', 'dpo')
+STAGES = ('sft', 'rm', 'ppo', 'grpo', 'dpo')
+RL_STAGES = ('ppo', 'grpo')
 KL_ESTIMATORS = ('k1', 'k3')
 CRITIC_INITS = ('reward_model', 'policy')
 
@@ -43,6 +47,12 @@ def defaults() -> ml_collections.ConfigDict:
       critic_lr=1e-5,  # Peak learning rate of the critic (same schedule shape as optim).
       ref_on_host=False,  # Keep the frozen reference in host memory between uses.
       eval_prompts=64,  # Held-out prompts scored (greedy) before and after training.
+      rollout_slots=0,  # Decode slots of the rollout engine; 0: every rollout of an iteration.
+  )
+  c.grpo = dict(
+      num_generations=8,  # G completions sampled per prompt; advantages are relative to the group.
+      scale_rewards=True,  # Divide by the group's reward std (False: Dr. GRPO's mean-only).
+      reward='embedded',  # 'embedded' | 'gsm8k' (exact checkers) | 'module:function' (rewards.py).
   )
   c.dpo = dict(
       beta=0.1,
@@ -53,8 +63,14 @@ def defaults() -> ml_collections.ConfigDict:
   return c
 
 
+def rollouts_per_iteration(config) -> int:
+  """Completions sampled per RL iteration: prompts, times the group size for GRPO."""
+  group = int(config.grpo.num_generations) if config.stage == 'grpo' else 1
+  return int(config.train.global_batch) * group
+
+
 def ppo_updates(config) -> int:
-  """Optimiser steps of a PPO run: iterations x epochs x minibatches (the schedule's length)."""
+  """Optimiser steps of a PPO / GRPO run: iterations x epochs x minibatches (the schedule's)."""
   p = config.ppo
   return int(config.train.steps) * int(p.ppo_epochs) * int(p.num_minibatches)
 
@@ -65,43 +81,48 @@ def validate(config, num_devices: int, process_count: int = 1):
   if config.stage not in STAGES:
     raise ConfigError(f'stage={config.stage!r}: use one of {STAGES}')
   shared = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
-                                     if k not in ('stage', 'rm', 'ppo', 'dpo')})
-  if config.stage == 'ppo':  # The schedule counts optimiser updates, not iterations.
+                                     if k not in ('stage', 'rm', 'ppo', 'grpo', 'dpo')})
+  if config.stage in RL_STAGES:  # The schedule counts optimiser updates, not iterations.
     shared.train.steps = ppo_updates(config)
   cfg = base_config.validate(shared, num_devices, process_count)
-  if config.stage in ('rm', 'ppo', 'dpo') and not config.train.init_from:
+  if config.stage != 'sft' and not config.train.init_from:
     raise ConfigError(f'train.init_from: the {config.stage} stage starts from a checkpoint '
                       f'(the SFT model); set --config.train.init_from=DIR')
-  if config.stage == 'ppo':
+  if config.stage == 'ppo' and not config.ppo.reward_model:
+    raise ConfigError('ppo.reward_model: the workdir of a reward-model run is needed')
+  if config.stage == 'grpo' and not config.grpo.num_generations >= 2:
+    raise ConfigError(f'grpo.num_generations={config.grpo.num_generations}: a group needs >= 2')
+  if config.stage in RL_STAGES:
     p = config.ppo
-    if not p.reward_model:
-      raise ConfigError('ppo.reward_model: the workdir of a reward-model run is needed')
     if p.kl_estimator not in KL_ESTIMATORS:
       raise ConfigError(f'ppo.kl_estimator={p.kl_estimator!r}: use one of {KL_ESTIMATORS}')
     if p.critic_init not in CRITIC_INITS:
       raise ConfigError(f'ppo.critic_init={p.critic_init!r}: use one of {CRITIC_INITS}')
-    if p.num_minibatches < 1 or config.train.global_batch % p.num_minibatches:
-      raise ConfigError(f'ppo.num_minibatches={p.num_minibatches} must divide train.global_batch='
-                        f'{config.train.global_batch}')
-    minibatch = config.train.global_batch // p.num_minibatches
+    rollouts = rollouts_per_iteration(config)
+    if p.num_minibatches < 1 or rollouts % p.num_minibatches:
+      raise ConfigError(f'ppo.num_minibatches={p.num_minibatches} must divide the {rollouts} '
+                        f'rollouts of an iteration (train.global_batch x grpo.num_generations)')
+    minibatch = rollouts // p.num_minibatches
     if minibatch % config.train.grad_accum:
       raise ConfigError(f'train.grad_accum={config.train.grad_accum} must divide the PPO '
                         f'minibatch of {minibatch} rollouts')
+    if p.rollout_slots < 0:
+      raise ConfigError(f'ppo.rollout_slots={p.rollout_slots} must be >= 0 (0: all at once)')
     for key in ('ppo_epochs', 'max_new_tokens', 'max_prompt_len', 'critic_lr'):
       if not p[key] > 0:
         raise ConfigError(f'ppo.{key}={p[key]} must be > 0')
     if process_count > 1:
-      raise ConfigError(f'distributed.num_processes={process_count}: PPO runs on one process (its '
-                        f'rollouts are not split over processes)')
+      raise ConfigError(f'distributed.num_processes={process_count}: {config.stage.upper()} runs '
+                        f'on one process (its rollouts are not split over processes)')
     per_iteration = p.ppo_epochs * p.num_minibatches
     if config.train.ckpt_every % per_iteration:
-      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: PPO saves between iterations; '
+      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: RL saves between iterations; '
                         f'use a multiple of ppo.ppo_epochs x ppo.num_minibatches = {per_iteration}')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
     raise ConfigError(f'dpo.beta={config.dpo.beta} must be positive')
-  if config.stage in ('rm', 'dpo', 'ppo') and config.data.packing != 'pad':
+  if config.stage != 'sft' and config.data.packing != 'pad':
     raise ConfigError(f"data.packing={config.data.packing!r}: post-training keeps examples whole; "
                       f"use 'pad'")
   return cfg

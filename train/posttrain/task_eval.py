@@ -27,7 +27,7 @@ from model.config import ConfigError
 from train import compilation_cache
 from train import generate as gen_lib
 from train import workdir as workdir_lib
-from train.posttrain import reward
+from train.posttrain import reward, rewards
 
 KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'What is \d+ - \d+\?')),
          ('times', re.compile(r'What is \d+ times \d+\?')), ('capital', re.compile('capital')),
@@ -48,7 +48,7 @@ def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=N
   out = generator.generate_ids(prompts, max_new_tokens=max_new_tokens, sampling=decode.Sampling(),
                                stop_ids=generator.stop_ids(True))
   replies = [out.completion_ids(j) for j in range(len(items))]
-  correct = [generator.tokenizer.decode(r).strip() in (q['answer'], f'The answer is {q["answer"]}.')
+  correct = [rewards.embedded_correct(generator.tokenizer.decode(r), q['answer'])
              for r, q in zip(replies, items)]
   kinds = [next(k for k, pattern in KINDS if pattern.search(q['prompt'])) for q in items]
   per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
