@@ -49,20 +49,22 @@ ROLLOUT_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'value
                 'returns')
 
 
-def load_prompts(config, template, split: str, workdir: str) -> list[list[int]]:
-  """Token ids of the prompts (every turn before the last assistant reply, then the assistant
-  marker) of the SFT sources, at most ppo.max_prompt_len long."""
+def load_prompts(config, template, split: str, workdir: str) -> list[tuple[list[int], str, str]]:
+  """(token ids, text, reference) of each prompt of the SFT sources at most ppo.max_prompt_len
+  long: the ids are every turn before the last assistant reply, then the assistant marker; the
+  text is the last user turn, the reference that reply (what a verifiable reward checks)."""
   out = []
   for src in sources.build_all(config.data, split, workdir):
     if src.format != 'sft':
-      raise base_config.ConfigError(f'config.data.sources.{src.name}: PPO prompts come from sft '
+      raise base_config.ConfigError(f'config.data.sources.{src.name}: RL prompts come from sft '
                                     f'sources, this one is {src.format!r}')
     for item in src.items:
       messages = item[1]
       last = max(i for i, m in enumerate(messages) if m['role'] == 'assistant')
       ids, _ = template.encode(messages[:last], generation_prompt=True)
       if len(ids) <= config.ppo.max_prompt_len:
-        out.append([int(x) for x in ids])
+        user = next((m['content'] for m in messages[last::-1] if m['role'] == 'user'), '')
+        out.append(([int(x) for x in ids], user, messages[last]['content']))
   if not out:
     raise base_config.ConfigError(f'no {split} prompt fits ppo.max_prompt_len='
                                   f'{config.ppo.max_prompt_len}')
@@ -219,7 +221,8 @@ class Rollouts:
 
   def mean_score(self, policy) -> float:
     """Mean reward of greedy completions of the held-out prompts."""
-    _, scores, _ = self.rollout(policy, self.eval_prompts, seed=0, sampling=decode.Sampling())
+    _, scores, _ = self.rollout(policy, [ids for ids, _, _ in self.eval_prompts], seed=0,
+                                sampling=decode.Sampling())
     return float(scores.mean())
 
   def refill(self, state) -> dict:
@@ -234,7 +237,7 @@ class Rollouts:
     it, b = self.iteration, t.global_batch
     pick = [self.order[(it * b + j) % len(self.order)] for j in range(b)]
     batch, scores, metrics = self.rollout(
-        state['params'], [self.prompts[i] for i in pick], seed=t.seed * 1_000_003 + it,
+        state['params'], [self.prompts[i][0] for i in pick], seed=t.seed * 1_000_003 + it,
         sampling=decode.Sampling(temperature=p.temperature))
     batch['values'] = np.asarray(self.values(
         state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
