@@ -15,10 +15,11 @@ from experiments import dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b, 
 from model.config import ConfigError
 from model.heads import ScalarModel, last_index
 from train import config as base_config
+from train import optimizer as optimizer_lib
 from train import step as step_lib
 from train import state as state_lib
 from train.posttrain import config as pt_config
-from train.posttrain import dpo, ppo, ppo_loop, reward
+from train.posttrain import dpo, ppo, ppo_loop, reward, rewards
 from tests.util import max_abs_diff, tiny_cfg
 
 VOCAB = 400
@@ -205,6 +206,89 @@ def test_zero_advantages_and_value_error_leave_models_unchanged():
   moved, _ = step(state, jax.tree.map(lambda x: x[None],
                                       dict(batch, advantages=np.ones_like(values))))
   assert max_abs_diff(moved['params'], policy) > 1e-4
+
+
+def test_group_advantages_hand_computed():
+  scores = np.asarray([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 3.0], np.float32)
+  with pytest.raises(TypeError):  # 10 scores are not groups of 4.
+    ppo.group_advantages(scores, 4)
+  adv = np.asarray(ppo.group_advantages(scores[:8], 4, scale=False))
+  np.testing.assert_allclose(adv, [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+  adv = np.asarray(ppo.group_advantages(scores[:8], 4))  # Group 1: mean 0.5, std 0.5.
+  np.testing.assert_allclose(adv, [0.5 / 0.5001, -0.5 / 0.5001, -0.5 / 0.5001, 0.5 / 0.5001,
+                                   0, 0, 0, 0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(ppo.group_advantages(scores[8:], 2)),
+                             [-1.5 / 1.5001, 1.5 / 1.5001], rtol=1e-6)
+
+
+def test_grpo_loss_hand_computed_and_step_moves_towards_reward():
+  cfg = tiny_cfg()
+  mdef, _ = state_lib.model_def(cfg)
+  params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
+  roll = _rollout(cfg, mdef, params)
+  mask = roll['mask']
+  adv_b = np.where(np.arange(mask.shape[0]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  old = dict(roll, advantages=adv_b[:, None] * mask, ref_logprobs=roll['logprobs'] - 0.5)
+  logits, _ = mdef.build(params)(roll['tokens'], roll['positions'], roll['segment_ids'])
+  logp, entropy = ppo.token_logprobs_and_entropy(logits, roll['tokens'])
+  loss, m = ppo.grpo_losses(logp, entropy, old, mask, ppo.LossConfig(), 0.1, 'k3')
+  # Ratio 1: the policy loss is -mean A over completion tokens; every token has
+  # r = p_ref / p = exp(-0.5), so k3 = (r - 1) - log r.
+  k3 = np.expm1(-0.5) + 0.5
+  pg = -np.sum(old['advantages']) / mask.sum()
+  np.testing.assert_allclose(float(m['loss/kl']), k3, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), pg + 0.1 * k3, rtol=1e-5, atol=1e-6)
+  # One step raises the log-probs of the positive-advantage completions against the others.
+  config = ml_collections.ConfigDict({'optim': dict(peak_lr=1e-2, warmup_steps=0,
+                                                    final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                                                    weight_decay=0.0, clip_norm=1.0)})
+  tx = optimizer_lib.make(config.optim, 10)
+  state = {'step': jnp.int32(0), 'params': params, 'opt_state': tx.init(params),
+           'rng': jax.random.PRNGKey(0)}
+  loss_fn = functools.partial(ppo_loop.update_loss, mdef=mdef, critic_mdef=None,
+                              loss_cfg=ppo.LossConfig(), kl=(0.0, 'k3'))
+  batch = {k: old[k] for k in ppo_loop.GRPO_KEYS}
+  new, _ = jax.jit(lambda s, b: step_lib.train_step(
+      s, b, None, make_loss=lambda _: loss_fn, tx=tx, schedule=optimizer_lib.schedule(
+          config.optim, 10)))(state, jax.tree.map(lambda x: x[None], batch))
+  logits, _ = mdef.build(new['params'])(roll['tokens'], roll['positions'], roll['segment_ids'])
+  gain_b = np.sum((np.asarray(ppo.token_logprobs_and_entropy(logits, roll['tokens'])[0]) -
+                   np.asarray(logp)) * mask, axis=1)
+  assert gain_b[adv_b > 0].mean() > 0 > gain_b[adv_b < 0].mean()
+
+
+def test_verifiable_rewards_and_bad_specs():
+  assert rewards.embedded('q', ' The answer is 12. ', 'The answer is 12.') == 1.0
+  assert rewards.embedded('q', '12', '12') == 1.0
+  assert rewards.embedded('q', 'The answer is 13.', '12') == 0.0
+  assert rewards.gsm8k_reward('q', 'so 3 + 4 = 7. #### 7', 'work <<3+4=7>> #### 7') == 1.0
+  assert rewards.gsm8k_reward('q', 'I think 1,000', 'x #### 1000') == 1.0
+  assert rewards.gsm8k_reward('q', 'no number', 'x #### 5') == 0.0
+  assert rewards.make('tests.test_posttrain:_length_reward')('', 'abc', '') == 3.0
+  for spec, match in (('nope', 'module:function'), ('no_such_module:f', 'no_such_module'),
+                      ('tests.test_posttrain:missing', 'missing')):
+    with pytest.raises(ConfigError, match=f'grpo.reward=.*{match}'):
+      rewards.make(spec)
+
+
+def _length_reward(prompt, reply, reference):
+  return float(len(reply))
+
+
+def test_grpo_config_checks(tmp_path):
+  c = pt_config.defaults()
+  c.stage, c.train.init_from, c.train.global_batch = 'grpo', str(tmp_path), 8
+  c.data.packing = 'pad'
+  c.grpo.num_generations = 3
+  c.ppo.num_minibatches = 16
+  with pytest.raises(ConfigError, match='must divide the 24 rollouts'):
+    pt_config.validate(c, 8)
+  c.ppo.num_minibatches, c.train.ckpt_every = 3, 12
+  assert pt_config.rollouts_per_iteration(c) == 24
+  pt_config.validate(c, 8)  # No reward model needed.
+  c.grpo.num_generations = 1
+  with pytest.raises(ConfigError, match='grpo.num_generations=1'):
+    pt_config.validate(c, 8)
 
 
 def test_dpo_loss_hand_computed_and_vanishing_beta():

@@ -1,4 +1,4 @@
-"""The tiny pipeline end to end: pre-train -> SFT -> reward model -> PPO and DPO -> task eval.
+"""The tiny pipeline end to end: pre-train -> SFT -> reward model -> PPO, DPO, GRPO -> task eval.
 
 The fast variant runs every stage for two steps on a very small model through the same entry
 point as the CLI (train.posttrain.__main__.run), each stage loading the previous checkpoint,
@@ -67,10 +67,19 @@ def test_tiny_pipeline_few_steps(tmp_path):
   dpo_cfg.dpo.update(eval_batches=1, precompute_ref=True)
   dpo = run_stage(dpo_cfg, str(w / 'dpo'))
   assert {'eval/rewards/accuracy', 'eval/rewards/margin'} <= set(dpo.eval)
+  grpo_cfg = _config('tiny_grpo', init_from=str(w / 'sft'), ckpt_every=4)
+  grpo_cfg.ppo.update(max_new_tokens=4, eval_prompts=4, rollout_slots=12)
+  grpo_cfg.grpo.num_generations = 4
+  grpo = run_stage(grpo_cfg, str(w / 'grpo'))
+  last = grpo.history[-2]
+  for key in ('objective/kl', 'objective/scores', 'objective/zero_std_fraction', 'loss/kl',
+              'policy/clipfrac', 'loss/policy'):
+    assert np.isfinite(last[key]), key
+  assert 0 <= grpo.eval['eval/score'] <= 1 and 0 <= last['objective/scores'] <= 1
   # Every stage's workdir is an LM checkpoint the generic tools read (PPO and DPO: policies).
-  for stage in ('pretrain', 'sft', 'ppo', 'dpo'):
-    run = workdir_lib.load_run(str(w / stage))  # PPO's steps are updates: 2 iterations x 4.
-    assert run.step == (8 if stage == 'ppo' else 2) and run.tokenizer.path == tokenizer
+  for stage in ('pretrain', 'sft', 'ppo', 'dpo', 'grpo'):
+    run = workdir_lib.load_run(str(w / stage))  # RL steps are updates: 2 iterations x 4.
+    assert run.step == (8 if stage in ('ppo', 'grpo') else 2) and run.tokenizer.path == tokenizer
   out = w / 'results.json'
   assert task_eval.main(['--run', f'sft={w / "sft"}', '--run', f'ppo={w / "ppo"}', '--num', '8',
                          '--max_new_tokens', '4', '--reward_model', str(w / 'rm'),

@@ -1,6 +1,6 @@
 """python -m train.posttrain --config experiments/<stage>.py --workdir DIR [--config.key=value ...]
 
-The stage is the config's `stage` ('rm', 'ppo', 'dpo'); a config without one (a train/config.py
+The stage is the config's `stage` ('rm', 'ppo', 'grpo', 'dpo'); a config without one (a train/config.py
 experiment, e.g. experiments/tiny_sft.py) is SFT: the normal train loop. Every stage keeps the
 tokenizer of the model it starts from (`data.tokenizer` filled in from the `train.init_from`
 run) and writes DIR/config.json, where train.generate, train.eval and the next stage find it.
@@ -24,14 +24,15 @@ def run(config, workdir: str, *, stop_after: int | None = None):
   """Runs the stage `config` describes through the train loop; returns its RunResult."""
   stage = config.get('stage', 'sft')
   if stage not in pt_config.STAGES:
-    raise ConfigError(f'stage={stage!r}: use sft, rm, ppo or dpo')
+    raise ConfigError(f'stage={stage!r}: use one of {pt_config.STAGES}')
   if stage == 'sft':
     config = stage_config(config) if config.train.init_from else config
     return loop.run(config, workdir, stop_after=stop_after)
   distributed.maybe_initialize(config.distributed)  # Before anything asks JAX for devices.
   pt_config.validate(config, jax.device_count(), jax.process_count())  # Before reading init_from.
   config = stage_config(config)
-  make_stage = {'rm': reward.stage, 'dpo': dpo.stage, 'ppo': ppo_loop.stage}[stage]
+  make_stage = {'rm': reward.stage, 'dpo': dpo.stage, 'ppo': ppo_loop.stage,
+                'grpo': ppo_loop.stage}[stage]
   return loop.run(config, workdir, stage=make_stage(config), stop_after=stop_after)
 
 

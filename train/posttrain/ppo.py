@@ -1,4 +1,4 @@
-"""PPO for RLHF: the per-token quantities and losses (the loop is in ppo_loop.py).
+"""PPO and GRPO: the per-token quantities and losses (the stage is in ppo_loop.py).
 
 Arrays are per action, over the columns of a rollout shifted by one: entry j is the token in
 column j + 1 of the sequence (prompt + completion), predicted from columns 0..j. `mask` is 1 on
@@ -16,6 +16,11 @@ completion is one contiguous run of 1s per row, and its last 1 ends the episode.
   value:     0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, +- eps_v) - R)^2)).
   entropy:   mean token entropy of the policy; loss -= ent_coef * entropy.
   adaptive KL (Ziegler et al. 2019): kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon.
+
+GRPO (Shao et al. 2024), no value model: the G completions of a prompt are a group; each gets
+A = (score - group mean) / (group std + 1e-4) (std optional) on all its tokens; the loss is the
+clipped policy loss above plus kl_coef * the mean per-token KL to the reference (k3), averaged
+over the minibatch's completion tokens.
 
 Metric names: docs/posttrain.md (they follow the reference RLHF libraries).
 """
@@ -96,27 +101,55 @@ def ppo_losses(logp_bt, entropy_bt, values_bt, old, mask_bt, c: LossConfig):
   Everything is a mean over the minibatch's completion tokens.
   """
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  logp_bt, entropy_bt, values_bt, mask_bt = f32(logp_bt), f32(entropy_bt), f32(values_bt), f32(mask_bt)
-  old = {k: f32(old[k]) for k in ('logprobs', 'values', 'advantages', 'returns')}
-  logratio_bt = logp_bt - old['logprobs']
-  ratio_bt = jnp.exp(logratio_bt)
-  adv_bt = old['advantages']
-  pg1_bt = -adv_bt * ratio_bt
-  pg2_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - c.cliprange, 1.0 + c.cliprange)
-  pg_loss = masked_mean(jnp.maximum(pg1_bt, pg2_bt), mask_bt)
+  values_bt, mask_bt = f32(values_bt), f32(mask_bt)
+  pg_loss, entropy, metrics = policy_loss(logp_bt, entropy_bt, old, mask_bt, c.cliprange)
+  old = {k: f32(old[k]) for k in ('values', 'returns')}
   v_clipped_bt = old['values'] + jnp.clip(values_bt - old['values'], -c.cliprange_value,
                                           c.cliprange_value)
   vf1_bt = (values_bt - old['returns']) ** 2
   vf2_bt = (v_clipped_bt - old['returns']) ** 2
   vf_loss = 0.5 * masked_mean(jnp.maximum(vf1_bt, vf2_bt), mask_bt)
-  entropy = masked_mean(entropy_bt, mask_bt)
   loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
-  return loss, {
-      'loss/policy': pg_loss, 'loss/value': vf_loss, 'loss/total': loss, 'policy/entropy': entropy,
+  return loss, dict(metrics, **{
+      'loss/value': vf_loss, 'loss/total': loss,
+      'val/clipfrac': masked_mean((vf2_bt > vf1_bt).astype(jnp.float32), mask_bt)})
+
+
+def policy_loss(logp_bt, entropy_bt, old, mask_bt, cliprange: float):
+  """(clipped policy loss, mean entropy, metrics) against old 'logprobs' and 'advantages'."""
+  logp_bt, mask_bt = jnp.asarray(logp_bt, jnp.float32), jnp.asarray(mask_bt, jnp.float32)
+  logratio_bt = logp_bt - jnp.asarray(old['logprobs'], jnp.float32)
+  ratio_bt = jnp.exp(logratio_bt)
+  adv_bt = jnp.asarray(old['advantages'], jnp.float32)
+  pg1_bt = -adv_bt * ratio_bt
+  pg2_bt = -adv_bt * jnp.clip(ratio_bt, 1.0 - cliprange, 1.0 + cliprange)
+  pg_loss = masked_mean(jnp.maximum(pg1_bt, pg2_bt), mask_bt)
+  entropy = masked_mean(jnp.asarray(entropy_bt, jnp.float32), mask_bt)
+  return pg_loss, entropy, {
+      'loss/policy': pg_loss, 'policy/entropy': entropy,
       'policy/approxkl': 0.5 * masked_mean(logratio_bt ** 2, mask_bt),
       'policy/clipfrac': masked_mean((pg2_bt > pg1_bt).astype(jnp.float32), mask_bt),
-      'val/clipfrac': masked_mean((vf2_bt > vf1_bt).astype(jnp.float32), mask_bt),
       'val/ratio': masked_mean(ratio_bt, mask_bt)}
+
+
+def group_advantages(scores_b, group: int, scale: bool = True):
+  """float32 [b]: each score minus its group's mean (groups: consecutive runs of `group`),
+  divided by the group's std + 1e-4 when `scale`."""
+  scores_gn = jnp.asarray(scores_b, jnp.float32).reshape(-1, group)
+  adv_gn = scores_gn - scores_gn.mean(axis=1, keepdims=True)
+  if scale:
+    adv_gn = adv_gn / (scores_gn.std(axis=1, keepdims=True) + 1e-4)
+  return adv_gn.reshape(-1)
+
+
+def grpo_losses(logp_bt, entropy_bt, old, mask_bt, c: LossConfig, kl_coef: float,
+                estimator: str = 'k3'):
+  """(loss, metrics) of one GRPO minibatch; `old` adds the rollout's 'ref_logprobs'."""
+  pg_loss, entropy, metrics = policy_loss(logp_bt, entropy_bt, old, mask_bt, c.cliprange)
+  kl = masked_mean(kl_penalty(jnp.asarray(logp_bt, jnp.float32),
+                              jnp.asarray(old['ref_logprobs'], jnp.float32), estimator), mask_bt)
+  loss = pg_loss + kl_coef * kl - c.ent_coef * entropy
+  return loss, dict(metrics, **{'loss/kl': kl, 'loss/total': loss})
 
 
 class AdaptiveKL:

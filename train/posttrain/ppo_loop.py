@@ -39,14 +39,17 @@ from train import state as state_lib
 from train import step as step_lib
 from train import workdir as workdir_lib
 from train.posttrain import config as pt_config
-from train.posttrain import ppo, reward
+from train.posttrain import ppo, reward, rewards
 
 log = logging.getLogger('meshlm')
 SHOWN = ('objective/scores', 'objective/kl', 'objective/rlhf_reward', 'objective/entropy',
          'policy/approxkl', 'policy/clipfrac', 'val/clipfrac', 'loss/value',
          'completions/mean_length')
+GRPO_SHOWN = ('objective/scores', 'objective/kl', 'objective/zero_std_fraction', 'policy/clipfrac',
+              'loss/kl', 'completions/mean_length')
 ROLLOUT_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'values', 'advantages',
                 'returns')
+GRPO_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'ref_logprobs', 'advantages')
 
 
 def load_prompts(config, template, split: str, workdir: str) -> list[tuple[list[int], str, str]]:
@@ -82,14 +85,17 @@ def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
           'kl_sum_b': jnp.sum(kl_bt * mask, axis=1)}
 
 
-def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg):
-  """The loss_fn of a PPO update (train/step.py) of trained {'params': policy, 'critic'}."""
-  policy = mdef.build(trained['params'])
-  logits, aux = policy(micro['tokens'], micro['positions'], micro['segment_ids'])
+def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg, kl=None):
+  """The loss_fn of a PPO update (train/step.py) of trained {'params': policy, 'critic'}, or of
+  a GRPO update of the policy params (critic_mdef None; `kl`: (kl_coef, estimator))."""
+  rows = (micro['tokens'], micro['positions'], micro['segment_ids'])
+  logits, aux = mdef.build(trained if critic_mdef is None else trained['params'])(*rows)
   logp_bt, entropy_bt = ppo.token_logprobs_and_entropy(logits, micro['tokens'])
-  values_bt = critic_mdef.build(trained['critic'])(micro['tokens'], micro['positions'],
-                                                     micro['segment_ids'])[0][:, :-1]
-  loss, metrics = ppo.ppo_losses(logp_bt, entropy_bt, values_bt, micro, micro['mask'], loss_cfg)
+  if critic_mdef is None:
+    loss, metrics = ppo.grpo_losses(logp_bt, entropy_bt, micro, micro['mask'], loss_cfg, *kl)
+  else:
+    values_bt = critic_mdef.build(trained['critic'])(*rows)[0][:, :-1]
+    loss, metrics = ppo.ppo_losses(logp_bt, entropy_bt, values_bt, micro, micro['mask'], loss_cfg)
   count = jnp.sum(micro['mask'])
   total = (loss + aux.get('aux_loss', 0.0)) * count
   return total, (count, {k: v * count for k, v in dict(metrics, loss=loss).items()})
@@ -110,15 +116,35 @@ def grad_norms(grads) -> dict:
 
 
 def stage(config) -> stage_lib.Stage:
-  """The PPO stage of `config` (a stage config with data.tokenizer filled in)."""
+  """The PPO or GRPO stage of `config` (a stage config with data.tokenizer filled in)."""
   t, p = config.train, config.ppo
   steps = pt_config.ppo_updates(config)
+  loss_cfg = ppo.LossConfig(p.cliprange, p.cliprange_value, p.vf_coef, p.ent_coef)
+  updates = dict(
+      name=config.stage, steps=steps, validate=pt_config.validate, eval_batches=0,
+      step_tokens=pt_config.rollouts_per_iteration(config) // p.num_minibatches * (
+          p.max_prompt_len + p.max_new_tokens),
+      before_step=lambda data, state, step: data.refill(state),
+      evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
+                                             'eval/score': data.mean_score(params)},
+      save_every=p.ppo_epochs * p.num_minibatches,
+      # Replicated: a minibatch need not divide over the batch shards.
+      replicate_batch=True)
+  if config.stage == 'grpo':
+    reward_fn = rewards.make(config.grpo.reward)
+    return stage_lib.Stage(
+        make_data=lambda ctx, split: Rollouts(config, ctx, None, reward_fn),
+        make_loss=lambda mdef, frozen: functools.partial(
+            update_loss, mdef=mdef, critic_mdef=None, loss_cfg=loss_cfg,
+            kl=(p.kl_coef, p.kl_estimator)),
+        init_state=lambda ctx, mdef, state: dict(
+            state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)),
+        shown=GRPO_SHOWN, **updates)
   critic_cfg = (reward.run_model_config(p.reward_model) if p.critic_init == 'reward_model'
                 else base_config.model_config(config))
   critic_mdef, _ = state_lib.model_def(critic_cfg, ScalarModel)
   txs, schedules = optimizers(config, steps)
   tx = step_lib.per_key(txs)
-  loss_cfg = ppo.LossConfig(p.cliprange, p.cliprange_value, p.vf_coef, p.ent_coef)
 
   def make_state(ctx, steps):  # Each model's state as train/state.py makes it, then merged.
     policy, policy_shardings, mdef = state_lib.create(ctx.cfg, txs['params'], ctx.mesh, t.seed)
@@ -136,30 +162,23 @@ def stage(config) -> stage_lib.Stage:
     return dict(state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx), critic=critic)
 
   return stage_lib.Stage(
-      name='ppo', steps=steps, validate=pt_config.validate,
       make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef),
       make_loss=lambda mdef, frozen: functools.partial(
           update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg),
-      init_state=init_state, eval_batches=0,
-      step_tokens=t.global_batch // p.num_minibatches * (p.max_prompt_len + p.max_new_tokens),
-      shown=SHOWN, make_state=make_state,
-      step_options={'trained': ('params', 'critic'), 'grad_metrics': grad_norms},
-      before_step=lambda data, state, step: data.refill(state),
-      evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
-                                             'eval/score': data.mean_score(params)},
-      save_every=p.ppo_epochs * p.num_minibatches,
-      # Replicated: a minibatch need not divide over the batch shards.
-      replicate_batch=True)
+      init_state=init_state, shown=SHOWN, make_state=make_state,
+      step_options={'trained': ('params', 'critic'), 'grad_metrics': grad_norms}, **updates)
 
 
 class Rollouts:
-  """The PPO stage's data. `refill(state)`, when the queue is empty, samples and scores the next
-  iteration's rollout batch with state's policy and critic and queues its ppo_epochs x
-  num_minibatches shuffled minibatches ({ROLLOUT_KEYS: [B / num_minibatches, ...]} numpy),
-  which next() hands out in order. Its state {'iteration', 'kl_coef', 'score_before'} is whole
-  between iterations (where the loop saves)."""
+  """The RL stages' data. `refill(state)`, when the queue is empty, samples and scores the next
+  iteration's rollout batch with state's policy (and PPO's critic) and queues its ppo_epochs x
+  num_minibatches shuffled minibatches ({ROLLOUT_KEYS or GRPO_KEYS: [rollouts / num_minibatches,
+  ...]} numpy), which next() hands out in order. GRPO (`reward_fn` given: the rewards.py
+  function scoring completion texts) samples grpo.num_generations completions per prompt. Its
+  state {'iteration', 'kl_coef', 'score_before'} is whole between iterations (where the loop
+  saves)."""
 
-  def __init__(self, config, ctx, critic_mdef):
+  def __init__(self, config, ctx, critic_mdef, reward_fn=None):
     t, p = config.train, config.ppo
     self.config, self.tokenizer = config, (tok := Tokenizer(config.data.tokenizer))
     template = chat_lib.ChatTemplate(tok)
@@ -167,15 +186,23 @@ class Rollouts:
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
+    self.grpo = reward_fn is not None
+    self.group = int(config.grpo.num_generations) if self.grpo else 1
     mdef = state_lib.model_def(ctx.cfg)[0]
     # Forward passes over rollouts, each compiled once per rollout shape.
     self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
         mdef.build(params)(*rows)[0], rows[0]))
-    self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
-    self.generator = gen_lib.Generator(ctx.cfg, None, tok, ctx.mesh, ctx.rules,
-                                       max_batch=t.global_batch)
-    self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
-    self.scores = reward.reward_scorer(p.reward_model, tok, ctx)
+    self.generator = gen_lib.Generator(
+        ctx.cfg, None, tok, ctx.mesh, ctx.rules,
+        max_batch=p.rollout_slots or pt_config.rollouts_per_iteration(config))
+    if not self.grpo:
+      self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
+      self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
+      rm_scores = reward.reward_scorer(p.reward_model, tok, ctx)
+      self.scores = lambda out, prompts: rm_scores(out)
+    else:
+      self.scores = lambda out, prompts: np.asarray([reward_fn(text, tok.decode(
+          out.completion_ids(j)), ref) for j, (_, text, ref) in enumerate(prompts)], np.float32)
     self.ref_params = workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)
     self.ref_shardings = jax.tree.map(lambda x: x.sharding, self.ref_params)
     if p.ref_on_host:
@@ -198,19 +225,20 @@ class Rollouts:
   def counts(self) -> dict:
     return {}
 
-  def rollout(self, policy, prompt_ids, *, seed, sampling):
-    """Sample completions and score them: (dict of [b, t] numpy arrays, scores, metrics)."""
+  def rollout(self, policy, prompts, *, seed, sampling):
+    """Sample completions of `prompts` (load_prompts tuples) and score them: (dict of [b, t]
+    numpy arrays, scores, metrics)."""
     p = self.config.ppo
-    out = self.generator.generate_ids(prompt_ids, max_new_tokens=p.max_new_tokens,
-                                      sampling=sampling, stop_ids=self.stop_ids, seed=seed,
-                                      params=policy)
+    out = self.generator.generate_ids([ids for ids, _, _ in prompts],
+                                      max_new_tokens=p.max_new_tokens, sampling=sampling,
+                                      stop_ids=self.stop_ids, seed=seed, params=policy)
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
     ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings)
                                 if p.ref_on_host else self.ref_params, *args)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
-    scores = self.scores(out) - p.missing_eos_penalty * truncated
+    scores = self.scores(out, prompts) - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]
     batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
                  logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
@@ -221,8 +249,7 @@ class Rollouts:
 
   def mean_score(self, policy) -> float:
     """Mean reward of greedy completions of the held-out prompts."""
-    _, scores, _ = self.rollout(policy, [ids for ids, _, _ in self.eval_prompts], seed=0,
-                                sampling=decode.Sampling())
+    _, scores, _ = self.rollout(policy, self.eval_prompts, seed=0, sampling=decode.Sampling())
     return float(scores.mean())
 
   def refill(self, state) -> dict:
@@ -232,23 +259,33 @@ class Rollouts:
     t, p = self.config.train, self.config.ppo
     if self.score_before is None:
       self.score_before = self.mean_score(state['params'])
-      log.info('ppo: mean reward of greedy completions of %d held-out prompts: %.4f',
-               len(self.eval_prompts), self.score_before)
+      log.info('%s: mean reward of greedy completions of %d held-out prompts: %.4f',
+               self.config.stage, len(self.eval_prompts), self.score_before)
     it, b = self.iteration, t.global_batch
     pick = [self.order[(it * b + j) % len(self.order)] for j in range(b)]
     batch, scores, metrics = self.rollout(
-        state['params'], [self.prompts[i][0] for i in pick], seed=t.seed * 1_000_003 + it,
-        sampling=decode.Sampling(temperature=p.temperature))
-    batch['values'] = np.asarray(self.values(
-        state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
-    kl_coef = self.kl.value
-    batch.update(jax.tree.map(np.asarray, self.advantages(
-        {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
-    kl, score = float(batch.pop('kl_sum_b').mean()), float(scores.mean())
+        state['params'], [self.prompts[i] for i in pick for _ in range(self.group)],
+        seed=t.seed * 1_000_003 + it, sampling=decode.Sampling(temperature=p.temperature))
+    kl_coef, keys = self.kl.value, ROLLOUT_KEYS
+    if self.grpo:
+      keys, kl_bt = GRPO_KEYS, ppo.kl_penalty(batch['logprobs'], batch['ref_logprobs'],
+                                              p.kl_estimator)
+      batch['advantages'] = np.asarray(ppo.group_advantages(
+          scores, self.group, self.config.grpo.scale_rewards))[:, None] * batch['mask']
+      kl = float(np.mean(np.sum(np.asarray(kl_bt) * batch['mask'], axis=1)))
+      metrics['objective/zero_std_fraction'] = float(np.mean(
+          scores.reshape(-1, self.group).std(axis=1) == 0))
+    else:
+      batch['values'] = np.asarray(self.values(
+          state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
+      batch.update(jax.tree.map(np.asarray, self.advantages(
+          {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
+      kl = float(batch.pop('kl_sum_b').mean())
+      self.kl.update(kl, b)
+    score, n = float(scores.mean()), len(scores)
     rng = np.random.default_rng([t.seed, it])
-    self.queue = [{k: batch[k][mb] for k in ROLLOUT_KEYS} for _ in range(p.ppo_epochs)
-                  for mb in np.split(rng.permutation(b), p.num_minibatches)]
-    self.kl.update(kl, b)
+    self.queue = [{k: batch[k][mb] for k in keys} for _ in range(p.ppo_epochs)
+                  for mb in np.split(rng.permutation(n), p.num_minibatches)]
     self.iteration += 1
     return dict(metrics, **{'objective/kl': kl, 'objective/scores': score,
                             'objective/non_score_reward': -kl_coef * kl,
