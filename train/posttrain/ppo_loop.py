@@ -198,7 +198,7 @@ class Rollouts:
     if not self.grpo:
       self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
       self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
-      rm_scores = reward.reward_scorer(p.reward_model, tok, ctx)
+      rm_scores = reward.RewardScorer(p.reward_model, tok, ctx)
       self.scores = lambda out, prompts: rm_scores(out)
     else:
       self.scores = lambda out, prompts: np.asarray([reward_fn(text, tok.decode(

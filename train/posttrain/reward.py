@@ -3,7 +3,7 @@
 Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is
 the head's output at its last real token (segment_ids > 0), whatever the padding. Metrics:
 `loss`, `rm/accuracy` (share r_chosen > r_rejected), `rm/margin`, `rm/chosen`, `rm/rejected`
-(means); `eval/...` the same on held-out pairs. `reward_scorer` scores generated completions
+(means); `eval/...` the same on held-out pairs. `RewardScorer` scores generated completions and chats
 (PPO's rollouts, train/posttrain/task_eval.py).
 """
 
@@ -95,16 +95,33 @@ def reward_layout(out, end_id: int, newline: list[int]) -> dict:
   return {'inputs': tokens, 'positions': positions, 'segment_ids': segs}
 
 
-def reward_scorer(rm_workdir: str, tok, placement):
-  """generate result -> float32 [b] scores by the reward model of run `rm_workdir` (placed by a
-  train/context.py Placement) of prompt + completion, laid out by `reward_layout`."""
-  rm_cfg = run_model_config(rm_workdir)
-  mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
-  params = workdir_lib.restore_params(rm_workdir, rm_cfg, placement, ScalarModel)
-  fn = jax.jit(lambda p, rows: rewards(mdef.build(p), rows)[0])
-  end, newline = tok.special_id('<|end|>'), list(chat_lib.ChatTemplate(tok).newline)
+class RewardScorer:
+  """Scores by the reward model of run `rm_workdir` (placed by a train/context.py Placement):
+  `scorer(out)` -> float32 [b] of a train/generate.py result's prompt + completion, laid out by
+  `reward_layout`; `scorer.messages(conversations)` of whole chats as data/chat.py renders them
+  for the preference stages."""
 
-  def score(out):
-    with jax.set_mesh(placement.mesh):
-      return np.asarray(fn(params, reward_layout(out, end, newline)), np.float32)
-  return score
+  def __init__(self, rm_workdir: str, tok, placement):
+    rm_cfg = run_model_config(rm_workdir)
+    mdef, _ = state_lib.model_def(rm_cfg, ScalarModel)
+    self.params = workdir_lib.restore_params(rm_workdir, rm_cfg, placement, ScalarModel)
+    self.fn = jax.jit(lambda p, rows: rewards(mdef.build(p), rows)[0])
+    self.template, self.mesh = chat_lib.ChatTemplate(tok), placement.mesh
+    self.end, self.newline = tok.special_id('<|end|>'), list(self.template.newline)
+
+  def rows(self, rows) -> np.ndarray:
+    with jax.set_mesh(self.mesh):
+      return np.asarray(self.fn(self.params, rows), np.float32)
+
+  def __call__(self, out) -> np.ndarray:
+    return self.rows(reward_layout(out, self.end, self.newline))
+
+  def messages(self, conversations: list[list[dict]]) -> np.ndarray:
+    ids = [self.template.encode(m)[0] for m in conversations]
+    width = max(len(x) for x in ids)
+    tokens = np.zeros((len(ids), width), np.int32)
+    segs = np.zeros_like(tokens)
+    for i, x in enumerate(ids):
+      tokens[i, :len(x)], segs[i, :len(x)] = x, 1
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
+    return self.rows({'inputs': tokens, 'positions': positions, 'segment_ids': segs})

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
       has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
       run = workdir_lib.load_run(path, None if has_json else (args.config or None))
       gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
-      scorer = (reward.reward_scorer(args.reward_model, run.tokenizer, gen.placement)
+      scorer = (reward.RewardScorer(args.reward_model, run.tokenizer, gen.placement)
                 if args.reward_model else None)
       items = questions(int(run.config.data.embedded_seed), int(run.config.data.embedded_examples),
                         args.num)
