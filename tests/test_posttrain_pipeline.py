@@ -15,24 +15,13 @@ import sys
 import numpy as np
 import pytest
 
+from tests.util import SMALL
+from tests.util import stage_config as _config
 from train import workdir as workdir_lib
 from train.posttrain import task_eval
 from train.posttrain.__main__ import run as run_stage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SMALL = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
-
-
-def _config(name: str, **train):
-  import importlib
-  c = importlib.import_module(f'experiments.{name}').get_config()
-  c.model.update(SMALL)
-  c.data.update(seq_len=64, tokenizer_docs=300, embedded_docs=400, embedded_examples=200,
-                embedded_eval_docs=40)
-  c.optim.update(warmup_steps=1)
-  c.train.update({**dict(steps=2, log_every=1, ckpt_every=2, eval_batches=1, global_batch=8), **train})
-  c.train.progress = False
-  return c
 
 
 def test_tiny_pipeline_few_steps(tmp_path):

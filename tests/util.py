@@ -1,5 +1,7 @@
 """Small builders shared by tests: tiny configs, synthetic packed batches, meshes."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,4 +58,20 @@ def run_config(**train_overrides):
   c.optim.update(peak_lr=1e-2, warmup_steps=2)
   c.train.update(steps=6, global_batch=8, log_every=1, ckpt_every=3, eval_batches=1, progress=False)
   c.train.update(train_overrides)
+  return c
+
+
+SMALL = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def stage_config(name: str, **train):
+  """experiments/<name>.py's config at the SMALL model and a small embedded corpus, stepping
+  `train` (default 2 steps of 8, a checkpoint at the end) — the tiny post-training chain."""
+  c = importlib.import_module(f'experiments.{name}').get_config()
+  c.model.update(SMALL)
+  c.data.update(seq_len=64, tokenizer_docs=300, embedded_docs=400, embedded_examples=200,
+                embedded_eval_docs=40)
+  c.optim.update(warmup_steps=1)
+  c.train.update({**dict(steps=2, log_every=1, ckpt_every=2, eval_batches=1, global_batch=8), **train})
+  c.train.progress = False
   return c
