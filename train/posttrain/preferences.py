@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         ml_collections.ConfigDict({'data': data, 'ppo': {'max_prompt_len': args.max_prompt_len}}),
         ChatTemplate(run.tokenizer), args.split, workdir)[:args.num_prompts or None]
     gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
-    scorer = reward.reward_scorer(rm_dir, run.tokenizer, gen.placement) if rm_dir else None
+    scorer = reward.RewardScorer(rm_dir, run.tokenizer, gen.placement) if rm_dir else None
     k = args.samples
     out = gen.generate_ids([ids for ids, _, _ in prompts for _ in range(k)],
                            sampling=decode.Sampling(temperature=args.temperature), seed=args.seed,

@@ -42,6 +42,27 @@ def questions(seed: int, num_train: int, num: int) -> list[dict]:
   return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
 
 
+def kind_of(question: str) -> str:
+  return next(k for k, pattern in KINDS if pattern.search(question))
+
+
+def per_kind(values: list, questions: list[str]) -> dict:
+  kinds = [kind_of(q) for q in questions]
+  return {k: float(np.mean([v for v, kk in zip(values, kinds) if kk == k]))
+          for k, _ in KINDS if k in kinds}
+
+
+def pair_accuracy(scorer, seed: int, num_train: int, num: int) -> dict:
+  """The reward model's accuracy on held-out corpus preference pairs, overall and per kind."""
+  rows = corpus.preferences(seed, num_train + num)[num_train:]
+  chats = [[{'role': 'user', 'content': r['prompt']}, {'role': 'assistant', 'content': r[side]}]
+           for side in ('chosen', 'rejected') for r in rows]
+  scores = scorer.messages(chats)
+  right = list(scores[:num] > scores[num:])
+  return {'accuracy': float(np.mean(right)), 'count': num,
+          'per_kind': per_kind(right, [r['prompt'] for r in rows])}
+
+
 def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=None) -> dict:
   """Accuracy (overall and per kind) of greedy chat replies; `scorer(rollout) -> [b]` rewards."""
   prompts = generator.prompt_ids([q['prompt'] for q in items], chat=True)
@@ -50,11 +71,9 @@ def evaluate(generator, items: list[dict], *, max_new_tokens: int = 40, scorer=N
   replies = [out.completion_ids(j) for j in range(len(items))]
   correct = [rewards.embedded_correct(generator.tokenizer.decode(r), q['answer'])
              for r, q in zip(replies, items)]
-  kinds = [next(k for k, pattern in KINDS if pattern.search(q['prompt'])) for q in items]
-  per_kind = {k: float(np.mean([c for c, kk in zip(correct, kinds) if kk == k]))
-              for k, _ in KINDS if k in kinds}
   novel = [bool(q.get('novel', True)) for q in items]
-  result = {'accuracy': float(np.mean(correct)), 'count': len(items), 'per_kind': per_kind,
+  result = {'accuracy': float(np.mean(correct)), 'count': len(items),
+            'per_kind': per_kind(correct, [q['prompt'] for q in items]),
             'mean_length': float(np.mean([len(r) for r in replies])),
             'novel': float(np.mean(novel))}
   if any(novel):
@@ -89,13 +108,18 @@ def main(argv=None) -> int:
                         args.num)
       results[name] = evaluate(gen, items, max_new_tokens=args.max_new_tokens, scorer=scorer)
       print(f'{name}: {json.dumps(results[name])}', flush=True)
+    if scorer is not None:
+      pairs = pair_accuracy(scorer, int(run.config.data.embedded_seed),
+                            int(run.config.data.embedded_examples), args.num)
+      print(f'reward model pairs: {json.dumps(pairs)}', flush=True)
   except (ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_table(results))
   if args.out:
     with open(args.out, 'w') as f:
-      json.dump(results, f, indent=1)
+      json.dump(dict(results, **({'reward_model_pairs': pairs} if args.reward_model else {})), f,
+                indent=1)
   return 0
 
 
