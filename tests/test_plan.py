@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import dense_65b, mixtral_8x7b
+from experiments import dense_65b, dense_65b_grpo, dense_65b_rlhf, mixtral_8x7b
 from model import count_params
 from model.config import ConfigError
 from tests.util import run_config
@@ -201,5 +201,72 @@ def test_cli_json_and_exit_status():
   assert out.returncode == 1
   assert '[memory per device, analytic (GiB)]' in out.stdout and 'fits' in out.stdout
   assert 'error: hardware.device_memory_gb=20' in out.stderr
+  out = _cli('--config', str(REPO / 'experiments/dense_65b_grpo.py'), '--config.train.global_batch=512')
+  assert out.returncode == 1 and 'rl_kv_cache_gib' in out.stdout
+  assert 'error: hardware.device_memory_gb=80' in out.stderr and 'ppo.rollout_slots=4096' in out.stderr
   out = _cli('--config', str(REPO / 'experiments/dense_65b.py'), '--config.train.global_batch=100')
   assert out.returncode == 1 and 'train.global_batch' in out.stderr and not out.stdout
+
+
+GIB = memory.GIB
+
+
+def test_rl_kv_cache_by_hand():
+  """slots x (prompt + new) x layers x (k, v) x kv heads x head dim x bf16, rows over the batch
+  shards and kv heads over mesh.tensor (replicated where tensor does not divide them)."""
+  c = _tiny(mesh=dict(fsdp=2, tensor=4), model=dict(num_kv_heads=4, num_heads=8))
+  cfg = model_config(c)
+  kv = lambda sizes: memory.kv_cache(c, sizes, cfg, 32, 24 + 8)
+  assert kv({'fsdp': 2, 'tensor': 4}) == 32 / 2 * 32 * 2 * 2 * (4 / 4) * 8 * 2
+  assert kv({'fsdp': 8}) == 32 / 8 * 32 * 2 * 2 * 4 * 8 * 2
+  c.model.num_kv_heads = 2  # 2 kv heads over tensor=4: replicated, as logical_to_spec drops it.
+  got = memory.kv_cache(c, {'fsdp': 2, 'tensor': 4}, model_config(c), 32, 32)
+  assert got == 32 / 2 * 32 * 2 * 2 * 2 * 8 * 2
+
+
+def test_dense_65b_rl_stages_by_hand():
+  """Both 65B RL configs plan from shapes alone (no array is allocated); GRPO has no reward or
+  value model; the reference is the policy's params, on the host for PPO (ref_on_host)."""
+  live = len(jax.live_arrays())
+  ppo, grpo = plan.plan(dense_65b_rlhf.get_config()), plan.plan(dense_65b_grpo.get_config())
+  assert len(jax.live_arrays()) == live
+  mha = 80 * 2 * 64 * 128 * 2  # Bytes of k and v per token, all layers, bf16; 256 devices.
+  assert grpo['rl_kv_cache_gib'] == 256 * 16 * (512 + 512) * mha / 256 / GIB == 40.0
+  assert grpo['rl_rollouts_per_iteration'] == grpo['rl_rollout_slots'] == 4096
+  assert ppo['rl_kv_cache_gib'] == round(512 * (1024 + 512) * mha / 256 / GIB, 2) == 7.5
+  assert not {'rl_reward_model_gib', 'rl_value_model_gib'} & set(grpo)
+  assert grpo['rl_reference_gib'] == grpo['mem_params_gib'] and grpo['rl_reference_host_gib'] == 0
+  assert ppo['rl_reference_gib'] == 0 and ppo['rl_reference_host_gib'] == ppo['mem_params_gib']
+  # The reward model: the policy's trunk (no output table) + w_d over fsdp=32 + a bias, float32;
+  # 'reward_model' is unset, which a note says.
+  total, d = ppo['params_total'], 8192
+  norms = (2 * 80 + 1) * d
+  rm = (total - 128_000 * d - norms) * 4 / 256 + norms * 4 + d * 4 / 32 + 4
+  assert ppo['rl_reward_model_gib'] == round(rm / GIB, 2) and 'ppo.reward_model' in ppo['rl_notes'][0]
+  # The critic (from the RM): params, AdamW, gradients, each layer's input for 2 rollouts a device.
+  assert ppo['rl_value_model_gib'] == pytest.approx((4 * rm + 80 * 2 * 1536 * d * 2) / GIB, abs=0.01)
+  assert ppo['fits'] and grpo['fits']
+  assert not [w for w in ppo['warnings'] + grpo['warnings'] if 'decoder update step' in w]
+
+
+def test_rl_not_fitting_names_the_knobs(tmp_path):
+  c = dense_65b_grpo.get_config()
+  c.train.global_batch = 512  # 8,192 rollouts at once: an 80 GiB cache a device.
+  p = plan.plan(c)
+  assert p['rl_kv_cache_gib'] == 80.0 and p['fits'] is False
+  with pytest.raises(ConfigError, match=r'Try: ppo.rollout_slots=4096 \(-40.0 GiB\); '
+                     r'ppo.ref_on_host=True \(-0.98 GiB\); grpo.num_generations below 16'):
+    plan.check_fits(p)
+  c.ppo.update(rollout_slots=4096, ref_on_host=True)
+  p = plan.plan(c)
+  assert p['rl_kv_cache_gib'] == 40.0 and p['rl_reference_gib'] == 0 and p['fits']
+  plan.check_fits(p)
+  # A reward model run of half the depth is read from its workdir's config.json.
+  rm = dense_65b_rlhf.get_config('rm')
+  rm.model.num_layers = 40
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'config.json').write_text(rm.to_json())
+  c = dense_65b_rlhf.get_config()
+  c.ppo.reward_model = str(tmp_path)
+  half, full = plan.plan(c), plan.plan(dense_65b_rlhf.get_config())
+  assert not half['rl_notes'] and half['rl_reward_model_gib'] < 0.6 * full['rl_reward_model_gib']

@@ -30,6 +30,7 @@ import numpy as np
 from model.config import ModelConfig
 from model.moe import capacity
 from model.sharding import logical_to_spec, spec_axes
+from model.transformer import CACHE_AXES, Decoder
 from train import context as context_lib
 from train.config import model_config
 from train.head_loss import chunk_len
@@ -139,9 +140,11 @@ def _attention_transient(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
   return 4 * s.local(('batch', 'act_heads', None, None), (b, n, block, block)) * 4
 
 
-def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory:
+def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None,
+             model_cls=Decoder) -> Memory:
   """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes` (mesh
-  axis -> size, default 1)."""
+  axis -> size, default 1); `model_cls`: Decoder, or model/heads.py ScalarModel (whose head
+  phase is counted as the Decoder's)."""
   cfg = model_config(config) if cfg is None else cfg
   s = Shapes(context_lib.Placement.abstract(config, mesh_sizes))
   w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize
@@ -152,7 +155,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   # compute, and how many of those are not this device's own shard (the all-gathered extra).
   params = 0
   groups = {'layer': [0, 0], 'head': [0, 0], 'embed': [0, 0]}
-  mdef, abstract = model_def(cfg)
+  mdef, abstract = model_def(cfg, model_cls)
   leaf_axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
   for axes, leaf in zip(leaf_axes, jax.tree_util.tree_leaves(abstract)):
     local, gathered = s.local(axes, leaf.shape), s.gathered(axes, leaf.shape)
@@ -198,6 +201,14 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None) -> Memory
   batch_bytes = 5 * 4 * s.local((None, 'batch', 'length'), (t.grad_accum, micro, seq))
   return Memory(params=params, optimizer=2 * params, grads=grads, activations=activations,
                 transient=phases[phase], transient_phase=phase, batch=batch_bytes)
+
+
+def kv_cache(config, mesh_sizes: dict, cfg: ModelConfig, slots: int, length: int) -> float:
+  """Per-device bytes of k and v of a decoding cache (model/transformer.py init_cache) of `slots`
+  rows of `length` columns in the compute dtype, split by CACHE_AXES under the config's rules."""
+  s = Shapes(context_lib.Placement.abstract(config, mesh_sizes))
+  shape = (cfg.num_units, cfg.layers_per_unit, slots, length, cfg.num_kv_heads, cfg.dim_per_head)
+  return 2 * s.local(CACHE_AXES, shape) * cfg.dtype.itemsize
 
 
 def _all_saved(inter: dict, scores: bool = True) -> float:

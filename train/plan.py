@@ -22,13 +22,17 @@ from absl import app, flags
 from model import count_params, training_flops_per_token
 from model.config import ConfigError
 from model.moe import grouped_matmul_kernel
+from model.heads import ScalarModel
 from train import aot, cli, targets
+from train import generate as gen_lib
 from train import config as config_lib
 from train import context as context_lib
 from train import memory as memory_lib
 from train.memory import gib
 from train.mesh import mesh_shape
 from train.metrics import table_peak_tflops
+from train.posttrain import config as pt_config
+from train.posttrain import reward
 
 
 def define_flags() -> None:
@@ -66,7 +70,8 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   """The numbers of the tables, as a flat dict. Raises ConfigError for a config that cannot
   run (train/config.py validate); `check_fits` raises for one that does not fit."""
   n = device_count(config, devices)
-  cfg, _, warnings = _validate(config, n)
+  rl = config if config.get('stage', None) in pt_config.RL_STAGES else None
+  cfg, config, warnings = _validate(config, n)
   if not 0 < mfu <= 1:
     raise ConfigError(f'--mfu={mfu} must be in (0, 1]')
   sizes = mesh_shape(config.mesh, n)
@@ -106,9 +111,11 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'mem_transient_phase': mem.transient_phase,
       'mem_total_gib': gib(mem.total),
       'device_memory_gib': float(config.hardware.device_memory_gb),
+      **(rl_section(rl, config, cfg, sizes, mem) if rl else {}),
   }
   limit = config.hardware.device_memory_gb
-  p['fits'] = None if limit <= 0 else bool(mem.total <= limit * memory_lib.GIB)
+  worst = p.get('rl_total_gib', mem.total / memory_lib.GIB)
+  p['fits'] = None if limit <= 0 else bool(worst <= limit)
   p['peak_tflops_per_device'] = peak = peak_tflops(config)
   p['mfu'] = mfu
   if peak > 0:
@@ -124,30 +131,91 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   return p
 
 
-POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'dpo')
+POSTTRAIN_SECTIONS = ('stage', 'rm', 'ppo', 'grpo', 'dpo')
 
 
 def _validate(config, n: int):
-  """train/config.py validate, as the run does it. Returns (ModelConfig, config to plan with,
-  warnings). A data-source error is a warning and the default sources are planned (the planner
-  reads no data); a post-training config is planned as its decoder's update step."""
-  warnings, present = [], [k for k in POSTTRAIN_SECTIONS if k in config]
-  if present:
-    warnings.append(f'stage {config.get("stage", "") or "post-training"!r}: planned as the decoder '
-                    f'update step of train.global_batch={config.train.global_batch} sequences of '
-                    f'data.seq_len={config.data.seq_len} tokens on this mesh; the reference, '
-                    f'reward and value models and rollouts are not counted here')
+  """train/config.py validate (train/posttrain/config.py's, needing no checkpoint paths) as the
+  run does it: (ModelConfig, config to plan, warnings). A data-source error is a warning and the
+  default sources are planned (no data is read). RL is planned as its update step (a minibatch of
+  rollouts of prompt + new tokens), RM and DPO as train.global_batch x data.seq_len."""
+  warnings, stage = [], config.get('stage', None)
+  if stage is not None:
     config = ml_collections.ConfigDict(config.to_dict())
-    for key in present:
-      del config[key]
+    config.train.init_from = config.train.init_from or 'plan://unread'
+    config.ppo.reward_model = config.ppo.reward_model or 'plan://unread'
+  check = config_lib.validate if stage is None else pt_config.validate
   try:
-    return config_lib.validate(config, n), config, warnings
+    cfg = check(config, n)
   except ConfigError as e:
     if 'config.data.source' not in str(e):
       raise
-    trimmed = _default_sources(config)
-    return config_lib.validate(trimmed, n), trimmed, warnings + [
-        f'data: {e} (the run would stop there; the planner reads no data and plans the rest)']
+    config = _default_sources(config)
+    cfg = check(config, n)
+    warnings.append(f'data: {e} (the run would stop there; the planner reads no data and plans '
+                    f'the rest)')
+  if stage is None:
+    return cfg, config, warnings
+  planned = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items()
+                                      if k not in POSTTRAIN_SECTIONS})
+  if stage in pt_config.RL_STAGES:
+    p = config.ppo
+    planned.train.update(global_batch=pt_config.rollouts_per_iteration(config) // p.num_minibatches,
+                         steps=pt_config.ppo_updates(config))
+    planned.data.seq_len = p.max_prompt_len + p.max_new_tokens
+    warnings.append(f'stage {stage!r}: throughput and time count the policy updates only, not the '
+                    f'rollouts or their scoring' + (' or the critic' if stage == 'ppo' else ''))
+  elif stage != 'sft':
+    warnings.append(f'stage {stage!r}: planned as the decoder update step; the reference and '
+                    f'scalar models are not counted here')
+  return cfg, planned, warnings
+
+
+def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> dict:
+  """An RL stage per device beside the policy's update step (`policy`: estimate of `planned`):
+  the reference (the policy's params; host with ppo.ref_on_host), for PPO the reward model and the
+  critic (ScalarModels of the ppo.reward_model run's model, else the policy's; the critic with
+  AdamW, gradients, activations), the KV cache of ppo.rollout_slots (0: all rollouts) rounded up
+  as train/generate.py does. Phases: rollout (the cache; a host reference after it), update."""
+  p, notes, critic_work, rows = config.ppo, [], 0, {}
+  rollouts = pt_config.rollouts_per_iteration(config)
+  shards = context_lib.Placement.abstract(planned, sizes).batch_shards
+  slots = math.lcm(gen_lib.bucket(p.rollout_slots or rollouts, 1), shards)
+  kv_of = lambda n: memory_lib.kv_cache(planned, sizes, cfg, n, planned.data.seq_len)
+  ref, kv = policy.params, kv_of(slots)
+  on_device = policy.params + policy.optimizer + (0 if p.ref_on_host else ref)
+  if config.stage == 'ppo':
+    try:
+      rm_cfg = reward.run_model_config(p.reward_model) if p.reward_model else None
+    except (FileNotFoundError, ConfigError):
+      rm_cfg = None
+    notes = [] if rm_cfg else [f'ppo.reward_model={p.reward_model!r} is not a run here: the reward '
+                               f'model and critic are sized with the policy\'s model config']
+    rm = memory_lib.estimate(planned, sizes, rm_cfg or cfg, ScalarModel)
+    critic = (rm if p.critic_init == 'reward_model' or rm_cfg is None
+              else memory_lib.estimate(planned, sizes, cfg, ScalarModel))
+    on_device += rm.params + critic.params + critic.optimizer
+    critic_work = critic.grads + critic.activations
+    rows = {'rl_reward_model_gib': gib(rm.params),
+            'rl_value_model_gib': gib(critic.params + critic.optimizer + critic_work)}
+  rollout = on_device + max(kv, ref if p.ref_on_host else 0)
+  update = on_device + policy.total - policy.params - policy.optimizer + critic_work
+  limit = config.hardware.device_memory_gb * memory_lib.GIB
+  most = max([n for n in (math.lcm(1 << k, shards) for k in range(40))
+              if kv_of(shards) * n // shards <= limit - on_device], default=0)
+  saves = {} if p.ref_on_host else {'ppo.ref_on_host=True': ref}
+  if rollout > limit and 0 < most < slots:
+    saves[f'ppo.rollout_slots={most}'] = kv - kv_of(most)
+  knobs = [f'{k} (-{gib(v)} GiB)' for k, v in sorted(saves.items(), key=lambda x: -x[1])]
+  knobs += [f'grpo.num_generations below {config.grpo.num_generations}'] * (config.stage == 'grpo')
+  return {'rl_rollouts_per_iteration': rollouts, 'rl_rollout_slots': slots,
+          'rl_policy_gib': gib(policy.params + policy.optimizer + policy.grads),
+          'rl_policy_update_gib': gib(policy.activations + policy.transient + policy.batch),
+          'rl_reference_gib': gib(0 if p.ref_on_host else ref),
+          'rl_reference_host_gib': gib(ref if p.ref_on_host else 0), **rows,
+          'rl_kv_cache_gib': gib(kv), 'rl_rollout_phase_gib': gib(rollout),
+          'rl_update_phase_gib': gib(update), 'rl_total_gib': gib(max(rollout, update)),
+          'rl_max_rollout_slots': most if limit > 0 else '', 'rl_notes': notes, 'rl_knobs': knobs}
 
 
 def _default_sources(config):
@@ -162,17 +230,22 @@ def _default_sources(config):
 
 
 def check_fits(p: dict) -> None:
-  """ConfigError if the analytic per-device estimate exceeds the device memory (the compiled CPU
-  plan is of a variant, not the config's own)."""
-  limit, worst = p['device_memory_gib'], p['mem_total_gib']
-  if 0 < limit < worst:
-    raise ConfigError(
-        f'hardware.device_memory_gb={limit:g}: the per-device memory estimate is {worst:.1f} GiB '
-        f'(params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
-        f'{p["mem_grads_gib"]}, activations {p["mem_activations_gib"]} with model.remat='
-        f'{p["remat"]!r}, peak working set {p["mem_transient_gib"]} in the '
-        f'{p["mem_transient_phase"]} phase). Try: '
-        + '; '.join(_knobs(p['remat'], head=p['mem_transient_phase'] == 'head')) + ' (docs/scale.md).')
+  """ConfigError if the analytic per-device estimate (an RL stage's: rl_section) exceeds the
+  device memory (the compiled CPU plan is of a variant, not the config's own)."""
+  limit, worst = p['device_memory_gib'], p.get('rl_total_gib', p['mem_total_gib'])
+  if not 0 < limit < worst:
+    return
+  knobs = _knobs(p['remat'], head=p['mem_transient_phase'] == 'head')
+  what = (f'params {p["mem_params_gib"]}, optimizer {p["mem_optimizer_gib"]}, grads '
+          f'{p["mem_grads_gib"]}, activations {p["mem_activations_gib"]} with model.remat='
+          f'{p["remat"]!r}, peak working set {p["mem_transient_gib"]} in the '
+          f'{p["mem_transient_phase"]} phase')
+  if 'rl_total_gib' in p:  # An RL stage: its components, then the update step's.
+    what = ', '.join(f'{k[3:-4].replace("_", " ")} {v}' for k, v in p.items() if k[:3] == 'rl_'
+                     and k[-4:] == '_gib') + f' at {p["rl_rollout_slots"]} slots; update: ' + what
+    knobs = p['rl_knobs'] + knobs
+  raise ConfigError(f'hardware.device_memory_gb={limit:g}: the per-device memory estimate is '
+                    f'{worst:.1f} GiB ({what}). Try: ' + '; '.join(knobs) + ' (docs/scale.md).')
 
 
 def _knobs(remat: str, *, head: bool = False, grad_accum: int = 0, micro: int = 0,
@@ -377,13 +450,14 @@ TITLES = {
     'target_collectives': 'collectives per step (count, GB result, GB moved per device)',
     'target_compute_s': 'roofline (perfect overlap: step = max of the three; no overlap: their sum)',
     'compiled_attention': 'memory per device, XLA plan on emulated CPU devices (GiB)',
+    'rl_rollouts_per_iteration': 'RL stage per device (GiB): the update step above and the rest',
 }
-NOT_IN_TABLE = ('warnings', 'target_notes', 'target_unknown_trip_counts')
+NOT_IN_TABLE = ('warnings', 'target_notes', 'rl_notes', 'rl_knobs', 'target_unknown_trip_counts')
 
 
 def format_table(p: dict) -> str:
   lines = [f'warning: {w}' for w in p.get('warnings', [])]
-  lines += [f'note: {w}' for w in p.get('target_notes', [])]
+  lines += [f'note: {w}' for w in p.get('target_notes', []) + p.get('rl_notes', [])]
   width = max(len(k) for k in p if k not in NOT_IN_TABLE)
   for k, v in p.items():
     lines += [f'[{TITLES[k]}]'] if k in TITLES else []

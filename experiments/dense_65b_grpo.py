@@ -1,0 +1,35 @@
+"""Dense 65B GRPO in place of PPO: the model, mesh and AdamW of experiments/dense_65b_rlhf.py,
+no reward model and no critic, a verifiable reward instead.
+
+    python -m train.posttrain --config experiments/dense_65b_grpo.py --workdir gs://B/grpo \\
+        --config.train.init_from=gs://B/sft --config.data.sources.sft.path='gs://B/gsm8k/*.jsonl'
+    python -m train.plan --config experiments/dense_65b_grpo.py   # memory per device, no allocation
+
+Data: GSM8K train as SFT records (question, then a solution whose reply ends "#### N"); the
+reward is 1 when the sampled reply's final number equals the record's (grpo.reward='gsm8k'), so
+the SFT model should already answer in that format. Chosen here, not measured: 256 prompts x
+G=16 samples an iteration (G in 8..16; 16 gives a finer group baseline), 100 iterations (about
+3.5 passes over the 7,473 questions), one pass of 4 minibatches per rollout batch, 512 prompt and
+512 reply tokens (GSM8K solutions are far shorter), KL to the SFT model by k3 at 0.04 and peak
+lr 1e-6 (DeepSeekMath's GRPO values). The reference stays on device: with no reward model or
+critic, every rollout of an iteration fits at once (docs/posttrain.md, planning the RL stages).
+"""
+
+from data.config import source_entry
+from experiments import dense_65b_rlhf
+
+
+def get_config():
+  c = dense_65b_rlhf._base('grpo')  # pylint: disable=protected-access
+  c.data.sources.sft = source_entry('jsonl', 'sft', path='', eval_fraction=0.02)
+  c.data.source = 'sft'
+  c.mesh.update(data=1, fsdp=32, expert=1, tensor=8)
+  c.optim.update(peak_lr=1e-6, warmup_steps=20)
+  # 4 updates an iteration: log every iteration, save every 10.
+  c.train.update(steps=100, global_batch=256, grad_accum=4, log_every=4,
+                 ckpt_every=40, ckpt_keep=2)
+  c.grpo.update(num_generations=16, scale_rewards=True, reward='gsm8k')
+  c.ppo.update(max_prompt_len=512, max_new_tokens=512, temperature=1.0, ppo_epochs=1,
+               num_minibatches=4, cliprange=0.2, kl_coef=0.04, kl_estimator='k3',
+               ref_on_host=False, rollout_slots=0, eval_prompts=128)
+  return c
