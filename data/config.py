@@ -71,7 +71,8 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
-  """(name, entry) of every source named in `cfg.source`, checked."""
+  """(name, entry) of every source named in `cfg.source`, checked; keys an entry leaves out (one
+  given whole on the command line) take source_entry's defaults."""
   names = [n.strip() for n in str(cfg.source).split(',') if n.strip()]
   _check(bool(names), 'source', 'names no source')
   out = []
@@ -96,7 +97,7 @@ def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
            "preference records; use kind='local' with file_format='jsonl' for text")
     _check(kind not in ('tfds', 'local') or fmt == 'text', f'{key}.format',
            f'{kind} sources hold text')
-    out.append((name, entry))
+    out.append((name, source_entry(**entry.to_dict())))
   return out
 
 

@@ -96,6 +96,15 @@ def test_sharding_rules_from_the_command_line():
   assert _config('train.steps=7', 'optim.peak_lr=1e-3', 'train.progress=false').train.progress is False
 
 
+def test_a_source_given_whole_on_the_command_line_takes_the_entry_defaults(tmp_path):
+  path = tmp_path / 'sft.jsonl'
+  path.write_text(json.dumps({'prompt': 'Say hi.', 'response': 'hi'}) + '\n')
+  config = _config('data.source=mine', f"data.sources.mine={{'kind': 'jsonl', 'format': 'sft', "
+                   f"'path': '{path}'}}")
+  [(name, entry)] = data_config.selected(config.data)
+  assert name == 'mine' and (entry.sft_format, entry.eval_fraction) == ('auto', 0.05)
+
+
 @pytest.mark.parametrize('override, message', [
     ('optim.peak_lr=-0.001', 'optim.peak_lr=-0.001 must be > 0'),
     ('optim.peak_lr=0', 'optim.peak_lr=0.0 must be > 0'),
