@@ -290,6 +290,27 @@ def test_ppo_resume_is_bit_identical(tmp_path, lm_run, rm_run):
   assert saved['process_states'][0]['iteration'] == 2
 
 
+def test_grpo_resume_is_bit_identical(tmp_path, lm_run):
+  def config():
+    c = _config('tiny_grpo', init_from=lm_run, steps=2, ckpt_every=4)
+    c.ppo.update(max_new_tokens=4, eval_prompts=4, rollout_slots=8)
+    c.grpo.num_generations = 2
+    return c
+  straight = run_stage(config(), str(tmp_path / 'a'))
+  first = run_stage(config(), str(tmp_path / 'b'), stop_after=1)
+  assert int(first.state['step']) == 4
+  resumed = run_stage(config(), str(tmp_path / 'b'))
+  a, b = ({h['step']: h for h in r.history if 'loss' in h} for r in (straight, resumed))
+  assert sorted(b) == [5, 6, 7, 8] and sorted(a) == list(range(1, 9))
+  for step in b:
+    for key in ('loss', 'loss/kl', 'objective/scores', 'objective/kl', 'grad_norm'):
+      assert a[step][key] == b[step][key], (step, key)
+  assert straight.eval == resumed.eval and set(straight.eval) == {'eval/score_before', 'eval/score'}
+  assert set(straight.state) == {'step', 'params', 'opt_state', 'rng'}  # No critic.
+  for x, y in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_ppo_checkpoints_only_between_iterations(tmp_path, lm_run, rm_run):
   with pytest.raises(ConfigError, match=r'train.ckpt_every=2: PPO saves between iterations'):
     run_stage(_ppo_config(lm_run, rm_run, ckpt_every=2), str(tmp_path))

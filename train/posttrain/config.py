@@ -116,8 +116,8 @@ def validate(config, num_devices: int, process_count: int = 1):
                         f'on one process (its rollouts are not split over processes)')
     per_iteration = p.ppo_epochs * p.num_minibatches
     if config.train.ckpt_every % per_iteration:
-      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: RL saves between iterations; '
-                        f'use a multiple of ppo.ppo_epochs x ppo.num_minibatches = {per_iteration}')
+      raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: {config.stage.upper()} saves '
+                        f'between iterations; use a multiple of ppo.ppo_epochs x ppo.num_minibatches = {per_iteration}')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
