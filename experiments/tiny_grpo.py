@@ -3,10 +3,11 @@
     python -m train.posttrain --config experiments/tiny_grpo.py --workdir /tmp/tiny/grpo \\
         --config.train.init_from=/tmp/tiny/sft
 
-Prompts are the user turns of the embedded instruction pairs; each iteration samples 8
-completions of up to 32 tokens for each of 8 prompts at temperature 1, scores each 1 (exactly
+Prompts are the user turns of the embedded instruction pairs; each of 100 iterations samples
+8 completions of up to 32 tokens for each of 16 prompts at temperature 1, scores each 1 (exactly
 the answer) or 0, and takes 2 epochs of 2 minibatches with group-relative advantages, no value
-model and no reward model. Results: benchmarks/results/posttrain_pipeline.md.
+model and no reward model. The learning rate and KL coefficient are the best of a small sweep
+(benchmarks/results/posttrain_pipeline.md, which has the results).
 """
 
 from experiments import tiny_dense
@@ -18,11 +19,11 @@ def get_config():
   c.stage = 'grpo'
   c.model.update(tiny_dense.get_config().model)
   c.data.update(source='embedded_sft', packing='pad', seq_len=128)
-  c.optim.update(peak_lr=5e-5, warmup_steps=10, final_lr_frac=0.5, weight_decay=0.0)
+  c.optim.update(peak_lr=3e-5, warmup_steps=10, final_lr_frac=0.5, weight_decay=0.0)
   # log_every and ckpt_every count updates (4 an iteration).
-  c.train.update(steps=40, global_batch=8, log_every=20, ckpt_every=160)
+  c.train.update(steps=100, global_batch=16, log_every=40, ckpt_every=400)
   c.ppo.update(max_prompt_len=32, max_new_tokens=32, temperature=1.0, ppo_epochs=2,
-               num_minibatches=2, kl_coef=0.04, kl_estimator='k3', missing_eos_penalty=0.0,
+               num_minibatches=2, kl_coef=0.1, kl_estimator='k3', missing_eos_penalty=0.0,
                eval_prompts=64)
   c.grpo.update(num_generations=8, scale_rewards=True, reward='embedded')
   return c

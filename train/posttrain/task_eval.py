@@ -108,18 +108,19 @@ def main(argv=None) -> int:
                         args.num)
       results[name] = evaluate(gen, items, max_new_tokens=args.max_new_tokens, scorer=scorer)
       print(f'{name}: {json.dumps(results[name])}', flush=True)
-    if scorer is not None:
+    if scorer is not None:  # The same reward model for every run: reported with each.
       pairs = pair_accuracy(scorer, int(run.config.data.embedded_seed),
                             int(run.config.data.embedded_examples), args.num)
       print(f'reward model pairs: {json.dumps(pairs)}', flush=True)
+      for r in results.values():
+        r['reward_model_pairs'] = pairs
   except (ConfigError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_table(results))
   if args.out:
     with open(args.out, 'w') as f:
-      json.dump(dict(results, **({'reward_model_pairs': pairs} if args.reward_model else {})), f,
-                indent=1)
+      json.dump(results, f, indent=1)
   return 0
 
 
