@@ -1,5 +1,7 @@
-"""RLHF with PPO, a stage of the one loop (train/loop.py): rollouts from the policy, rewards
-from the reward model, KL to a frozen reference.
+"""RLHF with PPO, and GRPO: stages of the one loop (train/loop.py). Rollouts from the policy,
+rewards from the reward model (PPO) or a verifiable reward (GRPO, rewards.py), KL to a frozen
+reference. GRPO is PPO's rollouts and clipped policy loss without critic or reward model:
+grpo.num_generations completions per prompt, advantages relative to the group (ppo.py).
 
 Models, on one mesh by the same logical rules: the policy (Decoder from `train.init_from`,
 trained with `optim`); the frozen reference (the same checkpoint; in pinned host memory between
