@@ -3,9 +3,7 @@
 OUT_DIR gets config.json (the full run config: train/config.py defaults, `model` from the HF
 config.json, data.seq_len = max_position_embeddings, data.tokenizer = the copied tokenizer),
 checkpoints/0/ (the params, for --config.train.init_from) and tokenizer/tokenizer.model when
-HF_DIR has one. Tensors are memory-mapped one at a time, in file order, into their slice of a
-disk-backed memmap of the stacked parameter (OUT_DIR/.scratch, deleted at the end), which orbax
-then writes piecewise (train/convert/store.py): about one tensor is resident at a time.
+HF_DIR has one. About one tensor is resident at a time (docs/convert.md, "Memory").
 """
 
 import json

@@ -69,13 +69,8 @@ def header(subject: str) -> str:
 
 
 def format_example(item: Item, include_answer: bool) -> str:
-  text = item.question
-  for letter, choice in zip(CHOICES, item.choices):
-    text += f'\n{letter}. {choice}'
-  text += '\nAnswer:'
-  if include_answer:
-    text += f' {item.answer}\n\n'
-  return text
+  text = item.question + ''.join(f'\n{l}. {c}' for l, c in zip(CHOICES, item.choices))
+  return text + '\nAnswer:' + (f' {item.answer}\n\n' if include_answer else '')
 
 
 def build_prompt(subject: str, dev: list[Item], item: Item, k: int = 5,
@@ -104,7 +99,6 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
   root = data_dir_lib.resolve(data_dir) / 'mmlu'
   names = subject_names or subjects(data_dir)
   per_subject = {}
-  correct_total = count_total = 0
   for subject in names:
     dev = load_csv(root / 'dev' / f'{subject}_dev.csv')
     test = load_csv(root / 'test' / f'{subject}_test.csv')[:limit_per_subject]
@@ -118,10 +112,10 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
     correct = sum(p == item.answer for p, item in zip(predicted, test))
     per_subject[subject] = {'accuracy': correct / len(test), 'correct': correct,
                             'count': len(test), 'min_k': min(kk for _, kk in prompts)}
-    correct_total += correct
-    count_total += len(test)
+  count_total = sum(s['count'] for s in per_subject.values())
+  micro = sum(s['correct'] for s in per_subject.values()) / count_total
   macro = float(np.mean([s['accuracy'] for s in per_subject.values()]))
-  return {'task': 'mmlu', 'metrics': {'accuracy': correct_total / count_total,  # Micro average.
+  return {'task': 'mmlu', 'metrics': {'accuracy': micro,
                                       'macro_accuracy': macro},
           'count': count_total, 'per_subject': per_subject,
           'config': {'k': k, 'max_length': max_length, 'limit_per_subject': limit_per_subject}}
