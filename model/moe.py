@@ -72,13 +72,8 @@ def top_k(logits_bte, k: int):
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
+# The SwiGLU of every expert on its [b, c] buffer slots (model/layers.py swiglu_of).
 EXPERTS = Layout('e', 'bc', ('act_expert', 'batch', 'capacity', 'act_mlp'), _BUFFER_AXES)
-
-
-def expert_swiglu(x_ebcd, gate_edf, up_edf, down_efd):
-  """down(silu(x @ gate) * (x @ up)) of every expert on its [b, c] buffer slots
-  (model/layers.py swiglu_of: the backward written out)."""
-  return swiglu_of(EXPERTS, x_ebcd, gate_edf, up_edf, down_efd)
 
 
 def _dropless_shard_specs(shape_btd, f: int, mesh):
@@ -210,7 +205,7 @@ class MoeBlock(nnx.Module):
     xpad_btd = jnp.concatenate([x_btd, jnp.zeros((b, 1, d), x_btd.dtype)], axis=1)
     x_bsd = take_rows(xpad_btd, token_bs)
     x_ebcd = constrain(jnp.swapaxes(x_bsd.reshape(b, e, c, d), 0, 1), _BUFFER_AXES)
-    y_ebcd = expert_swiglu(x_ebcd, *self._experts())
+    y_ebcd = swiglu_of(EXPERTS, x_ebcd, *self._experts())
     y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d),
                       ('batch', None, 'act_embed'))
     ypad_bsd = jnp.concatenate([y_bsd, jnp.zeros((b, 1, d), y_bsd.dtype)], axis=1)
@@ -254,13 +249,8 @@ class MoeBlock(nnx.Module):
     log_probs_bte = jax.nn.log_softmax(logits_bte, axis=-1)
     entropy = jnp.mean(-jnp.sum(probs_bte * log_probs_bte, axis=-1))
     dropped = 0.0 if kept_btk is None else 1.0 - jnp.mean(kept_btk.astype(jnp.float32))
-    aux = {
-        'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
-        'load_balance_loss': load_balance,
-        'router_z_loss': z_loss,
-        'dropped_fraction': dropped,
-        'router_entropy': entropy,
-        'expert_load_min': jnp.min(load_e),
-        'expert_load_max': jnp.max(load_e),
-    }
+    aux = {'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
+           'load_balance_loss': load_balance, 'router_z_loss': z_loss, 'dropped_fraction': dropped,
+           'router_entropy': entropy, 'expert_load_min': jnp.min(load_e),
+           'expert_load_max': jnp.max(load_e)}
     return {name: jnp.asarray(aux[name], jnp.float32) for name in AUX_KEYS}
