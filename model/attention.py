@@ -50,8 +50,7 @@ def make_mask(q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_
   return same_bts & causal_bts
 
 
-def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
-                  kv_positions_bs):
+def _check_inputs(q_btnh, k_bskh, v_bskh, segs):
   where = 'model/attention.py attention()'
   if q_btnh.ndim != 4 or k_bskh.ndim != 4 or v_bskh.ndim != 4:
     raise ValueError(f'{where}: q, k, v must be [b, t, n, h] / [b, s, k, h], got shapes '
@@ -64,10 +63,8 @@ def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q
     raise ValueError(f'{where}: k {k_bskh.shape} does not match q {q_btnh.shape} in batch or head dim')
   if n % k:
     raise ValueError(f'{where}: kv heads ({k}) must divide query heads ({n})')
-  for name, x, want in (('q_segment_ids_bt', q_segment_ids_bt, (b, t)),
-                        ('kv_segment_ids_bs', kv_segment_ids_bs, (b, s)),
-                        ('q_positions_bt', q_positions_bt, (b, t)),
-                        ('kv_positions_bs', kv_positions_bs, (b, s))):
+  names = ('q_segment_ids_bt', 'kv_segment_ids_bs', 'q_positions_bt', 'kv_positions_bs')
+  for name, x, want in zip(names, segs, ((b, t), (b, s)) * 2):
     if tuple(x.shape) != want:
       raise ValueError(f'{where}: {name} must have shape {want}, got {tuple(x.shape)}')
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -108,9 +105,8 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
   return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-# xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k), so every
-# matmul is one batched GEMM over (b, k); the backward computes dK and dV transposed, the faster
-# layout on XLA:CPU (benchmarks/results/attention_xla_cpu.md). Reverse mode only (custom VJP).
+# xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k): every matmul
+# is one batched GEMM over (b, k); dK and dV are computed transposed. Reverse mode only.
 def _probabilities(q_bkmh, k_bksh, mask_bt1s):
   """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
   b, k, m, h = q_bkmh.shape
@@ -379,15 +375,14 @@ def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
               kv_positions_bs, implementation: str = 'xla', chunk_size: int = 1024):
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
-  _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
-                kv_positions_bs)
+  segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
+  _check_inputs(q_btnh, k_bskh, v_bskh, segs)
   impl = resolve(implementation, q_btnh.shape[1], k_bskh.shape[1], dtype=q_btnh.dtype,
                  head_dim=q_btnh.shape[3])
   key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
   if implementation == 'auto' and key not in _logged_choices:
     _logged_choices.add(key)
     log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, *key[:4])
-  segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
   if impl == 'chunked':
     return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
   if impl == 'splash':
