@@ -73,25 +73,22 @@ def _story(rng: random.Random) -> str:
   he, his = PRONOUN[name], POSSESSIVE[PRONOUN[name]]
   animal, place, day = rng.choice(ANIMALS), rng.choice(PLACES), rng.choice(DAYS)
   verb, thing = rng.choice(VERBS), _thing(rng)
-  past = rng.random() < 0.5
-  lines = []
-  if past:
-    lines.append(f'On {day}, {name} went to {place}. The weather was {rng.choice(WEATHER)}.')
-    lines.append(f'There, {he} {verb[1]} {thing}.')
-    lines.append(f'{he.capitalize()} showed it to {friend} and {his} {animal}.')
-    lines.append(f'{friend} was {rng.choice(FEELINGS)}, and the {animal} was {rng.choice(FEELINGS)}.')
+  if rng.random() < 0.5:  # In the past tense.
+    lines = [f'On {day}, {name} went to {place}. The weather was {rng.choice(WEATHER)}.',
+             f'There, {he} {verb[1]} {thing}.',
+             f'{he.capitalize()} showed it to {friend} and {his} {animal}.',
+             f'{friend} was {rng.choice(FEELINGS)}, and the {animal} was {rng.choice(FEELINGS)}.']
     if rng.random() < 0.6:
       count = rng.randint(2, 9)
       lines.append(f'Later they counted {count} {_plural(rng.choice(ANIMALS))} near {rng.choice(PLACES)}.')
     lines.append(f'At the end of the day, {name} felt {rng.choice(FEELINGS)} and went home.')
-  else:
-    s = '' if he == 'they' else 's'
-    lines.append(f'Every {day}, {name} walk{s} to {place} with {his} {animal}.')
-    lines.append(f'Today {he} {"carry" if he == "they" else "carries"} {thing}.')
-    lines.append(f'{friend} {verb[0]} {_thing(rng)} and laughs.')
-    lines.append(f'"Look at the {animal}!" says {friend}. "It looks {rng.choice(FEELINGS)}."')
-    lines.append(f'{name} smile{s}, because the day is {rng.choice(WEATHER)}.')
-  return ' '.join(lines)
+    return ' '.join(lines)
+  s = '' if he == 'they' else 's'
+  return ' '.join([f'Every {day}, {name} walk{s} to {place} with {his} {animal}.',
+                   f'Today {he} {"carry" if he == "they" else "carries"} {thing}.',
+                   f'{friend} {verb[0]} {_thing(rng)} and laughs.',
+                   f'"Look at the {animal}!" says {friend}. "It looks {rng.choice(FEELINGS)}."',
+                   f'{name} smile{s}, because the day is {rng.choice(WEATHER)}.'])
 
 
 def _arithmetic(rng: random.Random) -> str:
