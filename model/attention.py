@@ -172,13 +172,18 @@ def _block_logits(q_bckgh, k_brkh, scale):
                     preferred_element_type=jnp.float32) * scale
 
 
-def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
-  """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows).
-  The barrier ties the segment ids and positions to q, k, v: else the layer scan hoists every
-  block pair's mask out of its loop."""
-  (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
-      jax.lax.optimization_barrier(
-          (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr))
+@jax.custom_vjp
+def _flash(*args):  # Arguments of _flash_fwd.
+  return _flash_fwd(*args)[0]
+
+
+def _flash_fwd(*args):
+  """Blocked output [nq, b, c, k, g, h] of the blocked q, k, v, q segment ids and positions, kv
+  segment ids, positions and validity (_chunked), and the residuals: the arguments, the output
+  and log-sum-exp [nq, b, k, g, c] (0 for empty rows). The barrier ties the segment ids and
+  positions to q, k, v: else the layer scan hoists every block pair's mask out of its loop."""
+  q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr = (
+      jax.lax.optimization_barrier(args))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
 
   def one_q_block(args):
@@ -211,16 +216,7 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
     lse_bkgc = jnp.where(nonempty_bkgc, m_bkgc + jnp.log(jnp.where(nonempty_bkgc, l_bkgc, 1.0)), 0.0)
     return out_bkgch.transpose(0, 3, 1, 2, 4).astype(q_bckgh.dtype), lse_bkgc
 
-  return jax.lax.map(one_q_block, (q_qbckgh, qseg_qbc, qpos_qbc))
-
-
-@jax.custom_vjp
-def _flash(*args):  # Arguments of _flash_forward.
-  return _flash_forward(*args)[0]
-
-
-def _flash_fwd(*args):
-  out_qbckgh, lse_qbkgc = _flash_forward(*args)
+  out_qbckgh, lse_qbkgc = jax.lax.map(one_q_block, (q_qbckgh, qseg_qbc, qpos_qbc))
   return out_qbckgh, (args, out_qbckgh, lse_qbkgc)
 
 
