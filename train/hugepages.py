@@ -15,10 +15,9 @@ _THP = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
 def wanted() -> bool:
-  if sys.platform != 'linux' or os.environ.get('MESHLM_HUGEPAGES', '1') == '0':
+  if (sys.platform != 'linux' or os.environ.get('MESHLM_HUGEPAGES', '1') == '0'
+      or 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', '')):  # Set: never loop.
     return False
-  if 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', ''):
-    return False  # Already set (by us or by the user): never loop.
   try:
     with open(_THP) as f:
       return '[never]' not in f.read()

@@ -15,7 +15,7 @@ import json
 import os
 
 import ml_collections
-from orbax.checkpoint import CheckpointManager
+from orbax.checkpoint import utils as ocp_utils
 
 from data import pipeline
 from data.tokenizer import Tokenizer
@@ -119,10 +119,8 @@ def inherited_tokenizer(config) -> str:
 
 
 def latest_step(root: str) -> int | None:
-  manager = CheckpointManager(root)
-  step = manager.latest_step()
-  manager.close()
-  return step
+  """The newest finalized step in checkpoints folder `root`, or None."""
+  return max(ocp_utils.checkpoint_steps(root), default=None)
 
 
 def restore_params(checkpoint: str, cfg: ModelConfig, placement, model_cls=None):

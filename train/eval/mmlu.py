@@ -84,9 +84,8 @@ def build_prompt(subject: str, dev: list[Item], item: Item, k: int = 5,
   question = format_example(item, include_answer=False)
   while True:
     prompt = header(subject) + ''.join(format_example(d, True) for d in dev[:k]) + question
-    if count_tokens is None or k == 0:
-      return prompt, k
-    if max(count_tokens(prompt + c) for c in CONTINUATIONS) <= max_length:
+    if (count_tokens is None or k == 0
+        or max(count_tokens(prompt + c) for c in CONTINUATIONS) <= max_length):
       return prompt, k
     k -= 1
 
