@@ -1,16 +1,12 @@
 """Sparse mixture-of-experts feed-forward block (Mixtral-style), a drop-in for `layers.SwiGLU`.
 
-Routing: a float32 linear router gives logits_bte; each token takes its top k experts (ties to
-the lower index) weighed by a softmax over the k selected logits. In training the router input
-may be scaled by uniform noise in [1 - router_jitter, 1 + router_jitter] (experts see the clean
-input).
-
-Experts are SwiGLU MLPs stacked on a leading `expert` axis. cfg.dispatch (docs/moe.md; all
-equal when nothing drops): 'capacity' (c = min(t, ceil(capacity_factor * t * k / e)) slots per
-expert per batch row, later assignments dropped by priority top-1 choices in token order, then
-top-2, ...; other weights not renormalised; buffers [e, b, c, d] annotated ('act_expert',
-'batch', 'capacity', 'act_embed')), 'dropless' (grouped matmuls, cfg.grouped_matmul, in
-`jax.shard_map` on each device's own tokens) or 'reference' (a masked dense loop over experts).
+Each token takes its top k experts of a float32 linear router (ties to the lower index), weighed
+by a softmax over the k selected logits; in training the router input may be scaled by uniform
+noise in [1 - router_jitter, 1 + router_jitter]. Experts are SwiGLU MLPs stacked on a leading
+`expert` axis. cfg.dispatch 'capacity' (`capacity` slots per expert per batch row, priority by
+`slot_positions`, other weights not renormalised), 'dropless' (grouped matmuls in
+`jax.shard_map` on each device's own tokens) and 'reference' (a masked dense loop over experts)
+compute the same function when nothing drops (docs/moe.md).
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
