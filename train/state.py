@@ -1,8 +1,6 @@
-"""The train state (params, optimizer state, step, RNG), created directly sharded.
-
-`jax.eval_shape` the initialiser, derive each leaf's NamedSharding from the model's logical
-axes (model/sharding.py), then `jax.jit(init, out_shardings=...)`: no parameter ever exists
-unsharded.
+"""The train state (params, optimizer state, step, RNG), created directly sharded: `jax.jit` of
+the initialiser with out_shardings from the model's logical axes (model/sharding.py), so no
+parameter ever exists unsharded.
 """
 
 import dataclasses
