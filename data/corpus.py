@@ -1,11 +1,10 @@
 """The embedded default corpus: text made by deterministic generators, no files, no network.
 
 Document `i` is a pure function of `(seed, i)` (its own `random.Random`, seeded from a string,
-which is the same on every machine), so a source reads it without building the ones before.
-Kinds, mixed by fixed weights: short stories, arithmetic, times tables, counting, lists,
-dialogues and facts about a small world; the word lists are small, so a tiny model's loss falls
-visibly within a few hundred steps. `instructions` and `preferences` give SFT and preference
-pairs with a checkable answer.
+the same on every machine). Kinds, mixed by fixed weights: short stories, arithmetic, times
+tables, counting, lists, dialogues and facts about a small world (small word lists: a tiny
+model learns it fast). `instructions` and `preferences`: SFT and preference pairs with a
+checkable answer.
 """
 
 import random

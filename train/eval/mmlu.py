@@ -7,10 +7,9 @@ its answer, then the test question ending with `Answer:`:
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {X}\\n\\n     (k times)
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
 
-Cells are read verbatim with the csv module (the reference reads them with pandas, which turns
-cells such as `2` or `None` into numbers or NaN). The prediction is the argmax of the four
-log-likelihoods (ties go to the earlier letter). With a token counter and `max_length`, k shrinks
-until prompt + answer fits, as the reference does.
+Cells are read verbatim (csv module, not pandas: `2` or `None` stay text). The prediction is the
+argmax of the four log-likelihoods (ties to the earlier letter). With a token counter and
+`max_length`, k shrinks until prompt + answer fits, as the reference does.
 """
 
 import csv
