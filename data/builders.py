@@ -170,8 +170,7 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '') -> None:
                        f'Offline, put its files in a manual dir (manual_dir)') from e
 
 
-def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '',
-                prepare: bool = True):
+def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '', prepare: bool = True):
   """The array_record data source of a catalogued dataset split (prepared first if asked)."""
   if prepare:
     prepare_tfds(name, data_dir, manual_dir)

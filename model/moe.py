@@ -202,8 +202,7 @@ class MoeBlock(nnx.Module):
     x_bsd = take_rows(xpad_btd, token_bs)
     x_ebcd = constrain(jnp.swapaxes(x_bsd.reshape(b, e, c, d), 0, 1), _BUFFER_AXES)
     y_ebcd = swiglu_of(EXPERTS, x_ebcd, *self._experts())
-    y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d),
-                      ('batch', None, 'act_embed'))
+    y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d), ('batch', None, 'act_embed'))
     ypad_bsd = jnp.concatenate([y_bsd, jnp.zeros((b, 1, d), y_bsd.dtype)], axis=1)
     y_btkd = take_rows(ypad_bsd, slot_bn).reshape(b, t, k, d)
     combine_btk = (weights_btk * kept_btk).astype(x_btd.dtype)

@@ -42,8 +42,7 @@ def truncate(completion: str) -> str:
 
 
 def program(problem: Problem, completion: str) -> str:
-  return (problem.prompt + completion + '\n' + problem.test + '\n' +
-          f'check({problem.entry_point})')
+  return f'{problem.prompt}{completion}\n{problem.test}\ncheck({problem.entry_point})'
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
