@@ -123,8 +123,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   micro = t.global_batch // t.grad_accum
   placement = Placement.abstract(config, sizes)  # train/context.py: the one builder of rules.
   for name, target in placement.rules.items():
-    unknown = set(spec_axes(target)) - set(sizes)
-    if unknown:
+    if unknown := set(spec_axes(target)) - set(sizes):
       raise ConfigError(f'sharding_rules.{name}={target!r}: {", ".join(sorted(unknown))} is not a '
                         f'mesh axis ({", ".join(sizes)})')
   axes, shards = spec_axes(placement.rules['batch']), placement.batch_shards

@@ -96,8 +96,7 @@ def tokenizer_path(config, workdir: str) -> str | None:
 def load_tokenizer(config, workdir: str):
   """The run's tokenizer (`tokenizer_path`), else the pipeline's train-or-load (which finds the
   same cache when the sources are the same)."""
-  path = tokenizer_path(config, workdir)
-  if path:
+  if path := tokenizer_path(config, workdir):
     return Tokenizer(path)
   return pipeline.load_tokenizer(config.data, vocab_size=config.model.vocab_size, workdir=workdir)
 

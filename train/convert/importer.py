@@ -91,8 +91,7 @@ def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
   plan = {}
   for link in hf_layout.links(cfg, hf_layout.expert_layout(tensors)):
     plan.setdefault(link.hf_name, []).append(link)
-  missing = [name for name in plan if name not in tensors]
-  if missing:
+  if missing := [name for name in plan if name not in tensors]:
     raise ConvertError(f'{hf_dir}: {len(missing)} tensor(s) that config.json implies are missing, '
                        f'e.g. {", ".join(missing[:4])}')
   extra = [n for n in tensors if n not in plan and not n.endswith(hf_layout.IGNORED_SUFFIXES)]

@@ -31,8 +31,7 @@ def read_jsonl(path: pathlib.Path, kind: str, keys: tuple[str, ...]) -> list[dic
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      missing = [k for k in keys if not isinstance(row.get(k), str)]
-      if missing:
+      if missing := [k for k in keys if not isinstance(row.get(k), str)]:
         raise ValueError(f'{path}:{line_no}: {kind} row needs string {missing}')
       rows.append(row)
   if not rows:

@@ -56,8 +56,7 @@ def subjects(data_dir: str | pathlib.Path | None = None) -> list[str]:
   names = sorted(p.name[:-len('_test.csv')] for p in (root / 'test').glob('*_test.csv'))
   if not names:
     raise FileNotFoundError(f'no MMLU test files {root}/test/*_test.csv')
-  missing = [s for s in names if not (root / 'dev' / f'{s}_dev.csv').is_file()]
-  if missing:
+  if missing := [s for s in names if not (root / 'dev' / f'{s}_dev.csv').is_file()]:
     raise FileNotFoundError(f'MMLU dev files missing under {root}/dev for {missing}')
   return names
 

@@ -41,8 +41,7 @@ class MeshLM:
     return 1 + len(self.tok.encode(text))
 
   def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    spaces = len(context) - len(context.rstrip(' '))
-    if spaces:
+    if spaces := len(context) - len(context.rstrip(' ')):
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = self.tok.encode(context)
     whole = self.tok.encode(context + continuation)

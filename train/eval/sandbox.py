@@ -89,8 +89,7 @@ class Limits:
   output_chars: int = 2000  # Tail of stdout+stderr kept in Outcome.detail.
 
   def __post_init__(self):
-    bad = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) <= 0]
-    if bad:
+    if bad := [f.name for f in dataclasses.fields(self) if getattr(self, f.name) <= 0]:
       raise ValueError(f'sandbox Limits.{bad[0]} must be > 0, got {getattr(self, bad[0])}')
 
 
@@ -125,8 +124,7 @@ def _drop_to(uid: int | None) -> tuple[list[str], dict]:
   first, so that Popen can vfork (its `user=` forks, copying a large parent's page tables)."""
   if uid is None:
     return [], {}
-  setpriv = shutil.which('setpriv')
-  if setpriv:
+  if setpriv := shutil.which('setpriv'):
     return [setpriv, f'--reuid={uid}', f'--regid={uid}', '--clear-groups', '--'], {}
   return [], dict(user=uid, group=uid, extra_groups=[])
 
