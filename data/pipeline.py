@@ -109,11 +109,9 @@ def _sum_counts(state: Any, into: dict) -> None:
     if 'counts' in state and 'offset' in state:
       for name, c in state['counts'].items():
         into.setdefault(name, collections.Counter()).update(c)
-    for v in state.values():
-      _sum_counts(v, into)
-  elif isinstance(state, list):
-    for v in state:
-      _sum_counts(v, into)
+    state = list(state.values())
+  for v in state if isinstance(state, list) else ():
+    _sum_counts(v, into)
 
 
 class DataIterator:

@@ -33,8 +33,7 @@ from model.sharding import logical_to_spec, mesh_platform
 
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
-# Without a fused kernel, 'auto' takes 'chunked' from this many query * key pairs on, 'xla'
-# below (memory and time: benchmarks/results/attention.md).
+# 'auto' without a fused kernel: 'chunked' from this many query * key pairs on, else 'xla'.
 AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
