@@ -99,12 +99,9 @@ def _arithmetic(rng: random.Random) -> str:
       a, b = rng.randint(0, 12), rng.randint(0, 12)
     elif op == '-':
       a, b = max(a, b), min(a, b)
-    result = {'+': a + b, '-': a - b, '*': a * b}[op]
-    if rng.random() < 0.3:
-      word = {'+': 'plus', '-': 'minus', '*': 'times'}[op]
-      lines.append(f'{a} {word} {b} is {result}.')
-    else:
-      lines.append(f'{a} {op} {b} = {result}')
+    result, word = {'+': (a + b, 'plus'), '-': (a - b, 'minus'), '*': (a * b, 'times')}[op]
+    in_words = rng.random() < 0.3
+    lines.append(f'{a} {word} {b} is {result}.' if in_words else f'{a} {op} {b} = {result}')
   return '\n'.join(lines)
 
 
