@@ -78,8 +78,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     assignment = dict.fromkeys(kept, 'train')
     if spec['eval_fraction'] > 0 and len(kept) >= 2:  # Every k-th held out, at least one.
       every = min(len(kept), max(1, round(1 / spec['eval_fraction'])))
-      for where in kept[every - 1::every]:
-        assignment[where] = 'eval'
+      assignment.update(dict.fromkeys(kept[every - 1::every], 'eval'))
     self.info.metadata.update({'bad_input': dict(bad.counts), 'hygiene': dict(clean.counts),
                                'files': len(self._paths)})
     present = set(assignment.values())  # tfds cannot write an empty split

@@ -177,10 +177,10 @@ def _flash(*args):  # Arguments of _flash_fwd.
 
 
 def _flash_fwd(*args):
-  """Blocked output [nq, b, c, k, g, h] of the blocked q, k, v, q segment ids and positions, kv
-  segment ids, positions and validity (_chunked), and the residuals: the arguments, the output
-  and log-sum-exp [nq, b, k, g, c] (0 for empty rows). The barrier ties the segment ids and
-  positions to q, k, v: else the layer scan hoists every block pair's mask out of its loop."""
+  """(blocked output [nq, b, c, k, g, h], residuals) of _chunked's blocked arguments; residuals:
+  the arguments, the output and log-sum-exp [nq, b, k, g, c] (0 for empty rows). The barrier
+  ties the segment ids and positions to q, k, v: else the layer scan hoists every block pair's
+  mask out of its loop."""
   q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr = (
       jax.lax.optimization_barrier(args))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])

@@ -238,10 +238,9 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
       raise SandboxError(f'TMPDIR {tempfile.gettempdir()} cannot be reached by the unprivileged '
                          f'uid the programs run as (a folder above it is not world-executable); '
                          f'set TMPDIR to one that is, e.g. /tmp')
-    program = os.path.join(host_dir, 'program.py')
-    with open(program, 'w', encoding='utf-8') as f:
-      f.write(source)
-    os.chmod(program, 0o644)
+    program = pathlib.Path(host_dir, 'program.py')
+    program.write_text(source, encoding='utf-8')
+    program.chmod(0o644)
     if tier != 'bwrap':
       os.mkdir(os.path.join(host_dir, 'work'), 0o700)
       if uid is not None:
