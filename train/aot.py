@@ -144,11 +144,9 @@ def compile_for_target(config, target) -> TargetCompile:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   get = lambda key: float(cost[key]) if key in cost else None
+  collectives = hlo.collectives(compiled.as_text(), len(target.devices), target.local_devices)
   return TargetCompile(memory=_memory(compiled, cfg.num_layers, seconds), flops=get('flops'),
-                       bytes_accessed=get('bytes accessed'),
-                       collectives=hlo.collectives(compiled.as_text(), len(target.devices),
-                                                   target.local_devices),
-                       notes=notes)
+                       bytes_accessed=get('bytes accessed'), collectives=collectives, notes=notes)
 
 
 def compiled_memory_subprocess(config, num_devices: int, timeout: float = 1800) -> CompiledMemory:

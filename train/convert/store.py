@@ -32,9 +32,8 @@ def _registry():
 def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int = CHUNK_BYTES):
   """Saves the pure dict `params` (numpy arrays or memmaps) as step 0 of the checkpoints folder
   `root`. `stacked_axes` (same tree): how many leading axes (layer, expert) to chunk first."""
-  handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(),
-                                                   use_ocdbt=False),
-              'data': ocp.JsonCheckpointHandler()}
+  state = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(), use_ocdbt=False)
+  handlers = {'state': state, 'data': ocp.JsonCheckpointHandler()}
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   save_args = jax.tree.map(
       lambda x, n: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n))),

@@ -78,9 +78,8 @@ def score(problems: list[Problem], completions: list[list[str]], *, ks: tuple[in
                               'first_detail': mine[0].detail[-500:]}
   metrics = {f'pass@{k}': float(np.mean([pass_at_k(n, r['passed'], k)
                                          for r in per_problem.values()])) for k in ks if k <= n}
-  return {'task': 'humaneval', 'metrics': metrics, 'num_problems': len(problems),
-          'num_samples': n, 'isolation': tier,
-          'isolation_description': sandbox.isolation_description(tier),
+  return {'task': 'humaneval', 'metrics': metrics, 'num_problems': len(problems), 'num_samples': n,
+          'isolation': tier, 'isolation_description': sandbox.isolation_description(tier),
           'sandbox_seconds': seconds, 'per_problem': per_problem}
 
 

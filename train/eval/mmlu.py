@@ -112,7 +112,6 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
   count_total = sum(s['count'] for s in per_subject.values())
   micro = sum(s['correct'] for s in per_subject.values()) / count_total
   macro = float(np.mean([s['accuracy'] for s in per_subject.values()]))
-  return {'task': 'mmlu', 'metrics': {'accuracy': micro,
-                                      'macro_accuracy': macro},
+  return {'task': 'mmlu', 'metrics': {'accuracy': micro, 'macro_accuracy': macro},
           'count': count_total, 'per_subject': per_subject,
           'config': {'k': k, 'max_length': max_length, 'limit_per_subject': limit_per_subject}}
