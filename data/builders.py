@@ -78,8 +78,7 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     assignment = dict.fromkeys(kept, 'train')
     if spec['eval_fraction'] > 0 and len(kept) >= 2:  # Every k-th held out, at least one.
       every = min(len(kept), max(1, round(1 / spec['eval_fraction'])))
-      for where in kept[every - 1::every]:
-        assignment[where] = 'eval'
+      assignment.update(dict.fromkeys(kept[every - 1::every], 'eval'))
     self.info.metadata.update({'bad_input': dict(bad.counts), 'hygiene': dict(clean.counts),
                                'files': len(self._paths)})
     present = set(assignment.values())  # tfds cannot write an empty split
@@ -170,8 +169,7 @@ def prepare_tfds(name: str, data_dir: str, manual_dir: str = '') -> None:
                        f'Offline, put its files in a manual dir (manual_dir)') from e
 
 
-def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '',
-                prepare: bool = True):
+def tfds_source(name: str, split: str, data_dir: str, manual_dir: str = '', prepare: bool = True):
   """The array_record data source of a catalogued dataset split (prepared first if asked)."""
   if prepare:
     prepare_tfds(name, data_dir, manual_dir)

@@ -105,9 +105,7 @@ def sft_messages(obj: dict[str, Any], fmt: str, where: str,
     return [messages] if messages else []
   if fmt == 'prompt_response':
     prompt = readers.get_field(obj, 'prompt', where, bad)
-    if prompt is None:
-      return []
-    response = readers.get_field(obj, 'response', where, bad)
+    response = None if prompt is None else readers.get_field(obj, 'response', where, bad)
     if response is None:
       return []
     candidates = [_pair(prompt, response, system)]
@@ -156,9 +154,7 @@ def preference_messages(obj: dict[str, Any], where: str,
                         bad: readers.BadInput) -> tuple[list, list] | None:
   """A preference record -> (chosen messages, rejected messages) sharing the prompt turns."""
   chosen = readers.get_field(obj, 'chosen', where, bad)
-  if chosen is None:
-    return None
-  rejected = readers.get_field(obj, 'rejected', where, bad)
+  rejected = None if chosen is None else readers.get_field(obj, 'rejected', where, bad)
   if rejected is None:
     return None
   if 'prompt' in obj:

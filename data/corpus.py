@@ -1,11 +1,10 @@
 """The embedded default corpus: text made by deterministic generators, no files, no network.
 
 Document `i` is a pure function of `(seed, i)` (its own `random.Random`, seeded from a string,
-which is the same on every machine), so a source reads it without building the ones before.
-Kinds, mixed by fixed weights: short stories, arithmetic, times tables, counting, lists,
-dialogues and facts about a small world; the word lists are small, so a tiny model's loss falls
-visibly within a few hundred steps. `instructions` and `preferences` give SFT and preference
-pairs with a checkable answer.
+the same on every machine). Kinds, mixed by fixed weights: short stories, arithmetic, times
+tables, counting, lists, dialogues and facts about a small world (small word lists: a tiny
+model learns it fast). `instructions` and `preferences`: SFT and preference pairs with a
+checkable answer.
 """
 
 import random
@@ -73,25 +72,22 @@ def _story(rng: random.Random) -> str:
   he, his = PRONOUN[name], POSSESSIVE[PRONOUN[name]]
   animal, place, day = rng.choice(ANIMALS), rng.choice(PLACES), rng.choice(DAYS)
   verb, thing = rng.choice(VERBS), _thing(rng)
-  past = rng.random() < 0.5
-  lines = []
-  if past:
-    lines.append(f'On {day}, {name} went to {place}. The weather was {rng.choice(WEATHER)}.')
-    lines.append(f'There, {he} {verb[1]} {thing}.')
-    lines.append(f'{he.capitalize()} showed it to {friend} and {his} {animal}.')
-    lines.append(f'{friend} was {rng.choice(FEELINGS)}, and the {animal} was {rng.choice(FEELINGS)}.')
+  if rng.random() < 0.5:  # In the past tense.
+    lines = [f'On {day}, {name} went to {place}. The weather was {rng.choice(WEATHER)}.',
+             f'There, {he} {verb[1]} {thing}.',
+             f'{he.capitalize()} showed it to {friend} and {his} {animal}.',
+             f'{friend} was {rng.choice(FEELINGS)}, and the {animal} was {rng.choice(FEELINGS)}.']
     if rng.random() < 0.6:
       count = rng.randint(2, 9)
       lines.append(f'Later they counted {count} {_plural(rng.choice(ANIMALS))} near {rng.choice(PLACES)}.')
     lines.append(f'At the end of the day, {name} felt {rng.choice(FEELINGS)} and went home.')
-  else:
-    s = '' if he == 'they' else 's'
-    lines.append(f'Every {day}, {name} walk{s} to {place} with {his} {animal}.')
-    lines.append(f'Today {he} {"carry" if he == "they" else "carries"} {thing}.')
-    lines.append(f'{friend} {verb[0]} {_thing(rng)} and laughs.')
-    lines.append(f'"Look at the {animal}!" says {friend}. "It looks {rng.choice(FEELINGS)}."')
-    lines.append(f'{name} smile{s}, because the day is {rng.choice(WEATHER)}.')
-  return ' '.join(lines)
+    return ' '.join(lines)
+  s = '' if he == 'they' else 's'
+  return ' '.join([f'Every {day}, {name} walk{s} to {place} with {his} {animal}.',
+                   f'Today {he} {"carry" if he == "they" else "carries"} {thing}.',
+                   f'{friend} {verb[0]} {_thing(rng)} and laughs.',
+                   f'"Look at the {animal}!" says {friend}. "It looks {rng.choice(FEELINGS)}."',
+                   f'{name} smile{s}, because the day is {rng.choice(WEATHER)}.'])
 
 
 def _arithmetic(rng: random.Random) -> str:
@@ -103,12 +99,9 @@ def _arithmetic(rng: random.Random) -> str:
       a, b = rng.randint(0, 12), rng.randint(0, 12)
     elif op == '-':
       a, b = max(a, b), min(a, b)
-    result = {'+': a + b, '-': a - b, '*': a * b}[op]
-    if rng.random() < 0.3:
-      word = {'+': 'plus', '-': 'minus', '*': 'times'}[op]
-      lines.append(f'{a} {word} {b} is {result}.')
-    else:
-      lines.append(f'{a} {op} {b} = {result}')
+    result, word = {'+': (a + b, 'plus'), '-': (a - b, 'minus'), '*': (a * b, 'times')}[op]
+    in_words = rng.random() < 0.3
+    lines.append(f'{a} {word} {b} is {result}.' if in_words else f'{a} {op} {b} = {result}')
   return '\n'.join(lines)
 
 

@@ -66,22 +66,20 @@ class Hygiene:
     """(cleaned text, None) or (text, reason it is dropped); counts nothing."""
     if self.normalize:
       text = unicodedata.normalize(self.normalize, text)
-    reason = None
     if not text.strip():
-      reason = 'empty'
-    elif self.min_chars and len(text) < self.min_chars:
-      reason = 'too_short'
-    elif self.max_chars and len(text) > self.max_chars:
-      reason = 'too_long'
-    elif self.min_alpha_ratio and alpha_ratio(text) < self.min_alpha_ratio:
-      reason = 'low_alpha'
-    elif self.max_repeated_line_ratio < 1.0 and (
+      return text, 'empty'
+    if self.min_chars and len(text) < self.min_chars:
+      return text, 'too_short'
+    if self.max_chars and len(text) > self.max_chars:
+      return text, 'too_long'
+    if self.min_alpha_ratio and alpha_ratio(text) < self.min_alpha_ratio:
+      return text, 'low_alpha'
+    if self.max_repeated_line_ratio < 1.0 and (
         repeated_line_ratio(text) > self.max_repeated_line_ratio):
-      reason = 'repeated_lines'
-    elif self.dedup:
+      return text, 'repeated_lines'
+    if self.dedup:
       digest = hashlib.sha256(text.encode('utf-8', 'surrogatepass')).digest()[:16]
       if digest in self._seen:
-        reason = 'duplicate'
-      else:
-        self._seen.add(digest)
-    return text, reason
+        return text, 'duplicate'
+      self._seen.add(digest)
+    return text, None

@@ -57,14 +57,13 @@ class RowPacker:
     """One row of length T, calling `next_example()` for each new example; its StopIteration
     ends the row with padding, or propagates from a row with nothing in it."""
     t = self.seq_len
-    inputs, targets, weights, lengths = [], [], [], []
-    filled = 0
+    pieces, filled = [], 0  # pieces: {'inputs', 'targets', 'weights'} slices of examples.
     while filled < t:
       if self.pending is None:
         try:
           example = next_example()
         except StopIteration:
-          if not lengths:
+          if not pieces:
             raise
           break
         n = example['inputs'].shape[0]
@@ -76,27 +75,24 @@ class RowPacker:
       ex, start = self.pending, self.offset
       n = ex['inputs'].shape[0]
       take = min(n - start, t - filled)
-      inputs.append(ex['inputs'][start:start + take])
-      targets.append(ex['targets'][start:start + take])
-      weights.append(ex['weights'][start:start + take])
-      lengths.append(take)
+      pieces.append({k: ex[k][start:start + take] for k in ('inputs', 'targets', 'weights')})
       filled += take
       self.pending, self.offset = (None, 0) if start + take == n else (ex, start + take)
-    return _assemble(inputs, targets, weights, lengths, t, self.pad_id)
+    return _assemble(pieces, t, self.pad_id)
 
 
-def _assemble(inputs, targets, weights, lengths, t, pad_id) -> dict[str, np.ndarray]:
-  lengths = np.asarray(lengths, np.int32)
+def _assemble(pieces: list[dict], t: int, pad_id: int) -> dict[str, np.ndarray]:
+  lengths = np.asarray([p['inputs'].shape[0] for p in pieces], np.int32)
   filled, pad = int(lengths.sum()), t - int(lengths.sum())
   segment_ids, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
   segment_ids[:filled] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
   starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
   positions[:filled] = np.arange(filled, dtype=np.int32) - starts
-  return {
-      'inputs': np.concatenate(inputs + [np.full(pad, pad_id, np.int32)]).astype(np.int32),
-      'targets': np.concatenate(targets + [np.full(pad, pad_id, np.int32)]).astype(np.int32),
-      'loss_mask': np.concatenate(weights + [np.zeros(pad, np.float32)]).astype(np.float32),
-      'segment_ids': segment_ids, 'positions': positions}
+  row = lambda key, fill, dtype: np.concatenate(
+      [p[key] for p in pieces] + [np.full(pad, fill, dtype)]).astype(dtype)
+  return {'inputs': row('inputs', pad_id, np.int32), 'targets': row('targets', pad_id, np.int32),
+          'loss_mask': row('weights', 0.0, np.float32), 'segment_ids': segment_ids,
+          'positions': positions}
 
 
 def pack_examples(examples: Iterator[Mapping[str, np.ndarray]] | list, seq_len: int,

@@ -109,11 +109,9 @@ def _sum_counts(state: Any, into: dict) -> None:
     if 'counts' in state and 'offset' in state:
       for name, c in state['counts'].items():
         into.setdefault(name, collections.Counter()).update(c)
-    for v in state.values():
-      _sum_counts(v, into)
-  elif isinstance(state, list):
-    for v in state:
-      _sum_counts(v, into)
+    state = list(state.values())
+  for v in state if isinstance(state, list) else ():
+    _sum_counts(v, into)
 
 
 class DataIterator:
@@ -213,8 +211,8 @@ def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, 
       raise data_config.DataConfigError(
           f'config.data.sources.{s.name}.format: {s.format!r} sources do not go in this '
           f'iterator (it takes {formats})')
-  train_srcs = srcs if split == 'train' else None
-  tok = load_tokenizer(data_cfg, vocab_size=vocab_size, workdir=workdir, srcs=train_srcs)
+  tok = load_tokenizer(data_cfg, vocab_size=vocab_size, workdir=workdir,
+                       srcs=srcs if split == 'train' else None)
   signature = {'split': split, 'global_batch': global_batch, 'process_index': process_index,
                'process_count': process_count, 'seq_len': int(data_cfg.seq_len),
                'packing': data_cfg.packing, 'source': str(data_cfg.source),

@@ -55,8 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except (builders.PrepareError, readers.BadInputError, FileNotFoundError, ValueError) as e:
     parser.exit(2, f'error: {e}\n')
   splits = {name: info.num_examples for name, info in builder.info.splits.items()}
-  report = {'dir': str(builder.data_dir), 'splits': splits,
-            **(builder.info.metadata or {})}
+  report = {'dir': str(builder.data_dir), 'splits': splits, **(builder.info.metadata or {})}
   print(json.dumps(report, indent=1, default=str))
 
 

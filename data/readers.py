@@ -182,8 +182,7 @@ def iter_jsonl(pattern: str, bad: BadInput) -> Iterator[tuple[str, dict[str, Any
       yield where, obj
 
 
-def get_field(obj: dict[str, Any], field: str, where: str, bad: BadInput,
-              kind: type = str) -> Any:
+def get_field(obj: dict[str, Any], field: str, where: str, bad: BadInput, kind: type = str) -> Any:
   """`obj[field]` (dots walk into nested objects), or None after reporting it as bad."""
   value: Any = obj
   for key in field.split('.'):

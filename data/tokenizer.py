@@ -75,11 +75,8 @@ class Tokenizer:
     return token_id
 
   def encode(self, text: str) -> list[int]:
-    if METASPACE in text and self._metaspace_ids:
-      return self._encode_with_metaspace(text)
-    return self._sp.EncodeAsIds(text)
-
-  def _encode_with_metaspace(self, text: str) -> list[int]:
+    if METASPACE not in text or not self._metaspace_ids:
+      return self._sp.EncodeAsIds(text)
     # A literal U+2581 would decode as a space: spell it with its three UTF-8 byte pieces.
     ids = []
     for i, part in enumerate(text.split(METASPACE)):

@@ -33,8 +33,7 @@ from model.sharding import logical_to_spec, mesh_platform
 
 IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
-# Without a fused kernel, 'auto' takes 'chunked' from this many query * key pairs on, 'xla'
-# below (memory and time: benchmarks/results/attention.md).
+# 'auto' without a fused kernel: 'chunked' from this many query * key pairs on, else 'xla'.
 AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # Finite "minus infinity": no inf - inf.
@@ -50,8 +49,7 @@ def make_mask(q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_
   return same_bts & causal_bts
 
 
-def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
-                  kv_positions_bs):
+def _check_inputs(q_btnh, k_bskh, v_bskh, segs):
   where = 'model/attention.py attention()'
   if q_btnh.ndim != 4 or k_bskh.ndim != 4 or v_bskh.ndim != 4:
     raise ValueError(f'{where}: q, k, v must be [b, t, n, h] / [b, s, k, h], got shapes '
@@ -64,10 +62,8 @@ def _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q
     raise ValueError(f'{where}: k {k_bskh.shape} does not match q {q_btnh.shape} in batch or head dim')
   if n % k:
     raise ValueError(f'{where}: kv heads ({k}) must divide query heads ({n})')
-  for name, x, want in (('q_segment_ids_bt', q_segment_ids_bt, (b, t)),
-                        ('kv_segment_ids_bs', kv_segment_ids_bs, (b, s)),
-                        ('q_positions_bt', q_positions_bt, (b, t)),
-                        ('kv_positions_bs', kv_positions_bs, (b, s))):
+  names = ('q_segment_ids_bt', 'kv_segment_ids_bs', 'q_positions_bt', 'kv_positions_bs')
+  for name, x, want in zip(names, segs, ((b, t), (b, s)) * 2):
     if tuple(x.shape) != want:
       raise ValueError(f'{where}: {name} must have shape {want}, got {tuple(x.shape)}')
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -108,9 +104,8 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
   return out_btkgh.reshape(b, t, n, h).astype(q_btnh.dtype)
 
 
-# xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k), so every
-# matmul is one batched GEMM over (b, k); the backward computes dK and dV transposed, the faster
-# layout on XLA:CPU (benchmarks/results/attention_xla_cpu.md). Reverse mode only (custom VJP).
+# xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k): every matmul
+# is one batched GEMM over (b, k); dK and dV are computed transposed. Reverse mode only.
 def _probabilities(q_bkmh, k_bksh, mask_bt1s):
   """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
   b, k, m, h = q_bkmh.shape
@@ -176,13 +171,18 @@ def _block_logits(q_bckgh, k_brkh, scale):
                     preferred_element_type=jnp.float32) * scale
 
 
-def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr):
-  """Blocked output [nq, b, c, k, g, h] and log-sum-exp [nq, b, k, g, c] (0 for empty rows).
-  The barrier ties the segment ids and positions to q, k, v: else the layer scan hoists every
-  block pair's mask out of its loop."""
-  (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr) = \
-      jax.lax.optimization_barrier(
-          (q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr))
+@jax.custom_vjp
+def _flash(*args):  # Arguments of _flash_fwd.
+  return _flash_fwd(*args)[0]
+
+
+def _flash_fwd(*args):
+  """(blocked output [nq, b, c, k, g, h], residuals) of _chunked's blocked arguments; residuals:
+  the arguments, the output and log-sum-exp [nq, b, k, g, c] (0 for empty rows). The barrier
+  ties the segment ids and positions to q, k, v: else the layer scan hoists every block pair's
+  mask out of its loop."""
+  q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr = (
+      jax.lax.optimization_barrier(args))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
 
   def one_q_block(args):
@@ -215,16 +215,7 @@ def _flash_forward(q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpo
     lse_bkgc = jnp.where(nonempty_bkgc, m_bkgc + jnp.log(jnp.where(nonempty_bkgc, l_bkgc, 1.0)), 0.0)
     return out_bkgch.transpose(0, 3, 1, 2, 4).astype(q_bckgh.dtype), lse_bkgc
 
-  return jax.lax.map(one_q_block, (q_qbckgh, qseg_qbc, qpos_qbc))
-
-
-@jax.custom_vjp
-def _flash(*args):  # Arguments of _flash_forward.
-  return _flash_forward(*args)[0]
-
-
-def _flash_fwd(*args):
-  out_qbckgh, lse_qbkgc = _flash_forward(*args)
+  out_qbckgh, lse_qbkgc = jax.lax.map(one_q_block, (q_qbckgh, qseg_qbc, qpos_qbc))
   return out_qbckgh, (args, out_qbckgh, lse_qbkgc)
 
 
@@ -379,15 +370,14 @@ def _splash_local(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *
 def attention(q_btnh, k_bskh, v_bskh, *, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
               kv_positions_bs, implementation: str = 'xla', chunk_size: int = 1024):
   """Masked (segment + position causal) multi-/grouped-query attention; returns [b, t, n, h]."""
-  _check_inputs(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
-                kv_positions_bs)
+  segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
+  _check_inputs(q_btnh, k_bskh, v_bskh, segs)
   impl = resolve(implementation, q_btnh.shape[1], k_bskh.shape[1], dtype=q_btnh.dtype,
                  head_dim=q_btnh.shape[3])
   key = (mesh_platform(), q_btnh.shape, k_bskh.shape, str(q_btnh.dtype), impl)
   if implementation == 'auto' and key not in _logged_choices:
     _logged_choices.add(key)
     log.info('attention auto -> %s (backend %s, q %s, kv %s, %s)', impl, *key[:4])
-  segs = (q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt, kv_positions_bs)
   if impl == 'chunked':
     return _chunked(q_btnh, k_bskh, v_bskh, *segs, chunk_size)
   if impl == 'splash':

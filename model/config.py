@@ -80,8 +80,7 @@ class ModelConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any], prefix: str = 'model') -> 'ModelConfig':
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
+    if unknown := sorted(set(d) - known):
       raise ConfigError(f'unknown config key(s) {", ".join(f"{prefix}.{k}" for k in unknown)}; '
                         f'known: {", ".join(sorted(known))}')
     cfg = cls(**dict(d))

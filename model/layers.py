@@ -97,8 +97,7 @@ DENSE = Layout('', 'bt', ('batch', 'length', 'act_mlp'), None)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def swiglu_of(layout: Layout, x, gate, up, down):
   """down(silu(x @ gate) * (x @ up)) with its backward written out, every matmul operand one
-  plain array (benchmarks/bench_dense.py). Saves x, g, u; the backward recomputes h. Reverse
-  mode only (custom VJP)."""
+  plain array; saves x, g, u (the backward recomputes h). Reverse mode only (custom VJP)."""
   return _swiglu_fwd(layout, x, gate, up, down)[0]
 
 
@@ -151,7 +150,6 @@ def swiglu(x_btd, gate_df, up_df, down_fd):
 
 
 def merge_rows(a, lead: int = 0):
-  """Merges the dims between the first `lead` and the last into one row dim (a free reshape):
-  [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1, so weight gradients contract
-  over one dim (benchmarks/results/moe_model_cpu.md)."""
+  """The dims between the first `lead` and the last merged into one row dim (a free reshape) for
+  weight-gradient matmuls: [b, t, d] -> [b*t, d]; [e, b, c, d] -> [e, b*c, d] with lead=1."""
   return a.reshape(*a.shape[:lead], -1, a.shape[-1])

@@ -1,16 +1,12 @@
 """Sparse mixture-of-experts feed-forward block (Mixtral-style), a drop-in for `layers.SwiGLU`.
 
-Routing: a float32 linear router gives logits_bte; each token takes its top k experts (ties to
-the lower index) weighed by a softmax over the k selected logits. In training the router input
-may be scaled by uniform noise in [1 - router_jitter, 1 + router_jitter] (experts see the clean
-input).
-
-Experts are SwiGLU MLPs stacked on a leading `expert` axis. cfg.dispatch (docs/moe.md; all
-equal when nothing drops): 'capacity' (c = min(t, ceil(capacity_factor * t * k / e)) slots per
-expert per batch row, later assignments dropped by priority top-1 choices in token order, then
-top-2, ...; other weights not renormalised; buffers [e, b, c, d] annotated ('act_expert',
-'batch', 'capacity', 'act_embed')), 'dropless' (grouped matmuls, cfg.grouped_matmul, in
-`jax.shard_map` on each device's own tokens) or 'reference' (a masked dense loop over experts).
+Each token takes its top k experts of a float32 linear router (ties to the lower index), weighed
+by a softmax over the k selected logits; in training the router input may be scaled by uniform
+noise in [1 - router_jitter, 1 + router_jitter]. Experts are SwiGLU MLPs stacked on a leading
+`expert` axis. cfg.dispatch 'capacity' (`capacity` slots per expert per batch row, priority by
+`slot_positions`, other weights not renormalised), 'dropless' (grouped matmuls in
+`jax.shard_map` on each device's own tokens) and 'reference' (a masked dense loop over experts)
+compute the same function when nothing drops (docs/moe.md).
 
 Auxiliary outputs (float32 scalars, summable over layers), with n = b*t tokens:
   * load_balance_loss = e * sum_e f_e * P_e (Switch), f_e = assignments to e (all k choices,
@@ -72,13 +68,8 @@ def top_k(logits_bte, k: int):
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
+# The SwiGLU of every expert on its [b, c] buffer slots (model/layers.py swiglu_of).
 EXPERTS = Layout('e', 'bc', ('act_expert', 'batch', 'capacity', 'act_mlp'), _BUFFER_AXES)
-
-
-def expert_swiglu(x_ebcd, gate_edf, up_edf, down_efd):
-  """down(silu(x @ gate) * (x @ up)) of every expert on its [b, c] buffer slots
-  (model/layers.py swiglu_of: the backward written out)."""
-  return swiglu_of(EXPERTS, x_ebcd, gate_edf, up_edf, down_efd)
 
 
 def _dropless_shard_specs(shape_btd, f: int, mesh):
@@ -210,9 +201,8 @@ class MoeBlock(nnx.Module):
     xpad_btd = jnp.concatenate([x_btd, jnp.zeros((b, 1, d), x_btd.dtype)], axis=1)
     x_bsd = take_rows(xpad_btd, token_bs)
     x_ebcd = constrain(jnp.swapaxes(x_bsd.reshape(b, e, c, d), 0, 1), _BUFFER_AXES)
-    y_ebcd = expert_swiglu(x_ebcd, *self._experts())
-    y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d),
-                      ('batch', None, 'act_embed'))
+    y_ebcd = swiglu_of(EXPERTS, x_ebcd, *self._experts())
+    y_bsd = constrain(jnp.swapaxes(y_ebcd, 0, 1).reshape(b, e * c, d), ('batch', None, 'act_embed'))
     ypad_bsd = jnp.concatenate([y_bsd, jnp.zeros((b, 1, d), y_bsd.dtype)], axis=1)
     y_btkd = take_rows(ypad_bsd, slot_bn).reshape(b, t, k, d)
     combine_btk = (weights_btk * kept_btk).astype(x_btd.dtype)
@@ -254,13 +244,8 @@ class MoeBlock(nnx.Module):
     log_probs_bte = jax.nn.log_softmax(logits_bte, axis=-1)
     entropy = jnp.mean(-jnp.sum(probs_bte * log_probs_bte, axis=-1))
     dropped = 0.0 if kept_btk is None else 1.0 - jnp.mean(kept_btk.astype(jnp.float32))
-    aux = {
-        'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
-        'load_balance_loss': load_balance,
-        'router_z_loss': z_loss,
-        'dropped_fraction': dropped,
-        'router_entropy': entropy,
-        'expert_load_min': jnp.min(load_e),
-        'expert_load_max': jnp.max(load_e),
-    }
+    aux = {'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
+           'load_balance_loss': load_balance, 'router_z_loss': z_loss, 'dropped_fraction': dropped,
+           'router_entropy': entropy, 'expert_load_min': jnp.min(load_e),
+           'expert_load_max': jnp.max(load_e)}
     return {name: jnp.asarray(aux[name], jnp.float32) for name in AUX_KEYS}

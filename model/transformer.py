@@ -76,17 +76,14 @@ class Attention(nnx.Module):
     q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd, positions_bt)
     k_btkh, v_btkh = k_btkh.astype(k_bskh.dtype), v_btkh.astype(v_bskh.dtype)
     k_bskh, v_bskh = write_slots(k_bskh, k_btkh, index), write_slots(v_bskh, v_btkh, index)
+    # Cached calls (t != s) have no fused kernel: 'xla', or 'reference' if asked.
+    implementation = 'reference' if self.cfg.attention == 'reference' else 'xla'
     o_btnh = attention_lib.attention(
         q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype),
         q_segment_ids_bt=segment_ids_bt, kv_segment_ids_bs=kv_segment_ids_bs,
         q_positions_bt=positions_bt, kv_positions_bs=kv_positions_bs,
-        implementation=decode_attention(self.cfg.attention), chunk_size=self.cfg.attention_chunk)
+        implementation=implementation, chunk_size=self.cfg.attention_chunk)
     return self.output(o_btnh), k_btkh, v_btkh
-
-
-def decode_attention(implementation: str) -> str:
-  """The attention of cached calls (t != s: no fused kernel): 'xla', or 'reference' if asked."""
-  return 'reference' if implementation == 'reference' else 'xla'
 
 
 class Block(nnx.Module):

@@ -4,14 +4,10 @@ a compile target (`compile_for_target`: TPU / GPU devices that are not attached,
 train/targets.py; the config as it is but for another platform's fused attention kernel,
 `target_variant`) or for emulated CPU devices (`compiled_memory`).
 
-The CPU plan (`python -m train.plan --compile`) is of `compile_variant`, which differs from the
-config only so, for the analytic model (train/memory.py) to be held to it:
-  * attention `cudnn`, `splash`, `auto` -> `xla` (fused kernels are GPU / TPU only; `chunked`
-    in the layer scan keeps every block pair's residuals in JAX 0.10.2, docs/scale.md);
-  * compute dtype float32 (XLA:CPU plans float32 buffers for bfloat16 dots and elementwise ops);
-  * depth: a few layer units; per-device shapes of everything else are unchanged.
-A mesh larger than this process's device count compiles in a child process
-(`compiled_memory_subprocess`): emulated devices must exist before JAX starts.
+The CPU plan (`python -m train.plan --compile`) is of `compile_variant`: attention `cudnn`,
+`splash`, `auto` -> `xla`, compute dtype float32 and a few layer units, every other per-device
+shape unchanged (why: docs/scale.md, section 1). A mesh larger than this process's device count
+compiles in a child process (`compiled_memory_subprocess`): emulated devices must exist first.
 """
 
 import copy
@@ -148,11 +144,9 @@ def compile_for_target(config, target) -> TargetCompile:
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   get = lambda key: float(cost[key]) if key in cost else None
+  collectives = hlo.collectives(compiled.as_text(), len(target.devices), target.local_devices)
   return TargetCompile(memory=_memory(compiled, cfg.num_layers, seconds), flops=get('flops'),
-                       bytes_accessed=get('bytes accessed'),
-                       collectives=hlo.collectives(compiled.as_text(), len(target.devices),
-                                                   target.local_devices),
-                       notes=notes)
+                       bytes_accessed=get('bytes accessed'), collectives=collectives, notes=notes)
 
 
 def compiled_memory_subprocess(config, num_devices: int, timeout: float = 1800) -> CompiledMemory:

@@ -51,18 +51,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def from_args(args: list[str]) -> ml_collections.ConfigDict:
   """The config of ['--config=FILE[:ARG]', '--config.key=value', ...] (see parse_flags)."""
-  spec, overrides = '', []
-  for arg in args:
-    key, _, value = arg[2:].partition('=')
-    if key == 'config':
-      spec = value
-    else:
-      overrides.append((key[len('config.'):], value))
+  pairs = [arg[2:].partition('=')[::2] for arg in args]  # (key, value); the last --config wins.
+  spec = dict(pairs).get('config', '')
   if not spec:
     raise ConfigError('--config FILE is required: an experiment file with a get_config()')
   config = config_lib.load_experiment(spec)
-  for key, value in overrides:
-    override(config, key, value)
+  for key, value in pairs:
+    if key != 'config':
+      override(config, key[len('config.'):], value)
   return config
 
 

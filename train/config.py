@@ -123,8 +123,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   micro = t.global_batch // t.grad_accum
   placement = Placement.abstract(config, sizes)  # train/context.py: the one builder of rules.
   for name, target in placement.rules.items():
-    unknown = set(spec_axes(target)) - set(sizes)
-    if unknown:
+    if unknown := set(spec_axes(target)) - set(sizes):
       raise ConfigError(f'sharding_rules.{name}={target!r}: {", ".join(sorted(unknown))} is not a '
                         f'mesh axis ({", ".join(sizes)})')
   axes, shards = spec_axes(placement.rules['batch']), placement.batch_shards
@@ -142,22 +141,21 @@ def validate(config, num_devices: int, process_count: int = 1) -> ModelConfig:
   if config.optim.warmup_steps > t.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps} is longer than the whole run '
                       f'(train.steps={t.steps})')
-  for key in ('steps', 'log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches'):
-    if t[key] < 1:
-      raise ConfigError(f'train.{key}={t[key]} must be positive')
-  for key, ok, what in (('peak_lr', o.peak_lr > 0, '> 0'), ('b1', 0 <= o.b1 < 1, 'in [0, 1)'),
-                        ('b2', 0 <= o.b2 < 1, 'in [0, 1)'), ('eps', o.eps > 0, '> 0'),
-                        ('weight_decay', o.weight_decay >= 0, '>= 0'),
-                        ('clip_norm', o.clip_norm >= 0, '>= 0 (0: no clipping)'),
-                        ('warmup_steps', o.warmup_steps >= 0, '>= 0'),
-                        ('final_lr_frac', 0 <= o.final_lr_frac <= 1, 'in [0, 1]')):
+  ranges = [('train', key, t[key] >= 1, 'positive')
+            for key in ('steps', 'log_every', 'ckpt_every', 'ckpt_keep', 'eval_batches')]
+  ranges += [('train', 'sample_every', t.sample_every >= 0, '>= 0 (0: no samples)'),
+             ('optim', 'peak_lr', o.peak_lr > 0, '> 0'), ('optim', 'b1', 0 <= o.b1 < 1, 'in [0, 1)'),
+             ('optim', 'b2', 0 <= o.b2 < 1, 'in [0, 1)'), ('optim', 'eps', o.eps > 0, '> 0'),
+             ('optim', 'weight_decay', o.weight_decay >= 0, '>= 0'),
+             ('optim', 'clip_norm', o.clip_norm >= 0, '>= 0 (0: no clipping)'),
+             ('optim', 'warmup_steps', o.warmup_steps >= 0, '>= 0'),
+             ('optim', 'final_lr_frac', 0 <= o.final_lr_frac <= 1, 'in [0, 1]')]
+  for section, key, ok, what in ranges:
     if not ok:
-      raise ConfigError(f'optim.{key}={o[key]} must be {what}')
+      raise ConfigError(f'{section}.{key}={config[section][key]} must be {what}')
   if t.init_from and '://' not in t.init_from and not os.path.isdir(t.init_from):
     raise ConfigError(f'train.init_from={t.init_from}: no such directory (a run\'s workdir or '
                       f'checkpoints folder)')
-  if t.sample_every < 0:
-    raise ConfigError(f'train.sample_every={t.sample_every} must be >= 0 (0: no samples)')
   try:
     data_config.validate(config.data, vocab_size=cfg.vocab_size, global_batch=t.global_batch,
                          process_count=process_count)

@@ -1,18 +1,11 @@
 """Multi-process start-up, lost-peer detection, and data-iterator state across process counts.
 
-`maybe_initialize` (docs/scale.md, section 3) joins JAX's distributed runtime when
-`distributed.enabled`: each value from the config, else its MESHLM_* variable (`ENV`), else JAX's
-cluster detection; gloo collectives on CPU; processes other than 0 then log only warnings.
-
-`exit_on_lost_peer`: a peer whose liveness counter (in the coordinator's key-value store, one
-beat per BEAT_S) stands still for `peer_timeout_s` is lost; the survivors print one line naming
-it and the last checkpoint and leave with status 1 (README, "A lost process"). Given the
-coordinator's address, process 0 runs the store (JAX's coordination service) in a child process
-(`_SERVICE`), so a killed process 0 is reported like any other.
-
-Data state: each process iterates over its own rows of every global batch (data/pipeline.py) and
-orbax writes the JSON item from process 0 alone, so checkpoints hold every process's state
-(`gather_data_state`), re-split by global row on another process count (`local_data_state`).
+`maybe_initialize` joins JAX's distributed runtime when `distributed.enabled`: each value from the
+config, else its MESHLM_* variable (`ENV`), else JAX's cluster detection (docs/scale.md, section
+3). `exit_on_lost_peer`: a peer whose liveness counter (`_Beat`) stands still for
+`peer_timeout_s` is lost; the survivors print one line naming it and the last checkpoint and
+leave with status 1 (README, "A lost process"). Checkpoints hold every process's data-iterator
+state (`gather_data_state`), re-split by global row on another process count (`local_data_state`).
 """
 
 import atexit
@@ -242,7 +235,8 @@ def _allgather_text(text: str) -> list[str]:
 
 
 def gather_data_state(local_state: dict) -> dict:
-  """What a checkpoint stores: every process's iterator state. Call on all processes."""
+  """What a checkpoint stores: every process's iterator state (orbax writes the JSON item from
+  process 0 alone). Call on all processes."""
   states = [json.loads(s) for s in _allgather_text(json.dumps(local_state))]
   return {'format': STATE_FORMAT, 'process_states': states}
 

@@ -49,8 +49,7 @@ def _computations(text: str) -> tuple[dict, str]:
   comps, entry, name = {}, None, None
   for line in text.splitlines():
     if name is None:
-      m = _HEADER.match(line)
-      if m:
+      if m := _HEADER.match(line):
         name = m.group(1)
         comps[name] = []
         if line.startswith('ENTRY'):
@@ -83,16 +82,13 @@ def _result_bytes(kind: str, total: float, n: int, is_start: bool) -> float:
 
 def group_size(line: str, num_devices: int) -> int:
   """Devices per replica group of a collective instruction."""
-  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
-  if m:
+  if m := re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line):
     return int(m.group(2))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-  if m:
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line):
     sizes = dict((k.strip("' "), int(v)) for k, v in
                  (kv.split('=') for kv in m.group(1).split(',') if '=' in kv))
     return math.prod(sizes.get(a.strip("' "), 1) for a in m.group(2).split(',') if a.strip())
-  m = re.search(r'replica_groups=\{\{([^}]*)\}', line)
-  if m:
+  if m := re.search(r'replica_groups=\{\{([^}]*)\}', line):
     return len(m.group(1).split(','))
   return num_devices
 
@@ -149,8 +145,7 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
         add(kind, line, m.start(), times, is_start=op.endswith('-start'))
         continue
       callees = _CALLEES.findall(line)
-      b = _BRANCHES.search(line)
-      if b:
+      if b := _BRANCHES.search(line):
         callees += [c.strip().lstrip('%') for c in b.group(1).split(',') if c.strip()]
       scatter = [c for c in callees if c.startswith('all-reduce-scatter')]
       if op == 'fusion' and scatter:

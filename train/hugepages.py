@@ -1,10 +1,9 @@
-"""Transparent huge pages for host buffers: CPU runs re-execute themselves with them on.
+"""Transparent huge pages for host buffers: CPU runs re-execute themselves with them on (README).
 
-XLA:CPU allocates each step's large buffers afresh, and Linux maps fresh memory page by page
-(the cost: benchmarks/results/dense_cpu.md). glibc >= 2.35 asks for transparent huge pages on
-large allocations under GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at process start; so
-the CLIs call `reexec()` first: if the variable is missing and the kernel offers THP, the process
-replaces itself (same pid and arguments) with one that has it. MESHLM_HUGEPAGES=0 opts out.
+glibc >= 2.35 asks for transparent huge pages on large allocations under
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, read only at process start; so the CLIs call `reexec()`
+first: if the variable is missing and the kernel offers THP, the process replaces itself (same
+pid and arguments) with one that has it. MESHLM_HUGEPAGES=0 opts out.
 """
 
 import os
@@ -15,10 +14,9 @@ _THP = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
 def wanted() -> bool:
-  if sys.platform != 'linux' or os.environ.get('MESHLM_HUGEPAGES', '1') == '0':
+  if (sys.platform != 'linux' or os.environ.get('MESHLM_HUGEPAGES', '1') == '0'
+      or 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', '')):  # Set: never loop.
     return False
-  if 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', ''):
-    return False  # Already set (by us or by the user): never loop.
   try:
     with open(_THP) as f:
       return '[never]' not in f.read()

@@ -13,8 +13,7 @@ from model.sharding import MESH_AXES, spec_axes
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Resolves the one -1 entry; raises ConfigError naming `mesh.*` if the product is wrong."""
-  unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
-  if unknown:
+  if unknown := sorted(set(mesh_cfg) - set(MESH_AXES)):
     raise ConfigError(f'unknown mesh axis {", ".join("mesh." + k for k in unknown)}; '
                       f'axes are {", ".join(MESH_AXES)}')
   sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}

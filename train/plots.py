@@ -63,8 +63,7 @@ def write(workdir: str) -> str | None:
       axes[ax].plot(*metrics[tag], label=label, **style)
   axes['loss'].set_ylabel('loss (nats / token)')
   axes['loss'].legend()
-  axes['tokens/s'].set_ylabel('training tokens / s')
-  axes['tokens/s'].set_xlabel('step')
+  axes['tokens/s'].set(ylabel='training tokens / s', xlabel='step')
   for ax in axes.values():
     ax.grid(alpha=0.3)
   fig.suptitle(os.path.basename(os.path.abspath(workdir)))

@@ -1,10 +1,7 @@
-"""An optional jax.profiler trace of a window of training steps: `train.profile_steps='FIRST:LAST'`.
-
-Steps FIRST .. LAST-1 (the loop's 0-based step indices; a resumed run inside the window traces
-its remaining steps) are traced into `workdir/profile/plugins/profile/<time>/` (`*.xplane.pb`
-for TensorBoard / XProf, `*.trace.json.gz` for Perfetto); the loop marks every step with a
-`StepTraceAnnotation('train', step_num=step)`. The last traced step is waited for before the
-trace stops. The Python tracer is off (it records every Python call; docs/observability.md).
+"""An optional jax.profiler trace of a window of training steps: `train.profile_steps='FIRST:LAST'`
+traces the loop's 0-based steps FIRST .. LAST-1 (a resumed run inside the window: its remaining
+ones) into `workdir/profile/`, waits for the last one, and leaves the Python tracer off
+(docs/observability.md, "Profiling").
 """
 
 import logging

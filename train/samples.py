@@ -1,9 +1,5 @@
-"""Text samples during training: greedy continuations of fixed prompts, to TensorBoard and the log.
-
-Every `train.sample_every` steps the loop calls `Sampler.write(writer, step, params)`: the
-prompts are continued greedily from the params as they lie sharded (the same params give the
-same text); TensorBoard gets one text entry per prompt (`samples/0`, ...).
-"""
+"""Text samples during training (`train.sample_every`): greedy continuations of fixed prompts from
+the params as they lie sharded, to TensorBoard (`samples/0`, ...) and the log."""
 
 import logging
 

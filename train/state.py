@@ -1,8 +1,6 @@
-"""The train state (params, optimizer state, step, RNG), created directly sharded.
-
-`jax.eval_shape` the initialiser, derive each leaf's NamedSharding from the model's logical
-axes (model/sharding.py), then `jax.jit(init, out_shardings=...)`: no parameter ever exists
-unsharded.
+"""The train state (params, optimizer state, step, RNG), created directly sharded: `jax.jit` of
+the initialiser with out_shardings from the model's logical axes (model/sharding.py), so no
+parameter ever exists unsharded.
 """
 
 import dataclasses
@@ -73,11 +71,9 @@ def _initialiser(cfg: ModelConfig, tx: optax.GradientTransformation, model_cls):
 
 def create(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, seed: int, model_cls=Decoder):
   """Returns (state, shardings, ModelDef): the state initialised in place on the mesh."""
-  mdef, _ = model_def(cfg, model_cls)
+  _, shardings, mdef = abstract(cfg, tx, mesh, model_cls)
   init = _initialiser(cfg, tx, model_cls)
-  shardings = state_shardings(mdef, jax.eval_shape(init, seed), tx, mesh)
-  state = jax.jit(init, out_shardings=shardings, static_argnums=0)(seed)
-  return state, shardings, mdef
+  return jax.jit(init, out_shardings=shardings, static_argnums=0)(seed), shardings, mdef
 
 
 def abstract(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, model_cls=Decoder):

@@ -15,7 +15,7 @@ import json
 import os
 
 import ml_collections
-from orbax.checkpoint import CheckpointManager
+from orbax.checkpoint import utils as ocp_utils
 
 from data import pipeline
 from data.tokenizer import Tokenizer
@@ -96,8 +96,7 @@ def tokenizer_path(config, workdir: str) -> str | None:
 def load_tokenizer(config, workdir: str):
   """The run's tokenizer (`tokenizer_path`), else the pipeline's train-or-load (which finds the
   same cache when the sources are the same)."""
-  path = tokenizer_path(config, workdir)
-  if path:
+  if path := tokenizer_path(config, workdir):
     return Tokenizer(path)
   return pipeline.load_tokenizer(config.data, vocab_size=config.model.vocab_size, workdir=workdir)
 
@@ -119,10 +118,8 @@ def inherited_tokenizer(config) -> str:
 
 
 def latest_step(root: str) -> int | None:
-  manager = CheckpointManager(root)
-  step = manager.latest_step()
-  manager.close()
-  return step
+  """The newest finalized step in checkpoints folder `root`, or None."""
+  return max(ocp_utils.checkpoint_steps(root), default=None)
 
 
 def restore_params(checkpoint: str, cfg: ModelConfig, placement, model_cls=None):

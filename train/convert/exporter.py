@@ -4,8 +4,8 @@ CKPT_DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>`; th
 comes from `--config`, else the workdir's config.json. OUT_DIR gets config.json
 (LlamaForCausalLM, or MixtralForCausalLM for MoE), the weights as `model.safetensors` or shards
 of at most `max_shard_bytes` with model.safetensors.index.json (experts in the published
-w1/w2/w3 layout), and tokenizer.model when the run has one. Tensors are read one slice at a time
-and streamed into the shard being written: about one tensor is resident at a time.
+w1/w2/w3 layout), and tokenizer.model when the run has one; about one tensor is resident at a
+time (docs/convert.md, "Memory").
 """
 
 import json

@@ -4,14 +4,10 @@ config.json <-> ModelConfig: a key left out means what it means to transformers 
 model type); Mixtral imports use dispatch='dropless'. Anything that changes the function the
 model computes and that meshlm does not implement is a ConvertError naming the key.
 
-Tensors: Hugging Face stores a linear layer as W [out, in]; meshlm stores the input axis first,
-so a slice is W^T reshaped (q_proj [n*h, d] -> q_dnh [d, n, h], o_proj [d, n*h] -> o_nhd, gate/
-up [f, d] -> [d, f], down [d, f] -> [f, d], router [e, d] -> [d, e], lm_head [v, d] -> head_dv).
-q/k need no permutation (both use the 'rotate half' RoPE layout). Per-layer tensors fill slice
-[layer] (and [layer, expert]) of the stacked parameters. Mixtral experts: the published layout
-(block_sparse_moe.experts.{e}.w1/w2/w3) or transformers' fused one (mlp.experts.gate_up_proj
-[e, 2f, d] = gate rows then up rows); import reads either, export writes the first.
-docs/convert.md has the details.
+Tensors (`links`): a Hugging Face linear layer W [out, in] is meshlm's slice W^T reshaped, one
+slice [layer] (and [layer, expert]) of a stacked parameter; Mixtral experts are read in the
+published (w1/w2/w3) or transformers' fused gate_up layout, written in the first
+(docs/convert.md).
 """
 
 import dataclasses

@@ -3,9 +3,7 @@
 OUT_DIR gets config.json (the full run config: train/config.py defaults, `model` from the HF
 config.json, data.seq_len = max_position_embeddings, data.tokenizer = the copied tokenizer),
 checkpoints/0/ (the params, for --config.train.init_from) and tokenizer/tokenizer.model when
-HF_DIR has one. Tensors are memory-mapped one at a time, in file order, into their slice of a
-disk-backed memmap of the stacked parameter (OUT_DIR/.scratch, deleted at the end), which orbax
-then writes piecewise (train/convert/store.py): about one tensor is resident at a time.
+HF_DIR has one. About one tensor is resident at a time (docs/convert.md, "Memory").
 """
 
 import json
@@ -93,8 +91,7 @@ def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
   plan = {}
   for link in hf_layout.links(cfg, hf_layout.expert_layout(tensors)):
     plan.setdefault(link.hf_name, []).append(link)
-  missing = [name for name in plan if name not in tensors]
-  if missing:
+  if missing := [name for name in plan if name not in tensors]:
     raise ConvertError(f'{hf_dir}: {len(missing)} tensor(s) that config.json implies are missing, '
                        f'e.g. {", ".join(missing[:4])}')
   extra = [n for n in tensors if n not in plan and not n.endswith(hf_layout.IGNORED_SUFFIXES)]

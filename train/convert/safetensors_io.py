@@ -151,12 +151,10 @@ def open_folder(folder: str) -> dict[str, SafetensorsFile]:
       if not os.path.isfile(path):
         raise FormatError(f'{index} names {name}, which is not in {folder}')
       files[name] = SafetensorsFile(path)
-    out = {}
     for tensor, name in weight_map.items():
       if tensor not in files[name].entries:
         raise FormatError(f'{index} maps {tensor} to {name}, which does not hold it')
-      out[tensor] = files[name]
-    return out
+    return {tensor: files[name] for tensor, name in weight_map.items()}
   single = os.path.join(folder, SINGLE)
   if os.path.isfile(single):
     f = SafetensorsFile(single)

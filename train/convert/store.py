@@ -1,11 +1,9 @@
 """meshlm checkpoints written and read piecewise, so that no whole model is ever in host memory.
 
-Writing (import): numpy memmaps are saved as step 0 of a `checkpoints/` folder laid out like
-the training loop's (items `state` = {'params': ...} and `data` = {}), so restore_params,
-train.generate and train.eval read it unchanged. orbax is kept from holding whole arrays: no
-defensive copy of the inputs, no OCDBT, chunks of at most `chunk_bytes` split along the layer
-(and expert) axes first. Reading (export): one array at a time through tensorstore, one slice
-at a time (`read_slice`): only the chunks overlapping the slice are decoded.
+Writing (import): numpy memmaps saved as step 0 of a `checkpoints/` folder laid out like the
+training loop's (items `state` = {'params': ...} and `data` = {}), in chunks of at most
+`chunk_bytes` split along the layer (and expert) axes first. Reading (export): one slice at a
+time through tensorstore (`read_slice`).
 """
 
 import json
@@ -34,9 +32,8 @@ def _registry():
 def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int = CHUNK_BYTES):
   """Saves the pure dict `params` (numpy arrays or memmaps) as step 0 of the checkpoints folder
   `root`. `stacked_axes` (same tree): how many leading axes (layer, expert) to chunk first."""
-  handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(),
-                                                   use_ocdbt=False),
-              'data': ocp.JsonCheckpointHandler()}
+  state = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(), use_ocdbt=False)
+  handlers = {'state': state, 'data': ocp.JsonCheckpointHandler()}
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   save_args = jax.tree.map(
       lambda x, n: ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=tuple(range(n))),

@@ -92,8 +92,7 @@ def main(argv=None) -> int:
   except (ConfigError, FileNotFoundError, ValueError, SandboxError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  benchmarks = [r for r in results if r['task'] != 'loss']
-  if benchmarks:
+  if benchmarks := [r for r in results if r['task'] != 'loss']:
     print(report.format_table(benchmarks), flush=True)
   for r in results:
     if r['task'] == 'loss':  # Not a fraction: report.py would print it as a percentage.

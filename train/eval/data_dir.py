@@ -11,12 +11,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def resolve(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """The data folder; raises FileNotFoundError naming every place it looked."""
-  if data_dir is not None:
-    path = pathlib.Path(data_dir)
-  elif os.environ.get('SHARED_DATA'):
-    path = pathlib.Path(os.environ['SHARED_DATA'])
-  else:
-    path = REPO.parent / 'shared' / 'data'
+  default = os.environ.get('SHARED_DATA') or REPO.parent / 'shared' / 'data'
+  path = pathlib.Path(default if data_dir is None else data_dir)
   if not path.is_dir():
     raise FileNotFoundError(f'benchmark data folder {path} does not exist; pass data_dir or set '
                             f'env SHARED_DATA (default: ../shared/data from the repo root)')
@@ -35,8 +31,7 @@ def read_jsonl(path: pathlib.Path, kind: str, keys: tuple[str, ...]) -> list[dic
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      missing = [k for k in keys if not isinstance(row.get(k), str)]
-      if missing:
+      if missing := [k for k in keys if not isinstance(row.get(k), str)]:
         raise ValueError(f'{path}:{line_no}: {kind} row needs string {missing}')
       rows.append(row)
   if not rows:

@@ -37,9 +37,7 @@ def normalise(number: str) -> str | None:
     return None
   if not value.is_finite():
     return None
-  if value == value.to_integral_value():
-    return str(int(value))
-  return format(value.normalize(), 'f')
+  return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), 'f')
 
 
 def extract_strict(text: str) -> str | None:
@@ -50,20 +48,15 @@ def extract_strict(text: str) -> str | None:
 
 def extract_flexible(text: str) -> str | None:
   """The last number in the text, normalised."""
-  for candidate in reversed(_NUMBER.findall(text)):
-    value = normalise(candidate)
-    if value is not None:
-      return value
-  return None
+  numbers = map(normalise, reversed(_NUMBER.findall(text)))
+  return next((value for value in numbers if value is not None), None)
 
 
 def format_example(question: str, answer: str | None = None, keep_calculator: bool = False) -> str:
-  text = f'Question: {question}\nAnswer:'
-  if answer is not None:
-    if not keep_calculator:
-      answer = _CALCULATOR.sub('', answer)
-    text += f' {answer}\n\n'
-  return text
+  if answer is None:
+    return f'Question: {question}\nAnswer:'
+  answer = answer if keep_calculator else _CALCULATOR.sub('', answer)
+  return f'Question: {question}\nAnswer: {answer}\n\n'
 
 
 def build_prompt(shots: list[dict], question: str, keep_calculator: bool = False) -> str:

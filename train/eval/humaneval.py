@@ -1,9 +1,8 @@
 """HumanEval: sample completions, run each against the problem's tests in the sandbox, pass@k.
 
-The program run for one sample is (the reference layout)
-  `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`.
-Generation stops at the reference stop sequences, and completions are cut at the first of them
-again here, whatever the model did.
+The program run for one sample is the reference layout (`program`). Generation stops at the
+reference stop sequences, and completions are cut at the first of them again here, whatever the
+model did.
 """
 
 import dataclasses
@@ -42,8 +41,7 @@ def truncate(completion: str) -> str:
 
 
 def program(problem: Problem, completion: str) -> str:
-  return (problem.prompt + completion + '\n' + problem.test + '\n' +
-          f'check({problem.entry_point})')
+  return f'{problem.prompt}{completion}\n{problem.test}\ncheck({problem.entry_point})'
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -80,9 +78,8 @@ def score(problems: list[Problem], completions: list[list[str]], *, ks: tuple[in
                               'first_detail': mine[0].detail[-500:]}
   metrics = {f'pass@{k}': float(np.mean([pass_at_k(n, r['passed'], k)
                                          for r in per_problem.values()])) for k in ks if k <= n}
-  return {'task': 'humaneval', 'metrics': metrics, 'num_problems': len(problems),
-          'num_samples': n, 'isolation': tier,
-          'isolation_description': sandbox.isolation_description(tier),
+  return {'task': 'humaneval', 'metrics': metrics, 'num_problems': len(problems), 'num_samples': n,
+          'isolation': tier, 'isolation_description': sandbox.isolation_description(tier),
           'sandbox_seconds': seconds, 'per_problem': per_problem}
 
 

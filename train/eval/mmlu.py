@@ -7,10 +7,9 @@ its answer, then the test question ending with `Answer:`:
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {X}\\n\\n     (k times)
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
 
-Cells are read verbatim with the csv module (the reference reads them with pandas, which turns
-cells such as `2` or `None` into numbers or NaN). The prediction is the argmax of the four
-log-likelihoods (ties go to the earlier letter). With a token counter and `max_length`, k shrinks
-until prompt + answer fits, as the reference does.
+Cells are read verbatim (csv module, not pandas: `2` or `None` stay text). The prediction is the
+argmax of the four log-likelihoods (ties to the earlier letter). With a token counter and
+`max_length`, k shrinks until prompt + answer fits, as the reference does.
 """
 
 import csv
@@ -57,8 +56,7 @@ def subjects(data_dir: str | pathlib.Path | None = None) -> list[str]:
   names = sorted(p.name[:-len('_test.csv')] for p in (root / 'test').glob('*_test.csv'))
   if not names:
     raise FileNotFoundError(f'no MMLU test files {root}/test/*_test.csv')
-  missing = [s for s in names if not (root / 'dev' / f'{s}_dev.csv').is_file()]
-  if missing:
+  if missing := [s for s in names if not (root / 'dev' / f'{s}_dev.csv').is_file()]:
     raise FileNotFoundError(f'MMLU dev files missing under {root}/dev for {missing}')
   return names
 
@@ -69,13 +67,8 @@ def header(subject: str) -> str:
 
 
 def format_example(item: Item, include_answer: bool) -> str:
-  text = item.question
-  for letter, choice in zip(CHOICES, item.choices):
-    text += f'\n{letter}. {choice}'
-  text += '\nAnswer:'
-  if include_answer:
-    text += f' {item.answer}\n\n'
-  return text
+  text = item.question + ''.join(f'\n{l}. {c}' for l, c in zip(CHOICES, item.choices))
+  return text + '\nAnswer:' + (f' {item.answer}\n\n' if include_answer else '')
 
 
 def build_prompt(subject: str, dev: list[Item], item: Item, k: int = 5,
@@ -89,9 +82,8 @@ def build_prompt(subject: str, dev: list[Item], item: Item, k: int = 5,
   question = format_example(item, include_answer=False)
   while True:
     prompt = header(subject) + ''.join(format_example(d, True) for d in dev[:k]) + question
-    if count_tokens is None or k == 0:
-      return prompt, k
-    if max(count_tokens(prompt + c) for c in CONTINUATIONS) <= max_length:
+    if (count_tokens is None or k == 0
+        or max(count_tokens(prompt + c) for c in CONTINUATIONS) <= max_length):
       return prompt, k
     k -= 1
 
@@ -104,7 +96,6 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
   root = data_dir_lib.resolve(data_dir) / 'mmlu'
   names = subject_names or subjects(data_dir)
   per_subject = {}
-  correct_total = count_total = 0
   for subject in names:
     dev = load_csv(root / 'dev' / f'{subject}_dev.csv')
     test = load_csv(root / 'test' / f'{subject}_test.csv')[:limit_per_subject]
@@ -118,10 +109,9 @@ def evaluate(model: lm_lib.LanguageModel, data_dir: str | pathlib.Path | None = 
     correct = sum(p == item.answer for p, item in zip(predicted, test))
     per_subject[subject] = {'accuracy': correct / len(test), 'correct': correct,
                             'count': len(test), 'min_k': min(kk for _, kk in prompts)}
-    correct_total += correct
-    count_total += len(test)
+  count_total = sum(s['count'] for s in per_subject.values())
+  micro = sum(s['correct'] for s in per_subject.values()) / count_total
   macro = float(np.mean([s['accuracy'] for s in per_subject.values()]))
-  return {'task': 'mmlu', 'metrics': {'accuracy': correct_total / count_total,  # Micro average.
-                                      'macro_accuracy': macro},
+  return {'task': 'mmlu', 'metrics': {'accuracy': micro, 'macro_accuracy': macro},
           'count': count_total, 'per_subject': per_subject,
           'config': {'k': k, 'max_length': max_length, 'limit_per_subject': limit_per_subject}}

@@ -41,8 +41,7 @@ class MeshLM:
     return 1 + len(self.tok.encode(text))
 
   def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    spaces = len(context) - len(context.rstrip(' '))
-    if spaces:
+    if spaces := len(context) - len(context.rstrip(' ')):
       context, continuation = context[:-spaces], context[-spaces:] + continuation
     ctx = self.tok.encode(context)
     whole = self.tok.encode(context + continuation)
@@ -60,22 +59,19 @@ class MeshLM:
       rows.append((ids, min(len(cont), len(ids) - 1)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     out = np.zeros(len(rows), np.float64)
-    bar = _progress(len(rows), 'loglikelihood')
-    for start in range(0, len(order), self.batch_size):
-      chunk = order[start:start + self.batch_size]
-      t = gen_lib.bucket(len(rows[chunk[0]][0]), self.min_bucket)
-      b = self.gen._batch_bucket(self.batch_size)
-      tokens = np.full((b, t), self.tok.pad_id, np.int32)
-      mask = np.zeros((b, t), np.float32)
-      for r, i in enumerate(chunk):
-        ids, n_cont = rows[i]
-        tokens[r, :len(ids)] = ids
-        mask[r, len(ids) - n_cont:len(ids)] = 1.0
-      with jax.set_mesh(self.gen.mesh):
-        sums = np.asarray(self._score(self.gen.params, tokens, mask))
-      out[chunk] = sums[:len(chunk)]
-      bar.update(len(chunk))
-    bar.close()
+    b = self.gen._batch_bucket(self.batch_size)
+    with _progress(len(rows), 'loglikelihood') as bar, jax.set_mesh(self.gen.mesh):
+      for start in range(0, len(order), self.batch_size):
+        chunk = order[start:start + self.batch_size]
+        t = gen_lib.bucket(len(rows[chunk[0]][0]), self.min_bucket)
+        tokens = np.full((b, t), self.tok.pad_id, np.int32)
+        mask = np.zeros((b, t), np.float32)
+        for r, i in enumerate(chunk):
+          ids, n_cont = rows[i]
+          tokens[r, :len(ids)] = ids
+          mask[r, len(ids) - n_cont:len(ids)] = 1.0
+        out[chunk] = np.asarray(self._score(self.gen.params, tokens, mask))[:len(chunk)]
+        bar.update(len(chunk))
     return [float(x) for x in out]
 
   def generate(self, prompts: list[str], *, max_new_tokens: int, stop: list[str],
@@ -83,9 +79,8 @@ class MeshLM:
     budget = max(self.max_length - max_new_tokens, self.max_length // 2)
     ids = [([self.tok.bos_id] + self.tok.encode(p))[-budget:] for p in prompts]
     ids = [x for x in ids for _ in range(num_samples)]
-    bar = _progress(len(ids), 'generate')
-    texts = [c.text for c in self.gen.complete(ids, max_new_tokens=max_new_tokens, stop=stop,
-                                               sampling=decode.Sampling(temperature=temperature),
-                                               progress=bar)]
-    bar.close()
+    with _progress(len(ids), 'generate') as bar:
+      texts = [c.text for c in self.gen.complete(
+          ids, max_new_tokens=max_new_tokens, stop=stop,
+          sampling=decode.Sampling(temperature=temperature), progress=bar)]
     return [texts[k * num_samples:(k + 1) * num_samples] for k in range(len(prompts))]

@@ -25,8 +25,7 @@ def write_json(results: list[dict], path: str | os.PathLike,
   path.parent.mkdir(parents=True, exist_ok=True)
   document = {'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'), **(extra or {}), 'results': results}
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(document, indent=1, sort_keys=False, allow_nan=False) + '\n',
-                 encoding='utf-8')
+  tmp.write_text(json.dumps(document, indent=1, allow_nan=False) + '\n', encoding='utf-8')
   os.replace(tmp, path)
   return path
 

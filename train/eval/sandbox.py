@@ -89,10 +89,8 @@ class Limits:
   output_chars: int = 2000  # Tail of stdout+stderr kept in Outcome.detail.
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      if getattr(self, field.name) <= 0:
-        raise ValueError(f'sandbox Limits.{field.name} must be > 0, '
-                         f'got {getattr(self, field.name)}')
+    if bad := [f.name for f in dataclasses.fields(self) if getattr(self, f.name) <= 0]:
+      raise ValueError(f'sandbox Limits.{bad[0]} must be > 0, got {getattr(self, bad[0])}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +124,7 @@ def _drop_to(uid: int | None) -> tuple[list[str], dict]:
   first, so that Popen can vfork (its `user=` forks, copying a large parent's page tables)."""
   if uid is None:
     return [], {}
-  setpriv = shutil.which('setpriv')
-  if setpriv:
+  if setpriv := shutil.which('setpriv'):
     return [setpriv, f'--reuid={uid}', f'--regid={uid}', '--clear-groups', '--'], {}
   return [], dict(user=uid, group=uid, extra_groups=[])
 
@@ -181,17 +178,16 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
 def _pids_of_uid(uid: int) -> list[int]:
   """Live (not zombie) processes whose effective uid is `uid`."""
   pids = []
-  for entry in os.listdir('/proc'):
-    if entry.isdigit():
-      try:
-        if os.stat(f'/proc/{entry}').st_uid != uid:
-          continue
-        with open(f'/proc/{entry}/stat', 'rb') as f:
-          state = f.read().rsplit(b')', 1)[1].split()[0]
-      except (FileNotFoundError, ProcessLookupError, IndexError):
+  for entry in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      if os.stat(f'/proc/{entry}').st_uid != uid:
         continue
-      if state not in (b'Z', b'X'):
-        pids.append(int(entry))
+      with open(f'/proc/{entry}/stat', 'rb') as f:
+        state = f.read().rsplit(b')', 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+      continue
+    if state not in (b'Z', b'X'):
+      pids.append(int(entry))
   return pids
 
 
@@ -242,10 +238,9 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
       raise SandboxError(f'TMPDIR {tempfile.gettempdir()} cannot be reached by the unprivileged '
                          f'uid the programs run as (a folder above it is not world-executable); '
                          f'set TMPDIR to one that is, e.g. /tmp')
-    program = os.path.join(host_dir, 'program.py')
-    with open(program, 'w', encoding='utf-8') as f:
-      f.write(source)
-    os.chmod(program, 0o644)
+    program = pathlib.Path(host_dir, 'program.py')
+    program.write_text(source, encoding='utf-8')
+    program.chmod(0o644)
     if tier != 'bwrap':
       os.mkdir(os.path.join(host_dir, 'work'), 0o700)
       if uid is not None:
@@ -285,10 +280,10 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
     status, detail = 'timeout', f'timed out after {limits.timeout_s} s\n{detail}'
   elif proc.returncode == 0 and marker == nonce.encode():
     status = 'passed'
+  elif proc.returncode == 0:
+    status, detail = 'failed', f'exited before its end\n{detail}'
   else:
     status = 'failed'
-    if proc.returncode == 0:
-      detail = f'exited before its end\n{detail}'
   return Outcome(status, detail, seconds)
 
 
