@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import chat as chat_lib
+from data import packing
 from model.heads import ScalarModel, at_index, last_index, trunk_config
 from train import config as base_config
 from train import state as state_lib
@@ -98,8 +99,8 @@ def reward_layout(out, end_id: int, newline: list[int]) -> dict:
 class RewardScorer:
   """Scores by the reward model of run `rm_workdir` (placed by a train/context.py Placement):
   `scorer(out)` -> float32 [b] of a train/generate.py result's prompt + completion, laid out by
-  `reward_layout`; `scorer.messages(conversations)` of whole chats as data/chat.py renders them
-  for the preference stages."""
+  `reward_layout`; `scorer.messages(conversations)` of whole chats as the preference stages see them
+  (data/packing.py lm_example of the data/chat.py rendering)."""
 
   def __init__(self, rm_workdir: str, tok, placement):
     rm_cfg = run_model_config(rm_workdir)
@@ -117,11 +118,8 @@ class RewardScorer:
     return self.rows(reward_layout(out, self.end, self.newline))
 
   def messages(self, conversations: list[list[dict]]) -> np.ndarray:
-    ids = [self.template.encode(m)[0] for m in conversations]
-    width = max(len(x) for x in ids)
-    tokens = np.zeros((len(ids), width), np.int32)
-    segs = np.zeros_like(tokens)
-    for i, x in enumerate(ids):
-      tokens[i, :len(x)], segs[i, :len(x)] = x, 1
-    positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
-    return self.rows({'inputs': tokens, 'positions': positions, 'segment_ids': segs})
+    examples = [packing.lm_example(*self.template.encode(m)) for m in conversations]
+    width = max(len(e['inputs']) for e in examples)
+    rows = [packing.pack_examples([e], width, 'pad', self.template.tok.pad_id) for e in examples]
+    return self.rows({k: np.concatenate([r[k] for r in rows])
+                      for k in ('inputs', 'positions', 'segment_ids')})
