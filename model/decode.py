@@ -14,6 +14,8 @@ Each slot writes its next token at its own column P + num_new - 1 (an index per 
 0 hides padding and empty slots and positions count from the prompt's first token, so a
 sequence computes what it would alone, whatever its slot or neighbours. Admission resets the
 whole row. Token i of a sequence draws with the run's key folded with (sequence id, i).
+With g samples per prompt, sequences g*j .. g*j+g-1 share prompt j: it is prefilled once and
+its cache row copied into g slots (a group is admitted whole).
 
 Sampling: greedy when temperature == 0, else softmax(logits / temperature) restricted to the
 top_k tokens (0: all) and the smallest most likely set reaching top_p (1.0: all). The returned
@@ -112,19 +114,26 @@ def _is_eos(tokens_b, eos_ids_e):
   return jnp.any(tokens_b[:, None] == eos_ids_e[None, :], axis=-1)
 
 
-def start(cfg: ModelConfig, slots: int, tokens_np, lengths_n, new_len: int,
+def start(cfg: ModelConfig, slots: int, tokens_mp, lengths_m, new_len: int, samples: int = 1,
           cache_dtype=None) -> dict:
-  """The decoding state of n prompts (left-padded to P columns) and `slots` free slots: the
-  prompts, `queued` (how many admitted), a cache of P + new_len columns; per slot its sequence
-  (seq_b), prompt length, num_new_b (tokens made, EOS included), done_b (finished or free); per
-  sequence tokens_nn, logprobs_nn (0 past its end) and num_new_n."""
-  n, p = tokens_np.shape
+  """The decoding state of m prompts (left-padded to P columns), n = m x `samples` sequences
+  (sequence i samples prompt i // samples) and `slots` free slots: the prompts, `queued` (how
+  many sequences admitted), a cache of P + new_len columns; per slot its sequence (seq_b), prompt
+  length, num_new_b (tokens made, EOS included), done_b (finished or free); per sequence
+  tokens_nn, logprobs_nn (0 past its end) and num_new_n."""
+  n = tokens_mp.shape[0] * samples
   zeros_b = jnp.zeros((slots,), jnp.int32)
-  return {'cache': init_cache(cfg, slots, p + new_len, cache_dtype), 'prompts_np': tokens_np,
-          'lengths_n': lengths_n, 'queued': jnp.int32(0), 'seq_b': zeros_b, 'lengths_b': zeros_b,
-          'num_new_b': zeros_b, 'done_b': jnp.ones((slots,), bool),
-          'tokens_nn': jnp.zeros((n, new_len), jnp.int32), 'num_new_n': jnp.zeros((n,), jnp.int32),
+  return {'cache': init_cache(cfg, slots, tokens_mp.shape[1] + new_len, cache_dtype),
+          'prompts_mp': tokens_mp, 'lengths_m': lengths_m, 'queued': jnp.int32(0),
+          'seq_b': zeros_b, 'lengths_b': zeros_b, 'num_new_b': zeros_b,
+          'done_b': jnp.ones((slots,), bool), 'tokens_nn': jnp.zeros((n, new_len), jnp.int32),
+          'num_new_n': jnp.zeros((n,), jnp.int32),
           'logprobs_nn': jnp.zeros((n, new_len), jnp.float32)}
+
+
+def _group(s: dict) -> int:
+  """Samples per prompt of a decoding state."""
+  return s['tokens_nn'].shape[0] // s['prompts_mp'].shape[0]
 
 
 def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
@@ -135,26 +144,30 @@ def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
 
 
 def _admit(model, s: dict, rows: int, num, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
-  """Prefills the next `rows` queued prompts (fewer if fewer are left) into the first free
-  slots and samples each one's first token."""
-  slots, (n, p) = s['done_b'].shape[0], s['prompts_np'].shape
+  """Prefills the prompts of the next `rows` queued sequences (a multiple of the group; fewer if
+  fewer are left) into the first free slots, once per prompt, and samples each one's first
+  token."""
+  slots, (m, p), g = s['done_b'].shape[0], s['prompts_mp'].shape, _group(s)
+  n = m * g
   seq_k = s['queued'] + jnp.arange(rows, dtype=jnp.int32)
   slot_k = jnp.nonzero(s['done_b'], size=rows, fill_value=slots)[0]
   slot_k, out_k = jnp.where(seq_k < num, slot_k, slots), jnp.where(seq_k < num, seq_k, n)
-  read_k = jnp.minimum(seq_k, n - 1)  # Rows past the queue are filler: written nowhere.
-  lengths_k = s['lengths_n'][read_k]
-  positions_kp, segment_ids_kp = prompt_layout(lengths_k, p)
-  cache = init_cache(model.cfg, rows, s['cache']['segment_ids'].shape[1], s['cache']['k'].dtype)
-  h_kpd, cache = model.extend(s['prompts_np'][read_k], positions_kp, segment_ids_kp, cache, 0)
-  first_k, logprob_k = _draw(model.logits(h_kpd[:, -1:])[:, 0], rng, seq_k,
-                             jnp.zeros_like(seq_k), sampling)
+  read_j = jnp.minimum(seq_k[::g] // g, m - 1)  # Rows past the queue are filler: written nowhere.
+  positions_jp, segment_ids_jp = prompt_layout(s['lengths_m'][read_j], p)
+  cache = init_cache(model.cfg, rows // g, s['cache']['segment_ids'].shape[1],
+                     s['cache']['k'].dtype)
+  h_jpd, cache = model.extend(s['prompts_mp'][read_j], positions_jp, segment_ids_jp, cache, 0)
+  logits_kv = jnp.repeat(model.logits(h_jpd[:, -1:])[:, 0], g, axis=0)
+  first_k, logprob_k = _draw(logits_kv, rng, seq_k, jnp.zeros_like(seq_k), sampling)
   batch_axis = {'k': 2, 'v': 2, 'segment_ids': 0, 'positions': 0}
-  cache = {name: x.at[(slice(None),) * batch_axis[name] + (slot_k,)].set(cache[name], mode='drop')
+  cache = {name: x.at[(slice(None),) * batch_axis[name] + (slot_k,)].set(
+               jnp.repeat(cache[name], g, axis=batch_axis[name]), mode='drop')
            for name, x in s['cache'].items()}
   cache['k'], cache['v'] = constrain(cache['k'], CACHE_AXES), constrain(cache['v'], CACHE_AXES)
   put = lambda name, index, new: s[name].at[index].set(new, mode='drop')
   return {**s, 'cache': cache, 'queued': jnp.minimum(s['queued'] + rows, num),
-          'seq_b': put('seq_b', slot_k, seq_k), 'lengths_b': put('lengths_b', slot_k, lengths_k),
+          'seq_b': put('seq_b', slot_k, seq_k),
+          'lengths_b': put('lengths_b', slot_k, s['lengths_m'][seq_k // g]),
           'num_new_b': put('num_new_b', slot_k, 1),
           'done_b': put('done_b', slot_k, _is_eos(first_k, eos_ids_e) | (max_new <= 1)),
           'tokens_nn': put('tokens_nn', (out_k, 0), first_k),
@@ -183,10 +196,12 @@ def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
 
 def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng,
         sampling: Sampling, eos_ids_e) -> dict:
-  """Continuous batching of the first `num` prompts of `state` for up to `steps` one-token steps
-  or until all are done (EOS or `max_new` tokens). Before each step queued prompts are admitted
-  `rows` at a time while slots are free; with `static`, only when all are (static batching)."""
-  slots = state['done_b'].shape[0]
+  """Continuous batching of the first `num` sequences of `state` for up to `steps` one-token
+  steps or until all are done (EOS or `max_new` tokens). Before each step queued ones are admitted
+  `rows` at a time (rounded down to whole groups, at least one) while slots are free; with
+  `static`, only when all are (static batching). Needs slots >= samples per prompt."""
+  slots, g = state['done_b'].shape[0], _group(state)
+  rows = slots // g * g if static else max(1, rows // g) * g
 
   def admissible(s):
     left = num - s['queued']
@@ -194,8 +209,8 @@ def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng
 
   def body(carry):
     i, s = carry
-    s = jax.lax.while_loop(admissible, lambda s: _admit(model, s, slots if static else rows, num,
-                                                        max_new, rng, sampling, eos_ids_e), s)
+    s = jax.lax.while_loop(admissible, lambda s: _admit(model, s, rows, num, max_new, rng,
+                                                        sampling, eos_ids_e), s)
     return i + 1, _step(model, s, max_new, rng, sampling, eos_ids_e)
 
   def cond(carry):

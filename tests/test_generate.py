@@ -215,6 +215,30 @@ def test_admission_order_does_not_change_sampled_tokens(tok):
   assert len({int(n) for n in runs[0].num_new_b}) > 2  # Stops at several different steps.
 
 
+def test_samples_per_prompt_equal_repeated_prompts(tok):
+  # A prompt sampled g times is prefilled once and copied into g slots; each row draws with the
+  # keys of the matching row of the repeated prompt list, so tokens and log-probs are the same
+  # (4 slots: groups of 2 admitted whole as slots free up, continuous and static).
+  cfg = tiny_cfg(vocab_size=400)
+  m = mesh(**SHARDED)
+  _, params = placed(cfg, m, seed=3)
+  gen = gen_lib.Generator(cfg, params, tok, m, max_batch=2, min_bucket=8)
+  sampling = decode.Sampling(temperature=1.0)
+  kw = dict(max_new_tokens=10, sampling=sampling, stop_ids=list(range(3, 400, 9)), seed=1)
+  want = gen.generate_ids([p for p in MIXED for _ in range(2)], **kw)
+  for static in (False, True):
+    got = gen.generate_ids(MIXED, samples=2, static=static, **kw)
+    assert got.finish_b == want.finish_b and len(got.finish_b) == 2 * len(MIXED)
+    np.testing.assert_array_equal(got.tokens_bs, want.tokens_bs)
+    np.testing.assert_array_equal(got.lengths_b, want.lengths_b)
+    np.testing.assert_allclose(got.logprobs_bs, want.logprobs_bs, atol=1e-5)
+  assert len({int(n) for n in want.num_new_b}) > 2  # Stops at several different steps.
+  assert len({tuple(want.completion_ids(i)) for i in range(len(want.finish_b))}) > len(MIXED)
+  wide = gen.generate_ids(MIXED[:2], samples=5, **kw)  # More samples than slots: plain rows.
+  rows = gen.generate_ids([p for p in MIXED[:2] for _ in range(5)], **kw)
+  np.testing.assert_array_equal(wide.tokens_bs, rows.tokens_bs)
+
+
 def test_sampling_filters():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   key = jax.random.PRNGKey(0)

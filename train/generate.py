@@ -87,8 +87,8 @@ class Generator:
     self.batch_shards = batch_shards(self.mesh, self.rules)
     self.slots = self._batch_bucket(max_batch)
     self.admit_rows = max(1, self.slots // 8)
-    self._start = jax.jit(lambda b, n, tokens_np, lengths_n: decode.start(
-        dec_cfg, b, tokens_np, lengths_n, n), static_argnums=(0, 1))
+    self._start = jax.jit(lambda b, n, g, tokens_mp, lengths_m: decode.start(
+        dec_cfg, b, tokens_mp, lengths_m, n, g), static_argnums=(0, 1, 2))
     self._fns = {}
 
   @classmethod
@@ -129,14 +129,14 @@ class Generator:
     """Completions of token prompts (`progress`: a tqdm bar, or None; `kw`: of `generate_ids`)."""
     rollout = self.generate_ids(ids, stop=stop, **kw)
     out, p = [], rollout.prompt_len
-    for j in range(len(ids)):
+    for j in range(len(rollout.finish_b)):
       token_ids = rollout.completion_ids(j)
       out.append(Completion(
           text=self._text(token_ids, stop), token_ids=token_ids,
           logprobs=[float(x) for x in rollout.logprobs_bs[j, p:p + len(token_ids)]],
           finish_reason=rollout.finish_b[j], prompt_tokens=int(rollout.lengths_b[j])))
     if progress is not None:
-      progress.update(len(ids))
+      progress.update(len(out))
     return out
 
   def _text(self, token_ids: list[int], stop) -> str:
@@ -147,9 +147,10 @@ class Generator:
   def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int,
                    sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),
                    stop_ids: list[int] | None = None, seed: int = 0, params=None,
-                   static: bool = False) -> Rollout:
-    """Token prompts -> Rollout (rows in the order given). With `static`, prompts are admitted
-    only when every slot is free: static batching by the same engine, for comparison."""
+                   static: bool = False, samples: int = 1) -> Rollout:
+    """Token prompts -> Rollout: `samples` rows per prompt (each prefilled once, sampled with
+    the keys of as many repeated prompts), prompts in the order given. With `static`, prompts are
+    admitted only when every slot is free: static batching by the same engine, for comparison."""
     if not prompts:
       raise ValueError('train/generate.py: no prompts')
     if max_new_tokens < 1:
@@ -157,15 +158,18 @@ class Generator:
     params = self.params if params is None else params
     if params is None:
       raise ValueError('train/generate.py: this Generator has no params; pass params=')
-    n, slots, pad = len(prompts), self.slots, self.tokenizer.pad_id
+    if samples > self.slots:  # A group is admitted whole: more samples than slots are rows.
+      prompts, samples = [x for x in prompts for _ in range(samples)], 1
+    m, slots, pad = len(prompts), self.slots, self.tokenizer.pad_id
+    n = m * samples
     p, new = (bucket(x, self.min_bucket) for x in (max(map(len, prompts)), max_new_tokens))
-    n_pad = bucket(n, slots)  # Prompt rows past n are never admitted.
-    tokens_np, lengths_n = decode.left_pad(list(prompts) + [prompts[0]] * (n_pad - n), p, pad)
+    m_pad = bucket(m, max(1, slots // samples))  # Prompt rows past m are never admitted.
+    tokens_mp, lengths_m = decode.left_pad(list(prompts) + [prompts[0]] * (m_pad - m), p, pad)
     eos_e = np.asarray(stop_ids if stop_ids is not None else [self.tokenizer.eos_id], np.int32)
     run = self._compiled(sampling)
     steps = self.stop_check_every if stop else 1 << 30
     with jax.set_mesh(self.mesh), use_rules(self.rules):
-      state = self._start(slots, new, tokens_np, lengths_n)
+      state = self._start(slots, new, samples, tokens_mp, lengths_m)
       while True:
         state = run(params, state, np.int32(steps), np.int32(n), np.int32(max_new_tokens), eos_e,
                     jax.random.PRNGKey(seed), static=static)
@@ -189,9 +193,9 @@ class Generator:
     eos_seen = np.isin(tokens_nn[np.arange(n), np.maximum(num_new_n, 1) - 1], eos_e)
     finish = ['stop' if stopped[i] else 'eos' if eos_seen[i] else 'length' for i in range(n)]
     tokens_nn[np.arange(new)[None] >= num_new_n[:, None]] = pad
-    return Rollout(np.concatenate([tokens_np[:n], tokens_nn], 1),
+    return Rollout(np.concatenate([np.repeat(tokens_mp[:m], samples, 0), tokens_nn], 1),
                    np.concatenate([np.zeros((n, p), np.float32), logprobs_nn], 1),
-                   lengths_n[:n], num_new_n, p, finish)
+                   np.repeat(lengths_m[:m], samples), num_new_n, p, finish)
 
   def _batch_bucket(self, n: int) -> int:
     return math.lcm(bucket(n, 1), self.batch_shards)

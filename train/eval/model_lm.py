@@ -78,9 +78,8 @@ class MeshLM:
                temperature: float = 0.0, num_samples: int = 1) -> list[list[str]]:
     budget = max(self.max_length - max_new_tokens, self.max_length // 2)
     ids = [([self.tok.bos_id] + self.tok.encode(p))[-budget:] for p in prompts]
-    ids = [x for x in ids for _ in range(num_samples)]
-    with _progress(len(ids), 'generate') as bar:
+    with _progress(len(ids) * num_samples, 'generate') as bar:
       texts = [c.text for c in self.gen.complete(
-          ids, max_new_tokens=max_new_tokens, stop=stop,
+          ids, max_new_tokens=max_new_tokens, stop=stop, samples=num_samples,
           sampling=decode.Sampling(temperature=temperature), progress=bar)]
     return [texts[k * num_samples:(k + 1) * num_samples] for k in range(len(prompts))]

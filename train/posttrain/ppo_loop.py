@@ -227,13 +227,14 @@ class Rollouts:
   def counts(self) -> dict:
     return {}
 
-  def rollout(self, policy, prompts, *, seed, sampling):
-    """Sample completions of `prompts` (load_prompts tuples) and score them: (dict of [b, t]
-    numpy arrays, scores, metrics)."""
+  def rollout(self, policy, prompts, *, seed, sampling, samples=1):
+    """Sample `samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major)
+    and score them: (dict of [b, t] numpy arrays, scores, metrics)."""
     p = self.config.ppo
-    out = self.generator.generate_ids([ids for ids, _, _ in prompts],
+    out = self.generator.generate_ids([ids for ids, _, _ in prompts], samples=samples,
                                       max_new_tokens=p.max_new_tokens, sampling=sampling,
                                       stop_ids=self.stop_ids, seed=seed, params=policy)
+    prompts = [q for q in prompts for _ in range(samples)]
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
@@ -266,7 +267,7 @@ class Rollouts:
     it, b = self.iteration, t.global_batch
     pick = [self.order[(it * b + j) % len(self.order)] for j in range(b)]
     batch, scores, metrics = self.rollout(
-        state['params'], [self.prompts[i] for i in pick for _ in range(self.group)],
+        state['params'], [self.prompts[i] for i in pick], samples=self.group,
         seed=t.seed * 1_000_003 + it, sampling=decode.Sampling(temperature=p.temperature))
     kl_coef, keys = self.kl.value, ROLLOUT_KEYS
     if self.grpo:

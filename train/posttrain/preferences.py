@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
     scorer = reward.RewardScorer(rm_dir, run.tokenizer, gen.placement) if rm_dir else None
     k = args.samples
-    out = gen.generate_ids([ids for ids, _, _ in prompts for _ in range(k)],
+    out = gen.generate_ids([ids for ids, _, _ in prompts], samples=k,
                            sampling=decode.Sampling(temperature=args.temperature), seed=args.seed,
                            max_new_tokens=args.max_new_tokens, stop_ids=gen.stop_ids(chat=True))
     replies = [run.tokenizer.decode(out.completion_ids(i)) for i in range(len(prompts) * k)]
