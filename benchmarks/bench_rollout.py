@@ -1,12 +1,20 @@
 """Rollout throughput (generated tokens/s): continuous vs static batching at equal slots, on CPU.
 
-Three engines over the same prompts, slots and model, timed round by round in turn so that load
-from other users of the machine hits all alike:
-  main-static   main's Generator (git archive of branch `main`: left-padded batches of `slots`
-                prompts, one prefill, decode until every row stops), in a worker process;
+Engines over the same prompts, slots and model, timed round by round in turn so that load from
+other users of the machine hits all alike:
+  baseline      the static generator before the rollout engine (git archive of --baseline,
+                default a2d5c37: left-padded batches of `slots` prompts, one prefill, decode until
+                every row stops), in a worker process;
   static        this tree's engine with admission only when every slot is free;
-  continuous    this tree's engine (train/generate.py, model/decode.py).
+  continuous:R  this tree's engine (train/generate.py, model/decode.py) admitting R rows at a
+                time (Generator(admit_rows=R); --admit lists the R to time);
+  shared:R      the same with each prompt prefilled once for its samples (generate_ids(samples=G));
+                only in the group workload.
 Each worker compiles in a warm-up round, then runs one timed round per request of the parent.
+
+Workloads: `distinct` (--prompts different prompts, one reply each) and, with --group G > 1,
+`group` (--prompts // G prompts, G replies each: a GRPO or on-policy-preference rollout; the
+static engines get each prompt repeated G times).
 
 Prompts: the embedded SFT questions (data/corpus.py instructions) as chat user turns, tokenized
 by a BPE tokenizer of the embedded corpus (experiments/tiny_dense.py's kind). Replies: EOS-driven
@@ -58,16 +66,26 @@ def worker(job: dict) -> None:
   from train import state as state_lib
   cfg = ModelConfig(vocab_size=job['vocab'], attention='xla', **job['model'])
   params = state_lib.init_params(cfg, jax.random.PRNGKey(0))
-  gen = gen_lib.Generator(cfg, params, StubTokenizer(job['stop_ids'][0]), max_batch=job['slots'])
+  tok, slots, g = StubTokenizer(job['stop_ids'][0]), job['slots'], job['group']
+  gens = {}
   kw = dict(max_new_tokens=job['max_new_tokens'], sampling=Sampling(temperature=1.0),
             stop_ids=job['stop_ids'], seed=0)
-  prompts, slots = job['prompts'], job['slots']
+  prompts = job['prompts'][:len(job['prompts']) // g]
+  repeated = [x for x in prompts for _ in range(g)]
 
   def run(engine):
-    if engine == 'main-static':  # main's Generator.complete: `slots` prompts per batch.
-      outs = [gen.generate_ids(prompts[i:i + slots], **kw) for i in range(0, len(prompts), slots)]
+    kind, _, rows = engine.partition(':')
+    if rows not in gens:  # The baseline tree's Generator has no admit_rows.
+      gens[rows] = gen_lib.Generator(cfg, params, tok, max_batch=slots,
+                                     **({'admit_rows': int(rows)} if rows else {}))
+    gen = gens[rows]
+    if kind == 'baseline':  # The old Generator.complete: `slots` prompts per batch.
+      outs = [gen.generate_ids(repeated[i:i + slots], **kw)
+              for i in range(0, len(repeated), slots)]
+    elif kind == 'shared':
+      outs = [gen.generate_ids(prompts, samples=g, **kw)]
     else:
-      outs = [gen.generate_ids(prompts, static=engine == 'static', **kw)]
+      outs = [gen.generate_ids(repeated, static=kind == 'static', **kw)]
     return int(sum(o.num_new_b.sum() for o in outs))
 
   for line in sys.stdin:
@@ -104,48 +122,53 @@ def main() -> int:
   parser.add_argument('--max_new_tokens', type=int, default=64)
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--models', default=','.join(MODELS))
+  parser.add_argument('--baseline', default='a2d5c37', help='commit of the static generator')
+  parser.add_argument('--admit', default='2,4,8', help='admit_rows values of the continuous engine')
+  parser.add_argument('--group', type=int, default=8, help='samples per prompt (1: no group run)')
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   if args.worker:
     with open(args.worker) as f:
       worker(json.load(f))
     return 0
-  main_tree = tempfile.mkdtemp(prefix='meshlm_main_')
-  subprocess.run(f'git -C {REPO} archive main | tar -x -C {main_tree}', shell=True, check=True)
+  base_tree = tempfile.mkdtemp(prefix='meshlm_baseline_')
+  subprocess.run(f'git -C {REPO} archive {args.baseline} | tar -x -C {base_tree}', shell=True,
+                 check=True)
   prompts, stop_ids, mean_reply, tok = prompts_and_stops(args.prompts, 2048)
   lengths = sorted(len(p) for p in prompts)
+  admits = [int(r) for r in args.admit.split(',')]
   rows, started = [], time.time()
   for name in args.models.split(','):
-    job = dict(vocab=tok.vocab_size, model=MODELS[name], prompts=prompts, stop_ids=stop_ids,
-               slots=args.slots, max_new_tokens=args.max_new_tokens)
-    job_file = os.path.join(tempfile.mkdtemp(), 'job.json')
-    with open(job_file, 'w') as f:
-      json.dump(job, f)
-    workers = {}
-    for engine, tree in (('main-static', main_tree), ('static', REPO), ('continuous', REPO)):
-      tree_worker = next((w for e, (w, t) in workers.items() if t == tree), None)
-      workers[engine] = (tree_worker or subprocess.Popen(
+    for g in sorted({1, args.group}):
+      engines = ['baseline', 'static'] + [f'continuous:{r}' for r in admits]
+      engines += [f'shared:{r}' for r in admits if r >= g] if g > 1 else []
+      job = dict(vocab=tok.vocab_size, model=MODELS[name], prompts=prompts, stop_ids=stop_ids,
+                 slots=args.slots, max_new_tokens=args.max_new_tokens, group=g)
+      job_file = os.path.join(tempfile.mkdtemp(), 'job.json')
+      with open(job_file, 'w') as f:
+        json.dump(job, f)
+      workers = {tree: subprocess.Popen(
           [sys.executable, os.path.join(REPO, 'benchmarks', 'bench_rollout.py'), '--worker',
            job_file], cwd=tree, env={**os.environ, 'PYTHONPATH': tree}, stdin=subprocess.PIPE,
-          stdout=subprocess.PIPE, text=True), tree)
-    results = {e: [] for e in workers}
-    for r in range(args.rounds + 1):  # Round 0 compiles.
-      for engine in (list(workers) if r % 2 else list(workers)[::-1]):
-        w = workers[engine][0]
-        w.stdin.write(engine + '\n')
-        w.stdin.flush()
-        out = json.loads(w.stdout.readline())
-        if r:
-          results[engine].append(out['tokens'] / out['seconds'])
-        print(name, engine, r, out, flush=True)
-    for w, _ in {id(w): (w, t) for w, t in workers.values()}.values():
-      w.stdin.close()
-      w.wait()
-    best = {e: max(v) for e, v in results.items()}
-    rows.append(f"| {name} | {args.slots} | " + ' | '.join(
-        f'{min(v):.0f}-{max(v):.0f}' for v in results.values()) +
-        f" | {best['continuous'] / best['main-static']:.2f}x | "
-        f"{best['continuous'] / best['static']:.2f}x |")
+          stdout=subprocess.PIPE, text=True) for tree in (base_tree, REPO)}
+      results = {e: [] for e in engines}
+      for r in range(args.rounds + 1):  # Round 0 compiles.
+        for engine in (engines if r % 2 else engines[::-1]):
+          w = workers[base_tree if engine == 'baseline' else REPO]
+          w.stdin.write(engine + '\n')
+          w.stdin.flush()
+          out = json.loads(w.stdout.readline())
+          if r:
+            results[engine].append(out['tokens'] / out['seconds'])
+          print(name, g, engine, r, out, flush=True)
+      for w in workers.values():
+        w.stdin.close()
+        w.wait()
+      best = {e: max(v) for e, v in results.items()}
+      workload = 'distinct' if g == 1 else f'group of {g}'
+      rows += [f"| {name} | {workload} | {e} | {min(v):.0f}-{max(v):.0f} | "
+               f"{best[e] / best['baseline']:.2f}x | {best[e] / best['static']:.2f}x |"
+               for e, v in results.items()]
   load = subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
   report = '\n'.join([
       '# Rollout throughput: continuous vs static batching (CPU)', '',
@@ -157,10 +180,12 @@ def main() -> int:
       f'{args.prompts} embedded SFT prompts (chat template, {lengths[0]}-{lengths[-1]} tokens, '
       f'median {lengths[len(lengths) // 2]}); replies EOS-driven, geometric of mean '
       f'{mean_reply:.1f} tokens (the embedded replies\' mean, end marker included), cap '
-      f'{args.max_new_tokens}; temperature 1. Generated tokens/s, range over {args.rounds} '
-      'interleaved rounds after a compiling one; ratios of the best rounds.', '',
-      '| model | slots | main-static tok/s | static tok/s | continuous tok/s | '
-      'continuous / main-static | continuous / static |', '|---|---|---|---|---|---|---|',
+      f'{args.max_new_tokens}; temperature 1; {args.slots} slots for every engine. The group '
+      f'workload samples {args.group} replies of each of the first {args.prompts // args.group} '
+      f'prompts. Baseline: the static generator of commit {args.baseline}. Generated tokens/s, '
+      f'range over {args.rounds} interleaved rounds after a compiling one; ratios of the best '
+      'rounds.', '',
+      '| model | workload | engine | tok/s | / baseline | / static |', '|---|---|---|---|---|---|',
       *rows, ''])
   print(report)
   if args.out:

@@ -74,7 +74,8 @@ class Generator:
   """Jitted, mesh-sharded generation for one model; `params` may be replaced per call (RLHF)."""
 
   def __init__(self, cfg: ModelConfig, params, tokenizer, mesh=None, rules=None, *,
-               max_batch: int = 32, min_bucket: int = 16, stop_check_every: int = 16):
+               max_batch: int = 32, min_bucket: int = 16, stop_check_every: int = 16,
+               admit_rows: int | None = None):
     self.cfg, self.tokenizer = cfg, tokenizer
     self.mesh = mesh if mesh is not None else make_mesh({'fsdp': -1})
     self.rules = make_rules() if rules is None else rules
@@ -86,7 +87,7 @@ class Generator:
     self.max_batch, self.min_bucket, self.stop_check_every = max_batch, min_bucket, stop_check_every
     self.batch_shards = batch_shards(self.mesh, self.rules)
     self.slots = self._batch_bucket(max_batch)
-    self.admit_rows = max(1, self.slots // 8)
+    self.admit_rows = admit_rows or max(1, self.slots // 8)
     self._start = jax.jit(lambda b, n, g, tokens_mp, lengths_m: decode.start(
         dec_cfg, b, tokens_mp, lengths_m, n, g), static_argnums=(0, 1, 2))
     self._fns = {}
