@@ -161,9 +161,7 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
 # (r keys per block); scores of one block pair are [b, k, g, c, r] (g = n / k).
 def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
   """[b, 1, 1, c, r] boolean mask of one (query block, key block) pair."""
-  ok_bcr = ((qseg_bc[:, :, None] == kseg_br[:, None, :]) &
-            (kpos_br[:, None, :] <= qpos_bc[:, :, None]) & kvalid_br[:, None, :])
-  return ok_bcr[:, None, None]
+  return (make_mask(qseg_bc, kseg_br, qpos_bc, kpos_br) & kvalid_br[:, None, :])[:, None, None]
 
 
 def _block_logits(q_bckgh, k_brkh, scale):
@@ -269,13 +267,10 @@ def _flash_bwd(residuals, dout_qbckgh):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _to_blocks(x, block, fill):
-  """[b, l, ...] -> [ceil(l / block), b, block, ...], padding the tail with `fill`."""
-  b, length = x.shape[:2]
-  nblocks = -(-length // block)
-  pad = [(0, 0), (0, nblocks * block - length)] + [(0, 0)] * (x.ndim - 2)
-  x = jnp.pad(x, pad, constant_values=fill)
-  return jnp.moveaxis(x.reshape(b, nblocks, block, *x.shape[2:]), 1, 0)
+def _to_blocks(x, block):
+  """[b, l, ...] -> [ceil(l / block), b, block, ...], padding the tail with zeros (False)."""
+  x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % block)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
 
 
 def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
@@ -285,12 +280,11 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
   b, t, n, h = q_btnh.shape
   s, k = k_bskh.shape[1:3]
   c, r = min(chunk_size, t), min(chunk_size, s)
-  q_qbckgh = _to_blocks(q_btnh.reshape(b, t, k, n // k, h), c, 0)
-  kvalid_kbr = _to_blocks(jnp.ones((b, s), bool), r, False)  # Padded keys are never attended.
-  out_qbckgh = _flash(q_qbckgh, _to_blocks(k_bskh, r, 0), _to_blocks(v_bskh, r, 0),
-                      _to_blocks(q_segment_ids_bt, c, 0), _to_blocks(q_positions_bt, c, 0),
-                      _to_blocks(kv_segment_ids_bs, r, 0), _to_blocks(kv_positions_bs, r, 0),
-                      kvalid_kbr)
+  q_qbckgh = _to_blocks(q_btnh.reshape(b, t, k, n // k, h), c)
+  kvalid_kbr = _to_blocks(jnp.ones((b, s), bool), r)  # Padded keys are never attended.
+  out_qbckgh = _flash(q_qbckgh, _to_blocks(k_bskh, r), _to_blocks(v_bskh, r),
+                      _to_blocks(q_segment_ids_bt, c), _to_blocks(q_positions_bt, c),
+                      _to_blocks(kv_segment_ids_bs, r), _to_blocks(kv_positions_bs, r), kvalid_kbr)
   out_btkgh = jnp.moveaxis(out_qbckgh, 0, 1).reshape(b, -1, k, n // k, h)[:, :t]
   return out_btkgh.reshape(b, t, n, h)
 
