@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from model.config import ATTENTION_IMPLS as IMPLEMENTATIONS
 from model.sharding import logical_to_spec, mesh_platform
-
-IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
 # 'auto' without a fused kernel: 'chunked' from this many query * key pairs on, else 'xla'.
 AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
@@ -106,8 +105,13 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
 
 # xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k): every matmul
 # is one batched GEMM over (b, k); dK and dV are computed transposed. Reverse mode only.
-def _probabilities(q_bkmh, k_bksh, mask_bt1s):
-  """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
+@jax.custom_vjp
+def _grouped_attention(*args):  # (q_bkmh, k_bksh, v_bksh, mask_bt1s).
+  return _grouped_fwd(*args)[0]
+
+
+def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
+  """p: softmax over keys of q.k / sqrt(h) in float32, rows with no allowed key 0; out p.v."""
   b, k, m, h = q_bkmh.shape
   t = mask_bt1s.shape[1]
   logits_bktgs = jnp.einsum('bkmh,bksh->bkms', q_bkmh, k_bksh,
@@ -117,16 +121,8 @@ def _probabilities(q_bkmh, k_bksh, mask_bt1s):
   max_bktg1 = jnp.max(logits_bktgs, axis=-1, keepdims=True)
   exp_bktgs = jnp.where(mask_b1t1s, jnp.exp(logits_bktgs - max_bktg1), 0.0)
   sum_bktg1 = jnp.sum(exp_bktgs, axis=-1, keepdims=True)
-  return (exp_bktgs / jnp.where(sum_bktg1 > 0, sum_bktg1, 1.0)).reshape(b, k, m, -1)
-
-
-@jax.custom_vjp
-def _grouped_attention(*args):  # (q_bkmh, k_bksh, v_bksh, mask_bt1s).
-  return _grouped_fwd(*args)[0]
-
-
-def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
-  p_bkms = _probabilities(q_bkmh, k_bksh, mask_bt1s).astype(v_bksh.dtype)
+  p_bktgs = (exp_bktgs / jnp.where(sum_bktg1 > 0, sum_bktg1, 1.0)).astype(v_bksh.dtype)
+  p_bkms = p_bktgs.reshape(b, k, m, -1)
   o_bkmh = jnp.einsum('bkms,bksh->bkmh', p_bkms, v_bksh,
                       preferred_element_type=jnp.float32).astype(q_bkmh.dtype)
   return o_bkmh, (q_bkmh, k_bksh, v_bksh, o_bkmh, p_bkms)
