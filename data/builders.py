@@ -94,13 +94,12 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def local_spec(entry: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict) -> dict:
-  """The JSON-able description of a local source entry that identifies its prepared data."""
-  return {'name': entry.get('name', '') or 'corpus', 'path': entry.path,
-          'format': entry.get('file_format', 'text'), 'unit': entry.get('unit', 'paragraph'),
-          'text_field': entry.get('text_field', 'text'),
-          'eval_fraction': float(entry.get('eval_fraction', 0.01)),
-          'hygiene': data_cfg.hygiene.to_dict(), 'on_bad_input': data_cfg.on_bad_input,
-          'max_doc_chars': int(data_cfg.max_doc_chars), 'long_docs': data_cfg.long_docs}
+  """The JSON-able description of a local `source_entry` that identifies its prepared data."""
+  return {'name': entry.name or 'corpus', 'path': entry.path, 'format': entry.file_format,
+          'unit': entry.unit, 'text_field': entry.text_field,
+          'eval_fraction': float(entry.eval_fraction), 'hygiene': data_cfg.hygiene.to_dict(),
+          'on_bad_input': data_cfg.on_bad_input, 'max_doc_chars': int(data_cfg.max_doc_chars),
+          'long_docs': data_cfg.long_docs}
 
 
 @contextlib.contextmanager
