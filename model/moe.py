@@ -73,8 +73,7 @@ EXPERTS = Layout('e', 'bc', ('act_expert', 'batch', 'capacity', 'act_mlp'), _BUF
 
 
 def grouped_matmul_kernel(name: str, platform: str | None = None) -> str:
-  """The concrete kernel `cfg.grouped_matmul` means on `platform` (default: the platform being
-  compiled for)."""
+  """The kernel `cfg.grouped_matmul` means on `platform` (default: the one compiled for)."""
   if name != 'auto':
     return name
   return 'gmm' if (platform or mesh_platform()) == 'tpu' else 'ragged_dot'
@@ -196,9 +195,8 @@ class MoeBlock(nnx.Module):
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 
   def _dropless(self, x_btd, experts_btk, weights_btk):
-    """Sort + grouped matmul per device shard of the tokens; (y, None). Tokens keep their
-    activation sharding; expert weights are gathered but for the MLP width, which stays split
-    (a psum adds the partial outputs)."""
+    """(y, None): sort + grouped matmul on each device's tokens (their activation sharding);
+    expert weights gathered but for the MLP width, still split (a psum adds partial outputs)."""
     experts = self._experts()
     kernel = grouped_matmul_kernel(self.cfg.grouped_matmul)
     local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
