@@ -70,8 +70,7 @@ def _text_records(source, field: str, label: str) -> _Lazy:
 def _spans(records: _Lazy, unit: str) -> _Lazy:
   """Records cut into paragraphs or lines: item i is a (record, start, end) slice of one."""
   spans, sep = [], '\n\n' if unit == 'paragraph' else '\n'
-  for i in range(len(records)):
-    text = records[i]
+  for i, text in enumerate(records):  # _Lazy iterates by index until IndexError.
     if isinstance(text, Bad):
       spans.append((i, -1, -1))
       continue
