@@ -32,14 +32,6 @@ class PrepareError(RuntimeError):
   """A dataset that is not prepared or cannot be; the message says what to run."""
 
 
-def _spec_fingerprint(spec: dict[str, Any], paths: list[str]) -> str:
-  h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-  for p in paths:
-    st = os.stat(p)
-    h.update(f'{p}:{st.st_size}:{st.st_mtime_ns}'.encode())
-  return h.hexdigest()[:12]
-
-
 class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A local corpus; its config name is the corpus name and a fingerprint of files and spec."""
 
@@ -51,7 +43,11 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if self._spec['format'] not in FORMATS:
       raise ValueError(f'local corpus format {self._spec["format"]!r} is not one of {FORMATS}')
     self._paths = readers.expand(self._spec['path'], 'local corpus path')
-    config_name = f'{self._spec["name"]}_{_spec_fingerprint(self._spec, self._paths)}'
+    fingerprint = hashlib.sha256(json.dumps(self._spec, sort_keys=True).encode())
+    for p in self._paths:  # Name, size and modification time of every file.
+      st = os.stat(p)
+      fingerprint.update(f'{p}:{st.st_size}:{st.st_mtime_ns}'.encode())
+    config_name = f'{self._spec["name"]}_{fingerprint.hexdigest()[:12]}'
     super().__init__(config=tfds.core.BuilderConfig(name=config_name), **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -94,13 +90,12 @@ class LocalCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def local_spec(entry: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDict) -> dict:
-  """The JSON-able description of a local source entry that identifies its prepared data."""
-  return {'name': entry.get('name', '') or 'corpus', 'path': entry.path,
-          'format': entry.get('file_format', 'text'), 'unit': entry.get('unit', 'paragraph'),
-          'text_field': entry.get('text_field', 'text'),
-          'eval_fraction': float(entry.get('eval_fraction', 0.01)),
-          'hygiene': data_cfg.hygiene.to_dict(), 'on_bad_input': data_cfg.on_bad_input,
-          'max_doc_chars': int(data_cfg.max_doc_chars), 'long_docs': data_cfg.long_docs}
+  """The JSON-able description of a local `source_entry` that identifies its prepared data."""
+  return {'name': entry.name or 'corpus', 'path': entry.path, 'format': entry.file_format,
+          'unit': entry.unit, 'text_field': entry.text_field,
+          'eval_fraction': float(entry.eval_fraction), 'hygiene': data_cfg.hygiene.to_dict(),
+          'on_bad_input': data_cfg.on_bad_input, 'max_doc_chars': int(data_cfg.max_doc_chars),
+          'long_docs': data_cfg.long_docs}
 
 
 @contextlib.contextmanager

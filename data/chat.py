@@ -159,14 +159,12 @@ def preference_messages(obj: dict[str, Any], where: str,
     return None
   if 'prompt' in obj:
     prompt = readers.get_field(obj, 'prompt', where, bad)
-    if prompt is None:
-      return None
-    turns, reply_c, reply_r = [{'role': 'user', 'content': prompt}], chosen, rejected
+    split = None if prompt is None else ([{'role': 'user', 'content': prompt}], chosen, rejected)
   else:
     split = split_hh(chosen, rejected, where, bad)
-    if split is None:
-      return None
-    turns, reply_c, reply_r = split
+  if split is None:
+    return None
+  turns, reply_c, reply_r = split
   if not reply_c.strip() or not reply_r.strip() or not turns[-1]['content'].strip():
     bad(where, 'empty', 'empty prompt or reply')
     return None

@@ -104,7 +104,9 @@ def selected(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
 def validate(cfg, *, vocab_size: int, global_batch: int, process_count: int) -> None:
   """Raises DataConfigError naming the first bad key."""
   selected(cfg)
-  _check(int(cfg.seq_len) >= 1, 'seq_len', f'must be positive, got {cfg.seq_len}')
+  for key in ('seq_len', 'tokenizer_docs', 'embedded_docs', 'embedded_eval_docs',
+              'embedded_examples'):
+    _check(int(cfg[key]) >= 1, key, f'must be positive, got {cfg[key]}')
   for key, value, choices in (
       ('packing', cfg.packing, packing.POLICIES),
       ('tokenizer_type', cfg.tokenizer_type, tokenizer.MODEL_TYPES),
@@ -113,8 +115,6 @@ def validate(cfg, *, vocab_size: int, global_batch: int, process_count: int) -> 
       ('hygiene.normalize', cfg.hygiene.normalize, hygiene.NORMALIZATIONS)):
     _check(value in choices, key, f'{value!r} is not one of {choices}')
   _check(int(cfg.max_doc_chars) >= 0, 'max_doc_chars', f'must be >= 0, got {cfg.max_doc_chars}')
-  for key in ('tokenizer_docs', 'embedded_docs', 'embedded_eval_docs', 'embedded_examples'):
-    _check(int(cfg[key]) >= 1, key, f'must be positive, got {cfg[key]}')
   if global_batch < 1 or process_count < 1 or global_batch % process_count:
     raise DataConfigError(f'global batch {global_batch} must be a positive multiple of the '
                           f'process count {process_count}')

@@ -169,17 +169,16 @@ _GENERATORS, _WEIGHTS = zip(*_KINDS)
 def document(seed: int, index: int) -> str:
   """Document `index` of the corpus drawn with `seed`; a pure function of both."""
   rng = _rng(seed, index)
-  generator = rng.choices(_GENERATORS, weights=_WEIGHTS)[0]
-  parts = [generator(rng)]
+  parts = [rng.choices(_GENERATORS, weights=_WEIGHTS)[0](rng)]
   # Some documents join two pieces so that lengths vary more.
   if rng.random() < 0.25:
     parts.append(rng.choices(_GENERATORS, weights=_WEIGHTS)[0](rng))
   return '\n\n'.join(parts)
 
 
-def documents(seed: int = 0, num_docs: int = 20_000, start: int = 0) -> list[str]:
-  """Documents `start .. start + num_docs - 1` drawn with `seed` (about 230 bytes each)."""
-  return [document(seed, i) for i in range(start, start + num_docs)]
+def documents(seed: int = 0, num_docs: int = 20_000) -> list[str]:
+  """Documents `0 .. num_docs - 1` drawn with `seed` (about 230 bytes each)."""
+  return [document(seed, i) for i in range(num_docs)]
 
 
 def _question(rng: random.Random) -> tuple[str, str]:

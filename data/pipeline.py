@@ -153,10 +153,6 @@ class DataIterator:
     self._iterator.set_state(state['grain'])
 
 
-def _effective_seed(shuffle_seed: int, seed: int) -> int:
-  return int(np.random.SeedSequence([int(shuffle_seed), int(seed)]).generate_state(1)[0])
-
-
 def _text_encoder(tok, data_cfg, source_index: int, lazy_hygiene: bool):
   bos, eos = tok.bos_id, tok.eos_id
   clean = hygiene_lib.Hygiene(data_cfg.hygiene, dedup=False) if lazy_hygiene else None
@@ -213,11 +209,11 @@ def _prepare(data_cfg, vocab_size, global_batch, workdir, split, process_index, 
           f'iterator (it takes {formats})')
   tok = load_tokenizer(data_cfg, vocab_size=vocab_size, workdir=workdir,
                        srcs=srcs if split == 'train' else None)
+  seeds = np.random.SeedSequence([int(data_cfg.shuffle_seed), int(seed)])
   signature = {'split': split, 'global_batch': global_batch, 'process_index': process_index,
                'process_count': process_count, 'seq_len': int(data_cfg.seq_len),
                'packing': data_cfg.packing, 'source': str(data_cfg.source),
-               'shuffle_seed': _effective_seed(data_cfg.shuffle_seed, seed),
-               'tokenizer_vocab': tok.vocab_size}
+               'shuffle_seed': int(seeds.generate_state(1)[0]), 'tokenizer_vocab': tok.vocab_size}
   datasets = [to_dataset(i, s, tok) for i, s in enumerate(srcs)]
   shuffle = signature['shuffle_seed'] if split == 'train' else None
   mixed = _mix(datasets, [s.weight for s in srcs], shuffle)

@@ -70,8 +70,7 @@ def _text_records(source, field: str, label: str) -> _Lazy:
 def _spans(records: _Lazy, unit: str) -> _Lazy:
   """Records cut into paragraphs or lines: item i is a (record, start, end) slice of one."""
   spans, sep = [], '\n\n' if unit == 'paragraph' else '\n'
-  for i in range(len(records)):
-    text = records[i]
+  for i, text in enumerate(records):  # _Lazy iterates by index until IndexError.
     if isinstance(text, Bad):
       spans.append((i, -1, -1))
       continue
@@ -87,10 +86,6 @@ def _spans(records: _Lazy, unit: str) -> _Lazy:
     record, start, end = (int(v) for v in spans[index])
     return text_of(record) if start < 0 else text_of(record)[start:end]
   return _Lazy(spans.shape[0], span)
-
-
-def _data_dir(data_cfg, workdir: str) -> str:
-  return data_cfg.tfds_data_dir or os.path.join(workdir, 'tfds')
 
 
 def _held_out(items: list, fraction: float, split: str) -> list:
@@ -123,8 +118,7 @@ def _jsonl_items(entry, data_cfg, split: str) -> tuple[list, dict]:
 def _embedded_examples(entry, data_cfg, split: str) -> list:
   seed, n = int(data_cfg.embedded_seed), int(data_cfg.embedded_examples)
   total = n + int(data_cfg.embedded_eval_docs)
-  rows = (corpus.instructions(seed, total) if entry.format == 'sft'
-          else corpus.preferences(seed, total))
+  rows = (corpus.instructions if entry.format == 'sft' else corpus.preferences)(seed, total)
   rows = rows[:n] if split == 'train' else rows[n:]
   out = []
   for i, row in enumerate(rows):
@@ -148,24 +142,23 @@ def build(name: str, entry: ml_collections.ConfigDict, data_cfg, split: str,
     items = _Lazy(size, lambda i: corpus.document(seed, start + i))
   elif entry.kind == 'embedded':
     items = _embedded_examples(entry, data_cfg, split)
-  elif entry.kind == 'tfds':
+  elif entry.kind in ('tfds', 'local'):
     from data import builders  # pylint: disable=import-outside-toplevel  (tfds is slow to import)
-    tfds_split = entry.split if split == 'train' else entry.eval_split
-    src = builders.tfds_source(entry.name, tfds_split, _data_dir(data_cfg, workdir),
-                               entry.manual_dir)
-    records = _text_records(src, entry.text_field, f'tfds {entry.name}[{tfds_split}]')
-    items = _spans(records, entry.doc_unit) if entry.doc_unit else records
-    stats['records'] = len(records)
-  elif entry.kind == 'local':
-    from data import builders  # pylint: disable=import-outside-toplevel
-    builder = builders.prepare_local(builders.local_spec(entry, data_cfg),
-                                     _data_dir(data_cfg, workdir))
-    stats.update(builder.info.metadata or {})
-    if split not in builder.info.splits:
-      raise data_config.DataConfigError(
-          f'config.data.sources.{name}: the prepared corpus has no {split!r} split (too few '
-          f'documents, or eval_fraction is 0; counts when prepared: {stats})')
-    items = _text_records(builder.as_data_source(split), 'text', f'local {name}[{split}]')
+    data_dir = data_cfg.tfds_data_dir or os.path.join(workdir, 'tfds')
+    if entry.kind == 'tfds':
+      tfds_split = entry.split if split == 'train' else entry.eval_split
+      src = builders.tfds_source(entry.name, tfds_split, data_dir, entry.manual_dir)
+      records = _text_records(src, entry.text_field, f'tfds {entry.name}[{tfds_split}]')
+      items = _spans(records, entry.doc_unit) if entry.doc_unit else records
+      stats['records'] = len(records)
+    else:
+      builder = builders.prepare_local(builders.local_spec(entry, data_cfg), data_dir)
+      stats.update(builder.info.metadata or {})
+      if split not in builder.info.splits:
+        raise data_config.DataConfigError(
+            f'config.data.sources.{name}: the prepared corpus has no {split!r} split (too few '
+            f'documents, or eval_fraction is 0; counts when prepared: {stats})')
+      items = _text_records(builder.as_data_source(split), 'text', f'local {name}[{split}]')
   else:
     items, stats = _jsonl_items(entry, data_cfg, split)
   if len(items) == 0:  # pylint: disable=g-explicit-length-test

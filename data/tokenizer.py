@@ -143,8 +143,7 @@ def train(docs: Iterable[str], vocab_size: int, model_type: str, prefix: str | o
 def train_or_load(docs: Iterable[str], vocab_size: int, model_type: str,
                   path: str | os.PathLike) -> Tokenizer:
   """Loads `path` (a .model file or a prefix) if trained before, else trains it on `docs`."""
-  path = str(path)
-  prefix = path[:-len('.model')] if path.endswith('.model') else path
+  prefix = str(path).removesuffix('.model')
   if os.path.isfile(prefix + '.model'):
     tok = Tokenizer(prefix + '.model')
     if tok.vocab_size > vocab_size:

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from model.config import ATTENTION_IMPLS as IMPLEMENTATIONS
 from model.sharding import logical_to_spec, mesh_platform
-
-IMPLEMENTATIONS = ('reference', 'xla', 'chunked', 'cudnn', 'splash', 'auto')
 
 # 'auto' without a fused kernel: 'chunked' from this many query * key pairs on, else 'xla'.
 AUTO_CHUNKED_MIN_PAIRS = 4096 * 4096
@@ -106,8 +105,13 @@ def _reference(q_btnh, k_bskh, v_bskh, mask_bts):
 
 # xla: queries regrouped per kv head as [b, k, m, h], m = (t, g) merged (g = n / k): every matmul
 # is one batched GEMM over (b, k); dK and dV are computed transposed. Reverse mode only.
-def _probabilities(q_bkmh, k_bksh, mask_bt1s):
-  """softmax over keys of q.k / sqrt(h), float32 [b, k, m, s]; rows with no allowed key are 0."""
+@jax.custom_vjp
+def _grouped_attention(*args):  # (q_bkmh, k_bksh, v_bksh, mask_bt1s).
+  return _grouped_fwd(*args)[0]
+
+
+def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
+  """p: softmax over keys of q.k / sqrt(h) in float32, rows with no allowed key 0; out p.v."""
   b, k, m, h = q_bkmh.shape
   t = mask_bt1s.shape[1]
   logits_bktgs = jnp.einsum('bkmh,bksh->bkms', q_bkmh, k_bksh,
@@ -117,16 +121,8 @@ def _probabilities(q_bkmh, k_bksh, mask_bt1s):
   max_bktg1 = jnp.max(logits_bktgs, axis=-1, keepdims=True)
   exp_bktgs = jnp.where(mask_b1t1s, jnp.exp(logits_bktgs - max_bktg1), 0.0)
   sum_bktg1 = jnp.sum(exp_bktgs, axis=-1, keepdims=True)
-  return (exp_bktgs / jnp.where(sum_bktg1 > 0, sum_bktg1, 1.0)).reshape(b, k, m, -1)
-
-
-@jax.custom_vjp
-def _grouped_attention(*args):  # (q_bkmh, k_bksh, v_bksh, mask_bt1s).
-  return _grouped_fwd(*args)[0]
-
-
-def _grouped_fwd(q_bkmh, k_bksh, v_bksh, mask_bt1s):
-  p_bkms = _probabilities(q_bkmh, k_bksh, mask_bt1s).astype(v_bksh.dtype)
+  p_bktgs = (exp_bktgs / jnp.where(sum_bktg1 > 0, sum_bktg1, 1.0)).astype(v_bksh.dtype)
+  p_bkms = p_bktgs.reshape(b, k, m, -1)
   o_bkmh = jnp.einsum('bkms,bksh->bkmh', p_bkms, v_bksh,
                       preferred_element_type=jnp.float32).astype(q_bkmh.dtype)
   return o_bkmh, (q_bkmh, k_bksh, v_bksh, o_bkmh, p_bkms)
@@ -161,9 +157,7 @@ def _xla(q_btnh, k_bskh, v_bskh, mask_bts):
 # (r keys per block); scores of one block pair are [b, k, g, c, r] (g = n / k).
 def _block_mask(qseg_bc, qpos_bc, kseg_br, kpos_br, kvalid_br):
   """[b, 1, 1, c, r] boolean mask of one (query block, key block) pair."""
-  ok_bcr = ((qseg_bc[:, :, None] == kseg_br[:, None, :]) &
-            (kpos_br[:, None, :] <= qpos_bc[:, :, None]) & kvalid_br[:, None, :])
-  return ok_bcr[:, None, None]
+  return (make_mask(qseg_bc, kseg_br, qpos_bc, kpos_br) & kvalid_br[:, None, :])[:, None, None]
 
 
 def _block_logits(q_bckgh, k_brkh, scale):
@@ -269,13 +263,10 @@ def _flash_bwd(residuals, dout_qbckgh):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _to_blocks(x, block, fill):
-  """[b, l, ...] -> [ceil(l / block), b, block, ...], padding the tail with `fill`."""
-  b, length = x.shape[:2]
-  nblocks = -(-length // block)
-  pad = [(0, 0), (0, nblocks * block - length)] + [(0, 0)] * (x.ndim - 2)
-  x = jnp.pad(x, pad, constant_values=fill)
-  return jnp.moveaxis(x.reshape(b, nblocks, block, *x.shape[2:]), 1, 0)
+def _to_blocks(x, block):
+  """[b, l, ...] -> [ceil(l / block), b, block, ...], padding the tail with zeros (False)."""
+  x = jnp.pad(x, [(0, 0), (0, -x.shape[1] % block)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, block, *x.shape[2:]), 1, 0)
 
 
 def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_positions_bt,
@@ -285,12 +276,11 @@ def _chunked(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, q_posi
   b, t, n, h = q_btnh.shape
   s, k = k_bskh.shape[1:3]
   c, r = min(chunk_size, t), min(chunk_size, s)
-  q_qbckgh = _to_blocks(q_btnh.reshape(b, t, k, n // k, h), c, 0)
-  kvalid_kbr = _to_blocks(jnp.ones((b, s), bool), r, False)  # Padded keys are never attended.
-  out_qbckgh = _flash(q_qbckgh, _to_blocks(k_bskh, r, 0), _to_blocks(v_bskh, r, 0),
-                      _to_blocks(q_segment_ids_bt, c, 0), _to_blocks(q_positions_bt, c, 0),
-                      _to_blocks(kv_segment_ids_bs, r, 0), _to_blocks(kv_positions_bs, r, 0),
-                      kvalid_kbr)
+  q_qbckgh = _to_blocks(q_btnh.reshape(b, t, k, n // k, h), c)
+  kvalid_kbr = _to_blocks(jnp.ones((b, s), bool), r)  # Padded keys are never attended.
+  out_qbckgh = _flash(q_qbckgh, _to_blocks(k_bskh, r), _to_blocks(v_bskh, r),
+                      _to_blocks(q_segment_ids_bt, c), _to_blocks(q_positions_bt, c),
+                      _to_blocks(kv_segment_ids_bs, r), _to_blocks(kv_positions_bs, r), kvalid_kbr)
   out_btkgh = jnp.moveaxis(out_qbckgh, 0, 1).reshape(b, -1, k, n // k, h)[:, :t]
   return out_btkgh.reshape(b, t, n, h)
 

@@ -18,9 +18,8 @@ from model.transformer import Decoder
 class ScalarHead(nnx.Module):
   """h_btd -> float32 [b, t]: h . w + bias (computed in float32)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, init: str = 'normal'):
-    self.w_d = param(rngs, (cfg.d_model,), ('embed',), cfg.weight_dtype, fan_in=cfg.d_model,
-                     init=init)
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.w_d = param(rngs, (cfg.d_model,), ('embed',), cfg.weight_dtype)
     self.bias = param(rngs, (1,), (None,), cfg.weight_dtype, init='zeros')
 
   def __call__(self, h_btd):

@@ -112,11 +112,7 @@ def _swiglu_fwd(layout, x, gate, up, down):
   g = hidden(jnp.einsum(f'{x_},{w_in}->{h_}', x, gate))
   u = hidden(jnp.einsum(f'{x_},{w_in}->{h_}', x, up))
   y = jnp.einsum(f'{h_},{w_out}->{x_}', hidden(jax.nn.silu(g) * u), down)
-  return _constrain_out(layout, y), (x, g, u, gate, up, down)
-
-
-def _constrain_out(layout, a):
-  return a if layout.out_axes is None else constrain(a, layout.out_axes)
+  return constrain(y, layout.out_axes), (x, g, u, gate, up, down)
 
 
 def _swiglu_bwd(layout, residuals, dy):
@@ -124,7 +120,7 @@ def _swiglu_bwd(layout, residuals, dy):
   x_, w_in, h_, w_out = _letters(layout)
   hidden = lambda a: constrain(a, layout.hidden_axes)
   lead, m = len(layout.group), layout.group + 'm'
-  dy = _constrain_out(layout, dy)
+  dy = constrain(dy, layout.out_axes)
   h = hidden(jax.nn.silu(g) * u)
   dh = hidden(jnp.einsum(f'{x_},{w_out}->{h_}', dy, down))
   d_down = jnp.einsum(f'{m}f,{m}d->{w_out}', merge_rows(h, lead), merge_rows(dy, lead))
@@ -136,8 +132,8 @@ def _swiglu_bwd(layout, residuals, dy):
   x_m = merge_rows(x, lead)
   d_gate = jnp.einsum(f'{m}d,{m}f->{w_in}', x_m, merge_rows(dg, lead))
   d_up = jnp.einsum(f'{m}d,{m}f->{w_in}', x_m, merge_rows(du, lead))
-  dx = _constrain_out(layout, jnp.einsum(f'{h_},{w_in}->{x_}', dg, gate) +
-                      jnp.einsum(f'{h_},{w_in}->{x_}', du, up))
+  dx = constrain(jnp.einsum(f'{h_},{w_in}->{x_}', dg, gate) +
+                 jnp.einsum(f'{h_},{w_in}->{x_}', du, up), layout.out_axes)
   return dx, d_gate, d_up, d_down
 
 

@@ -72,22 +72,8 @@ def top_k(logits_bte, k: int):
 EXPERTS = Layout('e', 'bc', ('act_expert', 'batch', 'capacity', 'act_mlp'), _BUFFER_AXES)
 
 
-def _dropless_shard_specs(shape_btd, f: int, mesh):
-  """shard_map specs of the dropless path: tokens keep their activation sharding, expert weights
-  are gathered but for the MLP width, which stays split (a psum adds the partial outputs)."""
-  b, t, _ = shape_btd
-  x_spec = logical_to_spec(('batch', 'length', None), (b, t, 1), mesh)
-  used = {a for part in x_spec for a in spec_axes(part)}
-  f_axes = tuple(a for a in spec_axes(logical_to_spec(('expert_mlp',), (f,), mesh)[0])
-                 if a not in used)
-  f_part = f_axes or None
-  w_specs = (P(None, None, f_part), P(None, None, f_part), P(None, f_part, None))
-  return x_spec, w_specs, f_axes
-
-
 def grouped_matmul_kernel(name: str, platform: str | None = None) -> str:
-  """The concrete kernel `cfg.grouped_matmul` means on `platform` (default: the platform being
-  compiled for)."""
+  """The kernel `cfg.grouped_matmul` means on `platform` (default: the one compiled for)."""
   if name != 'auto':
     return name
   return 'gmm' if (platform or mesh_platform()) == 'tpu' else 'ragged_dot'
@@ -209,7 +195,8 @@ class MoeBlock(nnx.Module):
     return jnp.einsum('btk,btkd->btd', combine_btk, y_btkd), kept_btk
 
   def _dropless(self, x_btd, experts_btk, weights_btk):
-    """Sort + grouped matmul per device shard of the tokens (`_dropless_shard_specs`); (y, None)."""
+    """(y, None): sort + grouped matmul on each device's tokens (their activation sharding);
+    expert weights gathered but for the MLP width, still split (a psum adds partial outputs)."""
     experts = self._experts()
     kernel = grouped_matmul_kernel(self.cfg.grouped_matmul)
     local = functools.partial(_dropless_local, k=self.cfg.experts_per_token,
@@ -217,7 +204,12 @@ class MoeBlock(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
       return local(x_btd, experts_btk, weights_btk, *experts), None
-    x_spec, w_specs, f_axes = _dropless_shard_specs(x_btd.shape, experts[0].shape[-1], mesh)
+    x_spec = logical_to_spec(('batch', 'length', None), x_btd.shape, mesh)
+    used = {a for part in x_spec for a in spec_axes(part)}
+    f_spec = logical_to_spec(('expert_mlp',), experts[0].shape[-1:], mesh)[0]
+    f_axes = tuple(a for a in spec_axes(f_spec) if a not in used)
+    f_part = f_axes or None
+    w_specs = (P(None, None, f_part), P(None, None, f_part), P(None, f_part, None))
     # Pallas kernels declare no varying-manual-axes types: shard_map's check is off for gmm.
     return jax.shard_map(functools.partial(local, psum_axes=f_axes), mesh=mesh,
                          in_specs=(x_spec, x_spec, x_spec) + w_specs, out_specs=x_spec,
@@ -233,16 +225,12 @@ class MoeBlock(nnx.Module):
     return y_btd, None
 
   def _aux(self, logits_bte, experts_btk, kept_btk):
-    cfg = self.cfg
-    e = cfg.num_experts
+    cfg, e = self.cfg, self.cfg.num_experts
     probs_bte = jax.nn.softmax(logits_bte, axis=-1)
-    counts_e = jnp.sum(jax.nn.one_hot(experts_btk, e, dtype=jnp.float32), axis=(0, 1, 2))
-    load_e = counts_e / experts_btk.size
-    mean_prob_e = jnp.mean(probs_bte, axis=(0, 1))
-    load_balance = e * jnp.sum(load_e * mean_prob_e)
+    load_e = jnp.mean(jax.nn.one_hot(experts_btk, e, dtype=jnp.float32), axis=(0, 1, 2))
+    load_balance = e * jnp.sum(load_e * jnp.mean(probs_bte, axis=(0, 1)))
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits_bte, axis=-1)))
-    log_probs_bte = jax.nn.log_softmax(logits_bte, axis=-1)
-    entropy = jnp.mean(-jnp.sum(probs_bte * log_probs_bte, axis=-1))
+    entropy = jnp.mean(-jnp.sum(probs_bte * jax.nn.log_softmax(logits_bte, axis=-1), axis=-1))
     dropped = 0.0 if kept_btk is None else 1.0 - jnp.mean(kept_btk.astype(jnp.float32))
     aux = {'aux_loss': cfg.load_balance_weight * load_balance + cfg.router_z_weight * z_loss,
            'load_balance_loss': load_balance, 'router_z_loss': z_loss, 'dropped_fraction': dropped,

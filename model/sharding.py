@@ -80,9 +80,8 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
   return PartitionSpec(*spec)
 
 
-def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int],
-                   rules: Mapping[str, object] | None = None) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+def named_sharding(mesh, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
 def mesh_platform() -> str:
@@ -93,9 +92,9 @@ def mesh_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op when no mesh is set (e.g. notebooks)."""
+def constrain(x: jax.Array, axes: Sequence[str | None] | None) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op for axes None or when no mesh is set."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if axes is None or mesh.empty or mesh.size == 1:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
