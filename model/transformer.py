@@ -142,28 +142,25 @@ class Unit(nnx.Module):
 def _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
                  kv_positions_bs, index):
   """Block.extend over the blocks of a stacked unit (a Unit, or one Block); returns (x_btd,
-  new k_mbtkh, new v_mbtkh)."""
+  (new k_mbtkh, new v_mbtkh))."""
   new_k, new_v = [], []
   for i, block in enumerate(unit.blocks()):
     kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
     x_btd, k_btkh, v_btkh = block.extend(x_btd, positions_bt, segment_ids_bt, kv)
     new_k.append(k_btkh)
     new_v.append(v_btkh)
-  return x_btd, jnp.stack(new_k), jnp.stack(new_v)
+  return x_btd, (jnp.stack(new_k), jnp.stack(new_v))
 
 
-def write_slots(x, new, index, lead=(), batch_axis=0):
-  """`new` written into `x` from slot `index` of the axis after `batch_axis` (`lead`: the starts
-  of the axes before it): one slot for every row (a dynamic_update_slice), or int32 [b], a slot
-  per row (one scatter of [.., b, t] index tuples: a vmapped update is a much slower scatter on
-  CPU)."""
+def write_slots(x, new, index, batch_axis=0):
+  """`new` written into `x` from slot `index` of the axis after `batch_axis` (every other axis
+  from 0): one slot for every row (a dynamic_update_slice), or int32 [b], a slot per row (one
+  scatter of [.., b, t] index tuples: a vmapped update is a much slower scatter on CPU)."""
   if jnp.ndim(index) == 0:
-    start = (*lead[:batch_axis], 0, *lead[batch_axis:], index)
-    return jax.lax.dynamic_update_slice(x, new, start + (0,) * (x.ndim - len(start)))
-  idx = list(jnp.ix_(*(jnp.arange(n) for n in new.shape[:batch_axis + 2])))
-  idx[:len(lead)] = [i + start for i, start in zip(idx, lead)]
-  idx[-1] = idx[-1] + index.reshape(idx[-2].shape)
-  return x.at[tuple(idx)].set(new)
+    return jax.lax.dynamic_update_slice(x, new, (0,) * (batch_axis + 1) + (index,) +
+                                        (0,) * (x.ndim - batch_axis - 2))
+  idx = jnp.ix_(*(jnp.arange(n) for n in new.shape[:batch_axis + 2]))
+  return x.at[(*idx[:-1], idx[-1] + index.reshape(idx[-2].shape))].set(new)
 
 
 # Logical axes of the cache's k and v: [units, blocks per unit, b, s, kv heads, h].
@@ -241,21 +238,14 @@ class Decoder(nnx.Module):
     x_btd = self.embed(tokens_bt)
     graphdef, state = nnx.split(self.layers)
 
-    def body(carry, xs):
-      x_btd, k_all, v_all = carry
-      unit_state, u = xs
-      unit = nnx.merge(graphdef, unit_state)
-      k_mbskh = jax.lax.dynamic_index_in_dim(k_all, u, 0, keepdims=False)
-      v_mbskh = jax.lax.dynamic_index_in_dim(v_all, u, 0, keepdims=False)
-      x_btd, k_mbtkh, v_mbtkh = _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh,
-                                             v_mbskh, kv_segment_ids_bs, kv_positions_bs, index)
-      k_all = write_slots(k_all, k_mbtkh[None].astype(k_all.dtype), index, (u, 0), 2)
-      v_all = write_slots(v_all, v_mbtkh[None].astype(v_all.dtype), index, (u, 0), 2)
-      return (x_btd, k_all, v_all), None
+    def body(x_btd, xs):  # The cache is only read in the scan: a carried one is copied per unit.
+      unit_state, k_mbskh, v_mbskh = xs
+      return _extend_unit(nnx.merge(graphdef, unit_state), x_btd, positions_bt, segment_ids_bt,
+                          k_mbskh, v_mbskh, kv_segment_ids_bs, kv_positions_bs, index)
 
-    carry = (x_btd, cache['k'], cache['v'])
-    units = jnp.arange(self.num_units, dtype=jnp.int32)
-    (x_btd, k_all, v_all), _ = self._over_units(body, carry, (state, units))
+    x_btd, (k_umbtkh, v_umbtkh) = self._over_units(body, x_btd, (state, cache['k'], cache['v']))
+    k_all = write_slots(cache['k'], k_umbtkh.astype(cache['k'].dtype), index, batch_axis=2)
+    v_all = write_slots(cache['v'], v_umbtkh.astype(cache['v'].dtype), index, batch_axis=2)
     cache = {'k': constrain(k_all, CACHE_AXES), 'v': constrain(v_all, CACHE_AXES),
              'segment_ids': kv_segment_ids_bs, 'positions': kv_positions_bs}
     return self.final_norm(x_btd), cache
