@@ -6,8 +6,7 @@ model computes and that meshlm does not implement is a ConvertError naming the k
 
 Tensors (`links`): a Hugging Face linear layer W [out, in] is meshlm's slice W^T reshaped, one
 slice [layer] (and [layer, expert]) of a stacked parameter; Mixtral experts are read in the
-published (w1/w2/w3) or transformers' fused gate_up layout, written in the first
-(docs/convert.md).
+published (w1/w2/w3) or transformers' fused gate_up layout, written in the first (docs/convert.md).
 """
 
 import dataclasses
@@ -211,8 +210,7 @@ def to_hf(link: Link, slice_value):
   """The Hugging Face tensor of one meshlm slice (published layout: no `rows`)."""
   if link.kind == 'copy':
     return slice_value.reshape(link.hf_shape)
-  out_dim, in_dim = link.hf_shape[-2:]
-  return slice_value.reshape(in_dim, out_dim).T
+  return slice_value.reshape(link.hf_shape[::-1]).T
 
 
 def leaf(tree: dict, path: tuple[str, ...]):

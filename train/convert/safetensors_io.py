@@ -114,15 +114,13 @@ def write_file(path: str, specs, arrays, metadata: dict | None = None) -> None:
 def plan_shards(specs, max_shard_bytes: int) -> list[list]:
   """Splits tensor specs, in order, into shards of at most `max_shard_bytes` (a tensor larger
   than that gets a shard of its own)."""
-  shards, current, size = [], [], 0
+  shards, size = [], 0
   for spec in specs:
-    if current and size + nbytes(spec[1], spec[2]) > max_shard_bytes:
-      shards.append(current)
-      current, size = [], 0
-    current.append(spec)
+    if not shards or size + nbytes(spec[1], spec[2]) > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
     size += nbytes(spec[1], spec[2])
-  if current:
-    shards.append(current)
   return shards
 
 

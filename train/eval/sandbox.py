@@ -218,13 +218,6 @@ def _read_until(fd: int, deadline: float, want: int) -> bytes:
   return data
 
 
-def _tail(path: str, chars: int) -> str:
-  with open(path, 'rb') as f:
-    f.seek(0, os.SEEK_END)
-    f.seek(max(0, f.tell() - 4 * chars))
-    return f.read().decode('utf-8', 'replace')[-chars:]
-
-
 def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None = None,
                 slot: int = 0) -> Outcome:
   """Runs one program in the sandbox and says how it ended."""
@@ -273,7 +266,9 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
       os.close(read_fd)
       if uid is not None and (tier == 'rlimits' or timed_out):
         _kill_uid(uid, python)
-    detail = _tail(output, limits.output_chars)
+    with open(output, 'rb') as f:  # Its tail: the last output_chars characters.
+      f.seek(max(0, os.path.getsize(output) - 4 * limits.output_chars))
+      detail = f.read().decode('utf-8', 'replace')[-limits.output_chars:]
   if not started:
     status, detail = 'error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
   elif timed_out:

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def masked_mean(x, mask, axis=None):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 

@@ -184,7 +184,6 @@ class Rollouts:
     t, p = config.train, config.ppo
     self.config, self.tokenizer = config, (tok := Tokenizer(config.data.tokenizer))
     template = chat_lib.ChatTemplate(tok)
-    self.stop_ids = [tok.eos_id, tok.special_id('<|end|>')]
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
@@ -232,8 +231,8 @@ class Rollouts:
     and score them: (dict of [b, t] numpy arrays, scores, metrics)."""
     p = self.config.ppo
     out = self.generator.generate_ids([ids for ids, _, _ in prompts], samples=samples,
-                                      max_new_tokens=p.max_new_tokens, sampling=sampling,
-                                      stop_ids=self.stop_ids, seed=seed, params=policy)
+                                      max_new_tokens=p.max_new_tokens, sampling=sampling, seed=seed,
+                                      stop_ids=self.generator.stop_ids(True), params=policy)
     prompts = [q for q in prompts for _ in range(samples)]
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
