@@ -59,8 +59,7 @@ try:
   exec(compile(source, path, 'exec'), {'__name__': '__main__', '__builtins__': __builtins__})
 except SystemExit as e:
   sys.stdout.flush()
-  print('program called exit(%r) before its end' % (e.code,), file=sys.stderr)
-  sys.stderr.flush()
+  print('program called exit(%r) before its end' % (e.code,), file=sys.stderr, flush=True)
   os._exit(3)
 sys.stdout.flush()
 sys.stderr.flush()
@@ -142,11 +141,8 @@ def sandbox_python(drop_uid: bool) -> str:
     return os.environ[ENV_PYTHON]
   system = [shutil.which('python3', path=d) for d in ('/usr/bin', '/usr/local/bin', '/bin')]
   candidates = [os.path.realpath(p) for p in (sys.executable, *system) if p]
-  if not drop_uid:
-    return candidates[0]
-  for c in candidates:
-    if _others_can_run(c):
-      return c
+  if found := next((c for c in candidates if not drop_uid or _others_can_run(c)), None):
+    return found
   raise SandboxError(f'no python interpreter reachable by an unprivileged uid among {candidates}; '
                      f'set {ENV_PYTHON}')
 
@@ -270,16 +266,13 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
       f.seek(max(0, os.path.getsize(output) - 4 * limits.output_chars))
       detail = f.read().decode('utf-8', 'replace')[-limits.output_chars:]
   if not started:
-    status, detail = 'error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
-  elif timed_out:
-    status, detail = 'timeout', f'timed out after {limits.timeout_s} s\n{detail}'
-  elif proc.returncode == 0 and marker == nonce.encode():
-    status = 'passed'
-  elif proc.returncode == 0:
-    status, detail = 'failed', f'exited before its end\n{detail}'
-  else:
-    status = 'failed'
-  return Outcome(status, detail, seconds)
+    return Outcome('error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): '
+                   f'{detail}', seconds)
+  if timed_out:
+    return Outcome('timeout', f'timed out after {limits.timeout_s} s\n{detail}', seconds)
+  if proc.returncode == 0 and marker != nonce.encode():
+    return Outcome('failed', f'exited before its end\n{detail}', seconds)
+  return Outcome('passed' if proc.returncode == 0 else 'failed', detail, seconds)
 
 
 _probed: dict[str, Outcome] = {}

@@ -175,10 +175,8 @@ class Rollouts:
   """The RL stages' data. `refill(state)`, when the queue is empty, samples and scores the next
   iteration's rollout batch with state's policy (and PPO's critic) and queues its ppo_epochs x
   num_minibatches shuffled minibatches ({ROLLOUT_KEYS or GRPO_KEYS: [rollouts / num_minibatches,
-  ...]} numpy), which next() hands out in order. GRPO (`reward_fn` given: the rewards.py
-  function scoring completion texts) samples grpo.num_generations completions per prompt. Its
-  state {'iteration', 'kl_coef', 'score_before'} is whole between iterations (where the loop
-  saves)."""
+  ...]} numpy) for next(). GRPO (`reward_fn`: a rewards.py function of completion texts) samples
+  grpo.num_generations completions per prompt. get_state() is whole between iterations."""
 
   def __init__(self, config, ctx, critic_mdef, reward_fn=None):
     t, p = config.train, config.ppo
@@ -237,8 +235,7 @@ class Rollouts:
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
-    ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings)
-                                if p.ref_on_host else self.ref_params, *args)
+    ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings), *args)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
     scores = self.scores(out, prompts) - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]

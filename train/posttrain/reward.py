@@ -39,9 +39,9 @@ def bt_loss(r_chosen_b, r_rejected_b, margin=0.0):
   return -jax.nn.log_sigmoid(r_chosen_b - r_rejected_b - margin)
 
 
-def rewards(model, rows: dict, rng=None):
+def rewards(model, rows: dict):
   """(float32 [b] rewards, aux) of rows {'inputs', 'positions', 'segment_ids'}."""
-  scores_bt, aux = model(rows['inputs'], rows['positions'], rows['segment_ids'], rng)
+  scores_bt, aux = model(rows['inputs'], rows['positions'], rows['segment_ids'])
   return sequence_rewards(scores_bt, rows['segment_ids']), aux
 
 
@@ -65,8 +65,7 @@ def stage(config):
   margin = float(config.rm.margin)
 
   def init_state(ctx, mdef, state):
-    return dict(state, params=trunk_and_head(config.train.init_from, ctx.cfg, ctx,
-                                                   state['params']))
+    return dict(state, params=trunk_and_head(config.train.init_from, ctx.cfg, ctx, state['params']))
 
   return pairs.stage(
       config, name='rm', model_cls=ScalarModel, init_state=init_state,

@@ -98,8 +98,7 @@ def main(argv=None) -> int:
   try:
     for spec in args.run:
       name, _, path = spec.partition('=')
-      workdir = workdir_lib.run_workdir(path)
-      has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
+      has_json = os.path.isfile(os.path.join(workdir_lib.run_workdir(path), 'config.json'))
       run = workdir_lib.load_run(path, None if has_json else (args.config or None))
       gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
       scorer = (reward.RewardScorer(args.reward_model, run.tokenizer, gen.placement)
