@@ -42,12 +42,8 @@ def questions(seed: int, num_train: int, num: int) -> list[dict]:
   return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
 
 
-def kind_of(question: str) -> str:
-  return next(k for k, pattern in KINDS if pattern.search(question))
-
-
 def per_kind(values: list, questions: list[str]) -> dict:
-  kinds = [kind_of(q) for q in questions]
+  kinds = [next(k for k, pattern in KINDS if pattern.search(q)) for q in questions]
   return {k: float(np.mean([v for v, kk in zip(values, kinds) if kk == k]))
           for k, _ in KINDS if k in kinds}
 
