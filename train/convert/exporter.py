@@ -59,9 +59,8 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
                          f'{list(stored.shape(link.path))}, but the config ({workdir}) implies '
                          f'{list(want)}; pass the experiment file it was trained with (--config)')
 
-  old = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-         if n.endswith('.safetensors') or n == 'config.json']
-  if old:
+  if old := [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+             if n.endswith('.safetensors') or n == 'config.json']:
     raise FileExistsError(f'{out_dir} already holds {old[0]}; export into a new folder')
   os.makedirs(out_dir, exist_ok=True)
   by_name = {link.hf_name: link for link in links}

@@ -153,7 +153,7 @@ def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
   d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.vocab_size
   out = [Link('model.embed_tokens.weight', (v, d), ('embed', 'table_vd'), (), 'copy')]
   for l in range(cfg.num_layers):
-    p, at = f'model.layers.{l}.', ('layers', 'attn')
+    p, at, mlp = f'model.layers.{l}.', ('layers', 'attn'), ('layers', 'mlp')
     out += [
         Link(p + 'input_layernorm.weight', (d,), ('layers', 'attn_norm', 'scale'), (l,), 'copy'),
         Link(p + 'self_attn.q_proj.weight', (n * h, d), at + ('q_dnh',), (l,), 'linear'),
@@ -163,7 +163,6 @@ def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
         Link(p + 'post_attention_layernorm.weight', (d,), ('layers', 'mlp_norm', 'scale'), (l,),
              'copy'),
     ]
-    mlp = ('layers', 'mlp')
     if not cfg.is_moe:
       f = cfg.mlp_dim
       out += [Link(p + 'mlp.gate_proj.weight', (f, d), mlp + ('gate_df',), (l,), 'linear'),

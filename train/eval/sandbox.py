@@ -151,10 +151,9 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
              limits: Limits) -> tuple[list[str], str]:
   """argv and working directory (on the host) for one run."""
   inside_dir = '/run/sandbox' if tier == 'bwrap' else host_dir
-  cpu_s = int(limits.timeout_s) + 2
   runner = [python, '-I', '-S', '-c', _RUNNER, str(fd), nonce, f'{inside_dir}/program.py',
             str(limits.memory_bytes), str(limits.max_processes), str(limits.file_bytes),
-            str(cpu_s), str(limits.open_files)]
+            str(int(limits.timeout_s) + 2), str(limits.open_files)]  # CPU seconds: a margin.
   work = os.path.join(host_dir, 'work')  # Made by run_program for the tiers without a tmpfs.
   if tier == 'bwrap':
     wrap = [shutil.which('bwrap') or 'bwrap', '--unshare-all', '--die-with-parent',

@@ -99,13 +99,12 @@ def main(argv=None) -> int:
       gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
       scorer = (reward.RewardScorer(args.reward_model, run.tokenizer, gen.placement)
                 if args.reward_model else None)
-      items = questions(int(run.config.data.embedded_seed), int(run.config.data.embedded_examples),
-                        args.num)
+      seed, num_train = int(run.config.data.embedded_seed), int(run.config.data.embedded_examples)
+      items = questions(seed, num_train, args.num)
       results[name] = evaluate(gen, items, max_new_tokens=args.max_new_tokens, scorer=scorer)
       print(f'{name}: {json.dumps(results[name])}', flush=True)
     if scorer is not None:  # The same reward model for every run: reported with each.
-      pairs = pair_accuracy(scorer, int(run.config.data.embedded_seed),
-                            int(run.config.data.embedded_examples), args.num)
+      pairs = pair_accuracy(scorer, seed, num_train, args.num)
       print(f'reward model pairs: {json.dumps(pairs)}', flush=True)
       for r in results.values():
         r['reward_model_pairs'] = pairs
