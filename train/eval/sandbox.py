@@ -48,8 +48,7 @@ names = ('RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_FSIZE', 'RLIMIT_CPU', 'RLIMIT_NOFI
 for name, value in zip(names, [int(v) for v in sys.argv[4:9]] + [0]):
   res = getattr(resource, name)
   hard = resource.getrlimit(res)[1]
-  if hard != resource.RLIM_INFINITY:
-    value = min(value, hard)
+  value = value if hard == resource.RLIM_INFINITY else min(value, hard)
   resource.setrlimit(res, (value, value))
 with open(path, encoding='utf-8') as f:
   source = f.read()
