@@ -79,5 +79,4 @@ class StoredParams:
     return np.dtype(self.array(path).dtype.numpy_dtype)
 
   def read_slice(self, path, index: tuple[int, ...]) -> np.ndarray:
-    store = self.array(path)
-    return np.asarray(store[index].read().result() if index else store.read().result())
+    return np.asarray(self.array(path)[index].read().result())
