@@ -7,12 +7,9 @@ no reward model and no critic, a verifiable reward instead.
 
 Data: GSM8K train as SFT records (question, then a solution whose reply ends "#### N"); the
 reward is 1 when the sampled reply's final number equals the record's (grpo.reward='gsm8k'), so
-the SFT model should already answer in that format. Chosen here, not measured: 256 prompts x
-G=16 samples an iteration (G in 8..16; 16 gives a finer group baseline), 100 iterations (about
-3.5 passes over the 7,473 questions), one pass of 4 minibatches per rollout batch, 512 prompt and
-512 reply tokens (GSM8K solutions are far shorter), KL to the SFT model by k3 at 0.04 and peak
-lr 1e-6 (DeepSeekMath's GRPO values). The reference stays on device: with no reward model or
-critic, every rollout of an iteration fits at once (docs/posttrain.md, planning the RL stages).
+the SFT model should already answer in that format. Where each value comes from (256 prompts x
+G=16 an iteration, DeepSeekMath's KL and lr; the reference and every rollout of an iteration on
+the device): docs/experiments.md.
 """
 
 from data.config import source_entry

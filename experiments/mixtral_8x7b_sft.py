@@ -17,7 +17,6 @@ GLOBAL_BATCH = 512  # 4 rows per fsdp group: one micro-batch fits.
 SFT_TOKENS = 1.5e9
 EPOCHS = 1
 STEPS_PER_EPOCH = -(-int(SFT_TOKENS) // (GLOBAL_BATCH * SEQ_LEN))  # ceil(715.3) = 716.
-PEAK_LR = 1e-5
 
 
 def get_config():
@@ -26,7 +25,7 @@ def get_config():
                                     eval_fraction=0.01)
   c.data.update(source='sft', packing='pad', seq_len=SEQ_LEN)
   steps = EPOCHS * STEPS_PER_EPOCH
-  c.optim.update(peak_lr=PEAK_LR, warmup_steps=round(0.03 * steps), weight_decay=0.0)
+  c.optim.update(peak_lr=1e-5, warmup_steps=round(0.03 * steps), weight_decay=0.0)
   c.train.update(steps=steps, global_batch=GLOBAL_BATCH, grad_accum=1, log_every=10,
                  ckpt_every=250, ckpt_keep=2, eval_every=250, eval_batches=8)
   return c

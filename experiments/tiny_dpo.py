@@ -7,16 +7,13 @@ alternative to reward model + PPO), against a frozen copy of itself.
 beta 0.1 (the usual value); 100 steps of 32 pairs; a small learning rate, as for SFT.
 """
 
-from experiments import tiny_dense
-from train.posttrain.config import defaults
+from experiments import tiny_rm
 
 
 def get_config():
-  c = defaults()
+  c = tiny_rm.get_config()  # Its model, pairs in rows of 64, 32 a step, schedule shape.
   c.stage = 'dpo'
-  c.model.update(tiny_dense.get_config().model)
-  c.data.update(source='embedded_preference', packing='pad', seq_len=64)
-  c.optim.update(peak_lr=2e-4, warmup_steps=10, final_lr_frac=0.1, weight_decay=0.0)
-  c.train.update(steps=100, global_batch=32, log_every=20, ckpt_every=100)
+  c.optim.update(peak_lr=2e-4, warmup_steps=10)
+  c.train.update(steps=100, log_every=20, ckpt_every=100)
   c.dpo.update(beta=0.1, precompute_ref=False, eval_batches=8)
   return c

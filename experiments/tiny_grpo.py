@@ -10,20 +10,15 @@ model and no reward model. The learning rate and KL coefficient are the best of 
 (benchmarks/results/posttrain_pipeline.md, which has the results).
 """
 
-from experiments import tiny_dense
-from train.posttrain.config import defaults
+from experiments import tiny_ppo
 
 
 def get_config():
-  c = defaults()
+  c = tiny_ppo.get_config()  # Its model, prompts, rollout lengths, epochs and minibatches.
   c.stage = 'grpo'
-  c.model.update(tiny_dense.get_config().model)
-  c.data.update(source='embedded_sft', packing='pad', seq_len=128)
-  c.optim.update(peak_lr=3e-5, warmup_steps=10, final_lr_frac=0.5, weight_decay=0.0)
+  c.optim.peak_lr = 3e-5
   # log_every and ckpt_every count updates (4 an iteration).
   c.train.update(steps=100, global_batch=16, log_every=40, ckpt_every=400)
-  c.ppo.update(max_prompt_len=32, max_new_tokens=32, temperature=1.0, ppo_epochs=2,
-               num_minibatches=2, kl_coef=0.1, kl_estimator='k3', missing_eos_penalty=0.0,
-               eval_prompts=64)
+  c.ppo.update(kl_coef=0.1, kl_estimator='k3', missing_eos_penalty=0.0)
   c.grpo.update(num_generations=8, scale_rewards=True, reward='embedded')
   return c

@@ -59,25 +59,23 @@ def to_hf(checkpoint: str, out_dir: str, *, config=None, dtype: str | None = Non
                          f'{list(stored.shape(link.path))}, but the config ({workdir}) implies '
                          f'{list(want)}; pass the experiment file it was trained with (--config)')
 
-  old = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-         if n.endswith('.safetensors') or n == 'config.json']
-  if old:
+  if old := [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+             if n.endswith('.safetensors') or n == 'config.json']:
     raise FileExistsError(f'{out_dir} already holds {old[0]}; export into a new folder')
   os.makedirs(out_dir, exist_ok=True)
   by_name = {link.hf_name: link for link in links}
   shards = safetensors_io.plan_shards(
       [(link.hf_name, out_dtype, link.hf_shape) for link in links], max_shard_bytes)
-  weight_map, total = {}, 0
+  weight_map = {}
   for i, shard in enumerate(shards):
     name = safetensors_io.shard_name(i, len(shards))
     log.info('writing %s (%d tensors)', name, len(shard))
     values = (hf_layout.to_hf(by_name[n], stored.read_slice(by_name[n].path, by_name[n].index))
               .astype(out_dtype, copy=False) for n, _, _ in shard)
     safetensors_io.write_file(os.path.join(out_dir, name), shard, values)
-    for n, dt, shape in shard:
-      weight_map[n] = name
-      total += safetensors_io.nbytes(dt, shape)
+    weight_map.update({n: name for n, _, _ in shard})
   if len(shards) > 1:
+    total = sum(safetensors_io.nbytes(dt, shape) for shard in shards for _, dt, shape in shard)
     safetensors_io.write_index(out_dir, weight_map, total)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2)

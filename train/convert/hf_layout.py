@@ -6,8 +6,7 @@ model computes and that meshlm does not implement is a ConvertError naming the k
 
 Tensors (`links`): a Hugging Face linear layer W [out, in] is meshlm's slice W^T reshaped, one
 slice [layer] (and [layer, expert]) of a stacked parameter; Mixtral experts are read in the
-published (w1/w2/w3) or transformers' fused gate_up layout, written in the first
-(docs/convert.md).
+published (w1/w2/w3) or transformers' fused gate_up layout, written in the first (docs/convert.md).
 """
 
 import dataclasses
@@ -154,7 +153,7 @@ def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
   d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.vocab_size
   out = [Link('model.embed_tokens.weight', (v, d), ('embed', 'table_vd'), (), 'copy')]
   for l in range(cfg.num_layers):
-    p, at = f'model.layers.{l}.', ('layers', 'attn')
+    p, at, mlp = f'model.layers.{l}.', ('layers', 'attn'), ('layers', 'mlp')
     out += [
         Link(p + 'input_layernorm.weight', (d,), ('layers', 'attn_norm', 'scale'), (l,), 'copy'),
         Link(p + 'self_attn.q_proj.weight', (n * h, d), at + ('q_dnh',), (l,), 'linear'),
@@ -164,7 +163,6 @@ def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
         Link(p + 'post_attention_layernorm.weight', (d,), ('layers', 'mlp_norm', 'scale'), (l,),
              'copy'),
     ]
-    mlp = ('layers', 'mlp')
     if not cfg.is_moe:
       f = cfg.mlp_dim
       out += [Link(p + 'mlp.gate_proj.weight', (f, d), mlp + ('gate_df',), (l,), 'linear'),
@@ -211,8 +209,7 @@ def to_hf(link: Link, slice_value):
   """The Hugging Face tensor of one meshlm slice (published layout: no `rows`)."""
   if link.kind == 'copy':
     return slice_value.reshape(link.hf_shape)
-  out_dim, in_dim = link.hf_shape[-2:]
-  return slice_value.reshape(in_dim, out_dim).T
+  return slice_value.reshape(link.hf_shape[::-1]).T
 
 
 def leaf(tree: dict, path: tuple[str, ...]):

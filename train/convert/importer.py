@@ -37,7 +37,14 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
     hf = json.load(f)
   kwargs, seq_len = hf_layout.model_kwargs(hf, source, allow_sliding_window=allow_sliding_window)
   tensors = safetensors_io.open_folder(hf_dir)
-  param_dtype = param_dtype or hf_layout.hf_dtype(hf) or _tensor_dtype(tensors)
+  param_dtype = param_dtype or hf_layout.hf_dtype(hf)
+  if not param_dtype:  # The tensors' one float dtype.
+    floats = sorted({str(d) for d in (f.dtype(name) for name, f in tensors.items())
+                     if d.kind == 'f' or str(d) == 'bfloat16'})
+    if len(floats) != 1:
+      raise ConvertError(f'config.json declares no dtype and the tensors have {floats}: pass '
+                         '--param_dtype')
+    param_dtype = floats[0]
   kwargs.update(param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
   cfg = ModelConfig(**kwargs)
   cfg.validate()
@@ -75,15 +82,6 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
                 'need --config.data.tokenizer=PATH.model', hf_dir)
   workdir_lib.write_config(config, out_dir)
   return root
-
-
-def _tensor_dtype(tensors) -> str:
-  dtypes = {f.dtype(name) for name, f in tensors.items()}
-  floats = sorted(str(d) for d in dtypes if d.kind == 'f' or str(d) == 'bfloat16')
-  if len(floats) != 1:
-    raise ConvertError(f'config.json declares no dtype and the tensors have {floats}: pass '
-                       '--param_dtype')
-  return floats[0]
 
 
 def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:

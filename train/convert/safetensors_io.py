@@ -83,9 +83,10 @@ class SafetensorsFile:
     return np.memmap(self.path, dtype=dtype, mode='r', offset=self.data_start + begin, shape=shape)
 
 
-def header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: dict) -> bytes:
-  """The length-prefixed, space-padded header for tensors (name, dtype, shape) in this order."""
-  header, offset = {'__metadata__': metadata}, 0
+def write_file(path: str, specs, arrays, metadata: dict | None = None) -> None:
+  """Writes tensors `specs` = [(name, dtype, shape)] whose values come, in the same order, from
+  the iterable `arrays`; only the tensor being written is held. The file appears atomically."""
+  header, offset = {'__metadata__': metadata or {'format': 'pt'}}, 0
   for name, dtype, shape in specs:
     size = nbytes(dtype, shape)
     header[name] = {'dtype': CODES[np.dtype(dtype)], 'shape': list(shape),
@@ -93,15 +94,9 @@ def header_bytes(specs: list[tuple[str, np.dtype, tuple[int, ...]]], metadata: d
     offset += size
   text = json.dumps(header, separators=(',', ':')).encode()
   text += b' ' * (-(8 + len(text)) % 8)
-  return struct.pack('<Q', len(text)) + text
-
-
-def write_file(path: str, specs, arrays, metadata: dict | None = None) -> None:
-  """Writes tensors `specs` = [(name, dtype, shape)] whose values come, in the same order, from
-  the iterable `arrays`; only the tensor being written is held. The file appears atomically."""
   tmp = path + '.tmp'
   with open(tmp, 'wb') as f:
-    f.write(header_bytes(specs, metadata or {'format': 'pt'}))
+    f.write(struct.pack('<Q', len(text)) + text)
     for (name, dtype, shape), value in zip(specs, arrays, strict=True):
       value = np.ascontiguousarray(value)
       if value.dtype != np.dtype(dtype) or value.shape != tuple(shape):
@@ -114,15 +109,13 @@ def write_file(path: str, specs, arrays, metadata: dict | None = None) -> None:
 def plan_shards(specs, max_shard_bytes: int) -> list[list]:
   """Splits tensor specs, in order, into shards of at most `max_shard_bytes` (a tensor larger
   than that gets a shard of its own)."""
-  shards, current, size = [], [], 0
+  shards, size = [], 0
   for spec in specs:
-    if current and size + nbytes(spec[1], spec[2]) > max_shard_bytes:
-      shards.append(current)
-      current, size = [], 0
-    current.append(spec)
+    if not shards or size + nbytes(spec[1], spec[2]) > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(spec)
     size += nbytes(spec[1], spec[2])
-  if current:
-    shards.append(current)
   return shards
 
 

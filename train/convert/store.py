@@ -21,18 +21,14 @@ STEP = 0
 CHUNK_BYTES = 64 << 20
 
 
-def _registry():
-  """numpy arrays saved without a defensive copy (jax.Array listed only against an orbax
-  warning; none is saved here)."""
-  return ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-      (jax.Array, ocp.type_handlers.ArrayHandler()))
-
-
 def save_params(root: str, params: dict, stacked_axes: dict, *, chunk_bytes: int = CHUNK_BYTES):
   """Saves the pure dict `params` (numpy arrays or memmaps) as step 0 of the checkpoints folder
   `root`. `stacked_axes` (same tree): how many leading axes (layer, expert) to chunk first."""
-  state = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry(), use_ocdbt=False)
+  # numpy arrays saved without a defensive copy (jax.Array listed only against an orbax warning).
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  state = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_ocdbt=False)
   handlers = {'state': state, 'data': ocp.JsonCheckpointHandler()}
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   save_args = jax.tree.map(
@@ -83,5 +79,4 @@ class StoredParams:
     return np.dtype(self.array(path).dtype.numpy_dtype)
 
   def read_slice(self, path, index: tuple[int, ...]) -> np.ndarray:
-    store = self.array(path)
-    return np.asarray(store[index].read().result() if index else store.read().result())
+    return np.asarray(self.array(path)[index].read().result())

@@ -64,8 +64,7 @@ def main(argv=None) -> int:
   parser.add_argument('--max_length', type=int, default=0, help='default: config.data.seq_len')
   args = parser.parse_args(argv)
   tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
-  unknown = sorted(set(tasks) - set(TASKS))
-  if unknown or not tasks:
+  if (unknown := sorted(set(tasks) - set(TASKS))) or not tasks:
     parser.error(f'--tasks: unknown {unknown}; choose from {TASKS}')
   compilation_cache.enable()
   try:

@@ -61,11 +61,6 @@ def subjects(data_dir: str | pathlib.Path | None = None) -> list[str]:
   return names
 
 
-def header(subject: str) -> str:
-  return ('The following are multiple choice questions (with answers) about '
-          f'{subject.replace("_", " ")}.\n\n')
-
-
 def format_example(item: Item, include_answer: bool) -> str:
   text = item.question + ''.join(f'\n{l}. {c}' for l, c in zip(CHOICES, item.choices))
   return text + '\nAnswer:' + (f' {item.answer}\n\n' if include_answer else '')
@@ -79,9 +74,11 @@ def build_prompt(subject: str, dev: list[Item], item: Item, k: int = 5,
     raise ValueError('MMLU prompt length control needs both count_tokens and max_length')
   if not 0 <= k <= len(dev):
     raise ValueError(f'MMLU {subject}: k={k} outside [0, {len(dev)} dev examples]')
+  head = ('The following are multiple choice questions (with answers) about '
+          f'{subject.replace("_", " ")}.\n\n')
   question = format_example(item, include_answer=False)
   while True:
-    prompt = header(subject) + ''.join(format_example(d, True) for d in dev[:k]) + question
+    prompt = head + ''.join(format_example(d, True) for d in dev[:k]) + question
     if (count_tokens is None or k == 0
         or max(count_tokens(prompt + c) for c in CONTINUATIONS) <= max_length):
       return prompt, k

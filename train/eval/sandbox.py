@@ -48,8 +48,7 @@ names = ('RLIMIT_AS', 'RLIMIT_NPROC', 'RLIMIT_FSIZE', 'RLIMIT_CPU', 'RLIMIT_NOFI
 for name, value in zip(names, [int(v) for v in sys.argv[4:9]] + [0]):
   res = getattr(resource, name)
   hard = resource.getrlimit(res)[1]
-  if hard != resource.RLIM_INFINITY:
-    value = min(value, hard)
+  value = value if hard == resource.RLIM_INFINITY else min(value, hard)
   resource.setrlimit(res, (value, value))
 with open(path, encoding='utf-8') as f:
   source = f.read()
@@ -59,8 +58,7 @@ try:
   exec(compile(source, path, 'exec'), {'__name__': '__main__', '__builtins__': __builtins__})
 except SystemExit as e:
   sys.stdout.flush()
-  print('program called exit(%r) before its end' % (e.code,), file=sys.stderr)
-  sys.stderr.flush()
+  print('program called exit(%r) before its end' % (e.code,), file=sys.stderr, flush=True)
   os._exit(3)
 sys.stdout.flush()
 sys.stderr.flush()
@@ -142,11 +140,8 @@ def sandbox_python(drop_uid: bool) -> str:
     return os.environ[ENV_PYTHON]
   system = [shutil.which('python3', path=d) for d in ('/usr/bin', '/usr/local/bin', '/bin')]
   candidates = [os.path.realpath(p) for p in (sys.executable, *system) if p]
-  if not drop_uid:
-    return candidates[0]
-  for c in candidates:
-    if _others_can_run(c):
-      return c
+  if found := next((c for c in candidates if not drop_uid or _others_can_run(c)), None):
+    return found
   raise SandboxError(f'no python interpreter reachable by an unprivileged uid among {candidates}; '
                      f'set {ENV_PYTHON}')
 
@@ -155,10 +150,9 @@ def _command(tier: str, python: str, host_dir: str, fd: int, nonce: str,
              limits: Limits) -> tuple[list[str], str]:
   """argv and working directory (on the host) for one run."""
   inside_dir = '/run/sandbox' if tier == 'bwrap' else host_dir
-  cpu_s = int(limits.timeout_s) + 2
   runner = [python, '-I', '-S', '-c', _RUNNER, str(fd), nonce, f'{inside_dir}/program.py',
             str(limits.memory_bytes), str(limits.max_processes), str(limits.file_bytes),
-            str(cpu_s), str(limits.open_files)]
+            str(int(limits.timeout_s) + 2), str(limits.open_files)]  # CPU seconds: a margin.
   work = os.path.join(host_dir, 'work')  # Made by run_program for the tiers without a tmpfs.
   if tier == 'bwrap':
     wrap = [shutil.which('bwrap') or 'bwrap', '--unshare-all', '--die-with-parent',
@@ -218,13 +212,6 @@ def _read_until(fd: int, deadline: float, want: int) -> bytes:
   return data
 
 
-def _tail(path: str, chars: int) -> str:
-  with open(path, 'rb') as f:
-    f.seek(0, os.SEEK_END)
-    f.seek(max(0, f.tell() - 4 * chars))
-    return f.read().decode('utf-8', 'replace')[-chars:]
-
-
 def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None = None,
                 slot: int = 0) -> Outcome:
   """Runs one program in the sandbox and says how it ended."""
@@ -273,18 +260,17 @@ def run_program(source: str, *, limits: Limits = Limits(), isolation: str | None
       os.close(read_fd)
       if uid is not None and (tier == 'rlimits' or timed_out):
         _kill_uid(uid, python)
-    detail = _tail(output, limits.output_chars)
+    with open(output, 'rb') as f:  # Its tail: the last output_chars characters.
+      f.seek(max(0, os.path.getsize(output) - 4 * limits.output_chars))
+      detail = f.read().decode('utf-8', 'replace')[-limits.output_chars:]
   if not started:
-    status, detail = 'error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): {detail}'
-  elif timed_out:
-    status, detail = 'timeout', f'timed out after {limits.timeout_s} s\n{detail}'
-  elif proc.returncode == 0 and marker == nonce.encode():
-    status = 'passed'
-  elif proc.returncode == 0:
-    status, detail = 'failed', f'exited before its end\n{detail}'
-  else:
-    status = 'failed'
-  return Outcome(status, detail, seconds)
+    return Outcome('error', f'sandbox ({tier}) did not start (exit code {proc.returncode}): '
+                   f'{detail}', seconds)
+  if timed_out:
+    return Outcome('timeout', f'timed out after {limits.timeout_s} s\n{detail}', seconds)
+  if proc.returncode == 0 and marker != nonce.encode():
+    return Outcome('failed', f'exited before its end\n{detail}', seconds)
+  return Outcome('passed' if proc.returncode == 0 else 'failed', detail, seconds)
 
 
 _probed: dict[str, Outcome] = {}

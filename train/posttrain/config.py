@@ -94,10 +94,9 @@ def validate(config, num_devices: int, process_count: int = 1):
     raise ConfigError(f'grpo.num_generations={config.grpo.num_generations}: a group needs >= 2')
   if config.stage in RL_STAGES:
     p = config.ppo
-    if p.kl_estimator not in KL_ESTIMATORS:
-      raise ConfigError(f'ppo.kl_estimator={p.kl_estimator!r}: use one of {KL_ESTIMATORS}')
-    if p.critic_init not in CRITIC_INITS:
-      raise ConfigError(f'ppo.critic_init={p.critic_init!r}: use one of {CRITIC_INITS}')
+    for key, allowed in (('kl_estimator', KL_ESTIMATORS), ('critic_init', CRITIC_INITS)):
+      if p[key] not in allowed:
+        raise ConfigError(f'ppo.{key}={p[key]!r}: use one of {allowed}')
     rollouts = rollouts_per_iteration(config)
     if p.num_minibatches < 1 or rollouts % p.num_minibatches:
       raise ConfigError(f'ppo.num_minibatches={p.num_minibatches} must divide the {rollouts} '

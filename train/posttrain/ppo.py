@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def masked_mean(x, mask, axis=None):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
@@ -95,19 +94,15 @@ class LossConfig:
 
 
 def ppo_losses(logp_bt, entropy_bt, values_bt, old, mask_bt, c: LossConfig):
-  """(loss to minimise, metric dict) of one minibatch.
-
-  `old`: dict with the rollout's 'logprobs', 'values', 'advantages', 'returns' ([b, t]).
-  Everything is a mean over the minibatch's completion tokens.
-  """
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  values_bt, mask_bt = f32(values_bt), f32(mask_bt)
+  """(loss to minimise, metric dict) of one minibatch, means over its completion tokens.
+  `old`: dict with the rollout's 'logprobs', 'values', 'advantages', 'returns' ([b, t])."""
   pg_loss, entropy, metrics = policy_loss(logp_bt, entropy_bt, old, mask_bt, c.cliprange)
-  old = {k: f32(old[k]) for k in ('values', 'returns')}
-  v_clipped_bt = old['values'] + jnp.clip(values_bt - old['values'], -c.cliprange_value,
+  values_bt, old_values_bt, returns_bt, mask_bt = (jnp.asarray(x, jnp.float32) for x in (
+      values_bt, old['values'], old['returns'], mask_bt))
+  v_clipped_bt = old_values_bt + jnp.clip(values_bt - old_values_bt, -c.cliprange_value,
                                           c.cliprange_value)
-  vf1_bt = (values_bt - old['returns']) ** 2
-  vf2_bt = (v_clipped_bt - old['returns']) ** 2
+  vf1_bt = (values_bt - returns_bt) ** 2
+  vf2_bt = (v_clipped_bt - returns_bt) ** 2
   vf_loss = 0.5 * masked_mean(jnp.maximum(vf1_bt, vf2_bt), mask_bt)
   loss = pg_loss + c.vf_coef * vf_loss - c.ent_coef * entropy
   return loss, dict(metrics, **{

@@ -175,16 +175,13 @@ class Rollouts:
   """The RL stages' data. `refill(state)`, when the queue is empty, samples and scores the next
   iteration's rollout batch with state's policy (and PPO's critic) and queues its ppo_epochs x
   num_minibatches shuffled minibatches ({ROLLOUT_KEYS or GRPO_KEYS: [rollouts / num_minibatches,
-  ...]} numpy), which next() hands out in order. GRPO (`reward_fn` given: the rewards.py
-  function scoring completion texts) samples grpo.num_generations completions per prompt. Its
-  state {'iteration', 'kl_coef', 'score_before'} is whole between iterations (where the loop
-  saves)."""
+  ...]} numpy) for next(). GRPO (`reward_fn`: a rewards.py function of completion texts) samples
+  grpo.num_generations completions per prompt. get_state() is whole between iterations."""
 
   def __init__(self, config, ctx, critic_mdef, reward_fn=None):
     t, p = config.train, config.ppo
     self.config, self.tokenizer = config, (tok := Tokenizer(config.data.tokenizer))
     template = chat_lib.ChatTemplate(tok)
-    self.stop_ids = [tok.eos_id, tok.special_id('<|end|>')]
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
@@ -232,14 +229,13 @@ class Rollouts:
     and score them: (dict of [b, t] numpy arrays, scores, metrics)."""
     p = self.config.ppo
     out = self.generator.generate_ids([ids for ids, _, _ in prompts], samples=samples,
-                                      max_new_tokens=p.max_new_tokens, sampling=sampling,
-                                      stop_ids=self.stop_ids, seed=seed, params=policy)
+                                      max_new_tokens=p.max_new_tokens, sampling=sampling, seed=seed,
+                                      stop_ids=self.generator.stop_ids(True), params=policy)
     prompts = [q for q in prompts for _ in range(samples)]
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
-    ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings)
-                                if p.ref_on_host else self.ref_params, *args)
+    ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings), *args)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
     scores = self.scores(out, prompts) - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]

@@ -1,10 +1,9 @@
 """Reward model: the decoder with a scalar head (model/heads.py), trained on preference pairs.
 
 Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is
-the head's output at its last real token (segment_ids > 0), whatever the padding. Metrics:
-`loss`, `rm/accuracy` (share r_chosen > r_rejected), `rm/margin`, `rm/chosen`, `rm/rejected`
-(means); `eval/...` the same on held-out pairs. `RewardScorer` scores generated completions and chats
-(PPO's rollouts, train/posttrain/task_eval.py).
+the head's output at its last real token (segment_ids > 0), whatever the padding. Metrics (means):
+`loss`, `rm/accuracy` (share r_chosen > r_rejected), `rm/margin`, `rm/chosen`, `rm/rejected`;
+`eval/...` the same on held-out pairs. `RewardScorer` scores rollouts and chats (PPO, task_eval.py).
 """
 
 import functools
@@ -39,9 +38,9 @@ def bt_loss(r_chosen_b, r_rejected_b, margin=0.0):
   return -jax.nn.log_sigmoid(r_chosen_b - r_rejected_b - margin)
 
 
-def rewards(model, rows: dict, rng=None):
+def rewards(model, rows: dict):
   """(float32 [b] rewards, aux) of rows {'inputs', 'positions', 'segment_ids'}."""
-  scores_bt, aux = model(rows['inputs'], rows['positions'], rows['segment_ids'], rng)
+  scores_bt, aux = model(rows['inputs'], rows['positions'], rows['segment_ids'])
   return sequence_rewards(scores_bt, rows['segment_ids']), aux
 
 
@@ -65,8 +64,7 @@ def stage(config):
   margin = float(config.rm.margin)
 
   def init_state(ctx, mdef, state):
-    return dict(state, params=trunk_and_head(config.train.init_from, ctx.cfg, ctx,
-                                                   state['params']))
+    return dict(state, params=trunk_and_head(config.train.init_from, ctx.cfg, ctx, state['params']))
 
   return pairs.stage(
       config, name='rm', model_cls=ScalarModel, init_state=init_state,

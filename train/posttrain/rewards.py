@@ -17,21 +17,16 @@ from train.eval import gsm8k
 NAMED = ('embedded', 'gsm8k')
 
 
-def answer_of(reference: str) -> str:
-  """The answer inside an embedded reply ("The answer is X." -> "X")."""
-  text = reference.strip()
-  if text.startswith('The answer is ') and text.endswith('.'):
-    return text[len('The answer is '):-1]
-  return text
-
-
 def embedded_correct(reply: str, answer: str) -> bool:
   return reply.strip() in (answer, f'The answer is {answer}.')
 
 
 def embedded(prompt: str, reply: str, reference: str) -> float:
   del prompt
-  return float(embedded_correct(reply, answer_of(reference)))
+  answer = reference.strip()  # "The answer is X." -> "X".
+  if answer.startswith('The answer is ') and answer.endswith('.'):
+    answer = answer[len('The answer is '):-1]
+  return float(embedded_correct(reply, answer))
 
 
 def gsm8k_reward(prompt: str, reply: str, reference: str) -> float:

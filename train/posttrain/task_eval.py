@@ -42,12 +42,8 @@ def questions(seed: int, num_train: int, num: int) -> list[dict]:
   return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
 
 
-def kind_of(question: str) -> str:
-  return next(k for k, pattern in KINDS if pattern.search(question))
-
-
 def per_kind(values: list, questions: list[str]) -> dict:
-  kinds = [kind_of(q) for q in questions]
+  kinds = [next(k for k, pattern in KINDS if pattern.search(q)) for q in questions]
   return {k: float(np.mean([v for v, kk in zip(values, kinds) if kk == k]))
           for k, _ in KINDS if k in kinds}
 
@@ -98,19 +94,17 @@ def main(argv=None) -> int:
   try:
     for spec in args.run:
       name, _, path = spec.partition('=')
-      workdir = workdir_lib.run_workdir(path)
-      has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
+      has_json = os.path.isfile(os.path.join(workdir_lib.run_workdir(path), 'config.json'))
       run = workdir_lib.load_run(path, None if has_json else (args.config or None))
       gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
       scorer = (reward.RewardScorer(args.reward_model, run.tokenizer, gen.placement)
                 if args.reward_model else None)
-      items = questions(int(run.config.data.embedded_seed), int(run.config.data.embedded_examples),
-                        args.num)
+      seed, num_train = int(run.config.data.embedded_seed), int(run.config.data.embedded_examples)
+      items = questions(seed, num_train, args.num)
       results[name] = evaluate(gen, items, max_new_tokens=args.max_new_tokens, scorer=scorer)
       print(f'{name}: {json.dumps(results[name])}', flush=True)
     if scorer is not None:  # The same reward model for every run: reported with each.
-      pairs = pair_accuracy(scorer, int(run.config.data.embedded_seed),
-                            int(run.config.data.embedded_examples), args.num)
+      pairs = pair_accuracy(scorer, seed, num_train, args.num)
       print(f'reward model pairs: {json.dumps(pairs)}', flush=True)
       for r in results.values():
         r['reward_model_pairs'] = pairs
