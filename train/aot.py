@@ -136,8 +136,8 @@ def compile_for_target(config, target) -> TargetCompile:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     used = re.search(r'Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) hbm', str(e))
-    raise DoesNotFit(f'{target.name}: XLA refuses the train step: it needs '
-                     f'{used.group(1) if used else "more than"} of the {used.group(2) if used else ""} '
+    need, have = used.groups() if used else ('more than', '')
+    raise DoesNotFit(f'{target.name}: XLA refuses the train step: it needs {need} of the {have} '
                      f'HBM per device') from None
   seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis() or {}
