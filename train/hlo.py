@@ -94,10 +94,8 @@ def group_size(line: str, num_devices: int) -> int:
 
 
 def _trip_count(cond_lines: list[str]) -> int | None:
-  if not any('direction=LT' in l for l in cond_lines):
-    return None
-  constants = [int(c) for l in cond_lines for c in re.findall(r'= s32\[\]\S* constant\((\d+)\)', l)]
-  return max(constants) if constants else None
+  constants = (int(c) for l in cond_lines for c in re.findall(r'= s32\[\]\S* constant\((\d+)\)', l))
+  return max(constants, default=None) if any('direction=LT' in l for l in cond_lines) else None
 
 
 def _moved(kind: str, result: float, n: int) -> float:

@@ -102,10 +102,9 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'device_memory_gib': float(config.hardware.device_memory_gb),
       **(rl_section(rl, config, cfg, sizes, mem) if rl else {}),
   }
-  limit = config.hardware.device_memory_gb
-  worst = p.get('rl_total_gib', mem.total / memory_lib.GIB)
-  p['fits'] = None if limit <= 0 else bool(worst <= limit)
-  hw = config.hardware  # Per-device peak: hardware.peak_tflops, else the chip table's; 0: unknown.
+  hw, worst = config.hardware, p.get('rl_total_gib', mem.total / memory_lib.GIB)
+  p['fits'] = None if hw.device_memory_gb <= 0 else bool(worst <= hw.device_memory_gb)
+  # Per-device peak: hardware.peak_tflops, else the chip table's; 0: unknown.
   peak = float(hw.peak_tflops) if hw.peak_tflops > 0 else table_peak_tflops(hw.name)
   p['peak_tflops_per_device'] = peak
   p['mfu'] = mfu
