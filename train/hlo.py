@@ -114,8 +114,7 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
   by_kind = {k: Collective() for k in KINDS}
   unknown = [0]
 
-  def add(kind, line, start, times, n=None, is_start=False):
-    n = n if n is not None else group_size(line, num_devices)
+  def add(kind, line, start, times, n, is_start=False):
     result = _result_bytes(kind, _type_bytes(line, start), n, is_start)
     c, moved = by_kind[kind], times * _moved(kind, result, n)
     c.count += times
@@ -139,7 +138,7 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
         continue
       kind = op.removesuffix('-start')
       if kind in KINDS:
-        add(kind, line, m.start(), times, is_start=op.endswith('-start'))
+        add(kind, line, m.start(), times, group_size(line, num_devices), op.endswith('-start'))
         continue
       callees = _CALLEES.findall(line)
       if b := _BRANCHES.search(line):

@@ -140,7 +140,12 @@ def _validate(config, n: int):
   except ConfigError as e:
     if 'config.data.source' not in str(e):
       raise
-    config = _default_sources(config)
+    defaults = config_lib.defaults().data  # Plan the default sources (the embedded corpus).
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key in [k for k in config.data.sources.keys() if k not in defaults.sources]:
+      del config.data.sources[key]
+    if config.data.source not in config.data.sources:
+      config.data.source = 'embedded_sft' if 'sft' in str(config.data.source) else defaults.source
     cfg = check(config, n)
     warnings.append(f'data: {e} (the run would stop there; the planner reads no data and plans '
                     f'the rest)')
@@ -206,17 +211,6 @@ def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> 
           'rl_kv_cache_gib': gib(kv), 'rl_rollout_phase_gib': gib(rollout),
           'rl_update_phase_gib': gib(update), 'rl_total_gib': gib(max(rollout, update)),
           'rl_max_rollout_slots': most if limit > 0 else '', 'rl_notes': notes, 'rl_knobs': knobs}
-
-
-def _default_sources(config):
-  """A copy of `config` reading the default `data.sources` (the embedded corpus)."""
-  defaults = config_lib.defaults().data
-  trimmed = ml_collections.ConfigDict(config.to_dict())
-  for key in [k for k in trimmed.data.sources.keys() if k not in defaults.sources]:
-    del trimmed.data.sources[key]
-  if trimmed.data.source not in trimmed.data.sources:
-    trimmed.data.source = 'embedded_sft' if 'sft' in str(config.data.source) else defaults.source
-  return trimmed
 
 
 def check_fits(p: dict) -> None:
