@@ -1,13 +1,9 @@
 """Ahead-of-time compile of the train step, lowered with abstract inputs (ShapeDtypeStructs
 carrying their shardings; nothing is allocated or run): the compiler's own per-device plan for
 a compile target (`compile_for_target`: TPU / GPU devices that are not attached,
-train/targets.py; the config as it is but for another platform's fused attention kernel,
-`target_variant`) or for emulated CPU devices (`compiled_memory`).
-
-The CPU plan (`python -m train.plan --compile`) is of `compile_variant`: attention `cudnn`,
-`splash`, `auto` -> `xla`, compute dtype float32 and a few layer units, every other per-device
-shape unchanged (why: docs/scale.md, section 1). A mesh larger than this process's device count
-compiles in a child process (`compiled_memory_subprocess`): emulated devices must exist first.
+train/targets.py) or for emulated CPU devices (`compiled_memory`; `python -m train.plan
+--compile` compiles `compile_variant`, in a child process when the mesh is larger than this
+process's device count: emulated devices must exist first).
 """
 
 import copy
@@ -34,7 +30,7 @@ from train import targets
 
 COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 BATCH_KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'loss_mask')
-# What each platform compiles for another platform's fused attention kernel (module docstring).
+# What each platform compiles for another platform's fused attention kernel.
 PLATFORM_ATTENTION = {'tpu': {'cudnn': 'splash'}, 'gpu': {'splash': 'cudnn'},
                       'cpu': {'cudnn': 'xla', 'splash': 'xla', 'auto': 'xla'}}
 
@@ -69,7 +65,9 @@ class DoesNotFit(ValueError):
 
 
 def compile_variant(config, num_layers: int):
-  """The config as compiled on CPU (see the module docstring); a copy, the input is unchanged."""
+  """A copy of `config` as compiled on CPU: attention `cudnn`, `splash`, `auto` -> `xla`, compute
+  dtype float32, `num_layers` layers, every other per-device shape unchanged (why: docs/scale.md,
+  section 1)."""
   c, _ = target_variant(config, 'cpu')
   c.model.num_layers = num_layers
   c.model.compute_dtype = 'float32'
@@ -108,10 +106,9 @@ def lower_train_step(config, devices=None):
 
 def _memory(compiled, num_layers: int, seconds: float) -> CompiledMemory:
   stats = compiled.memory_analysis()
-  return CompiledMemory(num_layers=num_layers, argument_bytes=int(stats.argument_size_in_bytes),
-                        output_bytes=int(stats.output_size_in_bytes),
-                        alias_bytes=int(stats.alias_size_in_bytes),
-                        temp_bytes=int(stats.temp_size_in_bytes), compile_seconds=seconds)
+  sizes = {f'{k}_bytes': int(getattr(stats, f'{k}_size_in_bytes'))
+           for k in ('argument', 'output', 'alias', 'temp')}
+  return CompiledMemory(num_layers=num_layers, compile_seconds=seconds, **sizes)
 
 
 def compiled_memory(config, devices=None) -> CompiledMemory:
@@ -136,8 +133,8 @@ def compile_for_target(config, target) -> TargetCompile:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
     used = re.search(r'Used ([\d.]+[KMGT]?i?B?) of ([\d.]+[KMGT]?i?B?) hbm', str(e))
-    raise DoesNotFit(f'{target.name}: XLA refuses the train step: it needs '
-                     f'{used.group(1) if used else "more than"} of the {used.group(2) if used else ""} '
+    need, have = used.groups() if used else ('more than', '')
+    raise DoesNotFit(f'{target.name}: XLA refuses the train step: it needs {need} of the {have} '
                      f'HBM per device') from None
   seconds = time.perf_counter() - t0
   cost = compiled.cost_analysis() or {}

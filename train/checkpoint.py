@@ -152,9 +152,8 @@ def verify(where: str) -> None:
 
 def write_checksums(where: str) -> None:
   """checksums.json in step directory `where`: {relative path: [size, CRC-32]} of every file."""
-  names = sorted(os.path.relpath(os.path.join(d, f), where)
-                 for d, _, files in os.walk(where) for f in files)
-  names = [n for n in names if n != CHECKSUMS]
+  names = sorted({os.path.relpath(os.path.join(d, f), where)
+                  for d, _, files in os.walk(where) for f in files} - {CHECKSUMS})
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     crcs = pool.map(lambda n: file_crc(os.path.join(where, n)), names)
     sums = {n: [os.path.getsize(os.path.join(where, n)), c] for n, c in zip(names, crcs)}

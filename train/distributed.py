@@ -228,8 +228,7 @@ def _allgather_text(text: str) -> list[str]:
   from jax.experimental import multihost_utils  # Only multi-process runs need it.
   data = np.frombuffer(text.encode('utf-8'), np.uint8)
   lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[:data.size] = data
+  padded = np.pad(data, (0, int(lengths.max()) - data.size))
   gathered = np.asarray(multihost_utils.process_allgather(padded))
   return [bytes(gathered[i, :lengths[i]]).decode('utf-8') for i in range(len(lengths))]
 

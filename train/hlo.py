@@ -24,8 +24,8 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 
                 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
                 'c64': 8, 'c128': 16, 's4': 0.5, 'u4': 0.5}
 _HEADER = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$')
-_OPCODE = re.compile(r'\s((?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)'
-                     r'(?:-start)?|while|fusion|call|conditional|async-start)\(')
+_OPCODE = re.compile(rf'\s((?:{"|".join(KINDS)})(?:-start)?'
+                     r'|while|fusion|call|conditional|async-start)\(')
 _ARRAY = re.compile(r'\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn)?)?)\[([0-9,]*)\]')
 _CALLEES = re.compile(r'(?:calls|true_computation|false_computation)=%?([\w.\-]+)')  # Not to_apply: reducers.
 _BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
@@ -94,10 +94,8 @@ def group_size(line: str, num_devices: int) -> int:
 
 
 def _trip_count(cond_lines: list[str]) -> int | None:
-  if not any('direction=LT' in l for l in cond_lines):
-    return None
-  constants = [int(c) for l in cond_lines for c in re.findall(r'= s32\[\]\S* constant\((\d+)\)', l)]
-  return max(constants) if constants else None
+  constants = (int(c) for l in cond_lines for c in re.findall(r'= s32\[\]\S* constant\((\d+)\)', l))
+  return max(constants, default=None) if any('direction=LT' in l for l in cond_lines) else None
 
 
 def _moved(kind: str, result: float, n: int) -> float:
@@ -116,15 +114,13 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
   by_kind = {k: Collective() for k in KINDS}
   unknown = [0]
 
-  def add(kind, line, start, times, n=None, is_start=False):
-    n = n if n is not None else group_size(line, num_devices)
+  def add(kind, line, start, times, n, is_start=False):
     result = _result_bytes(kind, _type_bytes(line, start), n, is_start)
-    c = by_kind[kind]
+    c, moved = by_kind[kind], times * _moved(kind, result, n)
     c.count += times
     c.bytes += times * result
-    c.moved += times * _moved(kind, result, n)
-    if n > local_size:
-      c.moved_wide += times * _moved(kind, result, n)
+    c.moved += moved
+    c.moved_wide += moved if n > local_size else 0.0
 
   def walk(name: str, times: int):
     for line in comps.get(name, ()):
@@ -140,9 +136,9 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
         unknown[0] += trips is None  # Counted once.
         walk(body, times * (1 if trips is None else trips))
         continue
-      kind = op[:-len('-start')] if op.endswith('-start') else op
+      kind = op.removesuffix('-start')
       if kind in KINDS:
-        add(kind, line, m.start(), times, is_start=op.endswith('-start'))
+        add(kind, line, m.start(), times, group_size(line, num_devices), op.endswith('-start'))
         continue
       callees = _CALLEES.findall(line)
       if b := _BRANCHES.search(line):

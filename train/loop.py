@@ -188,10 +188,9 @@ def data_counts(data) -> dict:
 
 
 def check_finite(pending, policy: str, writer) -> int:
-  """1 if the pending (step number, metrics) had a non-finite loss or gradient (its update was
-  dropped); `step` is the number metrics.jsonl, the log and the progress bar give that step (1
-  for the first). With policy 'stop' its metrics are written (at that step), then
-  NonFiniteError names it."""
+  """1 if the pending (step, metrics) had a non-finite loss or gradient (its update was dropped;
+  `step` as metrics.jsonl, the log and the progress bar number it, 1 for the first), else 0.
+  With policy 'stop' its metrics are written at that step, then NonFiniteError names it."""
   if pending is None:
     return 0
   step, metrics = pending

@@ -1,7 +1,6 @@
-"""Analytic per-device memory of one training step, from shapes and sharding rules only.
-
-Bytes per device from mesh sizes, sharding rules, dtypes and the remat policy; nothing is
-allocated (`jax.eval_shape`, `logical_to_spec` on train/context.py Placement.abstract).
+"""Analytic per-device memory of one training step from mesh sizes, sharding rules, dtypes and
+the remat policy; nothing is allocated (`jax.eval_shape`, `logical_to_spec` on
+train/context.py Placement.abstract).
 
     persistent   params + AdamW mu and nu + the gradient accumulator (param_dtype; twice
                  with grad_accum > 1: a micro-batch's gradients are added into it)
@@ -16,9 +15,6 @@ allocated (`jax.eval_shape`, `logical_to_spec` on train/context.py Placement.abs
                  Weights of a group, once gathered over `fsdp`: the part that is not this
                  device's own shard (in param_dtype), as much again for its full gradient
                  before the reduce-scatter, and a compute-dtype copy of the whole.
-
-tests/test_plan.py holds the estimate to XLA's plan of a compiled step (train/aot.py) within
-TOLERANCE.
 """
 
 import dataclasses
@@ -37,7 +33,7 @@ from train.head_loss import chunk_len
 from train.state import model_def
 
 GIB = 1024 ** 3
-TOLERANCE = 0.35  # |analytic - compiled| / compiled on the configs of tests/test_plan.py.
+TOLERANCE = 0.35  # tests/test_plan.py: |analytic - XLA's plan (train/aot.py)| / XLA's plan.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +65,9 @@ class Shapes:
     return math.prod(self.mesh.shape[a] for entry in spec for a in spec_axes(entry)
                      if a not in gathered)
 
-  def local(self, axes, shape) -> int:
-    return math.prod(shape) // self.split(axes, shape)
-
-  def gathered(self, axes, shape) -> int:
-    """Elements per device once the `fsdp` (and `data`) splits are all-gathered for compute."""
-    return math.prod(shape) // self.split(axes, shape, ('fsdp', 'data'))
+  def local(self, axes, shape, gathered=()) -> int:
+    """Elements per device (once the `gathered` mesh axes' splits are all-gathered)."""
+    return math.prod(shape) // self.split(axes, shape, gathered)
 
 
 # Tensors saved per layer for the backward pass, in units of `_layer_intermediates`, by remat
@@ -92,22 +85,19 @@ def _layer_intermediates(cfg: ModelConfig, s: Shapes, micro: int, seq: int) -> d
   """Per-device bytes of one layer's activations (forward intermediates), by kind."""
   c = cfg.dtype.itemsize
   b, t, d, n, k, h = micro, seq, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
-  out = {
+  per_unit = cfg.layers_per_unit
+  dense_blocks = per_unit - 1 if cfg.is_moe else 1
+  mlp = s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
+  scores = s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4  # [b, n, t, s].
+  return {
       'x': s.local(('batch', 'length', 'act_embed'), (b, t, d)) * c,
       'x32': s.local(('batch', 'length', 'act_embed'), (b, t, d)) * 4,  # RMSNorm in float32.
       'q': s.local(('batch', 'length', 'act_heads', None), (b, t, n, h)) * c,
       'kv': s.local(('batch', 'length', 'act_kv_heads', None), (b, t, k, h)) * c,
-      'mlp': 0, 'moe': 0, 'scores': 0,
+      'mlp': dense_blocks / per_unit * mlp,
+      'moe': _moe_intermediates(cfg, s, b, t) / per_unit if cfg.is_moe else 0,
+      'scores': scores if cfg.attention in ('xla', 'reference') else 0,  # When materialised.
   }
-  if cfg.attention in ('xla', 'reference'):  # The [b, n, t, s] scores are materialised.
-    out['scores'] = s.local(('batch', 'act_heads', 'length', None), (b, n, t, t)) * 4
-  per_unit = cfg.layers_per_unit
-  dense_blocks = per_unit - 1 if cfg.is_moe else 1
-  mlp = s.local(('batch', 'length', 'act_mlp'), (b, t, cfg.mlp_dim)) * c
-  out['mlp'] = dense_blocks / per_unit * mlp
-  if cfg.is_moe:
-    out['moe'] = _moe_intermediates(cfg, s, b, t) / per_unit
-  return out
 
 
 def _moe_intermediates(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
@@ -158,7 +148,7 @@ def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None,
   mdef, abstract = model_def(cfg, model_cls)
   leaf_axes = jax.tree_util.tree_leaves(mdef.axes, is_leaf=lambda x: isinstance(x, tuple))
   for axes, leaf in zip(leaf_axes, jax.tree_util.tree_leaves(abstract)):
-    local, gathered = s.local(axes, leaf.shape), s.gathered(axes, leaf.shape)
+    local, gathered = s.local(axes, leaf.shape), s.local(axes, leaf.shape, ('fsdp', 'data'))
     params += local * w
     group = ('layer' if axes[0] == 'layers' else 'embed' if axes == ('vocab', 'embed')
              else 'head' if axes == ('embed', 'vocab') else None)

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import timeit
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +44,9 @@ def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5, dev
   device = device or jax.local_devices()[0]
   a = jax.device_put(np.ones((n, n), dtype), device)  # Not jnp: that would follow the run's mesh.
   f = jax.jit(lambda a, b: a @ b)
-  best = float('inf')
   with jax.set_mesh(jax.sharding.Mesh(np.asarray([device]), ('one',))):  # Not the run's mesh.
     f(a, a).block_until_ready()
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, a).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
+    best = min(timeit.repeat(lambda: f(a, a).block_until_ready(), repeat=repeats, number=1))
   return 2 * n ** 3 / best
 
 

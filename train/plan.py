@@ -52,24 +52,13 @@ def define_flags() -> None:
                               'extrapolated linearly in depth from the first two.')
 
 
-def device_count(config, devices: int = 0) -> int:
-  """`devices`, else the product of config.mesh (validate checks that they agree)."""
+def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float = 0.0) -> dict:
+  """The numbers of the tables, as a flat dict, on `devices` (0: the product of config.mesh).
+  Raises ConfigError for a config that cannot run (train/config.py validate); `check_fits`
+  raises for one that does not fit."""
   if not devices and -1 in dict(config.mesh).values():
     raise ConfigError(f'mesh {dict(config.mesh)} has a -1 axis: give the device count with --devices')
-  return devices or math.prod(dict(config.mesh).values())
-
-
-def peak_tflops(config) -> float:
-  """Per-device peak: `hardware.peak_tflops`, else the chip table's for `hardware.name`; 0 when
-  unknown."""
-  hw = config.hardware
-  return float(hw.peak_tflops) if hw.peak_tflops > 0 else table_peak_tflops(hw.name)
-
-
-def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float = 0.0) -> dict:
-  """The numbers of the tables, as a flat dict. Raises ConfigError for a config that cannot
-  run (train/config.py validate); `check_fits` raises for one that does not fit."""
-  n = device_count(config, devices)
+  n = devices or math.prod(dict(config.mesh).values())
   rl = config if config.get('stage', None) in pt_config.RL_STAGES else None
   cfg, config, warnings = _validate(config, n)
   if not 0 < mfu <= 1:
@@ -113,10 +102,11 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
       'device_memory_gib': float(config.hardware.device_memory_gb),
       **(rl_section(rl, config, cfg, sizes, mem) if rl else {}),
   }
-  limit = config.hardware.device_memory_gb
-  worst = p.get('rl_total_gib', mem.total / memory_lib.GIB)
-  p['fits'] = None if limit <= 0 else bool(worst <= limit)
-  p['peak_tflops_per_device'] = peak = peak_tflops(config)
+  hw, worst = config.hardware, p.get('rl_total_gib', mem.total / memory_lib.GIB)
+  p['fits'] = None if hw.device_memory_gb <= 0 else bool(worst <= hw.device_memory_gb)
+  # Per-device peak: hardware.peak_tflops, else the chip table's; 0: unknown.
+  peak = float(hw.peak_tflops) if hw.peak_tflops > 0 else table_peak_tflops(hw.name)
+  p['peak_tflops_per_device'] = peak
   p['mfu'] = mfu
   if peak > 0:
     cluster_flops = n * peak * 1e12
@@ -150,7 +140,12 @@ def _validate(config, n: int):
   except ConfigError as e:
     if 'config.data.source' not in str(e):
       raise
-    config = _default_sources(config)
+    defaults = config_lib.defaults().data  # Plan the default sources (the embedded corpus).
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key in [k for k in config.data.sources.keys() if k not in defaults.sources]:
+      del config.data.sources[key]
+    if config.data.source not in config.data.sources:
+      config.data.source = 'embedded_sft' if 'sft' in str(config.data.source) else defaults.source
     cfg = check(config, n)
     warnings.append(f'data: {e} (the run would stop there; the planner reads no data and plans '
                     f'the rest)')
@@ -216,17 +211,6 @@ def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> 
           'rl_kv_cache_gib': gib(kv), 'rl_rollout_phase_gib': gib(rollout),
           'rl_update_phase_gib': gib(update), 'rl_total_gib': gib(max(rollout, update)),
           'rl_max_rollout_slots': most if limit > 0 else '', 'rl_notes': notes, 'rl_knobs': knobs}
-
-
-def _default_sources(config):
-  """A copy of `config` reading the default `data.sources` (the embedded corpus)."""
-  defaults = config_lib.defaults().data
-  trimmed = ml_collections.ConfigDict(config.to_dict())
-  for key in [k for k in trimmed.data.sources.keys() if k not in defaults.sources]:
-    del trimmed.data.sources[key]
-  if trimmed.data.source not in trimmed.data.sources:
-    trimmed.data.source = 'embedded_sft' if 'sft' in str(config.data.source) else defaults.source
-  return trimmed
 
 
 def check_fits(p: dict) -> None:
@@ -309,14 +293,6 @@ def _flops_variant(config, layers: int):
   return c
 
 
-def remat_flops_ratio(cfg, seq_len: int) -> float:
-  """Compiled / model FLOPs that remat alone explains: the layers' forward runs twice (4/3 of
-  their training FLOPs; at most that for partial policies), the output head's once."""
-  total = training_flops_per_token(cfg, seq_len).per_token
-  head = 6 * cfg.d_model * cfg.vocab_size
-  return 1.0 if cfg.remat == 'none' else ((total - head) * 4 / 3 + head) / total
-
-
 def target_section(config, target, compile_fn=None) -> dict:
   """The config's real train step compiled for `target` (a name or a train/targets.py Target):
   memory per device against the chip's HBM, FLOPs and HBM bytes per step, the collectives and
@@ -334,9 +310,14 @@ def target_section(config, target, compile_fn=None) -> dict:
   seq = config.data.seq_len
   attention = aot.target_variant(config, target.platform)[0].model.attention
   tokens_per_device = config.train.global_batch * seq / n
-  model_flops = training_flops_per_token(cfg, seq).per_token * tokens_per_device
+  flops, head = training_flops_per_token(cfg, seq), 6 * cfg.d_model * cfg.vocab_size
+  # Compiled / model FLOPs that remat alone explains: the layers' forward runs twice (4/3 of
+  # their training FLOPs; at most that for partial policies), the output head's once.
+  remat = (1.0 if cfg.remat == 'none'
+           else ((flops.per_token - head) * 4 / 3 + head) / flops.per_token)
+  model_flops = flops.per_token * tokens_per_device
   if full.flops is None:  # XLA:GPU has no cost model without a device: FLOPs from the model.
-    xla_flops, hbm_bytes, kernel_flops = model_flops * remat_flops_ratio(cfg, seq), None, 0.0
+    xla_flops, hbm_bytes, kernel_flops = model_flops * remat, None, 0.0
     flops_source = 'model/flops.py x remat (the compiler gives no cost_analysis here)'
   else:
     r1, r2 = (compile_fn(_flops_variant(config, d * cfg.layers_per_unit), target) for d in (1, 2))
@@ -344,24 +325,21 @@ def target_section(config, target, compile_fn=None) -> dict:
     xla_flops, hbm_bytes = grow(r1.flops, r2.flops), grow(r1.bytes_accessed, r2.bytes_accessed)
     # Splash's FLOPs (x 4/3 with remat), which cost_analysis() counts as zero; megablox gmm
     # declares its cost to XLA (tests/test_targets.py).
-    kernel_flops = (training_flops_per_token(cfg, seq).attention_per_token
-                    * (4 / 3 if cfg.remat != 'none' else 1.0) * tokens_per_device
-                    if attention == 'splash' else 0.0)
+    kernel_flops = (flops.attention_per_token * (4 / 3 if cfg.remat != 'none' else 1.0)
+                    * tokens_per_device if attention == 'splash' else 0.0)
     flops_source = ('cost_analysis of 1 and 2 unrolled layer units, extrapolated'
                     + (' + splash analytically' if kernel_flops else ''))
   chip, shares = target.chip, target.devices_per_chip  # Per-device figures: the chip's / shares.
   peak, hbm_bw = chip.peak_tflops * 1e12 / shares, chip.hbm_gbps * 1e9 / shares
   ici_bw = chip.ici_gbps * 1e9 / shares
   wide_bw = chip.wide_gbps * 1e9 / shares if chip.wide_gbps else ici_bw
-  compiled_flops = xla_flops + kernel_flops
+  compiled_flops = compiled_for_time = xla_flops + kernel_flops
   notes = list(full.notes)
   if compiled_flops < model_flops:  # cost_analysis missed work: never a roofline above 100%.
     notes.append(f'compiled FLOPs ({compiled_flops / 1e12:.4g} TFLOP) are below the model\'s '
                  f'({model_flops / 1e12:.4g}): cost_analysis missed work; the roofline uses the '
                  f'model FLOPs x remat instead')
-    compiled_for_time = model_flops * remat_flops_ratio(cfg, seq)
-  else:
-    compiled_for_time = compiled_flops
+    compiled_for_time = model_flops * remat
   kinds = full.collectives.by_kind.values()
   wide = sum(c.moved_wide for c in kinds)
   times = {'compute': compiled_for_time / peak,
@@ -388,7 +366,7 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target_kernel_tflops_per_step': kernel_flops / 1e12,
       'target_model_tflops_per_step': model_flops / 1e12,
       'target_compiled_over_model_flops': round(compiled_flops / model_flops, 3),
-      'target_remat_explains': round(remat_flops_ratio(cfg, seq), 3),
+      'target_remat_explains': round(remat, 3),
       'target_flops_source': flops_source,
       'target_hbm_gb_per_step': round(hbm_bytes / 1e9, 2) if hbm_bytes is not None else '',
       'target_collectives': {k: {'count': c.count, 'gb': round(c.bytes / 1e9, 3),

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import os
+from unittest import mock
 
 from jax.experimental import topologies
 
@@ -89,16 +90,11 @@ def compile_context(target):
   major, minor, _ = GPUS[target.chip_name]['cc']
   version = CUDNN_VERSION[0] * 10000 + CUDNN_VERSION[1] * 100 + CUDNN_VERSION[2]
   capability = lambda c: tuple(int(v) for v in c.split('.'))
-  saved = (fused.check_cudnn_version, fused.check_compute_capability,
-           fused.is_cuda_compute_capability_equal)
-  fused.check_cudnn_version = lambda: version
-  fused.check_compute_capability = lambda c: capability(c) <= (major, minor)
-  fused.is_cuda_compute_capability_equal = lambda c: capability(c) == (major, minor)
-  try:
+  checks = dict(check_cudnn_version=lambda: version,
+                check_compute_capability=lambda c: capability(c) <= (major, minor),
+                is_cuda_compute_capability_equal=lambda c: capability(c) == (major, minor))
+  with mock.patch.multiple(fused, **checks):  # Each restored on the way out.
     yield
-  finally:
-    (fused.check_cudnn_version, fused.check_compute_capability,
-     fused.is_cuda_compute_capability_equal) = saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +102,6 @@ class Target:
   name: str  # As given, e.g. 'tpu:v5p:8x8x8'.
   platform: str  # 'tpu' or 'gpu'.
   chip_name: str  # e.g. 'v5p'.
-  topology: str  # e.g. '8x8x8', or a GPU count.
   chip: Chip
   devices: tuple
   chips: int
@@ -141,9 +136,8 @@ def abstract_devices(target: str) -> Target:
   """The target's devices as libtpu (TPU) or the CUDA plugin (GPU) describes them: compile-only
   devices, nothing needs to be attached."""
   platform, chip, topology = parse(target)
-  make = lambda devices, chips: Target(name=target, platform=platform, chip_name=chip,
-                                       topology=topology, chip=CHIPS[f'{platform}:{chip}'],
-                                       devices=devices, chips=chips)
+  make = lambda devices, chips: Target(target, platform, chip, CHIPS[f'{platform}:{chip}'],
+                                       devices, chips)
   if platform == 'gpu':
     devices = _gpu_devices(target, chip, topology)
     return make(devices, len(devices))
