@@ -8,8 +8,8 @@ other users of the machine hits all alike:
   static        this tree's engine with admission only when every slot is free;
   continuous:R  this tree's engine (train/generate.py, model/decode.py) admitting R rows at a
                 time (Generator(admit_rows=R); --admit lists the R to time);
-  shared:R      the same with each prompt prefilled once for its samples (generate_ids(samples=G));
-                only in the group workload.
+  shared:R      the same with each prompt prefilled once for its samples (generate_ids(samples=G)),
+                admitting max(1, R // G) whole groups at a time; only in the group workload.
 Each worker compiles in a warm-up round, then runs one timed round per request of the parent.
 
 Workloads: `distinct` (--prompts different prompts, one reply each) and, with --group G > 1,
@@ -141,7 +141,8 @@ def main() -> int:
   for name in args.models.split(','):
     for g in sorted({1, args.group}):
       engines = ['baseline', 'static'] + [f'continuous:{r}' for r in admits]
-      engines += [f'shared:{r}' for r in admits if r >= g] if g > 1 else []
+      shared = {max(1, r // g) * g: r for r in admits}  # Admission rounds down to whole groups.
+      engines += [f'shared:{r}' for r in shared.values()] if g > 1 else []
       job = dict(vocab=tok.vocab_size, model=MODELS[name], prompts=prompts, stop_ids=stop_ids,
                  slots=args.slots, max_new_tokens=args.max_new_tokens, group=g)
       job_file = os.path.join(tempfile.mkdtemp(), 'job.json')
