@@ -1,15 +1,14 @@
 """Dot-product attention behind one `implementation` switch.
 
-All implementations share one contract: `q_btnh` has n query heads, `k_bskh` / `v_bskh` have k
-kv heads (k divides n: MHA when k == n, MQA when k == 1, GQA in between; K/V are never repeated
-to n heads). Logits are scaled by 1/sqrt(h); softmax statistics are float32; the output has q's
-dtype. Query i may attend key j iff
+One contract for all: `q_btnh` has n query heads, `k_bskh` / `v_bskh` k kv heads (k divides n:
+MHA, GQA or MQA; K/V are never repeated to n heads). Logits are scaled by 1/sqrt(h), softmax
+statistics are float32, the output has q's dtype. Query i may attend key j iff
 
     q_segment_ids[i] == kv_segment_ids[j]  and  kv_positions[j] <= q_positions[i].
 
-Packed documents carry segment ids 1, 2, ... with positions restarting per document; padding is
-segment 0. A KV cache passes absolute positions and segment 0 for its empty slots. A query row
-with no allowed key returns zeros.
+Packed documents carry segment ids 1, 2, ..., positions restarting per document, padding segment
+0; a KV cache passes absolute positions and segment 0 for empty slots. A row with no allowed key
+returns zeros.
 
 Implementations (IMPLEMENTATIONS):
   reference  plain einsums and an explicit [b, t, s] boolean mask; the tests' ground truth.
@@ -71,10 +70,10 @@ def _check_inputs(q_btnh, k_bskh, v_bskh, segs):
 
 def resolve(implementation: str, q_len: int, kv_len: int, *, backend: str | None = None,
             dtype=None, head_dim: int | None = None) -> str:
-  """The concrete implementation `implementation` means. 'auto': 'cudnn' on GPU for 16-bit
-  floats, q_len > 1 and a head dim in 8, 16, ..., 128; 'splash' on TPU for self-attention over
-  a multiple of 128 tokens; else 'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on,
-  'xla' below. `backend` defaults to the mesh's platform; unknown dtype / head_dim qualify."""
+  """The concrete implementation. 'auto': 'cudnn' on GPU for 16-bit floats, q_len > 1 and a head
+  dim in 8, 16, ..., 128; 'splash' on TPU for self-attention over a multiple of 128 tokens; else
+  'chunked' from AUTO_CHUNKED_MIN_PAIRS query * key pairs on, 'xla' below. `backend` defaults
+  to the mesh's platform; unknown dtype / head_dim qualify."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'model/attention.py: implementation {implementation!r} is not one of '
                      f'{IMPLEMENTATIONS}')
@@ -171,10 +170,9 @@ def _flash(*args):  # Arguments of _flash_fwd.
 
 
 def _flash_fwd(*args):
-  """(blocked output [nq, b, c, k, g, h], residuals) of _chunked's blocked arguments; residuals:
-  the arguments, the output and log-sum-exp [nq, b, k, g, c] (0 for empty rows). The barrier
-  ties the segment ids and positions to q, k, v: else the layer scan hoists every block pair's
-  mask out of its loop."""
+  """(blocked output [nq, b, c, k, g, h], residuals: the arguments, the output, log-sum-exp
+  [nq, b, k, g, c], 0 for empty rows). The barrier ties segment ids and positions to q, k, v:
+  else the layer scan hoists every block pair's mask out of its loop."""
   q_qbckgh, k_kbrkh, v_kbrkh, qseg_qbc, qpos_qbc, kseg_kbr, kpos_kbr, kvalid_kbr = (
       jax.lax.optimization_barrier(args))
   scale = 1.0 / math.sqrt(q_qbckgh.shape[-1])
@@ -306,9 +304,9 @@ def _cudnn(q_btnh, k_bskh, v_bskh, mask_bts):
 
 
 def _splash(q_btnh, k_bskh, v_bskh, q_segment_ids_bt, kv_segment_ids_bs, *, interpret=False):
-  """TPU Pallas splash attention: segment ids plus an index-causal mask (the position rule for
-  self-attention of packed batches; t != s is refused). `interpret`: the Pallas interpreter.
-  Under a mesh, `jax.shard_map` over batch rows and whole GQA head groups (no sequence split)."""
+  """Splash: segment ids plus an index-causal mask (the position rule for packed self-attention;
+  t != s is refused). `interpret`: the Pallas interpreter. Under a mesh, `jax.shard_map` over
+  batch rows and whole GQA head groups (no sequence split)."""
   platform = mesh_platform()
   if not interpret and platform != 'tpu':
     raise RuntimeError(f"model/attention.py: implementation 'splash' needs a TPU, but the target "

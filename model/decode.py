@@ -1,21 +1,19 @@
-"""Incremental decoding with a KV cache: continuous batching over decode slots, and sampling;
-pure functions of a `Decoder` (no tokenizer, no checkpoints; train/generate.py wraps them).
+"""Decoding with a KV cache: pure functions of a `Decoder` (train/generate.py wraps them).
 
-Continuous batching over a fixed number of decode slots (`start`, `run`), in one jitted loop:
-one cache row of S = P + N columns per slot (P, N: buckets of prompt and new lengths); before
-each one-token step of all slots, queued prompts are prefilled into the free slots. A row:
+Continuous batching (`start`, `run`) in one jitted loop: one cache row of S = P + N columns per
+decode slot (P, N: buckets of prompt and new lengths); before each one-token step of all slots,
+queued prompts are prefilled into the free slots. A row:
 
   column     0 .. P-1-len | P-len .. P-1 | P .. P+num_new-1 | ..
   token      pad          | prompt       | generated        | empty
   segment    0            | 1            | 1                | 0
   position   0            | 0 .. len-1   | len ..           |
 
-Each slot writes its next token at its own column P + num_new - 1 (an index per row); segment
-0 hides padding and empty slots and positions count from the prompt's first token, so a
-sequence computes what it would alone, whatever its slot or neighbours. Admission resets the
-whole row. Token i of a sequence draws with the run's key folded with (sequence id, i).
-With g samples per prompt, sequences g*j .. g*j+g-1 share prompt j: it is prefilled once and
-its cache row copied into g slots (a group is admitted whole).
+Each slot writes its next token at its own column P + num_new - 1; segment 0 hides padding and
+empty slots and positions count from the prompt's first token, so a sequence computes what it
+would alone. Admission resets the whole row. Token i of a sequence draws with the run's key
+folded with (sequence id, i). With g samples per prompt, sequences g*j .. g*j+g-1 share prompt
+j: prefilled once, its cache row copied into g slots (a group is admitted whole).
 
 Sampling: greedy when temperature == 0, else softmax(logits / temperature) restricted to the
 top_k tokens (0: all) and the smallest most likely set reaching top_p (1.0: all). The returned
@@ -34,8 +32,8 @@ from model.transformer import CACHE_AXES, init_cache
 
 
 def decoding_config(cfg: ModelConfig) -> ModelConfig:
-  """`cfg` for generation: MoE 'capacity' dispatch with capacity_factor >= experts / top-k, so
-  that a prefill drops nothing (one-token steps never do); every other config as is."""
+  """`cfg` for generation: MoE 'capacity' dispatch gets capacity_factor >= experts / top-k (a
+  prefill drops nothing; one-token steps never do); other configs as they are."""
   if cfg.is_moe and cfg.dispatch == 'capacity':
     no_drop = cfg.num_experts / cfg.experts_per_token
     if cfg.capacity_factor < no_drop:
@@ -116,11 +114,10 @@ def _is_eos(tokens_b, eos_ids_e):
 
 def start(cfg: ModelConfig, slots: int, tokens_mp, lengths_m, new_len: int, samples: int = 1,
           cache_dtype=None) -> dict:
-  """The decoding state of m prompts (left-padded to P columns), n = m x `samples` sequences
-  (sequence i samples prompt i // samples) and `slots` free slots: the prompts, `queued` (how
-  many sequences admitted), a cache of P + new_len columns; per slot its sequence (seq_b), prompt
-  length, num_new_b (tokens made, EOS included), done_b (finished or free); per sequence
-  tokens_nn, logprobs_nn (0 past its end) and num_new_n."""
+  """State for m prompts (left-padded to P), n = m x `samples` sequences (i samples prompt
+  i // samples), `slots` free slots: the prompts, `queued` (sequences admitted), a cache of P +
+  new_len columns; per slot seq_b, lengths_b, num_new_b (tokens made, EOS included), done_b
+  (finished or free); per sequence tokens_nn, logprobs_nn (0 past its end), num_new_n."""
   n = tokens_mp.shape[0] * samples
   zeros_b = jnp.zeros((slots,), jnp.int32)
   return {'cache': init_cache(cfg, slots, tokens_mp.shape[1] + new_len, cache_dtype),
@@ -144,9 +141,8 @@ def _draw(logits_bv, rng, seq_b, index_b, sampling: Sampling):
 
 
 def _admit(model, s: dict, rows: int, num, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
-  """Prefills the prompts of the next `rows` queued sequences (a multiple of the group; fewer if
-  fewer are left) into the first free slots, once per prompt, and samples each one's first
-  token."""
+  """Prefills the next `rows` queued sequences (a multiple of the group; fewer if fewer are
+  left) into the first free slots, once per prompt, and samples each one's first token."""
   slots, (m, p), g = s['done_b'].shape[0], s['prompts_mp'].shape, _group(s)
   n = m * g
   seq_k = s['queued'] + jnp.arange(rows, dtype=jnp.int32)
@@ -176,8 +172,7 @@ def _admit(model, s: dict, rows: int, num, max_new, rng, sampling: Sampling, eos
 
 
 def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
-  """One token for every slot; done (or free) slots are computed with the rest and change
-  nothing."""
+  """One token for every slot; done (or free) slots are computed too and change nothing."""
   n, new_len = s['tokens_nn'].shape
   p = s['cache']['segment_ids'].shape[1] - new_len
   n_b, live_b = s['num_new_b'], ~s['done_b']
@@ -196,10 +191,9 @@ def _step(model, s: dict, max_new, rng, sampling: Sampling, eos_ids_e) -> dict:
 
 def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng,
         sampling: Sampling, eos_ids_e) -> dict:
-  """Continuous batching of the first `num` sequences of `state` for up to `steps` one-token
-  steps or until all are done (EOS or `max_new` tokens). Before each step queued ones are admitted
-  `rows` at a time (rounded down to whole groups, at least one) while slots are free; with
-  `static`, only when all are (static batching). Needs slots >= samples per prompt."""
+  """Continuous batching of `state`'s first `num` sequences for up to `steps` steps or until all are
+  done (EOS or `max_new` tokens); before each step queued ones are admitted `rows` at a time (whole
+  groups, >= 1) while slots are free (`static`: all). Needs slots >= samples per prompt."""
   slots, g = state['done_b'].shape[0], _group(state)
   rows = slots // g * g if static else max(1, rows // g) * g
 
@@ -222,7 +216,7 @@ def run(model, state: dict, steps, num, max_new, *, rows: int, static: bool, rng
 
 def sequence_layout(tokens_bs, lengths_b, num_new_b, prompt_len: int) -> dict:
   """The buffer (numpy or jax) as one sequence per row for a forward pass: tokens, positions,
-  segment ids (0 on padding) and `response_mask` (1 on generated tokens, EOS included)."""
+  segment ids (0 on padding), `response_mask` (1 on generated tokens, EOS included)."""
   xp = jnp if isinstance(tokens_bs, jax.Array) else np
   s = tokens_bs.shape[1]
   col_s = xp.arange(s)[None, :]
