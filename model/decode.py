@@ -90,13 +90,11 @@ def token_logprobs(logits_bv, tokens_b):
 def left_pad(prompts: list, length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Token lists -> (int32 [b, length] left-padded, int32 [b] lengths)."""
   tokens = np.full((len(prompts), length), pad_id, np.int32)
-  lengths = np.zeros(len(prompts), np.int32)
   for i, ids in enumerate(prompts):
     if not 0 < len(ids) <= length:
       raise ValueError(f'prompt {i} has {len(ids)} tokens; prompts need 1 to {length}')
     tokens[i, length - len(ids):] = ids
-    lengths[i] = len(ids)
-  return tokens, lengths
+  return tokens, np.asarray([len(ids) for ids in prompts], np.int32)
 
 
 def prompt_layout(lengths_b, prompt_len: int):

@@ -3,9 +3,8 @@
 Training FLOPs per token = 3 x forward (forward + backward), with
   forward = 2 x (matmul parameters touched by one token)           [projections, MLP/experts, head]
           + 4 x layers x heads x head_dim x (mean keys attended)   [q.k and p.v]
-Causal attention over T tokens counts (T + 1) / 2 keys per query (the work the model needs:
-masked-out work does not inflate MFU).
-MoE layers count only the k active experts plus the router; `dense_equivalent` counts all E.
+Causal attention over T tokens counts (T + 1) / 2 keys per query (masked-out work does not inflate
+MFU); MoE layers count only the k active experts plus the router, `dense_equivalent` all E.
 """
 
 import dataclasses

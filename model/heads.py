@@ -1,8 +1,8 @@
 """Scalar heads on the decoder: reward models and PPO critics.
 
-`ScalarModel`: the decoder trunk (a `Decoder` with `tie_embeddings=True`: no `head_dv`) and a
-linear head giving one float per position. Params: `{'decoder': <Decoder params minus head_dv>,
-'head': {'w_d', 'bias'}}`; `decoder` loads from an LM checkpoint of the same shape.
+`ScalarModel`: a `Decoder` trunk (`tie_embeddings=True`: no `head_dv`) and a linear head, one float
+per position. Params: `{'decoder': <Decoder params minus head_dv>, 'head': {'w_d', 'bias'}}`;
+`decoder` loads from an LM checkpoint of the same shape.
 """
 
 import dataclasses

@@ -1,8 +1,8 @@
 """Decoder-only transformer: pre-norm blocks of GQA attention and a SwiGLU (or MoE) MLP.
 
-Every block parameter has a leading `layers` axis (stacked units), scanned
-(`cfg.scan_layers`) or unrolled: the parameter tree is the same in both modes. With
-`cfg.moe_every = m > 1` the stacked unit is m layers whose last is MoE; otherwise one block.
+Every block parameter has a leading `layers` axis (stacked units), scanned (`cfg.scan_layers`)
+or unrolled, with the same parameter tree. With `cfg.moe_every = m > 1` the stacked unit is m
+layers whose last is MoE; otherwise one block.
 
 KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
   k, v          [units, blocks per unit, b, s, kv_heads, h]: kv heads, never repeated to n heads;
@@ -10,8 +10,8 @@ KV cache (for model/decode.py). `init_cache(cfg, b, s)` gives
   positions     [b, s]: the absolute position of the token in each slot.
 `Decoder.extend(tokens_bt, positions_bt, segment_ids_bt, cache, index)` writes the t new tokens
 into slots [index, index + t) of every layer (`index`: a scalar, or int32 [b], one per row) and
-attends over the whole cache with the usual mask (same segment, key position <= query
-position), so empty slots are invisible; same parameters and layer functions as the forward.
+attends over the whole cache with model/attention.py's mask, so empty slots are invisible; same
+parameters and layer functions as the forward.
 """
 
 import jax
@@ -141,15 +141,13 @@ class Unit(nnx.Module):
 
 def _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
                  kv_positions_bs, index):
-  """Block.extend over the blocks of a stacked unit (a Unit, or one Block); returns (x_btd,
-  (new k_mbtkh, new v_mbtkh))."""
-  new_k, new_v = [], []
+  """Block.extend over a stacked unit's blocks; returns (x_btd, (new k_mbtkh, new v_mbtkh))."""
+  new_kv = []
   for i, block in enumerate(unit.blocks()):
     kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
-    x_btd, k_btkh, v_btkh = block.extend(x_btd, positions_bt, segment_ids_bt, kv)
-    new_k.append(k_btkh)
-    new_v.append(v_btkh)
-  return x_btd, (jnp.stack(new_k), jnp.stack(new_v))
+    x_btd, *new = block.extend(x_btd, positions_bt, segment_ids_bt, kv)
+    new_kv.append(new)
+  return x_btd, tuple(jnp.stack(a) for a in zip(*new_kv))
 
 
 def write_slots(x, new, index, batch_axis=0):
@@ -168,8 +166,7 @@ CACHE_AXES = (None, None, 'batch', None, 'act_kv_heads', None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-  """An empty cache of `length` slots (see the module docstring); k/v in `dtype` (default: the
-  compute dtype)."""
+  """An empty cache of `length` slots (module docstring); k/v in `dtype` (default cfg.dtype)."""
   shape = (cfg.num_units, cfg.layers_per_unit, batch, length, cfg.num_kv_heads, cfg.dim_per_head)
   dtype = cfg.dtype if dtype is None else dtype
   zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)
@@ -226,9 +223,8 @@ class Decoder(nnx.Module):
     return self.final_norm(x_btd), aux
 
   def extend(self, tokens_bt, positions_bt, segment_ids_bt, cache, index):
-    """t new tokens through the model with a KV cache (prefill, or t = 1 to decode): their keys
-    and values go into slots [index, index + t) (segment 0: an empty slot). Returns
-    (final-normed h_btd, updated cache)."""
+    """t new tokens (a prefill, or t = 1 to decode) through the model with `cache` (module
+    docstring); returns (final-normed h_btd, updated cache)."""
     b, s = cache['segment_ids'].shape
     if tokens_bt.shape[0] != b or tokens_bt.shape[1] > s:
       raise ValueError(f'model/transformer.py Decoder.extend: tokens {tokens_bt.shape} do not fit '
