@@ -1,10 +1,9 @@
 """TFDS builders prepared to array_record without TensorFlow, and readers of what they write.
 
-`LocalCorpus`: local text or JSON-lines files as a tfds dataset with 'train' and 'eval' splits
-of `{'text'}` records; preparing it runs hygiene (dedup included) and the bad-input policy over
-the whole corpus and keeps their counts in the dataset's metadata. Catalogued datasets are read
-with `tfds.data_source`; `TF_FREE_PREPARERS` (tiny_shakespeare) prepare the same files without
-TensorFlow, through tfds's download manager (manual dir and registered checksum).
+`LocalCorpus`: local text or JSON-lines files as a tfds dataset of `{'text'}` records in splits
+'train' and 'eval'; preparing it runs hygiene (dedup included) and the bad-input policy over the
+whole corpus, counts kept in its metadata. Catalogued datasets: `tfds.data_source`; the
+`TF_FREE_PREPARERS` (tiny_shakespeare) need no TensorFlow (tfds's download manager, manual dir).
 """
 
 import contextlib

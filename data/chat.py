@@ -3,8 +3,7 @@
 The template, in ids (markers are control pieces, see data.tokenizer), a newline piece after
 every <|end|>:  BOS <|system|> text <|end|> <|user|> text <|end|> <|assistant|> text <|end|> EOS.
 The loss mask covers assistant contents, the <|end|> closing each, and the EOS after a final
-assistant turn; never system or user turns or role markers. A generation prompt ends with
-'<|assistant|>'.
+assistant turn; never system or user turns or role markers. Generation prompts end '<|assistant|>'.
 
 Record adapters (`sft_format`; 'auto' picks by the fields present) give `messages`
 ([{'role', 'content'}, ...]): messages {'messages': [...]}, alpaca {'instruction', 'input',

@@ -1,10 +1,9 @@
 """The embedded default corpus: text made by deterministic generators, no files, no network.
 
-Document `i` is a pure function of `(seed, i)` (its own `random.Random`, seeded from a string,
-the same on every machine). Kinds, mixed by fixed weights: short stories, arithmetic, times
-tables, counting, lists, dialogues and facts about a small world (small word lists: a tiny
-model learns it fast). `instructions` and `preferences`: SFT and preference pairs with a
-checkable answer.
+Document `i` is a pure function of `(seed, i)` (its own `random.Random`, seeded from a string, the
+same on every machine). Kinds, mixed by fixed weights: short stories, arithmetic, times tables,
+counting, lists, dialogues and facts about a small world (small word lists: a tiny model learns it
+fast). `instructions` and `preferences`: SFT and preference pairs with a checkable answer.
 """
 
 import random
@@ -50,10 +49,6 @@ NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', '
                 'seventeen', 'eighteen', 'nineteen', 'twenty')
 
 
-def _plural(noun: str) -> str:
-  return noun + ('es' if noun[-1] in 'sxh' else 's')
-
-
 def _article(word: str) -> str:
   return 'an' if word[0] in 'aeiou' else 'a'
 
@@ -78,8 +73,9 @@ def _story(rng: random.Random) -> str:
              f'{he.capitalize()} showed it to {friend} and {his} {animal}.',
              f'{friend} was {rng.choice(FEELINGS)}, and the {animal} was {rng.choice(FEELINGS)}.']
     if rng.random() < 0.6:
-      count = rng.randint(2, 9)
-      lines.append(f'Later they counted {count} {_plural(rng.choice(ANIMALS))} near {rng.choice(PLACES)}.')
+      count, other, near = rng.randint(2, 9), rng.choice(ANIMALS), rng.choice(PLACES)
+      plural = other + ('es' if other[-1] in 'sxh' else 's')
+      lines.append(f'Later they counted {count} {plural} near {near}.')
     lines.append(f'At the end of the day, {name} felt {rng.choice(FEELINGS)} and went home.')
     return ' '.join(lines)
   s = '' if he == 'they' else 's'
@@ -193,12 +189,10 @@ def _question(rng: random.Random) -> tuple[str, str]:
   if kind == 2:
     a, b = rng.randint(0, 12), rng.randint(0, 12)
     return f'What is {a} times {b}?', str(a * b)
-  if kind == 3:
-    country, capital = rng.choice(CAPITALS)
-    return f'What is the capital of {country}?', capital
-  if kind == 4:
-    word, opposite = rng.choice(OPPOSITES)
-    return f'What is the opposite of {word}?', opposite
+  if kind in (3, 4):
+    table, what = (CAPITALS, 'capital') if kind == 3 else (OPPOSITES, 'opposite')
+    subject, answer = rng.choice(table)
+    return f'What is the {what} of {subject}?', answer
   lo = rng.randint(0, 30)
   hi = lo + rng.randint(2, 6)
   return f'Count from {lo} to {hi}.', ', '.join(str(k) for k in range(lo, hi + 1))

@@ -1,10 +1,9 @@
 """Text hygiene: Unicode normalisation, exact deduplication, quality filters; all counted.
 
-Each step is optional (`config.data.hygiene`, keys explained in `default_config`). Dedup needs a
-view of the whole corpus, so it runs where one exists: when a local corpus is prepared and when
-SFT/preference files are read. `Hygiene.check(text)` returns the cleaned text or None, and
-counts why in `counts` ('kept', 'empty', 'too_short', 'too_long', 'low_alpha', 'repeated_lines',
-'duplicate').
+Each step is optional (`config.data.hygiene`, keys in `default_config`). Dedup needs the whole
+corpus, so it runs where one exists: preparing a local corpus and reading SFT/preference files.
+`Hygiene.check(text)` returns the cleaned text or None, counting why in `counts` ('kept', 'empty',
+'too_short', 'too_long', 'low_alpha', 'repeated_lines', 'duplicate').
 """
 
 import collections
@@ -43,8 +42,7 @@ class Hygiene:
   """Applies the configured steps to one text at a time and counts the outcomes."""
 
   def __init__(self, cfg=None, **overrides):
-    """`cfg`: a `config.data.hygiene` section (ConfigDict or dict; default: all off), with
-    `overrides` of its keys."""
+    """`cfg`: a `config.data.hygiene` section (dict-like; default all off), `overrides` its keys."""
     c = ml_collections.ConfigDict({**(cfg or default_config()), **overrides})
     if c.normalize not in NORMALIZATIONS:
       raise ValueError(f'config.data.hygiene.normalize: {c.normalize!r} is not one of '

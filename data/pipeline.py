@@ -1,16 +1,14 @@
 """Grain pipelines from sources to process-local batches that resume exactly.
 
 `make_iterator` batches (numpy, b = global_batch // process_count rows, T = seq_len): inputs,
-targets, positions, segment_ids int32[b,T] and loss_mask float32[b,T] (data.packing; SFT masks
-all but assistant tokens). `make_preference_iterator`: {'chosen': batch, 'rejected': batch},
-row i of both from the same pair.
+targets, positions, segment_ids int32[b,T], loss_mask float32[b,T] (data.packing).
+`make_preference_iterator`: {'chosen': batch, 'rejected': batch}, row i of both from one pair.
 
-The global batch does not depend on the process count: the items of all selected sources are
-mixed by weight into one sequence, shuffled anew every epoch and repeated without end; row r of
-every global batch is packed from its own stream, the items r, r + B, r + 2B, ... of it, and
-process p builds only rows p*b .. (p+1)*b - 1. The state is JSON: per row stream, the next
-item's index, the offset into a cut document, and per-source counts. The 'eval' split is not
-shuffled and starts from its beginning in every new iterator: the first N batches are fixed.
+The global batch does not depend on the process count: all selected sources' items are mixed by
+weight into one sequence, reshuffled every epoch and repeated without end; row r of every global
+batch packs its own stream, items r, r + B, r + 2B, ..., and process p builds only the rows
+p*b .. (p+1)*b - 1. The state is JSON: per row stream, the next item's index, the offset into a
+cut document, per-source counts. 'eval' is not shuffled and restarts in every new iterator.
 """
 
 import collections

@@ -1,12 +1,11 @@
 """Reading local text and JSON-lines files (`.gz` too), with one policy for bad input and length.
 
 Bad input (invalid UTF-8 or JSON, a missing or non-string field, an empty document, an over-long
-example, a file that cannot be read to its end) goes to `BadInput`: 'raise' raises
-`BadInputError` naming file:line; 'skip' drops, counts by reason and logs the first few.
-`BadInput(max_chars=N)` bounds every document to N characters in time and memory (lines are read
-in pieces of at most 4N bytes): a longer one is split into N-character documents ('split'), cut
-('truncate') or dropped ('skip'), and counted once as 'long_doc_<policy>'. JSON lines longer
-than 8N characters are bad input ('too_long').
+example, a file unreadable to its end) goes to `BadInput`: 'raise' raises `BadInputError` naming
+file:line; 'skip' drops, counts by reason and logs the first few. `BadInput(max_chars=N)` bounds
+every document to N characters in time and memory (lines read in pieces of <= 4N bytes): longer
+ones are split into N-character documents ('split'), cut ('truncate') or dropped ('skip'),
+counted once as 'long_doc_<policy>'. JSON lines over 8N characters are bad input ('too_long').
 """
 
 import codecs
@@ -198,8 +197,7 @@ def get_field(obj: dict[str, Any], field: str, where: str, bad: BadInput, kind: 
 
 
 def iter_jsonl_text(pattern: str, field: str, bad: BadInput) -> Iterator[tuple[str, str]]:
-  """(where, text) from the `field` of every JSON-lines record (long ones cut as `bad` says);
-  empty texts are bad."""
+  """(where, text) from `field` of each JSON-lines record (cut as `bad` says; empty is bad)."""
   for where, obj in iter_jsonl(pattern, bad):
     text = get_field(obj, field, where, bad)
     if text is None:

@@ -1,10 +1,9 @@
 """Sources: each selected `config.data.sources` entry as a random-access sequence of items.
 
-Items by format: 'text' a document string (or a `Bad` record that cannot be read); 'sft'
-(where, messages) with messages = [{'role', 'content'}, ...]; 'preference' (where, chosen
-messages, rejected messages). Text is tokenised lazily in the pipeline; SFT and preference items
-are read, checked and deduplicated up front. `Source.stats` holds the counts known when built
-(bad input skipped, a prepared local corpus's hygiene outcomes, records read).
+Items by format: 'text' a document string (or a `Bad` record); 'sft' (where, messages), messages
+= [{'role', 'content'}, ...]; 'preference' (where, chosen messages, rejected messages). Text is
+tokenised lazily in the pipeline; SFT and preference items are read, checked and deduplicated up
+front. `Source.stats`: counts known when built (bad input, local corpus hygiene, records).
 """
 
 import dataclasses

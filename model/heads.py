@@ -46,8 +46,7 @@ def trunk_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def last_index(mask_bt):
-  """int32 [b]: the column of each row's last nonzero mask entry (0 for an all-zero row),
-  wherever the padding is (left, right, both, or segment 0 of a packed row)."""
+  """int32 [b]: each row's last column with a nonzero mask (0 if none), wherever the padding is."""
   col_bt = jnp.arange(mask_bt.shape[1], dtype=jnp.int32)[None, :]
   return jnp.max(jnp.where(mask_bt > 0, col_bt, 0), axis=1).astype(jnp.int32)
 

@@ -257,8 +257,7 @@ class Decoder(nnx.Module):
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
   def head_matrix(self):
-    """The output head as a [d_model, vocab] matrix in the compute dtype (tied: the embedding
-    table transposed); logits(h) == h @ head_matrix()."""
+    """[d, v] head in the compute dtype (tied: table_vd.T): logits(h) == h @ head_matrix()."""
     if self.cfg.tie_embeddings:
       return self.embed.table_vd[...].astype(self.cfg.dtype).T
     return self.head_dv[...].astype(self.cfg.dtype)
