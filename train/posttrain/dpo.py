@@ -65,8 +65,7 @@ def local_rows(x_b) -> np.ndarray:
 
 
 def reference_logps(ctx, mdef, ref_params, data, num_batches) -> list[dict]:
-  """[{'ref_chosen': [B_local], 'ref_rejected': [B_local]}] (numpy) of the next `num_batches`
-  batches of `data`."""
+  """[{'ref_chosen', 'ref_rejected': numpy [B_local]}] of the next `num_batches` of `data`."""
   fn = jax.jit(lambda p, micro: pair_logps(mdef.build(p), jax.tree.map(lambda x: x[0], micro))[:2],
                out_shardings=ctx.batch_sharding(1))
   out = []
