@@ -1,8 +1,7 @@
 """HumanEval: sample completions, run each against the problem's tests in the sandbox, pass@k.
 
-The program run for one sample is the reference layout (`program`). Generation stops at the
-reference stop sequences, and completions are cut at the first of them again here, whatever the
-model did.
+The program of a sample is the reference layout (`program`). Generation stops at the reference stop
+sequences; completions are cut at the first again, whatever the model did.
 """
 
 import dataclasses
