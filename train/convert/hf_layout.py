@@ -147,9 +147,8 @@ def hf_config(cfg: ModelConfig, *, seq_len: int, dtype: str, bos_id: int = 1, eo
 
 
 def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
-  """Every tensor of the Hugging Face checkpoint of `cfg`, in export order (layer by layer;
-  within a layer's experts, all w1, then all w2, then all w3). `experts`: 'published' or
-  'fused' (see the module docstring); ignored for dense models."""
+  """Every tensor of `cfg`'s Hugging Face checkpoint in export order (layer by layer; a layer's
+  experts all w1, then w2, then w3); `experts`: 'published' or 'fused' (dense models: ignored)."""
   d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.vocab_size
   out = [Link('model.embed_tokens.weight', (v, d), ('embed', 'table_vd'), (), 'copy')]
   for l in range(cfg.num_layers):
