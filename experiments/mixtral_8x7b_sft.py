@@ -1,5 +1,4 @@
-"""Mixtral-8x7B instruction fine-tuning (SFT) at a reduced learning rate, on top of
-experiments/mixtral_8x7b.py (model, mesh and AdamW unchanged).
+"""Mixtral-8x7B SFT at a reduced learning rate on experiments/mixtral_8x7b.py (model, mesh, AdamW).
 
     python -m train.posttrain --config experiments/mixtral_8x7b_sft.py --workdir gs://B/mixtral_sft \\
         --config.train.init_from=gs://B/mixtral_8x7b \\
