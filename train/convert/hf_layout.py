@@ -1,8 +1,8 @@
 """The Hugging Face layout of Llama, Mistral and Mixtral checkpoints, and how it maps to meshlm.
 
-config.json <-> ModelConfig: a key left out means what it means to transformers (DEFAULTS, per
-model type); Mixtral imports use dispatch='dropless'. Anything that changes the function the
-model computes and that meshlm does not implement is a ConvertError naming the key.
+config.json <-> ModelConfig: a missing key means what it means to transformers (DEFAULTS, per model
+type); Mixtral imports use dispatch='dropless'. A key that changes the model's function in a way
+meshlm does not implement is a ConvertError naming it.
 
 Tensors (`links`): a Hugging Face linear layer W [out, in] is meshlm's slice W^T reshaped, one
 slice [layer] (and [layer, expert]) of a stacked parameter; Mixtral experts are read in the
@@ -35,9 +35,8 @@ class ConvertError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-  """One Hugging Face tensor and the meshlm parameter slice `path`[`index`] it fills: 'copy'
-  (the tensor as is) or 'linear' (its last two axes swapped, only rows `rows` of the out axis
-  for the fused gate_up tensor), reshaped to the slice's shape."""
+  """One Hugging Face tensor and the meshlm slice `path`[`index`] it fills, reshaped: `kind` 'copy'
+  (as is) or 'linear' (last two axes swapped; `rows`: the fused gate_up tensor's out-axis rows)."""
   hf_name: str
   hf_shape: tuple[int, ...]
   path: tuple[str, ...]

@@ -8,8 +8,8 @@ its answer, then the test question ending with `Answer:`:
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
 
 Cells are read verbatim (csv module, not pandas: `2` or `None` stay text). The prediction is the
-argmax of the four log-likelihoods (ties to the earlier letter). With a token counter and
-`max_length`, k shrinks until prompt + answer fits, as the reference does.
+argmax of the four log-likelihoods (ties to the earlier letter). With `count_tokens` and
+`max_length`, k shrinks until prompt + answer fits (as the reference does).
 """
 
 import csv

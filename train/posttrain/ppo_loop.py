@@ -53,9 +53,8 @@ GRPO_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'ref_logp
 
 
 def load_prompts(config, template, split: str, workdir: str) -> list[tuple[list[int], str, str]]:
-  """(token ids, text, reference) of each prompt of the SFT sources at most ppo.max_prompt_len
-  long: the ids are every turn before the last assistant reply, then the assistant marker; the
-  text is the last user turn, the reference that reply (what a verifiable reward checks)."""
+  """(token ids, text, reference) per SFT prompt of at most ppo.max_prompt_len tokens: the turns
+  before the last assistant reply + the assistant marker, the last user turn, and that reply."""
   out = []
   for src in sources.build_all(config.data, split, workdir):
     if src.format != 'sft':

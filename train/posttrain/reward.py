@@ -1,9 +1,8 @@
 """Reward model: the decoder with a scalar head (model/heads.py), trained on preference pairs.
 
-Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is
-the head's output at its last real token (segment_ids > 0), whatever the padding. Metrics (means):
-`loss`, `rm/accuracy` (share r_chosen > r_rejected), `rm/margin`, `rm/chosen`, `rm/rejected`;
-`eval/...` the same on held-out pairs. `RewardScorer` scores rollouts and chats (PPO, task_eval.py).
+Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is the
+head's output at its last real token (segment_ids > 0), whatever the padding. Metrics (means):
+docs/posttrain.md. `RewardScorer` scores rollouts and chats (PPO, task_eval.py).
 """
 
 import functools

@@ -82,10 +82,8 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--run', action='append', required=True, help='NAME=WORKDIR, repeatable')
   parser.add_argument('--config', default='', help='model config of runs without config.json')
-  parser.add_argument('--reward_model', default='')
-  parser.add_argument('--num', type=int, default=256)
-  parser.add_argument('--max_new_tokens', type=int, default=40)
-  parser.add_argument('--out', default='')
+  for flag, default in (('reward_model', ''), ('num', 256), ('max_new_tokens', 40), ('out', '')):
+    parser.add_argument(f'--{flag}', type=type(default), default=default)
   args = parser.parse_args(argv)
   compilation_cache.enable()
   results = {}
