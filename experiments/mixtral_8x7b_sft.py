@@ -4,8 +4,7 @@
         --config.train.init_from=gs://B/mixtral_8x7b \\
         --config.data.sources.sft.path='gs://B/sft_data/*.jsonl'
 
-Chat records, loss on the assistant replies only, kept whole ('pad'); 1.5B tokens seen once in
-rows of 4,096, 512 rows per step; peak lr 1e-5, 3% warm-up, no weight decay (docs/experiments.md).
+Chat records, loss on the assistant replies only, kept whole ('pad') (values: docs/experiments.md).
 """
 
 from data.config import source_entry

@@ -103,8 +103,7 @@ def main(argv=None) -> int:
 
 
 def eval_mesh(args):
-  """The mesh to evaluate on: --mesh, else the run's own if this machine matches it, else
-  fsdp over all devices (a checkpoint restores onto any mesh)."""
+  """The mesh: --mesh, else the run's if this machine fits it, else fsdp over all devices."""
   sizes = dict(data=1, fsdp=-1, expert=1, tensor=1)
   if args.mesh:
     try:

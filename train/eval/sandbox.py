@@ -317,8 +317,7 @@ def isolation_name() -> str:
 
 def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: str | None = None,
                  workers: int | None = None) -> list[Outcome]:
-  """Runs many programs, `workers` at a time (threads that each drive one sandboxed process;
-  default two per core, 2 to 8: a run is mostly process start-up latency, not compute)."""
+  """Runs programs, `workers` at a time (default 2 per core, 2 to 8: a run is mostly start-up)."""
   tier = isolation or isolation_name()
   workers = min(workers or max(2, min(8, 2 * (os.cpu_count() or 1))), MAX_SLOTS)
   slots, thread = itertools.count(), threading.local()  # Each worker thread has its own slot.

@@ -1,20 +1,17 @@
 """RLHF with PPO, and GRPO: stages of the one loop (train/loop.py). Rollouts from the policy,
 rewards from the reward model (PPO) or a verifiable reward (GRPO, rewards.py), KL to a frozen
-reference. GRPO is PPO's rollouts and clipped policy loss without critic or reward model:
-grpo.num_generations completions per prompt, advantages relative to the group (ppo.py).
+reference. GRPO is PPO without critic or reward model, advantages relative to the group (ppo.py).
 
-Models, on one mesh by the same logical rules: the policy (from `train.init_from`, trained with
+Models, on one mesh by the same logical rules (keys: config.py): the policy (`train.init_from`,
 `optim`), the frozen reference (the same checkpoint; `ppo.ref_on_host`), the reward model
-(`ppo.reward_model`) and the critic (a ScalarModel per `ppo.critic_init`, own AdamW at peak
-`ppo.critic_lr`; config.py says what each key does).
+(`ppo.reward_model`), the critic (a ScalarModel per `ppo.critic_init`, AdamW at `ppo.critic_lr`).
 
-One iteration (`train.steps` of them): `train.global_batch` prompts -> completions sampled at
-`ppo.temperature` -> log-probs, reference log-probs, values, scores -> rewards, GAE, whitened
-advantages (ppo.py) -> `ppo_epochs` x `num_minibatches` shuffled updates. The rollout is the stage's
-`before_step` (Rollouts.refill); a loop step is one update of {'params': policy, 'critic'}.
-Checkpoints fall between iterations; with the data state {'iteration', 'kl_coef', 'score_before'}
-resume is bit-identical. eval/score: the mean reward of greedy completions of `ppo.eval_prompts`
-held-out prompts; eval/score_before: the same for the initial policy.
+One iteration: `train.global_batch` prompts -> completions at `ppo.temperature` -> log-probs,
+reference log-probs, values, scores -> rewards, GAE, whitened advantages (ppo.py) -> `ppo_epochs` x
+`num_minibatches` shuffled updates. The rollout is the stage's `before_step`; a loop step is one
+update of {'params': policy, 'critic'}. Checkpoints fall between iterations; with the data state
+{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. eval/score (eval/score_before: of
+the initial policy): the mean reward of greedy completions of `ppo.eval_prompts` held-out prompts.
 """
 
 import functools
@@ -85,8 +82,8 @@ def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
 
 
 def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg, kl=None):
-  """The loss_fn of a PPO update (train/step.py) of trained {'params': policy, 'critic'}, or of
-  a GRPO update of the policy params (critic_mdef None; `kl`: (kl_coef, estimator))."""
+  """train/step.py's loss_fn of a PPO update of {'params': policy, 'critic'}, or of a GRPO update of
+  the policy params (critic_mdef None; `kl`: (kl_coef, estimator))."""
   rows = (micro['tokens'], micro['positions'], micro['segment_ids'])
   logits, aux = mdef.build(trained if critic_mdef is None else trained['params'])(*rows)
   logp_bt, entropy_bt = ppo.token_logprobs_and_entropy(logits, micro['tokens'])
@@ -182,7 +179,6 @@ class Rollouts:
     self.grpo = reward_fn is not None
     self.group = int(config.grpo.num_generations) if self.grpo else 1
     mdef = state_lib.model_def(ctx.cfg)[0]
-    # Forward passes over rollouts, each compiled once per rollout shape.
     self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
         mdef.build(params)(*rows)[0], rows[0]))
     self.generator = gen_lib.Generator(

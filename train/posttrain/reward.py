@@ -43,8 +43,7 @@ def rewards(model, rows: dict):
 
 
 def loss_fn(params, micro, rng=None, *, mdef, margin=0.0):
-  """Summed BT loss of a micro-batch of pairs, chosen and rejected in one forward pass:
-  (loss_sum, (pair_count, metric_sums)), the loss_fn of train/step.py."""
+  """Summed BT loss of a micro-batch of pairs: (loss_sum, (pair_count, metric_sums)) (step.py)."""
   del rng
   m, both = pairs.both_sides(micro)
   r_b, aux = rewards(mdef.build(params), both)

@@ -3,8 +3,7 @@
 `reference` is the last assistant reply of the prompt's SFT record: for the embedded task the
 answer or "The answer is <answer>.", for GSM8K a solution ending "#### <number>".
   embedded: 1.0 if the reply is exactly the answer or "The answer is <answer>." (task_eval), else 0;
-  gsm8k:    1.0 when the reply's final number (train/eval/gsm8k.py: after "#### ", else the last
-            number) equals the reference's "####" number, else 0.0;
+  gsm8k:    1.0 if the reply's final number (gsm8k.py strict/flexible) is the reference's, else 0;
   module:function  a user's function of the same signature, imported (e.g. mypkg.rm:score).
 """
 

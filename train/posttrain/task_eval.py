@@ -5,11 +5,10 @@
         [--num 256] [--out results.json]
 
 Questions are data/corpus.py `instructions` past the training examples (`data.embedded_examples`):
-sums, differences, products, capitals, opposites, counting. All but sums and differences come from
-small sets the training examples cover (they measure what SFT learned); `novel` is the share of
-questions not among the training examples. Each is a chat user turn answered greedily; correct when
-the reply is exactly the answer or "The answer is <answer>.". `--reward_model` adds the mean RM
-score of the replies. A run's model config is its workdir's config.json, else `--config`.
+sums, differences, products, capitals, opposites, counting; all but sums and differences come from
+small sets the training examples cover (what SFT learned), and `novel` is the share not among them.
+Each is a chat user turn answered greedily, correct by rewards.embedded_correct; `--reward_model`
+adds the replies' mean RM score. A run's model config: its config.json, else `--config`.
 """
 
 import argparse
