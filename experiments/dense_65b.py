@@ -1,5 +1,4 @@
-"""Dense 65B decoder pre-training: SwiGLU, RoPE, RMSNorm, SentencePiece vocab 128,000, FSDP over
-256 A100-80GB. Where each value comes from: docs/experiments.md.
+"""Dense 65B decoder pre-training, FSDP over 256 A100-80GB (values: docs/experiments.md).
 
     python -m train --config experiments/dense_65b.py --workdir gs://BUCKET/dense_65b
     python -m train.plan --config experiments/dense_65b.py      # counts and memory, no allocation

@@ -5,11 +5,9 @@ no reward model and no critic, a verifiable reward instead.
         --config.train.init_from=gs://B/sft --config.data.sources.sft.path='gs://B/gsm8k/*.jsonl'
     python -m train.plan --config experiments/dense_65b_grpo.py   # memory per device, no allocation
 
-Data: GSM8K train as SFT records (question, then a solution whose reply ends "#### N"); the
-reward is 1 when the sampled reply's final number equals the record's (grpo.reward='gsm8k'), so
-the SFT model should already answer in that format. Where each value comes from (256 prompts x
-G=16 an iteration, DeepSeekMath's KL and lr; the reference and every rollout of an iteration on
-the device): docs/experiments.md.
+Data: GSM8K train as SFT records (a solution ending "#### N"); the reward (grpo.reward='gsm8k') is 1
+when the reply's final number equals the record's, so the SFT model should already answer that way.
+Values: docs/experiments.md (256 prompts x G=16 an iteration, DeepSeekMath's KL and lr).
 """
 
 from data.config import source_entry

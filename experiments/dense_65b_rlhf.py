@@ -8,10 +8,9 @@
         --config.train.init_from=gs://B/sft --config.ppo.reward_model=gs://B/rm \\
         --config.data.sources.sft.path='gs://B/sft_data/*.jsonl'
 
-The model, hardware and AdamW come from the earlier stages; the rest is chosen here, for the
-reasons in docs/experiments.md: PPO on tensor=8 x fsdp=32 (rollouts gather 1/8 of the weights
-per step), the reward model 1 epoch over ~160,000 pairs, PPO 500 iterations of 512 prompts with
-InstructGPT-like settings, and the reference model kept in host memory for the rollout KV cache.
+The model, hardware and AdamW come from the earlier stages; the rest (reasons: docs/experiments.md):
+PPO on tensor=8 x fsdp=32 (rollouts gather 1/8 of the weights per step), the reward model 1 epoch
+over the pairs, PPO InstructGPT-like, the reference in host memory (room for the KV cache).
 """
 
 from data.config import source_entry
@@ -40,9 +39,8 @@ def get_config(stage: str = 'ppo'):
     c = _base('rm')
     c.data.sources.pairs = source_entry('jsonl', 'preference', path='', eval_fraction=0.01)
     c.data.source = 'pairs'
-    steps = -(-RM_PAIRS // RM_BATCH)
     c.optim.update(peak_lr=9e-6, warmup_steps=10)
-    c.train.update(steps=steps, global_batch=RM_BATCH, grad_accum=2, log_every=5,
+    c.train.update(steps=-(-RM_PAIRS // RM_BATCH), global_batch=RM_BATCH, grad_accum=2, log_every=5,
                    ckpt_every=100, ckpt_keep=2)
     c.rm.update(margin=0.0, eval_batches=16)
     return c

@@ -4,9 +4,8 @@
         --config.train.init_from=gs://BUCKET/dense_65b \\
         --config.data.sources.sft.path='gs://BUCKET/sft_data/*.jsonl'
 
-Chat records (data/chat.py), loss on assistant replies only, examples kept whole ('pad') in rows
-of 2,048. 1.5B tokens at 16,384 x 2,048 token slots per step are 45 steps, so the seed's
-2,000-step warm-up cannot hold: it keeps its pre-training fraction, 2 steps (docs/experiments.md).
+Chat records, loss on assistant replies only, kept whole ('pad') in rows of 2,048. 1.5B tokens are
+45 steps; the warm-up keeps its pre-training fraction, 2 steps (why: docs/experiments.md).
 """
 
 from data.config import source_entry

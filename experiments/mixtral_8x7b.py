@@ -1,6 +1,4 @@
-"""Sparse MoE Mixtral-8x7B pre-training: 8 SwiGLU experts, top-2 routing, GQA, 32,768-token
-context, BPE vocabulary 32,000; FSDP (ZeRO-3) over 512 H100-80GB. Where each value comes from
-(the mesh, the residual-stream split, the optimiser): docs/experiments.md.
+"""Sparse MoE Mixtral-8x7B pre-training, FSDP (ZeRO-3) over 512 H100-80GB (docs/experiments.md).
 
     python -m train --config experiments/mixtral_8x7b.py --workdir gs://BUCKET/mixtral_8x7b
     python -m train.plan --config experiments/mixtral_8x7b.py   # counts, FLOPs, memory; no allocation

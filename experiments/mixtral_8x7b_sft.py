@@ -1,12 +1,10 @@
-"""Mixtral-8x7B instruction fine-tuning (SFT) at a reduced learning rate, on top of
-experiments/mixtral_8x7b.py (model, mesh and AdamW unchanged).
+"""Mixtral-8x7B SFT at a reduced learning rate on experiments/mixtral_8x7b.py (model, mesh, AdamW).
 
     python -m train.posttrain --config experiments/mixtral_8x7b_sft.py --workdir gs://B/mixtral_sft \\
         --config.train.init_from=gs://B/mixtral_8x7b \\
         --config.data.sources.sft.path='gs://B/sft_data/*.jsonl'
 
-Chat records, loss on the assistant replies only, kept whole ('pad'); 1.5B tokens seen once in
-rows of 4,096, 512 rows per step; peak lr 1e-5, 3% warm-up, no weight decay (docs/experiments.md).
+Chat records, loss on the assistant replies only, kept whole ('pad') (values: docs/experiments.md).
 """
 
 from data.config import source_entry

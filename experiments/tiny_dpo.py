@@ -1,5 +1,4 @@
-"""Tiny DPO: the SFT model trained directly on the embedded preference pairs (the offline
-alternative to reward model + PPO), against a frozen copy of itself.
+"""Tiny DPO: the SFT model trained on the embedded preference pairs against a frozen copy of itself.
 
     python -m train.posttrain --config experiments/tiny_dpo.py --workdir /tmp/tiny/dpo \\
         --config.train.init_from=/tmp/tiny/sft

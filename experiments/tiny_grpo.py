@@ -3,11 +3,9 @@
     python -m train.posttrain --config experiments/tiny_grpo.py --workdir /tmp/tiny/grpo \\
         --config.train.init_from=/tmp/tiny/sft
 
-Prompts are the user turns of the embedded instruction pairs; each of 100 iterations samples
-8 completions of up to 32 tokens for each of 16 prompts at temperature 1, scores each 1 (exactly
-the answer) or 0, and takes 2 epochs of 2 minibatches with group-relative advantages, no value
-model and no reward model. The learning rate and KL coefficient are the best of a small sweep
-(benchmarks/results/posttrain_pipeline.md, which has the results).
+Prompts are the user turns of the embedded instruction pairs; a completion scores 1 (exactly the
+answer) or 0, with advantages relative to its group and no value or reward model. The learning rate
+and KL coefficient: the best of a small sweep (benchmarks/results/posttrain_pipeline.md).
 """
 
 from experiments import tiny_ppo

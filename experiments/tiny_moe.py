@@ -2,8 +2,7 @@
 
     python -m train --config experiments/tiny_moe.py --workdir /tmp/meshlm_tiny_moe
 
-4 SwiGLU experts of width 256, top-2 in every layer, capacity dispatch; GQA 4 / 2 heads. The
-moe/* metrics it logs: docs/moe.md. Variants (plain CLI overrides):
+4 SwiGLU experts, top-2 in every layer, capacity dispatch (moe/* metrics: docs/moe.md). Variants:
   interleaved dense/MoE layers:  --config.model.moe_every=2
   dropless dispatch:             --config.model.dispatch=dropless
   expert parallel on 8 emulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8):

@@ -3,9 +3,8 @@
     python -m train.posttrain --config experiments/tiny_ppo.py --workdir /tmp/tiny/ppo \\
         --config.train.init_from=/tmp/tiny/sft --config.ppo.reward_model=/tmp/tiny/rm
 
-Prompts are the user turns of the embedded instruction pairs; completions of up to 32 tokens
-(the longest answers take about 28) sampled at temperature 1; 40 iterations of 32 rollouts, each
-used for 2 epochs of 2 minibatches. Results: benchmarks/results/posttrain_pipeline.md.
+Prompts are the user turns of the embedded instruction pairs; completions of up to 32 tokens (the
+longest answers take about 28). Results: benchmarks/results/posttrain_pipeline.md.
 """
 
 from experiments import tiny_dense

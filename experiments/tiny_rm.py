@@ -1,5 +1,4 @@
-"""Tiny reward model: the SFT model's trunk + a scalar head, trained on the embedded preference
-pairs (the right answer to a generated question is chosen, a plausible wrong one rejected).
+"""Tiny reward model: the SFT model's trunk + a scalar head on the embedded preference pairs.
 
     python -m train.posttrain --config experiments/tiny_rm.py --workdir /tmp/tiny/rm \\
         --config.train.init_from=/tmp/tiny/sft

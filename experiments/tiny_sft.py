@@ -3,9 +3,8 @@
     python -m train.posttrain --config experiments/tiny_sft.py --workdir /tmp/tiny/sft \\
         --config.train.init_from=/tmp/tiny/pretrain
 
-The generated question/answer pairs of data/corpus.py in the chat template, loss on the
-assistant reply and its end marker only, packed whole ('pad') into rows of 128. 150 steps of 16
-rows see about 8,000 examples, 1.6 epochs of the 5,000 generated ones.
+The generated question/answer pairs of data/corpus.py in the chat template, loss on the assistant
+reply and its end marker only, kept whole ('pad') in rows of 128; 150 steps of 16 rows: 1.6 epochs.
 """
 
 from experiments import tiny_dense

@@ -57,10 +57,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  handler = logging.StreamHandler()
-  handler.setFormatter(logging.Formatter('%(message)s'))
   progress = logging.getLogger('meshlm.convert')
-  progress.addHandler(handler)
+  progress.addHandler(logging.StreamHandler())  # Its default format is the message alone.
   progress.setLevel(logging.INFO)
   progress.propagate = False
   sys.exit(main())

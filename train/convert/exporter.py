@@ -1,11 +1,10 @@
 """meshlm checkpoint -> Hugging Face folder (`python -m train.convert to-hf CKPT_DIR OUT_DIR`).
 
-CKPT_DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>`; the model shape
-comes from `--config`, else the workdir's config.json. OUT_DIR gets config.json
-(LlamaForCausalLM, or MixtralForCausalLM for MoE), the weights as `model.safetensors` or shards
-of at most `max_shard_bytes` with model.safetensors.index.json (experts in the published
-w1/w2/w3 layout), and tokenizer.model when the run has one; about one tensor is resident at a
-time (docs/convert.md, "Memory").
+CKPT_DIR: a workdir, its `checkpoints/` or one `checkpoints/<step>`; the shape comes from
+`--config`, else its config.json. OUT_DIR gets config.json (LlamaForCausalLM, or MixtralForCausalLM
+for MoE), the weights (experts in the published w1/w2/w3 layout) as `model.safetensors` or shards of
+at most `max_shard_bytes` with model.safetensors.index.json, and the run's tokenizer.model if any;
+about one tensor is resident at a time (docs/convert.md, "Memory").
 """
 
 import json

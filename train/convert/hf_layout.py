@@ -1,8 +1,8 @@
 """The Hugging Face layout of Llama, Mistral and Mixtral checkpoints, and how it maps to meshlm.
 
-config.json <-> ModelConfig: a key left out means what it means to transformers (DEFAULTS, per
-model type); Mixtral imports use dispatch='dropless'. Anything that changes the function the
-model computes and that meshlm does not implement is a ConvertError naming the key.
+config.json <-> ModelConfig: a missing key means what it means to transformers (DEFAULTS, per model
+type); Mixtral imports use dispatch='dropless'. A key that changes the model's function in a way
+meshlm does not implement is a ConvertError naming it.
 
 Tensors (`links`): a Hugging Face linear layer W [out, in] is meshlm's slice W^T reshaped, one
 slice [layer] (and [layer, expert]) of a stacked parameter; Mixtral experts are read in the
@@ -35,9 +35,8 @@ class ConvertError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-  """One Hugging Face tensor and the meshlm parameter slice `path`[`index`] it fills: 'copy'
-  (the tensor as is) or 'linear' (its last two axes swapped, only rows `rows` of the out axis
-  for the fused gate_up tensor), reshaped to the slice's shape."""
+  """One Hugging Face tensor and the meshlm slice `path`[`index`] it fills, reshaped: `kind` 'copy'
+  (as is) or 'linear' (last two axes swapped; `rows`: the fused gate_up tensor's out-axis rows)."""
   hf_name: str
   hf_shape: tuple[int, ...]
   path: tuple[str, ...]
@@ -147,9 +146,8 @@ def hf_config(cfg: ModelConfig, *, seq_len: int, dtype: str, bos_id: int = 1, eo
 
 
 def links(cfg: ModelConfig, experts: str = 'published') -> list[Link]:
-  """Every tensor of the Hugging Face checkpoint of `cfg`, in export order (layer by layer;
-  within a layer's experts, all w1, then all w2, then all w3). `experts`: 'published' or
-  'fused' (see the module docstring); ignored for dense models."""
+  """Every tensor of `cfg`'s Hugging Face checkpoint in export order (layer by layer; a layer's
+  experts all w1, then w2, then w3); `experts`: 'published' or 'fused' (dense models: ignored)."""
   d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.vocab_size
   out = [Link('model.embed_tokens.weight', (v, d), ('embed', 'table_vd'), (), 'copy')]
   for l in range(cfg.num_layers):

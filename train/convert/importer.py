@@ -1,9 +1,8 @@
 """Hugging Face folder -> meshlm run folder (`python -m train.convert from-hf HF_DIR OUT_DIR`).
 
-OUT_DIR gets config.json (the full run config: train/config.py defaults, `model` from the HF
-config.json, data.seq_len = max_position_embeddings, data.tokenizer = the copied tokenizer),
-checkpoints/0/ (the params, for --config.train.init_from) and tokenizer/tokenizer.model when
-HF_DIR has one. About one tensor is resident at a time (docs/convert.md, "Memory").
+OUT_DIR gets config.json (train/config.py defaults, `model` from the HF config.json, data.seq_len =
+max_position_embeddings, data.tokenizer = the copied one), checkpoints/0/ (for train.init_from) and
+tokenizer/tokenizer.model if HF_DIR has one; about one tensor in memory at a time (docs/convert.md).
 """
 
 import json
@@ -50,11 +49,9 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str | None = None,
   cfg.validate()
   plan = _plan(cfg, tensors, hf_dir)
   spm = os.path.join(hf_dir, 'tokenizer.model')
-  if os.path.isfile(spm):
-    pieces = Tokenizer(spm).vocab_size
-    if pieces > cfg.vocab_size:
-      raise ConvertError(f'{spm} has {pieces} pieces, more than vocab_size={cfg.vocab_size} in '
-                         f'{source}: not this model\'s tokenizer?')
+  if os.path.isfile(spm) and (pieces := Tokenizer(spm).vocab_size) > cfg.vocab_size:
+    raise ConvertError(f'{spm} has {pieces} pieces, more than vocab_size={cfg.vocab_size} in '
+                       f'{source}: not this model\'s tokenizer?')
 
   root = os.path.join(out_dir, 'checkpoints')
   if os.path.exists(root):
@@ -107,8 +104,7 @@ def _plan(cfg: ModelConfig, tensors: dict, hf_dir: str) -> dict[str, list]:
 
 
 def _allocate(cfg: ModelConfig, scratch: str):
-  """Disk-backed zero memmaps for every param, and how many leading axes (layer, expert) each
-  has stacked."""
+  """Zero memmaps on disk for every param, and each one's count of stacked (layer, expert) axes."""
   _, abstract = model_def(cfg)
   keys = lambda kp: tuple(k.key for k in kp)
   params = jax.tree_util.tree_map_with_path(

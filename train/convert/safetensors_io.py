@@ -1,5 +1,4 @@
-"""safetensors files with numpy only: lazy reads (one memory-mapped tensor at a time),
-streaming writes (one tensor in memory at a time), and the sharded-checkpoint index.
+"""safetensors with numpy only: lazy reads, streaming writes (one tensor at a time), the index.
 
 Format: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}} (offsets from the end of the header; optional `__metadata__`),
@@ -107,8 +106,7 @@ def write_file(path: str, specs, arrays, metadata: dict | None = None) -> None:
 
 
 def plan_shards(specs, max_shard_bytes: int) -> list[list]:
-  """Splits tensor specs, in order, into shards of at most `max_shard_bytes` (a tensor larger
-  than that gets a shard of its own)."""
+  """Specs split in order into shards of at most `max_shard_bytes` (a bigger tensor: its own)."""
   shards, size = [], 0
   for spec in specs:
     if not shards or size + nbytes(spec[1], spec[2]) > max_shard_bytes:

@@ -1,9 +1,8 @@
 """meshlm checkpoints written and read piecewise, so that no whole model is ever in host memory.
 
-Writing (import): numpy memmaps saved as step 0 of a `checkpoints/` folder laid out like the
-training loop's (items `state` = {'params': ...} and `data` = {}), in chunks of at most
-`chunk_bytes` split along the layer (and expert) axes first. Reading (export): one slice at a
-time through tensorstore (`read_slice`).
+Writing (import, `save_params`): numpy memmaps as step 0 of a `checkpoints/` folder laid out like
+the training loop's (items `state` = {'params': ...}, `data` = {}), in chunks of at most
+`chunk_bytes`. Reading (export, `StoredParams`): one slice at a time through tensorstore.
 """
 
 import json

@@ -1,10 +1,9 @@
 """python -m train.eval --checkpoint DIR [--config experiments/X.py] --tasks mmlu,gsm8k,humaneval,loss
        [--limit N] [--out results.json] [--data_dir DIR] [--max_new_tokens N] [--mmlu_subjects a,b]
 
-Evaluates a checkpoint (train/eval/model_lm.py) on the benchmarks and on `loss` (the mean token
-loss of `train.eval_batches` batches of the config's eval split), prints a table and writes
-the results as JSON. `--limit` caps the questions per MMLU subject and the GSM8K and HumanEval
-problems; `--config` defaults to the workdir's config.json.
+Evaluates a checkpoint (train/eval/model_lm.py) on the benchmarks and on `loss` (the mean token loss
+of `train.eval_batches` batches of the eval split); prints a table, writes JSON. `--limit` caps the
+questions per MMLU subject and the GSM8K and HumanEval problems; `--config`: default config.json.
 """
 
 import argparse
@@ -28,8 +27,7 @@ TASKS = ('mmlu', 'gsm8k', 'humaneval', 'loss')
 
 
 def eval_loss(config, lm, workdir: str) -> dict:
-  """The train loop's evaluation of the LM stage (train/loop.py evaluator): the mean next-token
-  loss over `config.train.eval_batches` batches of the eval split."""
+  """The `loss` task (module docstring): train/loop.py's evaluator of the LM stage."""
   gen, stage = lm.gen, stage_lib.lm_stage(config)
   ctx = context_lib.RunContext(gen.mesh, gen.rules, config=config, cfg=gen.cfg, workdir=workdir)
   evaluate = loop.evaluator(lambda frozen: stage.make_loss(gen.mdef, frozen),
@@ -105,8 +103,7 @@ def main(argv=None) -> int:
 
 
 def eval_mesh(args):
-  """The mesh to evaluate on: --mesh, else the run's own if this machine matches it, else
-  fsdp over all devices (a checkpoint restores onto any mesh)."""
+  """The mesh: --mesh, else the run's if this machine fits it, else fsdp over all devices."""
   sizes = dict(data=1, fsdp=-1, expert=1, tensor=1)
   if args.mesh:
     try:

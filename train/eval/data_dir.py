@@ -1,5 +1,4 @@
-"""Where the benchmark files live (an argument, env SHARED_DATA, or ../shared/data from the repo)
-and how their JSON-lines files are read."""
+"""Where benchmark files live (argument, env SHARED_DATA, ../shared/data) and how they are read."""
 
 import gzip
 import json
@@ -20,8 +19,7 @@ def resolve(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 
 def read_jsonl(path: pathlib.Path, kind: str, keys: tuple[str, ...]) -> list[dict]:
-  """The rows of a JSON-lines file (gzip if it ends in .gz), each with string values at `keys`.
-  Errors name the file and line; a file without rows is one."""
+  """JSON-lines rows (.gz: gzip) with string `keys`; a ValueError (file:line) if bad or empty."""
   rows = []
   with (gzip.open if path.suffix == '.gz' else open)(path, 'rt', encoding='utf-8') as f:
     for line_no, line in enumerate(f, 1):

@@ -3,8 +3,7 @@
 Prompt: k solved train problems `Question: {q}\\nAnswer: {a}\\n\\n` (drawn with a fixed seed,
 calculator notes `<<48/2=24>>` removed unless asked to keep them), then `Question: {q}\\nAnswer:`.
 Gold answer: the number after `#### `. A prediction is read the same way ("strict") or as the last
-number in the completion ("flexible"); both are normalised (commas, `$` and a trailing `.`
-dropped, `5.50` -> `5.5`, `007` -> `7`) and compared as strings. No number counts as wrong.
+number ("flexible"); both are normalised (`normalise`) and compared as strings; no number: wrong.
 """
 
 import decimal

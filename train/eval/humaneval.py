@@ -1,8 +1,7 @@
 """HumanEval: sample completions, run each against the problem's tests in the sandbox, pass@k.
 
-The program run for one sample is the reference layout (`program`). Generation stops at the
-reference stop sequences, and completions are cut at the first of them again here, whatever the
-model did.
+The program of a sample is the reference layout (`program`). Generation stops at the reference stop
+sequences; completions are cut at the first again, whatever the model did.
 """
 
 import dataclasses
@@ -45,12 +44,11 @@ def program(problem: Problem, completion: str) -> str:
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-  """Unbiased pass@k of one problem, 1 - C(n-c, k) / C(n, k), as a stable product."""
+  """Unbiased pass@k of a problem, 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k / i)."""
   if not 0 <= c <= n or not 1 <= k <= n:
     raise ValueError(f'pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}')
   if n - c < k:
     return 1.0
-  # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i).
   return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 

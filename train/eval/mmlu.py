@@ -1,15 +1,13 @@
 """MMLU: k-shot multiple choice, scored by the log-likelihood of ' A', ' B', ' C', ' D'.
 
-Prompt layout (the reference one): a header naming the subject, k dev examples each ending with
-its answer, then the test question ending with `Answer:`:
+Prompt layout (the reference one): a header, k dev examples with answers, the test question:
 
   The following are multiple choice questions (with answers) about {subject}.\\n\\n
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {X}\\n\\n     (k times)
   {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
 
-Cells are read verbatim (csv module, not pandas: `2` or `None` stay text). The prediction is the
-argmax of the four log-likelihoods (ties to the earlier letter). With a token counter and
-`max_length`, k shrinks until prompt + answer fits, as the reference does.
+Cells are read verbatim (csv, not pandas: `2` or `None` stay text). The prediction is the argmax of
+the four log-likelihoods (ties: earlier letter); like the reference, k shrinks to fit `max_length`.
 """
 
 import csv

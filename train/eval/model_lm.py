@@ -1,11 +1,10 @@
 """`LanguageModel` (train/eval/lm.py) over a meshlm model, through train/generate.py's Generator.
 
-loglikelihood: tokenised as the reference harness does (trailing spaces of the context move to
-the continuation; the continuation's ids are those of context + continuation after the
-context's ids when the context tokenises the same alone), BOS first, cut on the left to
-`max_length`, sorted by length, right-padded to power-of-two buckets and scored in batches by
-one jitted forward pass each. generate: prompts cut on the left so that prompt + new tokens fit
-`max_length` when they can; `num_samples` > 1 repeats each prompt (rows sample independently).
+loglikelihood: tokenised as the reference harness does (trailing spaces of the context move to the
+continuation; the continuation's ids are those of context + continuation after the context's ids
+when the context tokenises the same alone), BOS first, cut on the left to `max_length`, scored in
+length-sorted batches padded to power-of-two buckets. generate: prompts cut on the left so that
+prompt + new tokens fit `max_length` when they can; `num_samples` independent samples each.
 """
 
 import jax

@@ -1,15 +1,13 @@
 """Runs untrusted Python programs, one separate, isolated, resource-limited process each.
 
-Tiers, strongest first (`TIERS`; README, "HumanEval isolation"):
-`isolation_name()` picks the first that works here, or the one env MESHLM_SANDBOX names. In every
-tier stdin is /dev/null, the environment is minimal, a runner sets the rlimits before it compiles
-the program (no `preexec_fn`: the caller is multi-threaded), and the parent kills it after
-`Limits.timeout_s` of run time. As root each worker slot runs under its own unprivileged uid
-(RLIMIT_NPROC never applies to root), whose stray processes are killed afterwards.
+Tiers, strongest first (`TIERS`; README, "HumanEval isolation"): `isolation_name()` picks the first
+that works here, or the one env MESHLM_SANDBOX names. In every tier stdin is /dev/null, the
+environment minimal, a runner sets the rlimits before it compiles the program (no `preexec_fn`: the
+caller is multi-threaded), and the parent kills it after `Limits.timeout_s` of run time. As root
+each worker slot runs as its own unprivileged uid (root ignores RLIMIT_NPROC); strays are killed.
 
-A program passes when it runs to its end: exit code 0 and the runner's end marker (a random nonce
-on a private pipe), so an accidental `exit(0)` fails. The marker defends against accidents, not
-against code written to forge it.
+A program passes when it runs to its end: exit code 0 and the runner's end marker (a random nonce on
+a private pipe), so an accidental `exit(0)` fails; the marker guards against accidents, not forgery.
 """
 
 import concurrent.futures
@@ -282,13 +280,12 @@ def probe(tier: str) -> Outcome:
   """Runs a tiny stdlib program under `tier` once per process (cached)."""
   with _probe_lock:
     if tier not in _probed:
-      if tier in ('bwrap', 'unshare') and not shutil.which(tier):
-        _probed[tier] = Outcome('error', f'{tier} is not installed', 0.0)
-      else:
-        try:
-          _probed[tier] = run_program(_PROBE, isolation=tier, limits=Limits(timeout_s=30.0))
-        except (OSError, SandboxError) as e:
-          _probed[tier] = Outcome('error', str(e), 0.0)
+      try:
+        if tier in ('bwrap', 'unshare') and not shutil.which(tier):
+          raise SandboxError(f'{tier} is not installed')
+        _probed[tier] = run_program(_PROBE, isolation=tier, limits=Limits(timeout_s=30.0))
+      except (OSError, SandboxError) as e:
+        _probed[tier] = Outcome('error', str(e), 0.0)
     return _probed[tier]
 
 
@@ -320,8 +317,7 @@ def isolation_name() -> str:
 
 def run_programs(sources: list[str], *, limits: Limits = Limits(), isolation: str | None = None,
                  workers: int | None = None) -> list[Outcome]:
-  """Runs many programs, `workers` at a time (threads that each drive one sandboxed process;
-  default two per core, 2 to 8: a run is mostly process start-up latency, not compute)."""
+  """Runs programs, `workers` at a time (default 2 per core, 2 to 8: a run is mostly start-up)."""
   tier = isolation or isolation_name()
   workers = min(workers or max(2, min(8, 2 * (os.cpu_count() or 1))), MAX_SLOTS)
   slots, thread = itertools.count(), threading.local()  # Each worker thread has its own slot.

@@ -1,9 +1,8 @@
 """python -m train.posttrain --config experiments/<stage>.py --workdir DIR [--config.key=value ...]
 
-The stage is the config's `stage` ('rm', 'ppo', 'grpo', 'dpo'); a config without one (a train/config.py
-experiment, e.g. experiments/tiny_sft.py) is SFT: the normal train loop. Every stage keeps the
-tokenizer of the model it starts from (`data.tokenizer` filled in from the `train.init_from`
-run) and writes DIR/config.json, where train.generate, train.eval and the next stage find it.
+The stage is the config's `stage` ('rm', 'ppo', 'grpo', 'dpo'; none: SFT, the normal train loop,
+e.g. experiments/tiny_sft.py). Every stage keeps the `train.init_from` run's tokenizer and writes
+DIR/config.json, where train.generate, train.eval and the next stage find it.
 """
 
 import jax

@@ -1,12 +1,10 @@
-"""Config of the post-training stages: train/config.py's defaults plus `stage`, `rm`, `ppo`,
-`grpo`, `dpo`.
+"""Post-training stage config: train/config.py's defaults plus `stage`, `rm`, `ppo`, `grpo`, `dpo`.
 
 `stage`: 'sft' (the train loop as it is), 'rm', 'ppo', 'grpo' or 'dpo'. `train.init_from` is the
 starting checkpoint, `train.steps` counts optimiser steps (RM, DPO) or RL iterations (PPO, GRPO),
 `train.global_batch` is pairs per step (RM, DPO) or prompts per iteration (PPO, GRPO), `optim` is
-the trained model's (PPO: the policy's). Every other step-counted key counts optimiser updates.
-GRPO reads the rollout, clipping and KL keys of `ppo` (the critic's, GAE's and the reward
-model's are PPO's alone) and its own `grpo` section.
+the trained model's (PPO: the policy's). Every other step-counted key counts optimiser updates. GRPO
+reads `grpo` and `ppo`'s rollout, clipping and KL keys (not the critic's, GAE's or RM's).
 """
 
 import ml_collections

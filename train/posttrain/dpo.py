@@ -5,10 +5,9 @@ pi for the policy and ref for the frozen reference (the SFT model):
 
   loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
 
-Metrics: implicit rewards beta * (pi - ref) as `rewards/chosen`, `rewards/rejected`,
-`rewards/accuracy` (share chosen > rejected), `rewards/margin`; `logps/chosen`, `logps/rejected`
-(the policy's). The reference is sharded like the policy; with `dpo.precompute_ref` its
-log-probs of every train and eval batch are computed first and it is freed.
+Metrics (docs/posttrain.md): `rewards/*` are the implicit rewards beta * (pi - ref) (`accuracy`:
+share chosen > rejected), `logps/*` the policy's. The reference is sharded like the policy; with
+`dpo.precompute_ref` its log-probs of all train and eval batches come first, then it is freed.
 """
 
 import logging
@@ -65,8 +64,7 @@ def local_rows(x_b) -> np.ndarray:
 
 
 def reference_logps(ctx, mdef, ref_params, data, num_batches) -> list[dict]:
-  """[{'ref_chosen': [B_local], 'ref_rejected': [B_local]}] (numpy) of the next `num_batches`
-  batches of `data`."""
+  """[{'ref_chosen', 'ref_rejected': numpy [B_local]}] of the next `num_batches` of `data`."""
   fn = jax.jit(lambda p, micro: pair_logps(mdef.build(p), jax.tree.map(lambda x: x[0], micro))[:2],
                out_shardings=ctx.batch_sharding(1))
   out = []
@@ -83,8 +81,7 @@ def with_fields(data, fields: list[dict]):
 
 
 def stage(config):
-  """The DPO stage: the policy from `train.init_from`, the frozen reference from
-  `dpo.reference` (default the same checkpoint), passed to the loss or pre-computed."""
+  """The DPO stage: the policy from `train.init_from`, the frozen reference from `dpo.reference`."""
   beta = float(config.dpo.beta)
   reference = config.dpo.reference or config.train.init_from
 

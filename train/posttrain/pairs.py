@@ -1,9 +1,8 @@
 """The data and the stage skeleton of the preference-pair stages (reward model, DPO).
 
-Batches are {'chosen': rows, 'rejected': rows} of `data.pipeline.make_preference_iterator`,
-one pair per row, each side the five fields of an LM batch ([B_local, T]); a stage may add
-per-pair fields ([B_local], e.g. DPO's pre-computed reference log-probs). The loop
-(train/loop.py) trains them like any other stage.
+Batches are {'chosen': rows, 'rejected': rows} of `data.pipeline.make_preference_iterator`, one pair
+per row, each side the five fields of an LM batch ([B_local, T]); a stage may add per-pair fields
+([B_local], e.g. DPO's pre-computed reference log-probs).
 """
 
 import jax.numpy as jnp
@@ -13,8 +12,7 @@ from train import stage as stage_lib
 from train.posttrain import config as pt_config
 
 class Mapped:
-  """An iterator whose batches are fn(batch) of `data`'s; state, counts and tokenizer are
-  `data`'s."""
+  """An iterator of fn(batch) for `data`'s batches; state, counts and tokenizer are `data`'s."""
 
   def __init__(self, data, fn):
     self.data, self.fn = data, fn

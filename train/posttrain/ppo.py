@@ -19,8 +19,7 @@ completion is one contiguous run of 1s per row, and its last 1 ends the episode.
 
 GRPO (Shao et al. 2024), no value model: the G completions of a prompt are a group; each gets
 A = (score - group mean) / (group std + 1e-4) (std optional) on all its tokens; the loss is the
-clipped policy loss above plus kl_coef * the mean per-token KL to the reference (k3), averaged
-over the minibatch's completion tokens.
+clipped policy loss plus kl_coef * the reference KL (k3), both means over completion tokens.
 
 Metric names: docs/posttrain.md (they follow the reference RLHF libraries).
 """
@@ -36,8 +35,7 @@ def masked_mean(x, mask, axis=None):
 
 
 def token_logprobs_and_entropy(logits_btv, tokens_bt):
-  """For a forward pass over a whole sequence: (logp [b, t-1], entropy [b, t-1]) of the tokens
-  in columns 1.. given the prefix (the action arrays of the module docstring)."""
+  """(logp, entropy) [b, t-1] of the tokens in columns 1.. of whole sequences (module docstring)."""
   logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
   logp_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]
   entropy_bt = -jnp.sum(jnp.exp(logp_btv) * logp_btv, axis=-1)

@@ -1,22 +1,17 @@
 """RLHF with PPO, and GRPO: stages of the one loop (train/loop.py). Rollouts from the policy,
 rewards from the reward model (PPO) or a verifiable reward (GRPO, rewards.py), KL to a frozen
-reference. GRPO is PPO's rollouts and clipped policy loss without critic or reward model:
-grpo.num_generations completions per prompt, advantages relative to the group (ppo.py).
+reference. GRPO is PPO without critic or reward model, advantages relative to the group (ppo.py).
 
-Models, on one mesh by the same logical rules: the policy (Decoder from `train.init_from`,
-trained with `optim`); the frozen reference (the same checkpoint; in pinned host memory between
-uses with `ppo.ref_on_host`); the reward model (ScalarModel, `ppo.reward_model` run); the critic
-(a separate ScalarModel, from the reward model or the policy's trunk with a fresh head, per
-`ppo.critic_init`; its own AdamW at peak `ppo.critic_lr`, the schedule shape of `optim`).
+Models, on one mesh by the same logical rules (keys: config.py): the policy (`train.init_from`,
+`optim`), the frozen reference (the same checkpoint; `ppo.ref_on_host`), the reward model
+(`ppo.reward_model`), the critic (a ScalarModel per `ppo.critic_init`, AdamW at `ppo.critic_lr`).
 
-One iteration (`train.steps` of them): `train.global_batch` prompts -> completions sampled at
-`ppo.temperature` -> log-probs, reference log-probs, values, reward scores -> rewards, GAE,
-whitened advantages (ppo.py) -> `ppo_epochs` x `num_minibatches` shuffled updates. The rollout
-is the stage's `before_step` (Rollouts.refill); a loop step is one update of {'params': policy,
-'critic'}, so every step-counted key counts updates. Checkpoints fall between iterations (the
-rollout batch is not saved); with the data state {'iteration', 'kl_coef', 'score_before'} resume
-is bit-identical. The eval is eval/score, the mean reward of greedy completions of
-`ppo.eval_prompts` held-out prompts, beside eval/score_before of the initial policy.
+One iteration: `train.global_batch` prompts -> completions at `ppo.temperature` -> log-probs,
+reference log-probs, values, scores -> rewards, GAE, whitened advantages (ppo.py) -> `ppo_epochs` x
+`num_minibatches` shuffled updates. The rollout is the stage's `before_step`; a loop step is one
+update of {'params': policy, 'critic'}. Checkpoints fall between iterations; with the data state
+{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. eval/score (eval/score_before: of
+the initial policy): the mean reward of greedy completions of `ppo.eval_prompts` held-out prompts.
 """
 
 import functools
@@ -55,9 +50,8 @@ GRPO_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'ref_logp
 
 
 def load_prompts(config, template, split: str, workdir: str) -> list[tuple[list[int], str, str]]:
-  """(token ids, text, reference) of each prompt of the SFT sources at most ppo.max_prompt_len
-  long: the ids are every turn before the last assistant reply, then the assistant marker; the
-  text is the last user turn, the reference that reply (what a verifiable reward checks)."""
+  """(token ids, text, reference) per SFT prompt of at most ppo.max_prompt_len tokens: the turns
+  before the last assistant reply + the assistant marker, the last user turn, and that reply."""
   out = []
   for src in sources.build_all(config.data, split, workdir):
     if src.format != 'sft':
@@ -88,8 +82,8 @@ def advantages(rollout: dict, scores_b, kl_coef, p) -> dict:
 
 
 def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg, kl=None):
-  """The loss_fn of a PPO update (train/step.py) of trained {'params': policy, 'critic'}, or of
-  a GRPO update of the policy params (critic_mdef None; `kl`: (kl_coef, estimator))."""
+  """train/step.py's loss_fn of a PPO update of {'params': policy, 'critic'}, or of a GRPO update of
+  the policy params (critic_mdef None; `kl`: (kl_coef, estimator))."""
   rows = (micro['tokens'], micro['positions'], micro['segment_ids'])
   logits, aux = mdef.build(trained if critic_mdef is None else trained['params'])(*rows)
   logp_bt, entropy_bt = ppo.token_logprobs_and_entropy(logits, micro['tokens'])
@@ -104,8 +98,7 @@ def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg, kl=None):
 
 
 def optimizers(config, num_updates: int):
-  """({'params', 'critic'}: optimiser, same: schedule): the policy's `optim`, the critic's with
-  peak ppo.critic_lr."""
+  """({'params', 'critic'}: optimiser, same keys: schedule); the critic's peak is ppo.critic_lr."""
   optims = {'params': config.optim, 'critic': ml_collections.ConfigDict(
       dict(config.optim.to_dict(), peak_lr=config.ppo.critic_lr))}
   return ({k: optimizer_lib.make(o, num_updates) for k, o in optims.items()},
@@ -130,8 +123,7 @@ def stage(config) -> stage_lib.Stage:
       evaluate=lambda data, params, frozen: {'eval/score_before': data.score_before,
                                              'eval/score': data.mean_score(params)},
       save_every=p.ppo_epochs * p.num_minibatches,
-      # Replicated: a minibatch need not divide over the batch shards.
-      replicate_batch=True)
+      replicate_batch=True)  # A minibatch need not divide over the batch shards.
   if config.stage == 'grpo':
     reward_fn = rewards.make(config.grpo.reward)
     return stage_lib.Stage(
@@ -172,11 +164,10 @@ def stage(config) -> stage_lib.Stage:
 
 
 class Rollouts:
-  """The RL stages' data. `refill(state)`, when the queue is empty, samples and scores the next
-  iteration's rollout batch with state's policy (and PPO's critic) and queues its ppo_epochs x
-  num_minibatches shuffled minibatches ({ROLLOUT_KEYS or GRPO_KEYS: [rollouts / num_minibatches,
-  ...]} numpy) for next(). GRPO (`reward_fn`: a rewards.py function of completion texts) samples
-  grpo.num_generations completions per prompt. get_state() is whole between iterations."""
+  """The RL stages' data: `refill(state)`, on an empty queue, samples and scores an iteration's
+  rollouts with state's policy (and PPO's critic) and queues ppo_epochs x num_minibatches shuffled
+  minibatches ({ROLLOUT_KEYS or GRPO_KEYS: numpy [rollouts / num_minibatches, ...]}) for next().
+  `reward_fn` (GRPO): a rewards.py function of texts. get_state() is whole between iterations."""
 
   def __init__(self, config, ctx, critic_mdef, reward_fn=None):
     t, p = config.train, config.ppo
@@ -188,7 +179,6 @@ class Rollouts:
     self.grpo = reward_fn is not None
     self.group = int(config.grpo.num_generations) if self.grpo else 1
     mdef = state_lib.model_def(ctx.cfg)[0]
-    # Forward passes over rollouts, each compiled once per rollout shape.
     self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
         mdef.build(params)(*rows)[0], rows[0]))
     self.generator = gen_lib.Generator(

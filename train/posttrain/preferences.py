@@ -4,14 +4,13 @@
         [--split train] [--num_prompts 0] [--samples 4] [--temperature 1.0] [--max_new_tokens 32]
         [--max_prompt_len 64] [--rater embedded|gsm8k|module:function|rm:RM_WORKDIR] [--seed 0]
 
-Prompts: the first `--num_prompts` (0: all) of the SFT sources of `--config` (default: the
-policy run's config.json), as ppo_loop.load_prompts reads them; each is sampled `--samples`
-times in a row by one generate_ids call. Rater: a reward of train/posttrain/rewards.py, or
-`rm:WORKDIR`, a reward-model run's score. Per prompt, blank replies are dropped and identical
-ones count once (the first's score); the first highest-scoring is chosen, the first lowest
-rejected; if all score the same, the prompt is a tie and writes nothing. A line: the preference
-record of data/chat.py, {'prompt': the last user turn, 'chosen', 'rejected'}, plus 'policy',
-'policy_step', 'rater' and 'scores' ([chosen, rejected]), which the reader ignores.
+Prompts: the first `--num_prompts` (0: all) of the SFT sources of `--config` (default: the policy
+run's config.json), read as ppo_loop.load_prompts does, `--samples` replies each. Rater: a reward of
+train/posttrain/rewards.py, or `rm:WORKDIR`, a reward-model run's score. Per prompt, blank replies
+are dropped and identical ones count once (the first's score); the first highest-scoring is chosen,
+the first lowest rejected; a prompt whose replies all score the same is a tie and writes nothing. A
+line: the preference record of data/chat.py, {'prompt': the last user turn, 'chosen', 'rejected'},
+plus 'policy', 'policy_step', 'rater' and 'scores' ([chosen, rejected]), which the reader ignores.
 """
 
 import argparse
@@ -65,13 +64,12 @@ def main(argv=None) -> int:
     for flag, path in (('--policy ', args.policy), ('--rater rm:', rm_dir)):
       if path is not None and not os.path.isdir(path):
         raise FileNotFoundError(f'{flag}{path}: no such run directory')
-    workdir = workdir_lib.run_workdir(args.policy)
-    has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
+    has_json = os.path.isfile(os.path.join(workdir_lib.run_workdir(args.policy), 'config.json'))
     run = workdir_lib.load_run(args.policy, None if has_json else (args.config or None))
-    data = workdir_lib.load_config(args.config or run.config, workdir).data
+    data = workdir_lib.load_config(args.config or run.config, run.workdir).data
     prompts = ppo_loop.load_prompts(
         ml_collections.ConfigDict({'data': data, 'ppo': {'max_prompt_len': args.max_prompt_len}}),
-        ChatTemplate(run.tokenizer), args.split, workdir)[:args.num_prompts or None]
+        ChatTemplate(run.tokenizer), args.split, run.workdir)[:args.num_prompts or None]
     gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
     scorer = reward.RewardScorer(rm_dir, run.tokenizer, gen.placement) if rm_dir else None
     k = args.samples

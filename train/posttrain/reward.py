@@ -1,9 +1,8 @@
 """Reward model: the decoder with a scalar head (model/heads.py), trained on preference pairs.
 
-Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is
-the head's output at its last real token (segment_ids > 0), whatever the padding. Metrics (means):
-`loss`, `rm/accuracy` (share r_chosen > r_rejected), `rm/margin`, `rm/chosen`, `rm/rejected`;
-`eval/...` the same on held-out pairs. `RewardScorer` scores rollouts and chats (PPO, task_eval.py).
+Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is the
+head's output at its last real token (segment_ids > 0), whatever the padding. Metrics (means):
+docs/posttrain.md. `RewardScorer` scores rollouts and chats (PPO, task_eval.py).
 """
 
 import functools
@@ -22,8 +21,7 @@ from train.posttrain import pairs
 
 
 def trunk_and_head(checkpoint: str, cfg, placement, fresh):
-  """ScalarModel params: the `decoder` trunk from an LM checkpoint (without its output table),
-  the head of `fresh` (freshly initialised ScalarModel params)."""
+  """ScalarModel params: an LM checkpoint's `decoder` trunk (no output table), `fresh`'s head."""
   trunk = workdir_lib.restore_params(checkpoint, trunk_config(cfg), placement)
   return {'decoder': trunk, 'head': fresh['head']}
 
@@ -45,8 +43,7 @@ def rewards(model, rows: dict):
 
 
 def loss_fn(params, micro, rng=None, *, mdef, margin=0.0):
-  """Summed BT loss of a micro-batch of pairs, chosen and rejected in one forward pass:
-  (loss_sum, (pair_count, metric_sums)), the loss_fn of train/step.py."""
+  """Summed BT loss of a micro-batch of pairs: (loss_sum, (pair_count, metric_sums)) (step.py)."""
   del rng
   m, both = pairs.both_sides(micro)
   r_b, aux = rewards(mdef.build(params), both)
@@ -78,9 +75,8 @@ def run_model_config(path: str):
 
 
 def reward_layout(out, end_id: int, newline: list[int]) -> dict:
-  """Prompt + completion of a train/generate.py result as the RM saw pairs in training
-  (data/chat.py: a reply ends `<|end|>` + newline): the newline is appended to completions that
-  ended with the marker."""
+  """A train/generate.py result as the RM saw pairs in training: completions ending with `<|end|>`
+  get the newline that follows it in data/chat.py."""
   lay, num_new_b, prompt_len = out.layout(), out.num_new_b, out.prompt_len
   b, k = lay['tokens'].shape[0], len(newline)
   tokens, segs, positions = (np.concatenate([lay[key], np.zeros((b, k), np.int32)], axis=1)
@@ -95,10 +91,9 @@ def reward_layout(out, end_id: int, newline: list[int]) -> dict:
 
 
 class RewardScorer:
-  """Scores by the reward model of run `rm_workdir` (placed by a train/context.py Placement):
-  `scorer(out)` -> float32 [b] of a train/generate.py result's prompt + completion, laid out by
-  `reward_layout`; `scorer.messages(conversations)` of whole chats as the preference stages see them
-  (data/packing.py lm_example of the data/chat.py rendering)."""
+  """Scores by the reward model of run `rm_workdir` (placed by a Placement), float32 [b]:
+  `scorer(out)` of a train/generate.py result (`reward_layout`), `scorer.messages(conversations)` of
+  whole chats as the preference stages see them (packing.lm_example of data/chat.py's rendering)."""
 
   def __init__(self, rm_workdir: str, tok, placement):
     rm_cfg = run_model_config(rm_workdir)

@@ -2,10 +2,8 @@
 
 `reference` is the last assistant reply of the prompt's SFT record: for the embedded task the
 answer or "The answer is <answer>.", for GSM8K a solution ending "#### <number>".
-  embedded: 1.0 when the reply is exactly the answer or "The answer is <answer>.", else 0.0
-            (the rule of train/posttrain/task_eval.py);
-  gsm8k:    1.0 when the reply's final number (train/eval/gsm8k.py: after "#### ", else the last
-            number) equals the reference's "####" number, else 0.0;
+  embedded: 1.0 if the reply is exactly the answer or "The answer is <answer>." (task_eval), else 0;
+  gsm8k:    1.0 if the reply's final number (gsm8k.py strict/flexible) is the reference's, else 0;
   module:function  a user's function of the same signature, imported (e.g. mypkg.rm:score).
 """
 
@@ -38,10 +36,8 @@ def gsm8k_reward(prompt: str, reply: str, reference: str) -> float:
 
 def make(spec: str, key: str = 'grpo.reward'):
   """The reward function `spec` names; a ConfigError naming `key` if there is none."""
-  if spec == 'embedded':
-    return embedded
-  if spec == 'gsm8k':
-    return gsm8k_reward
+  if named := {'embedded': embedded, 'gsm8k': gsm8k_reward}.get(spec):
+    return named
   module, _, name = spec.partition(':')
   if not module or not name:
     raise ConfigError(f'{key}={spec!r}: use one of {NAMED} or module:function')

@@ -5,12 +5,10 @@
         [--num 256] [--out results.json]
 
 Questions are data/corpus.py `instructions` past the training examples (`data.embedded_examples`):
-sums, differences, products, capitals, opposites, counting. Products, capitals, opposites and
-counts come from small sets the training examples cover (they measure what SFT learned); sums
-and differences are mostly new (`novel`: the share of questions not among the training
-examples). Each is a chat user turn answered greedily; correct when the reply is exactly the
-answer or "The answer is <answer>.". `--reward_model` adds the mean RM score of the replies. A
-run's model config is its workdir's config.json, else `--config`.
+sums, differences, products, capitals, opposites, counting; all but sums and differences come from
+small sets the training examples cover (what SFT learned), and `novel` is the share not among them.
+Each is a chat user turn answered greedily, correct by rewards.embedded_correct; `--reward_model`
+adds the replies' mean RM score. A run's model config: its config.json, else `--config`.
 """
 
 import argparse
@@ -35,8 +33,7 @@ KINDS = (('plus', re.compile(r'What is \d+ \+ \d+\?')), ('minus', re.compile(r'W
 
 
 def questions(seed: int, num_train: int, num: int) -> list[dict]:
-  """Held-out instruction pairs: indices num_train .. num_train + num - 1, each with `novel`
-  (True when its question is not among the training examples)."""
+  """Held-out instruction pairs [num_train, num_train + num); `novel`: not a training question."""
   rows = corpus.instructions(seed, num_train + num)
   seen = {q['prompt'] for q in rows[:num_train]}
   return [dict(q, novel=q['prompt'] not in seen) for q in rows[num_train:]]
@@ -84,10 +81,8 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--run', action='append', required=True, help='NAME=WORKDIR, repeatable')
   parser.add_argument('--config', default='', help='model config of runs without config.json')
-  parser.add_argument('--reward_model', default='')
-  parser.add_argument('--num', type=int, default=256)
-  parser.add_argument('--max_new_tokens', type=int, default=40)
-  parser.add_argument('--out', default='')
+  for flag, default in (('reward_model', ''), ('num', 256), ('max_new_tokens', 40), ('out', '')):
+    parser.add_argument(f'--{flag}', type=type(default), default=default)
   args = parser.parse_args(argv)
   compilation_cache.enable()
   results = {}
