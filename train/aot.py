@@ -1,9 +1,8 @@
-"""Ahead-of-time compile of the train step, lowered with abstract inputs (ShapeDtypeStructs
-carrying their shardings; nothing is allocated or run): the compiler's own per-device plan for
-a compile target (`compile_for_target`: TPU / GPU devices that are not attached,
-train/targets.py) or for emulated CPU devices (`compiled_memory`; `python -m train.plan
---compile` compiles `compile_variant`, in a child process when the mesh is larger than this
-process's device count: emulated devices must exist first).
+"""Ahead-of-time compile of the train step, lowered with abstract inputs (ShapeDtypeStructs with
+their shardings; nothing is allocated or run): the compiler's per-device plan for a compile target
+(`compile_for_target`: TPU / GPU devices not attached, train/targets.py) or for emulated CPU
+devices (`compiled_memory`; `python -m train.plan --compile` compiles `compile_variant`, in a
+child process when the mesh exceeds this process's devices: emulated devices must exist first).
 """
 
 import copy
@@ -65,9 +64,8 @@ class DoesNotFit(ValueError):
 
 
 def compile_variant(config, num_layers: int):
-  """A copy of `config` as compiled on CPU: attention `cudnn`, `splash`, `auto` -> `xla`, compute
-  dtype float32, `num_layers` layers, every other per-device shape unchanged (why: docs/scale.md,
-  section 1)."""
+  """A copy of `config` as compiled on CPU: attention cudnn/splash/auto -> xla, float32 compute,
+  `num_layers` layers, every other per-device shape unchanged (why: docs/scale.md, section 1)."""
   c, _ = target_variant(config, 'cpu')
   c.model.num_layers = num_layers
   c.model.compute_dtype = 'float32'

@@ -2,13 +2,13 @@
 intact step restored (onto any mesh: the restore target carries the current run's shardings).
 
 A step N/ holds the train state, the data iterator's position as JSON and `checksums.json`
-(size and CRC-32 of every other file, written once orbax has committed the step). Guarantees:
+(size and CRC-32 of every other file, written once orbax committed the step). Guarantees:
 - `save` returns once the step is committed and checksummed: a kill -9 loses at most one interval.
-- Restore verifies a step's checksums before reading it. A step that fails, or that orbax /
-  tensorstore cannot read, is named in one warning, moved aside to `N.damaged`, and the next
-  older step is tried; nothing is deleted. No step intact: a ConfigError naming each step's
-  damage, nothing moved. A step without checksums.json (killed just after orbax's commit) is
-  read with a warning; an empty step directory is damaged.
+- Restore verifies a step's checksums first. A step that fails, or that orbax / tensorstore cannot
+  read, is named in one warning, moved aside to `N.damaged`, and the next older one is tried;
+  nothing is deleted. None intact: a ConfigError naming each step's damage, nothing moved. A step
+  without checksums.json (killed just after orbax's commit) is read with a warning; an empty step
+  directory is damaged.
 """
 
 import concurrent.futures
@@ -70,8 +70,7 @@ class Checkpointer:
 
 
 def restore_params(directory: str, abstract_params, param_shardings, step: int | None = None):
-  """Only the params of a checkpoint (`train.init_from`, the tools): the optimizer state is not
-  read; `step` defaults to the newest intact one."""
+  """Only the params of a checkpoint (no optimizer state); `step` defaults to the newest intact."""
   manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
   target = {'params': abstract_state(param_shardings, abstract_params)}
 
@@ -88,9 +87,7 @@ def restore_params(directory: str, abstract_params, param_shardings, step: int |
 
 
 def restore_intact(manager, read, step: int | None = None):
-  """(step, read(step, its directory)) of `step`, or of the newest step that verifies and reads.
-  The damaged steps newer than it are moved aside, each reported in one line; a ConfigError
-  naming every damaged step when none is intact (then nothing is moved)."""
+  """(step, read(step, its directory)) of `step` or the newest intact step (module doc)."""
   root = os.fspath(manager.directory)
   steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
   damaged = []

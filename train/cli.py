@@ -1,10 +1,9 @@
 """The command line of `python -m train` and `python -m train.posttrain`.
 
-`--config FILE[:ARG]` names an experiment file (its get_config(), or get_config(ARG)), and
+`--config FILE[:ARG]` names an experiment file (its get_config(), or get_config(ARG));
 `--config.KEY=VALUE` overrides are parsed as the type of the value they replace; absl parses the
-other flags (`parse_flags`). Every bad input `main` meets (config, experiment file, data,
-tokenizer, a non-finite step, a lost peer process) ends it with one line `error: ...` naming
-the key, flag or file:line, never a traceback.
+rest (`parse_flags`). A bad input (BAD_INPUT: config, data, tokenizer, a non-finite step, a lost
+peer) ends `main` with one line `error: ...` naming the key, flag or file:line, never a traceback.
 """
 
 import ast

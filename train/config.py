@@ -1,8 +1,7 @@
-"""Config defaults, experiment files and validation. Experiment files start from `defaults()`.
+"""Config defaults (experiment files start from `defaults()`), experiment files and validation.
 
-Every key a run reads is listed here, so a typo in an experiment file or an override is an error
-naming the key, and configs that cannot work fail before compiling; `load_experiment`'s errors
-name the file:line.
+Every key a run reads is listed here: a typo in an experiment file or an override is an error naming
+the key; configs that cannot work fail before compiling; `load_experiment`'s errors name file:line.
 """
 
 import dataclasses

@@ -1,7 +1,6 @@
 """The run context, the one place that builds mesh and logical rules from a config: once at the
-start of a run, plan or compile, then handed to everything that places arrays. `Placement` is
-mesh + rules (a tool loading a model; the planner's on an AbstractMesh); `RunContext` adds the
-validated config, its ModelConfig and the workdir.
+start of a run, plan or compile, then handed to everything that places arrays. `Placement` is mesh +
+rules (planning: on an AbstractMesh); `RunContext` adds the validated config, ModelConfig, workdir.
 """
 
 import dataclasses
@@ -28,8 +27,7 @@ class Placement:
 
   @classmethod
   def abstract(cls, config, sizes: dict) -> 'Placement':
-    """config.sharding_rules on an AbstractMesh of `sizes` (mesh axis -> size, default 1):
-    for planning, no devices needed."""
+    """config.sharding_rules on an AbstractMesh of `sizes` (axis -> size, default 1): no devices."""
     shape = tuple(int(sizes.get(a, 1)) for a in MESH_AXES)
     return cls(jax.sharding.AbstractMesh(shape, MESH_AXES), make_rules(config.sharding_rules.to_dict()))
 
@@ -60,9 +58,8 @@ class RunContext(Placement):
 
 
 def make(config, workdir: str, validate, devices=None) -> RunContext:
-  """Validates `config` (validate(config, devices, processes) -> ModelConfig, raising
-  ConfigError before anything is built), then builds the mesh over `devices` (default: all;
-  or the abstract devices of a compile target) and the rules once."""
+  """validate(config, devices, processes) -> ModelConfig (ConfigError before anything is built),
+  then the mesh over `devices` (default: all; or a compile target's abstract ones) and the rules."""
   devices = jax.devices() if devices is None else devices
   cfg = validate(config, len(devices), jax.process_count())
   placement = Placement.of(config, make_mesh(config.mesh, devices))

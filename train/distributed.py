@@ -1,11 +1,10 @@
 """Multi-process start-up, lost-peer detection, and data-iterator state across process counts.
 
-`maybe_initialize` joins JAX's distributed runtime when `distributed.enabled`: each value from the
-config, else its MESHLM_* variable (`ENV`), else JAX's cluster detection (docs/scale.md, section
-3). `exit_on_lost_peer`: a peer whose liveness counter (`_Beat`) stands still for
-`peer_timeout_s` is lost; the survivors print one line naming it and the last checkpoint and
-leave with status 1 (README, "A lost process"). Checkpoints hold every process's data-iterator
-state (`gather_data_state`), re-split by global row on another process count (`local_data_state`).
+`maybe_initialize` joins JAX's distributed runtime when `distributed.enabled` (values from the
+config, else `ENV`, else JAX's cluster detection: docs/scale.md, section 3). `exit_on_lost_peer`: a
+peer whose liveness counter (`_Beat`) stands still for `peer_timeout_s` is lost; survivors exit 1
+naming it and the last checkpoint (README, "A lost process"). Checkpoints hold each process's data
+state (`gather_data_state`), re-split by row on another process count (`local_data_state`).
 """
 
 import atexit
@@ -137,9 +136,8 @@ def _start_service(address: str, num_processes: int, timeout_s: int):
 
 
 class _Beat:
-  """This process's liveness counter in the coordinator's key-value store, advanced every BEAT_S
-  by a daemon thread that also reads the peers' counters and ends the process (`_exit_lost`)
-  once one has stood still for `timeout_s`; a peer that wrote 'done' finished and is never lost."""
+  """This process's liveness counter in the key-value store, advanced every BEAT_S; its thread ends
+  the process (`_exit_lost`) once a peer's stood still for `timeout_s` (and is not 'done')."""
 
   def __init__(self, client, timeout_s: float):
     self.client, self.timeout_s = client, timeout_s
@@ -202,9 +200,8 @@ def _exit_lost(lost: list[int], beat: _Beat):
 
 @contextlib.contextmanager
 def exit_on_lost_peer(workdir: str):
-  """Around a run in `workdir` (the CLIs' main): in a run of several processes, a lost peer ends
-  this process with one line naming the peer and the last checkpoint (see the module doc). An
-  exception waits for that verdict, up to peer_timeout_s, and propagates once every peer moved."""
+  """Around a run in `workdir` (the CLIs' main): a lost peer ends the process (module doc); an
+  exception waits for that verdict, up to peer_timeout_s, then propagates."""
   global _workdir
   _workdir = workdir
   try:
@@ -234,8 +231,7 @@ def _allgather_text(text: str) -> list[str]:
 
 
 def gather_data_state(local_state: dict) -> dict:
-  """What a checkpoint stores: every process's iterator state (orbax writes the JSON item from
-  process 0 alone). Call on all processes."""
+  """All processes' iterator states, for orbax's JSON item (written by process 0); call on all."""
   states = [json.loads(s) for s in _allgather_text(json.dumps(local_state))]
   return {'format': STATE_FORMAT, 'process_states': states}
 

@@ -8,12 +8,11 @@
     [c] = gen.generate(['What is 2 + 3?'], chat=True, max_new_tokens=16)
     c.text, c.token_ids, c.logprobs, c.finish_reason
 
-DIR is a workdir, its `checkpoints/` folder or one `checkpoints/<step>` (train/workdir.py).
-Continuous batching (model/decode.py) over max_batch slots (rounded up to a multiple of the
-batch shards), prompts admitted `admit_rows` at a time. Prompt and new lengths are bucketed to
-powers of two (>= `min_bucket`): one compilation per bucket. Sequences stop at EOS (`chat`: also
-`<|end|>`), `max_new_tokens`, or a stop string (checked on the host every `stop_check_every`
-tokens; tokens kept up to the one completing it, text cut before it).
+DIR: any checkpoint path of train/workdir.py. Continuous batching (model/decode.py) over max_batch
+slots (rounded up to a multiple of the batch shards), admitting `admit_rows` prompts at a time;
+prompt and new lengths are bucketed to powers of two (>= `min_bucket`), one compilation per bucket.
+Sequences stop at EOS (`chat`: also `<|end|>`), `max_new_tokens`, or a stop string (checked on the
+host every `stop_check_every` tokens; tokens kept up to the one completing it, text cut before it).
 """
 
 import argparse
@@ -120,8 +119,7 @@ class Generator:
 
   def generate(self, prompts: list[str], *, max_new_tokens: int = 128, chat: bool = False,
                **kw) -> list[Completion]:
-    """Completions of text prompts (with `chat`, each is a user turn in the chat template);
-    `kw`: sampling, stop, seed, params of `generate_ids`."""
+    """Completions of text prompts (`chat`: as user turns); `kw`: `generate_ids`'s keywords."""
     return self.complete(self.prompt_ids(prompts, chat), max_new_tokens=max_new_tokens,
                          stop_ids=self.stop_ids(chat), **kw)
 
@@ -132,18 +130,15 @@ class Generator:
     out, p = [], rollout.prompt_len
     for j in range(len(rollout.finish_b)):
       token_ids = rollout.completion_ids(j)
+      text = self.tokenizer.decode(token_ids)  # Cut before the first stop string.
       out.append(Completion(
-          text=self._text(token_ids, stop), token_ids=token_ids,
+          text=text[:min([text.find(s) for s in stop if s and s in text], default=len(text))],
+          token_ids=token_ids,
           logprobs=[float(x) for x in rollout.logprobs_bs[j, p:p + len(token_ids)]],
           finish_reason=rollout.finish_b[j], prompt_tokens=int(rollout.lengths_b[j])))
     if progress is not None:
       progress.update(len(out))
     return out
-
-  def _text(self, token_ids: list[int], stop) -> str:
-    """The decoded ids, cut before the first stop string."""
-    text = self.tokenizer.decode(token_ids)
-    return text[:min([text.find(s) for s in stop if s and s in text], default=len(text))]
 
   def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int,
                    sampling: decode.Sampling = decode.Sampling(), stop: list[str] | tuple = (),

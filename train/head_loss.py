@@ -26,8 +26,7 @@ def chunk_len(b: int, t: int) -> int:
 def _local(h_btd, w_dv, targets_bt, mask_bt, *, vocab_axes, token_axes, grads: bool):
   """Per device: (nll_sum, dh_btd, dw_dv) of sum(mask * nll) (gradients only if `grads`)."""
   b, t, d = h_btd.shape
-  v_local = w_dv.shape[1]
-  offset = jax.lax.axis_index(vocab_axes) * v_local if vocab_axes else 0
+  offset = jax.lax.axis_index(vocab_axes) * w_dv.shape[1] if vocab_axes else 0
   c = chunk_len(b, t)
   split = lambda x: jnp.swapaxes(x.reshape((b, t // c, c) + x.shape[2:]), 0, 1)
   xs = (split(h_btd), split(targets_bt), split(mask_bt.astype(jnp.float32)))

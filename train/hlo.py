@@ -1,18 +1,17 @@
 """Collectives of a compiled program, per executed step, from its optimised HLO text.
 
-`collectives(compiled.as_text(), num_devices)` walks the call graph from the entry computation
-and counts each collective (KINDS) as often as it runs: once per iteration of a `while` body,
-whose trip count is read from its condition (`compare(counter, constant(N)), direction=LT`);
-an unreadable loop counts once and is reported in `unknown_trip_counts`.
+`collectives(compiled.as_text(), num_devices)` walks the call graph from the entry computation and
+counts each collective (KINDS) as often as it runs: once per iteration of a `while` body, whose trip
+count is read from its condition (`compare(counter, constant(N)), direction=LT`); an unreadable loop
+counts once and is reported in `unknown_trip_counts`.
 
-XLA:TPU writes a reduce-scatter as a fusion calling an `all-reduce-scatter*` computation (an
-all-reduce whose result is sliced); it is counted as one reduce-scatter. Asynchronous pairs
-(`*-start` / `*-done`) count at their start, whose type lists operands and results.
+XLA:TPU's reduce-scatter, a fusion calling an `all-reduce-scatter*` computation (an all-reduce whose
+result is sliced), counts as one reduce-scatter. Async pairs (`*-start` / `*-done`) count at their
+start, whose type lists operands and results.
 
-Per op, `bytes` is the size of its result on one device and `moved` the bytes one device sends
-over the interconnect with the bandwidth-optimal ring algorithm over a group of n devices:
-all-gather and all-to-all (n-1)/n of the result, reduce-scatter (n-1) results (its input is n
-results), all-reduce 2 (n-1)/n, collective-permute the whole result.
+Per op, `bytes` is its result's size on one device and `moved` what one device sends with the
+bandwidth-optimal ring algorithm over its group of n: all-gather and all-to-all (n-1)/n of the
+result, reduce-scatter n-1 results (its input is n), all-reduce 2 (n-1)/n, collective-permute 1.
 """
 
 import dataclasses
@@ -63,13 +62,6 @@ def _computations(text: str) -> tuple[dict, str]:
   return comps, entry
 
 
-def _type_bytes(line: str, start: int) -> float:
-  """Bytes of all arrays in the instruction's result type (between '=' and the opcode)."""
-  eq = line.index('=')
-  return float(sum(math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
-                   for dtype, dims in _ARRAY.findall(line[eq + 1:start])))
-
-
 def _result_bytes(kind: str, total: float, n: int, is_start: bool) -> float:
   """The collective's result bytes. An async start's type holds operands and results:
   all-gather (x, n x) -> n/(n+1) of it, reduce-scatter (n x, x) -> 1/(n+1), all-to-all and
@@ -115,7 +107,10 @@ def collectives(text: str, num_devices: int, local_size: int | None = None) -> C
   unknown = [0]
 
   def add(kind, line, start, times, n, is_start=False):
-    result = _result_bytes(kind, _type_bytes(line, start), n, is_start)
+    arrays = _ARRAY.findall(line[line.index('=') + 1:start])  # The result type, before the opcode.
+    total = sum(math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
+                for dtype, dims in arrays)
+    result = _result_bytes(kind, float(total), n, is_start)
     c, moved = by_kind[kind], times * _moved(kind, result, n)
     c.count += times
     c.bytes += times * result

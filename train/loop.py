@@ -52,9 +52,8 @@ class NonFiniteError(FloatingPointError):
 def run(config, workdir: str, *, stage: stage_lib.Stage | None = None,
         stop_after: int | None = None) -> RunResult:
   """Trains (or resumes) the run in `workdir`; `stage` defaults to the LM stage of `config`.
-  `stop_after=N` leaves after N steps of this call, with a checkpoint, as SIGTERM would
-  (notebooks and the resume tests use it). SIGTERM is handled from the start: one that comes
-  before the first step ends the run there, with nothing trained and nothing saved."""
+  `stop_after=N` leaves after N steps of this call, with a checkpoint, as SIGTERM would. SIGTERM is
+  handled from the start: before the first step it ends the run, nothing trained or saved."""
   setup_logging()
   stop = StopSignal()
   try:
@@ -163,9 +162,8 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
 
 
 def evaluator(make_loss, make_eval_data, stage, ctx):
-  """(params, frozen) -> metric means ('eval/<name>') of make_loss(frozen) over the stage's
-  `eval_batches` held-out batches, from a fresh eval iterator each time (so every evaluation
-  sees the same batches), and 'eval/count' (the items they averaged: tokens, pairs)."""
+  """(params, frozen) -> 'eval/<name>' means of make_loss(frozen) over the stage's `eval_batches`
+  batches of a fresh eval iterator (the same each time), and 'eval/count' (items: tokens, pairs)."""
   eval_fn = jax.jit(lambda params, batch, frozen: make_loss(frozen)(params, batch, None)[1])
 
   def evaluate(params, frozen) -> dict:
@@ -188,9 +186,8 @@ def data_counts(data) -> dict:
 
 
 def check_finite(pending, policy: str, writer) -> int:
-  """1 if the pending (step, metrics) had a non-finite loss or gradient (its update was dropped;
-  `step` as metrics.jsonl, the log and the progress bar number it, 1 for the first), else 0.
-  With policy 'stop' its metrics are written at that step, then NonFiniteError names it."""
+  """1 if the pending (step, metrics) had a non-finite loss or gradient (update dropped; `step`
+  1-based, as logged), else 0. Policy 'stop': its metrics written, then NonFiniteError names it."""
   if pending is None:
     return 0
   step, metrics = pending

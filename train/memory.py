@@ -1,6 +1,5 @@
-"""Analytic per-device memory of one training step from mesh sizes, sharding rules, dtypes and
-the remat policy; nothing is allocated (`jax.eval_shape`, `logical_to_spec` on
-train/context.py Placement.abstract).
+"""Analytic per-device memory of one training step from mesh sizes, sharding rules, dtypes and the
+remat policy; nothing is allocated (`jax.eval_shape`, `logical_to_spec` on Placement.abstract).
 
     persistent   params + AdamW mu and nu + the gradient accumulator (param_dtype; twice
                  with grad_accum > 1: a micro-batch's gradients are added into it)
@@ -132,9 +131,8 @@ def _attention_transient(cfg: ModelConfig, s: Shapes, b: int, t: int) -> float:
 
 def estimate(config, mesh_sizes: dict, cfg: ModelConfig | None = None,
              model_cls=Decoder) -> Memory:
-  """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes` (mesh
-  axis -> size, default 1); `model_cls`: Decoder, or model/heads.py ScalarModel (whose head
-  phase is counted as the Decoder's)."""
+  """Analytic per-device memory of a train step of `config` on a mesh of `mesh_sizes` (axis -> size,
+  default 1); `model_cls`: Decoder, or model/heads.py ScalarModel (head phase as the Decoder's)."""
   cfg = model_config(config) if cfg is None else cfg
   s = Shapes(context_lib.Placement.abstract(config, mesh_sizes))
   w, c = cfg.weight_dtype.itemsize, cfg.dtype.itemsize

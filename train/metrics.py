@@ -1,9 +1,8 @@
 """Throughput, model FLOP utilisation, and where metrics go (log, progress bar, TensorBoard).
 
-MFU = model FLOPs per second (model/flops.py) / peak FLOPs of all devices. The peak comes from
-`hardware.peak_tflops`, else from the chip table by device kind; on CPU it is the matmul rate
-measured at start-up in the same process (`measure_matmul_flops`), so CPU MFU says how close
-the step is to the best this machine's XLA can do on one big matmul.
+MFU = model FLOP/s (model/flops.py) / the peak FLOP/s of all devices: `hardware.peak_tflops`, else
+the chip table's by device kind; on CPU the matmul rate measured at start-up in the same process
+(`measure_matmul_flops`), so CPU MFU says how close the step is to this machine's best XLA matmul.
 """
 
 import contextlib

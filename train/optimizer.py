@@ -1,5 +1,4 @@
-"""optax: linear warm-up then cosine decay; AdamW with decay masked off norms and biases;
-global-norm clipping."""
+"""optax: linear warm-up, cosine decay; AdamW (no decay on norms, biases); global-norm clipping."""
 
 import jax
 import optax

@@ -53,9 +53,8 @@ def define_flags() -> None:
 
 
 def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float = 0.0) -> dict:
-  """The numbers of the tables, as a flat dict, on `devices` (0: the product of config.mesh).
-  Raises ConfigError for a config that cannot run (train/config.py validate); `check_fits`
-  raises for one that does not fit."""
+  """The tables' numbers as a flat dict, on `devices` (0: the product of config.mesh); ConfigError
+  for a config that cannot run (validate); `check_fits` raises for one that does not fit."""
   if not devices and -1 in dict(config.mesh).values():
     raise ConfigError(f'mesh {dict(config.mesh)} has a -1 axis: give the device count with --devices')
   n = devices or math.prod(dict(config.mesh).values())
@@ -74,9 +73,7 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   mem = memory_lib.estimate(config, sizes, cfg)
   p = {
       'warnings': warnings,
-      'params_total': counts.total,
-      'params_active': counts.active,
-      'params_embedding': counts.embedding,
+      **{f'params_{k}': getattr(counts, k) for k in ('total', 'active', 'embedding')},
       'seq_len': seq,
       'flops_per_token': flops.per_token,
       'flops_per_token_dense_equivalent': flops.dense_equivalent,
@@ -106,12 +103,10 @@ def plan(config, *, devices: int = 0, mfu: float = 0.4, wall_clock_days: float =
   p['fits'] = None if hw.device_memory_gb <= 0 else bool(worst <= hw.device_memory_gb)
   # Per-device peak: hardware.peak_tflops, else the chip table's; 0: unknown.
   peak = float(hw.peak_tflops) if hw.peak_tflops > 0 else table_peak_tflops(hw.name)
-  p['peak_tflops_per_device'] = peak
-  p['mfu'] = mfu
+  p.update(peak_tflops_per_device=peak, mfu=mfu)
   if peak > 0:
     cluster_flops = n * peak * 1e12
-    tokens_per_sec = mfu * cluster_flops / flops.per_token
-    p['tokens_per_sec'] = tokens_per_sec
+    p['tokens_per_sec'] = tokens_per_sec = mfu * cluster_flops / flops.per_token
     p['step_seconds'] = tokens_per_step / tokens_per_sec
     p['days_to_train'] = total_tokens / tokens_per_sec / 86400
     if wall_clock_days > 0:
@@ -361,10 +356,9 @@ def target_section(config, target, compile_fn=None) -> dict:
       'target_total_gib': gib(mem.total_bytes),
       'target_hbm_gib': gib(target.device_hbm_bytes),
       'target_fits': bool(mem.total_bytes <= target.device_hbm_bytes),
-      'target_compiled_tflops_per_step': compiled_flops / 1e12,
-      'target_xla_tflops_per_step': xla_flops / 1e12,
-      'target_kernel_tflops_per_step': kernel_flops / 1e12,
-      'target_model_tflops_per_step': model_flops / 1e12,
+      **{f'target_{k}_tflops_per_step': v / 1e12 for k, v in (
+          ('compiled', compiled_flops), ('xla', xla_flops), ('kernel', kernel_flops),
+          ('model', model_flops))},
       'target_compiled_over_model_flops': round(compiled_flops / model_flops, 3),
       'target_remat_explains': round(remat, 3),
       'target_flops_source': flops_source,
@@ -417,8 +411,7 @@ def _fmt(value) -> str:
   return str(value)
 
 
-# The table is p's keys in order (the sections' dicts keep their keys in table order), a title
-# before each section's first key; '' values are left out.
+# The table: p's keys in order, a title before each section's first key; '' values left out.
 TITLES = {
     'params_total': 'model',
     'config_name': 'run',

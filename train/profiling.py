@@ -1,7 +1,6 @@
 """An optional jax.profiler trace of a window of training steps: `train.profile_steps='FIRST:LAST'`
 traces the loop's 0-based steps FIRST .. LAST-1 (a resumed run inside the window: its remaining
-ones) into `workdir/profile/`, waits for the last one, and leaves the Python tracer off
-(docs/observability.md, "Profiling").
+ones) into `workdir/profile/`, waits for the last one, Python tracer off (docs/observability.md).
 """
 
 import logging

@@ -1,8 +1,7 @@
 """What a training stage supplies to the one loop (train/loop.py), and the language-model stage.
 
-A stage is its model class, its data, its loss and its initial params; the loop does the rest
-(sharded state, resume, the step of train/step.py, NaN policy, SIGTERM, checkpoints with the
-gathered data state, eval, samples, profiler window, progress bar, TensorBoard and metrics).
+A stage is its model class, data, loss and initial params; the loop does the rest (sharded state,
+resume, train/step.py's step, NaN policy, SIGTERM, checkpoints, eval, samples, profiling, metrics).
 Pre-training and SFT are `lm_stage`; the reward model, DPO and PPO are in train/posttrain/.
 """
 
@@ -27,8 +26,7 @@ class Stage:
   RunContext, `mdef` the ModelDef of state['params'], batches process-local numpy trees."""
   name: str
   validate: Callable  # (config, devices, processes) -> ModelConfig; raises ConfigError.
-  # (ctx, split) -> iterator of batches [B_local, ...] with get_state() / set_state(), counts()
-  # and `.tokenizer`.
+  # (ctx, split) -> iterator of batches [B_local, ...]: get/set_state(), counts(), .tokenizer.
   make_data: Callable
   make_loss: Callable  # (mdef, frozen) -> loss_fn(params, micro, rng), train/step.py's.
   init_state: Callable  # (ctx, mdef, state as initialised) -> the state of a fresh run.
@@ -38,11 +36,9 @@ class Stage:
   model_cls: Any = Decoder
   # (ctx, mdef, data, make_eval_data, steps_left) -> (frozen, data, make_eval_data), once after
   # the restore (data at the next step's position): e.g. a frozen reference passed to make_loss.
-  prepare: Callable = lambda ctx, mdef, data, make_eval_data, steps_left: (None, data,
-                                                                           make_eval_data)
+  prepare: Callable = lambda ctx, mdef, data, make_eval, steps_left: (None, data, make_eval)
   eval_metrics: Callable = lambda means: {}  # Extra eval scalars from the means ('eval/loss').
-  # train/step.py train_step's keywords: count_name (the count's metric: 'tokens', 'pairs'),
-  # use_rng (a per-step RNG for the loss: MoE router noise), trained, grad_metrics.
+  # train/step.py train_step's keywords (count_name: 'tokens', 'pairs'; use_rng: MoE router noise).
   step_options: dict = dataclasses.field(default_factory=dict)
   shown: tuple = ()  # Metrics added to the log line.
   # (ctx, steps) -> (state, shardings, mdef, tx, schedule) of a fresh run; None: {'step',

@@ -1,7 +1,6 @@
 """The train state (params, optimizer state, step, RNG), created directly sharded: `jax.jit` of
 the initialiser with out_shardings from the model's logical axes (model/sharding.py), so no
-parameter ever exists unsharded.
-"""
+parameter ever exists unsharded."""
 
 import dataclasses
 from typing import Any

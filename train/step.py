@@ -1,11 +1,10 @@
 """The one train step of every stage, its gradient accumulator and batch reshaper, and the LM loss.
 
-A stage's loss is `loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums))`: a loss
-summed over the `count` items of one micro-batch (target tokens, preference pairs, completion
-tokens), and metric sums over the same items (one of them 'loss'). A batch holds `grad_accum`
-micro-batches stacked on a leading axis of every leaf ([accum, micro_batch, ...]). The step
-sums losses, gradients, counts and metric sums over them, then divides by the total count of
-the whole batch, so 1 x 8 and 8 x 1 give the same update (not a mean of per-micro-batch means).
+A stage's loss is `loss_fn(params, micro, rng) -> (loss_sum, (count, metric_sums))`: the loss summed
+over the `count` items of one micro-batch (target tokens, preference pairs, completion tokens), and
+metric sums over them (one is 'loss'). A batch stacks `grad_accum` micro-batches on a leading axis
+of every leaf ([accum, micro_batch, ...]); the step sums losses, gradients, counts and metric sums
+over them, then divides by the batch's total count: 1 x 8 and 8 x 1 give the same update.
 """
 
 import functools
@@ -20,9 +19,8 @@ from train.head_loss import head_nll_sum
 
 
 def device_batch(local, grad_accum: int, sharding) -> dict:
-  """Process-local numpy leaves [B_local, ...] -> global jax arrays [accum, micro, ...] on the
-  mesh. `sharding`: one Sharding for every leaf, or a function ndim -> Sharding (e.g.
-  train/context.py Placement.batch_sharding)."""
+  """Process-local numpy leaves [B_local, ...] -> global jax arrays [accum, micro, ...] on the mesh;
+  `sharding`: one for every leaf, or ndim -> Sharding (e.g. Placement.batch_sharding)."""
   def put(x):
     x = np.asarray(x)
     x = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
@@ -64,12 +62,11 @@ def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str
                use_rng: bool = False, trained: tuple | None = None, grad_metrics=None):
   """One optimiser step of state {'step', 'params', 'opt_state', 'rng', ...}.
 
-  make_loss(frozen) -> loss_fn: `frozen` (e.g. a DPO reference, or None) enters the jitted step
-  as an argument, not as a constant. `trained`: state keys trained as one tree {key: state[key]}
-  (`tx` then takes that dict, e.g. per_key; the loss gets it as its params); None: state['params']
-  alone. Metrics: every metric sum / count, and 'grad_norm', 'param_norm' (of the params kept:
-  a dropped update leaves them as they were), 'learning_rate', `count_name` (the count),
-  'nonfinite' (1: update dropped), and grad_metrics(grads) if given.
+  make_loss(frozen) -> loss_fn: `frozen` (e.g. a DPO reference, or None) is a jitted argument, not a
+  constant. `trained`: state keys trained as one tree {key: state[key]} (`tx` then takes that dict,
+  e.g. per_key; the loss gets it as its params); None: state['params'] alone. Metrics: every metric
+  sum / count, 'grad_norm', 'param_norm' (of the params kept), 'learning_rate', `count_name` (the
+  count), 'nonfinite' (1: update dropped), and grad_metrics(grads) if given.
   """
   rng, step_rng = jax.random.split(state['rng'])
   old = state['params'] if trained is None else {k: state[k] for k in trained}
@@ -79,8 +76,7 @@ def train_step(state, batch, frozen, *, make_loss, tx, schedule, count_name: str
   metrics = {k: v / denom for k, v in sums.items()}
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state['opt_state'], old)
-  # A non-finite loss or gradient never reaches the weights: the update is dropped whatever the
-  # policy; the loop then stops (nan_policy='stop') or counts it and goes on ('skip').
+  # A non-finite loss or gradient never reaches the weights, whatever train.nan_policy (loop.py).
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
   keep = lambda new, prev: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, prev)
   params = keep(optax.apply_updates(old, updates), old)
@@ -119,8 +115,7 @@ def jit_step(make_loss, tx, schedule, shardings, batch_sharding=None, **options)
 # The language-model loss (pre-training, SFT).
 
 def token_nll(logits_btv, targets_bt):
-  """Per-token negative log-likelihood in float32 (eval-style and reference use; the train step
-  fuses the head and this loss in train/head_loss.py)."""
+  """Per-token NLL in float32 (eval, references; the train step fuses it: train/head_loss.py)."""
   logits_btv = logits_btv.astype(jnp.float32)
   logz_bt = jax.nn.logsumexp(logits_btv, axis=-1)
   target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
@@ -137,7 +132,6 @@ def lm_loss(mdef):
     # sum(token_nll(model.logits(h_btd), targets) * mask), fused without [b, t, vocab] arrays.
     nll_sum = head_nll_sum(h_btd, model.head_matrix(), micro['targets'], mask_bt)
     count = jnp.sum(mask_bt)
-    # The per-micro-batch aux mean, weighted by the count: token-weighted over micro-batches.
     total = nll_sum + aux.get('aux_loss', 0.0) * count
     return total, (count, {'loss': nll_sum, **{f'moe/{k}': v * count for k, v in aux.items()}})
   return loss_fn

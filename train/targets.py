@@ -1,15 +1,13 @@
 """Compile targets: accelerators that are not attached, as abstract devices, and their chip facts.
 
-A target is written `PLATFORM:CHIP:TOPOLOGY`, e.g. `tpu:v5p:8x8x8` (512 v5p chips),
-`tpu:v5e:16x16`, `gpu:h100:512`. `abstract_devices(target)` asks libtpu (extra `.[tpu]`) or the
-CUDA PJRT plugin (extra `.[gpu-plan]`, the plugin alone, given a GpuTargetConfigProto written
-from GPUS: `gpu_target_config`) for the target's devices: the real compiler runs for them from
-a CPU-only host, nothing can run on them (train/aot.py, train/plan.py --target).
+A target is written `PLATFORM:CHIP:TOPOLOGY`, e.g. `tpu:v5p:8x8x8` (512 v5p chips), `tpu:v5e:16x16`,
+`gpu:h100:512`. `abstract_devices(target)` asks libtpu (extra `.[tpu]`) or the CUDA PJRT plugin
+(extra `.[gpu-plan]`, given a GpuTargetConfigProto from GPUS: `gpu_target_config`) for the target's
+compile-only devices: the real compiler runs for them on a CPU-only host (train/aot.py, plan.py).
 
-CHIPS: per chip, HBM, peak bf16 dense TFLOP/s, HBM and interconnect bandwidth, from Google
-Cloud's TPU specifications (ICI: Gbps / 8) and NVIDIA's SXM data sheets (NVLink per GPU;
-`wide_gbps`: InfiniBand per GPU, between hosts of 8). Per-device figures are the chip's over
-`devices_per_chip` (TPU v4: two TensorCores).
+CHIPS: from Google Cloud's TPU specifications (ICI: Gbps / 8) and NVIDIA's SXM data sheets (NVLink
+per GPU; `wide_gbps`: InfiniBand per GPU, between hosts of 8). Per-device figures are the chip's
+over `devices_per_chip` (TPU v4: two TensorCores).
 """
 
 import contextlib
@@ -68,9 +66,7 @@ def gpu_target_config(chip: str) -> str:
            '  block_dim_limit_z: 65535', '  registers_per_core_limit: 65536',
            '  registers_per_block_limit: 65536', '  thread_dim_limit_x: 1024',
            '  thread_dim_limit_y: 1024', '  thread_dim_limit_z: 64']
-  lines += [f'  {key}: {g[key]}' for key in (
-      'core_count', 'fpus_per_core', 'shared_memory_per_core', 'shared_memory_per_block_optin',
-      'memory_bandwidth', 'l2_cache_size', 'clock_rate_ghz', 'device_memory_size')]
+  lines += [f'  {key}: {value}' for key, value in g.items() if key not in ('name', 'cc')]
   lines += ['  cuda_compute_capability {', f'    major: {major}', f'    minor: {minor}',
             f'    feature_extension: {extension}', '  }', f'  dnn_version: "{dnn}"', '}',
             'platform_name: "CUDA"', 'dnn_version_info {', f'  major: {CUDNN_VERSION[0]}',
@@ -133,8 +129,7 @@ def parse(target: str) -> tuple[str, str, str]:
 
 
 def abstract_devices(target: str) -> Target:
-  """The target's devices as libtpu (TPU) or the CUDA plugin (GPU) describes them: compile-only
-  devices, nothing needs to be attached."""
+  """The target's devices as libtpu (TPU) or the CUDA plugin (GPU) describes them: compile-only."""
   platform, chip, topology = parse(target)
   make = lambda devices, chips: Target(target, platform, chip, CHIPS[f'{platform}:{chip}'],
                                        devices, chips)

@@ -39,8 +39,7 @@ class Run:
 
 
 def resolve_checkpoint(path: str) -> tuple[str, int | None, str]:
-  """(checkpoints folder, step or None for the latest, workdir) of a workdir,
-  `workdir/checkpoints` or `workdir/checkpoints/<step>`."""
+  """(checkpoints folder, step or None: the latest, workdir) of a checkpoint path (module doc)."""
   path = os.path.abspath(path)
   base = os.path.basename(path)
   if base.isdigit() and os.path.isdir(path):
@@ -94,16 +93,14 @@ def tokenizer_path(config, workdir: str) -> str | None:
 
 
 def load_tokenizer(config, workdir: str):
-  """The run's tokenizer (`tokenizer_path`), else the pipeline's train-or-load (which finds the
-  same cache when the sources are the same)."""
+  """The run's tokenizer (`tokenizer_path`), else the pipeline's train-or-load (of its cache)."""
   if path := tokenizer_path(config, workdir):
     return Tokenizer(path)
   return pipeline.load_tokenizer(config.data, vocab_size=config.model.vocab_size, workdir=workdir)
 
 
 def inherited_tokenizer(config) -> str:
-  """The tokenizer a stage continuing `train.init_from` uses: data.tokenizer if set, else the
-  one of the init_from run (its config.json, or its cache)."""
+  """A stage's tokenizer: data.tokenizer, else the `train.init_from` run's (its config or cache)."""
   if config.data.tokenizer:
     return config.data.tokenizer
   workdir = run_workdir(config.train.init_from)
@@ -123,8 +120,7 @@ def latest_step(root: str) -> int | None:
 
 
 def restore_params(checkpoint: str, cfg: ModelConfig, placement, model_cls=None):
-  """The params of a checkpoint path as `model_cls` (default Decoder) of `cfg`, sharded by
-  `placement` (a train/context.py Placement)."""
+  """The params of a checkpoint path as `model_cls` (default Decoder) of `cfg`, by a Placement."""
   mdef, abstract = state_lib.model_def(cfg, *(() if model_cls is None else (model_cls,)))
   root, step, _ = resolve_checkpoint(checkpoint)
   return ckpt_lib.restore_params(root, abstract, placement.param_shardings(mdef, abstract), step)
