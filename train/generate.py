@@ -92,10 +92,14 @@ class Generator:
     self._fns = {}
 
   @classmethod
+  def of(cls, run: workdir_lib.Run, **kw) -> 'Generator':
+    """The Generator of a loaded run (train/workdir.py load_run); `kw`: of __init__."""
+    return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
+
+  @classmethod
   def from_checkpoint(cls, checkpoint: str, config=None, *, mesh=None, **kw) -> 'Generator':
     """`config`: a ConfigDict, a path to an experiment file, or None (workdir/config.json)."""
-    run = workdir_lib.load_run(checkpoint, config, mesh=mesh)
-    return cls(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, **kw)
+    return cls.of(workdir_lib.load_run(checkpoint, config, mesh=mesh), **kw)
 
   def _compiled(self, sampling: decode.Sampling):
     """The jitted decoding loop of one sampling setting (jit's own cache handles shapes)."""

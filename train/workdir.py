@@ -126,10 +126,12 @@ def restore_params(checkpoint: str, cfg: ModelConfig, placement, model_cls=None)
   return ckpt_lib.restore_params(root, abstract, placement.param_shardings(mdef, abstract), step)
 
 
-def load_run(checkpoint: str, config=None, *, mesh=None, model_cls=None) -> Run:
-  """Config, model config, params (sharded on `mesh`, default config.mesh), tokenizer of a run."""
+def load_run(checkpoint: str, config=None, *, fallback=None, mesh=None, model_cls=None) -> Run:
+  """Config, model config, params (sharded on `mesh`, default config.mesh), tokenizer of a run;
+  the config is `config`, else workdir/config.json, else `fallback` (load_config's kinds)."""
   root, step, workdir = resolve_checkpoint(checkpoint)
-  config = load_config(config, workdir)
+  has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
+  config = load_config(config or (None if has_json else fallback), workdir)
   cfg = config_lib.model_config(config)
   placement = context_lib.Placement.of(config, mesh)
   params = restore_params(checkpoint, cfg, placement, model_cls)

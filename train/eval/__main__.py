@@ -67,8 +67,7 @@ def main(argv=None) -> int:
   compilation_cache.enable()
   try:
     run = workdir_lib.load_run(args.checkpoint, args.config or None, mesh=eval_mesh(args))
-    gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules,
-                            max_batch=args.batch_size)
+    gen = gen_lib.Generator.of(run, max_batch=args.batch_size)
     lm = MeshLM(gen, max_length=args.max_length or int(run.config.data.seq_len),
                 batch_size=args.batch_size)
     gen_kw = {} if args.max_new_tokens is None else {'max_new_tokens': args.max_new_tokens}

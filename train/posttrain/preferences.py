@@ -64,13 +64,12 @@ def main(argv=None) -> int:
     for flag, path in (('--policy ', args.policy), ('--rater rm:', rm_dir)):
       if path is not None and not os.path.isdir(path):
         raise FileNotFoundError(f'{flag}{path}: no such run directory')
-    has_json = os.path.isfile(os.path.join(workdir_lib.run_workdir(args.policy), 'config.json'))
-    run = workdir_lib.load_run(args.policy, None if has_json else (args.config or None))
+    run = workdir_lib.load_run(args.policy, fallback=args.config or None)
     data = workdir_lib.load_config(args.config or run.config, run.workdir).data
     prompts = ppo_loop.load_prompts(
         ml_collections.ConfigDict({'data': data, 'ppo': {'max_prompt_len': args.max_prompt_len}}),
         ChatTemplate(run.tokenizer), args.split, run.workdir)[:args.num_prompts or None]
-    gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
+    gen = gen_lib.Generator.of(run, max_batch=64)
     scorer = reward.RewardScorer(rm_dir, run.tokenizer, gen.placement) if rm_dir else None
     k = args.samples
     out = gen.generate_ids([ids for ids, _, _ in prompts], samples=k,

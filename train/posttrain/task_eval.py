@@ -13,7 +13,6 @@ adds the replies' mean RM score. A run's model config: its config.json, else `--
 
 import argparse
 import json
-import os
 import re
 import sys
 
@@ -89,9 +88,8 @@ def main(argv=None) -> int:
   try:
     for spec in args.run:
       name, _, path = spec.partition('=')
-      has_json = os.path.isfile(os.path.join(workdir_lib.run_workdir(path), 'config.json'))
-      run = workdir_lib.load_run(path, None if has_json else (args.config or None))
-      gen = gen_lib.Generator(run.cfg, run.params, run.tokenizer, run.mesh, run.rules, max_batch=64)
+      run = workdir_lib.load_run(path, fallback=args.config or None)
+      gen = gen_lib.Generator.of(run, max_batch=64)
       scorer = (reward.RewardScorer(args.reward_model, run.tokenizer, gen.placement)
                 if args.reward_model else None)
       seed, num_train = int(run.config.data.embedded_seed), int(run.config.data.embedded_examples)
