@@ -134,7 +134,7 @@ class Generator:
     out, p = [], rollout.prompt_len
     for j in range(len(rollout.finish_b)):
       token_ids = rollout.completion_ids(j)
-      text = self.tokenizer.decode(token_ids)  # Cut before the first stop string.
+      text = self.tokenizer.decode(token_ids)  # Kept up to its first stop string.
       out.append(Completion(
           text=text[:min([text.find(s) for s in stop if s and s in text], default=len(text))],
           token_ids=token_ids,
