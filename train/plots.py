@@ -7,10 +7,11 @@ The loop calls `write(workdir)` at the end of every run: two panels over the ste
 is optional and used through its object API (no pyplot, no display needed).
 """
 
-import json
 import logging
 import os
 import sys
+
+from data import readers
 
 log = logging.getLogger('meshlm')
 
@@ -24,17 +25,12 @@ CURVES = (  # (metric, label, panel, line style)
 def read_metrics(path: str) -> dict[str, tuple[list[int], list[float]]]:
   """{tag: (steps ascending, values)} from a metrics.jsonl; the last record of a step wins."""
   by_tag: dict[str, dict[int, float]] = {}
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        step = int(record.pop('step'))
-      except (ValueError, KeyError) as e:
-        raise ValueError(f'{path}:{line_no}: not a metrics record with a step ({e})') from None
-      for tag, value in record.items():
-        by_tag.setdefault(tag, {})[step] = float(value)
+  for where, record in readers.iter_jsonl(path, readers.BadInput()):  # Bad lines raise.
+    if not isinstance(record.get('step'), int):
+      raise ValueError(f'{where}: not a metrics record with a step')
+    step = record.pop('step')
+    for tag, value in record.items():
+      by_tag.setdefault(tag, {})[step] = float(value)
   return {tag: (sorted(v), [v[s] for s in sorted(v)]) for tag, v in by_tag.items()}
 
 

@@ -1,9 +1,9 @@
 """Where benchmark files live (argument, env SHARED_DATA, ../shared/data) and how they are read."""
 
-import gzip
-import json
 import os
 import pathlib
+
+from data import readers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -20,18 +20,9 @@ def resolve(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
 
 def read_jsonl(path: pathlib.Path, kind: str, keys: tuple[str, ...]) -> list[dict]:
   """JSON-lines rows (.gz: gzip) with string `keys`; a ValueError (file:line) if bad or empty."""
-  rows = []
-  with (gzip.open if path.suffix == '.gz' else open)(path, 'rt', encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{line_no}: invalid JSON ({e.msg})') from None
-      if missing := [k for k in keys if not isinstance(row.get(k), str)]:
-        raise ValueError(f'{path}:{line_no}: {kind} row needs string {missing}')
-      rows.append(row)
+  bad = readers.BadInput()  # Raises data/readers.py's BadInputError naming file:line.
+  rows = [row for where, row in readers.iter_jsonl(str(path), bad)
+          if all(readers.get_field(row, k, where, bad) is not None for k in keys)]
   if not rows:
     raise ValueError(f'{path}: no {kind} rows')
   return rows
