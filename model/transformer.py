@@ -139,17 +139,6 @@ class Unit(nnx.Module):
     return x_btd, aux
 
 
-def _extend_unit(unit, x_btd, positions_bt, segment_ids_bt, k_mbskh, v_mbskh, kv_segment_ids_bs,
-                 kv_positions_bs, index):
-  """Block.extend over a stacked unit's blocks; returns (x_btd, (new k_mbtkh, new v_mbtkh))."""
-  new_kv = []
-  for i, block in enumerate(unit.blocks()):
-    kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
-    x_btd, *new = block.extend(x_btd, positions_bt, segment_ids_bt, kv)
-    new_kv.append(new)
-  return x_btd, tuple(jnp.stack(a) for a in zip(*new_kv))
-
-
 def write_slots(x, new, index, batch_axis=0):
   """`new` written into `x` from slot `index` of the axis after `batch_axis` (every other axis
   from 0): one slot for every row (a dynamic_update_slice), or int32 [b], a slot per row (one
@@ -236,8 +225,12 @@ class Decoder(nnx.Module):
 
     def body(x_btd, xs):  # The cache is only read in the scan: a carried one is copied per unit.
       unit_state, k_mbskh, v_mbskh = xs
-      return _extend_unit(nnx.merge(graphdef, unit_state), x_btd, positions_bt, segment_ids_bt,
-                          k_mbskh, v_mbskh, kv_segment_ids_bs, kv_positions_bs, index)
+      new_kv = []  # Per block of the unit: its new (k_btkh, v_btkh); stacked, [m, b, t, k, h].
+      for i, block in enumerate(nnx.merge(graphdef, unit_state).blocks()):
+        kv = (k_mbskh[i], v_mbskh[i], kv_segment_ids_bs, kv_positions_bs, index)
+        x_btd, *new = block.extend(x_btd, positions_bt, segment_ids_bt, kv)
+        new_kv.append(new)
+      return x_btd, tuple(jnp.stack(a) for a in zip(*new_kv))
 
     x_btd, (k_umbtkh, v_umbtkh) = self._over_units(body, x_btd, (state, cache['k'], cache['v']))
     k_all = write_slots(cache['k'], k_umbtkh.astype(cache['k'].dtype), index, batch_axis=2)

@@ -130,8 +130,10 @@ def _run(config, workdir, stage, stop_after, stop) -> RunResult:
         if done % t.log_every == 0 or done == steps:
           skipped += check_finite(pending, t.nan_policy, writer)
           pending = None
+          counts = {f'data/{src}/{key}': n for src, by_key in data.counts().items()
+                    for key, n in by_key.items()}  # Per source: items, tokens, skips by reason.
           logged = writer.scalars(done, {**metrics, **source_metrics, **throughput.report(),
-                                         'skipped_steps': skipped, **data_counts(data)})
+                                         'skipped_steps': skipped, **counts})
         if t.eval_every and done % t.eval_every == 0:
           with throughput.paused():
             eval_metrics = writer.scalars(done, evaluate(state['params'], frozen))
@@ -177,12 +179,6 @@ def evaluator(make_loss, make_eval_data, stage, ctx):
     means = {f'eval/{k}': v / max(count, 1.0) for k, v in totals.items()}
     return {**means, **stage.eval_metrics(means), 'eval/count': count}
   return evaluate
-
-
-def data_counts(data) -> dict:
-  """Per source (this process): items and tokens read, items skipped by reason, as scalars."""
-  return {f'data/{source}/{key}': value for source, counts in data.counts().items()
-          for key, value in counts.items()}
 
 
 def check_finite(pending, policy: str, writer) -> int:
