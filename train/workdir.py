@@ -58,13 +58,15 @@ def run_workdir(path: str) -> str:
   return resolve_checkpoint(path)[2]
 
 
-def load_config(config, workdir: str) -> ml_collections.ConfigDict:
-  """A ConfigDict given, an experiment file's get_config(), or workdir/config.json."""
+def load_config(config, workdir: str, fallback=None) -> ml_collections.ConfigDict:
+  """`config` (a ConfigDict or an experiment file), else workdir/config.json, else `fallback`."""
   if isinstance(config, ml_collections.ConfigDict):
     return config
   if config:
     return config_lib.load_experiment(config)
   path = os.path.join(workdir, 'config.json')
+  if fallback and not os.path.isfile(path):
+    return load_config(fallback, workdir)
   if not os.path.isfile(path):
     raise ConfigError(f'{workdir} has no config.json: pass --config with the experiment file '
                       f'the run was trained with')
@@ -130,8 +132,7 @@ def load_run(checkpoint: str, config=None, *, fallback=None, mesh=None, model_cl
   """Config, model config, params (sharded on `mesh`, default config.mesh), tokenizer of a run;
   the config is `config`, else workdir/config.json, else `fallback` (load_config's kinds)."""
   root, step, workdir = resolve_checkpoint(checkpoint)
-  has_json = os.path.isfile(os.path.join(workdir, 'config.json'))
-  config = load_config(config or (None if has_json else fallback), workdir)
+  config = load_config(config, workdir, fallback)
   cfg = config_lib.model_config(config)
   placement = context_lib.Placement.of(config, mesh)
   params = restore_params(checkpoint, cfg, placement, model_cls)
