@@ -39,7 +39,8 @@ stage sft tiny_sft.py "${SFT_STEPS:-}" --config.train.init_from="$W/pretrain"
 if [ ! -s "$W/pairs.jsonl" ]; then
   echo "=== on-policy pairs: SFT samples rated by the checker -> $W/pairs.jsonl" >&2
   $PY -m train.posttrain.preferences --policy "$W/sft" --out "$W/pairs.jsonl.tmp" \
-      --rater embedded --samples 4 --num_prompts "${PAIR_PROMPTS:-0}" --seed "$SEED"
+      --rater embedded --samples 8 --temperature 0.7 --num_prompts "${PAIR_PROMPTS:-0}" \
+      --seed "$SEED"
   mv "$W/pairs.jsonl.tmp" "$W/pairs.jsonl"
 fi
 PAIRS=(--config.data.source=onpolicy "--config.data.sources.onpolicy={'kind': 'jsonl', \

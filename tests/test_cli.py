@@ -50,6 +50,10 @@ def test_readme_command_trains_and_loss_falls(tmp_path):
   assert 'eval/loss' in (tmp_path / 'metrics.jsonl').read_text()
 
 
+# `slow` (CI's budget): the pretrain case of tests/test_stages.py's
+# test_stage_sigterm_and_kill_through_the_cli runs this command through SIGTERM, a resume and
+# kill -9, and checks the finished run bit for bit against an uninterrupted one.
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_continues(tmp_path):
   """SIGTERM mid-run: a checkpoint at the step reached, exit status 0; rerunning resumes there."""
   args = ['python', '-m', 'train', '--config', 'experiments/tiny_dense.py']

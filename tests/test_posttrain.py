@@ -289,6 +289,9 @@ def test_grpo_config_checks(tmp_path):
   c.grpo.num_generations = 1
   with pytest.raises(ConfigError, match='grpo.num_generations=1'):
     pt_config.validate(c, 8)
+  c.stage, c.dpo.nll_weight = 'dpo', -1.0
+  with pytest.raises(ConfigError, match='dpo.nll_weight=-1.0 must be >= 0'):
+    pt_config.validate(c, 8)
 
 
 def test_dpo_loss_hand_computed_and_vanishing_beta():
@@ -317,6 +320,12 @@ def test_dpo_loss_hand_computed_and_vanishing_beta():
   # Pre-computed reference log-probs give the same loss and metrics as the reference model.
   loss = jax.jit(lambda p, m, r: dpo.loss_fn(p, m, r, mdef=mdef, beta=1.0))
   assert max_abs_diff(loss(params, micro, ref), loss(params, pre, None)) < 1e-5
+  # RPO adds nll_weight x the chosen reply's NLL per learned token (5 of each row's 10).
+  pi_c = dpo.pair_logps(mdef.build(params), micro)[0]
+  rpo, (_, sums) = dpo.loss_fn(params, pre, None, mdef=mdef, beta=1.0, nll_weight=0.3)
+  np.testing.assert_allclose(float(sums['nll/chosen']), float(jnp.sum(-pi_c / 5)), rtol=1e-5)
+  np.testing.assert_allclose(float(rpo - loss(params, pre, None)[0]),
+                             0.3 * float(sums['nll/chosen']), rtol=1e-4)
   norm = lambda g: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))))
   # d/dparams sum_i -log sigmoid(beta * D_i) = -beta * sum_i sigmoid(-beta D_i) grad D_i, which
   # tends to -beta/2 * grad sum_i D_i (D = pi_c - pi_r, the reference is constant): it vanishes

@@ -227,6 +227,7 @@ def test_stage_sigterm_and_kill_through_the_cli(tmp_path, runs, stage):
   proc.communicate(timeout=60)
   done = _finish(_cli(stage, runs, w, steps))
   assert done.returncode == 0, done.stdout[-3000:]
+  assert re.search(r'resuming from step \d+', done.stdout), done.stdout[-3000:]
   _in_process(stage, runs, tmp_path / 'straight', steps)  # The same config, never interrupted.
 
   a, b = _metrics(tmp_path / 'straight'), _metrics(w)

@@ -54,6 +54,7 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.dpo = dict(
       beta=0.1,
+      nll_weight=0.0,  # RPO: + this x the chosen reply's NLL per token (0: plain DPO).
       reference='',  # Checkpoint of the reference model; '' = train.init_from.
       precompute_ref=False,  # One reference pass over the run's batches first, then free it.
       eval_batches=4,
@@ -119,6 +120,8 @@ def validate(config, num_devices: int, process_count: int = 1):
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:
     raise ConfigError(f'dpo.beta={config.dpo.beta} must be positive')
+  if config.stage == 'dpo' and not config.dpo.nll_weight >= 0:
+    raise ConfigError(f'dpo.nll_weight={config.dpo.nll_weight} must be >= 0')
   if config.stage != 'sft' and config.data.packing != 'pad':
     raise ConfigError(f"data.packing={config.data.packing!r}: post-training keeps examples whole; "
                       f"use 'pad'")

@@ -3,7 +3,10 @@
 With log-probs summed over each reply's learned tokens (the assistant mask of data/chat.py),
 pi for the policy and ref for the frozen reference (the SFT model):
 
-  loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))
+  loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) - nll_weight * pi_c / n_c
+
+with n_c the chosen reply's learned tokens: the second term (RPO, Pang et al. 2024; 0 = plain DPO)
+is its NLL per token, which keeps the chosen replies' likelihood from falling as the margin grows.
 
 Metrics (docs/posttrain.md): `rewards/*` are the implicit rewards beta * (pi - ref) (`accuracy`:
 share chosen > rejected), `logps/*` the policy's. The reference is sharded like the policy; with
@@ -38,9 +41,9 @@ def pair_logps(model, micro):
   return logps[:m], logps[m:], aux
 
 
-def loss_fn(params, micro, ref_params, *, mdef, beta):
-  """Summed DPO loss of a micro-batch; the reference log-probs come from `micro`
-  ('ref_chosen', 'ref_rejected', pre-computed) or from `ref_params`."""
+def loss_fn(params, micro, ref_params, *, mdef, beta, nll_weight=0.0):
+  """Summed DPO (+ nll_weight x chosen NLL per token) loss of a micro-batch; the reference
+  log-probs come from `micro` ('ref_chosen', 'ref_rejected', pre-computed) or from `ref_params`."""
   pi_c, pi_r, aux = pair_logps(mdef.build(params), micro)
   if 'ref_chosen' in micro:
     ref_c, ref_r = micro['ref_chosen'], micro['ref_rejected']
@@ -48,12 +51,14 @@ def loss_fn(params, micro, ref_params, *, mdef, beta):
     ref_c, ref_r, _ = pair_logps(mdef.build(ref_params), micro)
   ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
   losses, chosen, rejected = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta)
+  nll_c = -pi_c / jnp.maximum(jnp.sum(micro['chosen']['loss_mask'], axis=-1), 1.0)
+  losses = losses + nll_weight * nll_c
   m = pi_c.shape[0]
   sums = {'loss': jnp.sum(losses), 'rewards/chosen': jnp.sum(chosen),
           'rewards/rejected': jnp.sum(rejected),
           'rewards/accuracy': jnp.sum((chosen > rejected).astype(jnp.float32)),
           'rewards/margin': jnp.sum(chosen - rejected), 'logps/chosen': jnp.sum(pi_c),
-          'logps/rejected': jnp.sum(pi_r)}
+          'logps/rejected': jnp.sum(pi_r), 'nll/chosen': jnp.sum(nll_c)}
   return jnp.sum(losses) + aux.get('aux_loss', 0.0) * m, (jnp.float32(m), sums)
 
 
@@ -82,7 +87,7 @@ def with_fields(data, fields: list[dict]):
 
 def stage(config):
   """The DPO stage: the policy from `train.init_from`, the frozen reference from `dpo.reference`."""
-  beta = float(config.dpo.beta)
+  beta, nll_weight = float(config.dpo.beta), float(config.dpo.nll_weight)
   reference = config.dpo.reference or config.train.init_from
 
   def init_state(ctx, mdef, state):
@@ -103,6 +108,6 @@ def stage(config):
 
   return pairs.stage(
       config, name='dpo', init_state=init_state, prepare=prepare,
-      make_loss=lambda mdef, frozen: lambda p, micro, rng: loss_fn(p, micro, frozen, mdef=mdef,
-                                                                    beta=beta),
+      make_loss=lambda mdef, frozen: lambda p, micro, rng: loss_fn(
+          p, micro, frozen, mdef=mdef, beta=beta, nll_weight=nll_weight),
       shown=('rewards/accuracy', 'rewards/margin', 'rewards/chosen', 'rewards/rejected'))
