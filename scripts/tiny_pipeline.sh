@@ -15,8 +15,8 @@
 # Environment: PYTHON (default: python), SEED (train.seed of every stage and the pairs' sampling
 # seed, default 0), COMMON (extra --config.* flags given to every stage, e.g. a smaller model),
 # PRETRAIN_STEPS, SFT_STEPS, RM_STEPS, PPO_STEPS, DPO_STEPS, GRPO_STEPS (override the configs'
-# train.steps), PAIR_PROMPTS (prompts sampled for pairs, default 0: all), EVAL_NUM (held-out
-# questions, default 256). A stage whose workdir
+# train.steps), PAIR_PROMPTS (prompts sampled for pairs, default 0: all), RATER (the pairs'
+# --rater, default embedded), EVAL_NUM (held-out questions, default 256). A stage whose workdir
 # already holds its final checkpoint is skipped by the train loops (they resume); delete
 # WORKDIR to start over. Stages run through `python -m train.posttrain` so that every workdir
 # gets a config.json (pre-training there is the plain train loop, as `python -m train`).
@@ -39,7 +39,7 @@ stage sft tiny_sft.py "${SFT_STEPS:-}" --config.train.init_from="$W/pretrain"
 if [ ! -s "$W/pairs.jsonl" ]; then
   echo "=== on-policy pairs: SFT samples rated by the checker -> $W/pairs.jsonl" >&2
   $PY -m train.posttrain.preferences --policy "$W/sft" --out "$W/pairs.jsonl.tmp" \
-      --rater embedded --samples 8 --temperature 0.7 --num_prompts "${PAIR_PROMPTS:-0}" \
+      --rater "${RATER:-embedded}" --samples 8 --temperature 0.7 --num_prompts "${PAIR_PROMPTS:-0}" \
       --seed "$SEED"
   mv "$W/pairs.jsonl.tmp" "$W/pairs.jsonl"
 fi

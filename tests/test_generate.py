@@ -354,6 +354,28 @@ def test_generate_cli_on_a_checkpoint(tiny_run, tok, capsys):
   assert gen_lib.main(['--checkpoint', str(workdir / 'nope'), '--prompt', 'x']) == 2
 
 
+def test_rows_of_rollouts_of_two_prompt_buckets_concatenate(generator):
+  short = generator.generate_ids([[5, 17, 33], [44, 9]], max_new_tokens=6, seed=1,
+                                 sampling=decode.Sampling(1.0))
+  long = generator.generate_ids([list(range(3, 15))], max_new_tokens=6)
+  assert (short.prompt_len, long.prompt_len) == (8, 16)
+  both = gen_lib.concat([short.rows([1]), long.rows([0])], generator.tokenizer.pad_id)
+  assert both.prompt_len == 16 and both.finish_b == [short.finish_b[1], long.finish_b[0]]
+  assert both.completion_ids(0) == short.completion_ids(1)
+  assert both.completion_ids(1) == long.completion_ids(0)
+  # The extra padding is invisible: each row's response log-probs under a forward pass of the
+  # concatenated layout equal those of its own rollout's layout.
+  def response_logprobs(rollout, i):
+    lay = rollout.layout()
+    logits, _ = generator.mdef.build(generator.params)(
+        *(jnp.asarray(lay[k][i:i + 1]) for k in ('tokens', 'positions', 'segment_ids')))
+    logp = np.asarray(jax.nn.log_softmax(logits[0, :-1]))
+    cols = np.nonzero(lay['response_mask'][i, 1:])[0]
+    return logp[cols, rollout.tokens_bs[i, cols + 1]]
+  np.testing.assert_allclose(response_logprobs(both, 0), response_logprobs(short, 1), atol=1e-5)
+  np.testing.assert_allclose(response_logprobs(both, 1), response_logprobs(long, 0), atol=1e-5)
+
+
 def test_model_lm_loglikelihood_matches_a_forward_pass(generator):
   from train.eval.model_lm import MeshLM
   lm = MeshLM(generator, max_length=32, batch_size=4)

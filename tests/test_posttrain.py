@@ -1,6 +1,7 @@
 """Post-training pieces: SFT masking, reward model reading and loss, PPO invariants, DPO loss."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from experiments import dense_65b, dense_65b_rlhf, dense_65b_sft, mixtral_8x7b, 
 from model.config import ConfigError
 from model.heads import ScalarModel, last_index
 from train import config as base_config
+from train import generate as gen_lib
 from train import optimizer as optimizer_lib
 from train import step as step_lib
 from train import state as state_lib
@@ -257,6 +259,50 @@ def test_grpo_loss_hand_computed_and_step_moves_towards_reward():
   assert gain_b[adv_b > 0].mean() > 0 > gain_b[adv_b < 0].mean()
 
 
+def test_dynamic_sampling_keeps_groups_with_a_spread_then_tops_up():
+  yes, no = True, False
+  # Round 0 has two groups with a spread, round 1 three: the batch of 4 takes round 0's two and
+  # round 1's first two; groups come back in (round, group) order.
+  assert ppo_loop.keep_groups([[yes, no, no, yes], [no, yes, yes, yes]], 4) == [
+      (0, 0), (0, 3), (1, 1), (1, 2)]
+  # Too few after the last round: topped up with the earliest groups without a spread.
+  assert ppo_loop.keep_groups([[no, yes, no], [no, no, yes]], 3) == [(0, 0), (0, 1), (1, 2)]
+  # One round (PPO, or GRPO's default): every group, in order.
+  assert ppo_loop.keep_groups([[no, yes, no]], 3) == [(0, 0), (0, 1), (0, 2)]
+
+
+def test_dynamic_sampling_batch_is_the_kept_groups_rows_and_scores():
+  """Rollouts.sample_groups on a stub sampler: prompts p1, p4 and p5 have a reward spread; round
+  0 (p0-p2, prompt bucket 8) has one, round 1 (p3-p5, bucket 16) two, so it stops there."""
+  b, g, spread = 3, 2, {1, 4, 5}
+  data = ppo_loop.Rollouts.__new__(ppo_loop.Rollouts)  # Only what sample_groups reads.
+  data.config = ml_collections.ConfigDict({'train': {'seed': 0, 'global_batch': b},
+                                           'grpo': {'sampling_rounds': 4}})
+  data.group, data.grpo, data.iteration, data.cursor = g, True, 0, 0
+  data.prompts = [([i], f'p{i}', '') for i in range(9)]
+  data.order = np.arange(9)
+  data.tokenizer = types.SimpleNamespace(pad_id=0)
+
+  def sample(policy, prompts, *, seed, sampling, samples):
+    p = 8 if prompts[0][0][0] < 3 else 16
+    tokens = np.zeros((len(prompts) * samples, p + 4), np.int32)
+    tokens[:, p - 1] = np.repeat([100 + q[0][0] for q in prompts], samples)  # Last prompt token.
+    tokens[:, p] = np.tile(np.arange(samples), len(prompts)) + 1  # The sample's index + 1.
+    scores = np.asarray([float(q[0][0] in spread and j == 0) for q in prompts
+                         for j in range(samples)], np.float32)
+    n = len(tokens)
+    return gen_lib.Rollout(tokens, np.zeros(tokens.shape, np.float32), np.ones(n, np.int32),
+                           np.ones(n, np.int32), p, ['eos'] * n), scores
+  data.sample = sample
+  out, scores, metrics = data.sample_groups(None, None)
+  assert out.prompt_len == 16 and data.cursor == 2 * b
+  np.testing.assert_array_equal(out.tokens_bs[:, 15], [101, 101, 104, 104, 105, 105])
+  np.testing.assert_array_equal(out.tokens_bs[:, 16], [1, 2] * 3)
+  np.testing.assert_array_equal(scores, [1, 0] * 3)  # Each row's own score.
+  assert metrics == {'objective/scores': 3 / 12, 'objective/sampling_rounds': 2.0,
+                     'objective/zero_std_fraction': 0.5}
+
+
 def test_verifiable_rewards_and_bad_specs():
   assert rewards.embedded('q', ' The answer is 12. ', 'The answer is 12.') == 1.0
   assert rewards.embedded('q', '12', '12') == 1.0
@@ -288,6 +334,9 @@ def test_grpo_config_checks(tmp_path):
   pt_config.validate(c, 8)  # No reward model needed.
   c.grpo.num_generations = 1
   with pytest.raises(ConfigError, match='grpo.num_generations=1'):
+    pt_config.validate(c, 8)
+  c.grpo.num_generations, c.grpo.sampling_rounds = 3, 0
+  with pytest.raises(ConfigError, match='grpo.sampling_rounds=0 must be >= 1'):
     pt_config.validate(c, 8)
   c.stage, c.dpo.nll_weight = 'dpo', -1.0
   with pytest.raises(ConfigError, match='dpo.nll_weight=-1.0 must be >= 0'):

@@ -81,13 +81,15 @@ def test_tiny_pipeline_few_steps(tmp_path):
 @pytest.mark.slow
 def test_tiny_pipeline_script(tmp_path):
   flags = ' '.join(f'--config.model.{k}={v}' for k, v in SMALL.items()) + (
-      ' --config.optim.warmup_steps=1 --config.train.global_batch=8 --config.data.seq_len=64'
+      ' --config.optim.warmup_steps=1 --config.train.global_batch=8 --config.data.seq_len=128'
       ' --config.train.progress=False')
   env = dict(os.environ, PYTHON=sys.executable, COMMON=flags, PRETRAIN_STEPS='3', SFT_STEPS='3',
-             RM_STEPS='3', PPO_STEPS='2', DPO_STEPS='3', EVAL_NUM='8')
+             RM_STEPS='3', PPO_STEPS='2', DPO_STEPS='3', GRPO_STEPS='2', EVAL_NUM='8',
+             # A 3-step SFT model is never right: a rater by length still gives pairs.
+             PAIR_PROMPTS='200', RATER='tests.test_posttrain_preferences:longest')
   proc = subprocess.run(['bash', str(REPO / 'scripts' / 'tiny_pipeline.sh'), str(tmp_path)],
                         env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads((tmp_path / 'results.json').read_text())
-  assert set(results) == {'pretrain', 'sft', 'ppo', 'dpo'}
+  assert set(results) == {'pretrain', 'sft', 'ppo', 'dpo', 'grpo'}
   assert 'run      | accuracy' in proc.stdout

@@ -65,6 +65,20 @@ def test_embedded_pairs_are_policy_samples_and_train_rm_and_dpo(sft, tmp_path, c
     assert p['scores'] == [1.0, 0.0] and p['policy_step'] == SFT_STEPS
     assert p['policy'] == sft and p['rater'] == 'embedded' and p['chosen'] != p['rejected']
 
+  # --all_pairs on the same samples: every right reply against every wrong one, best vs worst's
+  # pair among them, the same prompts tied.
+  every = tmp_path / 'every.jsonl'
+  assert preferences.main(['--policy', sft, '--out', str(every), '--rater', 'embedded',
+                           '--all_pairs'] + SAMPLE) == 0
+  all_pairs = _pairs(every)
+  every_summary = capsys.readouterr().out.strip().splitlines()[-1]
+  assert f'{len(all_pairs)} pairs written' in every_summary
+  assert f'{32 - len(pairs)} ties skipped' in every_summary
+  keys = lambda ps: {(p['prompt'], p['chosen'], p['rejected']) for p in ps}
+  assert keys(pairs) <= keys(all_pairs) and len(all_pairs) > len(pairs)
+  assert {p['prompt'] for p in all_pairs} == {p['prompt'] for p in pairs}
+  assert all(p['scores'] == [1.0, 0.0] for p in all_pairs)
+
   # The replies are the policy's samples: the engine, called on its own with the same prompts
   # (each 8 times in a row), seed and temperature, gives them.
   gen = gen_lib.Generator.from_checkpoint(sft, max_batch=64)
@@ -120,10 +134,18 @@ def test_module_rater(sft, tmp_path, capsys):
 
 
 def test_best_and_worst_drops_blank_and_repeated_replies():
-  assert preferences.best_and_worst(['a', 'bb', 'a', 'c'], [1, 2, 5, 1]) == {
-      'chosen': 'bb', 'rejected': 'a', 'scores': [2.0, 1.0]}  # The first 'a' counts, not 5.
-  assert preferences.best_and_worst(['a', 'a', ' '], [0, 1, 9]) is None  # One distinct reply.
-  assert preferences.best_and_worst(['a', 'b'], [1, 1]) is None
+  assert preferences.best_and_worst(['a', 'bb', 'a', 'c'], [1, 2, 5, 1]) == [
+      {'chosen': 'bb', 'rejected': 'a', 'scores': [2.0, 1.0]}]  # The first 'a' counts, not 5.
+  assert preferences.best_and_worst(['a', 'a', ' '], [0, 1, 9]) == []  # One distinct reply.
+  assert preferences.best_and_worst(['a', 'b'], [1, 1]) == []
+  # --all_pairs: every two distinct replies with different scores, the higher chosen.
+  assert preferences.every_pair(['a', 'bb', 'a', 'c', ' ', 'd'], [1, 2, 5, 1, 9, 0]) == [
+      {'chosen': 'bb', 'rejected': 'a', 'scores': [2.0, 1.0]},
+      {'chosen': 'a', 'rejected': 'd', 'scores': [1.0, 0.0]},
+      {'chosen': 'bb', 'rejected': 'c', 'scores': [2.0, 1.0]},
+      {'chosen': 'bb', 'rejected': 'd', 'scores': [2.0, 0.0]},
+      {'chosen': 'c', 'rejected': 'd', 'scores': [1.0, 0.0]}]
+  assert preferences.every_pair(['a', 'b', 'a'], [1, 1, 0]) == []
 
 
 @pytest.mark.parametrize('args,message', [

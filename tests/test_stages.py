@@ -298,7 +298,7 @@ def test_grpo_resume_is_bit_identical(tmp_path, lm_run):
   def config():
     c = _config('tiny_grpo', init_from=lm_run, steps=2, ckpt_every=4)
     c.ppo.update(max_new_tokens=4, eval_prompts=4, rollout_slots=8)
-    c.grpo.num_generations = 2
+    c.grpo.update(num_generations=2, sampling_rounds=3)  # Dynamic sampling's state resumes too.
     return c
   straight = run_stage(config(), str(tmp_path / 'a'))
   first = run_stage(config(), str(tmp_path / 'b'), stop_after=1)
@@ -311,6 +311,9 @@ def test_grpo_resume_is_bit_identical(tmp_path, lm_run):
       assert a[step][key] == b[step][key], (step, key)
   assert straight.eval == resumed.eval and set(straight.eval) == {'eval/score_before', 'eval/score'}
   assert set(straight.state) == {'step', 'params', 'opt_state', 'rng'}  # No critic.
+  rounds = [h['objective/sampling_rounds'] for h in straight.history if h['step'] in (1, 5)]
+  saved = json.loads((tmp_path / 'b/checkpoints/8/data/metadata').read_text())
+  assert saved['process_states'][0]['cursor'] == 8 * sum(rounds)  # train.global_batch x rounds.
   for x, y in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -62,6 +62,23 @@ class Rollout:
     p = self.prompt_len
     return [int(x) for x in self.tokens_bs[i, p:p + self.num_new_b[i]]]
 
+  def rows(self, rows_k) -> 'Rollout':
+    """Rows `rows_k` (indices) as a Rollout."""
+    return Rollout(self.tokens_bs[rows_k], self.logprobs_bs[rows_k], self.lengths_b[rows_k],
+                   self.num_new_b[rows_k], self.prompt_len, [self.finish_b[i] for i in rows_k])
+
+
+def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
+  """The rows of `rollouts` (same new-token bucket) in one, prompts left-padded with `pad_id`
+  to the widest prompt bucket."""
+  p = max(r.prompt_len for r in rollouts)
+  widen = lambda x, r, fill: np.pad(x, ((0, 0), (p - r.prompt_len, 0)), constant_values=fill)
+  return Rollout(np.concatenate([widen(r.tokens_bs, r, pad_id) for r in rollouts]),
+                 np.concatenate([widen(r.logprobs_bs, r, 0.0) for r in rollouts]),
+                 np.concatenate([r.lengths_b for r in rollouts]),
+                 np.concatenate([r.num_new_b for r in rollouts]), p,
+                 [f for r in rollouts for f in r.finish_b])
+
 
 def bucket(n: int, minimum: int) -> int:
   """The smallest power of two >= max(n, minimum)."""

@@ -50,6 +50,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.grpo = dict(
       num_generations=8,  # G completions sampled per prompt; advantages are relative to the group.
       scale_rewards=True,  # Divide by the group's reward std (False: Dr. GRPO's mean-only).
+      # > 1: DAPO's dynamic sampling. Groups whose rewards all agree (no gradient but the KL's) are
+      # replaced by groups of up to this many rounds of train.global_batch prompts in all.
+      sampling_rounds=1,
       reward='embedded',  # 'embedded' | 'gsm8k' (exact checkers) | 'module:function' (rewards.py).
   )
   c.dpo = dict(
@@ -91,6 +94,8 @@ def validate(config, num_devices: int, process_count: int = 1):
     raise ConfigError('ppo.reward_model: the workdir of a reward-model run is needed')
   if config.stage == 'grpo' and not config.grpo.num_generations >= 2:
     raise ConfigError(f'grpo.num_generations={config.grpo.num_generations}: a group needs >= 2')
+  if config.stage == 'grpo' and not config.grpo.sampling_rounds >= 1:
+    raise ConfigError(f'grpo.sampling_rounds={config.grpo.sampling_rounds} must be >= 1')
   if config.stage in RL_STAGES:
     p = config.ppo
     for key, allowed in (('kl_estimator', KL_ESTIMATORS), ('critic_init', CRITIC_INITS)):

@@ -6,12 +6,14 @@ Models, on one mesh by the same logical rules (keys: config.py): the policy (`tr
 `optim`), the frozen reference (the same checkpoint; `ppo.ref_on_host`), the reward model
 (`ppo.reward_model`), the critic (a ScalarModel per `ppo.critic_init`, AdamW at `ppo.critic_lr`).
 
-One iteration: `train.global_batch` prompts -> completions at `ppo.temperature` -> log-probs,
-reference log-probs, values, scores -> rewards, GAE, whitened advantages (ppo.py) -> `ppo_epochs` x
-`num_minibatches` shuffled updates. The rollout is the stage's `before_step`; a loop step is one
-update of {'params': policy, 'critic'}. Checkpoints fall between iterations; with the data state
-{'iteration', 'kl_coef', 'score_before'} resume is bit-identical. eval/score (eval/score_before: of
-the initial policy): the mean reward of greedy completions of `ppo.eval_prompts` held-out prompts.
+One iteration: `train.global_batch` prompts -> completions at `ppo.temperature` (GRPO: G each;
+groups whose rewards all agree replaced from up to `grpo.sampling_rounds` rounds of prompts) ->
+log-probs, reference log-probs, values, scores -> rewards, GAE, whitened advantages (ppo.py) ->
+`ppo_epochs` x `num_minibatches` shuffled updates. The rollout is the stage's `before_step`; a loop
+step is one update of {'params': policy, 'critic'}. Checkpoints fall between iterations; with the
+data state {'iteration', 'cursor' (prompts taken), 'kl_coef', 'score_before'} resume is
+bit-identical. eval/score (eval/score_before: of the initial policy): the mean reward of greedy
+completions of `ppo.eval_prompts` held-out prompts.
 """
 
 import functools
@@ -42,8 +44,8 @@ log = logging.getLogger('meshlm')
 SHOWN = ('objective/scores', 'objective/kl', 'objective/rlhf_reward', 'objective/entropy',
          'policy/approxkl', 'policy/clipfrac', 'val/clipfrac', 'loss/value',
          'completions/mean_length')
-GRPO_SHOWN = ('objective/scores', 'objective/kl', 'objective/zero_std_fraction', 'policy/clipfrac',
-              'loss/kl', 'completions/mean_length')
+GRPO_SHOWN = ('objective/scores', 'objective/kl', 'objective/zero_std_fraction',
+              'objective/sampling_rounds', 'policy/clipfrac', 'loss/kl', 'completions/mean_length')
 ROLLOUT_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'values', 'advantages',
                 'returns')
 GRPO_KEYS = ('tokens', 'positions', 'segment_ids', 'mask', 'logprobs', 'ref_logprobs', 'advantages')
@@ -163,6 +165,14 @@ def stage(config) -> stage_lib.Stage:
       step_options={'trained': ('params', 'critic'), 'grad_metrics': grad_norms}, **updates)
 
 
+def keep_groups(spread_rk: list, b: int) -> list[tuple[int, int]]:
+  """The `b` groups of an iteration, (round, group) in order, from each round's [b] bools (True:
+  its rewards differ): every group with a spread, by round, topped up with the others, by round."""
+  ranked = sorted((not spread, r, k) for r, spread_k in enumerate(spread_rk)
+                  for k, spread in enumerate(spread_k))
+  return sorted((r, k) for _, r, k in ranked[:b])
+
+
 class Rollouts:
   """The RL stages' data: `refill(state)`, on an empty queue, samples and scores an iteration's
   rollouts with state's policy (and PPO's critic) and queues ppo_epochs x num_minibatches shuffled
@@ -198,48 +208,83 @@ class Rollouts:
       self.ref_params = jax.device_put(self.ref_params, jax.tree.map(
           lambda s: s.with_memory_kind('pinned_host'), self.ref_shardings))
     self.kl = ppo.AdaptiveKL(p.kl_coef, p.kl_target if p.adaptive_kl else None, p.kl_horizon)
-    self.iteration, self.score_before, self.queue = 0, None, []
+    self.iteration, self.cursor, self.score_before, self.queue = 0, 0, None, []
 
   def __next__(self) -> dict:
     return self.queue.pop(0)
 
   def get_state(self) -> dict:
-    return {'iteration': self.iteration, 'kl_coef': self.kl.value,
+    return {'iteration': self.iteration, 'cursor': self.cursor, 'kl_coef': self.kl.value,
             'score_before': self.score_before}
 
   def set_state(self, state: dict):
     self.iteration, self.kl.value = state['iteration'], state['kl_coef']
     self.score_before, self.queue = state['score_before'], []
+    # Runs saved before grpo.sampling_rounds took prompts train.global_batch an iteration.
+    self.cursor = state.get('cursor', self.iteration * self.config.train.global_batch)
 
   def counts(self) -> dict:
     return {}
 
-  def rollout(self, policy, prompts, *, seed, sampling, samples=1):
-    """Sample `samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major)
-    and score them: (dict of [b, t] numpy arrays, scores, metrics)."""
+  def sample(self, policy, prompts, *, seed, sampling, samples=1):
+    """`samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major) and
+    their scores: (gen_lib.Rollout, numpy [rows])."""
     p = self.config.ppo
     out = self.generator.generate_ids([ids for ids, _, _ in prompts], samples=samples,
                                       max_new_tokens=p.max_new_tokens, sampling=sampling, seed=seed,
                                       stop_ids=self.generator.stop_ids(True), params=policy)
-    prompts = [q for q in prompts for _ in range(samples)]
+    truncated = np.asarray([f == 'length' for f in out.finish_b])
+    scores = self.scores(out, [q for q in prompts for _ in range(samples)])
+    return out, scores - p.missing_eos_penalty * truncated
+
+  def forward(self, policy, out) -> tuple[dict, dict]:
+    """The rows of Rollout `out` for the updates ({tokens, positions, segment_ids, mask,
+    logprobs, ref_logprobs}: numpy [b, t]) and their metrics."""
     lay = out.layout()
     args = (lay['tokens'], lay['positions'], lay['segment_ids'])
     logprobs, entropy = self.logp(policy, *args)
     ref_logprobs, _ = self.logp(jax.device_put(self.ref_params, self.ref_shardings), *args)
-    truncated = np.asarray([f == 'length' for f in out.finish_b])
-    scores = self.scores(out, prompts) - p.missing_eos_penalty * truncated
     mask = lay['response_mask'][:, 1:]
     batch = dict(zip(('tokens', 'positions', 'segment_ids'), args), mask=mask,
                  logprobs=np.asarray(logprobs), ref_logprobs=np.asarray(ref_logprobs))
     metrics = {'objective/entropy': float(np.sum(np.asarray(entropy) * mask) / max(mask.sum(), 1)),
                'completions/mean_length': float(out.num_new_b.mean()),
-               'completions/truncated_fraction': float(truncated.mean())}
-    return batch, scores, metrics
+               'completions/truncated_fraction': float(np.mean([f == 'length'
+                                                                for f in out.finish_b]))}
+    return batch, metrics
 
   def mean_score(self, policy) -> float:
     """Mean reward of greedy completions of the held-out prompts."""
-    _, scores, _ = self.rollout(policy, self.eval_prompts, seed=0, sampling=decode.Sampling())
+    _, scores = self.sample(policy, self.eval_prompts, seed=0, sampling=decode.Sampling())
     return float(scores.mean())
+
+  def sample_groups(self, policy, sampling) -> tuple[gen_lib.Rollout, np.ndarray, dict]:
+    """An iteration's train.global_batch prompts x group samples and their scores, from the next
+    prompts in order. With grpo.sampling_rounds > 1, groups whose scores all agree are replaced by
+    those of further rounds of prompts while rounds remain (DAPO's dynamic sampling)."""
+    t, b, g = self.config.train, self.config.train.global_batch, self.group
+    rounds = int(self.config.grpo.sampling_rounds) if self.grpo else 1
+    outs, scores, spread = [], [], []
+    for r in range(rounds):
+      pick = [self.order[(self.cursor + j) % len(self.order)] for j in range(b)]
+      self.cursor += b
+      seed = t.seed * 1_000_003 + self.iteration if r == 0 else int(
+          np.random.SeedSequence([t.seed, self.iteration, r]).generate_state(1)[0] >> 1)
+      out, scores_r = self.sample(policy, [self.prompts[i] for i in pick], samples=g,
+                                  seed=seed, sampling=sampling)
+      outs.append(out)
+      scores.append(scores_r)
+      spread.append(scores_r.reshape(b, g).std(axis=1) > 0)
+      if sum(s.sum() for s in spread) >= b:
+        break
+    kept = keep_groups(spread, b)
+    rows = lambda r: [k * g + j for rr, k in kept if rr == r for j in range(g)]
+    out = gen_lib.concat([o.rows(rows(r)) for r, o in enumerate(outs)], self.tokenizer.pad_id)
+    metrics = {'objective/scores': float(np.concatenate(scores).mean())}  # Of every sample.
+    if self.grpo:
+      metrics.update({'objective/sampling_rounds': float(len(outs)),
+                      'objective/zero_std_fraction': float(1 - np.mean(np.concatenate(spread)))})
+    return out, np.concatenate([scores[r][rows(r)] for r in range(len(outs))]), metrics
 
   def refill(self, state) -> dict:
     """The rollout phase of an iteration, if the queue is empty: its metrics (else {})."""
@@ -251,10 +296,10 @@ class Rollouts:
       log.info('%s: mean reward of greedy completions of %d held-out prompts: %.4f',
                self.config.stage, len(self.eval_prompts), self.score_before)
     it, b = self.iteration, t.global_batch
-    pick = [self.order[(it * b + j) % len(self.order)] for j in range(b)]
-    batch, scores, metrics = self.rollout(
-        state['params'], [self.prompts[i] for i in pick], samples=self.group,
-        seed=t.seed * 1_000_003 + it, sampling=decode.Sampling(temperature=p.temperature))
+    out, scores, metrics = self.sample_groups(
+        state['params'], decode.Sampling(temperature=p.temperature))
+    batch, forward_metrics = self.forward(state['params'], out)
+    metrics.update(forward_metrics)
     kl_coef, keys = self.kl.value, ROLLOUT_KEYS
     if self.grpo:
       keys, kl_bt = GRPO_KEYS, ppo.kl_penalty(batch['logprobs'], batch['ref_logprobs'],
@@ -262,8 +307,6 @@ class Rollouts:
       batch['advantages'] = np.asarray(ppo.group_advantages(
           scores, self.group, self.config.grpo.scale_rewards))[:, None] * batch['mask']
       kl = float(np.mean(np.sum(np.asarray(kl_bt) * batch['mask'], axis=1)))
-      metrics['objective/zero_std_fraction'] = float(np.mean(
-          scores.reshape(-1, self.group).std(axis=1) == 0))
     else:
       batch['values'] = np.asarray(self.values(
           state['critic'], batch['tokens'], batch['positions'], batch['segment_ids']))
@@ -271,12 +314,12 @@ class Rollouts:
           {k: batch[k] for k in ('logprobs', 'ref_logprobs', 'mask', 'values')}, scores, kl_coef)))
       kl = float(batch.pop('kl_sum_b').mean())
       self.kl.update(kl, b)
-    score, n = float(scores.mean()), len(scores)
+    score, n = metrics['objective/scores'], len(scores)
     rng = np.random.default_rng([t.seed, it])
     self.queue = [{k: batch[k][mb] for k in keys} for _ in range(p.ppo_epochs)
                   for mb in np.split(rng.permutation(n), p.num_minibatches)]
     self.iteration += 1
-    return dict(metrics, **{'objective/kl': kl, 'objective/scores': score,
+    return dict(metrics, **{'objective/kl': kl,
                             'objective/non_score_reward': -kl_coef * kl,
                             'objective/rlhf_reward': score - kl_coef * kl,
                             'objective/kl_coef': kl_coef})

@@ -3,14 +3,16 @@
     python -m train.posttrain.preferences --policy DIR --out PAIRS.jsonl [--config EXPERIMENT]
         [--split train] [--num_prompts 0] [--samples 4] [--temperature 1.0] [--max_new_tokens 32]
         [--max_prompt_len 64] [--rater embedded|gsm8k|module:function|rm:RM_WORKDIR] [--seed 0]
+        [--all_pairs]
 
 Prompts: the first `--num_prompts` (0: all) of the SFT sources of `--config` (default: the policy
 run's config.json), read as ppo_loop.load_prompts does, `--samples` replies each. Rater: a reward of
 train/posttrain/rewards.py, or `rm:WORKDIR`, a reward-model run's score. Per prompt, blank replies
 are dropped and identical ones count once (the first's score); the first highest-scoring is chosen,
-the first lowest rejected; a prompt whose replies all score the same is a tie and writes nothing. A
-line: the preference record of data/chat.py, {'prompt': the last user turn, 'chosen', 'rejected'},
-plus 'policy', 'policy_step', 'rater' and 'scores' ([chosen, rejected]), which the reader ignores.
+the first lowest rejected (`--all_pairs`: every two distinct replies whose scores differ, the higher
+chosen); a prompt whose replies all score the same is a tie and writes nothing. A line: the
+preference record of data/chat.py, {'prompt': the last user turn, 'chosen', 'rejected'}, plus
+'policy', 'policy_step', 'rater' and 'scores' ([chosen, rejected]), which the reader ignores.
 """
 
 import argparse
@@ -30,16 +32,33 @@ from train import workdir as workdir_lib
 from train.posttrain import ppo_loop, reward, rewards
 
 
-def best_and_worst(replies: list[str], scores) -> dict | None:
-  """{'chosen', 'rejected', 'scores'} of one prompt's rated replies, or None for a tie."""
+def distinct_rated(replies: list[str], scores) -> dict:
+  """{reply: score} of one prompt's rated replies; blank ones dropped, a repeat scored as its
+  first."""
   distinct = {}
   for text, score in zip(replies, scores):
     if text.strip():
       distinct.setdefault(text, float(score))
+  return distinct
+
+
+def best_and_worst(replies: list[str], scores) -> list[dict]:
+  """[{'chosen', 'rejected', 'scores'}] of one prompt's rated replies; [] for a tie."""
+  distinct = distinct_rated(replies, scores)
   if len(set(distinct.values())) < 2:
-    return None
+    return []
   chosen, rejected = max(distinct, key=distinct.get), min(distinct, key=distinct.get)
-  return {'chosen': chosen, 'rejected': rejected, 'scores': [distinct[chosen], distinct[rejected]]}
+  return [{'chosen': chosen, 'rejected': rejected,
+           'scores': [distinct[chosen], distinct[rejected]]}]
+
+
+def every_pair(replies: list[str], scores) -> list[dict]:
+  """Records of every two distinct replies whose scores differ, the higher chosen (InstructGPT's
+  K-choose-2 comparisons), in the replies' order; [] for a tie."""
+  rated = list(distinct_rated(replies, scores).items())
+  return [{'chosen': a, 'rejected': b, 'scores': [sa, sb]} if sa > sb else
+          {'chosen': b, 'rejected': a, 'scores': [sb, sa]}
+          for i, (a, sa) in enumerate(rated) for b, sb in rated[i + 1:] if sa != sb]
 
 
 def main(argv=None) -> int:
@@ -53,6 +72,7 @@ def main(argv=None) -> int:
                         ('max_new_tokens', 32), ('max_prompt_len', 64), ('rater', 'embedded'),
                         ('seed', 0)):
     parser.add_argument(f'--{flag}', type=type(default), default=default)
+  parser.add_argument('--all_pairs', action='store_true', help='every pair, not best vs worst')
   args = parser.parse_args(argv)
   compilation_cache.enable()
   try:
@@ -79,15 +99,19 @@ def main(argv=None) -> int:
     scores = scorer(out) if scorer else [text_rater(prompts[i // k][1], r, prompts[i // k][2])
                                          for i, r in enumerate(replies)]
     meta = {'policy': os.path.abspath(args.policy), 'policy_step': run.step, 'rater': args.rater}
-    pairs = [{'prompt': text, **pair, **meta} for j, (_, text, _) in enumerate(prompts)
-             if (pair := best_and_worst(replies[j * k:(j + 1) * k], scores[j * k:(j + 1) * k]))]
+    pairs_of = every_pair if args.all_pairs else best_and_worst
+    per_prompt = [pairs_of(replies[j * k:(j + 1) * k], scores[j * k:(j + 1) * k])
+                  for j in range(len(prompts))]
+    pairs = [{'prompt': text, **pair, **meta} for (_, text, _), prompt_pairs in
+             zip(prompts, per_prompt) for pair in prompt_pairs]
     with open(args.out, 'w') as f:
       f.writelines(json.dumps(p) + '\n' for p in pairs)
   except (ConfigError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  ties = sum(not p for p in per_prompt)
   print(f'preferences: {len(prompts)} prompts, {len(pairs)} pairs written to {args.out}, '
-        f'{len(prompts) - len(pairs)} ties skipped, mean score {np.mean(scores):.4f} of '
+        f'{ties} ties skipped, mean score {np.mean(scores):.4f} of '
         f'{len(replies)} samples, policy step {run.step}')
   return 0
 
