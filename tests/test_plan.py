@@ -247,6 +247,14 @@ def test_dense_65b_rl_stages_by_hand():
   assert ppo['rl_value_model_gib'] == pytest.approx((4 * rm + 80 * 2 * 1536 * d * 2) / GIB, abs=0.01)
   assert ppo['fits'] and grpo['fits']
   assert not [w for w in ppo['warnings'] + grpo['warnings'] if 'decoder update step' in w]
+  # PPO with a verifiable reward: no reward model, the same critic (the policy's trunk), no note.
+  c = dense_65b_rlhf.get_config()
+  c.ppo.update(reward='gsm8k', critic_init='policy')
+  rlvr = plan.plan(c)
+  assert rlvr['rl_reward_model_gib'] == 0 and not rlvr['rl_notes']
+  assert rlvr['rl_value_model_gib'] == ppo['rl_value_model_gib']
+  assert rlvr['rl_total_gib'] == pytest.approx(ppo['rl_total_gib'] - ppo['rl_reward_model_gib'],
+                                               abs=0.02)
 
 
 def test_rl_not_fitting_names_the_knobs(tmp_path):

@@ -318,6 +318,23 @@ def test_grpo_resume_is_bit_identical(tmp_path, lm_run):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_ppo_with_a_verifiable_reward(tmp_path, lm_run):
+  """ppo.reward in place of a reward model: the checker's scores, a critic from the policy."""
+  c = _ppo_config(lm_run, '', steps=1)
+  c.ppo.update(reward='embedded', critic_init='policy', missing_eos_penalty=0.0)
+  result = run_stage(c, str(tmp_path))
+  first = result.history[0]
+  assert 0 <= first['objective/scores'] <= 1 and np.isfinite(first['loss/value'])
+  assert 0 <= result.eval['eval/score'] <= 1
+  for reward_model, reward, match in (('', '', 'set one'), ('/x', 'embedded', 'set one')):
+    c.ppo.update(reward_model=reward_model, reward=reward)
+    with pytest.raises(ConfigError, match=f"ppo.reward_model='{reward_model}'.*{match}"):
+      pt_config.validate(c, 8)
+  c.ppo.update(reward_model='', reward='embedded', critic_init='reward_model')
+  with pytest.raises(ConfigError, match='ppo.critic_init=reward_model: ppo.reward=.embedded. has'):
+    pt_config.validate(c, 8)
+
+
 def test_ppo_checkpoints_only_between_iterations(tmp_path, lm_run, rm_run):
   with pytest.raises(ConfigError, match=r'train.ckpt_every=2: PPO saves between iterations'):
     run_stage(_ppo_config(lm_run, rm_run, ckpt_every=2), str(tmp_path))

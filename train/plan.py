@@ -128,7 +128,8 @@ def _validate(config, n: int):
   if stage is not None:
     config = ml_collections.ConfigDict(config.to_dict())
     config.train.init_from = config.train.init_from or 'plan://unread'
-    config.ppo.reward_model = config.ppo.reward_model or 'plan://unread'
+    if not config.ppo.reward:  # A verifiable reward (PPO with ppo.reward) has no RM run.
+      config.ppo.reward_model = config.ppo.reward_model or 'plan://unread'
   check = config_lib.validate if stage is None else pt_config.validate
   try:
     cfg = check(config, n)
@@ -163,10 +164,11 @@ def _validate(config, n: int):
 
 def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> dict:
   """An RL stage per device beside the policy's update step (`policy`: estimate of `planned`):
-  the reference (the policy's params; host with ppo.ref_on_host), for PPO the reward model and the
-  critic (ScalarModels of the ppo.reward_model run's model, else the policy's; the critic with
-  AdamW, gradients, activations), the KV cache of ppo.rollout_slots (0: all rollouts) rounded up
-  as train/generate.py does. Phases: rollout (the cache; a host reference after it), update."""
+  the reference (the policy's params; host with ppo.ref_on_host), for PPO the reward model (none
+  with ppo.reward) and the critic (ScalarModels of the ppo.reward_model run's model, else the
+  policy's; the critic with AdamW, gradients, activations), the KV cache of ppo.rollout_slots (0:
+  all rollouts) rounded up as train/generate.py does. Phases: rollout (the cache; a host
+  reference after it), update."""
   p, notes, critic_work, rows = config.ppo, [], 0, {}
   rollouts = pt_config.rollouts_per_iteration(config)
   shards = context_lib.Placement.abstract(planned, sizes).batch_shards
@@ -179,14 +181,16 @@ def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> 
       rm_cfg = reward.run_model_config(p.reward_model) if p.reward_model else None
     except (FileNotFoundError, ConfigError):
       rm_cfg = None
-    notes = [] if rm_cfg else [f'ppo.reward_model={p.reward_model!r} is not a run here: the reward '
-                               f'model and critic are sized with the policy\'s model config']
+    notes = [] if rm_cfg or p.reward else [
+        f'ppo.reward_model={p.reward_model!r} is not a run here: the reward model and critic are '
+        f'sized with the policy\'s model config']
     rm = memory_lib.estimate(planned, sizes, rm_cfg or cfg, ScalarModel)
     critic = (rm if p.critic_init == 'reward_model' or rm_cfg is None
               else memory_lib.estimate(planned, sizes, cfg, ScalarModel))
-    on_device += rm.params + critic.params + critic.optimizer
+    rm_params = 0 if p.reward else rm.params  # ppo.reward: a verifiable reward, no RM.
+    on_device += rm_params + critic.params + critic.optimizer
     critic_work = critic.grads + critic.activations
-    rows = {'rl_reward_model_gib': gib(rm.params),
+    rows = {'rl_reward_model_gib': gib(rm_params),
             'rl_value_model_gib': gib(critic.params + critic.optimizer + critic_work)}
   rollout = on_device + max(kv, ref if p.ref_on_host else 0)
   update = on_device + policy.total - policy.params - policy.optimizer + critic_work

@@ -27,6 +27,8 @@ def defaults() -> ml_collections.ConfigDict:
   )
   c.ppo = dict(
       reward_model='',  # Workdir of the reward-model stage (its config.json and checkpoints).
+      # Or a verifiable reward in its place, as grpo.reward (RLVR; the critic from the policy).
+      reward='',
       critic_init='reward_model',  # The critic's trunk and head: from the RM, or the policy trunk.
       max_prompt_len=64,  # Longer prompts are skipped.
       max_new_tokens=32,
@@ -90,8 +92,13 @@ def validate(config, num_devices: int, process_count: int = 1):
   if config.stage != 'sft' and not config.train.init_from:
     raise ConfigError(f'train.init_from: the {config.stage} stage starts from a checkpoint '
                       f'(the SFT model); set --config.train.init_from=DIR')
-  if config.stage == 'ppo' and not config.ppo.reward_model:
-    raise ConfigError('ppo.reward_model: the workdir of a reward-model run is needed')
+  if config.stage == 'ppo' and bool(config.ppo.reward_model) == bool(config.ppo.reward):
+    raise ConfigError(f'ppo.reward_model={config.ppo.reward_model!r}, ppo.reward='
+                      f'{config.ppo.reward!r}: set one (a reward-model run\'s workdir, or a '
+                      f'verifiable reward)')
+  if config.stage == 'ppo' and config.ppo.reward and config.ppo.critic_init == 'reward_model':
+    raise ConfigError(f'ppo.critic_init=reward_model: ppo.reward={config.ppo.reward!r} has no '
+                      f'reward model; use ppo.critic_init=policy')
   if config.stage == 'grpo' and not config.grpo.num_generations >= 2:
     raise ConfigError(f'grpo.num_generations={config.grpo.num_generations}: a group needs >= 2')
   if config.stage == 'grpo' and not config.grpo.sampling_rounds >= 1:

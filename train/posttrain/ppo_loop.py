@@ -1,6 +1,7 @@
 """RLHF with PPO, and GRPO: stages of the one loop (train/loop.py). Rollouts from the policy,
-rewards from the reward model (PPO) or a verifiable reward (GRPO, rewards.py), KL to a frozen
-reference. GRPO is PPO without critic or reward model, advantages relative to the group (ppo.py).
+rewards from the reward model (PPO) or a verifiable reward (GRPO, and PPO with `ppo.reward`;
+rewards.py), KL to a frozen reference. GRPO is PPO without critic or reward model, advantages
+relative to the group (ppo.py).
 
 Models, on one mesh by the same logical rules (keys: config.py): the policy (`train.init_from`,
 `optim`), the frozen reference (the same checkpoint; `ppo.ref_on_host`), the reward model
@@ -136,6 +137,7 @@ def stage(config) -> stage_lib.Stage:
         init_state=lambda ctx, mdef, state: dict(
             state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)),
         shown=GRPO_SHOWN, **updates)
+  reward_fn = rewards.make(p.reward, 'ppo.reward') if p.reward else None
   critic_cfg = (reward.run_model_config(p.reward_model) if p.critic_init == 'reward_model'
                 else base_config.model_config(config))
   critic_mdef, _ = state_lib.model_def(critic_cfg, ScalarModel)
@@ -158,7 +160,7 @@ def stage(config) -> stage_lib.Stage:
     return dict(state, params=workdir_lib.restore_params(t.init_from, ctx.cfg, ctx), critic=critic)
 
   return stage_lib.Stage(
-      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef),
+      make_data=lambda ctx, split: Rollouts(config, ctx, critic_mdef, reward_fn),
       make_loss=lambda mdef, frozen: functools.partial(
           update_loss, mdef=mdef, critic_mdef=critic_mdef, loss_cfg=loss_cfg),
       init_state=init_state, shown=SHOWN, make_state=make_state,
@@ -177,7 +179,8 @@ class Rollouts:
   """The RL stages' data: `refill(state)`, on an empty queue, samples and scores an iteration's
   rollouts with state's policy (and PPO's critic) and queues ppo_epochs x num_minibatches shuffled
   minibatches ({ROLLOUT_KEYS or GRPO_KEYS: numpy [rollouts / num_minibatches, ...]}) for next().
-  `reward_fn` (GRPO): a rewards.py function of texts. get_state() is whole between iterations."""
+  `reward_fn`: a rewards.py function of texts (GRPO; PPO with ppo.reward), else the reward model
+  scores. get_state() is whole between iterations."""
 
   def __init__(self, config, ctx, critic_mdef, reward_fn=None):
     t, p = config.train, config.ppo
@@ -186,7 +189,7 @@ class Rollouts:
     self.prompts = load_prompts(config, template, 'train', ctx.workdir)
     self.eval_prompts = load_prompts(config, template, 'eval', ctx.workdir)[:p.eval_prompts]
     self.order = np.random.default_rng(t.seed).permutation(len(self.prompts))
-    self.grpo = reward_fn is not None
+    self.grpo = config.stage == 'grpo'
     self.group = int(config.grpo.num_generations) if self.grpo else 1
     mdef = state_lib.model_def(ctx.cfg)[0]
     self.logp = jax.jit(lambda params, *rows: ppo.token_logprobs_and_entropy(
@@ -197,6 +200,7 @@ class Rollouts:
     if not self.grpo:
       self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
       self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
+    if reward_fn is None:
       rm_scores = reward.RewardScorer(p.reward_model, tok, ctx)
       self.scores = lambda out, prompts: rm_scores(out)
     else:
