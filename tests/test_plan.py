@@ -247,6 +247,12 @@ def test_dense_65b_rl_stages_by_hand():
   assert ppo['rl_value_model_gib'] == pytest.approx((4 * rm + 80 * 2 * 1536 * d * 2) / GIB, abs=0.01)
   assert ppo['fits'] and grpo['fits']
   assert not [w for w in ppo['warnings'] + grpo['warnings'] if 'decoder update step' in w]
+  # An ensemble of three reward models (each sized as the first): three times the RM.
+  c = dense_65b_rlhf.get_config()
+  c.ppo.reward_ensemble = 'gs://b/rm1,gs://b/rm2'
+  three = plan.plan(c)
+  assert three['rl_reward_model_gib'] == pytest.approx(3 * rm / GIB, abs=0.01)
+  assert three['rl_total_gib'] == pytest.approx(ppo['rl_total_gib'] + 2 * rm / GIB, abs=0.02)
   # PPO with a verifiable reward: no reward model, the same critic (the policy's trunk), no note.
   c = dense_65b_rlhf.get_config()
   c.ppo.update(reward='gsm8k', critic_init='policy')

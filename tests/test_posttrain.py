@@ -106,6 +106,21 @@ def test_bt_loss_closed_form_and_metrics():
   assert 'head_dv' not in params['decoder']  # The trunk carries no LM output table.
 
 
+def test_reward_ensemble_standardises_then_combines():
+  """Members standardised on the calibration rollout (mean 0, std 1 there), then mean or min."""
+  base = lambda out: np.asarray(out, np.float32)
+  calibration = [0.0, 1.0, 2.0, 3.0]  # Mean 1.5, std sqrt(1.25).
+  a, b = (lambda out: 10 * base(out) - 4), (lambda out: -base(out) + 7)  # b ranks the other way.
+  z = lambda x: (np.asarray(x) - 1.5) / np.sqrt(1.25)
+  out = [0.0, 3.0, 5.0]
+  same = reward.ensemble([a, lambda out: 2 * base(out) + 1], calibration, 'mean')
+  np.testing.assert_allclose(same(out), z(out), rtol=1e-5)  # Scale and offset do not matter.
+  np.testing.assert_allclose(reward.ensemble([a, b], calibration, 'mean')(out), 0.0, atol=1e-5)
+  np.testing.assert_allclose(reward.ensemble([a, b], calibration, 'min')(out), -np.abs(z(out)),
+                             rtol=1e-5)
+  assert reward.ensemble([a, b], calibration, 'min')(out).dtype == np.float32
+
+
 def test_gae_hand_computed():
   # One row: prompt column 0, actions at 1..3 (the episode), padding at 4.
   mask = jnp.asarray([[0.0, 1.0, 1.0, 1.0, 0.0]])

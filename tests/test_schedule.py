@@ -31,6 +31,16 @@ def test_dense_65b_schedule_matches_formula():
   np.testing.assert_allclose(float(sched(total)), 2e-6, rtol=1e-5)  # Ends at 10% of peak.
 
 
+def test_delayed_schedule_is_zero_then_the_same_shape():
+  """delay (PPO's critic warm-up): 0 for `delay` steps, then the schedule of total - delay steps."""
+  c = dense_65b.get_config().optim
+  delayed, plain = optimizer.schedule(c, 10_000, delay=500), optimizer.schedule(c, 9_500)
+  assert [float(delayed(s)) for s in (0, 250, 499)] == [0.0, 0.0, 0.0]
+  for step in (500, 1500, 2500, 6000, 10_000):
+    np.testing.assert_allclose(float(delayed(step)), float(plain(step - 500)), rtol=1e-6)
+  np.testing.assert_allclose(float(delayed(2500)), 2e-5, rtol=1e-6)  # Peak after its warm-up.
+
+
 def test_weight_decay_skips_norms():
   params = {'layers': {'attn_norm': {'scale': jnp.ones(3)}, 'mlp': {'up_df': jnp.ones((3, 3))}}}
   mask = optimizer.decay_mask(params)

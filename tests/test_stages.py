@@ -335,6 +335,46 @@ def test_ppo_with_a_verifiable_reward(tmp_path, lm_run):
     pt_config.validate(c, 8)
 
 
+def test_ppo_with_a_reward_model_ensemble(tmp_path, lm_run, rm_run):
+  """ppo.reward_ensemble: the RM twice is the RM standardised (mean and min agree); its errors."""
+  runs = {}
+  for combine in ('mean', 'min'):
+    c = _ppo_config(lm_run, rm_run, steps=1)
+    c.ppo.update(reward_ensemble=rm_run, ensemble_combine=combine, missing_eos_penalty=0.0)
+    runs[combine] = run_stage(c, str(tmp_path / combine))
+  first = {k: r.history[0] for k, r in runs.items()}
+  assert first['mean']['objective/scores'] == pytest.approx(first['min']['objective/scores'],
+                                                            abs=1e-6)
+  assert runs['mean'].eval['eval/score_before'] == pytest.approx(0.0, abs=1e-5)  # Calibrated there.
+  assert np.isfinite(first['mean']['loss/value'])
+  c.ppo.ensemble_combine = 'max'
+  with pytest.raises(ConfigError, match=r"ppo.ensemble_combine='max': use one of \('mean', 'min'\)"):
+    pt_config.validate(c, 8)
+  c.ppo.update(ensemble_combine='mean', reward_model='', reward='embedded', critic_init='policy')
+  with pytest.raises(ConfigError, match=r'ppo.reward_ensemble=.*ppo.reward_model, which is not set'):
+    pt_config.validate(c, 8)
+
+
+def test_ppo_critic_warmup_holds_the_policy(tmp_path, lm_run):
+  """ppo.critic_warmup=1: the first iteration's updates train the critic alone (the policy's lr 0,
+  its params still the SFT checkpoint's); the policy trains from the second."""
+  c = _ppo_config(lm_run, '', steps=2)
+  c.ppo.update(reward='embedded', critic_init='policy', critic_warmup=1)
+  c.optim.warmup_steps = 1
+  first = run_stage(c, str(tmp_path), stop_after=1)
+  lrs = [h['learning_rate'] for h in first.history if 'loss' in h]
+  assert lrs == [0.0] * 4 and all(h['val/grad_norm'] > 0 for h in first.history if 'loss' in h)
+  sft = workdir_lib.load_run(lm_run).params
+  for x, y in zip(jax.tree.leaves(sft), jax.tree.leaves(first.state['params'])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rest = run_stage(c, str(tmp_path))  # Resumes at the second iteration: the policy's warm-up.
+  lrs = {h['step']: h['learning_rate'] for h in rest.history if 'loss' in h}
+  assert lrs[5] == 0.0 and lrs[6] == pytest.approx(c.optim.peak_lr) and min(lrs[7], lrs[8]) > 0
+  c.ppo.critic_warmup = 2
+  with pytest.raises(ConfigError, match=r'ppo.critic_warmup=2 must be in \[0, train.steps=2\)'):
+    pt_config.validate(c, 8)
+
+
 def test_ppo_checkpoints_only_between_iterations(tmp_path, lm_run, rm_run):
   with pytest.raises(ConfigError, match=r'train.ckpt_every=2: PPO saves between iterations'):
     run_stage(_ppo_config(lm_run, rm_run, ckpt_every=2), str(tmp_path))

@@ -15,6 +15,7 @@ from train import config as base_config
 STAGES = ('sft', 'rm', 'ppo', 'grpo', 'dpo')
 RL_STAGES = ('ppo', 'grpo')
 KL_ESTIMATORS = ('k1', 'k3')
+ENSEMBLE_COMBINES = ('mean', 'min')
 CRITIC_INITS = ('reward_model', 'policy')
 
 
@@ -29,6 +30,10 @@ def defaults() -> ml_collections.ConfigDict:
       reward_model='',  # Workdir of the reward-model stage (its config.json and checkpoints).
       # Or a verifiable reward in its place, as grpo.reward (RLVR; the critic from the policy).
       reward='',
+      # More reward-model workdirs, comma-separated: with ppo.reward_model an ensemble, each member
+      # standardised on the reference's greedy held-out replies, then combined (Coste et al. 2023).
+      reward_ensemble='',
+      ensemble_combine='mean',  # 'mean' of the members, or 'min' (worst case).
       critic_init='reward_model',  # The critic's trunk and head: from the RM, or the policy trunk.
       max_prompt_len=64,  # Longer prompts are skipped.
       max_new_tokens=32,
@@ -45,6 +50,7 @@ def defaults() -> ml_collections.ConfigDict:
       whiten_rewards=False,
       missing_eos_penalty=0.0,  # Subtracted from the score of completions that never end.
       critic_lr=1e-5,  # Peak learning rate of the critic (same schedule shape as optim).
+      critic_warmup=0,  # PPO: iterations that train the critic alone (the policy's lr held at 0).
       ref_on_host=False,  # Keep the frozen reference in host memory between uses.
       eval_prompts=64,  # Held-out prompts scored (greedy) before and after training.
       rollout_slots=0,  # Decode slots of the rollout engine; 0: every rollout of an iteration.
@@ -96,6 +102,12 @@ def validate(config, num_devices: int, process_count: int = 1):
     raise ConfigError(f'ppo.reward_model={config.ppo.reward_model!r}, ppo.reward='
                       f'{config.ppo.reward!r}: set one (a reward-model run\'s workdir, or a '
                       f'verifiable reward)')
+  if config.stage == 'ppo' and config.ppo.reward_ensemble and not config.ppo.reward_model:
+    raise ConfigError(f'ppo.reward_ensemble={config.ppo.reward_ensemble!r}: its members join '
+                      f'ppo.reward_model, which is not set')
+  if config.stage == 'ppo' and config.ppo.ensemble_combine not in ENSEMBLE_COMBINES:
+    raise ConfigError(f'ppo.ensemble_combine={config.ppo.ensemble_combine!r}: use one of '
+                      f'{ENSEMBLE_COMBINES}')
   if config.stage == 'ppo' and config.ppo.reward and config.ppo.critic_init == 'reward_model':
     raise ConfigError(f'ppo.critic_init=reward_model: ppo.reward={config.ppo.reward!r} has no '
                       f'reward model; use ppo.critic_init=policy')
@@ -128,6 +140,9 @@ def validate(config, num_devices: int, process_count: int = 1):
     if config.train.ckpt_every % per_iteration:
       raise ConfigError(f'train.ckpt_every={config.train.ckpt_every}: {config.stage.upper()} saves '
                         f'between iterations; use a multiple of ppo.ppo_epochs x ppo.num_minibatches = {per_iteration}')
+    if not 0 <= p.critic_warmup < config.train.steps:
+      raise ConfigError(f'ppo.critic_warmup={p.critic_warmup} must be in [0, train.steps='
+                        f'{config.train.steps}): iterations before the policy trains')
     if not 0 < p.lam <= 1 or not 0 < p.gamma <= 1:
       raise ConfigError(f'ppo.gamma={p.gamma} and ppo.lam={p.lam} must be in (0, 1]')
   if config.stage == 'dpo' and not config.dpo.beta > 0:

@@ -5,7 +5,7 @@ relative to the group (ppo.py).
 
 Models, on one mesh by the same logical rules (keys: config.py): the policy (`train.init_from`,
 `optim`), the frozen reference (the same checkpoint; `ppo.ref_on_host`), the reward model
-(`ppo.reward_model`), the critic (a ScalarModel per `ppo.critic_init`, AdamW at `ppo.critic_lr`).
+(`ppo.reward_model`, with `ppo.reward_ensemble`'s members), the critic (a ScalarModel per `ppo.critic_init`, AdamW at `ppo.critic_lr`).
 
 One iteration: `train.global_batch` prompts -> completions at `ppo.temperature` (GRPO: G each;
 groups whose rewards all agree replaced from up to `grpo.sampling_rounds` rounds of prompts) ->
@@ -101,11 +101,14 @@ def update_loss(trained, micro, rng, *, mdef, critic_mdef, loss_cfg, kl=None):
 
 
 def optimizers(config, num_updates: int):
-  """({'params', 'critic'}: optimiser, same keys: schedule); the critic's peak is ppo.critic_lr."""
+  """({'params', 'critic'}: optimiser, same keys: schedule); the critic's peak is ppo.critic_lr.
+  The policy's learning rate is 0 over the updates of the first ppo.critic_warmup iterations."""
+  p = config.ppo
   optims = {'params': config.optim, 'critic': ml_collections.ConfigDict(
-      dict(config.optim.to_dict(), peak_lr=config.ppo.critic_lr))}
-  return ({k: optimizer_lib.make(o, num_updates) for k, o in optims.items()},
-          {k: optimizer_lib.schedule(o, num_updates) for k, o in optims.items()})
+      dict(config.optim.to_dict(), peak_lr=p.critic_lr))}
+  delay = {'params': p.critic_warmup * p.ppo_epochs * p.num_minibatches, 'critic': 0}
+  return ({k: optimizer_lib.make(o, num_updates, delay[k]) for k, o in optims.items()},
+          {k: optimizer_lib.schedule(o, num_updates, delay[k]) for k, o in optims.items()})
 
 
 def grad_norms(grads) -> dict:
@@ -200,14 +203,18 @@ class Rollouts:
     if not self.grpo:
       self.values = jax.jit(lambda params, *rows: critic_mdef.build(params)(*rows)[0][:, :-1])
       self.advantages = jax.jit(lambda r, s, c: advantages(r, s, c, p))
-    if reward_fn is None:
-      rm_scores = reward.RewardScorer(p.reward_model, tok, ctx)
-      self.scores = lambda out, prompts: rm_scores(out)
-    else:
-      self.scores = lambda out, prompts: np.asarray([reward_fn(text, tok.decode(
-          out.completion_ids(j)), ref) for j, (_, text, ref) in enumerate(prompts)], np.float32)
     self.ref_params = workdir_lib.restore_params(t.init_from, ctx.cfg, ctx)
     self.ref_shardings = jax.tree.map(lambda x: x.sharding, self.ref_params)
+    if reward_fn is not None:
+      self.scores = lambda out, prompts: np.asarray([reward_fn(text, tok.decode(
+          out.completion_ids(j)), ref) for j, (_, text, ref) in enumerate(prompts)], np.float32)
+    else:
+      scorers = [reward.RewardScorer(d, tok, ctx) for d in
+                 [p.reward_model] + [d for d in p.reward_ensemble.split(',') if d]]
+      rm_scores = scorers[0] if len(scorers) == 1 else reward.ensemble(
+          scorers, self.complete(self.ref_params, self.eval_prompts, seed=0,
+                                 sampling=decode.Sampling()), p.ensemble_combine)
+      self.scores = lambda out, prompts: rm_scores(out)
     if p.ref_on_host:
       self.ref_params = jax.device_put(self.ref_params, jax.tree.map(
           lambda s: s.with_memory_kind('pinned_host'), self.ref_shardings))
@@ -230,13 +237,17 @@ class Rollouts:
   def counts(self) -> dict:
     return {}
 
+  def complete(self, policy, prompts, *, seed, sampling, samples=1) -> gen_lib.Rollout:
+    """`samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major)."""
+    return self.generator.generate_ids(
+        [ids for ids, _, _ in prompts], samples=samples, max_new_tokens=self.config.ppo.max_new_tokens,
+        sampling=sampling, seed=seed, stop_ids=self.generator.stop_ids(True), params=policy)
+
   def sample(self, policy, prompts, *, seed, sampling, samples=1):
     """`samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major) and
     their scores: (gen_lib.Rollout, numpy [rows])."""
     p = self.config.ppo
-    out = self.generator.generate_ids([ids for ids, _, _ in prompts], samples=samples,
-                                      max_new_tokens=p.max_new_tokens, sampling=sampling, seed=seed,
-                                      stop_ids=self.generator.stop_ids(True), params=policy)
+    out = self.complete(policy, prompts, seed=seed, sampling=sampling, samples=samples)
     truncated = np.asarray([f == 'length' for f in out.finish_b])
     scores = self.scores(out, [q for q in prompts for _ in range(samples)])
     return out, scores - p.missing_eos_penalty * truncated

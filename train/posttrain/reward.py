@@ -2,7 +2,8 @@
 
 Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - rm.margin). A sequence's reward is the
 head's output at its last real token (segment_ids > 0), whatever the padding. Metrics (means):
-docs/posttrain.md. `RewardScorer` scores rollouts and chats (PPO, task_eval.py).
+docs/posttrain.md. `RewardScorer` scores rollouts and chats (PPO, task_eval.py); `ensemble`
+combines several (PPO's ppo.reward_ensemble).
 """
 
 import functools
@@ -116,3 +117,13 @@ class RewardScorer:
     rows = [packing.pack_examples([e], width, 'pad', self.template.tok.pad_id) for e in examples]
     return self.rows({k: np.concatenate([r[k] for r in rows])
                       for k in ('inputs', 'positions', 'segment_ids')})
+
+
+def ensemble(scorers: list, calibration, combine: str):
+  """One scorer of several reward models (Coste et al. 2023): each member's scores standardised by
+  their mean and std on `calibration` (a fixed train/generate.py result, so the same every call),
+  then the members' mean ('mean') or, worst case, their minimum ('min'). float32 [b] of `out`."""
+  stats = [(float(s.mean()), float(s.std()) + 1e-6) for s in (f(calibration) for f in scorers)]
+  reduce = {'mean': np.mean, 'min': np.min}[combine]
+  return lambda out: reduce(np.stack([(f(out) - mu) / sd for f, (mu, sd) in zip(scorers, stats)]),
+                            axis=0).astype(np.float32)
