@@ -202,7 +202,8 @@ def test_zero_advantages_and_value_error_leave_models_unchanged():
   config = ml_collections.ConfigDict({'optim': dict(peak_lr=1e-2, warmup_steps=0,
                                                     final_lr_frac=0.1, b1=0.9, b2=0.95, eps=1e-8,
                                                     weight_decay=0.0, clip_norm=1.0),
-                                      'ppo': {'critic_lr': 1e-2}})
+                                      'ppo': {'critic_lr': 1e-2, 'critic_warmup': 0, 'ppo_epochs': 1,
+                                              'num_minibatches': 1}})
   txs, schedules = ppo_loop.optimizers(config, 10)
   state = {'step': jnp.int32(0), 'params': policy, 'critic': critic,
            'opt_state': {'params': txs['params'].init(policy), 'critic': txs['critic'].init(critic)},
