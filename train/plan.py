@@ -165,9 +165,9 @@ def _validate(config, n: int):
 def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> dict:
   """An RL stage per device beside the policy's update step (`policy`: estimate of `planned`):
   the reference (the policy's params; host with ppo.ref_on_host), for PPO the reward model (none
-  with ppo.reward; ppo.reward_ensemble's members sized as it) and the critic (ScalarModels of the ppo.reward_model run's model, else the
-  policy's; the critic with AdamW, gradients, activations), the KV cache of ppo.rollout_slots (0:
-  all rollouts) rounded up as train/generate.py does. Phases: rollout (the cache; a host
+  with ppo.reward; ppo.reward_ensemble's members sized as it) and the critic (ScalarModels of the
+  ppo.reward_model run's model, else the policy's; the critic with AdamW, gradients, activations),
+  the KV cache of ppo.rollout_slots (0: all rollouts) rounded up as train/generate.py does. Phases: rollout (the cache; a host
   reference after it), update."""
   p, notes, critic_work, rows = config.ppo, [], 0, {}
   rollouts = pt_config.rollouts_per_iteration(config)
@@ -187,7 +187,7 @@ def rl_section(config, planned, cfg, sizes: dict, policy: memory_lib.Memory) -> 
     rm = memory_lib.estimate(planned, sizes, rm_cfg or cfg, ScalarModel)
     critic = (rm if p.critic_init == 'reward_model' or rm_cfg is None
               else memory_lib.estimate(planned, sizes, cfg, ScalarModel))
-    members = 1 + len([d for d in p.reward_ensemble.split(',') if d])  # Sized as the first.
+    members = len(pt_config.reward_models(config))  # Each sized as the first.
     rm_params = 0 if p.reward else rm.params * members  # ppo.reward: a verifiable reward, no RM.
     on_device += rm_params + critic.params + critic.optimizer
     critic_work = critic.grads + critic.activations

@@ -79,6 +79,12 @@ def rollouts_per_iteration(config) -> int:
   return int(config.train.global_batch) * group
 
 
+def reward_models(config) -> list[str]:
+  """PPO's reward-model workdirs: ppo.reward_model, then ppo.reward_ensemble's members."""
+  p = config.ppo
+  return [p.reward_model] + [d for d in p.reward_ensemble.split(',') if d]
+
+
 def ppo_updates(config) -> int:
   """Optimiser steps of a PPO / GRPO run: iterations x epochs x minibatches (the schedule's)."""
   p = config.ppo

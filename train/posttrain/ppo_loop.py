@@ -5,7 +5,8 @@ relative to the group (ppo.py).
 
 Models, on one mesh by the same logical rules (keys: config.py): the policy (`train.init_from`,
 `optim`), the frozen reference (the same checkpoint; `ppo.ref_on_host`), the reward model
-(`ppo.reward_model`, with `ppo.reward_ensemble`'s members), the critic (a ScalarModel per `ppo.critic_init`, AdamW at `ppo.critic_lr`).
+(`ppo.reward_model`, with `ppo.reward_ensemble`'s members), the critic (a ScalarModel per
+`ppo.critic_init`, AdamW at `ppo.critic_lr`).
 
 One iteration: `train.global_batch` prompts -> completions at `ppo.temperature` (GRPO: G each;
 groups whose rewards all agree replaced from up to `grpo.sampling_rounds` rounds of prompts) ->
@@ -209,8 +210,7 @@ class Rollouts:
       self.scores = lambda out, prompts: np.asarray([reward_fn(text, tok.decode(
           out.completion_ids(j)), ref) for j, (_, text, ref) in enumerate(prompts)], np.float32)
     else:
-      scorers = [reward.RewardScorer(d, tok, ctx) for d in
-                 [p.reward_model] + [d for d in p.reward_ensemble.split(',') if d]]
+      scorers = [reward.RewardScorer(d, tok, ctx) for d in pt_config.reward_models(config)]
       rm_scores = scorers[0] if len(scorers) == 1 else reward.ensemble(
           scorers, self.complete(self.ref_params, self.eval_prompts, seed=0,
                                  sampling=decode.Sampling()), p.ensemble_combine)
@@ -240,8 +240,9 @@ class Rollouts:
   def complete(self, policy, prompts, *, seed, sampling, samples=1) -> gen_lib.Rollout:
     """`samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major)."""
     return self.generator.generate_ids(
-        [ids for ids, _, _ in prompts], samples=samples, max_new_tokens=self.config.ppo.max_new_tokens,
-        sampling=sampling, seed=seed, stop_ids=self.generator.stop_ids(True), params=policy)
+        [ids for ids, _, _ in prompts], samples=samples, sampling=sampling, seed=seed,
+        max_new_tokens=self.config.ppo.max_new_tokens, stop_ids=self.generator.stop_ids(True),
+        params=policy)
 
   def sample(self, policy, prompts, *, seed, sampling, samples=1):
     """`samples` completions of each of `prompts` (load_prompts tuples; rows prompt-major) and
